@@ -89,8 +89,12 @@ pub fn ip_key(ip: IpAddr) -> Vec<u8> {
 
 pub fn ip_from_key(key: &[u8]) -> Option<IpAddr> {
     match key.len() {
-        4 => <[u8; 4]>::try_from(key).ok().map(|b| IpAddr::V4(Ipv4Addr::from(b))),
-        16 => <[u8; 16]>::try_from(key).ok().map(|b| IpAddr::V6(Ipv6Addr::from(b))),
+        4 => <[u8; 4]>::try_from(key)
+            .ok()
+            .map(|b| IpAddr::V4(Ipv4Addr::from(b))),
+        16 => <[u8; 16]>::try_from(key)
+            .ok()
+            .map(|b| IpAddr::V6(Ipv6Addr::from(b))),
         _ => None,
     }
 }
@@ -110,27 +114,45 @@ impl AddrRange {
         let family = IpFamily::of(ip);
         let bits = family.bits();
         if prefix_len > bits {
-            return Err(format!("prefix length {prefix_len} is longer than {bits} bits"));
+            return Err(format!(
+                "prefix length {prefix_len} is longer than {bits} bits"
+            ));
         }
         let value = ip_to_u128(ip);
         let host_mask = host_mask(bits, prefix_len);
         if value & host_mask != 0 {
             let network = u128_to_ip(family, value & !host_mask);
-            return Err(format!("host bits are set (the network is {network}/{prefix_len})"));
+            return Err(format!(
+                "host bits are set (the network is {network}/{prefix_len})"
+            ));
         }
-        Ok(Self { family, first: value, last: value | host_mask, prefix_len: Some(prefix_len) })
+        Ok(Self {
+            family,
+            first: value,
+            last: value | host_mask,
+            prefix_len: Some(prefix_len),
+        })
     }
 
     pub fn span(first: IpAddr, last: IpAddr) -> Result<Self, String> {
         let family = IpFamily::of(first);
         if family != IpFamily::of(last) {
-            return Err(format!("mixes {} and {} addresses", family, IpFamily::of(last)));
+            return Err(format!(
+                "mixes {} and {} addresses",
+                family,
+                IpFamily::of(last)
+            ));
         }
         let (a, b) = (ip_to_u128(first), ip_to_u128(last));
         if a > b {
             return Err(format!("{first} comes after {last}"));
         }
-        Ok(Self { family, first: a, last: b, prefix_len: None })
+        Ok(Self {
+            family,
+            first: a,
+            last: b,
+            prefix_len: None,
+        })
     }
 
     /// Number of addresses; saturates at `u128::MAX` for the whole IPv6 space.
@@ -162,7 +184,11 @@ impl AddrRange {
         let mut start = self.first;
         loop {
             // The largest block that starts at `start` (alignment) and ends within the range.
-            let align = if start == 0 { bits } else { start.trailing_zeros().min(bits) };
+            let align = if start == 0 {
+                bits
+            } else {
+                start.trailing_zeros().min(bits)
+            };
             let mut size_log = align;
             while size_log > 0 && block_end(start, size_log) > self.last {
                 size_log -= 1;
@@ -179,12 +205,20 @@ impl AddrRange {
 }
 
 fn block_end(start: u128, size_log: u32) -> u128 {
-    if size_log >= 128 { u128::MAX } else { start + ((1u128 << size_log) - 1) }
+    if size_log >= 128 {
+        u128::MAX
+    } else {
+        start + ((1u128 << size_log) - 1)
+    }
 }
 
 fn host_mask(bits: u8, prefix_len: u8) -> u128 {
     let host_bits = u32::from(bits - prefix_len);
-    if host_bits >= 128 { u128::MAX } else { (1u128 << host_bits) - 1 }
+    if host_bits >= 128 {
+        u128::MAX
+    } else {
+        (1u128 << host_bits) - 1
+    }
 }
 
 impl FromStr for AddrRange {
@@ -198,16 +232,30 @@ impl FromStr for AddrRange {
             return Err("is empty".into());
         }
         if let Some((ip, len)) = s.split_once('/') {
-            let ip: IpAddr = ip.trim().parse().map_err(|_| format!("{:?} is not an IP address", ip.trim()))?;
-            let len: u8 = len.trim().parse().map_err(|_| format!("{:?} is not a prefix length", len.trim()))?;
+            let ip: IpAddr = ip
+                .trim()
+                .parse()
+                .map_err(|_| format!("{:?} is not an IP address", ip.trim()))?;
+            let len: u8 = len
+                .trim()
+                .parse()
+                .map_err(|_| format!("{:?} is not a prefix length", len.trim()))?;
             return Self::cidr(ip, len);
         }
         if let Some((a, b)) = s.split_once('-') {
-            let a: IpAddr = a.trim().parse().map_err(|_| format!("{:?} is not an IP address", a.trim()))?;
-            let b: IpAddr = b.trim().parse().map_err(|_| format!("{:?} is not an IP address", b.trim()))?;
+            let a: IpAddr = a
+                .trim()
+                .parse()
+                .map_err(|_| format!("{:?} is not an IP address", a.trim()))?;
+            let b: IpAddr = b
+                .trim()
+                .parse()
+                .map_err(|_| format!("{:?} is not an IP address", b.trim()))?;
             return Self::span(a, b);
         }
-        let ip: IpAddr = s.parse().map_err(|_| "is neither a CIDR, a first-last range nor an IP address".to_string())?;
+        let ip: IpAddr = s
+            .parse()
+            .map_err(|_| "is neither a CIDR, a first-last range nor an IP address".to_string())?;
         Self::cidr(ip, IpFamily::of(ip).bits())
     }
 }
@@ -245,7 +293,9 @@ mod tests {
     #[test]
     fn rejects_bad_ranges_with_reasons() {
         let err = |s: &str| s.parse::<AddrRange>().expect_err(s);
-        assert!(err("172.16.0.241/28").contains("host bits are set (the network is 172.16.0.240/28)"));
+        assert!(
+            err("172.16.0.241/28").contains("host bits are set (the network is 172.16.0.240/28)")
+        );
         assert!(err("10.0.0.0/33").contains("longer than 32 bits"));
         assert!(err("10.0.0.9-10.0.0.1").contains("comes after"));
         assert!(err("10.0.0.1-fd00::1").contains("mixes IPv4 and IPv6"));
@@ -257,10 +307,16 @@ mod tests {
     #[test]
     fn ranges_split_into_minimal_cidrs() {
         let cidrs = |s: &str| -> Vec<String> {
-            r(s).to_cidrs().into_iter().map(|(ip, len)| format!("{ip}/{len}")).collect()
+            r(s).to_cidrs()
+                .into_iter()
+                .map(|(ip, len)| format!("{ip}/{len}"))
+                .collect()
         };
         assert_eq!(cidrs("172.16.0.240/28"), ["172.16.0.240/28"]);
-        assert_eq!(cidrs("10.0.0.1-10.0.0.6"), ["10.0.0.1/32", "10.0.0.2/31", "10.0.0.4/31", "10.0.0.6/32"]);
+        assert_eq!(
+            cidrs("10.0.0.1-10.0.0.6"),
+            ["10.0.0.1/32", "10.0.0.2/31", "10.0.0.4/31", "10.0.0.6/32"]
+        );
         assert_eq!(cidrs("0.0.0.0-255.255.255.255"), ["0.0.0.0/0"]);
         assert_eq!(cidrs("::/0"), ["::/0"]);
         assert_eq!(cidrs("fd00::-fd00::ffff:ffff:ffff:ffff"), ["fd00::/64"]);
@@ -270,7 +326,13 @@ mod tests {
 
     #[test]
     fn keys_round_trip_and_sort_by_address() {
-        for s in ["0.0.0.0", "172.16.0.241", "255.255.255.255", "::", "fd00::1"] {
+        for s in [
+            "0.0.0.0",
+            "172.16.0.241",
+            "255.255.255.255",
+            "::",
+            "fd00::1",
+        ] {
             let ip: IpAddr = s.parse().expect("test address");
             assert_eq!(ip_from_key(&ip_key(ip)), Some(ip));
         }

@@ -29,13 +29,25 @@ impl Owner {
     pub fn validate(&self) -> Result<(), FieldError> {
         validate_uid("owner.uid", &self.uid)?;
         if !is_dns_label(&self.namespace) {
-            return Err(FieldError::new("owner.namespace", &self.namespace, "must be a Kubernetes namespace name (a DNS label)"));
+            return Err(FieldError::new(
+                "owner.namespace",
+                &self.namespace,
+                "must be a Kubernetes namespace name (a DNS label)",
+            ));
         }
         if self.name.is_empty() || self.name.len() > 63 || !is_dns_label(&self.name) {
-            return Err(FieldError::new("owner.name", &self.name, "must be a Kubernetes Service name (a DNS label)"));
+            return Err(FieldError::new(
+                "owner.name",
+                &self.name,
+                "must be a Kubernetes Service name (a DNS label)",
+            ));
         }
         if self.cluster_id.len() > MAX_ID_LEN {
-            return Err(FieldError::new("owner.cluster_id", &self.cluster_id, format!("is longer than {MAX_ID_LEN} characters")));
+            return Err(FieldError::new(
+                "owner.cluster_id",
+                &self.cluster_id,
+                format!("is longer than {MAX_ID_LEN} characters"),
+            ));
         }
         Ok(())
     }
@@ -46,10 +58,18 @@ pub fn validate_uid(field: &str, uid: &str) -> Result<(), FieldError> {
         return Err(FieldError::new(field, uid, "is empty"));
     }
     if uid.len() > MAX_ID_LEN {
-        return Err(FieldError::new(field, uid, format!("is longer than {MAX_ID_LEN} characters")));
+        return Err(FieldError::new(
+            field,
+            uid,
+            format!("is longer than {MAX_ID_LEN} characters"),
+        ));
     }
     if uid.chars().any(|c| c.is_control() || c.is_whitespace()) {
-        return Err(FieldError::new(field, uid, "contains whitespace or control characters"));
+        return Err(FieldError::new(
+            field,
+            uid,
+            "contains whitespace or control characters",
+        ));
     }
     Ok(())
 }
@@ -78,7 +98,11 @@ impl TrafficPolicy {
     }
 
     pub fn from_code(code: i32) -> Self {
-        if code == 2 { Self::Local } else { Self::Cluster }
+        if code == 2 {
+            Self::Local
+        } else {
+            Self::Cluster
+        }
     }
 }
 
@@ -94,13 +118,22 @@ impl ServicePort {
             "" | "TCP" => "TCP",
             "UDP" => "UDP",
             "SCTP" => "SCTP",
-            _ => return Err(FieldError::new(format!("{field}.protocol"), protocol, "must be TCP, UDP or SCTP")),
+            _ => {
+                return Err(FieldError::new(
+                    format!("{field}.protocol"),
+                    protocol,
+                    "must be TCP, UDP or SCTP",
+                ));
+            }
         };
         let port = u16::try_from(port)
             .ok()
             .filter(|p| *p != 0)
             .ok_or_else(|| FieldError::new(format!("{field}.port"), port, "must be 1 to 65535"))?;
-        Ok(Self { protocol: protocol.to_string(), port })
+        Ok(Self {
+            protocol: protocol.to_string(),
+            port,
+        })
     }
 }
 
@@ -127,44 +160,93 @@ impl AllocationRequest {
     /// Checks everything that can be checked without the store.
     pub fn validate(&self) -> Result<(), FieldError> {
         self.owner.validate()?;
-        for (field, labels) in [("service_labels", &self.service_labels), ("namespace_labels", &self.namespace_labels), ("endpoint_selector", &self.endpoint_selector)] {
+        for (field, labels) in [
+            ("service_labels", &self.service_labels),
+            ("namespace_labels", &self.namespace_labels),
+            ("endpoint_selector", &self.endpoint_selector),
+        ] {
             if labels.len() > MAX_LABELS {
-                return Err(FieldError::new(field, labels.len(), format!("at most {MAX_LABELS} labels")));
+                return Err(FieldError::new(
+                    field,
+                    labels.len(),
+                    format!("at most {MAX_LABELS} labels"),
+                ));
             }
             for (k, v) in labels {
                 validate_label_key(k).map_err(|r| FieldError::new(field, k, r))?;
-                validate_label_value(v).map_err(|r| FieldError::new(format!("{field}[{k}]"), v, r))?;
+                validate_label_value(v)
+                    .map_err(|r| FieldError::new(format!("{field}[{k}]"), v, r))?;
             }
         }
-        if self.families.is_empty() || self.families.len() > 2 || (self.families.len() == 2 && self.families[0] == self.families[1]) {
+        if self.families.is_empty()
+            || self.families.len() > 2
+            || (self.families.len() == 2 && self.families[0] == self.families[1])
+        {
             let list: Vec<String> = self.families.iter().map(ToString::to_string).collect();
-            return Err(FieldError::new("ip_families", list.join(","), "must list IPv4, IPv6 or both, each once"));
+            return Err(FieldError::new(
+                "ip_families",
+                list.join(","),
+                "must list IPv4, IPv6 or both, each once",
+            ));
         }
         if self.family_policy == FamilyPolicy::SingleStack && self.families.len() > 1 {
-            return Err(FieldError::new("ip_families", "IPv4,IPv6", "SingleStack takes one family"));
+            return Err(FieldError::new(
+                "ip_families",
+                "IPv4,IPv6",
+                "SingleStack takes one family",
+            ));
         }
         for (i, ip) in self.requested_ips.iter().enumerate() {
             let family = IpFamily::of(*ip);
-            if self.requested_ips[..i].iter().any(|other| IpFamily::of(*other) == family) {
-                return Err(FieldError::new(format!("requested_ips[{i}]"), ip, format!("at most one {family} address may be requested")));
+            if self.requested_ips[..i]
+                .iter()
+                .any(|other| IpFamily::of(*other) == family)
+            {
+                return Err(FieldError::new(
+                    format!("requested_ips[{i}]"),
+                    ip,
+                    format!("at most one {family} address may be requested"),
+                ));
             }
             if !self.families.contains(&family) && self.family_policy == FamilyPolicy::SingleStack {
-                return Err(FieldError::new(format!("requested_ips[{i}]"), ip, format!("is {family}, but the Service's ip_families do not include it")));
+                return Err(FieldError::new(
+                    format!("requested_ips[{i}]"),
+                    ip,
+                    format!("is {family}, but the Service's ip_families do not include it"),
+                ));
             }
             if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
-                return Err(FieldError::new(format!("requested_ips[{i}]"), ip, "cannot be a LoadBalancer address"));
+                return Err(FieldError::new(
+                    format!("requested_ips[{i}]"),
+                    ip,
+                    "cannot be a LoadBalancer address",
+                ));
             }
         }
-        if self.sharing_key.len() > MAX_ID_LEN || self.sharing_key.chars().any(|c| c.is_control() || c == '|') {
-            return Err(FieldError::new("sharing_key", &self.sharing_key, format!("must be at most {MAX_ID_LEN} printable characters without '|'")));
+        if self.sharing_key.len() > MAX_ID_LEN
+            || self.sharing_key.chars().any(|c| c.is_control() || c == '|')
+        {
+            return Err(FieldError::new(
+                "sharing_key",
+                &self.sharing_key,
+                format!("must be at most {MAX_ID_LEN} printable characters without '|'"),
+            ));
         }
         if self.ports.len() > MAX_PORTS {
-            return Err(FieldError::new("ports", self.ports.len(), format!("at most {MAX_PORTS} ports")));
+            return Err(FieldError::new(
+                "ports",
+                self.ports.len(),
+                format!("at most {MAX_PORTS} ports"),
+            ));
         }
         let mut seen = std::collections::BTreeSet::new();
         for (i, port) in self.ports.iter().enumerate() {
             if !seen.insert(port) {
-                return Err(FieldError::new(format!("ports[{i}]"), format!("{}/{}", port.port, port.protocol), "is listed twice"));
+                return Err(FieldError::new(
+                    format!("ports[{i}]"),
+                    format!("{}/{}", port.port, port.protocol),
+                    "is listed twice",
+                ));
             }
         }
         Ok(())
@@ -181,7 +263,10 @@ impl AllocationRequest {
     }
 
     pub fn requested_ip(&self, family: IpFamily) -> Option<IpAddr> {
-        self.requested_ips.iter().copied().find(|ip| IpFamily::of(*ip) == family)
+        self.requested_ips
+            .iter()
+            .copied()
+            .find(|ip| IpFamily::of(*ip) == family)
     }
 
     /// The identity a shared IP is claimed under: Services share only with the same key and
@@ -194,7 +279,11 @@ impl AllocationRequest {
         let policy = match self.traffic_policy {
             TrafficPolicy::Cluster => "Cluster".to_string(),
             TrafficPolicy::Local => {
-                let selector: Vec<String> = self.endpoint_selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                let selector: Vec<String> = self
+                    .endpoint_selector
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
                 format!("Local[{}]", selector.join(","))
             }
         };
@@ -203,7 +292,8 @@ impl AllocationRequest {
 
     /// The claim tag this owner holds an IP under: its sharing tag, or its own uid.
     pub fn claim_tag(&self) -> String {
-        self.sharing_tag().unwrap_or_else(|| format!("o:{}", self.owner.uid))
+        self.sharing_tag()
+            .unwrap_or_else(|| format!("o:{}", self.owner.uid))
     }
 }
 
@@ -256,7 +346,12 @@ mod tests {
 
     pub fn request() -> AllocationRequest {
         AllocationRequest {
-            owner: Owner { cluster_id: "lab".into(), namespace: "default".into(), name: "lb-nginx-service".into(), uid: "uid-1".into() },
+            owner: Owner {
+                cluster_id: "lab".into(),
+                namespace: "default".into(),
+                name: "lb-nginx-service".into(),
+                uid: "uid-1".into(),
+            },
             service_labels: BTreeMap::new(),
             namespace_labels: BTreeMap::new(),
             family_policy: FamilyPolicy::SingleStack,
@@ -291,7 +386,10 @@ mod tests {
         r.families = vec![IpFamily::V4, IpFamily::V6];
         assert_eq!(field(r), "ip_families");
         let mut r = request();
-        r.requested_ips = vec!["10.0.0.1".parse().expect("ip"), "10.0.0.2".parse().expect("ip")];
+        r.requested_ips = vec![
+            "10.0.0.1".parse().expect("ip"),
+            "10.0.0.2".parse().expect("ip"),
+        ];
         assert_eq!(field(r), "requested_ips[1]");
         let mut r = request();
         r.requested_ips = vec!["fd00::1".parse().expect("ip")];
@@ -300,7 +398,16 @@ mod tests {
         r.sharing_key = "a|b".into();
         assert_eq!(field(r), "sharing_key");
         let mut r = request();
-        r.ports = vec![ServicePort { protocol: "TCP".into(), port: 80 }, ServicePort { protocol: "TCP".into(), port: 80 }];
+        r.ports = vec![
+            ServicePort {
+                protocol: "TCP".into(),
+                port: 80,
+            },
+            ServicePort {
+                protocol: "TCP".into(),
+                port: 80,
+            },
+        ];
         assert_eq!(field(r), "ports[1]");
         assert!(ServicePort::parse("ports[0]", "ICMP", 80).is_err());
         assert!(ServicePort::parse("ports[0]", "tcp", 0).is_err());

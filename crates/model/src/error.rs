@@ -12,8 +12,16 @@ pub struct FieldError {
 }
 
 impl FieldError {
-    pub fn new(field: impl Into<String>, value: impl fmt::Display, reason: impl Into<String>) -> Self {
-        Self { field: field.into(), value: value.to_string(), reason: reason.into() }
+    pub fn new(
+        field: impl Into<String>,
+        value: impl fmt::Display,
+        reason: impl Into<String>,
+    ) -> Self {
+        Self {
+            field: field.into(),
+            value: value.to_string(),
+            reason: reason.into(),
+        }
     }
 
     /// The same error seen from an enclosing message: `addresses[0]` becomes `pool.addresses[0]`.

@@ -85,7 +85,11 @@ impl PoolSpec {
     pub fn from_input(input: PoolInput) -> Result<Self, FieldError> {
         let name = PoolName::parse("pool.name", &input.name)?;
         if input.addresses.is_empty() {
-            return Err(FieldError::new("pool.addresses", "", "a pool needs at least one CIDR or range"));
+            return Err(FieldError::new(
+                "pool.addresses",
+                "",
+                "a pool needs at least one CIDR or range",
+            ));
         }
         if input.addresses.len() > MAX_POOL_ADDRESSES {
             return Err(FieldError::new(
@@ -97,24 +101,54 @@ impl PoolSpec {
         let mut addresses: Vec<AddrRange> = Vec::with_capacity(input.addresses.len());
         for (i, text) in input.addresses.iter().enumerate() {
             let field = format!("pool.addresses[{i}]");
-            let range: AddrRange = text.parse().map_err(|reason| FieldError::new(&field, text, reason))?;
-            if let Some((j, other)) = addresses.iter().enumerate().find(|(_, o)| o.overlaps(&range)) {
-                return Err(FieldError::new(field, text, format!("overlaps pool.addresses[{j}] {other}")));
+            let range: AddrRange = text
+                .parse()
+                .map_err(|reason| FieldError::new(&field, text, reason))?;
+            if let Some((j, other)) = addresses
+                .iter()
+                .enumerate()
+                .find(|(_, o)| o.overlaps(&range))
+            {
+                return Err(FieldError::new(
+                    field,
+                    text,
+                    format!("overlaps pool.addresses[{j}] {other}"),
+                ));
             }
             addresses.push(range);
         }
         if input.namespaces.len() > MAX_POOL_NAMESPACES {
-            return Err(FieldError::new("pool.namespaces", input.namespaces.len(), format!("at most {MAX_POOL_NAMESPACES} namespaces")));
+            return Err(FieldError::new(
+                "pool.namespaces",
+                input.namespaces.len(),
+                format!("at most {MAX_POOL_NAMESPACES} namespaces"),
+            ));
         }
         for (i, ns) in input.namespaces.iter().enumerate() {
             if !is_dns_label(ns) {
-                return Err(FieldError::new(format!("pool.namespaces[{i}]"), ns, "is not a valid namespace name"));
+                return Err(FieldError::new(
+                    format!("pool.namespaces[{i}]"),
+                    ns,
+                    "is not a valid namespace name",
+                ));
             }
         }
-        input.namespace_selector.validate("pool.namespace_selector")?;
+        input
+            .namespace_selector
+            .validate("pool.namespace_selector")?;
         input.service_selector.validate("pool.service_selector")?;
-        let aggregation_length_v4 = aggregation("pool.aggregation_length_v4", input.aggregation_length_v4, IpFamily::V4, &addresses)?;
-        let aggregation_length_v6 = aggregation("pool.aggregation_length_v6", input.aggregation_length_v6, IpFamily::V6, &addresses)?;
+        let aggregation_length_v4 = aggregation(
+            "pool.aggregation_length_v4",
+            input.aggregation_length_v4,
+            IpFamily::V4,
+            &addresses,
+        )?;
+        let aggregation_length_v6 = aggregation(
+            "pool.aggregation_length_v6",
+            input.aggregation_length_v6,
+            IpFamily::V6,
+            &addresses,
+        )?;
         Ok(Self {
             name,
             addresses,
@@ -132,7 +166,9 @@ impl PoolSpec {
     }
 
     pub fn families(&self) -> impl Iterator<Item = IpFamily> + '_ {
-        [IpFamily::V4, IpFamily::V6].into_iter().filter(|f| self.addresses.iter().any(|r| r.family == *f))
+        [IpFamily::V4, IpFamily::V6]
+            .into_iter()
+            .filter(|f| self.addresses.iter().any(|r| r.family == *f))
     }
 
     pub fn contains(&self, ip: std::net::IpAddr) -> bool {
@@ -141,23 +177,41 @@ impl PoolSpec {
 
     /// Whether this pool may serve a Service from `namespace` with these labels, by the
     /// pool's scoping rules alone (not by capacity, `disabled` or `auto_assign`).
-    pub fn serves(&self, namespace: &str, namespace_labels: &BTreeMap<String, String>, service_labels: &BTreeMap<String, String>) -> bool {
+    pub fn serves(
+        &self,
+        namespace: &str,
+        namespace_labels: &BTreeMap<String, String>,
+        service_labels: &BTreeMap<String, String>,
+    ) -> bool {
         (self.namespaces.is_empty() || self.namespaces.iter().any(|n| n == namespace))
             && self.namespace_selector.matches(namespace_labels)
             && self.service_selector.matches(service_labels)
     }
 }
 
-fn aggregation(field: &str, value: u32, family: IpFamily, addresses: &[AddrRange]) -> Result<Option<u8>, FieldError> {
+fn aggregation(
+    field: &str,
+    value: u32,
+    family: IpFamily,
+    addresses: &[AddrRange],
+) -> Result<Option<u8>, FieldError> {
     if value == 0 {
         return Ok(None);
     }
     let bits = u32::from(family.bits());
     if value > bits {
-        return Err(FieldError::new(field, value, format!("must be at most {bits}")));
+        return Err(FieldError::new(
+            field,
+            value,
+            format!("must be at most {bits}"),
+        ));
     }
     if !addresses.iter().any(|r| r.family == family) {
-        return Err(FieldError::new(field, value, format!("the pool has no {family} addresses")));
+        return Err(FieldError::new(
+            field,
+            value,
+            format!("the pool has no {family} addresses"),
+        ));
     }
     Ok(u8::try_from(value).ok())
 }
@@ -167,13 +221,20 @@ mod tests {
     use super::*;
 
     fn input(addresses: &[&str]) -> PoolInput {
-        PoolInput { name: "lab".into(), addresses: addresses.iter().map(|s| s.to_string()).collect(), ..Default::default() }
+        PoolInput {
+            name: "lab".into(),
+            addresses: addresses.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
     }
 
     #[test]
     fn lab_pool_validates_with_defaults() {
         let spec = PoolSpec::from_input(input(&["172.16.0.240/28"])).expect("valid");
-        assert!(spec.auto_assign, "auto_assign defaults to true as in MetalLB");
+        assert!(
+            spec.auto_assign,
+            "auto_assign defaults to true as in MetalLB"
+        );
         assert!(!spec.allow_first_last);
         assert_eq!(spec.families().collect::<Vec<_>>(), [IpFamily::V4]);
     }
@@ -181,22 +242,76 @@ mod tests {
     #[test]
     fn every_bad_field_is_named() {
         let field = |i: PoolInput| PoolSpec::from_input(i).expect_err("invalid").field;
-        assert_eq!(field(PoolInput { name: "".into(), ..input(&["10.0.0.0/24"]) }), "pool.name");
-        assert_eq!(field(PoolInput { name: "Bad_Name".into(), ..input(&["10.0.0.0/24"]) }), "pool.name");
-        assert_eq!(field(PoolInput { name: "a".repeat(64), ..input(&["10.0.0.0/24"]) }), "pool.name");
+        assert_eq!(
+            field(PoolInput {
+                name: "".into(),
+                ..input(&["10.0.0.0/24"])
+            }),
+            "pool.name"
+        );
+        assert_eq!(
+            field(PoolInput {
+                name: "Bad_Name".into(),
+                ..input(&["10.0.0.0/24"])
+            }),
+            "pool.name"
+        );
+        assert_eq!(
+            field(PoolInput {
+                name: "a".repeat(64),
+                ..input(&["10.0.0.0/24"])
+            }),
+            "pool.name"
+        );
         assert_eq!(field(input(&[])), "pool.addresses");
-        assert_eq!(field(input(&["10.0.0.0/24", "10.0.0.1/24"])), "pool.addresses[1]");
-        assert_eq!(field(input(&["10.0.0.0/24", "10.0.0.128/25"])), "pool.addresses[1]");
-        assert_eq!(field(PoolInput { namespaces: vec!["UPPER".into()], ..input(&["10.0.0.0/24"]) }), "pool.namespaces[0]");
-        assert_eq!(field(PoolInput { aggregation_length_v4: 33, ..input(&["10.0.0.0/24"]) }), "pool.aggregation_length_v4");
-        assert_eq!(field(PoolInput { aggregation_length_v6: 64, ..input(&["10.0.0.0/24"]) }), "pool.aggregation_length_v6");
-        let too_many: Vec<String> = (0..=MAX_POOL_ADDRESSES).map(|i| format!("10.{}.{}.0/24", i / 256, i % 256)).collect();
-        assert_eq!(field(PoolInput { addresses: too_many, ..input(&[]) }), "pool.addresses");
+        assert_eq!(
+            field(input(&["10.0.0.0/24", "10.0.0.1/24"])),
+            "pool.addresses[1]"
+        );
+        assert_eq!(
+            field(input(&["10.0.0.0/24", "10.0.0.128/25"])),
+            "pool.addresses[1]"
+        );
+        assert_eq!(
+            field(PoolInput {
+                namespaces: vec!["UPPER".into()],
+                ..input(&["10.0.0.0/24"])
+            }),
+            "pool.namespaces[0]"
+        );
+        assert_eq!(
+            field(PoolInput {
+                aggregation_length_v4: 33,
+                ..input(&["10.0.0.0/24"])
+            }),
+            "pool.aggregation_length_v4"
+        );
+        assert_eq!(
+            field(PoolInput {
+                aggregation_length_v6: 64,
+                ..input(&["10.0.0.0/24"])
+            }),
+            "pool.aggregation_length_v6"
+        );
+        let too_many: Vec<String> = (0..=MAX_POOL_ADDRESSES)
+            .map(|i| format!("10.{}.{}.0/24", i / 256, i % 256))
+            .collect();
+        assert_eq!(
+            field(PoolInput {
+                addresses: too_many,
+                ..input(&[])
+            }),
+            "pool.addresses"
+        );
     }
 
     #[test]
     fn scoping() {
-        let spec = PoolSpec::from_input(PoolInput { namespaces: vec!["web".into()], ..input(&["10.0.0.0/24"]) }).expect("valid");
+        let spec = PoolSpec::from_input(PoolInput {
+            namespaces: vec!["web".into()],
+            ..input(&["10.0.0.0/24"])
+        })
+        .expect("valid");
         let none = BTreeMap::new();
         assert!(spec.serves("web", &none, &none));
         assert!(!spec.serves("db", &none, &none));

@@ -35,7 +35,9 @@ impl LabelSelector {
     }
 
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.match_labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+        self.match_labels
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
             && self.match_expressions.iter().all(|req| {
                 let value = labels.get(&req.key);
                 match req.operator {
@@ -51,24 +53,37 @@ impl LabelSelector {
     /// Kubernetes would refuse is refused here too.
     pub fn validate(&self, field: &str) -> Result<(), FieldError> {
         for (key, value) in &self.match_labels {
-            validate_label_key(key).map_err(|r| FieldError::new(format!("{field}.match_labels"), key, r))?;
+            validate_label_key(key)
+                .map_err(|r| FieldError::new(format!("{field}.match_labels"), key, r))?;
             validate_label_value(value)
                 .map_err(|r| FieldError::new(format!("{field}.match_labels[{key}]"), value, r))?;
         }
         for (i, req) in self.match_expressions.iter().enumerate() {
             let at = format!("{field}.match_expressions[{i}]");
-            validate_label_key(&req.key).map_err(|r| FieldError::new(format!("{at}.key"), &req.key, r))?;
+            validate_label_key(&req.key)
+                .map_err(|r| FieldError::new(format!("{at}.key"), &req.key, r))?;
             match req.operator {
                 SelectorOperator::In | SelectorOperator::NotIn if req.values.is_empty() => {
-                    return Err(FieldError::new(format!("{at}.values"), "", "In and NotIn need at least one value"));
+                    return Err(FieldError::new(
+                        format!("{at}.values"),
+                        "",
+                        "In and NotIn need at least one value",
+                    ));
                 }
-                SelectorOperator::Exists | SelectorOperator::DoesNotExist if !req.values.is_empty() => {
-                    return Err(FieldError::new(format!("{at}.values"), req.values.join(","), "Exists and DoesNotExist take no values"));
+                SelectorOperator::Exists | SelectorOperator::DoesNotExist
+                    if !req.values.is_empty() =>
+                {
+                    return Err(FieldError::new(
+                        format!("{at}.values"),
+                        req.values.join(","),
+                        "Exists and DoesNotExist take no values",
+                    ));
                 }
                 _ => {}
             }
             for value in &req.values {
-                validate_label_value(value).map_err(|r| FieldError::new(format!("{at}.values"), value, r))?;
+                validate_label_value(value)
+                    .map_err(|r| FieldError::new(format!("{at}.values"), value, r))?;
             }
         }
         Ok(())
@@ -105,12 +120,18 @@ pub fn validate_label_value(value: &str) -> Result<(), String> {
         return Err("must be at most 63 characters".into());
     }
     let bytes = value.as_bytes();
-    let ok_inner = bytes.iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-    let ok_ends = bytes.first().is_some_and(u8::is_ascii_alphanumeric) && bytes.last().is_some_and(u8::is_ascii_alphanumeric);
+    let ok_inner = bytes
+        .iter()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    let ok_ends = bytes.first().is_some_and(u8::is_ascii_alphanumeric)
+        && bytes.last().is_some_and(u8::is_ascii_alphanumeric);
     if ok_inner && ok_ends {
         Ok(())
     } else {
-        Err("must be alphanumerics, '-', '_' or '.', starting and ending with an alphanumeric".into())
+        Err(
+            "must be alphanumerics, '-', '_' or '.', starting and ending with an alphanumeric"
+                .into(),
+        )
     }
 }
 
@@ -119,7 +140,8 @@ pub fn is_dns_label(s: &str) -> bool {
     let b = s.as_bytes();
     !b.is_empty()
         && b.len() <= 63
-        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
         && b[0] != b'-'
         && b[b.len() - 1] != b'-'
 }
@@ -129,7 +151,10 @@ mod tests {
     use super::*;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -137,8 +162,16 @@ mod tests {
         let sel = LabelSelector {
             match_labels: labels(&[("team", "web")]),
             match_expressions: vec![
-                Requirement { key: "tier".into(), operator: SelectorOperator::In, values: vec!["fe".into(), "be".into()] },
-                Requirement { key: "legacy".into(), operator: SelectorOperator::DoesNotExist, values: vec![] },
+                Requirement {
+                    key: "tier".into(),
+                    operator: SelectorOperator::In,
+                    values: vec!["fe".into(), "be".into()],
+                },
+                Requirement {
+                    key: "legacy".into(),
+                    operator: SelectorOperator::DoesNotExist,
+                    values: vec![],
+                },
             ],
         };
         assert!(sel.matches(&labels(&[("team", "web"), ("tier", "fe")])));
@@ -150,10 +183,22 @@ mod tests {
 
     #[test]
     fn refuses_what_kubernetes_refuses() {
-        let bad_key = LabelSelector { match_labels: labels(&[("-x", "y")]), ..Default::default() };
-        assert_eq!(bad_key.validate("pool.service_selector").map_err(|e| e.field), Err("pool.service_selector.match_labels".into()));
+        let bad_key = LabelSelector {
+            match_labels: labels(&[("-x", "y")]),
+            ..Default::default()
+        };
+        assert_eq!(
+            bad_key
+                .validate("pool.service_selector")
+                .map_err(|e| e.field),
+            Err("pool.service_selector.match_labels".into())
+        );
         let in_without_values = LabelSelector {
-            match_expressions: vec![Requirement { key: "a".into(), operator: SelectorOperator::In, values: vec![] }],
+            match_expressions: vec![Requirement {
+                key: "a".into(),
+                operator: SelectorOperator::In,
+                values: vec![],
+            }],
             ..Default::default()
         };
         assert!(in_without_values.validate("s").is_err());

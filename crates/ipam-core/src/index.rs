@@ -1,0 +1,897 @@
+//! The in-memory picture of pools and the addresses in use, from which the service plans
+//! each allocation. It is a cache: the store's constraints decide, and the service feeds
+//! every committed change (its own and other replicas') back in. Whenever it is out of
+//! date it errs towards "taken", which can only cost a retry, never a duplicate.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+
+use herald_model::addr::{ip_to_u128, u128_to_ip};
+use herald_model::{AllocationRequest, FamilyPolicy, IpFamily, PoolName, PoolSpec, ServicePort};
+
+use crate::{AllocError, FreeSet};
+
+/// One owner's hold on one address, as loaded from the store or seen in the change feed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimRecord {
+    pub ip: IpAddr,
+    pub tag: String,
+    pub pool: String,
+    pub owner_uid: String,
+    pub ports: Vec<ServicePort>,
+}
+
+/// Capacity of one family of one pool. `total` and `free` can exceed `u64` for IPv6.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolUsage {
+    pub family: IpFamily,
+    pub total: u128,
+    pub used: u64,
+}
+
+impl PoolUsage {
+    pub fn free(&self) -> u128 {
+        self.total.saturating_sub(u128::from(self.used))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanItem {
+    pub ip: IpAddr,
+    pub family: IpFamily,
+    pub pool: PoolName,
+    pub pool_generation: i64,
+    /// Whether the address was free (a new claim) or is joined under a sharing key.
+    pub joins_shared: bool,
+}
+
+/// The addresses chosen for one request. They are reserved in the index until the caller
+/// either commits them to the store or hands the plan back to [`PoolIndex::abort`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub owner_uid: String,
+    pub tag: String,
+    pub items: Vec<PlanItem>,
+}
+
+#[derive(Debug)]
+struct PoolState {
+    spec: PoolSpec,
+    generation: i64,
+    free: [FreeSet; 2],
+    total: [u128; 2],
+    used: [u64; 2],
+}
+
+#[derive(Debug)]
+struct Claim {
+    tag: String,
+    pool: String,
+    owners: BTreeMap<String, Vec<ServicePort>>,
+}
+
+#[derive(Debug, Default)]
+pub struct PoolIndex {
+    pools: BTreeMap<String, PoolState>,
+    /// Pool names by (priority, name): the order in which automatic allocation tries them.
+    order: Vec<(i32, String)>,
+    claims: HashMap<IpAddr, Claim>,
+    /// Shared addresses by sharing key, to find the IP a new member of a group joins.
+    shared: HashMap<String, BTreeSet<IpAddr>>,
+}
+
+fn slot(family: IpFamily) -> usize {
+    match family {
+        IpFamily::V4 => 0,
+        IpFamily::V6 => 1,
+    }
+}
+
+/// Whether the first and last address of a CIDR are withheld: Cilium's rule, which never
+/// applies to /31, /32, /127 and /128, whose every address is a usable host.
+fn withholds_edges(spec: &PoolSpec, range: &herald_model::AddrRange) -> bool {
+    !spec.allow_first_last
+        && range
+            .prefix_len
+            .is_some_and(|len| len + 1 < range.family.bits())
+}
+
+fn is_buggy(family: IpFamily, value: u128) -> bool {
+    family == IpFamily::V4 && matches!(value & 0xff, 0 | 0xff)
+}
+
+/// How many values `v` in `first..=last` have `v % 256 == rem`.
+fn count_with_low_byte(first: u128, last: u128, rem: u128) -> u128 {
+    let upto = |n: u128| if n < rem { 0 } else { (n - rem) / 256 + 1 };
+    upto(last) - if first == 0 { 0 } else { upto(first - 1) }
+}
+
+/// The ranges of a pool that may be handed out, per family, before buggy-address skipping.
+fn usable_ranges(spec: &PoolSpec) -> Vec<(IpFamily, u128, u128)> {
+    spec.addresses
+        .iter()
+        .filter_map(|r| {
+            if withholds_edges(spec, r) {
+                (r.first < r.last - 1).then(|| (r.family, r.first + 1, r.last - 1))
+            } else {
+                Some((r.family, r.first, r.last))
+            }
+        })
+        .collect()
+}
+
+/// Why `ip` cannot be handed out from `spec`, if it cannot.
+fn unassignable_reason(spec: &PoolSpec, ip: IpAddr) -> Option<&'static str> {
+    let value = ip_to_u128(ip);
+    let range = spec.addresses.iter().find(|r| r.contains(ip))?;
+    if withholds_edges(spec, range) && (value == range.first || value == range.last) {
+        return Some("it is the first or last address of its CIDR and allow_first_last is off");
+    }
+    if spec.avoid_buggy_ips && is_buggy(range.family, value) {
+        return Some("it ends in .0 or .255 and avoid_buggy_ips is on");
+    }
+    None
+}
+
+impl PoolState {
+    fn new(spec: PoolSpec, generation: i64) -> Self {
+        let mut free = [FreeSet::new(), FreeSet::new()];
+        let mut total = [0u128; 2];
+        for (family, first, last) in usable_ranges(&spec) {
+            free[slot(family)].insert_range(first, last);
+            let mut size = (last - first).saturating_add(1);
+            if spec.avoid_buggy_ips && family == IpFamily::V4 {
+                size -=
+                    count_with_low_byte(first, last, 0) + count_with_low_byte(first, last, 0xff);
+            }
+            total[slot(family)] = total[slot(family)].saturating_add(size);
+        }
+        Self {
+            spec,
+            generation,
+            free,
+            total,
+            used: [0; 2],
+        }
+    }
+
+    /// The lowest free address of `family`, skipping (and dropping for good) the addresses
+    /// that `avoid_buggy_ips` rules out; each is dropped once, so this stays O(log n).
+    fn take_lowest(&mut self, family: IpFamily) -> Option<u128> {
+        let free = &mut self.free[slot(family)];
+        // Bounded: every turn removes one address from a finite set.
+        while let Some(value) = free.lowest() {
+            free.remove(value);
+            if !(self.spec.avoid_buggy_ips && is_buggy(family, value)) {
+                return Some(value);
+            }
+        }
+        None
+    }
+}
+
+impl PoolIndex {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Replaces the whole picture: every pool with its generation, and every claim.
+    pub fn load(pools: Vec<(PoolSpec, i64)>, claims: Vec<ClaimRecord>) -> Self {
+        let mut index = Self::new();
+        for (spec, generation) in pools {
+            index
+                .pools
+                .insert(spec.name.to_string(), PoolState::new(spec, generation));
+        }
+        index.reorder();
+        for claim in claims {
+            index.observe_assigned(claim);
+        }
+        index
+    }
+
+    fn reorder(&mut self) {
+        self.order = self
+            .pools
+            .iter()
+            .map(|(name, p)| (p.spec.priority, name.clone()))
+            .collect();
+        self.order.sort();
+    }
+
+    /// Installs a created or updated pool; claims already recorded for it stay taken.
+    pub fn upsert_pool(&mut self, spec: PoolSpec, generation: i64) {
+        let name = spec.name.to_string();
+        if self
+            .pools
+            .get(&name)
+            .is_some_and(|p| p.generation >= generation)
+        {
+            return;
+        }
+        let mut state = PoolState::new(spec, generation);
+        for (ip, claim) in &self.claims {
+            if claim.pool == name {
+                let family = IpFamily::of(*ip);
+                state.free[slot(family)].remove(ip_to_u128(*ip));
+                state.used[slot(family)] += 1;
+            }
+        }
+        self.pools.insert(name, state);
+        self.reorder();
+    }
+
+    pub fn remove_pool(&mut self, name: &str) {
+        self.pools.remove(name);
+        self.reorder();
+    }
+
+    pub fn pool(&self, name: &str) -> Option<(&PoolSpec, i64)> {
+        self.pools.get(name).map(|p| (&p.spec, p.generation))
+    }
+
+    pub fn pools(&self) -> impl Iterator<Item = (&PoolSpec, i64)> {
+        self.order.iter().filter_map(|(_, name)| self.pool(name))
+    }
+
+    pub fn usage(&self, name: &str) -> Vec<PoolUsage> {
+        let Some(pool) = self.pools.get(name) else {
+            return Vec::new();
+        };
+        pool.spec
+            .families()
+            .map(|family| PoolUsage {
+                family,
+                total: pool.total[slot(family)],
+                used: pool.used[slot(family)],
+            })
+            .collect()
+    }
+
+    /// The pool whose addresses contain `ip`, if any.
+    pub fn pool_of(&self, ip: IpAddr) -> Option<&PoolSpec> {
+        self.pools
+            .values()
+            .map(|p| &p.spec)
+            .find(|spec| spec.contains(ip))
+    }
+
+    /// Records that `claim.owner_uid` holds `claim.ip`. Idempotent, so the service can feed
+    /// both its own commits and the change feed through it.
+    pub fn observe_assigned(&mut self, claim: ClaimRecord) {
+        let ClaimRecord {
+            ip,
+            tag,
+            pool,
+            owner_uid,
+            ports,
+        } = claim;
+        let family = IpFamily::of(ip);
+        if let Some(existing) = self.claims.get_mut(&ip) {
+            existing.owners.insert(owner_uid, ports);
+            return;
+        }
+        if let Some(state) = self.pools.get_mut(&pool) {
+            state.free[slot(family)].remove(ip_to_u128(ip));
+            state.used[slot(family)] += 1;
+        }
+        if let Some(key) = shared_key(&tag) {
+            self.shared.entry(key.to_string()).or_default().insert(ip);
+        }
+        self.claims.insert(
+            ip,
+            Claim {
+                tag,
+                pool,
+                owners: BTreeMap::from([(owner_uid, ports)]),
+            },
+        );
+    }
+
+    /// Records that `owner_uid` no longer holds `ip`; the address is free again once its
+    /// last owner is gone. Idempotent.
+    pub fn observe_released(&mut self, ip: IpAddr, owner_uid: &str) {
+        let Some(claim) = self.claims.get_mut(&ip) else {
+            return;
+        };
+        claim.owners.remove(owner_uid);
+        if !claim.owners.is_empty() {
+            return;
+        }
+        let Some(claim) = self.claims.remove(&ip) else {
+            return;
+        };
+        let family = IpFamily::of(ip);
+        if let Some(key) = shared_key(&claim.tag) {
+            if let Some(ips) = self.shared.get_mut(key) {
+                ips.remove(&ip);
+                if ips.is_empty() {
+                    self.shared.remove(key);
+                }
+            }
+        }
+        if let Some(state) = self.pools.get_mut(&claim.pool) {
+            state.used[slot(family)] = state.used[slot(family)].saturating_sub(1);
+            if state.spec.contains(ip) && unassignable_reason(&state.spec, ip).is_none() {
+                state.free[slot(family)].insert(ip_to_u128(ip));
+            }
+        }
+    }
+
+    /// Who holds `ip`, as a claim tag, if anyone.
+    pub fn holder(&self, ip: IpAddr) -> Option<&str> {
+        self.claims.get(&ip).map(|c| c.tag.as_str())
+    }
+
+    /// Chooses addresses for `req` and reserves them. The caller must commit the plan to
+    /// the store or give it back with [`PoolIndex::abort`].
+    pub fn plan(&mut self, req: &AllocationRequest) -> Result<Plan, AllocError> {
+        let tag = req.claim_tag();
+        let mut plan = Plan {
+            owner_uid: req.owner.uid.clone(),
+            tag: tag.clone(),
+            items: Vec::new(),
+        };
+        for (i, family) in req.wanted_families().into_iter().enumerate() {
+            let required = i == 0 || req.family_policy == FamilyPolicy::RequireDualStack;
+            match self.plan_family(req, family, &tag) {
+                Ok(item) => {
+                    self.observe_assigned(ClaimRecord {
+                        ip: item.ip,
+                        tag: tag.clone(),
+                        pool: item.pool.to_string(),
+                        owner_uid: req.owner.uid.clone(),
+                        ports: req.ports.clone(),
+                    });
+                    plan.items.push(item);
+                }
+                Err(_) if !required => {}
+                Err(err) => {
+                    self.abort(&plan);
+                    return Err(if i == 0 {
+                        err
+                    } else {
+                        AllocError::DualStackUnavailable(Box::new(err))
+                    });
+                }
+            }
+        }
+        Ok(plan)
+    }
+
+    /// Gives back what [`PoolIndex::plan`] reserved.
+    pub fn abort(&mut self, plan: &Plan) {
+        for item in &plan.items {
+            self.observe_released(item.ip, &plan.owner_uid);
+        }
+    }
+
+    fn plan_family(
+        &mut self,
+        req: &AllocationRequest,
+        family: IpFamily,
+        tag: &str,
+    ) -> Result<PlanItem, AllocError> {
+        if let Some(ip) = req.requested_ip(family) {
+            return self.plan_requested(req, ip);
+        }
+        if let Some(item) = self.plan_join(req, family, tag)? {
+            return Ok(item);
+        }
+        let candidates = self.candidates(req, family)?;
+        for name in &candidates {
+            let Some(state) = self.pools.get_mut(name) else {
+                continue;
+            };
+            if let Some(value) = state.take_lowest(family) {
+                // Put it back at once: `plan` records the reservation through
+                // `observe_assigned`, the single place that marks addresses taken.
+                state.free[slot(family)].insert(value);
+                return Ok(PlanItem {
+                    ip: u128_to_ip(family, value),
+                    family,
+                    pool: state.spec.name.clone(),
+                    pool_generation: state.generation,
+                    joins_shared: false,
+                });
+            }
+        }
+        Err(AllocError::Exhausted {
+            family,
+            pools: candidates.join(", "),
+        })
+    }
+
+    fn check_pool_serves(
+        &self,
+        req: &AllocationRequest,
+        spec: &PoolSpec,
+    ) -> Result<(), AllocError> {
+        if spec.disabled {
+            return Err(AllocError::PoolDisabled(spec.name.to_string()));
+        }
+        if !spec.serves(
+            &req.owner.namespace,
+            &req.namespace_labels,
+            &req.service_labels,
+        ) {
+            return Err(AllocError::PoolDoesNotServe {
+                pool: spec.name.to_string(),
+                namespace: req.owner.namespace.clone(),
+                name: req.owner.name.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The pools automatic allocation may use for `family`, best first.
+    fn candidates(
+        &self,
+        req: &AllocationRequest,
+        family: IpFamily,
+    ) -> Result<Vec<String>, AllocError> {
+        if let Some(requested) = &req.requested_pool {
+            let state = self
+                .pools
+                .get(requested.as_str())
+                .ok_or_else(|| AllocError::UnknownPool(requested.to_string()))?;
+            self.check_pool_serves(req, &state.spec)?;
+            if state.spec.families().any(|f| f == family) {
+                return Ok(vec![requested.to_string()]);
+            }
+        } else {
+            let names: Vec<String> = self
+                .order
+                .iter()
+                .filter_map(|(_, name)| self.pools.get(name))
+                .filter(|p| p.spec.auto_assign && p.spec.families().any(|f| f == family))
+                .filter(|p| self.check_pool_serves(req, &p.spec).is_ok())
+                .map(|p| p.spec.name.to_string())
+                .collect();
+            if !names.is_empty() {
+                return Ok(names);
+            }
+        }
+        Err(AllocError::NoPoolMatches {
+            family,
+            namespace: req.owner.namespace.clone(),
+            name: req.owner.name.clone(),
+        })
+    }
+
+    fn plan_requested(&self, req: &AllocationRequest, ip: IpAddr) -> Result<PlanItem, AllocError> {
+        let state = self
+            .pools
+            .values()
+            .find(|p| p.spec.contains(ip))
+            .ok_or(AllocError::NotInAnyPool { ip })?;
+        let pool = state.spec.name.to_string();
+        if let Some(requested) = &req.requested_pool {
+            if requested.as_str() != pool {
+                return Err(AllocError::NotInRequestedPool {
+                    ip,
+                    pool,
+                    requested: requested.to_string(),
+                });
+            }
+        }
+        self.check_pool_serves(req, &state.spec)?;
+        if let Some(why) = unassignable_reason(&state.spec, ip) {
+            return Err(AllocError::NotAssignable { ip, pool, why });
+        }
+        let joins_shared = match self.claims.get(&ip) {
+            None => false,
+            Some(claim) if claim.owners.contains_key(&req.owner.uid) => false,
+            Some(claim) => {
+                self.check_can_join(req, ip, claim)?;
+                true
+            }
+        };
+        Ok(PlanItem {
+            ip,
+            family: IpFamily::of(ip),
+            pool: state.spec.name.clone(),
+            pool_generation: state.generation,
+            joins_shared,
+        })
+    }
+
+    /// Whether `req` may join `ip`, which is held under `claim`.
+    fn check_can_join(
+        &self,
+        req: &AllocationRequest,
+        ip: IpAddr,
+        claim: &Claim,
+    ) -> Result<(), AllocError> {
+        let taken = || AllocError::Taken {
+            ip,
+            holder: describe_holder(claim),
+        };
+        let Some(tag) = req.sharing_tag() else {
+            return Err(taken());
+        };
+        if claim.tag != tag {
+            return Err(match shared_key(&claim.tag) {
+                Some(key) if key == req.sharing_key => AllocError::SharingConflict {
+                    key: req.sharing_key.clone(),
+                    why: format!(
+                        "{ip} is shared by Services with a different traffic policy or endpoint selector"
+                    ),
+                },
+                _ => taken(),
+            });
+        }
+        for (uid, ports) in &claim.owners {
+            if uid == &req.owner.uid {
+                continue;
+            }
+            if let Some(port) = ports.iter().find(|p| req.ports.contains(p)) {
+                return Err(AllocError::SharingConflict {
+                    key: req.sharing_key.clone(),
+                    why: format!(
+                        "port {}/{} on {ip} is already used by Service uid {uid}",
+                        port.port, port.protocol
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The address already shared under `req`'s sharing key in `family`, if it may join.
+    fn plan_join(
+        &self,
+        req: &AllocationRequest,
+        family: IpFamily,
+        tag: &str,
+    ) -> Result<Option<PlanItem>, AllocError> {
+        if req.sharing_key.is_empty() {
+            return Ok(None);
+        }
+        let Some(ips) = self.shared.get(&req.sharing_key) else {
+            return Ok(None);
+        };
+        for ip in ips.iter().filter(|ip| IpFamily::of(**ip) == family) {
+            let Some(claim) = self.claims.get(ip) else {
+                continue;
+            };
+            let Some(state) = self.pools.get(&claim.pool) else {
+                continue;
+            };
+            if req
+                .requested_pool
+                .as_ref()
+                .is_some_and(|p| p.as_str() != claim.pool)
+            {
+                continue;
+            }
+            self.check_pool_serves(req, &state.spec)?;
+            self.check_can_join(req, *ip, claim)?;
+            debug_assert_eq!(claim.tag, tag);
+            return Ok(Some(PlanItem {
+                ip: *ip,
+                family,
+                pool: state.spec.name.clone(),
+                pool_generation: state.generation,
+                joins_shared: true,
+            }));
+        }
+        Ok(None)
+    }
+}
+
+fn describe_holder(claim: &Claim) -> String {
+    match claim.tag.strip_prefix("o:") {
+        Some(uid) => format!(" (uid {uid})"),
+        None => format!(
+            " (shared under key {:?})",
+            shared_key(&claim.tag).unwrap_or_default()
+        ),
+    }
+}
+
+/// The sharing key inside a shared claim tag (`s:<key>|<policy>`).
+fn shared_key(tag: &str) -> Option<&str> {
+    tag.strip_prefix("s:")
+        .and_then(|rest| rest.split_once('|'))
+        .map(|(key, _)| key)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use herald_model::pool::PoolInput;
+    use herald_model::{Owner, TrafficPolicy};
+
+    use super::*;
+
+    fn pool(name: &str, addresses: &[&str], tweak: impl FnOnce(&mut PoolInput)) -> (PoolSpec, i64) {
+        let mut input = PoolInput {
+            name: name.into(),
+            addresses: addresses.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        tweak(&mut input);
+        (PoolSpec::from_input(input).expect("valid pool"), 1)
+    }
+
+    fn request(uid: &str) -> AllocationRequest {
+        AllocationRequest {
+            owner: Owner {
+                cluster_id: "lab".into(),
+                namespace: "default".into(),
+                name: format!("svc-{uid}"),
+                uid: uid.into(),
+            },
+            service_labels: BTreeMap::new(),
+            namespace_labels: BTreeMap::new(),
+            family_policy: FamilyPolicy::SingleStack,
+            families: vec![IpFamily::V4],
+            requested_ips: vec![],
+            requested_pool: None,
+            sharing_key: String::new(),
+            ports: vec![],
+            traffic_policy: TrafficPolicy::Cluster,
+            endpoint_selector: BTreeMap::new(),
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("test address")
+    }
+
+    fn ips(plan: &Plan) -> Vec<String> {
+        plan.items.iter().map(|i| i.ip.to_string()).collect()
+    }
+
+    #[test]
+    fn lab_pool_hands_out_241_first_and_never_the_edges() {
+        let mut index = PoolIndex::load(vec![pool("lab", &["172.16.0.240/28"], |_| {})], vec![]);
+        let first = index.plan(&request("a")).expect("allocates");
+        assert_eq!(ips(&first), ["172.16.0.241"]);
+        let mut all = vec![];
+        for i in 0..13 {
+            all.extend(ips(&index
+                .plan(&request(&format!("u{i}")))
+                .expect("allocates")));
+        }
+        assert_eq!(all.last().map(String::as_str), Some("172.16.0.254"));
+        assert_eq!(
+            index.usage("lab")[0],
+            PoolUsage {
+                family: IpFamily::V4,
+                total: 14,
+                used: 14
+            }
+        );
+        let err = index.plan(&request("late")).expect_err("exhausted");
+        assert_eq!(err.to_string(), "IPv4 pools lab are exhausted");
+        // Releasing gives the lowest address back first.
+        index.observe_released(ip("172.16.0.245"), "u3");
+        assert_eq!(
+            ips(&index.plan(&request("late")).expect("allocates")),
+            ["172.16.0.245"]
+        );
+    }
+
+    #[test]
+    fn buggy_addresses_and_edges_follow_their_flags() {
+        let mut index = PoolIndex::load(
+            vec![pool("b", &["10.0.0.255-10.0.1.1"], |p| {
+                p.avoid_buggy_ips = true
+            })],
+            vec![],
+        );
+        assert_eq!(index.usage("b")[0].total, 1);
+        assert_eq!(
+            ips(&index.plan(&request("a")).expect("allocates")),
+            ["10.0.1.1"]
+        );
+        let mut req = request("b");
+        req.requested_ips = vec![ip("10.0.1.0")];
+        assert!(matches!(
+            index.plan(&req),
+            Err(AllocError::NotAssignable { .. })
+        ));
+
+        let mut index = PoolIndex::load(
+            vec![pool("e", &["10.0.0.0/30"], |p| p.allow_first_last = true)],
+            vec![],
+        );
+        assert_eq!(index.usage("e")[0].total, 4);
+        assert_eq!(
+            ips(&index.plan(&request("a")).expect("allocates")),
+            ["10.0.0.0"]
+        );
+        let index = PoolIndex::load(
+            vec![pool("h", &["10.0.0.7/32", "10.0.0.8/31"], |_| {})],
+            vec![],
+        );
+        assert_eq!(
+            index.usage("h")[0].total,
+            3,
+            "/31 and /32 keep every address"
+        );
+    }
+
+    #[test]
+    fn ipv6_slash_64_is_never_enumerated() {
+        let mut index = PoolIndex::load(vec![pool("v6", &["fd00::/64"], |_| {})], vec![]);
+        assert_eq!(index.usage("v6")[0].total, (1u128 << 64) - 2);
+        let mut req = request("a");
+        req.families = vec![IpFamily::V6];
+        assert_eq!(ips(&index.plan(&req).expect("allocates")), ["fd00::1"]);
+    }
+
+    #[test]
+    fn pools_are_chosen_by_scope_priority_and_flags() {
+        let mut index = PoolIndex::load(
+            vec![
+                pool("late", &["10.0.1.0/24"], |p| p.priority = 10),
+                pool("early", &["10.0.2.0/24"], |p| p.priority = 1),
+                pool("manual", &["10.0.3.0/24"], |p| p.auto_assign = Some(false)),
+                pool("web-only", &["10.0.4.0/24"], |p| {
+                    p.namespaces = vec!["web".into()];
+                    p.priority = -1
+                }),
+                pool("off", &["10.0.5.0/24"], |p| p.disabled = true),
+            ],
+            vec![],
+        );
+        assert_eq!(
+            ips(&index.plan(&request("a")).expect("allocates")),
+            ["10.0.2.1"]
+        );
+        let mut req = request("b");
+        req.requested_pool = Some(PoolName::parse("p", "manual").expect("name"));
+        assert_eq!(ips(&index.plan(&req).expect("allocates")), ["10.0.3.1"]);
+        let mut req = request("c");
+        req.owner.namespace = "web".into();
+        assert_eq!(ips(&index.plan(&req).expect("allocates")), ["10.0.4.1"]);
+        let mut req = request("d");
+        req.requested_pool = Some(PoolName::parse("p", "web-only").expect("name"));
+        assert!(matches!(
+            index.plan(&req),
+            Err(AllocError::PoolDoesNotServe { .. })
+        ));
+        let mut req = request("e");
+        req.requested_pool = Some(PoolName::parse("p", "off").expect("name"));
+        assert_eq!(
+            index.plan(&req),
+            Err(AllocError::PoolDisabled("off".into()))
+        );
+        let mut req = request("f");
+        req.requested_pool = Some(PoolName::parse("p", "nope").expect("name"));
+        assert_eq!(
+            index.plan(&req),
+            Err(AllocError::UnknownPool("nope".into()))
+        );
+        let mut req = request("g");
+        req.requested_ips = vec![ip("192.168.0.1")];
+        assert!(matches!(
+            index.plan(&req),
+            Err(AllocError::NotInAnyPool { .. })
+        ));
+        let mut req = request("h");
+        req.families = vec![IpFamily::V6];
+        assert!(matches!(
+            index.plan(&req),
+            Err(AllocError::NoPoolMatches {
+                family: IpFamily::V6,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn requested_ips_are_exclusive_unless_shared_compatibly() {
+        let mut index = PoolIndex::load(vec![pool("lab", &["172.16.0.240/28"], |_| {})], vec![]);
+        let mut a = request("a");
+        a.requested_ips = vec![ip("172.16.0.250")];
+        assert_eq!(ips(&index.plan(&a).expect("allocates")), ["172.16.0.250"]);
+        let mut b = request("b");
+        b.requested_ips = vec![ip("172.16.0.250")];
+        assert_eq!(
+            index.plan(&b).expect_err("taken").to_string(),
+            "requested_ips: 172.16.0.250 is already allocated to another Service (uid a)"
+        );
+
+        let shared = |uid: &str, port: u16, policy: TrafficPolicy| {
+            let mut r = request(uid);
+            r.sharing_key = "web".into();
+            r.ports = vec![ServicePort {
+                protocol: "TCP".into(),
+                port,
+            }];
+            r.traffic_policy = policy;
+            r
+        };
+        let first = index
+            .plan(&shared("s1", 80, TrafficPolicy::Cluster))
+            .expect("allocates");
+        let second = index
+            .plan(&shared("s2", 443, TrafficPolicy::Cluster))
+            .expect("joins");
+        assert_eq!(ips(&first), ips(&second));
+        assert!(second.items[0].joins_shared);
+        assert!(matches!(
+            index.plan(&shared("s3", 80, TrafficPolicy::Cluster)),
+            Err(AllocError::SharingConflict { .. })
+        ));
+        assert!(matches!(
+            index.plan(&shared("s4", 8080, TrafficPolicy::Local)),
+            Err(AllocError::SharingConflict { .. })
+        ));
+        // The address stays taken until its last sharer goes.
+        let shared_ip = first.items[0].ip;
+        index.observe_released(shared_ip, "s1");
+        assert!(index.holder(shared_ip).is_some());
+        index.observe_released(shared_ip, "s2");
+        assert!(index.holder(shared_ip).is_none());
+    }
+
+    #[test]
+    fn dual_stack_policies() {
+        let mut index = PoolIndex::load(vec![pool("v4", &["10.0.0.0/24"], |_| {})], vec![]);
+        let mut prefer = request("p");
+        prefer.family_policy = FamilyPolicy::PreferDualStack;
+        assert_eq!(
+            ips(&index.plan(&prefer).expect("IPv4 alone is enough")),
+            ["10.0.0.1"]
+        );
+        let mut require = request("r");
+        require.family_policy = FamilyPolicy::RequireDualStack;
+        assert!(matches!(
+            index.plan(&require),
+            Err(AllocError::DualStackUnavailable(_))
+        ));
+        assert_eq!(
+            index.usage("v4")[0].used,
+            1,
+            "a failed plan reserves nothing"
+        );
+
+        index.upsert_pool(pool("v6", &["fd00::/120"], |_| {}).0, 1);
+        assert_eq!(
+            ips(&index.plan(&require).expect("both")),
+            ["10.0.0.2", "fd00::1"]
+        );
+    }
+
+    #[test]
+    fn abort_and_idempotent_observation() {
+        let mut index = PoolIndex::load(vec![pool("lab", &["172.16.0.240/28"], |_| {})], vec![]);
+        let plan = index.plan(&request("a")).expect("allocates");
+        index.abort(&plan);
+        assert_eq!(index.usage("lab")[0].used, 0);
+        let record = ClaimRecord {
+            ip: ip("172.16.0.241"),
+            tag: "o:x".into(),
+            pool: "lab".into(),
+            owner_uid: "x".into(),
+            ports: vec![],
+        };
+        index.observe_assigned(record.clone());
+        index.observe_assigned(record);
+        assert_eq!(index.usage("lab")[0].used, 1);
+        index.observe_released(ip("172.16.0.241"), "x");
+        index.observe_released(ip("172.16.0.241"), "x");
+        assert_eq!(index.usage("lab")[0].used, 0);
+    }
+
+    #[test]
+    fn planning_cost_stays_flat_as_the_pool_fills() {
+        // A /16 filled to the last address: every plan is a lookup of the lowest interval.
+        let mut index = PoolIndex::load(vec![pool("big", &["10.1.0.0/16"], |_| {})], vec![]);
+        for i in 0..65_534u32 {
+            index
+                .plan(&request(&format!("u{i}")))
+                .expect("capacity left");
+        }
+        assert!(matches!(
+            index.plan(&request("over")),
+            Err(AllocError::Exhausted { .. })
+        ));
+    }
+}
