@@ -1,0 +1,508 @@
+//! The store's behaviour, run against both backends: every test below runs once on a fresh
+//! Postgres database and once on a fresh SQLite file.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use herald_ipam_core::{Plan, PoolIndex};
+use herald_ipam_store::{AllocationFilter, CommitError, Event, HistoryKey, Store, StoreError};
+use herald_model::pool::PoolInput;
+use herald_model::{
+    AllocationRequest, FamilyPolicy, HistoryAction, IpFamily, Owner, PoolSpec, ServicePort,
+    TrafficPolicy,
+};
+use herald_test_support::TestDb;
+
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod postgres {
+            $( #[tokio::test] async fn $name() { let db = herald_test_support::TestDb::postgres().await; super::$name(&db).await; } )*
+        }
+        mod sqlite {
+            $( #[tokio::test] async fn $name() { let db = herald_test_support::TestDb::sqlite(); super::$name(&db).await; } )*
+        }
+    };
+}
+
+on_both_backends!(
+    pools_are_created_listed_and_refused_on_overlap,
+    allocations_round_trip_and_owner_keeps_its_address,
+    two_replicas_racing_for_one_address_leave_one_owner,
+    sharing_needs_the_same_key_policy_and_free_ports,
+    release_frees_the_address_and_history_tells_why,
+    shrinking_or_deleting_a_pool_in_use_is_refused_unless_forced,
+    a_plan_made_against_an_old_pool_spec_is_refused,
+    listing_pages_and_filters,
+    state_survives_reopening,
+);
+
+fn spec(name: &str, addresses: &[&str]) -> PoolSpec {
+    PoolSpec::from_input(PoolInput {
+        name: name.into(),
+        addresses: addresses.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+fn request(uid: &str) -> AllocationRequest {
+    AllocationRequest {
+        owner: Owner {
+            cluster_id: "lab".into(),
+            namespace: "default".into(),
+            name: format!("svc-{uid}"),
+            uid: uid.into(),
+        },
+        service_labels: BTreeMap::new(),
+        namespace_labels: BTreeMap::new(),
+        family_policy: FamilyPolicy::SingleStack,
+        families: vec![IpFamily::V4],
+        requested_ips: vec![],
+        requested_pool: None,
+        sharing_key: String::new(),
+        ports: vec![],
+        traffic_policy: TrafficPolicy::Cluster,
+        endpoint_selector: BTreeMap::new(),
+    }
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+async fn index_of(store: &Store) -> PoolIndex {
+    let pools = store
+        .load_pools()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| (p.spec, p.generation))
+        .collect();
+    PoolIndex::load(pools, store.load_claims(None).await.unwrap())
+}
+
+async fn allocate(
+    store: &Store,
+    index: &mut PoolIndex,
+    req: &AllocationRequest,
+) -> Result<Plan, CommitError> {
+    let plan = index.plan(req).expect("plan");
+    match store.commit(req, &plan).await {
+        Ok(_) => Ok(plan),
+        Err(e) => {
+            index.abort(&plan);
+            Err(e)
+        }
+    }
+}
+
+async fn pools_are_created_listed_and_refused_on_overlap(db: &TestDb) {
+    let store = Store::open(Some(&db.url)).await.unwrap();
+    let created = store
+        .create_pool(&spec("lab", &["172.16.0.240/28"]))
+        .await
+        .unwrap();
+    assert_eq!(created.generation, 1);
+    store
+        .create_pool(&spec("v6", &["fd00::/64", "10.9.0.0-10.9.0.9"]))
+        .await
+        .unwrap();
+
+    let err = store
+        .create_pool(&spec("other", &["10.0.0.0/24", "172.16.0.250-172.16.1.3"]))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "pool.addresses[1] 172.16.0.250-172.16.1.3 overlaps 172.16.0.240/28 of pool \"lab\""
+    );
+    let err = store
+        .create_pool(&spec("lab", &["10.1.0.0/24"]))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::PoolExists(_)), "{err}");
+    let err = store
+        .create_pool(&spec("inner", &["fd00::1:0/112"]))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("overlaps fd00::/64 of pool \"v6\""),
+        "{err}"
+    );
+
+    let names: Vec<String> = store
+        .load_pools()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| p.spec.name.to_string())
+        .collect();
+    assert_eq!(names, ["lab", "v6"], "refused pools left nothing behind");
+    assert_eq!(
+        store.load_pool("lab").await.unwrap().unwrap().spec,
+        spec("lab", &["172.16.0.240/28"])
+    );
+    assert!(store.load_pool("nope").await.unwrap().is_none());
+}
+
+async fn allocations_round_trip_and_owner_keeps_its_address(db: &TestDb) {
+    let store = Store::open(Some(&db.url)).await.unwrap();
+    store
+        .create_pool(&spec("lab", &["172.16.0.240/28", "fd00::/120"]))
+        .await
+        .unwrap();
+    let mut index = index_of(&store).await;
+    let mut req = request("lb-nginx");
+    req.family_policy = FamilyPolicy::RequireDualStack;
+    allocate(&store, &mut index, &req).await.unwrap();
+    let got = store.get_allocation("lb-nginx").await.unwrap().unwrap();
+    let ips: Vec<String> = got
+        .ips
+        .iter()
+        .map(|i| format!("{}@{}", i.ip, i.pool))
+        .collect();
+    assert_eq!(ips, ["172.16.0.241@lab", "fd00::1@lab"]);
+    assert_eq!(got.owner.name, "svc-lb-nginx");
+
+    // A second commit for the same owner and family is refused by the primary key.
+    let mut fresh = index_of(&store).await;
+    fresh.observe_released(ip("172.16.0.241"), "lb-nginx");
+    let dup = fresh.plan(&request("lb-nginx")).unwrap();
+    assert_eq!(dup.items[0].ip, ip("172.16.0.241"));
+    let mut other_ip = dup.clone();
+    other_ip.items[0].ip = ip("172.16.0.250");
+    let err = store
+        .commit(&request("lb-nginx"), &other_ip)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CommitError::OwnerExists), "{err}");
+    assert!(store.get_allocation("nobody").await.unwrap().is_none());
+}
+
+async fn two_replicas_racing_for_one_address_leave_one_owner(db: &TestDb) {
+    let store = Store::open(Some(&db.url)).await.unwrap();
+    store
+        .create_pool(&spec("lab", &["172.16.0.240/28"]))
+        .await
+        .unwrap();
+    // Two replicas with the same (empty) picture both choose .241.
+    let mut a = index_of(&store).await;
+    let mut b = index_of(&store).await;
+    allocate(&store, &mut a, &request("first")).await.unwrap();
+    let err = allocate(&store, &mut b, &request("second"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, CommitError::AddressTaken(taken) if taken == ip("172.16.0.241")),
+        "{err}"
+    );
+    assert!(
+        store.get_allocation("second").await.unwrap().is_none(),
+        "nothing partial was written"
+    );
+    let claims = store.load_claims(None).await.unwrap();
+    assert_eq!(claims.len(), 1);
+    assert_eq!(claims[0].owner_uid, "first");
+}
+
+async fn sharing_needs_the_same_key_policy_and_free_ports(db: &TestDb) {
+    let store = Store::open(Some(&db.url)).await.unwrap();
+    store
+        .create_pool(&spec("lab", &["172.16.0.240/28"]))
+        .await
+        .unwrap();
+    let shared = |uid: &str, port: u16| {
+        let mut r = request(uid);
+        r.sharing_key = "web".into();
+        r.ports = vec![ServicePort {
+            protocol: "TCP".into(),
+            port,
+        }];
+        r
+    };
+    let mut index = index_of(&store).await;
+    allocate(&store, &mut index, &shared("http", 80))
+        .await
+        .unwrap();
+    let plan = allocate(&store, &mut index, &shared("https", 443))
+        .await
+        .unwrap();
+    assert!(plan.items[0].joins_shared);
+
+    // A stale replica that does not know the ports collide: the database refuses.
+    let mut stale = PoolIndex::load(vec![(spec("lab", &["172.16.0.240/28"]), 1)], vec![]);
+    let mut clash = shared("clash", 80);
+    clash.requested_ips = vec![ip("172.16.0.241")];
+    let mut plan = stale.plan(&clash).unwrap();
+    plan.items[0].joins_shared = true;
+    let err = store.commit(&clash, &plan).await.unwrap_err();
+    assert!(matches!(err, CommitError::PortInUse { .. }), "{err}");
+    // An owner without the key cannot reference the shared claim at all.
+    let mut intruder = request("intruder");
+    intruder.requested_ips = vec![ip("172.16.0.241")];
+    let plan = PoolIndex::load(vec![(spec("lab", &["172.16.0.240/28"]), 1)], vec![])
+        .plan(&intruder)
+        .unwrap();
+    let err = store.commit(&intruder, &plan).await.unwrap_err();
+    assert!(matches!(err, CommitError::AddressTaken(_)), "{err}");
+    // The same key with another traffic policy is another tag: refused too.
+    let mut local = shared("local", 8080);
+    local.traffic_policy = TrafficPolicy::Local;
+    local.requested_ips = vec![ip("172.16.0.241")];
+    let plan = PoolIndex::load(vec![(spec("lab", &["172.16.0.240/28"]), 1)], vec![])
+        .plan(&local)
+        .unwrap();
+    assert!(store.commit(&local, &plan).await.is_err());
+
+    let holders: Vec<String> = store
+        .load_claims(None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.owner_uid)
+        .collect();
+    assert_eq!(holders.len(), 2, "{holders:?}");
+}
+
+async fn release_frees_the_address_and_history_tells_why(db: &TestDb) {
+    let store = Store::open(Some(&db.url)).await.unwrap();
+    store
+        .create_pool(&spec("lab", &["172.16.0.240/28"]))
+        .await
+        .unwrap();
+    let mut index = index_of(&store).await;
+    allocate(&store, &mut index, &request("a")).await.unwrap();
+    let released = store.release("a", "service deleted").await.unwrap();
+    assert_eq!(released, [(ip("172.16.0.241"), "lab".to_string())]);
+    assert!(store.load_claims(None).await.unwrap().is_empty());
+    assert!(
+        store.release("a", "again").await.unwrap().is_empty(),
+        "releasing twice is harmless"
+    );
+    index.observe_released(ip("172.16.0.241"), "a");
+    allocate(&store, &mut index, &request("b")).await.unwrap();
+
+    let (by_ip, next) = store
+        .history(HistoryKey::Ip(ip("172.16.0.241")), 10, 0)
+        .await
+        .unwrap();
+    assert_eq!(next, None);
+    let summary: Vec<(HistoryAction, String, String)> = by_ip
+        .iter()
+        .map(|e| (e.action, e.owner.uid.clone(), e.reason.clone()))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (HistoryAction::Assigned, "b".into(), "allocated".into()),
+            (
+                HistoryAction::Released,
+                "a".into(),
+                "service deleted".into()
+            ),
+            (HistoryAction::Assigned, "a".into(), "allocated".into()),
+        ]
+    );
+    let (page, next) = store.history(HistoryKey::Owner("a"), 1, 0).await.unwrap();
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0].action, HistoryAction::Released);
+    let (rest, _) = store
+        .history(HistoryKey::Owner("a"), 10, next.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0].action, HistoryAction::Assigned);
+
+    let events = store.events_after(0, 100).await.unwrap();
+    let revisions: Vec<i64> = events.iter().map(Event::revision).collect();
+    assert!(revisions.windows(2).all(|w| w[0] < w[1]), "{revisions:?}");
+    assert!(matches!(events[0], Event::PoolChanged { .. }));
+    assert_eq!(
+        store.last_revision().await.unwrap(),
+        *revisions.last().unwrap()
+    );
+}
+
+async fn shrinking_or_deleting_a_pool_in_use_is_refused_unless_forced(db: &TestDb) {
+    let store = Store::open(Some(&db.url)).await.unwrap();
+    store
+        .create_pool(&spec("lab", &["172.16.0.240/28"]))
+        .await
+        .unwrap();
+    let mut index = index_of(&store).await;
+    allocate(&store, &mut index, &request("a")).await.unwrap();
+    let smaller = spec("lab", &["172.16.0.248/29"]);
+
+    let err = store.update_pool(&smaller, false, false).await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "pool \"lab\" still holds allocations: 172.16.0.241 held by default/svc-a (uid a) (set force to release them, or dry_run to list them)"
+    );
+    let dry = store.update_pool(&smaller, false, true).await.unwrap();
+    assert_eq!(dry.affected.len(), 1);
+    assert_eq!(
+        store.load_pool("lab").await.unwrap().unwrap().generation,
+        1,
+        "a dry run changes nothing"
+    );
+    assert!(store.get_allocation("a").await.unwrap().is_some());
+
+    // Growing is always fine and bumps the generation.
+    let grown = store
+        .update_pool(&spec("lab", &["172.16.0.224/27"]), false, false)
+        .await
+        .unwrap();
+    assert_eq!(grown.pool.unwrap().generation, 2);
+    assert!(grown.affected.is_empty());
+
+    let forced = store.update_pool(&smaller, true, false).await.unwrap();
+    assert_eq!(forced.released, [(ip("172.16.0.241"), "a".to_string())]);
+    assert!(store.get_allocation("a").await.unwrap().is_none());
+    let (history, _) = store.history(HistoryKey::Owner("a"), 10, 0).await.unwrap();
+    assert_eq!(history[0].reason, "pool lab shrunk");
+
+    let mut index = index_of(&store).await;
+    allocate(&store, &mut index, &request("b")).await.unwrap();
+    assert!(matches!(
+        store.delete_pool("lab", false, false).await.unwrap_err(),
+        StoreError::PoolInUse { .. }
+    ));
+    assert_eq!(
+        store
+            .delete_pool("lab", false, true)
+            .await
+            .unwrap()
+            .affected
+            .len(),
+        1
+    );
+    assert!(store.load_pool("lab").await.unwrap().is_some());
+    let deleted = store.delete_pool("lab", true, false).await.unwrap();
+    assert_eq!(deleted.released.len(), 1);
+    assert!(store.load_pool("lab").await.unwrap().is_none());
+    assert!(store.load_claims(None).await.unwrap().is_empty());
+    assert!(matches!(
+        store.delete_pool("lab", false, false).await.unwrap_err(),
+        StoreError::PoolNotFound(_)
+    ));
+}
+
+async fn a_plan_made_against_an_old_pool_spec_is_refused(db: &TestDb) {
+    let store = Store::open(Some(&db.url)).await.unwrap();
+    store
+        .create_pool(&spec("lab", &["172.16.0.240/28"]))
+        .await
+        .unwrap();
+    let mut stale = index_of(&store).await;
+    store
+        .update_pool(&spec("lab", &["172.16.0.248/29"]), false, false)
+        .await
+        .unwrap();
+    let err = allocate(&store, &mut stale, &request("a"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, CommitError::PoolChanged(ref pool) if pool == "lab"),
+        "{err}"
+    );
+    assert!(store.load_claims(None).await.unwrap().is_empty());
+}
+
+async fn listing_pages_and_filters(db: &TestDb) {
+    let store = Store::open(Some(&db.url)).await.unwrap();
+    store
+        .create_pool(&spec("a", &["10.0.0.0/24"]))
+        .await
+        .unwrap();
+    store
+        .create_pool(&spec("b", &["10.0.1.0/24", "fd00::/120"]))
+        .await
+        .unwrap();
+    let mut index = index_of(&store).await;
+    for i in 0..7 {
+        let mut req = request(&format!("u{i}"));
+        req.requested_pool =
+            Some(herald_model::PoolName::parse("p", if i % 2 == 0 { "a" } else { "b" }).unwrap());
+        if i == 3 {
+            req.family_policy = FamilyPolicy::RequireDualStack;
+        }
+        if i == 6 {
+            req.owner.namespace = "web".into();
+        }
+        allocate(&store, &mut index, &req).await.unwrap();
+    }
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    for _ in 0..10 {
+        let (page, next) = store
+            .list_allocations(&AllocationFilter::default(), 3, &token)
+            .await
+            .unwrap();
+        assert!(page.len() <= 3);
+        seen.extend(page.into_iter().map(|a| (a.owner.uid, a.ips.len())));
+        match next {
+            Some(next) => token = next,
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 7, "{seen:?}");
+    assert!(
+        seen.contains(&("u3".to_string(), 2)),
+        "dual-stack owners come whole"
+    );
+    let in_b = store
+        .list_allocations(
+            &AllocationFilter {
+                pool: "b".into(),
+                ..Default::default()
+            },
+            100,
+            "",
+        )
+        .await
+        .unwrap()
+        .0;
+    assert_eq!(
+        in_b.iter()
+            .map(|a| a.owner.uid.as_str())
+            .collect::<Vec<_>>(),
+        ["u1", "u3", "u5"]
+    );
+    let in_web = store
+        .list_allocations(
+            &AllocationFilter {
+                namespace: "web".into(),
+                ..Default::default()
+            },
+            100,
+            "",
+        )
+        .await
+        .unwrap()
+        .0;
+    assert_eq!(in_web.len(), 1);
+}
+
+async fn state_survives_reopening(db: &TestDb) {
+    {
+        let store = Store::open(Some(&db.url)).await.unwrap();
+        store
+            .create_pool(&spec("lab", &["172.16.0.240/28"]))
+            .await
+            .unwrap();
+        let mut index = index_of(&store).await;
+        allocate(&store, &mut index, &request("a")).await.unwrap();
+        store.close().await;
+    }
+    let store = Store::open(Some(&db.url)).await.unwrap();
+    let mut index = index_of(&store).await;
+    let plan = allocate(&store, &mut index, &request("b")).await.unwrap();
+    assert_eq!(
+        plan.items[0].ip,
+        ip("172.16.0.242"),
+        "the reopened store remembers .241"
+    );
+}

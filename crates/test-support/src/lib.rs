@@ -1,0 +1,9 @@
+//! Test helpers shared by Herald's crates: throwaway databases on a real Postgres server
+//! or in a temporary SQLite file, free loopback ports, and child processes that are
+//! stopped (by their PID) however a test ends.
+
+pub mod db;
+pub mod process;
+
+pub use db::{TestDb, admin_url};
+pub use process::{ChildProcess, free_port, wait_for_port};
