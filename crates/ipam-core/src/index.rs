@@ -78,6 +78,8 @@ pub struct PoolIndex {
     claims: HashMap<IpAddr, Claim>,
     /// Shared addresses by sharing key, to find the IP a new member of a group joins.
     shared: HashMap<String, BTreeSet<IpAddr>>,
+    /// Addresses by owner uid, so a repeated Allocate is recognised without the store.
+    owners: HashMap<String, BTreeSet<IpAddr>>,
 }
 
 fn slot(family: IpFamily) -> usize {
@@ -316,6 +318,11 @@ impl PoolIndex {
                 state.free[slot(family)].insert(ip_to_u128(ip));
             }
         }
+    }
+
+    /// Whether the index knows of any address held by `owner_uid`.
+    pub fn holds(&self, owner_uid: &str) -> bool {
+        self.owners.contains_key(owner_uid)
     }
 
     /// Who holds `ip`, as a claim tag, if anyone.

@@ -1,0 +1,150 @@
+//! The change feed: one task per process follows the store's change log, applies what
+//! other replicas did to the in-memory index, and hands every change, in revision order,
+//! to the Watch streams.
+//!
+//! Postgres hands out revisions from a sequence when a row is inserted, not when its
+//! transaction commits, so revision 11 can become visible before revision 10, and a
+//! rolled-back insert leaves a hole for ever. The feed therefore delivers in order, holding
+//! back what follows a hole until the hole fills or [`GAP_WAIT`] has passed, after which
+//! the hole is taken to be a rollback.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use herald_ipam_core::ClaimRecord;
+use herald_ipam_store::Event;
+use tokio::sync::{Notify, broadcast};
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::ipam::Ipam;
+
+/// How often the log is read when nothing local wakes the feed: the delay with which one
+/// replica sees another's changes.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
+/// How long a hole in the revisions may hold back later changes. Transactions that write
+/// the log are short; one still open after this long has rolled back.
+pub const GAP_WAIT: Duration = Duration::from_secs(2);
+/// Log rows read per query.
+const READ_BATCH: u32 = 1000;
+/// Changes buffered per Watch stream before a slow reader is cut off.
+const SUBSCRIBER_BUFFER: usize = 8192;
+
+pub struct Feed {
+    sender: broadcast::Sender<Arc<Event>>,
+    wake: Notify,
+    /// Every revision up to this one has been delivered (or is a rolled-back hole).
+    delivered: AtomicI64,
+}
+
+impl Feed {
+    pub fn new(last_revision: i64) -> Self {
+        let (sender, _) = broadcast::channel(SUBSCRIBER_BUFFER);
+        Self {
+            sender,
+            wake: Notify::new(),
+            delivered: AtomicI64::new(last_revision),
+        }
+    }
+
+    /// Asks the follower to read the log now: this process just wrote to it.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    pub fn delivered(&self) -> i64 {
+        self.delivered.load(Ordering::Acquire)
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
+        self.sender.subscribe()
+    }
+}
+
+/// Follows the log until `shutdown`. Store errors are logged and retried on the next turn:
+/// the feed falling behind must never take the service down.
+pub async fn follow(ipam: Arc<Ipam>, shutdown: CancellationToken) {
+    let feed = ipam.feed();
+    let mut waiting: BTreeMap<i64, Event> = BTreeMap::new();
+    let mut hole_since: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = feed.wake.notified() => {}
+            () = tokio::time::sleep(POLL_INTERVAL) => {}
+        }
+        // Bounded: each turn reads at most READ_BATCH rows, and a full batch is the only
+        // reason to go round again without waiting.
+        // The first read starts right after the last delivered change, so a late commit that
+        // fills a hole is found; further reads continue after what is already waiting.
+        let mut after = feed.delivered();
+        for _ in 0..100 {
+            let events = match ipam.store().events_after(after, READ_BATCH).await {
+                Ok(events) => events,
+                Err(e) => {
+                    warn!(error = %e, "reading the change log failed; retrying");
+                    break;
+                }
+            };
+            let full = events.len() == READ_BATCH as usize;
+            for event in events {
+                after = after.max(event.revision());
+                if !waiting.contains_key(&event.revision()) {
+                    apply(&ipam, &event).await;
+                    waiting.insert(event.revision(), event);
+                }
+            }
+            deliver(feed, &mut waiting, &mut hole_since);
+            if !full {
+                break;
+            }
+        }
+    }
+}
+
+/// Hands over the changes that follow the last delivered one without a hole.
+fn deliver(feed: &Feed, waiting: &mut BTreeMap<i64, Event>, hole_since: &mut Option<Instant>) {
+    let mut delivered = feed.delivered();
+    loop {
+        let Some((&next, _)) = waiting.first_key_value() else {
+            *hole_since = None;
+            break;
+        };
+        if next <= delivered + 1 || hole_since.is_some_and(|t| t.elapsed() >= GAP_WAIT) {
+            if let Some(event) = waiting.remove(&next) {
+                delivered = delivered.max(next);
+                feed.delivered.store(delivered, Ordering::Release);
+                // No subscriber is not an error: nobody is watching.
+                let _ = feed.sender.send(Arc::new(event));
+            }
+            *hole_since = None;
+        } else {
+            hole_since.get_or_insert_with(Instant::now);
+            break;
+        }
+    }
+}
+
+/// Applies a logged change to the index. Idempotent, so this process's own changes, which
+/// it applied when it made them, pass through harmlessly.
+async fn apply(ipam: &Ipam, event: &Event) {
+    match event {
+        Event::Assigned(entry, tag) => ipam.index().observe_assigned(ClaimRecord {
+            ip: entry.ip,
+            tag: tag.clone(),
+            pool: entry.pool.clone(),
+            owner_uid: entry.owner.uid.clone(),
+            ports: Vec::new(),
+        }),
+        Event::Released(entry, _) => ipam.index().observe_released(entry.ip, &entry.owner.uid),
+        Event::PoolChanged { pool, .. } | Event::PoolDeleted { pool, .. } => {
+            match ipam.store().load_pool(pool).await {
+                Ok(Some(stored)) => ipam.index().upsert_pool(stored.spec, stored.generation),
+                Ok(None) => ipam.index().remove_pool(pool),
+                Err(e) => warn!(%pool, error = %e, "reloading a changed pool failed"),
+            }
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! `herald-ipam`: the centre of Herald. It owns pools, allocations and their history, and
+//! serves them over gRPC (`herald.ipam.v1.Ipam`) with reflection and health.
+
+mod convert;
+mod error;
+mod feed;
+mod ipam;
+mod service;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use herald_api::ipam::v1::ipam_server::IpamServer;
+use herald_ipam_store::Store;
+use tokio_util::sync::CancellationToken;
+use tonic_health::ServingStatus;
+use tracing::{info, warn};
+
+pub use error::IpamError;
+pub use ipam::{Ipam, MAX_BATCH};
+pub use service::IpamService;
+
+/// Where the service listens unless told otherwise: loopback, so a laptop run exposes
+/// nothing.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+/// Largest request accepted. A full AllocateBatch of 1,000 Services fits comfortably;
+/// anything larger is refused before it is decoded.
+pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+/// How often the store is pinged to keep the health status true.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+/// Longest wait between attempts to open the store at start.
+const MAX_CONNECT_BACKOFF: Duration = Duration::from_secs(5);
+const IPAM_SERVICE_NAME: &str = "herald.ipam.v1.Ipam";
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct Config {
+    /// Address to serve gRPC on.
+    #[arg(long, env = "HERALD_LISTEN", default_value = DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+    /// `postgres://…` for production; without it an embedded SQLite file
+    /// (`herald-ipam.db` in the working directory) is used.
+    #[arg(long, env = "HERALD_DATABASE_URL")]
+    pub database_url: Option<String>,
+}
+
+/// Serves until `shutdown` is cancelled, then lets in-flight calls finish and ends the
+/// Watch streams.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listen on {}", config.listen))?;
+    let local = listener.local_addr()?;
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    reporter
+        .set_service_status(IPAM_SERVICE_NAME, ServingStatus::NotServing)
+        .await;
+
+    let slot: Arc<OnceLock<Arc<Ipam>>> = Arc::new(OnceLock::new());
+    let service = IpamService::new(Arc::clone(&slot), shutdown.clone());
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(herald_api::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    // grpcurl builds that can be installed here only speak v1alpha.
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(herald_api::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let startup = {
+        let shutdown = shutdown.clone();
+        let reporter = reporter.clone();
+        let url = config.database_url.clone();
+        tokio::spawn(async move {
+            let Some(store) = open_store(url.as_deref(), &shutdown).await else {
+                return;
+            };
+            let ipam = match Ipam::open(store).await {
+                Ok(ipam) => ipam,
+                Err(e) => {
+                    warn!(error = %e, "loading pools and allocations failed; shutting down");
+                    shutdown.cancel();
+                    return;
+                }
+            };
+            let _ = slot.set(Arc::clone(&ipam));
+            tokio::spawn(feed::follow(Arc::clone(&ipam), shutdown.clone()));
+            keep_health(ipam, reporter, shutdown).await;
+        })
+    };
+
+    info!(listen = %local, "herald-ipam serving");
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(IpamServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown.clone().cancelled_owned(),
+        )
+        .await
+        .context("gRPC server")?;
+    shutdown.cancel();
+    let _ = startup.await;
+    info!("herald-ipam stopped");
+    Ok(())
+}
+
+/// Opens the store, retrying with backoff while the database is unreachable: a
+/// Kubernetes Deployment usually starts before its database is ready.
+async fn open_store(url: Option<&str>, shutdown: &CancellationToken) -> Option<Store> {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match Store::open(url).await {
+            Ok(store) => {
+                info!(backend = ?store.backend(), "store open and migrated");
+                return Some(store);
+            }
+            Err(e) => warn!(error = %e, retry_in = ?backoff, "cannot open the store"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return None,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(MAX_CONNECT_BACKOFF);
+    }
+}
+
+/// SERVING while the store answers, NOT_SERVING while it does not.
+async fn keep_health(
+    ipam: Arc<Ipam>,
+    reporter: tonic_health::server::HealthReporter,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let status = match ipam.store().ping().await {
+            Ok(()) => ServingStatus::Serving,
+            Err(e) => {
+                warn!(error = %e, "store unreachable");
+                ServingStatus::NotServing
+            }
+        };
+        reporter.set_service_status("", status).await;
+        reporter.set_service_status(IPAM_SERVICE_NAME, status).await;
+        tokio::select! {
+            () = shutdown.cancelled() => {
+                reporter.set_service_status("", ServingStatus::NotServing).await;
+                ipam.store().close().await;
+                return;
+            }
+            () = tokio::time::sleep(HEALTH_INTERVAL) => {}
+        }
+    }
+}
