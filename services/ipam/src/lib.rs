@@ -28,6 +28,9 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 /// Largest request accepted. A full AllocateBatch of 1,000 Services fits comfortably;
 /// anything larger is refused before it is decoded.
 pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+/// How long in-flight calls may run on after SIGTERM. Well inside Kubernetes' default
+/// 30 s termination grace, long enough for any unary call to finish.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// How often the store is pinged to keep the health status true.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
 /// Longest wait between attempts to open the store at start.
