@@ -21,6 +21,7 @@ use sqlx::{AnyConnection, AnyPool, AssertSqlSafe, Executor, Row};
 
 pub use error::{CommitError, StoreError};
 use rows::{allocation_from_rows, history_from_row};
+pub use sqlx::Error as SqlxError;
 
 /// The embedded database file used when no database URL is given.
 pub const DEFAULT_SQLITE_FILE: &str = "herald-ipam.db";
