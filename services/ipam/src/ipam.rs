@@ -5,7 +5,7 @@
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use herald_ipam_core::{Plan, PoolIndex, PoolUsage};
+use herald_ipam_core::{AllocError, Plan, PoolIndex, PoolUsage};
 use herald_ipam_store::{CommitError, PoolChange, Store, StoredPool};
 use herald_model::{Allocation, AllocationRequest, AssignedIp, FamilyPolicy, IpFamily, PoolSpec};
 use tracing::{debug, info};
@@ -64,10 +64,12 @@ impl Ipam {
         dry_run: bool,
     ) -> Result<Allocation, IpamError> {
         let mut last_race = String::new();
+        let mut pools_refreshed = false;
         for attempt in 0..MAX_ATTEMPTS {
             // A new owner costs one statement; only a known owner (or a lost race) reads
             // back what it holds.
-            let existing = if attempt > 0 || self.index().holds(&req.owner.uid) {
+            let read_store = attempt > 0 || self.index().holds(&req.owner.uid);
+            let existing = if read_store {
                 self.store.get_allocation(&req.owner.uid).await?
             } else {
                 None
@@ -76,10 +78,21 @@ impl Ipam {
                 Todo::Done(held) => return Ok(held),
                 Todo::Allocate(todo, existing) => (todo, existing),
             };
-            let plan = match (self.index().plan(&todo.request), existing) {
+            let planned = self.index().plan(&todo.request);
+            let plan = match (planned, existing) {
                 (Ok(plan), existing) => (plan, existing),
                 // A family the request only prefers is not worth failing for.
                 (Err(_), Some(held)) if todo.optional => return Ok(held),
+                // Another replica may have served this owner a moment ago: before refusing,
+                // look at what the store says it holds (the next attempt reads it).
+                (Err(_), None) if !read_store => continue,
+                // The pool may be one another replica created or changed a moment ago,
+                // before the change feed brought it here: look once before refusing.
+                (Err(e), _) if !pools_refreshed && about_pool_config(&e) => {
+                    pools_refreshed = true;
+                    self.refresh_pools().await?;
+                    continue;
+                }
                 (Err(e), _) => return Err(e.into()),
             };
             let (plan, existing) = plan;
@@ -121,6 +134,42 @@ impl Ipam {
             CommitError::OwnerExists => Ok(()),
             other => Err(other.into()),
         }
+    }
+
+    /// Brings every pool whose generation differs from the store's up to date, with its
+    /// claims. One small query when nothing changed.
+    async fn refresh_pools(&self) -> Result<(), IpamError> {
+        let stored = self.store.load_pools().await?;
+        let (changed, removed): (Vec<StoredPool>, Vec<String>) = {
+            let index = self.index();
+            let changed = stored
+                .iter()
+                .filter(|p| index.pool(p.spec.name.as_str()).map(|(_, g)| g) != Some(p.generation))
+                .cloned()
+                .collect();
+            let removed = index
+                .pools()
+                .map(|(spec, _)| spec.name.to_string())
+                .filter(|name| !stored.iter().any(|p| p.spec.name.as_str() == name))
+                .collect();
+            (changed, removed)
+        };
+        for pool in changed {
+            let claims = self
+                .store
+                .load_claims(Some(pool.spec.name.as_str()))
+                .await?;
+            let mut index = self.index();
+            index.upsert_pool(pool.spec, pool.generation);
+            for claim in claims {
+                index.observe_assigned(claim);
+            }
+        }
+        let mut index = self.index();
+        for name in removed {
+            index.remove_pool(&name);
+        }
+        Ok(())
     }
 
     /// Re-reads one pool (or, with `None`, everything) and its claims from the store.
@@ -265,6 +314,24 @@ impl Ipam {
         }
         drop(index);
         self.feed.wake();
+    }
+}
+
+/// Whether a planning error could come from an out-of-date picture of the pools.
+fn about_pool_config(err: &AllocError) -> bool {
+    match err {
+        AllocError::UnknownPool(_)
+        | AllocError::PoolDisabled(_)
+        | AllocError::PoolDoesNotServe { .. }
+        | AllocError::NoPoolMatches { .. }
+        | AllocError::NotInAnyPool { .. }
+        | AllocError::NotInRequestedPool { .. }
+        | AllocError::NotAssignable { .. } => true,
+        AllocError::DualStackUnavailable(inner) => about_pool_config(inner),
+        AllocError::Invalid(_)
+        | AllocError::Exhausted { .. }
+        | AllocError::Taken { .. }
+        | AllocError::SharingConflict { .. } => false,
     }
 }
 

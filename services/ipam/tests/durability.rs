@@ -1,0 +1,320 @@
+//! Invariant 3 under fire: several `herald-ipam` processes on one Postgres, concurrent
+//! clients, kill -9 and restarts. No address may ever be held by two owners, and no owner
+//! may ever see its address change.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use common::{Server, all_allocations, allocate, allocate_ok, create_pool, ips, pool};
+use futures::StreamExt;
+use herald_api::ipam::v1 as pb;
+use herald_api::ipam::v1::ipam_client::IpamClient;
+use herald_test_support::{TestDb, free_port};
+use tonic::Code;
+use tonic::transport::Channel;
+
+/// Checks the invariants over everything the servers hold: distinct addresses, and every
+/// owner that was told "you have X" still has X.
+async fn assert_invariants(
+    client: &mut IpamClient<Channel>,
+    promised: &BTreeMap<String, Vec<String>>,
+) {
+    let held = all_allocations(client).await;
+    let mut addresses = BTreeSet::new();
+    for allocation in &held {
+        for ip in ips(allocation) {
+            assert!(addresses.insert(ip.clone()), "{ip} is held twice");
+        }
+    }
+    let by_owner: BTreeMap<String, Vec<String>> = held
+        .iter()
+        .map(|a| (a.owner.as_ref().unwrap().uid.clone(), ips(a)))
+        .collect();
+    for (uid, ips) in promised {
+        assert_eq!(
+            by_owner.get(uid),
+            Some(ips),
+            "owner {uid} was promised {ips:?}"
+        );
+    }
+}
+
+/// `clients` concurrent workers allocate `per_client` owners each, alternating between the
+/// endpoints. Returns what each successful call promised.
+async fn allocate_concurrently(
+    endpoints: &[String],
+    clients: usize,
+    per_client: usize,
+    prefix: &str,
+) -> BTreeMap<String, Vec<String>> {
+    let mut tasks = Vec::new();
+    for worker in 0..clients {
+        let endpoints = endpoints.to_vec();
+        let prefix = prefix.to_string();
+        tasks.push(tokio::spawn(async move {
+            let mut promised = BTreeMap::new();
+            for i in 0..per_client {
+                let endpoint = &endpoints[(worker + i) % endpoints.len()];
+                let Ok(channel) = Channel::from_shared(endpoint.clone())
+                    .unwrap()
+                    .connect()
+                    .await
+                else {
+                    continue;
+                };
+                let uid = format!("{prefix}-{worker}-{i}");
+                match IpamClient::new(channel).allocate(allocate(&uid)).await {
+                    Ok(resp) => {
+                        promised.insert(uid, ips(resp.get_ref().allocation.as_ref().unwrap()));
+                    }
+                    // Exhaustion and a killed server are expected here; anything else is not.
+                    Err(status) => assert!(
+                        matches!(
+                            status.code(),
+                            Code::ResourceExhausted
+                                | Code::Unavailable
+                                | Code::Unknown
+                                | Code::Cancelled
+                        ),
+                        "{uid}: {status:?}"
+                    ),
+                }
+            }
+            promised
+        }));
+    }
+    let mut all = BTreeMap::new();
+    for task in tasks {
+        all.extend(task.await.unwrap());
+    }
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_on_one_postgres_never_hand_out_an_address_twice() {
+    let db = TestDb::postgres().await;
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Server::start(dir_a.path(), Some(&db.url)).await;
+    let b = Server::start(dir_b.path(), Some(&db.url)).await;
+    // 254 usable addresses for 320 requests: the replicas race for every address and
+    // finally for the last ones.
+    create_pool(&mut a.client().await, pool("race", &["10.30.0.0/24"])).await;
+    let promised = allocate_concurrently(&[a.endpoint(), b.endpoint()], 16, 20, "r").await;
+    assert_eq!(
+        promised.len(),
+        254,
+        "every usable address was handed out exactly once"
+    );
+    assert_invariants(&mut a.client().await, &promised).await;
+
+    // Each owner asking again, at the other replica, gets the same address.
+    let mut via_b = b.client().await;
+    for (uid, ips_before) in promised.iter().take(60) {
+        assert_eq!(
+            &ips(&allocate_ok(&mut via_b, allocate(uid)).await),
+            ips_before
+        );
+    }
+    let exhausted = via_b.allocate(allocate("one-too-many")).await.unwrap_err();
+    assert_eq!(exhausted.code(), Code::ResourceExhausted);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_under_load_moves_nothing_and_loses_nothing() {
+    let db = TestDb::postgres().await;
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let port_a = free_port();
+    let mut a = Server::start_on(dir_a.path(), Some(&db.url), port_a).await;
+    let b = Server::start(dir_b.path(), Some(&db.url)).await;
+    create_pool(&mut b.client().await, pool("big", &["10.40.0.0/20"])).await;
+
+    let endpoints = [a.endpoint(), b.endpoint()];
+    let load = tokio::spawn(async move { allocate_concurrently(&endpoints, 8, 60, "k").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a.process.kill9();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let a = Server::start_on(dir_a.path(), Some(&db.url), port_a).await;
+    let mut promised = load.await.unwrap();
+    assert!(
+        promised.len() > 100,
+        "the load ran on through the crash ({} allocations)",
+        promised.len()
+    );
+
+    // Owners whose call died with the process may hold an address or not; asking again
+    // gives them exactly one, and the others keep theirs.
+    promised.extend(allocate_concurrently(&[a.endpoint(), b.endpoint()], 8, 60, "k").await);
+    assert_invariants(&mut a.client().await, &promised).await;
+    assert_invariants(&mut b.client().await, &promised).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_on_the_embedded_store_keeps_every_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut server = Server::start_on(dir.path(), None, port).await;
+    let mut c = server.client().await;
+    create_pool(&mut c, pool("lab", &["172.16.0.0/24"])).await;
+    let mut before = BTreeMap::new();
+    for i in 0..50 {
+        let uid = format!("s{i}");
+        before.insert(uid.clone(), ips(&allocate_ok(&mut c, allocate(&uid)).await));
+    }
+    c.release(pb::ReleaseRequest {
+        owner_uid: "s7".into(),
+        reason: "deleted".into(),
+    })
+    .await
+    .unwrap();
+    before.remove("s7");
+    server.process.kill9();
+
+    let server = Server::start_on(dir.path(), None, port).await;
+    let mut c = server.client().await;
+    for (uid, ips_before) in &before {
+        assert_eq!(
+            &ips(&allocate_ok(&mut c, allocate(uid)).await),
+            ips_before,
+            "{uid} moved across a restart"
+        );
+    }
+    let history = c
+        .history(pb::HistoryRequest {
+            owner_uid: "s7".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(history.entries.len(), 2, "history survives a kill -9");
+    // The released address is the one a newcomer gets.
+    assert_eq!(
+        ips(&allocate_ok(&mut c, allocate("new")).await),
+        ["172.16.0.8"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_watch_streams_and_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), None).await;
+    let mut c = server.client().await;
+    let mut stream = c
+        .watch(pb::WatchRequest { after_revision: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let started = Instant::now();
+    let status = tokio::task::spawn_blocking(move || {
+        let status = server.process.terminate(Duration::from_secs(10));
+        (server, status)
+    });
+    let end = tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("the stream ends on shutdown");
+    assert!(
+        !matches!(end, Some(Ok(_))),
+        "no change was made, so the stream can only end: {end:?}"
+    );
+    let (_server, status) = status.await.unwrap();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "exit status {status:?}"
+    );
+    assert!(
+        started.elapsed() < herald_ipam::SHUTDOWN_GRACE,
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_serving_until_the_store_is_reachable_and_migrated() {
+    // A database that does not exist yet: the server answers, but not SERVING.
+    let db = TestDb::postgres().await;
+    let missing = format!("{}_late", db.url);
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_herald-ipam"));
+    command.current_dir(dir.path()).args([
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--database-url",
+        &missing,
+    ]);
+    let _process = herald_test_support::ChildProcess::spawn("herald-ipam", command);
+    let endpoint = format!("http://127.0.0.1:{port}");
+    assert!(
+        herald_test_support::wait_for_port(
+            format!("127.0.0.1:{port}").parse().unwrap(),
+            Duration::from_secs(20)
+        )
+        .await
+    );
+    let channel = Channel::from_shared(endpoint.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        status.status,
+        tonic_health::pb::health_check_response::ServingStatus::NotServing as i32
+    );
+    let err = IpamClient::new(channel)
+        .list_pools(pb::ListPoolsRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+
+    // Create it: the server's retry finds it, migrates and starts serving.
+    sqlx_create(&db.url, &missing).await;
+    let server = Server {
+        addr: format!("127.0.0.1:{port}").parse().unwrap(),
+        process: _process,
+        dir: dir.path().to_path_buf(),
+        database_url: Some(missing.clone()),
+    };
+    server.wait_serving(Duration::from_secs(20)).await;
+    assert!(
+        server
+            .client()
+            .await
+            .list_pools(pb::ListPoolsRequest {})
+            .await
+            .is_ok()
+    );
+    drop(server);
+    sqlx_drop(&db.url, &missing).await;
+}
+
+async fn sqlx_create(admin_like: &str, url: &str) {
+    let name = url.rsplit('/').next().unwrap();
+    let pool = sqlx::AnyPool::connect(admin_like).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&pool)
+        .await
+        .unwrap();
+}
+
+async fn sqlx_drop(admin_like: &str, url: &str) {
+    let name = url.rsplit('/').next().unwrap();
+    let pool = sqlx::AnyPool::connect(admin_like).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+    )))
+    .execute(&pool)
+    .await
+    .unwrap();
+}
