@@ -9,5 +9,11 @@ pub mod ipam {
     }
 }
 
+pub mod routing {
+    pub mod v1 {
+        tonic::include_proto!("herald.routing.v1");
+    }
+}
+
 /// The encoded `FileDescriptorSet` of every Herald proto, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("herald_descriptor");

@@ -7,6 +7,7 @@
 //! group), across replicas and crashes; the in-memory index only makes the first guess.
 
 mod error;
+mod routing;
 mod rows;
 
 use std::collections::BTreeMap;
@@ -20,6 +21,7 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyConnection, AnyPool, AssertSqlSafe, Executor, Row};
 
 pub use error::{CommitError, StoreError};
+pub use routing::Document;
 use rows::{allocation_from_rows, history_from_row};
 pub use sqlx::Error as SqlxError;
 
@@ -59,13 +61,22 @@ pub enum Event {
     Released(HistoryEntry, String),
     PoolChanged { revision: i64, pool: String },
     PoolDeleted { revision: i64, pool: String },
+    NodeChanged { revision: i64, node: String },
+    NodeDeleted { revision: i64, node: String },
+    EndpointsChanged { revision: i64, owner_uid: String },
+    PolicyChanged { revision: i64 },
 }
 
 impl Event {
     pub fn revision(&self) -> i64 {
         match self {
             Self::Assigned(e, _) | Self::Released(e, _) => e.revision,
-            Self::PoolChanged { revision, .. } | Self::PoolDeleted { revision, .. } => *revision,
+            Self::PoolChanged { revision, .. }
+            | Self::PoolDeleted { revision, .. }
+            | Self::NodeChanged { revision, .. }
+            | Self::NodeDeleted { revision, .. }
+            | Self::EndpointsChanged { revision, .. }
+            | Self::PolicyChanged { revision } => *revision,
         }
     }
 }
@@ -479,6 +490,11 @@ impl Store {
             release_owner_address(&mut tx, ip, owner_uid, reason, now).await?;
             released.push((ip, row.try_get::<String, _>("pool")?));
         }
+        // Endpoint facts only matter while the owner holds addresses.
+        sqlx::query("DELETE FROM service_endpoints WHERE owner_uid = $1")
+            .bind(owner_uid)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(released)
     }

@@ -116,6 +116,19 @@ pub(crate) fn event_from_row(row: &AnyRow) -> Result<Event, StoreError> {
         "released" => Event::Released(history_from_row(row)?, row.try_get("tag")?),
         "pool_changed" => Event::PoolChanged { revision, pool },
         "pool_deleted" => Event::PoolDeleted { revision, pool },
+        "node_changed" => Event::NodeChanged {
+            revision,
+            node: row.try_get("name")?,
+        },
+        "node_deleted" => Event::NodeDeleted {
+            revision,
+            node: row.try_get("name")?,
+        },
+        "endpoints_changed" => Event::EndpointsChanged {
+            revision,
+            owner_uid: row.try_get("owner_uid")?,
+        },
+        "policy_changed" => Event::PolicyChanged { revision },
         other => return Err(corrupt(format!("event of kind {other:?}"))),
     })
 }

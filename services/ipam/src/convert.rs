@@ -29,7 +29,7 @@ pub fn family_to_pb(family: IpFamily) -> pb::IpFamily {
     }
 }
 
-fn selector_from_pb(
+pub fn selector_from_pb(
     field: &str,
     selector: Option<pb::LabelSelector>,
 ) -> Result<LabelSelector, FieldError> {
@@ -76,7 +76,7 @@ fn selector_from_pb(
     })
 }
 
-fn selector_to_pb(selector: &LabelSelector) -> Option<pb::LabelSelector> {
+pub fn selector_to_pb(selector: &LabelSelector) -> Option<pb::LabelSelector> {
     if selector.is_empty() {
         return None;
     }

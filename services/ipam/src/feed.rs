@@ -146,5 +146,10 @@ async fn apply(ipam: &Ipam, event: &Event) {
                 Err(e) => warn!(%pool, error = %e, "reloading a changed pool failed"),
             }
         }
+        // Routing inputs: the route engine follows them through the same feed.
+        Event::NodeChanged { .. }
+        | Event::NodeDeleted { .. }
+        | Event::EndpointsChanged { .. }
+        | Event::PolicyChanged { .. } => {}
     }
 }

@@ -5,6 +5,7 @@ mod convert;
 mod error;
 mod feed;
 mod ipam;
+mod routing;
 mod service;
 
 use std::net::SocketAddr;
@@ -13,6 +14,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use herald_api::ipam::v1::ipam_server::IpamServer;
+use herald_api::routing::v1::routing_server::RoutingServer;
 use herald_ipam_store::Store;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
@@ -36,6 +38,7 @@ const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
 /// Longest wait between attempts to open the store at start.
 const MAX_CONNECT_BACKOFF: Duration = Duration::from_secs(5);
 const IPAM_SERVICE_NAME: &str = "herald.ipam.v1.Ipam";
+const ROUTING_SERVICE_NAME: &str = "herald.routing.v1.Routing";
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Config {
@@ -65,6 +68,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
     let slot: Arc<OnceLock<Arc<Ipam>>> = Arc::new(OnceLock::new());
     let service = IpamService::new(Arc::clone(&slot), shutdown.clone());
+    let routing_slot: Arc<OnceLock<routing::Ready>> = Arc::new(OnceLock::new());
+    let routing_service = routing::RoutingService::new(Arc::clone(&routing_slot), shutdown.clone());
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(herald_api::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -91,7 +96,25 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     return;
                 }
             };
+            let engine =
+                match routing::RouteEngine::load(ipam.store(), ipam.feed().delivered()).await {
+                    Ok(engine) => engine,
+                    Err(e) => {
+                        warn!(error = %e, "loading routing inputs failed; shutting down");
+                        shutdown.cancel();
+                        return;
+                    }
+                };
             let _ = slot.set(Arc::clone(&ipam));
+            let _ = routing_slot.set(routing::Ready {
+                ipam: Arc::clone(&ipam),
+                engine: Arc::clone(&engine),
+            });
+            tokio::spawn(routing::run_engine(
+                engine,
+                Arc::clone(&ipam),
+                shutdown.clone(),
+            ));
             tokio::spawn(feed::follow(Arc::clone(&ipam), shutdown.clone()));
             keep_health(ipam, reporter, shutdown).await;
         })
@@ -103,6 +126,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(IpamServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES))
+        .add_service(
+            RoutingServer::new(routing_service).max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             shutdown.clone().cancelled_owned(),
@@ -151,6 +177,9 @@ async fn keep_health(
         };
         reporter.set_service_status("", status).await;
         reporter.set_service_status(IPAM_SERVICE_NAME, status).await;
+        reporter
+            .set_service_status(ROUTING_SERVICE_NAME, status)
+            .await;
         tokio::select! {
             () = shutdown.cancelled() => {
                 reporter.set_service_status("", ServingStatus::NotServing).await;

@@ -374,8 +374,12 @@ impl IpamRpc for IpamService {
                 if page.is_empty() {
                     break;
                 }
-                for event in page.iter().filter(|e| e.revision() <= replay_to) {
-                    if tx.send(Ok(watch_response(event))).await.is_err() {
+                for response in page
+                    .iter()
+                    .filter(|e| e.revision() <= replay_to)
+                    .filter_map(watch_response)
+                {
+                    if tx.send(Ok(response)).await.is_err() {
                         return;
                     }
                 }
@@ -397,8 +401,10 @@ impl IpamRpc for IpamService {
                     Ok(event) if event.revision() <= last => {}
                     Ok(event) => {
                         last = event.revision();
-                        if tx.send(Ok(watch_response(&event))).await.is_err() {
-                            return;
+                        if let Some(response) = watch_response(&event) {
+                            if tx.send(Ok(response)).await.is_err() {
+                                return;
+                            }
                         }
                     }
                     Err(RecvError::Lagged(missed)) => {
@@ -425,7 +431,9 @@ fn error_result(err: IpamError) -> pb::AllocateResult {
     }
 }
 
-fn watch_response(event: &Event) -> pb::WatchResponse {
+/// The allocation Watch carries allocation and pool changes; routing inputs have their
+/// own stream (WatchNodeRoutes).
+fn watch_response(event: &Event) -> Option<pb::WatchResponse> {
     use pb::watch_response::Change;
     let change = match event {
         Event::Assigned(entry, _) | Event::Released(entry, _) => {
@@ -433,11 +441,15 @@ fn watch_response(event: &Event) -> pb::WatchResponse {
         }
         Event::PoolChanged { pool, .. } => Change::PoolChanged(pool.clone()),
         Event::PoolDeleted { pool, .. } => Change::PoolDeleted(pool.clone()),
+        Event::NodeChanged { .. }
+        | Event::NodeDeleted { .. }
+        | Event::EndpointsChanged { .. }
+        | Event::PolicyChanged { .. } => return None,
     };
-    pb::WatchResponse {
+    Some(pb::WatchResponse {
         revision: u64::try_from(event.revision()).unwrap_or(0),
         change: Some(change),
-    }
+    })
 }
 
 /// Runs `producer` as a task feeding a bounded channel, and returns the receiving end as a

@@ -1,0 +1,420 @@
+//! The route engine: it keeps the routing inputs (nodes, endpoint facts, the BGP policy,
+//! the allocations) in memory, follows the change feed, recomputes every node's route set
+//! with `herald-routes`, and publishes a new snapshot to a node only when that node's set
+//! changed.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use herald_ipam_store::{AllocationFilter, Document, Event, Store, StoreError};
+use herald_model::{AssignedIp, HistoryAction, Owner, PoolName, TrafficPolicy};
+use herald_routes::{BgpPolicy, Node, NodeRoutes, Plan, ServiceFacts};
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::ipam::Ipam;
+
+/// Changes arriving this close together are computed as one: a burst of 1,000 Services
+/// costs a handful of recomputations, not 1,000.
+const COALESCE: Duration = Duration::from_millis(5);
+
+/// What the watcher tells us about one Service's endpoints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoints {
+    pub traffic_policy: Option<TrafficPolicy>,
+    pub nodes: BTreeSet<String>,
+    pub traceparent: String,
+}
+
+#[derive(Debug, Clone)]
+struct Held {
+    owner: Owner,
+    ips: Vec<AssignedIp>,
+    traffic_policy: TrafficPolicy,
+    at: i64,
+}
+
+/// A speaker's report, as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpeakerReport {
+    pub applied_revision: i64,
+    pub sessions: Vec<SessionReport>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionReport {
+    pub peer: String,
+    pub state: String,
+    pub established_since: Option<i64>,
+    pub announced: BTreeSet<String>,
+    pub updates_sent: u64,
+    pub last_error: String,
+}
+
+/// One node's published route set and where its prefixes came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeSnapshot {
+    pub revision: i64,
+    pub routes: NodeRoutes,
+    /// prefix → (traceparent, changed_at) of the change that last touched it.
+    pub provenance: BTreeMap<IpNet, (String, i64)>,
+}
+
+#[derive(Default)]
+struct Inputs {
+    nodes: BTreeMap<String, Node>,
+    endpoints: BTreeMap<String, (Endpoints, i64)>,
+    policy: Option<BgpPolicy>,
+    allocations: BTreeMap<String, Held>,
+    revision: i64,
+}
+
+pub struct RouteEngine {
+    inputs: Mutex<Inputs>,
+    published: Mutex<HashMap<String, watch::Sender<Option<Arc<NodeSnapshot>>>>>,
+    last_plan: Mutex<Arc<Plan>>,
+    reports: Mutex<BTreeMap<String, (SpeakerReport, i64)>>,
+    dirty: Notify,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(doc: &Document) -> Result<T, StoreError> {
+    serde_json::from_str(&doc.spec).map_err(|e| StoreError::Corrupt(format!("{}: {e}", doc.key)))
+}
+
+impl RouteEngine {
+    /// Loads every routing input from the store.
+    pub async fn load(store: &Store, revision: i64) -> Result<Arc<Self>, StoreError> {
+        let mut inputs = Inputs {
+            revision,
+            ..Default::default()
+        };
+        for doc in store.load_nodes().await? {
+            inputs.nodes.insert(doc.key.clone(), decode(&doc)?);
+        }
+        for doc in store.load_endpoints().await? {
+            inputs
+                .endpoints
+                .insert(doc.key.clone(), (decode(&doc)?, doc.updated_at));
+        }
+        if let Some(doc) = store.load_policy().await? {
+            inputs.policy = Some(decode(&doc)?);
+        }
+        let mut token = String::new();
+        // Bounded by the number of allocations: every page advances the token.
+        loop {
+            let (page, next) = store
+                .list_allocations(
+                    &AllocationFilter::default(),
+                    herald_ipam_store::MAX_PAGE_SIZE,
+                    &token,
+                )
+                .await?;
+            for a in page {
+                inputs.allocations.insert(
+                    a.owner.uid.clone(),
+                    Held {
+                        owner: a.owner,
+                        ips: a.ips,
+                        traffic_policy: a.traffic_policy,
+                        at: a.created_at,
+                    },
+                );
+            }
+            match next {
+                Some(next) => token = next,
+                None => break,
+            }
+        }
+        let mut reports = BTreeMap::new();
+        for doc in store.load_speaker_states().await? {
+            reports.insert(doc.key.clone(), (decode(&doc)?, doc.updated_at));
+        }
+        Ok(Arc::new(Self {
+            inputs: Mutex::new(inputs),
+            published: Mutex::new(HashMap::new()),
+            last_plan: Mutex::new(Arc::new(Plan::default())),
+            reports: Mutex::new(reports),
+            dirty: Notify::new(),
+        }))
+    }
+
+    pub fn knows_node(&self, name: &str) -> bool {
+        lock(&self.inputs).nodes.contains_key(name)
+    }
+
+    pub fn policy(&self) -> Option<BgpPolicy> {
+        lock(&self.inputs).policy.clone()
+    }
+
+    pub fn last_plan(&self) -> Arc<Plan> {
+        Arc::clone(&lock(&self.last_plan))
+    }
+
+    pub fn reports(&self) -> BTreeMap<String, (SpeakerReport, i64)> {
+        lock(&self.reports).clone()
+    }
+
+    pub fn record_report(&self, node: &str, report: SpeakerReport, at: i64) {
+        lock(&self.reports).insert(node.to_string(), (report, at));
+    }
+
+    /// Which owner holds `ip`, for status output.
+    pub fn owner_of_prefix(&self, prefix: &IpNet) -> Option<Owner> {
+        let inputs = lock(&self.inputs);
+        inputs
+            .allocations
+            .values()
+            .find(|h| h.ips.iter().any(|a| IpNet::from(a.ip) == *prefix))
+            .map(|h| h.owner.clone())
+    }
+
+    /// The snapshots of `node`, starting with the current one (`None` until the first
+    /// computation that includes the node).
+    pub fn subscribe(&self, node: &str) -> watch::Receiver<Option<Arc<NodeSnapshot>>> {
+        let mut published = lock(&self.published);
+        published
+            .entry(node.to_string())
+            .or_insert_with(|| watch::channel(None).0)
+            .subscribe()
+    }
+
+    /// Asks for a recomputation soon.
+    pub fn poke(&self) {
+        self.dirty.notify_one();
+    }
+
+    /// Applies one change from the feed. Documents are re-read from the store, so applying
+    /// an event twice or late leaves the latest state.
+    async fn apply(&self, store: &Store, event: &Event) -> Result<bool, StoreError> {
+        let revision = event.revision();
+        let changed = match event {
+            Event::Assigned(entry, _) => {
+                let mut inputs = lock(&self.inputs);
+                let held = inputs
+                    .allocations
+                    .entry(entry.owner.uid.clone())
+                    .or_insert_with(|| Held {
+                        owner: entry.owner.clone(),
+                        ips: Vec::new(),
+                        traffic_policy: TrafficPolicy::Cluster,
+                        at: entry.at,
+                    });
+                if !held.ips.iter().any(|a| a.ip == entry.ip) {
+                    if let Ok(pool) = PoolName::parse("pool", &entry.pool) {
+                        held.ips.push(AssignedIp { ip: entry.ip, pool });
+                    }
+                }
+                held.at = held.at.max(entry.at);
+                true
+            }
+            Event::Released(entry, _) => {
+                debug_assert_eq!(entry.action, HistoryAction::Released);
+                let mut inputs = lock(&self.inputs);
+                if let Some(held) = inputs.allocations.get_mut(&entry.owner.uid) {
+                    held.ips.retain(|a| a.ip != entry.ip);
+                    if held.ips.is_empty() {
+                        inputs.allocations.remove(&entry.owner.uid);
+                    }
+                }
+                true
+            }
+            Event::NodeChanged { node, .. } | Event::NodeDeleted { node, .. } => {
+                let doc = store.load_node(node).await?;
+                let mut inputs = lock(&self.inputs);
+                match doc {
+                    Some(doc) => inputs.nodes.insert(node.clone(), decode(&doc)?),
+                    None => inputs.nodes.remove(node),
+                };
+                true
+            }
+            Event::EndpointsChanged { owner_uid, .. } => {
+                let doc = store.load_endpoint(owner_uid).await?;
+                let mut inputs = lock(&self.inputs);
+                match doc {
+                    Some(doc) => inputs
+                        .endpoints
+                        .insert(owner_uid.clone(), (decode(&doc)?, doc.updated_at)),
+                    None => inputs.endpoints.remove(owner_uid),
+                };
+                true
+            }
+            Event::PolicyChanged { .. } => {
+                let doc = store.load_policy().await?;
+                lock(&self.inputs).policy = doc.as_ref().map(decode).transpose()?;
+                true
+            }
+            // Pool changes matter for aggregation lengths; the pools come from the index.
+            Event::PoolChanged { .. } | Event::PoolDeleted { .. } => true,
+        };
+        let mut inputs = lock(&self.inputs);
+        inputs.revision = inputs.revision.max(revision);
+        Ok(changed)
+    }
+
+    /// Recomputes every node and publishes the ones whose set changed.
+    fn recompute(&self, ipam: &Ipam) {
+        let pools: Vec<herald_model::PoolSpec> =
+            ipam.index().pools().map(|(spec, _)| spec.clone()).collect();
+        let inputs = lock(&self.inputs);
+        let nodes: Vec<Node> = inputs.nodes.values().cloned().collect();
+        let services: Vec<ServiceFacts> = inputs
+            .allocations
+            .iter()
+            .map(|(uid, held)| {
+                let endpoints = inputs.endpoints.get(uid).map(|(e, _)| e);
+                ServiceFacts {
+                    owner: held.owner.clone(),
+                    traffic_policy: endpoints
+                        .and_then(|e| e.traffic_policy)
+                        .unwrap_or(held.traffic_policy),
+                    nodes_with_ready_endpoints: endpoints
+                        .map(|e| e.nodes.clone())
+                        .unwrap_or_default(),
+                    ips: held.ips.clone(),
+                }
+            })
+            .collect();
+        let plan = match &inputs.policy {
+            Some(policy) => herald_routes::plan(&nodes, &services, policy, &pools),
+            // No policy yet: every node is known and has nothing to do.
+            None => Plan {
+                nodes: nodes
+                    .iter()
+                    .map(|n| (n.name.clone(), NodeRoutes::default()))
+                    .collect(),
+                ..Plan::default()
+            },
+        };
+        // Provenance: a host route comes from its owner's latest allocation or endpoints
+        // change; an aggregate from the latest of anything it covers.
+        let mut by_ip: BTreeMap<IpNet, (String, i64)> = BTreeMap::new();
+        let mut latest = (String::new(), 0i64);
+        for (uid, held) in &inputs.allocations {
+            let (trace, at) = match inputs.endpoints.get(uid) {
+                Some((e, at)) if *at >= held.at => (e.traceparent.clone(), *at),
+                _ => (String::new(), held.at),
+            };
+            if at > latest.1 {
+                latest = (trace.clone(), at);
+            }
+            for a in &held.ips {
+                by_ip.insert(IpNet::from(a.ip), (trace.clone(), at));
+            }
+        }
+        let revision = inputs.revision;
+        drop(inputs);
+
+        let mut published = lock(&self.published);
+        for (name, routes) in &plan.nodes {
+            let sender = published
+                .entry(name.clone())
+                .or_insert_with(|| watch::channel(None).0);
+            publish(sender, name, revision, routes.clone(), &by_ip, &latest);
+        }
+        // Nodes that are gone get an empty set: everything they announced is withdrawn.
+        for (name, sender) in published.iter() {
+            if !plan.nodes.contains_key(name) {
+                publish(
+                    sender,
+                    name,
+                    revision,
+                    NodeRoutes::default(),
+                    &by_ip,
+                    &latest,
+                );
+            }
+        }
+        drop(published);
+        *lock(&self.last_plan) = Arc::new(plan);
+    }
+}
+
+fn publish(
+    sender: &watch::Sender<Option<Arc<NodeSnapshot>>>,
+    node: &str,
+    revision: i64,
+    routes: NodeRoutes,
+    by_ip: &BTreeMap<IpNet, (String, i64)>,
+    latest: &(String, i64),
+) {
+    let unchanged = sender.borrow().as_ref().is_some_and(|s| s.routes == routes);
+    if unchanged {
+        return;
+    }
+    let provenance = routes
+        .prefixes()
+        .into_iter()
+        .map(|p| (p, by_ip.get(&p).cloned().unwrap_or_else(|| latest.clone())))
+        .collect();
+    debug!(
+        node,
+        revision,
+        prefixes = routes.prefixes().len(),
+        "new route set"
+    );
+    sender.send_replace(Some(Arc::new(NodeSnapshot {
+        revision,
+        routes,
+        provenance,
+    })));
+}
+
+/// Follows the feed until `shutdown`, recomputing after each burst of changes.
+pub async fn run(engine: Arc<RouteEngine>, ipam: Arc<Ipam>, shutdown: CancellationToken) {
+    let mut events = ipam.feed().subscribe();
+    engine.recompute(&ipam);
+    loop {
+        let first = tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = engine.dirty.notified() => None,
+            event = events.recv() => Some(event),
+        };
+        let mut pending = first.into_iter().collect::<Vec<_>>();
+        // Take whatever else arrives within the coalescing window, bounded in count.
+        let deadline = tokio::time::Instant::now() + COALESCE;
+        while pending.len() < 10_000 {
+            match tokio::time::timeout_at(deadline, events.recv()).await {
+                Ok(event) => pending.push(event),
+                Err(_) => break,
+            }
+        }
+        for event in pending {
+            match event {
+                Ok(event) => {
+                    if let Err(e) = engine.apply(ipam.store(), &event).await {
+                        warn!(error = %e, "applying a routing change failed; reloading");
+                        reload(&engine, &ipam).await;
+                    }
+                }
+                Err(RecvError::Lagged(missed)) => {
+                    warn!(
+                        missed,
+                        "route engine fell behind the change feed; reloading"
+                    );
+                    reload(&engine, &ipam).await;
+                }
+                Err(RecvError::Closed) => return,
+            }
+        }
+        engine.recompute(&ipam);
+    }
+}
+
+async fn reload(engine: &RouteEngine, ipam: &Ipam) {
+    match RouteEngine::load(ipam.store(), ipam.feed().delivered()).await {
+        Ok(fresh) => {
+            let fresh_inputs = std::mem::take(&mut *lock(&fresh.inputs));
+            *lock(&engine.inputs) = fresh_inputs;
+        }
+        Err(e) => warn!(error = %e, "reloading routing inputs failed"),
+    }
+}

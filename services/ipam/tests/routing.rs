@@ -1,0 +1,347 @@
+//! The routing API of the real `herald-ipam` binary: nodes, endpoint facts and the BGP
+//! policy in, per-node route snapshots out.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::{Server, allocate, allocate_ok, create_pool, pool};
+use futures::StreamExt;
+use herald_api::ipam::v1 as ipam_pb;
+use herald_api::routing::v1 as pb;
+use herald_api::routing::v1::routing_client::RoutingClient;
+use herald_test_support::TestDb;
+use tonic::Code;
+use tonic::Streaming;
+use tonic::transport::Channel;
+
+fn node(name: &str, address: &str, labels: &[(&str, &str)]) -> pb::Node {
+    pb::Node {
+        name: name.into(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        addresses: vec![address.into()],
+        ready: true,
+    }
+}
+
+fn selector(key: &str, value: &str) -> Option<ipam_pb::LabelSelector> {
+    Some(ipam_pb::LabelSelector {
+        match_labels: [(key.to_string(), value.to_string())].into(),
+        match_expressions: vec![],
+    })
+}
+
+fn tor_policy() -> pb::BgpPolicy {
+    pb::BgpPolicy {
+        local_asn: 65010,
+        peers: vec![pb::Peer {
+            name: "tor".into(),
+            address: "127.0.0.1".into(),
+            asn: 65001,
+            port: 1790,
+            node_selector: selector("bgp-peer", "true"),
+            ..Default::default()
+        }],
+        advertisements: vec![pb::Advertisement {
+            communities: vec!["65010:100".into()],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// The next snapshot on `stream`, within 5 s.
+async fn next(stream: &mut Streaming<pb::NodeRoutes>) -> pb::NodeRoutes {
+    tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .expect("a snapshot within 5 s")
+        .unwrap()
+        .unwrap()
+}
+
+/// Prefix → next hop, over every peer of the snapshot.
+fn routes(snapshot: &pb::NodeRoutes) -> BTreeMap<String, String> {
+    snapshot
+        .peers
+        .iter()
+        .flat_map(|p| {
+            p.routes
+                .iter()
+                .map(|r| (r.prefix.clone(), r.next_hop.clone()))
+        })
+        .collect()
+}
+
+/// Skips snapshots until `predicate` holds (bounded in count and time).
+async fn until(
+    stream: &mut Streaming<pb::NodeRoutes>,
+    predicate: impl Fn(&pb::NodeRoutes) -> bool,
+) -> pb::NodeRoutes {
+    for _ in 0..20 {
+        let snapshot = next(stream).await;
+        if predicate(&snapshot) {
+            return snapshot;
+        }
+    }
+    panic!("no matching snapshot in 20");
+}
+
+async fn watch(client: &mut RoutingClient<Channel>, name: &str) -> Streaming<pb::NodeRoutes> {
+    client
+        .watch_node_routes(pb::WatchNodeRoutesRequest { node: name.into() })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_node_snapshots_follow_labels_endpoints_and_readiness() {
+    let db = TestDb::postgres().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), Some(&db.url)).await;
+    let mut ipam = server.client().await;
+    let mut routing = RoutingClient::new(server.channel().await.unwrap());
+    create_pool(&mut ipam, pool("lab", &["172.16.0.240/28"])).await;
+    routing.set_bgp_policy(tor_policy()).await.unwrap();
+    // The selective-peering lab: 2 of 4 nodes carry bgp-peer=true.
+    for (i, labelled) in [true, true, false, false].into_iter().enumerate() {
+        let labels: &[(&str, &str)] = if labelled {
+            &[("bgp-peer", "true")]
+        } else {
+            &[]
+        };
+        routing
+            .upsert_node(node(
+                &format!("n{i}"),
+                &format!("127.0.0.{}", 10 + i),
+                labels,
+            ))
+            .await
+            .unwrap();
+    }
+    let mut n0 = watch(&mut routing, "n0").await;
+    let mut n2 = watch(&mut routing, "n2").await;
+    let first = next(&mut n0).await;
+    assert_eq!(first.peers.len(), 1);
+    assert_eq!(first.peers[0].peer.as_ref().unwrap().address, "127.0.0.1");
+    assert_eq!(first.peers[0].source_address, "127.0.0.10");
+    assert_eq!(first.router_id, "127.0.0.10");
+    assert!(routes(&first).is_empty());
+    assert!(
+        next(&mut n2).await.peers.is_empty(),
+        "an unlabelled node peers with nobody"
+    );
+
+    // A Cluster Service: every peering node announces it with its own next hop (ECMP).
+    allocate_ok(&mut ipam, allocate("lb")).await;
+    let with_route = until(&mut n0, |s| !routes(s).is_empty()).await;
+    assert_eq!(
+        routes(&with_route),
+        BTreeMap::from([("172.16.0.241/32".to_string(), "127.0.0.10".to_string())])
+    );
+    assert_eq!(
+        with_route.peers[0].routes[0].communities,
+        [65010 << 16 | 100]
+    );
+    assert!(with_route.peers[0].routes[0].changed_at.is_some());
+    assert!(with_route.revision > first.revision);
+    let mut n1 = watch(&mut routing, "n1").await;
+    assert_eq!(
+        routes(&next(&mut n1).await),
+        BTreeMap::from([("172.16.0.241/32".to_string(), "127.0.0.11".to_string())])
+    );
+    // Nothing changed for n2: it gets nothing.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), n2.next())
+            .await
+            .is_err(),
+        "n2 must not get a snapshot"
+    );
+
+    // Local with endpoints only on n1: n0 withdraws, n1 keeps it; then they swap.
+    let local = |nodes: &[&str]| pb::ServiceEndpoints {
+        owner_uid: "lb".into(),
+        traffic_policy: ipam_pb::TrafficPolicy::Local as i32,
+        endpoint_nodes: nodes.iter().map(|s| s.to_string()).collect(),
+        traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+    };
+    routing.set_service_endpoints(local(&["n1"])).await.unwrap();
+    until(&mut n0, |s| routes(s).is_empty()).await;
+    routing.set_service_endpoints(local(&["n0"])).await.unwrap();
+    let back = until(&mut n0, |s| !routes(s).is_empty()).await;
+    assert_eq!(
+        back.peers[0].routes[0].traceparent,
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    );
+    until(&mut n1, |s| routes(s).is_empty()).await;
+
+    // Relabelling n2 gives it the session; n0 going NotReady withdraws its path.
+    routing
+        .upsert_node(node("n2", "127.0.0.12", &[("bgp-peer", "true")]))
+        .await
+        .unwrap();
+    assert_eq!(next(&mut n2).await.peers.len(), 1);
+    routing
+        .upsert_node(pb::Node {
+            ready: false,
+            ..node("n0", "127.0.0.10", &[("bgp-peer", "true")])
+        })
+        .await
+        .unwrap();
+    let not_ready = until(&mut n0, |s| routes(s).is_empty()).await;
+    assert_eq!(
+        not_ready.peers.len(),
+        1,
+        "a NotReady node keeps its session and announces nothing"
+    );
+
+    // Release: the route is gone everywhere.
+    routing
+        .upsert_node(node("n0", "127.0.0.10", &[("bgp-peer", "true")]))
+        .await
+        .unwrap();
+    until(&mut n0, |s| !routes(s).is_empty()).await;
+    ipam.release(ipam_pb::ReleaseRequest {
+        owner_uid: "lb".into(),
+        reason: "deleted".into(),
+    })
+    .await
+    .unwrap();
+    until(&mut n0, |s| routes(s).is_empty()).await;
+
+    // Desired against actual: n0 reports an announcement nobody wants any more.
+    routing
+        .report_speaker_state(pb::SpeakerState {
+            node: "n0".into(),
+            applied_revision: 1,
+            sessions: vec![pb::SessionState {
+                peer: "tor".into(),
+                state: "Established".into(),
+                announced_prefixes: vec!["172.16.0.241/32".into()],
+                ..Default::default()
+            }],
+        })
+        .await
+        .unwrap();
+    let status = routing
+        .get_advertisement_status(pb::GetAdvertisementStatusRequest {
+            node: "n0".into(),
+            owner_uid: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.entries.len(), 1);
+    assert_eq!(
+        status.entries[0].difference,
+        "announced but no longer desired"
+    );
+}
+
+fn expect<T: std::fmt::Debug>(
+    r: Result<tonic::Response<T>, tonic::Status>,
+    code: Code,
+    needle: &str,
+) {
+    let status = r.expect_err("must be refused");
+    assert_eq!(status.code(), code, "{}", status.message());
+    assert!(
+        status.message().contains(needle),
+        "{:?} lacks {needle:?}",
+        status.message()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_routing_input_is_refused_precisely() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), None).await;
+    let mut routing = RoutingClient::new(server.channel().await.unwrap());
+    let status = routing
+        .watch_node_routes(pb::WatchNodeRoutesRequest {
+            node: "ghost".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    assert!(status.message().contains("\"ghost\" is not registered"));
+    expect(
+        routing
+            .upsert_node(node("Bad_Name", "127.0.0.10", &[]))
+            .await,
+        Code::InvalidArgument,
+        "node.name",
+    );
+    expect(
+        routing.upsert_node(node("n1", "not-an-ip", &[])).await,
+        Code::InvalidArgument,
+        "node.addresses[0]",
+    );
+    let mut bad = tor_policy();
+    bad.peers[0].address = "300.0.0.1".into();
+    expect(
+        routing.set_bgp_policy(bad).await,
+        Code::InvalidArgument,
+        "peers[0].address",
+    );
+    let mut bad = tor_policy();
+    bad.peers[0].hold_time_seconds = 2;
+    expect(
+        routing.set_bgp_policy(bad).await,
+        Code::InvalidArgument,
+        "peers[0].hold_time",
+    );
+    let mut bad = tor_policy();
+    bad.advertisements[0].communities = vec!["65010:999999".into()];
+    expect(
+        routing.set_bgp_policy(bad).await,
+        Code::InvalidArgument,
+        "advertisements[0].communities",
+    );
+    let mut bad = tor_policy();
+    bad.advertisements[0].pool = "no-such-pool".into();
+    expect(
+        routing.set_bgp_policy(bad).await,
+        Code::InvalidArgument,
+        "advertisements[0].pool",
+    );
+    let mut bad = tor_policy();
+    bad.local_asn = 0;
+    expect(
+        routing.set_bgp_policy(bad).await,
+        Code::InvalidArgument,
+        "local_asn",
+    );
+    expect(
+        routing
+            .set_service_endpoints(pb::ServiceEndpoints {
+                owner_uid: "x".into(),
+                endpoint_nodes: vec!["BAD!".into()],
+                ..Default::default()
+            })
+            .await,
+        Code::InvalidArgument,
+        "endpoint_nodes[0]",
+    );
+    // Nothing above was stored.
+    expect(
+        routing.get_bgp_policy(pb::GetBgpPolicyRequest {}).await,
+        Code::NotFound,
+        "no BGP policy",
+    );
+    assert!(
+        routing
+            .list_nodes(pb::ListNodesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .nodes
+            .is_empty()
+    );
+}
