@@ -21,12 +21,12 @@ impl FreeSet {
         let mut first = first;
         let mut last = last;
         // Merge with an interval that starts at or before `first` and reaches it.
-        if let Some((&s, &e)) = self.intervals.range(..=first).next_back() {
-            if e.saturating_add(1) >= first {
-                first = s;
-                last = last.max(e);
-                self.intervals.remove(&s);
-            }
+        if let Some((&s, &e)) = self.intervals.range(..=first).next_back()
+            && e.saturating_add(1) >= first
+        {
+            first = s;
+            last = last.max(e);
+            self.intervals.remove(&s);
         }
         // Absorb intervals that start inside or right after the new one.
         while let Some((&s, &e)) = self.intervals.range(first..).next() {

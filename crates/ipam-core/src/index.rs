@@ -304,12 +304,12 @@ impl PoolIndex {
             return;
         };
         let family = IpFamily::of(ip);
-        if let Some(key) = shared_key(&claim.tag) {
-            if let Some(ips) = self.shared.get_mut(key) {
-                ips.remove(&ip);
-                if ips.is_empty() {
-                    self.shared.remove(key);
-                }
+        if let Some(key) = shared_key(&claim.tag)
+            && let Some(ips) = self.shared.get_mut(key)
+        {
+            ips.remove(&ip);
+            if ips.is_empty() {
+                self.shared.remove(key);
             }
         }
         if let Some(state) = self.pools.get_mut(&claim.pool) {
@@ -473,14 +473,14 @@ impl PoolIndex {
             .find(|p| p.spec.contains(ip))
             .ok_or(AllocError::NotInAnyPool { ip })?;
         let pool = state.spec.name.to_string();
-        if let Some(requested) = &req.requested_pool {
-            if requested.as_str() != pool {
-                return Err(AllocError::NotInRequestedPool {
-                    ip,
-                    pool,
-                    requested: requested.to_string(),
-                });
-            }
+        if let Some(requested) = &req.requested_pool
+            && requested.as_str() != pool
+        {
+            return Err(AllocError::NotInRequestedPool {
+                ip,
+                pool,
+                requested: requested.to_string(),
+            });
         }
         self.check_pool_serves(req, &state.spec)?;
         if let Some(why) = unassignable_reason(&state.spec, ip) {

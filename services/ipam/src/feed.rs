@@ -91,9 +91,11 @@ pub async fn follow(ipam: Arc<Ipam>, shutdown: CancellationToken) {
             let full = events.len() == READ_BATCH as usize;
             for event in events {
                 after = after.max(event.revision());
-                if !waiting.contains_key(&event.revision()) {
+                if let std::collections::btree_map::Entry::Vacant(slot) =
+                    waiting.entry(event.revision())
+                {
                     apply(&ipam, &event).await;
-                    waiting.insert(event.revision(), event);
+                    slot.insert(event);
                 }
             }
             deliver(feed, &mut waiting, &mut hole_since);

@@ -356,7 +356,7 @@ struct Outstanding {
 enum Todo {
     /// The owner holds everything the request asks for.
     Done(Allocation),
-    Allocate(Outstanding, Option<Allocation>),
+    Allocate(Box<Outstanding>, Option<Allocation>),
 }
 
 /// Compares a request with what its owner holds. An owner's addresses never move, so a
@@ -364,10 +364,10 @@ enum Todo {
 fn outstanding(req: &AllocationRequest, existing: Option<Allocation>) -> Result<Todo, IpamError> {
     let Some(existing) = existing else {
         return Ok(Todo::Allocate(
-            Outstanding {
+            Box::new(Outstanding {
                 request: req.clone(),
                 optional: false,
-            },
+            }),
             None,
         ));
     };
@@ -422,7 +422,7 @@ fn outstanding(req: &AllocationRequest, existing: Option<Allocation>) -> Result<
         FamilyPolicy::SingleStack
     };
     Ok(Todo::Allocate(
-        Outstanding { request, optional },
+        Box::new(Outstanding { request, optional }),
         Some(existing),
     ))
 }

@@ -401,10 +401,10 @@ impl IpamRpc for IpamService {
                     Ok(event) if event.revision() <= last => {}
                     Ok(event) => {
                         last = event.revision();
-                        if let Some(response) = watch_response(&event) {
-                            if tx.send(Ok(response)).await.is_err() {
-                                return;
-                            }
+                        if let Some(response) = watch_response(&event)
+                            && tx.send(Ok(response)).await.is_err()
+                        {
+                            return;
                         }
                     }
                     Err(RecvError::Lagged(missed)) => {

@@ -208,10 +208,10 @@ impl RouteEngine {
                         traffic_policy: TrafficPolicy::Cluster,
                         at: entry.at,
                     });
-                if !held.ips.iter().any(|a| a.ip == entry.ip) {
-                    if let Ok(pool) = PoolName::parse("pool", &entry.pool) {
-                        held.ips.push(AssignedIp { ip: entry.ip, pool });
-                    }
+                if !held.ips.iter().any(|a| a.ip == entry.ip)
+                    && let Ok(pool) = PoolName::parse("pool", &entry.pool)
+                {
+                    held.ips.push(AssignedIp { ip: entry.ip, pool });
                 }
                 held.at = held.at.max(entry.at);
                 true
