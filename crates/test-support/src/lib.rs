@@ -6,4 +6,4 @@ pub mod db;
 pub mod process;
 
 pub use db::{TestDb, admin_url};
-pub use process::{ChildProcess, free_port, wait_for_port};
+pub use process::{ChildProcess, free_port, wait_for_port, workspace_binary};

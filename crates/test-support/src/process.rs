@@ -94,3 +94,27 @@ impl Drop for ChildProcess {
 fn signal(pid: i32, sig: Signal) {
     let _ = nix::sys::signal::kill(Pid::from_raw(pid), sig);
 }
+
+/// The path of a workspace binary (e.g. `herald-ipam`) for tests of *other* packages,
+/// which Cargo gives no `CARGO_BIN_EXE_` for. It lives beside the test executable's
+/// `deps/` folder; when it is not there yet (a `-p`-scoped test run), it is built first.
+pub fn workspace_binary(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("the test executable's path");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let profile_dir = exe.parent().and_then(std::path::Path::parent).expect("a target/<profile>/deps layout");
+    let path = profile_dir.join(name);
+    if !path.exists() {
+        let release = profile_dir.file_name().is_some_and(|p| p == "release");
+        let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cargo.args(["build", "--bin", name]);
+        if release {
+            cargo.arg("--release");
+        }
+        if let Some(target_dir) = profile_dir.parent() {
+            cargo.arg("--target-dir").arg(target_dir);
+        }
+        let status = cargo.status().unwrap_or_else(|e| panic!("run cargo build --bin {name}: {e}"));
+        assert!(status.success(), "cargo build --bin {name} failed");
+    }
+    path
+}
