@@ -1,0 +1,144 @@
+//! A minimal client for GoBGP 3.10's gRPC API: only `AddPathStream`, the call GoBGP's own
+//! bulk paths use, with many paths per request so GoBGP can pack them into few UPDATEs.
+//!
+//! The messages below are written for this crate. Their field numbers are GoBGP's wire
+//! contract (package `apipb`), read from the descriptor embedded in Debian's `gobgp`
+//! 3.10 binary; only the fields we send are declared.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use anyhow::{Context, Result};
+use ipnet::IpNet;
+use prost::Message;
+use prost_types::Any;
+use tonic::codegen::http::uri::PathAndQuery;
+use tonic::transport::{Channel, Endpoint};
+use tonic_prost::ProstCodec;
+
+/// `apipb.AddPathStreamRequest`.
+#[derive(Clone, PartialEq, Message)]
+pub(crate) struct AddPathStreamRequest {
+    /// `apipb.TableType`; 0 is `GLOBAL`.
+    #[prost(int32, tag = "1")]
+    pub table_type: i32,
+    #[prost(message, repeated, tag = "3")]
+    pub paths: Vec<Path>,
+}
+
+/// `apipb.Path`, the fields a locally originated path needs.
+#[derive(Clone, PartialEq, Message)]
+pub(crate) struct Path {
+    #[prost(message, optional, tag = "1")]
+    pub nlri: Option<Any>,
+    #[prost(message, repeated, tag = "2")]
+    pub pattrs: Vec<Any>,
+    #[prost(bool, tag = "5")]
+    pub is_withdraw: bool,
+    #[prost(message, optional, tag = "9")]
+    pub family: Option<Family>,
+}
+
+/// `apipb.Family`: AFI 1 / 2 (IPv4 / IPv6), SAFI 1 (unicast).
+#[derive(Clone, PartialEq, Message)]
+pub(crate) struct Family {
+    #[prost(int32, tag = "1")]
+    pub afi: i32,
+    #[prost(int32, tag = "2")]
+    pub safi: i32,
+}
+
+/// `apipb.IPAddressPrefix`.
+#[derive(Clone, PartialEq, Message)]
+struct IpAddressPrefix {
+    #[prost(uint32, tag = "1")]
+    prefix_len: u32,
+    #[prost(string, tag = "2")]
+    prefix: String,
+}
+
+/// `apipb.OriginAttribute`; 0 is IGP.
+#[derive(Clone, PartialEq, Message)]
+struct OriginAttribute {
+    #[prost(uint32, tag = "1")]
+    origin: u32,
+}
+
+/// `apipb.NextHopAttribute`.
+#[derive(Clone, PartialEq, Message)]
+struct NextHopAttribute {
+    #[prost(string, tag = "1")]
+    next_hop: String,
+}
+
+fn any(name: &str, message: &impl Message) -> Any {
+    Any {
+        type_url: format!("type.googleapis.com/apipb.{name}"),
+        value: message.encode_to_vec(),
+    }
+}
+
+/// One IPv4 unicast path: origin IGP, the next hop, and (for a withdraw) the flag.
+pub(crate) fn ipv4_path(prefix: ipnet::Ipv4Net, next_hop: Ipv4Addr, withdraw: bool) -> Path {
+    let net = IpNet::V4(prefix);
+    Path {
+        nlri: Some(any(
+            "IPAddressPrefix",
+            &IpAddressPrefix {
+                prefix_len: u32::from(net.prefix_len()),
+                prefix: net.network().to_string(),
+            },
+        )),
+        pattrs: vec![
+            any("OriginAttribute", &OriginAttribute { origin: 0 }),
+            any(
+                "NextHopAttribute",
+                &NextHopAttribute {
+                    next_hop: IpAddr::V4(next_hop).to_string(),
+                },
+            ),
+        ],
+        is_withdraw: withdraw,
+        family: Some(Family { afi: 1, safi: 1 }),
+    }
+}
+
+/// A connection to one gobgpd's API.
+#[derive(Debug, Clone)]
+pub(crate) struct Api {
+    channel: Channel,
+}
+
+impl Api {
+    pub(crate) async fn connect(port: u16) -> Result<Api> {
+        let channel = Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?
+            .connect()
+            .await
+            .with_context(|| format!("connecting to GoBGP's API on 127.0.0.1:{port}"))?;
+        Ok(Api { channel })
+    }
+
+    /// Sends `paths` in requests of `batch` paths over one `AddPathStream` call and returns
+    /// when GoBGP has processed all of them (it answers after its last request).
+    pub(crate) async fn add_path_stream(&self, paths: Vec<Path>, batch: usize) -> Result<()> {
+        let mut requests = Vec::with_capacity(paths.len().div_ceil(batch.max(1)));
+        let mut paths = paths.into_iter().peekable();
+        while paths.peek().is_some() {
+            requests.push(AddPathStreamRequest {
+                table_type: 0,
+                paths: paths.by_ref().take(batch.max(1)).collect(),
+            });
+        }
+        let mut grpc =
+            tonic::client::Grpc::new(self.channel.clone()).max_encoding_message_size(usize::MAX);
+        grpc.ready().await.context("GoBGP's API is not ready")?;
+        let codec: ProstCodec<AddPathStreamRequest, ()> = ProstCodec::default();
+        grpc.client_streaming(
+            tonic::Request::new(futures::stream::iter(requests)),
+            PathAndQuery::from_static("/apipb.GobgpApi/AddPathStream"),
+            codec,
+        )
+        .await
+        .context("GoBGP AddPathStream")?;
+        Ok(())
+    }
+}

@@ -1,0 +1,186 @@
+//! The speaker's side of the gRPC link to IPAM: the node's snapshot stream turned into a
+//! `watch` channel (with reconnects, so nothing downstream sees gRPC), and the reporter.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use herald_api::routing::v1 as pb;
+use herald_api::routing::v1::routing_client::RoutingClient;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+use tonic::transport::Endpoint;
+use tracing::{debug, info, warn};
+
+use crate::backoff::Backoff;
+
+/// Bound on opening the TCP + HTTP/2 connection to IPAM.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// HTTP/2 pings on the idle stream: a vanished IPAM (host gone, no RST) is noticed within
+/// interval + timeout instead of the TCP timeout of minutes.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest snapshot accepted: ~100k routes with attributes, with room to spare.
+pub const MAX_SNAPSHOT_BYTES: usize = 64 * 1024 * 1024;
+/// Bound on one report call.
+pub const REPORT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The gRPC endpoint for `url` with the speaker's timeouts.
+pub fn endpoint(url: &str) -> Result<Endpoint, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(url.to_string())?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
+        .tcp_nodelay(true))
+}
+
+/// Displays an error with its sources (tonic's transport errors say little on their own).
+struct ErrorChain<'a>(&'a dyn std::error::Error);
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(e) = source {
+            write!(f, ": {e}")?;
+            source = e.source();
+        }
+        Ok(())
+    }
+}
+
+/// How one subscription ended.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    #[error("cannot connect to IPAM")]
+    Connect(#[from] tonic::transport::Error),
+    // Not a `source`: the code and message say it all.
+    #[error("IPAM answered {}: {}", .0.code(), .0.message())]
+    Status(tonic::Status),
+    #[error("IPAM ended the stream")]
+    Ended,
+}
+
+impl From<tonic::Status> for WatchError {
+    fn from(status: tonic::Status) -> Self {
+        WatchError::Status(status)
+    }
+}
+
+/// Subscribes to `node`'s snapshots until `shutdown`, publishing each into `snapshots`.
+/// On any failure it waits (exponential backoff with jitter) and subscribes again; it
+/// never clears `snapshots`, so the speaker keeps its last state while IPAM is away.
+pub async fn watch_node_routes(
+    endpoint: Endpoint,
+    node: String,
+    snapshots: watch::Sender<Option<Arc<pb::NodeRoutes>>>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Backoff::default();
+    loop {
+        let result = tokio::select! {
+            () = shutdown.cancelled() => return,
+            r = subscribe(&endpoint, &node, &snapshots, &mut backoff) => r,
+        };
+        let delay = backoff.next_delay();
+        match &result {
+            WatchError::Status(status) if status.code() == Code::NotFound => warn!(
+                node = %node,
+                status = %status.message(),
+                retry_in = ?delay,
+                "IPAM does not know this node (not registered yet?); subscribing again"
+            ),
+            e => warn!(
+                node = %node,
+                error = %ErrorChain(e),
+                retry_in = ?delay,
+                "IPAM stream lost; keeping every session and route as last applied (fail-static)"
+            ),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+async fn subscribe(
+    endpoint: &Endpoint,
+    node: &str,
+    snapshots: &watch::Sender<Option<Arc<pb::NodeRoutes>>>,
+    backoff: &mut Backoff,
+) -> WatchError {
+    let result: Result<(), WatchError> = async {
+        let channel = endpoint.connect().await?;
+        let mut client = RoutingClient::new(channel).max_decoding_message_size(MAX_SNAPSHOT_BYTES);
+        let mut stream = client
+            .watch_node_routes(pb::WatchNodeRoutesRequest {
+                node: node.to_string(),
+            })
+            .await?
+            .into_inner();
+        let mut first = true;
+        while let Some(snapshot) = stream.message().await? {
+            // A snapshot arrived, so the link works: the next failure starts the backoff
+            // from the beginning.
+            backoff.reset();
+            if first {
+                first = false;
+                info!(%node, revision = snapshot.revision, "subscribed to IPAM: first snapshot");
+            } else {
+                debug!(%node, revision = snapshot.revision, "snapshot received");
+            }
+            snapshots.send_replace(Some(Arc::new(snapshot)));
+        }
+        Ok(())
+    }
+    .await;
+    match result {
+        Ok(()) => WatchError::Ended,
+        Err(e) => e,
+    }
+}
+
+/// Sends the latest state to IPAM whenever it changes and every `interval`. A failed
+/// report is logged and the next change or tick tries again; it never stops the speaker.
+pub async fn report_state(
+    endpoint: Endpoint,
+    mut states: watch::Receiver<Option<pb::SpeakerState>>,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut client = RoutingClient::new(endpoint.connect_lazy());
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            changed = states.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            _ = tick.tick() => {}
+        }
+        let Some(state) = states.borrow_and_update().clone() else {
+            continue;
+        };
+        let revision = state.applied_revision;
+        let sessions = state.sessions.len();
+        match tokio::time::timeout(REPORT_TIMEOUT, client.report_speaker_state(state)).await {
+            Ok(Ok(_)) => debug!(revision, sessions, "state reported"),
+            Ok(Err(status)) => warn!(
+                code = %status.code(),
+                error = %status.message(),
+                "reporting state to IPAM failed; retrying on the next change or tick"
+            ),
+            Err(_) => warn!(
+                timeout = ?REPORT_TIMEOUT,
+                "reporting state to IPAM timed out; retrying on the next change or tick"
+            ),
+        }
+        // The next periodic report is a full interval after this one.
+        tick.reset();
+    }
+}
