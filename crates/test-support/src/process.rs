@@ -101,7 +101,10 @@ fn signal(pid: i32, sig: Signal) {
 pub fn workspace_binary(name: &str) -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("the test executable's path");
     // target/<profile>/deps/<test> → target/<profile>/<name>
-    let profile_dir = exe.parent().and_then(std::path::Path::parent).expect("a target/<profile>/deps layout");
+    let profile_dir = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("a target/<profile>/deps layout");
     let path = profile_dir.join(name);
     if !path.exists() {
         let release = profile_dir.file_name().is_some_and(|p| p == "release");
@@ -113,7 +116,9 @@ pub fn workspace_binary(name: &str) -> std::path::PathBuf {
         if let Some(target_dir) = profile_dir.parent() {
             cargo.arg("--target-dir").arg(target_dir);
         }
-        let status = cargo.status().unwrap_or_else(|e| panic!("run cargo build --bin {name}: {e}"));
+        let status = cargo
+            .status()
+            .unwrap_or_else(|e| panic!("run cargo build --bin {name}: {e}"));
         assert!(status.success(), "cargo build --bin {name} failed");
     }
     path
