@@ -36,6 +36,7 @@ on_both_backends!(
     a_plan_made_against_an_old_pool_spec_is_refused,
     listing_pages_and_filters,
     state_survives_reopening,
+    batches_are_written_together_and_fall_back_one_by_one,
 );
 
 fn spec(name: &str, addresses: &[&str]) -> PoolSpec {
@@ -505,4 +506,50 @@ async fn state_survives_reopening(db: &TestDb) {
         ip("172.16.0.242"),
         "the reopened store remembers .241"
     );
+}
+
+async fn batches_are_written_together_and_fall_back_one_by_one(db: &TestDb) {
+    let store = Store::open(Some(&db.url)).await.unwrap();
+    store
+        .create_pool(&spec("big", &["10.50.0.0/22", "fd00:50::/120"]))
+        .await
+        .unwrap();
+    let mut index = index_of(&store).await;
+    let mut requests: Vec<AllocationRequest> =
+        (0..150).map(|i| request(&format!("b{i}"))).collect();
+    requests[7].family_policy = FamilyPolicy::RequireDualStack;
+    let plans: Vec<Plan> = requests.iter().map(|r| index.plan(r).unwrap()).collect();
+    let batch: Vec<(&AllocationRequest, &Plan)> = requests.iter().zip(&plans).collect();
+    assert!(store.commit_batch(&batch).await.iter().all(Result::is_ok));
+    assert_eq!(store.load_claims(None).await.unwrap().len(), 151);
+    assert_eq!(
+        store.get_allocation("b7").await.unwrap().unwrap().ips.len(),
+        2
+    );
+    let (history, _) = store
+        .history(HistoryKey::Owner("b149"), 10, 0)
+        .await
+        .unwrap();
+    assert_eq!(history.len(), 1);
+
+    // A batch where one plan collides (a stale replica's view) still writes the others.
+    let mut stale = PoolIndex::load(
+        vec![(spec("big", &["10.50.0.0/22", "fd00:50::/120"]), 1)],
+        vec![],
+    );
+    let mut fresh = index_of(&store).await;
+    let late: Vec<AllocationRequest> = (0..3).map(|i| request(&format!("late{i}"))).collect();
+    let plans = vec![
+        fresh.plan(&late[0]).unwrap(),
+        stale.plan(&late[1]).unwrap(),
+        fresh.plan(&late[2]).unwrap(),
+    ];
+    let batch: Vec<(&AllocationRequest, &Plan)> = late.iter().zip(&plans).collect();
+    let results = store.commit_batch(&batch).await;
+    assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
+    assert!(
+        matches!(results[1], Err(CommitError::AddressTaken(_))),
+        "{results:?}"
+    );
+    assert!(store.get_allocation("late1").await.unwrap().is_none());
 }

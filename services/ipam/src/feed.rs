@@ -27,6 +27,9 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// How long a hole in the revisions may hold back later changes. Transactions that write
 /// the log are short; one still open after this long has rolled back.
 pub const GAP_WAIT: Duration = Duration::from_secs(2);
+/// After a local write wakes the feed it waits this long before reading, so that under
+/// load one read picks up many commits instead of one read per commit.
+pub const WAKE_COALESCE: Duration = Duration::from_millis(3);
 /// Log rows read per query.
 const READ_BATCH: u32 = 1000;
 /// Changes buffered per Watch stream before a slow reader is cut off.
@@ -72,7 +75,7 @@ pub async fn follow(ipam: Arc<Ipam>, shutdown: CancellationToken) {
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
-            () = feed.wake.notified() => {}
+            () = feed.wake.notified() => tokio::time::sleep(WAKE_COALESCE).await,
             () = tokio::time::sleep(POLL_INTERVAL) => {}
         }
         // Bounded: each turn reads at most READ_BATCH rows, and a full batch is the only

@@ -121,7 +121,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     };
 
     info!(listen = %local, "herald-ipam serving");
-    tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -129,12 +129,27 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .add_service(
             RoutingServer::new(routing_service).max_decoding_message_size(MAX_REQUEST_BYTES),
         )
+        // TCP_NODELAY: a response goes out as several small HTTP/2 frames, and Nagle's
+        // algorithm against the client's delayed ACK stalled them for 40 ms.
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown.clone().cancelled_owned(),
-        )
-        .await
-        .context("gRPC server")?;
+        );
+    let mut server = tokio::spawn(server);
+    tokio::select! {
+        result = &mut server => result.context("gRPC server task")?.context("gRPC server")?,
+        () = shutdown.cancelled() => {
+            // Graceful HTTP/2 shutdown waits for every client to acknowledge GOAWAY; a
+            // client that never does must not keep the process alive past the grace.
+            match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
+                Ok(result) => result.context("gRPC server task")?.context("gRPC server")?,
+                Err(_) => {
+                    warn!(grace = ?SHUTDOWN_GRACE, "clients still connected after the shutdown grace; closing anyway");
+                    server.abort();
+                }
+            }
+        }
+    }
     shutdown.cancel();
     let _ = startup.await;
     info!("herald-ipam stopped");

@@ -74,7 +74,11 @@ impl IpamRpc for IpamService {
         let ipam = self.ipam()?;
         let pb::CreatePoolRequest { pool } = request.into_inner();
         let spec = convert::pool_from_pb(pool).map_err(invalid)?;
-        let stored = ipam.create_pool(&spec).await?;
+        let stored = run_to_completion(
+            ipam,
+            move |ipam| async move { ipam.create_pool(&spec).await },
+        )
+        .await?;
         Ok(Response::new(self.pool_pb(ipam, &stored)))
     }
 
@@ -118,7 +122,10 @@ impl IpamRpc for IpamService {
             dry_run,
         } = request.into_inner();
         let spec = convert::pool_from_pb(pool).map_err(invalid)?;
-        let change = ipam.update_pool(&spec, force, dry_run).await?;
+        let change = run_to_completion(ipam, move |ipam| async move {
+            ipam.update_pool(&spec, force, dry_run).await
+        })
+        .await?;
         let pool = change.pool.as_ref().map(|p| self.pool_pb(ipam, p));
         Ok(Response::new(pb::UpdatePoolResponse {
             pool,
@@ -138,7 +145,10 @@ impl IpamRpc for IpamService {
             dry_run,
         } = request.into_inner();
         let name = pool_name("name", &name)?;
-        let change = ipam.delete_pool(name.as_str(), force, dry_run).await?;
+        let change = run_to_completion(ipam, move |ipam| async move {
+            ipam.delete_pool(name.as_str(), force, dry_run).await
+        })
+        .await?;
         Ok(Response::new(pb::DeletePoolResponse {
             affected: change.affected.iter().map(allocation_to_pb).collect(),
             dry_run,
@@ -151,7 +161,10 @@ impl IpamRpc for IpamService {
     ) -> Result<Response<pb::AllocateResponse>, Status> {
         let ipam = self.ipam()?;
         let (req, dry_run) = allocate_request_from_pb(request.into_inner()).map_err(invalid)?;
-        let allocation = ipam.allocate(&req, dry_run).await?;
+        let allocation = run_to_completion(ipam, move |ipam| async move {
+            ipam.allocate(&req, dry_run).await
+        })
+        .await?;
         Ok(Response::new(pb::AllocateResponse {
             allocation: Some(allocation_to_pb(&allocation)),
             dry_run,
@@ -186,7 +199,11 @@ impl IpamRpc for IpamService {
                 )))),
             }
         }
-        let mut outcomes = ipam.allocate_batch(parsed).await.into_iter();
+        let mut outcomes = run_to_completion(ipam, move |ipam| async move {
+            Ok::<_, IpamError>(ipam.allocate_batch(parsed).await)
+        })
+        .await?
+        .into_iter();
         let results = results
             .into_iter()
             .map(|done| match done {
@@ -224,7 +241,10 @@ impl IpamRpc for IpamService {
         } else {
             reason
         };
-        let released = ipam.release(&owner_uid, &reason).await?;
+        let released = run_to_completion(ipam, move |ipam| async move {
+            ipam.release(&owner_uid, &reason).await
+        })
+        .await?;
         Ok(Response::new(pb::ReleaseResponse {
             released: released
                 .into_iter()
@@ -418,6 +438,21 @@ impl IpamRpc for IpamService {
             }
         });
         Ok(Response::new(stream))
+    }
+}
+
+/// Runs a mutating call as its own task. tonic drops a handler's future when the client
+/// goes away; a half-run Allocate would leave its address reserved in memory (or written
+/// but not yet learnt), so every write runs to the end whether anyone waits or not.
+async fn run_to_completion<T, F, Fut>(ipam: &Arc<Ipam>, work: F) -> Result<T, Status>
+where
+    T: Send + 'static,
+    F: FnOnce(Arc<Ipam>) -> Fut,
+    Fut: std::future::Future<Output = Result<T, IpamError>> + Send + 'static,
+{
+    match tokio::spawn(work(Arc::clone(ipam))).await {
+        Ok(result) => result.map_err(Status::from),
+        Err(e) => Err(Status::internal(format!("the request's task failed: {e}"))),
     }
 }
 

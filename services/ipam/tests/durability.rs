@@ -318,3 +318,72 @@ async fn sqlx_drop(admin_like: &str, url: &str) {
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_answers_cannot_hold_shutdown_past_the_grace() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), None).await;
+    // An HTTP/2 client that says hello and then never reads: it will never acknowledge
+    // the server's GOAWAY.
+    let mut mute = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    mute.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    let status = tokio::task::spawn_blocking(move || {
+        server.process.terminate(herald_ipam::SHUTDOWN_GRACE * 3)
+    })
+    .await
+    .unwrap();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "exit status {status:?}"
+    );
+    assert!(
+        started.elapsed() < herald_ipam::SHUTDOWN_GRACE + Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    drop(mute);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn calls_cancelled_by_the_client_leave_no_phantom_reservations() {
+    let db = TestDb::postgres().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), Some(&db.url)).await;
+    let mut c = server.client().await;
+    create_pool(&mut c, pool("cancel", &["10.60.0.0/24"])).await;
+    // Clients that give up at every point of an Allocate's life.
+    for i in 0..150u64 {
+        let mut client = c.clone();
+        let give_up = Duration::from_micros(100 + (i * 37) % 3000);
+        let _ = tokio::time::timeout(give_up, client.allocate(allocate(&format!("c{i}")))).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let held = all_allocations(&mut c).await;
+    let taken: BTreeSet<String> = held.iter().flat_map(ips).collect();
+    let capacity = c
+        .get_pool(pb::GetPoolRequest {
+            name: "cancel".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .capacity;
+    assert_eq!(
+        capacity[0].used as usize,
+        taken.len(),
+        "the pool counts exactly the addresses held"
+    );
+    let lowest_free = (1..255)
+        .map(|n| format!("10.60.0.{n}"))
+        .find(|ip| !taken.contains(ip))
+        .unwrap();
+    assert_eq!(
+        ips(&allocate_ok(&mut c, allocate("fresh")).await),
+        [lowest_free]
+    );
+}
