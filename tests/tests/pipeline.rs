@@ -209,7 +209,7 @@ async fn ipam_crash_is_invisible_at_the_tor_and_a_dead_speaker_ages_out() {
     let both = vec!["127.0.0.20".to_string(), "127.0.0.21".to_string()];
     assert_eq!(
         during,
-        [both.clone()],
+        std::slice::from_ref(&both),
         "the ToR saw a change while the IPAM service was down"
     );
     assert_eq!(

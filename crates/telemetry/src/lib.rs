@@ -1,6 +1,7 @@
-//! Logging set-up shared by Herald's binaries: plain text for people, JSON for log
-//! pipelines, filtered by `RUST_LOG` (default `info`). Later work adds OpenTelemetry
-//! traces here, so every binary gets them by calling [`init`].
+//! What every Herald binary sets up the same way: logging (plain text for people, JSON for
+//! log pipelines, filtered by `RUST_LOG`, default `info`) and graceful shutdown on SIGTERM
+//! or Ctrl-C. Later work adds OpenTelemetry traces here, so every binary gets them by
+//! calling [`init`].
 
 use std::io::IsTerminal;
 
@@ -44,4 +45,26 @@ pub fn init(args: &LogArgs) {
     if let Err(e) = result {
         eprintln!("logging was already initialised: {e}");
     }
+}
+
+/// Cancels `shutdown` on SIGTERM (Kubernetes, node drain) or Ctrl-C. Spawn it once from
+/// `main`; the binary's own run loop does the orderly part.
+pub async fn cancel_on_signal(shutdown: tokio_util::sync::CancellationToken) {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut sig) => {
+                sig.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutting down");
+    shutdown.cancel();
 }

@@ -16,27 +16,6 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     herald_telemetry::init(&args.log);
     let shutdown = CancellationToken::new();
-    tokio::spawn(stop_on_signal(shutdown.clone()));
+    tokio::spawn(herald_telemetry::cancel_on_signal(shutdown.clone()));
     herald_route_speaker::run(args.config, shutdown).await
-}
-
-/// SIGTERM (Kubernetes, node drain) or Ctrl-C close the sessions and exit.
-async fn stop_on_signal(shutdown: CancellationToken) {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut sig) => {
-                sig.recv().await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = terminate => {}
-    }
-    tracing::info!("signal received");
-    shutdown.cancel();
 }
