@@ -1,0 +1,14 @@
+//! Benchmark programs comparing Herald against its comparators in the same run.
+//!
+//! Machines here are small and their disks noisy, so every figure that has a comparator is
+//! measured back to back with it, against the same Postgres server, and reported as a
+//! ratio next to the absolute numbers (see `BENCHMARKS.md`).
+
+pub mod benches;
+pub mod cpu;
+pub mod ipam;
+pub mod machine;
+pub mod pg;
+pub mod report;
+pub mod runner;
+pub mod stats;

@@ -1,0 +1,264 @@
+//! `herald-bench <name>`: the benchmarks of BENCHMARKS.md for the IPAM service. Each prints
+//! the machine and a short table, runs its comparator in the same run, and with
+//! `--json FILE` writes its figures as JSON.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use herald_bench::benches::{self, Common};
+use herald_bench::{ipam, machine::Machine, pg};
+use serde_json::{Map, Value};
+
+/// Where the bench creates its databases unless told otherwise: the same server the test
+/// suite uses.
+const DEFAULT_DATABASE_URL: &str = herald_test_support::db::DEFAULT_ADMIN_URL;
+/// Seconds per measured phase: long enough to average over fsync hiccups, short enough
+/// that `all` finishes in a few minutes on a 2-core machine.
+const DEFAULT_DURATION_S: f64 = 10.0;
+/// Seconds of warm-up before each measured phase (connections, caches, JIT-free code paths
+/// faulted in).
+const DEFAULT_WARMUP_S: f64 = 1.0;
+/// Request cap per measured phase, the count bound that goes with the time bound.
+const DEFAULT_MAX_REQUESTS: u64 = 200_000;
+/// Closed-loop clients per HTTP/2 connection: c = 8 uses one, c = 32 four.
+const DEFAULT_CLIENTS_PER_CHANNEL: usize = 8;
+/// How often a starting herald-ipam is asked whether it is SERVING.
+const DEFAULT_POLL_MS: u64 = 5;
+/// A /16: the pool size BENCHMARKS.md names for `alloc`.
+const DEFAULT_ALLOC_POOL: &str = "10.0.0.0/16";
+/// A /18 (16,382 addresses): each 1 % is ~160 samples and the fill takes seconds.
+const DEFAULT_FULL_POOL: &str = "10.64.0.0/18";
+const DEFAULT_FULL_CLIENTS: usize = 8;
+const DEFAULT_BURST_SIZE: u64 = 100;
+const DEFAULT_BURST_BATCHES: u64 = 50;
+const DEFAULT_RESTART_ALLOCATIONS: u64 = 10_000;
+
+#[derive(Debug, Parser)]
+#[command(name = "herald-bench", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    bench: Bench,
+    #[command(flatten)]
+    global: Global,
+}
+
+#[derive(Debug, Args)]
+struct Global {
+    /// Also write the figures as JSON to this file.
+    #[arg(long, global = true)]
+    json: Option<PathBuf>,
+    /// Postgres server to create the benchmark databases on (they are dropped after).
+    #[arg(long, global = true, env = "HERALD_TEST_DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+    database_url: String,
+    /// The herald-ipam binary; by default the one next to this executable.
+    #[arg(long, global = true, env = "HERALD_BENCH_IPAM_BIN")]
+    ipam_bin: Option<PathBuf>,
+    /// Seconds per measured phase.
+    #[arg(long, global = true, default_value_t = DEFAULT_DURATION_S)]
+    duration: f64,
+    /// Seconds of warm-up before each measured phase.
+    #[arg(long, global = true, default_value_t = DEFAULT_WARMUP_S)]
+    warmup: f64,
+    /// Most requests per measured phase.
+    #[arg(long, global = true, default_value_t = DEFAULT_MAX_REQUESTS)]
+    max_requests: u64,
+    /// Closed-loop clients sharing one HTTP/2 connection to herald-ipam.
+    #[arg(long, global = true, default_value_t = DEFAULT_CLIENTS_PER_CHANNEL)]
+    clients_per_channel: usize,
+    /// Milliseconds between health polls while herald-ipam starts.
+    #[arg(long, global = true, default_value_t = DEFAULT_POLL_MS)]
+    poll_ms: u64,
+    /// Under each alloc row, print what the Postgres backends waited on (sampled from
+    /// pg_stat_activity every 10 ms) and the database's counters per operation.
+    #[arg(long, global = true)]
+    pg_detail: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Bench {
+    /// Raw single-row INSERT tps into a table with a unique key.
+    PgCeiling(CeilingArgs),
+    /// Allocate RPCs vs the raw-INSERT ceiling at the same client count.
+    Alloc(AllocArgs),
+    /// Allocate latency as a pool fills from empty to 99 %.
+    AllocFull(FullArgs),
+    /// AllocateBatch allocations/s vs single-row INSERT tps at c = 1.
+    AllocBurst(BurstArgs),
+    /// Time to SERVING after kill -9 with allocations persisted, and reassignments.
+    Restart(RestartArgs),
+    /// Every benchmark above, in sequence, with their defaults.
+    All,
+    /// Diagnostic: gRPC health check vs dry-run Allocate vs Allocate on one server.
+    Floor(AllocArgs),
+}
+
+#[derive(Debug, Args)]
+struct CeilingArgs {
+    /// Client counts to measure.
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 8, 32])]
+    clients: Vec<usize>,
+}
+
+#[derive(Debug, Args)]
+struct AllocArgs {
+    #[arg(long, value_delimiter = ',', default_values_t = [8, 32])]
+    clients: Vec<usize>,
+    /// The pool allocated from (a fresh one per client count).
+    #[arg(long, default_value = DEFAULT_ALLOC_POOL)]
+    pool: String,
+}
+
+#[derive(Debug, Args)]
+struct FullArgs {
+    #[arg(long, default_value_t = DEFAULT_FULL_CLIENTS)]
+    clients: usize,
+    /// The pool filled; smaller pools finish faster but give fewer samples per percent.
+    #[arg(long, default_value = DEFAULT_FULL_POOL)]
+    pool: String,
+}
+
+#[derive(Debug, Args)]
+struct BurstArgs {
+    /// Services per AllocateBatch call.
+    #[arg(long, default_value_t = DEFAULT_BURST_SIZE)]
+    batch_size: u64,
+    /// AllocateBatch calls measured (also bounded by --duration).
+    #[arg(long, default_value_t = DEFAULT_BURST_BATCHES)]
+    batches: u64,
+    #[arg(long, default_value = DEFAULT_ALLOC_POOL)]
+    pool: String,
+}
+
+#[derive(Debug, Args)]
+struct RestartArgs {
+    /// Allocations persisted before the kill.
+    #[arg(long, default_value_t = DEFAULT_RESTART_ALLOCATIONS)]
+    allocations: u64,
+    #[arg(long, default_value = DEFAULT_ALLOC_POOL)]
+    pool: String,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the tokio runtime")?;
+    runtime.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let global = cli.global;
+    // pg-ceiling alone runs without herald-ipam.
+    let ipam_bin = match cli.bench {
+        Bench::PgCeiling(_) => global.ipam_bin.clone().unwrap_or_default(),
+        _ => ipam::find_binary(global.ipam_bin.as_deref())?,
+    };
+    let mut machine = Machine::host();
+    pg::describe_server(&global.database_url, &mut machine).await?;
+    let log_dir = tempfile::Builder::new()
+        .prefix("herald-bench-")
+        .tempdir()
+        .context("create a directory for herald-ipam logs")?;
+    let common = Common {
+        admin_url: global.database_url.clone(),
+        ipam_bin,
+        duration: Duration::from_secs_f64(global.duration.max(0.0)),
+        warmup: Duration::from_secs_f64(global.warmup.max(0.0)),
+        max_requests: global.max_requests,
+        clients_per_channel: global.clients_per_channel.max(1),
+        poll: Duration::from_millis(global.poll_ms.max(1)),
+        log_dir: log_dir.path().to_path_buf(),
+        machine: machine.clone(),
+        pg_detail: global.pg_detail,
+    };
+
+    let mut figures = Map::new();
+    let mut put = |name: &str, value: anyhow::Result<Value>| -> anyhow::Result<()> {
+        figures.insert(name.to_string(), value?);
+        Ok(())
+    };
+    match cli.bench {
+        Bench::PgCeiling(a) => put(
+            "pg-ceiling",
+            json(benches::pg_ceiling(&common, &a.clients).await),
+        )?,
+        Bench::Alloc(a) => put(
+            "alloc",
+            json(benches::alloc(&common, &a.clients, &a.pool).await),
+        )?,
+        Bench::AllocFull(a) => put(
+            "alloc-full",
+            json(benches::alloc_full(&common, a.clients, &a.pool).await),
+        )?,
+        Bench::AllocBurst(a) => put(
+            "alloc-burst",
+            json(benches::alloc_burst(&common, a.batch_size, a.batches, &a.pool).await),
+        )?,
+        Bench::Restart(a) => put(
+            "restart",
+            json(benches::restart(&common, a.allocations, &a.pool).await),
+        )?,
+        Bench::Floor(a) => put(
+            "floor",
+            json(benches::floor(&common, &a.clients, &a.pool).await),
+        )?,
+        Bench::All => {
+            machine.print();
+            put(
+                "pg-ceiling",
+                json(benches::pg_ceiling(&common, &[1, 8, 32]).await),
+            )?;
+            put(
+                "alloc",
+                json(benches::alloc(&common, &[8, 32], DEFAULT_ALLOC_POOL).await),
+            )?;
+            put(
+                "alloc-full",
+                json(benches::alloc_full(&common, DEFAULT_FULL_CLIENTS, DEFAULT_FULL_POOL).await),
+            )?;
+            put(
+                "alloc-burst",
+                json(
+                    benches::alloc_burst(
+                        &common,
+                        DEFAULT_BURST_SIZE,
+                        DEFAULT_BURST_BATCHES,
+                        DEFAULT_ALLOC_POOL,
+                    )
+                    .await,
+                ),
+            )?;
+            put(
+                "restart",
+                json(
+                    benches::restart(&common, DEFAULT_RESTART_ALLOCATIONS, DEFAULT_ALLOC_POOL)
+                        .await,
+                ),
+            )?;
+        }
+    }
+
+    if let Some(path) = global.json {
+        let document = serde_json::json!({
+            "machine": machine,
+            "settings": {
+                "duration_s": common.duration.as_secs_f64(),
+                "warmup_s": common.warmup.as_secs_f64(),
+                "max_requests": common.max_requests,
+                "clients_per_channel": common.clients_per_channel,
+            },
+            "benchmarks": figures,
+        });
+        std::fs::write(&path, serde_json::to_string_pretty(&document)?)
+            .with_context(|| format!("write {}", path.display()))?;
+        println!("\nfigures written to {}", path.display());
+    }
+    Ok(())
+}
+
+fn json<T: serde::Serialize>(result: anyhow::Result<T>) -> anyhow::Result<Value> {
+    Ok(serde_json::to_value(result?)?)
+}

@@ -1,0 +1,981 @@
+//! What the leader does: watch Services, EndpointSlices, Nodes and Namespaces into local
+//! caches, run the start-up barrier (claim the addresses already in Service status, then
+//! allocate for pending Services, then garbage-collect), and from then on handle every
+//! changed Service and Node by its key, reading the current state from the caches.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt::Debug;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt, TryStreamExt, stream};
+use herald_api::ipam::v1 as ipam;
+use herald_api::ipam::v1::ipam_client::IpamClient;
+use herald_api::routing::v1 as routing;
+use herald_api::routing::v1::routing_client::RoutingClient;
+use k8s_openapi::api::core::v1::{
+    Event as KubeEvent, EventSource, Namespace, Node, ObjectReference, Service,
+};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use serde_json::json;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+use tonic::transport::Channel;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::mapping::{
+    self, AllocateErrorKind, ClassPolicy, FailureReason, Outcome, our_condition, status_ips,
+};
+use crate::queue::Queue;
+
+/// Shortest and longest wait before a Service whose handling failed is tried again.
+const MIN_RETRY: Duration = Duration::from_millis(200);
+const MAX_RETRY: Duration = Duration::from_secs(10);
+/// Allocations listed per ListAllocations page.
+const LIST_PAGE: u32 = 1000;
+/// The component named on Events.
+const COMPONENT: &str = "herald-cluster-watcher";
+/// Field manager for status writes.
+const FIELD_MANAGER: &str = "herald-cluster-watcher";
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub cluster_id: String,
+    pub classes: ClassPolicy,
+    pub workers: usize,
+    pub identity: String,
+    pub resync: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("IPAM {call}: {status}")]
+    Ipam {
+        call: &'static str,
+        status: tonic::Status,
+    },
+    #[error("Kubernetes {what}: {source}")]
+    Kube {
+        what: &'static str,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("the caches stopped before they were filled")]
+    CachesStopped,
+}
+
+type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn ipam_err(call: &'static str) -> impl FnOnce(tonic::Status) -> Error {
+    move |status| Error::Ipam { call, status }
+}
+
+/// A Service, by namespace and name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ServiceKey {
+    fn of(svc: &Service) -> Option<Self> {
+        Some(Self {
+            namespace: svc.metadata.namespace.clone()?,
+            name: svc.metadata.name.clone()?,
+        })
+    }
+
+    fn object_ref(&self) -> ObjectRef<Service> {
+        ObjectRef::new(&self.name).within(&self.namespace)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Start-up: claim what the Service's status shows, and write nothing on failure (the
+    /// next pass handles it).
+    Import,
+    Normal,
+}
+
+struct Ctx {
+    client: kube::Client,
+    ipam: IpamClient<Channel>,
+    routing: RoutingClient<Channel>,
+    settings: Settings,
+    services: Store<Service>,
+    slices: Store<EndpointSlice>,
+    nodes: Store<Node>,
+    namespaces: Store<Namespace>,
+    /// Which uid holds an allocation under each Service name. Rebuilt from the IPAM
+    /// service at start; kept to release a deleted or re-created Service's address.
+    held: Mutex<HashMap<ServiceKey, String>>,
+    /// What was last sent per owner uid / node, so unchanged facts are not sent again.
+    sent_endpoints: Mutex<HashMap<String, (i32, Vec<String>)>>,
+    sent_nodes: Mutex<HashMap<String, routing::Node>>,
+    service_queue: Arc<Queue<ServiceKey>>,
+    node_queue: Arc<Queue<String>>,
+    failures: Mutex<HashMap<ServiceKey, u32>>,
+    started: AtomicBool,
+    gc_wanted: Notify,
+    node_sync_wanted: Notify,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Runs as the leader until `cancel` fires or a fatal error.
+pub async fn run(
+    client: kube::Client,
+    channel: Channel,
+    settings: Settings,
+    cancel: CancellationToken,
+) -> Result<()> {
+    let (services, services_writer) = reflector::store::<Service>();
+    let (slices, slices_writer) = reflector::store::<EndpointSlice>();
+    let (nodes, nodes_writer) = reflector::store::<Node>();
+    let (namespaces, namespaces_writer) = reflector::store::<Namespace>();
+    let ctx = Arc::new(Ctx {
+        client: client.clone(),
+        ipam: IpamClient::new(channel.clone()),
+        routing: RoutingClient::new(channel),
+        settings,
+        services,
+        slices,
+        nodes,
+        namespaces,
+        held: Mutex::new(HashMap::new()),
+        sent_endpoints: Mutex::new(HashMap::new()),
+        sent_nodes: Mutex::new(HashMap::new()),
+        service_queue: Queue::new(),
+        node_queue: Queue::new(),
+        failures: Mutex::new(HashMap::new()),
+        started: AtomicBool::new(false),
+        gc_wanted: Notify::new(),
+        node_sync_wanted: Notify::new(),
+    });
+
+    // Every task dies with this set: losing the lease stops all work at once.
+    let mut tasks = JoinSet::new();
+    let config = watcher::Config::default();
+    {
+        let ctx = Arc::clone(&ctx);
+        let stream = reflector::reflector(
+            services_writer,
+            watcher(Api::<Service>::all(client.clone()), config.clone()),
+        );
+        tasks.spawn(drive("services", stream, move |event| match event {
+            watcher::Event::Apply(s) | watcher::Event::InitApply(s) | watcher::Event::Delete(s) => {
+                if let Some(key) = ServiceKey::of(&s) {
+                    ctx.service_queue.push(key);
+                }
+            }
+            watcher::Event::InitDone => {
+                if ctx.started.load(Ordering::SeqCst) {
+                    info!("services listed again; collecting garbage");
+                    ctx.gc_wanted.notify_one();
+                }
+            }
+            watcher::Event::Init => {}
+        }));
+    }
+    {
+        let ctx = Arc::clone(&ctx);
+        let stream = reflector::reflector(
+            slices_writer,
+            watcher(Api::<EndpointSlice>::all(client.clone()), config.clone()),
+        );
+        tasks.spawn(drive("endpointslices", stream, move |event| match event {
+            watcher::Event::Apply(s) | watcher::Event::InitApply(s) | watcher::Event::Delete(s) => {
+                if let Some((namespace, name)) = mapping::slice_service(&s) {
+                    ctx.service_queue.push(ServiceKey { namespace, name });
+                }
+            }
+            watcher::Event::Init | watcher::Event::InitDone => {}
+        }));
+    }
+    {
+        let ctx = Arc::clone(&ctx);
+        let stream = reflector::reflector(
+            nodes_writer,
+            watcher(Api::<Node>::all(client.clone()), config.clone()),
+        );
+        tasks.spawn(drive("nodes", stream, move |event| match event {
+            watcher::Event::Apply(n) | watcher::Event::InitApply(n) | watcher::Event::Delete(n) => {
+                if let Some(name) = n.metadata.name {
+                    ctx.node_queue.push(name);
+                }
+            }
+            watcher::Event::InitDone => {
+                if ctx.started.load(Ordering::SeqCst) {
+                    ctx.node_sync_wanted.notify_one();
+                }
+            }
+            watcher::Event::Init => {}
+        }));
+    }
+    {
+        let ctx = Arc::clone(&ctx);
+        let stream = reflector::reflector(
+            namespaces_writer,
+            watcher(Api::<Namespace>::all(client), config),
+        );
+        tasks.spawn(drive("namespaces", stream, move |event| {
+            // Namespace labels can make a pending Service servable.
+            if let watcher::Event::Apply(ns) = event
+                && let Some(name) = ns.metadata.name
+            {
+                for svc in ctx.services.state() {
+                    if svc.metadata.namespace.as_deref() == Some(name.as_str())
+                        && let Some(key) = ServiceKey::of(&svc)
+                    {
+                        ctx.service_queue.push(key);
+                    }
+                }
+            }
+        }));
+    }
+
+    tokio::select! {
+        () = cancel.cancelled() => return Ok(()),
+        ready = wait_until_ready(&ctx) => ready?,
+    }
+    info!(
+        services = ctx.services.state().len(),
+        endpoint_slices = ctx.slices.state().len(),
+        nodes = ctx.nodes.state().len(),
+        "initial lists done"
+    );
+    tokio::select! {
+        () = cancel.cancelled() => return Ok(()),
+        () = start_up(&ctx) => {}
+    }
+
+    for _ in 0..ctx.settings.workers.max(1) {
+        tasks.spawn(service_worker(Arc::clone(&ctx)));
+    }
+    tasks.spawn(node_worker(Arc::clone(&ctx)));
+    tasks.spawn(gc_loop(Arc::clone(&ctx)));
+    tasks.spawn(node_sync_loop(Arc::clone(&ctx)));
+    tasks.spawn(resync_loop(Arc::clone(&ctx)));
+    cancel.cancelled().await;
+    Ok(())
+}
+
+/// Feeds a watch stream into its cache and hands each event to `on_event`; the stream
+/// re-lists and re-watches on its own (410 Gone included), with backoff.
+async fn drive<K, S>(
+    what: &'static str,
+    stream: S,
+    mut on_event: impl FnMut(watcher::Event<K>) + Send,
+) where
+    K: Debug + Send,
+    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send,
+{
+    let mut stream = std::pin::pin!(stream.default_backoff());
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(event) => on_event(event),
+            Err(e) => warn!(resource = what, error = %e, "watch failed; retrying"),
+        }
+    }
+}
+
+async fn wait_until_ready(ctx: &Ctx) -> Result<()> {
+    let ready = futures::future::try_join4(
+        ctx.services.wait_until_ready(),
+        ctx.slices.wait_until_ready(),
+        ctx.nodes.wait_until_ready(),
+        ctx.namespaces.wait_until_ready(),
+    )
+    .await;
+    ready.map(|_| ()).map_err(|_| Error::CachesStopped)
+}
+
+/// The start-up barrier: every address already in a Service's status is claimed before
+/// any new one is handed out, so an existing Service never changes address and a pending
+/// one can never take it. Retries until the IPAM service answers.
+async fn start_up(ctx: &Arc<Ctx>) {
+    // Everything queued so far is in the caches, and this pass handles it all.
+    ctx.service_queue.clear();
+    let mut attempt = 0;
+    loop {
+        match start_up_once(ctx).await {
+            Ok(()) => break,
+            Err(e) => {
+                attempt += 1;
+                let delay = retry_delay(attempt);
+                warn!(error = %e, retry_in = ?delay, "start-up pass failed");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+    ctx.started.store(true, Ordering::SeqCst);
+    info!("start-up done; handling changes");
+}
+
+async fn start_up_once(ctx: &Arc<Ctx>) -> Result<()> {
+    // What the IPAM service holds for this cluster, by Service name.
+    let allocations = ctx.list_allocations().await?;
+    {
+        let mut held = lock(&ctx.held);
+        held.clear();
+        for a in &allocations {
+            if let Some(o) = &a.owner {
+                held.insert(
+                    ServiceKey {
+                        namespace: o.namespace.clone(),
+                        name: o.name.clone(),
+                    },
+                    o.uid.clone(),
+                );
+            }
+        }
+    }
+
+    // 1. Claim every address already in a served Service's status.
+    let with_status: Vec<ServiceKey> = ctx
+        .services
+        .state()
+        .iter()
+        .filter(|s| ctx.settings.classes.serves(s) && !status_ips(s).is_empty())
+        .filter_map(|s| ServiceKey::of(s))
+        .collect();
+    info!(
+        services = with_status.len(),
+        "claiming the addresses already in Service status"
+    );
+    let failed = ctx.reconcile_all(with_status, Phase::Import).await;
+    if let Some(e) = failed.into_iter().next() {
+        // The barrier holds only if every claim was answered.
+        return Err(e);
+    }
+
+    // 2. Everything else: pending Services, changed ones, and names that hold an
+    // allocation but whose Service is gone or no longer ours.
+    let mut keys: HashSet<ServiceKey> = ctx
+        .services
+        .state()
+        .iter()
+        .filter_map(|s| ServiceKey::of(s))
+        .collect();
+    keys.extend(lock(&ctx.held).keys().cloned());
+    info!(services = keys.len(), "allocating for pending Services");
+    for e in ctx
+        .reconcile_all(keys.into_iter().collect(), Phase::Normal)
+        .await
+    {
+        // Retried by the workers like any other failure.
+        warn!(error = %e, "a Service could not be handled at start; it will be retried");
+    }
+
+    // 3. Allocations whose Service is gone.
+    ctx.collect_garbage().await?;
+    ctx.sync_nodes().await?;
+    Ok(())
+}
+
+fn retry_delay(attempt: u32) -> Duration {
+    MIN_RETRY
+        .saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1).min(16)))
+        .min(MAX_RETRY)
+}
+
+async fn service_worker(ctx: Arc<Ctx>) {
+    loop {
+        let key = ctx.service_queue.pop().await;
+        ctx.handle(&key, Phase::Normal).await.ok();
+        ctx.service_queue.done(&key);
+    }
+}
+
+async fn node_worker(ctx: Arc<Ctx>) {
+    loop {
+        let name = ctx.node_queue.pop().await;
+        let span = info_span!("node", node = %name);
+        if let Err(e) = ctx.reconcile_node(&name).instrument(span.clone()).await {
+            span.in_scope(|| warn!(error = %e, "node update failed; retrying"));
+            ctx.node_queue.push_after(name.clone(), MAX_RETRY / 5);
+        }
+        ctx.node_queue.done(&name);
+    }
+}
+
+async fn gc_loop(ctx: Arc<Ctx>) {
+    loop {
+        ctx.gc_wanted.notified().await;
+        if let Err(e) = ctx.collect_garbage().await {
+            warn!(error = %e, "garbage collection failed; it runs again at the next re-list or resync");
+        }
+    }
+}
+
+async fn node_sync_loop(ctx: Arc<Ctx>) {
+    loop {
+        ctx.node_sync_wanted.notified().await;
+        if let Err(e) = ctx.sync_nodes().await {
+            warn!(error = %e, "node sync failed");
+        }
+    }
+}
+
+/// Every so often every Service is handled again, which repairs anything a lost event or
+/// a failed write left behind (and retries Services that failed for lack of addresses).
+async fn resync_loop(ctx: Arc<Ctx>) {
+    let mut tick = tokio::time::interval(ctx.settings.resync);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        for svc in ctx.services.state() {
+            if let Some(key) = ServiceKey::of(&svc) {
+                ctx.service_queue.push(key);
+            }
+        }
+        ctx.gc_wanted.notify_one();
+        ctx.node_sync_wanted.notify_one();
+    }
+}
+
+impl Ctx {
+    async fn reconcile_all(self: &Arc<Self>, keys: Vec<ServiceKey>, phase: Phase) -> Vec<Error> {
+        let workers = self.settings.workers.max(1);
+        stream::iter(keys)
+            .map(|key| {
+                let ctx = Arc::clone(self);
+                async move { ctx.handle(&key, phase).await.err() }
+            })
+            .buffer_unordered(workers)
+            .filter_map(|e| async move { e })
+            .collect()
+            .await
+    }
+
+    /// Handles one Service in its span; a failure is logged and the key retried later.
+    async fn handle(self: &Arc<Self>, key: &ServiceKey, phase: Phase) -> Result<()> {
+        let span = info_span!("service", namespace = %key.namespace, name = %key.name, uid = tracing::field::Empty);
+        let result = self.reconcile(key, phase).instrument(span.clone()).await;
+        match &result {
+            Ok(()) => {
+                lock(&self.failures).remove(key);
+            }
+            Err(e) => {
+                let attempt = {
+                    let mut failures = lock(&self.failures);
+                    let n = failures.entry(key.clone()).or_insert(0);
+                    *n += 1;
+                    *n
+                };
+                let delay = retry_delay(attempt);
+                span.in_scope(
+                    || warn!(error = %e, retry_in = ?delay, "handling the Service failed"),
+                );
+                self.service_queue.push_after(key.clone(), delay);
+            }
+        }
+        result
+    }
+
+    async fn reconcile(&self, key: &ServiceKey, phase: Phase) -> Result<()> {
+        let svc = self.services.get(&key.object_ref());
+        let live_uid = svc.as_ref().and_then(|s| s.metadata.uid.clone());
+        let served = svc
+            .as_ref()
+            .is_some_and(|s| self.settings.classes.serves(s));
+        let held_uid = lock(&self.held).get(key).cloned();
+        if let Some(old) = held_uid
+            && (!served || live_uid.as_ref() != Some(&old))
+        {
+            let reason = if live_uid.as_ref() == Some(&old) {
+                "the Service is no longer a LoadBalancer of this class"
+            } else {
+                "the Service was deleted"
+            };
+            self.release(&old, reason).await?;
+            lock(&self.held).remove(key);
+            lock(&self.sent_endpoints).remove(&old);
+            info!(uid = %old, reason, "released");
+            self.requeue_pending();
+        }
+        let Some(svc) = svc else { return Ok(()) };
+        if !served {
+            // Never touch a Service that is not ours, unless it carries what we wrote
+            // while it was.
+            if our_condition(&svc).is_some() {
+                self.clear_status(&svc).await?;
+            }
+            return Ok(());
+        }
+        let Some(uid) = live_uid else { return Ok(()) };
+        tracing::Span::current().record("uid", uid.as_str());
+        let outcome = self.allocate(key, &svc, &uid, phase).await?;
+        if phase == Phase::Import && matches!(outcome, Outcome::Failed { .. }) {
+            debug!(?outcome, "claim failed; the pending pass handles it");
+            return Ok(());
+        }
+        self.write_status(&svc, &outcome).await?;
+        if matches!(outcome, Outcome::Allocated { .. }) {
+            self.send_endpoints(key, &svc, &uid).await?;
+        }
+        Ok(())
+    }
+
+    async fn allocate(
+        &self,
+        key: &ServiceKey,
+        svc: &Service,
+        uid: &str,
+        phase: Phase,
+    ) -> Result<Outcome> {
+        let ns_labels: BTreeMap<String, String> = self
+            .namespaces
+            .get(&ObjectRef::new(&key.namespace))
+            .and_then(|ns| ns.metadata.labels.clone())
+            .unwrap_or_default();
+        let explicit = match mapping::requested_ips(svc) {
+            Ok(ips) => ips,
+            Err(e) => {
+                return Ok(Outcome::Failed {
+                    reason: FailureReason::InvalidRequest,
+                    message: e.to_string(),
+                });
+            }
+        };
+        let holds = lock(&self.held).contains_key(key);
+        let status = status_ips(svc);
+        // An address already in the status is claimed at start, and whenever this
+        // watcher does not know the Service to hold one (it may have written it before a
+        // crash) unless the Service asks for other addresses.
+        let claim: Vec<String> = match phase {
+            Phase::Import => status,
+            Phase::Normal if !holds && explicit.is_empty() => status,
+            Phase::Normal => Vec::new(),
+        };
+        let cluster_id = &self.settings.cluster_id;
+        let request = |claim: &[String]| {
+            mapping::allocate_request(svc, cluster_id, &ns_labels, claim).map_err(|e| {
+                Outcome::Failed {
+                    reason: FailureReason::InvalidRequest,
+                    message: e.to_string(),
+                }
+            })
+        };
+        let req = match request(&claim) {
+            Ok(req) => req,
+            Err(outcome) => return Ok(outcome),
+        };
+        let first = self.ipam.clone().allocate(req).await;
+        let status = match first {
+            Ok(resp) => return Ok(self.allocated(key, uid, resp.into_inner().allocation)),
+            Err(status) => status,
+        };
+        let kind = mapping::classify(status.code(), status.message());
+        match kind {
+            AllocateErrorKind::Transient => return Err(ipam_err("Allocate")(status)),
+            // A claim that fails at start is left to the pending pass, which sees the
+            // whole picture (what the owner holds, what the Service asks for).
+            AllocateErrorKind::Mismatch | AllocateErrorKind::Failed(_)
+                if phase == Phase::Import =>
+            {
+                return Ok(Outcome::Failed {
+                    reason: FailureReason::InvalidRequest,
+                    message: status.message().to_string(),
+                });
+            }
+            AllocateErrorKind::Mismatch => {
+                // Allocations never move: the old address goes first.
+                self.release(uid, "the Service's request changed").await?;
+                lock(&self.held).remove(key);
+                lock(&self.sent_endpoints).remove(uid);
+                info!(
+                    error = status.message(),
+                    "released: the Service asks for something else now"
+                );
+                self.requeue_pending();
+            }
+            // The status showed addresses this Service cannot have (not in any pool, or
+            // taken); outside start-up it gets what it would get without them.
+            AllocateErrorKind::Failed(_) if !claim.is_empty() && explicit.is_empty() => {}
+            AllocateErrorKind::Failed(reason) => {
+                return Ok(Outcome::Failed {
+                    reason,
+                    message: status.message().to_string(),
+                });
+            }
+        }
+        let req = match request(&[]) {
+            Ok(req) => req,
+            Err(outcome) => return Ok(outcome),
+        };
+        match self.ipam.clone().allocate(req).await {
+            Ok(resp) => Ok(self.allocated(key, uid, resp.into_inner().allocation)),
+            Err(status) => match mapping::classify(status.code(), status.message()) {
+                AllocateErrorKind::Failed(reason) => Ok(Outcome::Failed {
+                    reason,
+                    message: status.message().to_string(),
+                }),
+                AllocateErrorKind::Mismatch | AllocateErrorKind::Transient => {
+                    Err(ipam_err("Allocate")(status))
+                }
+            },
+        }
+    }
+
+    fn allocated(
+        &self,
+        key: &ServiceKey,
+        uid: &str,
+        allocation: Option<ipam::Allocation>,
+    ) -> Outcome {
+        lock(&self.held).insert(key.clone(), uid.to_string());
+        let ips = allocation.map(|a| a.ips).unwrap_or_default();
+        Outcome::Allocated {
+            ips: ips.iter().map(|i| i.ip.clone()).collect(),
+            pools: ips.iter().map(|i| i.pool.clone()).collect(),
+        }
+    }
+
+    async fn release(&self, uid: &str, reason: &str) -> Result<()> {
+        let req = ipam::ReleaseRequest {
+            owner_uid: uid.to_string(),
+            reason: reason.to_string(),
+        };
+        match self.ipam.clone().release(req).await {
+            Ok(_) => Ok(()),
+            Err(status) if status.code() == Code::NotFound => Ok(()),
+            Err(status) => Err(ipam_err("Release")(status)),
+        }
+    }
+
+    /// Writes the addresses and the condition, when they differ from what the Service
+    /// shows, and records an Event when the condition changes.
+    async fn write_status(&self, svc: &Service, outcome: &Outcome) -> Result<()> {
+        let previous = our_condition(svc);
+        let condition = mapping::condition(
+            outcome,
+            svc.metadata.generation,
+            previous,
+            Time(Timestamp::now()),
+        );
+        let want_ips = outcome.ingress_ips();
+        if previous.is_some_and(|p| mapping::same_condition(p, &condition))
+            && status_ips(svc) == want_ips
+        {
+            return Ok(());
+        }
+        let mut conditions: Vec<_> = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|c| c.type_ != mapping::CONDITION_TYPE)
+            .collect();
+        conditions.push(condition.clone());
+        let ingress = if want_ips.is_empty() {
+            serde_json::Value::Null
+        } else {
+            json!(
+                want_ips
+                    .iter()
+                    .map(|ip| json!({"ip": ip, "ipMode": "VIP"}))
+                    .collect::<Vec<_>>()
+            )
+        };
+        let patch = json!({
+            "metadata": {"resourceVersion": svc.metadata.resource_version},
+            "status": {"loadBalancer": {"ingress": ingress}, "conditions": conditions},
+        });
+        if !self.patch_status(svc, &patch).await? {
+            return Ok(());
+        }
+        let changed = previous.is_none_or(|p| {
+            p.status != condition.status
+                || p.reason != condition.reason
+                || p.message != condition.message
+        });
+        if changed {
+            let (_, _, message) = outcome.condition_parts();
+            match outcome {
+                Outcome::Allocated { .. } => info!(%message, "allocated"),
+                Outcome::Failed { reason, .. } => {
+                    warn!(reason = reason.as_str(), %message, "allocation failed")
+                }
+            }
+            self.record_event(svc, outcome.event_type(), outcome.event_reason(), &message)
+                .await;
+        }
+        Ok(())
+    }
+
+    /// Removes what the watcher wrote on a Service that is no longer served.
+    async fn clear_status(&self, svc: &Service) -> Result<()> {
+        let others: Vec<_> = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|c| c.type_ != mapping::CONDITION_TYPE)
+            .collect();
+        let patch = json!({
+            "metadata": {"resourceVersion": svc.metadata.resource_version},
+            "status": {
+                "loadBalancer": {"ingress": null},
+                "conditions": if others.is_empty() { serde_json::Value::Null } else { json!(others) },
+            },
+        });
+        if self.patch_status(svc, &patch).await? {
+            self.record_event(
+                svc,
+                "Normal",
+                "IPReleased",
+                "released: the Service is no longer a LoadBalancer of this class",
+            )
+            .await;
+        }
+        Ok(())
+    }
+
+    /// A JSON merge patch of the status, guarded by the resourceVersion it was computed
+    /// from. `false` when the Service is gone.
+    async fn patch_status(&self, svc: &Service, patch: &serde_json::Value) -> Result<bool> {
+        let namespace = svc.metadata.namespace.as_deref().unwrap_or_default();
+        let name = svc.metadata.name.as_deref().unwrap_or_default();
+        let api: Api<Service> = Api::namespaced(self.client.clone(), namespace);
+        let params = PatchParams {
+            field_manager: Some(FIELD_MANAGER.to_string()),
+            ..Default::default()
+        };
+        match api.patch_status(name, &params, &Patch::Merge(patch)).await {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),
+            Err(source) => Err(Error::Kube {
+                what: "status patch",
+                source,
+            }),
+        }
+    }
+
+    /// Events are best effort: a failure is logged, never retried.
+    async fn record_event(&self, svc: &Service, type_: &str, reason: &str, message: &str) {
+        let namespace = svc.metadata.namespace.clone().unwrap_or_default();
+        let name = svc.metadata.name.clone().unwrap_or_default();
+        let now = Time(Timestamp::now());
+        let event = KubeEvent {
+            metadata: ObjectMeta {
+                name: Some(format!("{name}.{:016x}", rand::random::<u64>())),
+                namespace: Some(namespace.clone()),
+                ..Default::default()
+            },
+            involved_object: ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Service".into()),
+                name: Some(name),
+                namespace: Some(namespace.clone()),
+                uid: svc.metadata.uid.clone(),
+                resource_version: svc.metadata.resource_version.clone(),
+                field_path: None,
+            },
+            reason: Some(reason.into()),
+            message: Some(message.into()),
+            type_: Some(type_.into()),
+            source: Some(EventSource {
+                component: Some(COMPONENT.into()),
+                host: None,
+            }),
+            first_timestamp: Some(now.clone()),
+            last_timestamp: Some(now),
+            count: Some(1),
+            reporting_component: Some(COMPONENT.into()),
+            reporting_instance: Some(self.settings.identity.clone()),
+            action: Some("Allocate".into()),
+            ..Default::default()
+        };
+        let api: Api<KubeEvent> = Api::namespaced(self.client.clone(), &namespace);
+        if let Err(e) = api.create(&PostParams::default(), &event).await {
+            warn!(error = %e, reason, "could not record an Event");
+        }
+    }
+
+    /// Sends the Service's traffic policy and the nodes with ready or serving endpoints,
+    /// when they changed since last sent.
+    async fn send_endpoints(&self, key: &ServiceKey, svc: &Service, uid: &str) -> Result<()> {
+        let slices: Vec<_> = self
+            .slices
+            .state()
+            .into_iter()
+            .filter(|s| {
+                mapping::slice_service(s)
+                    .is_some_and(|(ns, n)| ns == key.namespace && n == key.name)
+            })
+            .collect();
+        let nodes: Vec<String> = mapping::endpoint_nodes(slices.iter().map(|s| s.as_ref()))
+            .into_iter()
+            .collect();
+        let policy = mapping::traffic_policy(svc) as i32;
+        let facts = (policy, nodes);
+        if lock(&self.sent_endpoints).get(uid) == Some(&facts) {
+            return Ok(());
+        }
+        let req = routing::ServiceEndpoints {
+            owner_uid: uid.to_string(),
+            traffic_policy: policy,
+            endpoint_nodes: facts.1.clone(),
+            traceparent: String::new(),
+        };
+        self.routing
+            .clone()
+            .set_service_endpoints(req)
+            .await
+            .map_err(ipam_err("SetServiceEndpoints"))?;
+        debug!(nodes = ?facts.1, "endpoints sent");
+        lock(&self.sent_endpoints).insert(uid.to_string(), facts);
+        Ok(())
+    }
+
+    async fn reconcile_node(&self, name: &str) -> Result<()> {
+        match self.nodes.get(&ObjectRef::new(name)) {
+            Some(node) => {
+                let node = mapping::node(&node);
+                if lock(&self.sent_nodes).get(name) == Some(&node) {
+                    return Ok(());
+                }
+                self.routing
+                    .clone()
+                    .upsert_node(node.clone())
+                    .await
+                    .map_err(ipam_err("UpsertNode"))?;
+                debug!(ready = node.ready, addresses = ?node.addresses, "node sent");
+                lock(&self.sent_nodes).insert(name.to_string(), node);
+            }
+            None => {
+                self.routing
+                    .clone()
+                    .delete_node(routing::DeleteNodeRequest {
+                        name: name.to_string(),
+                    })
+                    .await
+                    .map_err(ipam_err("DeleteNode"))?;
+                info!("node deleted");
+                lock(&self.sent_nodes).remove(name);
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues every Node, and every node the IPAM service knows that Kubernetes does not.
+    async fn sync_nodes(&self) -> Result<()> {
+        let known = self
+            .routing
+            .clone()
+            .list_nodes(routing::ListNodesRequest {})
+            .await
+            .map_err(ipam_err("ListNodes"))?
+            .into_inner()
+            .nodes;
+        for node in known {
+            self.node_queue.push(node.name);
+        }
+        for node in self.nodes.state() {
+            if let Some(name) = &node.metadata.name {
+                self.node_queue.push(name.clone());
+            }
+        }
+        Ok(())
+    }
+
+    async fn list_allocations(&self) -> Result<Vec<ipam::Allocation>> {
+        let mut all = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let page = self
+                .ipam
+                .clone()
+                .list_allocations(ipam::ListAllocationsRequest {
+                    cluster_id: self.settings.cluster_id.clone(),
+                    page_size: LIST_PAGE,
+                    page_token: page_token.clone(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(ipam_err("ListAllocations"))?
+                .into_inner();
+            all.extend(page.allocations);
+            if page.next_page_token.is_empty() {
+                return Ok(all);
+            }
+            page_token = page.next_page_token;
+        }
+    }
+
+    /// Releases every allocation of this cluster whose owner is not a live, served
+    /// Service. The list is read before the cache is, so an allocation made meanwhile
+    /// belongs to a Service the cache already shows: a live one is never released.
+    async fn collect_garbage(&self) -> Result<()> {
+        let allocations = self.list_allocations().await?;
+        let live: HashSet<String> = self
+            .services
+            .state()
+            .iter()
+            .filter(|s| self.settings.classes.serves(s))
+            .filter_map(|s| s.metadata.uid.clone())
+            .collect();
+        let gone: Vec<ipam::Owner> = allocations
+            .into_iter()
+            .filter_map(|a| a.owner)
+            .filter(|o| !live.contains(&o.uid))
+            .collect();
+        if gone.is_empty() {
+            return Ok(());
+        }
+        info!(
+            count = gone.len(),
+            "releasing allocations whose Service is gone"
+        );
+        stream::iter(gone)
+            .map(|owner| async move {
+                let span = info_span!("service", namespace = %owner.namespace, name = %owner.name, uid = %owner.uid);
+                self.release(&owner.uid, "garbage collection: the Service is gone or no longer served")
+                    .instrument(span)
+                    .await?;
+                let key = ServiceKey {
+                    namespace: owner.namespace,
+                    name: owner.name,
+                };
+                let mut held = lock(&self.held);
+                if held.get(&key) == Some(&owner.uid) {
+                    held.remove(&key);
+                }
+                Ok::<_, Error>(())
+            })
+            .buffer_unordered(self.settings.workers.max(1))
+            .try_collect::<Vec<()>>()
+            .await?;
+        self.requeue_pending();
+        Ok(())
+    }
+
+    /// Addresses were freed: Services still waiting for one try again.
+    fn requeue_pending(&self) {
+        if !self.started.load(Ordering::SeqCst) {
+            return;
+        }
+        for svc in self.services.state() {
+            if self.settings.classes.serves(&svc)
+                && status_ips(&svc).is_empty()
+                && let Some(key) = ServiceKey::of(&svc)
+            {
+                self.service_queue.push(key);
+            }
+        }
+    }
+}

@@ -1,0 +1,529 @@
+//! The watcher binary against the fake API server and the real herald-ipam on Postgres.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, Instant};
+
+use common::*;
+use herald_api::routing::v1 as routing;
+use herald_api::routing::v1::routing_client::RoutingClient;
+use herald_fake_kube::{ENDPOINT_SLICES, LEASES, NODES, SERVICES, Verb};
+use serde_json::json;
+
+const LAB_POOL: &[&str] = &["172.16.0.240/28"];
+const BIG_POOL: &[&str] = &["10.20.0.0/24"];
+
+fn node(name: &str, ip: &str, ready: bool) -> serde_json::Value {
+    json!({
+        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+        "status": {
+            "addresses": [{"type": "InternalIP", "address": ip}, {"type": "Hostname", "address": name}],
+            "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}],
+        },
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lab_service_gets_its_address_and_routes_learn_its_nodes() {
+    let lab = Lab::start(&[("lab", LAB_POOL)]).await;
+    lab.fake
+        .create(NODES, node("worker-1", "192.168.1.11", true))
+        .unwrap();
+    let _w = lab.watcher("w1");
+
+    lab.fake
+        .create(SERVICES, ours("default", "lb-nginx-service"))
+        .unwrap();
+    lab.fake
+        .create(
+            ENDPOINT_SLICES,
+            json!({
+                "metadata": {"namespace": "default", "name": "lb-nginx-service-abcde",
+                             "labels": {"kubernetes.io/service-name": "lb-nginx-service"}},
+                "addressType": "IPv4",
+                "endpoints": [{"addresses": ["10.244.1.5"], "nodeName": "worker-1", "conditions": {"ready": true}}],
+            }),
+        )
+        .unwrap();
+
+    assert_eq!(
+        wait_ingress(&lab.fake, "default", "lb-nginx-service").await,
+        vec!["172.16.0.241"]
+    );
+    let cond = wait_condition(&lab.fake, "default", "lb-nginx-service", "True").await;
+    assert_eq!(cond["reason"], "IPAllocated");
+    assert_eq!(cond["message"], "allocated 172.16.0.241 from pool lab");
+    // The Event follows the status write.
+    lab.fake
+        .wait_for(WAIT, |f| {
+            (!f.events_for("default", "lb-nginx-service").is_empty()).then_some(())
+        })
+        .await;
+    let events = lab.fake.events_for("default", "lb-nginx-service");
+    assert!(
+        events
+            .iter()
+            .any(|e| e["reason"] == "IPAllocated" && e["type"] == "Normal"),
+        "no IPAllocated event: {events:?}"
+    );
+    let allocations = lab.ipam.allocations().await;
+    assert_eq!(allocations.len(), 1);
+    let owner = allocations[0].owner.clone().unwrap();
+    assert_eq!(
+        (owner.namespace.as_str(), owner.name.as_str()),
+        ("default", "lb-nginx-service")
+    );
+
+    // The node reached the routing service.
+    let mut routing = RoutingClient::connect(lab.ipam.endpoint()).await.unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let nodes = routing
+            .list_nodes(routing::ListNodesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .nodes;
+        if let Some(n) = nodes.iter().find(|n| n.name == "worker-1") {
+            assert_eq!(n.addresses, vec!["192.168.1.11"]);
+            assert!(n.ready);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "worker-1 never reached the routing service"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A deleted node is deleted there too.
+    lab.fake.delete(NODES, "", "worker-1").unwrap();
+    let deadline = Instant::now() + WAIT;
+    while routing
+        .list_nodes(routing::ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes
+        .iter()
+        .any(|n| n.name == "worker-1")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "worker-1 was never deleted from the routing service"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Deleting the Service releases its address.
+    lab.fake
+        .delete(SERVICES, "default", "lb-nginx-service")
+        .unwrap();
+    lab.ipam
+        .wait_allocations("the lab Service released", |a| a.is_empty())
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_services_at_once_get_distinct_addresses_and_free_them() {
+    let lab = Lab::start(&[("big", BIG_POOL)]).await;
+    let _w = lab.watcher("w1");
+    let started = Instant::now();
+    for i in 0..200 {
+        lab.fake
+            .create(SERVICES, ours("default", &format!("svc-{i:03}")))
+            .unwrap();
+    }
+    let all = lab
+        .fake
+        .wait_for(Duration::from_secs(120), |f| {
+            let all = all_ingress(f);
+            (all.len() == 200 && all.values().all(|ips| ips.len() == 1)).then_some(all)
+        })
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "not every Service got an address: {:?}",
+                all_ingress(&lab.fake)
+                    .values()
+                    .filter(|v| v.is_empty())
+                    .count()
+            )
+        });
+    eprintln!("200 Services served in {:?}", started.elapsed());
+    assert_distinct(all.values().flatten().cloned());
+    assert_eq!(lab.ipam.allocations().await.len(), 200);
+
+    for i in 0..200 {
+        lab.fake
+            .delete(SERVICES, "default", &format!("svc-{i:03}"))
+            .unwrap();
+    }
+    lab.ipam
+        .wait_allocations("all 200 released", |a| a.is_empty())
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarts_under_load_keep_every_address_and_release_what_was_deleted_meanwhile() {
+    let lab = Lab::start(&[("big", BIG_POOL)]).await;
+    let mut watcher = lab.watcher("w1");
+    for i in 0..50 {
+        lab.fake
+            .create(SERVICES, ours("default", &format!("a-{i:02}")))
+            .unwrap();
+    }
+    let before = lab
+        .fake
+        .wait_for(WAIT, |f| {
+            let all = all_ingress(f);
+            all.values().all(|ips| ips.len() == 1).then_some(all)
+        })
+        .await
+        .expect("the first 50 Services got addresses");
+
+    // Crash the watcher in the middle of a burst.
+    for i in 0..30 {
+        lab.fake
+            .create(SERVICES, ours("default", &format!("b-{i:02}")))
+            .unwrap();
+        if i == 10 {
+            watcher.process.kill9();
+        }
+    }
+    // While it is down: delete some, and restart the IPAM service too.
+    let deleted: Vec<String> = (0..10).map(|i| format!("a-{i:02}")).collect();
+    let deleted_uids: HashSet<String> = deleted
+        .iter()
+        .map(|n| {
+            lab.fake.get(SERVICES, "default", n).unwrap()["metadata"]["uid"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    for name in &deleted {
+        lab.fake.delete(SERVICES, "default", name).unwrap();
+    }
+    let port = lab.ipam.addr.port();
+    let db_url = lab.ipam.db_url.clone();
+    let mut lab = lab;
+    lab.ipam.process.kill9();
+    lab.ipam = Ipam::start_on(&db_url, port).await;
+    let _watcher = lab.watcher("w2");
+
+    let after = lab
+        .fake
+        .wait_for(WAIT, |f| {
+            let all = all_ingress(f);
+            (all.len() == 70 && all.values().all(|ips| ips.len() == 1)).then_some(all)
+        })
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "not every Service got an address after the restarts: {:?}",
+                all_ingress(&lab.fake)
+            )
+        });
+    for (name, ips) in &before {
+        if !deleted.contains(name) {
+            assert_eq!(
+                after.get(name),
+                Some(ips),
+                "{name} changed address across the restarts"
+            );
+        }
+    }
+    assert_distinct(after.values().flatten().cloned());
+    let allocations = lab
+        .ipam
+        .wait_allocations("deleted Services released", |a| {
+            a.len() == 70
+                && !a
+                    .iter()
+                    .any(|x| deleted_uids.contains(&x.owner.as_ref().unwrap().uid))
+        })
+        .await;
+    // One allocation per Service, and the same address the Service shows.
+    let by_name: BTreeMap<String, Vec<String>> = allocations
+        .iter()
+        .map(|a| {
+            (
+                a.owner.as_ref().unwrap().name.clone(),
+                a.ips.iter().map(|i| i.ip.clone()).collect(),
+            )
+        })
+        .collect();
+    assert_eq!(by_name, after);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_are_reported_on_the_service_and_touch_nothing_else() {
+    // 172.16.1.0/30 serves .1 and .2.
+    let lab = Lab::start(&[("small", &["172.16.1.0/30"])]).await;
+    let _w = lab.watcher("w1");
+    let foreign = svc("default", "not-ours", Some("metallb.io/metallb"));
+    lab.fake.create(SERVICES, foreign).unwrap();
+    let no_class = svc("default", "no-class", None);
+    lab.fake.create(SERVICES, no_class).unwrap();
+
+    lab.fake
+        .create(
+            SERVICES,
+            with_annotation(
+                ours("default", "a"),
+                "herald.io/load-balancer-ips",
+                "172.16.1.1",
+            ),
+        )
+        .unwrap();
+    assert_eq!(
+        wait_ingress(&lab.fake, "default", "a").await,
+        vec!["172.16.1.1"]
+    );
+    let writes_to_a = lab.fake.writes_to(SERVICES, "default", "a");
+
+    // Requested IP taken.
+    lab.fake
+        .create(
+            SERVICES,
+            with_annotation(
+                ours("default", "b"),
+                "metallb.io/loadBalancerIPs",
+                "172.16.1.1",
+            ),
+        )
+        .unwrap();
+    let cond = wait_condition(&lab.fake, "default", "b", "False").await;
+    assert_eq!(cond["reason"], "RequestedIPTaken", "{cond}");
+    assert!(
+        cond["message"].as_str().unwrap().contains("172.16.1.1"),
+        "{cond}"
+    );
+    assert!(ingress_ips(&lab.fake.get(SERVICES, "default", "b").unwrap()).is_empty());
+
+    // The last free address, then none.
+    lab.fake.create(SERVICES, ours("default", "c")).unwrap();
+    assert_eq!(
+        wait_ingress(&lab.fake, "default", "c").await,
+        vec!["172.16.1.2"]
+    );
+    lab.fake.create(SERVICES, ours("default", "d")).unwrap();
+    let cond = wait_condition(&lab.fake, "default", "d", "False").await;
+    assert_eq!(cond["reason"], "PoolExhausted", "{cond}");
+
+    for (name, reason) in [("b", "RequestedIPTaken"), ("d", "PoolExhausted")] {
+        let events = lab.fake.events_for("default", name);
+        assert!(
+            events.iter().any(|e| e["reason"] == "AllocationFailed"
+                && e["type"] == "Warning"
+                && e["message"].as_str().is_some()),
+            "{name}: no AllocationFailed event ({reason}): {events:?}"
+        );
+    }
+
+    // Let the watcher settle, then check what it never touched.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        lab.fake
+            .get(SERVICES, "default", "a")
+            .map(|s| ingress_ips(&s)),
+        Some(vec!["172.16.1.1".to_string()])
+    );
+    assert_eq!(
+        lab.fake.writes_to(SERVICES, "default", "a"),
+        writes_to_a,
+        "a was written again"
+    );
+    for name in ["not-ours", "no-class"] {
+        assert_eq!(
+            lab.fake.writes_to(SERVICES, "default", name),
+            0,
+            "{name} was written"
+        );
+        assert!(
+            lab.fake.events_for("default", name).is_empty(),
+            "{name} got events"
+        );
+        assert!(
+            lab.fake
+                .get(SERVICES, "default", name)
+                .unwrap()
+                .get("status")
+                .is_none()
+        );
+    }
+    let owners: HashSet<String> = lab
+        .ipam
+        .allocations()
+        .await
+        .iter()
+        .map(|a| a.owner.clone().unwrap().name)
+        .collect();
+    assert_eq!(owners, HashSet::from(["a".to_string(), "c".to_string()]));
+
+    // A freed address goes to a Service that waits for it (d, which would take any
+    // address, goes first so that b's is the only request).
+    lab.fake.delete(SERVICES, "default", "d").unwrap();
+    lab.fake.delete(SERVICES, "default", "a").unwrap();
+    let cond = wait_condition(&lab.fake, "default", "b", "True").await;
+    assert_eq!(cond["reason"], "IPAllocated");
+    assert_eq!(
+        wait_ingress(&lab.fake, "default", "b").await,
+        vec!["172.16.1.1"]
+    );
+
+    // Changing the requested address releases the old one first (allocations never
+    // move): c asks for b's address and loses its own.
+    lab.fake
+        .patch(
+            SERVICES,
+            "default",
+            "c",
+            &json!({"metadata": {"annotations": {"herald.io/load-balancer-ips": "172.16.1.1"}}}),
+        )
+        .unwrap();
+    let cond = wait_condition(&lab.fake, "default", "c", "False").await;
+    assert_eq!(cond["reason"], "RequestedIPTaken", "{cond}");
+    lab.ipam
+        .wait_allocations("c's old address released", |a| {
+            !a.iter().any(|x| x.ips.iter().any(|i| i.ip == "172.16.1.2"))
+        })
+        .await;
+    assert!(ingress_ips(&lab.fake.get(SERVICES, "default", "c").unwrap()).is_empty());
+    // Once b is gone, c gets what it asked for.
+    lab.fake.delete(SERVICES, "default", "b").unwrap();
+    wait_condition(&lab.fake, "default", "c", "True").await;
+    assert_eq!(
+        wait_ingress(&lab.fake, "default", "c").await,
+        vec!["172.16.1.1"]
+    );
+
+    // A Service that stops being a LoadBalancer is released and its status cleared.
+    lab.fake
+        .patch(
+            SERVICES,
+            "default",
+            "c",
+            &json!({"spec": {"type": "ClusterIP", "loadBalancerClass": null}}),
+        )
+        .unwrap();
+    lab.ipam
+        .wait_allocations("c released after its type changed", |a| {
+            !a.iter().any(|x| x.owner.as_ref().unwrap().name == "c")
+        })
+        .await;
+    lab.fake
+        .wait_for(WAIT, |f| {
+            condition(&f.get(SERVICES, "default", "c")?)
+                .is_none()
+                .then_some(())
+        })
+        .await
+        .expect("c's condition removed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_410_gone_watch_makes_the_watcher_list_again_and_carry_on() {
+    let lab = Lab::start(&[("lab", LAB_POOL)]).await;
+    let _w = lab.watcher("w1");
+    lab.fake.create(SERVICES, ours("default", "first")).unwrap();
+    wait_ingress(&lab.fake, "default", "first").await;
+    let lists_before = lab.fake.count(Verb::List, SERVICES);
+
+    // History gone and every watch ended with 410; changes made meanwhile must still be seen.
+    lab.fake.compact_and_expire();
+    lab.fake.delete(SERVICES, "default", "first").unwrap();
+    lab.fake
+        .create(SERVICES, ours("default", "second"))
+        .unwrap();
+
+    wait_ingress(&lab.fake, "default", "second").await;
+    lab.ipam
+        .wait_allocations("first released, second held", |a| {
+            a.len() == 1 && a[0].owner.as_ref().unwrap().name == "second"
+        })
+        .await;
+    assert!(
+        lab.fake.count(Verb::List, SERVICES) > lists_before,
+        "the watcher never listed again"
+    );
+    let gone_watches = lab
+        .fake
+        .requests()
+        .iter()
+        .filter(|r| r.verb == Verb::Watch && r.resource == "services")
+        .count();
+    assert!(gone_watches >= 2, "the watcher never watched again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_lease_holder_writes_and_a_standby_takes_over() {
+    let lab = Lab::start(&[("lab", LAB_POOL)]).await;
+    let holder = |fake: &herald_fake_kube::FakeKube| {
+        fake.get(LEASES, "herald-system", "herald-cluster-watcher")
+            .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_string))
+    };
+    let mut w1 = lab.watcher("w1");
+    lab.fake
+        .wait_for(WAIT, |f| (holder(f).as_deref() == Some("w1")).then_some(()))
+        .await
+        .expect("w1 took the lease");
+    let _w2 = lab.watcher("w2");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        holder(&lab.fake).as_deref(),
+        Some("w1"),
+        "w2 took the lease from a live holder"
+    );
+
+    lab.fake.create(SERVICES, ours("default", "one")).unwrap();
+    assert_eq!(
+        wait_ingress(&lab.fake, "default", "one").await,
+        vec!["172.16.0.241"]
+    );
+    let reporters = |fake: &herald_fake_kube::FakeKube| -> HashSet<String> {
+        fake.events()
+            .iter()
+            .filter_map(|e| e["reportingInstance"].as_str().map(str::to_string))
+            .collect()
+    };
+    assert_eq!(reporters(&lab.fake), HashSet::from(["w1".to_string()]));
+
+    // The leader dies without handing the lease back.
+    let killed = Instant::now();
+    w1.process.kill9();
+    lab.fake
+        .wait_for(Duration::from_secs(15), |f| {
+            (holder(f).as_deref() == Some("w2")).then_some(())
+        })
+        .await
+        .expect("w2 took over within 15 s");
+    eprintln!("w2 took the lease {:?} after w1 died", killed.elapsed());
+    lab.fake.create(SERVICES, ours("default", "two")).unwrap();
+    let two = wait_ingress(&lab.fake, "default", "two").await;
+    assert!(
+        two.len() == 1 && two[0].starts_with("172.16.0.") && two[0] != "172.16.0.241",
+        "{two:?}"
+    );
+    assert_eq!(
+        wait_ingress(&lab.fake, "default", "one").await,
+        vec!["172.16.0.241"]
+    );
+    lab.fake
+        .wait_for(WAIT, |f| {
+            (!f.events_for("default", "two").is_empty()).then_some(())
+        })
+        .await;
+    assert_eq!(
+        reporters(&lab.fake),
+        HashSet::from(["w1".to_string(), "w2".to_string()])
+    );
+    let two_events = lab.fake.events_for("default", "two");
+    assert!(
+        !two_events.is_empty() && two_events.iter().all(|e| e["reportingInstance"] == "w2"),
+        "{two_events:?}"
+    );
+}
