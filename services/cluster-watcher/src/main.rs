@@ -19,4 +19,3 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn(herald_telemetry::cancel_on_signal(shutdown.clone()));
     herald_cluster_watcher::run(args.config, shutdown).await
 }
-
