@@ -13,7 +13,7 @@ use herald_routes::{BgpPolicy, Node, NodeRoutes, Plan, ServiceFacts};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast::error::RecvError;
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -79,7 +79,6 @@ pub struct RouteEngine {
     published: Mutex<HashMap<String, watch::Sender<Option<Arc<NodeSnapshot>>>>>,
     last_plan: Mutex<Arc<Plan>>,
     reports: Mutex<BTreeMap<String, (SpeakerReport, i64)>>,
-    dirty: Notify,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -143,7 +142,6 @@ impl RouteEngine {
             published: Mutex::new(HashMap::new()),
             last_plan: Mutex::new(Arc::new(Plan::default())),
             reports: Mutex::new(reports),
-            dirty: Notify::new(),
         }))
     }
 
@@ -167,14 +165,18 @@ impl RouteEngine {
         lock(&self.reports).insert(node.to_string(), (report, at));
     }
 
-    /// Which owner holds `ip`, for status output.
-    pub fn owner_of_prefix(&self, prefix: &IpNet) -> Option<Owner> {
+    /// The owner of every allocated address, as host prefixes, for status output.
+    pub fn owners_by_prefix(&self) -> HashMap<IpNet, Owner> {
         let inputs = lock(&self.inputs);
         inputs
             .allocations
             .values()
-            .find(|h| h.ips.iter().any(|a| IpNet::from(a.ip) == *prefix))
-            .map(|h| h.owner.clone())
+            .flat_map(|h| {
+                h.ips
+                    .iter()
+                    .map(move |a| (IpNet::from(a.ip), h.owner.clone()))
+            })
+            .collect()
     }
 
     /// The snapshots of `node`, starting with the current one (`None` until the first
@@ -187,16 +189,11 @@ impl RouteEngine {
             .subscribe()
     }
 
-    /// Asks for a recomputation soon.
-    pub fn poke(&self) {
-        self.dirty.notify_one();
-    }
-
     /// Applies one change from the feed. Documents are re-read from the store, so applying
     /// an event twice or late leaves the latest state.
-    async fn apply(&self, store: &Store, event: &Event) -> Result<bool, StoreError> {
+    async fn apply(&self, store: &Store, event: &Event) -> Result<(), StoreError> {
         let revision = event.revision();
-        let changed = match event {
+        match event {
             Event::Assigned(entry, _) => {
                 let mut inputs = lock(&self.inputs);
                 let held = inputs
@@ -214,7 +211,6 @@ impl RouteEngine {
                     held.ips.push(AssignedIp { ip: entry.ip, pool });
                 }
                 held.at = held.at.max(entry.at);
-                true
             }
             Event::Released(entry, _) => {
                 debug_assert_eq!(entry.action, HistoryAction::Released);
@@ -225,7 +221,6 @@ impl RouteEngine {
                         inputs.allocations.remove(&entry.owner.uid);
                     }
                 }
-                true
             }
             Event::NodeChanged { node, .. } | Event::NodeDeleted { node, .. } => {
                 let doc = store.load_node(node).await?;
@@ -234,7 +229,6 @@ impl RouteEngine {
                     Some(doc) => inputs.nodes.insert(node.clone(), decode(&doc)?),
                     None => inputs.nodes.remove(node),
                 };
-                true
             }
             Event::EndpointsChanged { owner_uid, .. } => {
                 let doc = store.load_endpoint(owner_uid).await?;
@@ -245,19 +239,17 @@ impl RouteEngine {
                         .insert(owner_uid.clone(), (decode(&doc)?, doc.updated_at)),
                     None => inputs.endpoints.remove(owner_uid),
                 };
-                true
             }
             Event::PolicyChanged { .. } => {
                 let doc = store.load_policy().await?;
                 lock(&self.inputs).policy = doc.as_ref().map(decode).transpose()?;
-                true
             }
             // Pool changes matter for aggregation lengths; the pools come from the index.
-            Event::PoolChanged { .. } | Event::PoolDeleted { .. } => true,
-        };
+            Event::PoolChanged { .. } | Event::PoolDeleted { .. } => {}
+        }
         let mut inputs = lock(&self.inputs);
         inputs.revision = inputs.revision.max(revision);
-        Ok(changed)
+        Ok(())
     }
 
     /// Recomputes every node and publishes the ones whose set changed.
@@ -375,10 +367,9 @@ pub async fn run(engine: Arc<RouteEngine>, ipam: Arc<Ipam>, shutdown: Cancellati
     loop {
         let first = tokio::select! {
             () = shutdown.cancelled() => return,
-            () = engine.dirty.notified() => None,
-            event = events.recv() => Some(event),
+            event = events.recv() => event,
         };
-        let mut pending = first.into_iter().collect::<Vec<_>>();
+        let mut pending = vec![first];
         // Take whatever else arrives within the coalescing window, bounded in count.
         let deadline = tokio::time::Instant::now() + COALESCE;
         while pending.len() < 10_000 {

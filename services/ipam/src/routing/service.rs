@@ -217,7 +217,6 @@ impl RoutingRpc for RoutingService {
                 "node {node:?} is not registered; UpsertNode it first"
             )));
         }
-        ready.engine.poke();
         let mut snapshots = ready.engine.subscribe(&node);
         let engine = Arc::clone(&ready.engine);
         let shutdown = self.shutdown.clone();
@@ -325,6 +324,7 @@ impl RoutingRpc for RoutingService {
         } = request.into_inner();
         let plan = ready.engine.last_plan();
         let reports = ready.engine.reports();
+        let owners = ready.engine.owners_by_prefix();
         let mut entries = Vec::new();
         for (node, routes) in &plan.nodes {
             if !node_filter.is_empty() && node != &node_filter {
@@ -344,7 +344,7 @@ impl RoutingRpc for RoutingService {
                     let owner = prefix
                         .parse()
                         .ok()
-                        .and_then(|p| ready.engine.owner_of_prefix(&p));
+                        .and_then(|p: ipnet::IpNet| owners.get(&p).cloned());
                     if !owner_uid.is_empty() && owner.as_ref().is_none_or(|o| o.uid != owner_uid) {
                         continue;
                     }
