@@ -71,7 +71,44 @@ struct Inputs {
     endpoints: BTreeMap<String, (Endpoints, i64)>,
     policy: Option<BgpPolicy>,
     allocations: BTreeMap<String, Held>,
+    /// Host prefix → owner uid, to find where a route came from without a scan.
+    owner_of: HashMap<IpNet, String>,
+    /// When the newest applied change was made (unix µs): the provenance of aggregates.
+    last_change_at: i64,
     revision: i64,
+}
+
+impl Inputs {
+    fn hold(&mut self, owner: Owner, ips: Vec<AssignedIp>, traffic_policy: TrafficPolicy, at: i64) {
+        for a in &ips {
+            self.owner_of.insert(IpNet::from(a.ip), owner.uid.clone());
+        }
+        self.allocations.insert(
+            owner.uid.clone(),
+            Held {
+                owner,
+                ips,
+                traffic_policy,
+                at,
+            },
+        );
+    }
+
+    /// (traceparent, changed_at) of the change that last touched `prefix`: its owner's
+    /// allocation or endpoints for a host route, the newest change for an aggregate.
+    fn provenance(&self, prefix: &IpNet) -> (String, i64) {
+        let held = self
+            .owner_of
+            .get(prefix)
+            .and_then(|uid| self.allocations.get(uid).map(|h| (uid, h)));
+        match held {
+            Some((uid, held)) => match self.endpoints.get(uid) {
+                Some((e, at)) if *at >= held.at => (e.traceparent.clone(), *at),
+                _ => (String::new(), held.at),
+            },
+            None => (String::new(), self.last_change_at),
+        }
+    }
 }
 
 pub struct RouteEngine {
@@ -94,6 +131,7 @@ impl RouteEngine {
     pub async fn load(store: &Store, revision: i64) -> Result<Arc<Self>, StoreError> {
         let mut inputs = Inputs {
             revision,
+            last_change_at: herald_ipam_store::now_micros(),
             ..Default::default()
         };
         for doc in store.load_nodes().await? {
@@ -118,15 +156,7 @@ impl RouteEngine {
                 )
                 .await?;
             for a in page {
-                inputs.allocations.insert(
-                    a.owner.uid.clone(),
-                    Held {
-                        owner: a.owner,
-                        ips: a.ips,
-                        traffic_policy: a.traffic_policy,
-                        at: a.created_at,
-                    },
-                );
+                inputs.hold(a.owner, a.ips, a.traffic_policy, a.created_at);
             }
             match next {
                 Some(next) => token = next,
@@ -211,6 +241,9 @@ impl RouteEngine {
                     held.ips.push(AssignedIp { ip: entry.ip, pool });
                 }
                 held.at = held.at.max(entry.at);
+                inputs
+                    .owner_of
+                    .insert(IpNet::from(entry.ip), entry.owner.uid.clone());
             }
             Event::Released(entry, _) => {
                 debug_assert_eq!(entry.action, HistoryAction::Released);
@@ -220,6 +253,10 @@ impl RouteEngine {
                     if held.ips.is_empty() {
                         inputs.allocations.remove(&entry.owner.uid);
                     }
+                }
+                let prefix = IpNet::from(entry.ip);
+                if inputs.owner_of.get(&prefix) == Some(&entry.owner.uid) {
+                    inputs.owner_of.remove(&prefix);
                 }
             }
             Event::NodeChanged { node, .. } | Event::NodeDeleted { node, .. } => {
@@ -249,36 +286,41 @@ impl RouteEngine {
         }
         let mut inputs = lock(&self.inputs);
         inputs.revision = inputs.revision.max(revision);
+        inputs.last_change_at = inputs.last_change_at.max(herald_ipam_store::now_micros());
         Ok(())
     }
 
     /// Recomputes every node and publishes the ones whose set changed.
     fn recompute(&self, ipam: &Ipam) {
-        let pools: Vec<herald_model::PoolSpec> =
-            ipam.index().pools().map(|(spec, _)| spec.clone()).collect();
         let inputs = lock(&self.inputs);
         let nodes: Vec<Node> = inputs.nodes.values().cloned().collect();
-        let services: Vec<ServiceFacts> = inputs
-            .allocations
-            .iter()
-            .map(|(uid, held)| {
-                let endpoints = inputs.endpoints.get(uid).map(|(e, _)| e);
-                ServiceFacts {
-                    owner: held.owner.clone(),
-                    traffic_policy: endpoints
-                        .and_then(|e| e.traffic_policy)
-                        .unwrap_or(held.traffic_policy),
-                    nodes_with_ready_endpoints: endpoints
-                        .map(|e| e.nodes.clone())
-                        .unwrap_or_default(),
-                    ips: held.ips.clone(),
-                }
-            })
-            .collect();
         let plan = match &inputs.policy {
-            Some(policy) => herald_routes::plan(&nodes, &services, policy, &pools),
-            // No policy yet: every node is known and has nothing to do.
-            None => Plan {
+            // Building the Services' facts costs a pass over every allocation; with no
+            // node to announce them there is nothing to build them for.
+            Some(policy) if !nodes.is_empty() => {
+                let pools: Vec<herald_model::PoolSpec> =
+                    ipam.index().pools().map(|(spec, _)| spec.clone()).collect();
+                let services: Vec<ServiceFacts> = inputs
+                    .allocations
+                    .iter()
+                    .map(|(uid, held)| {
+                        let endpoints = inputs.endpoints.get(uid).map(|(e, _)| e);
+                        ServiceFacts {
+                            owner: held.owner.clone(),
+                            traffic_policy: endpoints
+                                .and_then(|e| e.traffic_policy)
+                                .unwrap_or(held.traffic_policy),
+                            nodes_with_ready_endpoints: endpoints
+                                .map(|e| e.nodes.clone())
+                                .unwrap_or_default(),
+                            ips: held.ips.clone(),
+                        }
+                    })
+                    .collect();
+                herald_routes::plan(&nodes, &services, policy, &pools)
+            }
+            // No policy (or no node): every known node has nothing to do.
+            _ => Plan {
                 nodes: nodes
                     .iter()
                     .map(|n| (n.name.clone(), NodeRoutes::default()))
@@ -286,76 +328,54 @@ impl RouteEngine {
                 ..Plan::default()
             },
         };
-        // Provenance: a host route comes from its owner's latest allocation or endpoints
-        // change; an aggregate from the latest of anything it covers.
-        let mut by_ip: BTreeMap<IpNet, (String, i64)> = BTreeMap::new();
-        let mut latest = (String::new(), 0i64);
-        for (uid, held) in &inputs.allocations {
-            let (trace, at) = match inputs.endpoints.get(uid) {
-                Some((e, at)) if *at >= held.at => (e.traceparent.clone(), *at),
-                _ => (String::new(), held.at),
-            };
-            if at > latest.1 {
-                latest = (trace.clone(), at);
-            }
-            for a in &held.ips {
-                by_ip.insert(IpNet::from(a.ip), (trace.clone(), at));
-            }
-        }
-        let revision = inputs.revision;
-        drop(inputs);
-
         let mut published = lock(&self.published);
         for (name, routes) in &plan.nodes {
             let sender = published
                 .entry(name.clone())
                 .or_insert_with(|| watch::channel(None).0);
-            publish(sender, name, revision, routes.clone(), &by_ip, &latest);
+            publish(sender, name, &inputs, routes);
         }
         // Nodes that are gone get an empty set: everything they announced is withdrawn.
+        let gone = NodeRoutes::default();
         for (name, sender) in published.iter() {
             if !plan.nodes.contains_key(name) {
-                publish(
-                    sender,
-                    name,
-                    revision,
-                    NodeRoutes::default(),
-                    &by_ip,
-                    &latest,
-                );
+                publish(sender, name, &inputs, &gone);
             }
         }
         drop(published);
+        drop(inputs);
         *lock(&self.last_plan) = Arc::new(plan);
     }
 }
 
+/// Sends `routes` to `node`'s subscribers unless it is what they already have.
 fn publish(
     sender: &watch::Sender<Option<Arc<NodeSnapshot>>>,
     node: &str,
-    revision: i64,
-    routes: NodeRoutes,
-    by_ip: &BTreeMap<IpNet, (String, i64)>,
-    latest: &(String, i64),
+    inputs: &Inputs,
+    routes: &NodeRoutes,
 ) {
-    let unchanged = sender.borrow().as_ref().is_some_and(|s| s.routes == routes);
+    let unchanged = sender
+        .borrow()
+        .as_ref()
+        .is_some_and(|s| s.routes == *routes);
     if unchanged {
         return;
     }
     let provenance = routes
         .prefixes()
         .into_iter()
-        .map(|p| (p, by_ip.get(&p).cloned().unwrap_or_else(|| latest.clone())))
+        .map(|p| (p, inputs.provenance(&p)))
         .collect();
     debug!(
         node,
-        revision,
+        revision = inputs.revision,
         prefixes = routes.prefixes().len(),
         "new route set"
     );
     sender.send_replace(Some(Arc::new(NodeSnapshot {
-        revision,
-        routes,
+        revision: inputs.revision,
+        routes: routes.clone(),
         provenance,
     })));
 }
