@@ -12,6 +12,7 @@ use tracing::{debug, info};
 
 use crate::IpamError;
 use crate::feed::Feed;
+use crate::writer::Writer;
 
 /// Attempts per Allocate before giving up with ABORTED. Each lost race teaches the index
 /// the winner's address, so more than a couple of attempts means heavy contention.
@@ -21,6 +22,7 @@ pub const MAX_BATCH: usize = 1000;
 
 pub struct Ipam {
     store: Store,
+    writer: Writer,
     index: Mutex<PoolIndex>,
     feed: Feed,
 }
@@ -32,6 +34,7 @@ impl Ipam {
         let last_revision = store.last_revision().await?;
         let index = load_index(&store).await?;
         Ok(Arc::new(Self {
+            writer: Writer::start(store.clone()),
             store,
             index: Mutex::new(index),
             feed: Feed::new(last_revision),
@@ -100,7 +103,7 @@ impl Ipam {
                 self.index().abort(&plan);
                 return Ok(merge(req, existing, &plan, 0));
             }
-            match self.store.commit(&todo.request, &plan).await {
+            match self.writer.commit(&todo.request, &plan).await {
                 Ok(_) => {
                     self.feed.wake();
                     debug!(ips = ?plan.items.iter().map(|i| i.ip).collect::<Vec<_>>(), "allocated");

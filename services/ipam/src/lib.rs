@@ -7,6 +7,7 @@ mod feed;
 mod ipam;
 mod routing;
 mod service;
+mod writer;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};

@@ -1,0 +1,74 @@
+//! Group commit: Allocate calls that arrive while a write is in flight are written
+//! together, in one transaction of multi-row statements, as soon as that write is done.
+//! A lone call is written at once, so a quiet server adds no latency; a busy one turns
+//! many commits into one, which is what lets Allocate keep pace with a plain INSERT.
+
+use herald_ipam_core::Plan;
+use herald_ipam_store::{CommitError, Store, StoreError};
+use herald_model::AllocationRequest;
+use tokio::sync::{mpsc, oneshot};
+
+/// Most plans written in one group: large enough to absorb any burst of concurrent
+/// calls, small enough that one group's statement stays short.
+const MAX_GROUP: usize = 256;
+/// Calls that may wait for the writer before senders wait too.
+const QUEUE: usize = 4096;
+
+struct Pending {
+    request: AllocationRequest,
+    plan: Plan,
+    reply: oneshot::Sender<Result<i64, CommitError>>,
+}
+
+#[derive(Clone)]
+pub struct Writer {
+    queue: mpsc::Sender<Pending>,
+}
+
+impl Writer {
+    /// Starts the writing task; it ends when the last `Writer` is dropped.
+    pub fn start(store: Store) -> Self {
+        let (queue, receiver) = mpsc::channel(QUEUE);
+        tokio::spawn(write_groups(store, receiver));
+        Self { queue }
+    }
+
+    /// Writes `plan` for `request`, together with whatever else is waiting.
+    pub async fn commit(
+        &self,
+        request: &AllocationRequest,
+        plan: &Plan,
+    ) -> Result<i64, CommitError> {
+        let (reply, answer) = oneshot::channel();
+        let pending = Pending {
+            request: request.clone(),
+            plan: plan.clone(),
+            reply,
+        };
+        let gone = || {
+            CommitError::Store(StoreError::Config(
+                "the store writer has stopped (shutting down)".into(),
+            ))
+        };
+        self.queue.send(pending).await.map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+}
+
+async fn write_groups(store: Store, mut receiver: mpsc::Receiver<Pending>) {
+    let mut group = Vec::with_capacity(MAX_GROUP);
+    // Bounded by the senders: the loop ends when every `Writer` is gone.
+    while receiver.recv_many(&mut group, MAX_GROUP).await > 0 {
+        let results = if let [one] = group.as_slice() {
+            vec![store.commit(&one.request, &one.plan).await]
+        } else {
+            let batch: Vec<(&AllocationRequest, &Plan)> =
+                group.iter().map(|p| (&p.request, &p.plan)).collect();
+            store.commit_batch(&batch).await
+        };
+        for (pending, result) in group.drain(..).zip(results) {
+            // The caller may have gone; its allocation stands either way.
+            let _ = pending.reply.send(result);
+        }
+    }
+}
