@@ -81,7 +81,7 @@ impl Common {
         IpamServer::start(&self.ipam_bin, &db.url, &self.log_dir, self.poll).await
     }
 
-    fn print_header(&self, title: &str) {
+    pub(crate) fn print_header(&self, title: &str) {
         report::header(title);
         self.machine.print();
     }

@@ -5,10 +5,13 @@
 //! ratio next to the absolute numbers (see `BENCHMARKS.md`).
 
 pub mod benches;
+pub mod bgp;
 pub mod cpu;
 pub mod ipam;
 pub mod machine;
 pub mod pg;
+pub mod pipeline;
 pub mod report;
 pub mod runner;
+pub mod speakers;
 pub mod stats;

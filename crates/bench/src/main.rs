@@ -8,7 +8,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use herald_bench::benches::{self, Common};
-use herald_bench::{ipam, machine::Machine, pg};
+use herald_bench::speakers::EngineChildArgs;
+use herald_bench::{bgp, ipam, machine::Machine, pg, pipeline};
 use serde_json::{Map, Value};
 
 /// Where the bench creates its databases unless told otherwise: the same server the test
@@ -34,6 +35,10 @@ const DEFAULT_FULL_CLIENTS: usize = 8;
 const DEFAULT_BURST_SIZE: u64 = 100;
 const DEFAULT_BURST_BATCHES: u64 = 50;
 const DEFAULT_RESTART_ALLOCATIONS: u64 = 10_000;
+/// Bound on any one wait for a ToR to converge (100k routes take GoBGP ~12 s).
+const DEFAULT_BGP_TIMEOUT_S: u64 = 180;
+const DEFAULT_WITHDRAW_REPEATS: u32 = 50;
+const DEFAULT_WITHDRAW_BULK: u32 = 10_000;
 
 #[derive(Debug, Parser)]
 #[command(name = "herald-bench", version, about)]
@@ -88,8 +93,19 @@ enum Bench {
     AllocBurst(BurstArgs),
     /// Time to SERVING after kill -9 with allocations persisted, and reassignments.
     Restart(RestartArgs),
-    /// Every benchmark above, in sequence, with their defaults.
+    /// Every IPAM benchmark above, in sequence, with their defaults.
     All,
+    /// N /32s announced to a GoBGP ToR: Herald's engine vs GoBGP as the speaker.
+    Advertise(AdvertiseArgs),
+    /// Withdraw 1 / many prefixes and lose the session: engine vs GoBGP speaker.
+    Withdraw(WithdrawArgs),
+    /// WatchNodeRoutes delivery to 1,000 subscribers under ~100 route changes/s.
+    Fanout(FanoutArgs),
+    /// Allocate (or a Kubernetes Service) until a GoBGP ToR holds the route from both nodes.
+    E2e(E2eArgs),
+    /// Internal: one engine session driven over stdin (used by advertise/withdraw).
+    #[command(hide = true)]
+    EngineChild(EngineChildArgs),
     /// Diagnostic: gRPC health check vs dry-run Allocate vs Allocate on one server.
     Floor(AllocArgs),
 }
@@ -140,6 +156,59 @@ struct RestartArgs {
     pool: String,
 }
 
+#[derive(Debug, Args)]
+struct AdvertiseArgs {
+    /// Route counts announced, each to a fresh ToR.
+    #[arg(long, value_delimiter = ',', default_values_t = [10_000, 100_000])]
+    sizes: Vec<u32>,
+    /// Seconds any one convergence wait may take.
+    #[arg(long, default_value_t = DEFAULT_BGP_TIMEOUT_S)]
+    timeout: u64,
+}
+
+#[derive(Debug, Args)]
+struct WithdrawArgs {
+    /// Single-prefix withdraws timed.
+    #[arg(long, default_value_t = DEFAULT_WITHDRAW_REPEATS)]
+    repeats: u32,
+    /// Prefixes withdrawn at once.
+    #[arg(long, default_value_t = DEFAULT_WITHDRAW_BULK)]
+    bulk: u32,
+    /// Skip the frozen-speaker (hold timer) scenario, ~10 s per speaker.
+    #[arg(long)]
+    no_freeze: bool,
+    #[arg(long, default_value_t = DEFAULT_BGP_TIMEOUT_S)]
+    timeout: u64,
+}
+
+#[derive(Debug, Args)]
+struct FanoutArgs {
+    #[arg(long, default_value_t = 1000)]
+    subscribers: usize,
+    /// HTTP/2 connections the streams share.
+    #[arg(long, default_value_t = 8)]
+    channels: usize,
+    /// Route changes per second (each an Allocate or a Release); --duration bounds the phase.
+    #[arg(long, default_value_t = 100.0)]
+    rate: f64,
+}
+
+#[derive(Debug, Args)]
+struct E2eArgs {
+    /// Services allocated one by one.
+    #[arg(long, default_value_t = 1000)]
+    count: u64,
+    /// Services allocated at once (at most 1,000: one AllocateBatch).
+    #[arg(long, default_value_t = 1000)]
+    burst: u64,
+    /// Also run the Kubernetes-driven half (fake API server + herald-cluster-watcher).
+    #[arg(long)]
+    kube: bool,
+    /// Run only the Kubernetes-driven half.
+    #[arg(long)]
+    kube_only: bool,
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -151,13 +220,26 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let global = cli.global;
-    // pg-ceiling alone runs without herald-ipam.
+    if let Bench::EngineChild(args) = cli.bench {
+        return bgp_child(args).await;
+    }
+    // pg-ceiling and the BGP benchmarks run without herald-ipam.
     let ipam_bin = match cli.bench {
-        Bench::PgCeiling(_) => global.ipam_bin.clone().unwrap_or_default(),
+        Bench::PgCeiling(_) | Bench::Advertise(_) | Bench::Withdraw(_) => {
+            global.ipam_bin.clone().unwrap_or_default()
+        }
         _ => ipam::find_binary(global.ipam_bin.as_deref())?,
     };
     let mut machine = Machine::host();
-    pg::describe_server(&global.database_url, &mut machine).await?;
+    match cli.bench {
+        // The BGP benchmarks do not use Postgres; the machine line says so if it is down.
+        Bench::Advertise(_) | Bench::Withdraw(_) => {
+            if let Err(e) = pg::describe_server(&global.database_url, &mut machine).await {
+                machine.postgres = format!("postgres unavailable ({e})");
+            }
+        }
+        _ => pg::describe_server(&global.database_url, &mut machine).await?,
+    }
     let log_dir = tempfile::Builder::new()
         .prefix("herald-bench-")
         .tempdir()
@@ -201,6 +283,41 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             "restart",
             json(benches::restart(&common, a.allocations, &a.pool).await),
         )?,
+        Bench::Advertise(a) => put(
+            "advertise",
+            json(bgp::advertise(&common, &a.sizes, Duration::from_secs(a.timeout)).await),
+        )?,
+        Bench::Withdraw(a) => put(
+            "withdraw",
+            json(
+                bgp::withdraw(
+                    &common,
+                    a.repeats,
+                    a.bulk,
+                    !a.no_freeze,
+                    Duration::from_secs(a.timeout),
+                )
+                .await,
+            ),
+        )?,
+        Bench::Fanout(a) => put(
+            "fanout",
+            json(
+                pipeline::fanout(&common, a.subscribers, a.channels, a.rate, common.duration).await,
+            ),
+        )?,
+        Bench::E2e(a) => {
+            if !a.kube_only {
+                put("e2e", json(pipeline::e2e(&common, a.count, a.burst).await))?;
+            }
+            if a.kube || a.kube_only {
+                put(
+                    "e2e-kube",
+                    json(pipeline::e2e_kube(&common, a.count, a.burst).await),
+                )?;
+            }
+        }
+        Bench::EngineChild(_) => {}
         Bench::Floor(a) => put(
             "floor",
             json(benches::floor(&common, &a.clients, &a.pool).await),
@@ -257,6 +374,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         println!("\nfigures written to {}", path.display());
     }
     Ok(())
+}
+
+async fn bgp_child(args: EngineChildArgs) -> anyhow::Result<()> {
+    herald_bench::speakers::engine_child(args).await
 }
 
 fn json<T: serde::Serialize>(result: anyhow::Result<T>) -> anyhow::Result<Value> {
