@@ -68,15 +68,26 @@ async fn write_groups(store: Store, receiver: Arc<Mutex<mpsc::Receiver<Pending>>
     // Bounded by the senders: the loop ends when every `Writer` is gone. The lock is held
     // only while taking a group, never while writing it.
     while receiver.lock().await.recv_many(&mut group, MAX_GROUP).await > 0 {
-        let results = if let [one] = group.as_slice() {
+        // Two calls for one owner in one group would fail the whole group on the
+        // owner's key (and, on Postgres, burn history revisions the change feed then
+        // waits out); the repeats are written after the group, one by one.
+        let mut owners = std::collections::HashSet::new();
+        let (first, repeats): (Vec<Pending>, Vec<Pending>) = group
+            .drain(..)
+            .partition(|p| owners.insert(p.request.owner.uid.clone()));
+        let results = if let [one] = first.as_slice() {
             vec![store.commit(&one.request, &one.plan).await]
         } else {
             let batch: Vec<(&AllocationRequest, &Plan)> =
-                group.iter().map(|p| (&p.request, &p.plan)).collect();
+                first.iter().map(|p| (&p.request, &p.plan)).collect();
             store.commit_batch(&batch).await
         };
-        for (pending, result) in group.drain(..).zip(results) {
+        for (pending, result) in first.into_iter().zip(results) {
             // The caller may have gone; its allocation stands either way.
+            let _ = pending.reply.send(result);
+        }
+        for pending in repeats {
+            let result = store.commit(&pending.request, &pending.plan).await;
             let _ = pending.reply.send(result);
         }
     }
