@@ -618,6 +618,23 @@ impl Store {
         rows.iter().map(rows::event_from_row).collect()
     }
 
+    /// Postgres: the oldest transaction id still running and the next one to be assigned,
+    /// from a snapshot taken now. The change feed uses them to tell a rolled-back revision
+    /// from one whose transaction has yet to commit. SQLite has one writer and rolls its
+    /// revision counter back with the transaction, so it never leaves holes: `None`.
+    pub async fn transaction_horizon(&self) -> Result<Option<(i64, i64)>, StoreError> {
+        if self.backend != Backend::Postgres {
+            return Ok(None);
+        }
+        let row = sqlx::query(
+            "SELECT CAST(CAST(pg_snapshot_xmin(pg_current_snapshot()) AS TEXT) AS BIGINT) AS oldest,
+                    CAST(CAST(pg_snapshot_xmax(pg_current_snapshot()) AS TEXT) AS BIGINT) AS next",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Some((row.try_get("oldest")?, row.try_get("next")?)))
+    }
+
     pub async fn last_revision(&self) -> Result<i64, StoreError> {
         let row = sqlx::query("SELECT COALESCE(MAX(revision), 0) AS revision FROM events")
             .fetch_one(&self.pool)

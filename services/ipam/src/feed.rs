@@ -5,8 +5,9 @@
 //! Postgres hands out revisions from a sequence when a row is inserted, not when its
 //! transaction commits, so revision 11 can become visible before revision 10, and a
 //! rolled-back insert leaves a hole for ever. The feed therefore delivers in order, holding
-//! back what follows a hole until the hole fills or [`GAP_WAIT`] has passed, after which
-//! the hole is taken to be a rollback.
+//! back what follows a hole until the hole fills or is known to be a rollback: every
+//! transaction that was running when the hole was seen has ended (Postgres' snapshot
+//! horizon), or, failing that, [`GAP_WAIT`] has passed.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -27,6 +28,12 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// How long a hole in the revisions may hold back later changes. Transactions that write
 /// the log are short; one still open after this long has rolled back.
 pub const GAP_WAIT: Duration = Duration::from_secs(2);
+/// A hole younger than this is never skipped: the transaction that took the missing
+/// revision may not have its transaction id yet, for a few microseconds.
+const MIN_HOLE_AGE: Duration = Duration::from_millis(20);
+/// How often the log is read while a hole holds changes back.
+const HOLE_POLL: Duration = Duration::from_millis(10);
+
 /// After a local write wakes the feed it waits this long before reading, so that under
 /// load one read picks up many commits instead of one read per commit.
 pub const WAKE_COALESCE: Duration = Duration::from_millis(3);
@@ -71,13 +78,24 @@ impl Feed {
 pub async fn follow(ipam: Arc<Ipam>, shutdown: CancellationToken) {
     let feed = ipam.feed();
     let mut waiting: BTreeMap<i64, Event> = BTreeMap::new();
-    let mut hole_since: Option<Instant> = None;
+    let mut hole: Option<Hole> = None;
     loop {
+        let poll = if hole.is_some() {
+            HOLE_POLL
+        } else {
+            POLL_INTERVAL
+        };
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = feed.wake.notified() => tokio::time::sleep(WAKE_COALESCE).await,
-            () = tokio::time::sleep(POLL_INTERVAL) => {}
+            () = tokio::time::sleep(poll) => {}
         }
+        // With a hole pending, ask which transactions are still running before reading,
+        // so that a commit filling the hole is seen by the read that follows.
+        let oldest_running = match (&hole, ipam.store().transaction_horizon().await) {
+            (Some(_), Ok(horizon)) => horizon.map(|(oldest, _)| oldest),
+            _ => None,
+        };
         // Bounded: each turn reads at most READ_BATCH rows, and a full batch is the only
         // reason to go round again without waiting.
         // The first read starts right after the last delivered change, so a late commit that
@@ -101,32 +119,69 @@ pub async fn follow(ipam: Arc<Ipam>, shutdown: CancellationToken) {
                     slot.insert(event);
                 }
             }
-            deliver(feed, &mut waiting, &mut hole_since);
+            deliver(feed, &mut waiting, &mut hole, oldest_running);
             if !full {
                 break;
             }
         }
+        // A new hole: note which transactions might still fill it.
+        if let Some(new) = hole.as_mut().filter(|h| h.horizon.is_none())
+            && let Ok(Some((_, next))) = ipam.store().transaction_horizon().await
+        {
+            new.horizon = Some(next);
+        }
     }
 }
 
-/// Hands over the changes that follow the last delivered one without a hole.
-fn deliver(feed: &Feed, waiting: &mut BTreeMap<i64, Event>, hole_since: &mut Option<Instant>) {
+/// A gap in the revisions that holds later changes back.
+struct Hole {
+    since: Instant,
+    /// The next transaction id when the hole was seen: the transaction that took the
+    /// missing revision has a smaller one.
+    horizon: Option<i64>,
+}
+
+impl Hole {
+    fn new() -> Self {
+        Self {
+            since: Instant::now(),
+            horizon: None,
+        }
+    }
+
+    /// Whether the missing revision can no longer appear: every transaction that could hold
+    /// it has ended (`oldest_running` has passed the horizon), or it is very old.
+    fn is_rollback(&self, oldest_running: Option<i64>) -> bool {
+        let age = self.since.elapsed();
+        let all_ended = matches!((self.horizon, oldest_running), (Some(horizon), Some(oldest)) if oldest >= horizon);
+        age >= GAP_WAIT || (age >= MIN_HOLE_AGE && all_ended)
+    }
+}
+
+/// Hands over the changes that follow the last delivered one without a hole, and those
+/// after a hole known to be a rollback.
+fn deliver(
+    feed: &Feed,
+    waiting: &mut BTreeMap<i64, Event>,
+    hole: &mut Option<Hole>,
+    oldest_running: Option<i64>,
+) {
     let mut delivered = feed.delivered();
     loop {
         let Some((&next, _)) = waiting.first_key_value() else {
-            *hole_since = None;
+            *hole = None;
             break;
         };
-        if next <= delivered + 1 || hole_since.is_some_and(|t| t.elapsed() >= GAP_WAIT) {
+        if next <= delivered + 1 || hole.as_ref().is_some_and(|h| h.is_rollback(oldest_running)) {
             if let Some(event) = waiting.remove(&next) {
                 delivered = delivered.max(next);
                 feed.delivered.store(delivered, Ordering::Release);
                 // No subscriber is not an error: nobody is watching.
                 let _ = feed.sender.send(Arc::new(event));
             }
-            *hole_since = None;
+            *hole = None;
         } else {
-            hole_since.get_or_insert_with(Instant::now);
+            hole.get_or_insert_with(Hole::new);
             break;
         }
     }

@@ -387,3 +387,47 @@ async fn calls_cancelled_by_the_client_leave_no_phantom_reservations() {
         [lowest_free]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolled_back_revision_does_not_hold_the_watch_back() {
+    let db = TestDb::postgres().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), Some(&db.url)).await;
+    let mut c = server.client().await;
+    create_pool(&mut c, pool("holes", &["10.70.0.0/24"])).await;
+    let mut watch = c
+        .watch(pb::WatchRequest { after_revision: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    // A transaction that took a revision and rolled back, as a lost race does.
+    let pool_db = sqlx::AnyPool::connect(&db.url).await.unwrap();
+    sqlx::query("SELECT nextval('events_revision_seq')")
+        .execute(&pool_db)
+        .await
+        .unwrap();
+    pool_db.close().await;
+    let started = Instant::now();
+    allocate_ok(&mut c, allocate("after-the-hole")).await;
+    // The pool's own change may still be on its way; the allocation follows it.
+    let mut allocated = false;
+    for _ in 0..5 {
+        let next = tokio::time::timeout(Duration::from_secs(5), watch.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if matches!(next.change, Some(pb::watch_response::Change::Allocation(ref e)) if e.owner.as_ref().unwrap().uid == "after-the-hole")
+        {
+            allocated = true;
+            break;
+        }
+    }
+    assert!(allocated, "the allocation never reached the watch");
+    // Far below the 2 s fallback: the feed saw that nothing running could fill the hole.
+    assert!(
+        started.elapsed() < Duration::from_millis(1000),
+        "took {:?}",
+        started.elapsed()
+    );
+}
