@@ -1,5 +1,7 @@
 //! The IPAM store: pools, allocations and their history, in Postgres (production) or an
 //! embedded SQLite file (zero set-up), through one sqlx `Any` pool and one set of queries.
+//! The two statements every Allocate pays for on Postgres (writing a group of exclusive
+//! addresses, reading the change log) go through the typed driver instead.
 //! Where the two dialects differ (Postgres' data-modifying CTEs and row locks, SQLite's
 //! single writer) the difference is a branch on [`Backend`], kept next to its twin.
 //!
@@ -18,7 +20,16 @@ use herald_ipam_core::{ClaimRecord, Plan, PlanItem};
 use herald_model::addr::ip_key;
 use herald_model::{Allocation, AllocationRequest, HistoryEntry, IpFamily, PoolSpec};
 use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{AnyConnection, AnyPool, AssertSqlSafe, Executor, Row};
+
+/// The change log's columns, as a literal so that fixed statements can be built with
+/// `concat!` and stay `&'static` (sqlx takes those without `AssertSqlSafe`).
+macro_rules! event_columns {
+    () => {
+        "revision, at, kind, ip, tag, pool, owner_uid, cluster_id, namespace, name, reason"
+    };
+}
 
 pub use error::{CommitError, StoreError};
 pub use routing::Document;
@@ -30,6 +41,9 @@ pub const DEFAULT_SQLITE_FILE: &str = "herald-ipam.db";
 /// Connections to Postgres: enough to keep 32 concurrent Allocate calls from queueing on
 /// the pool, small enough for a shared server's `max_connections`.
 pub const DEFAULT_PG_CONNECTIONS: u32 = 48;
+/// Connections of the typed Postgres pool that serves the hot statements: the group-commit
+/// writer, the change feed and concurrent AllocateBatch calls.
+const HOT_PG_CONNECTIONS: u32 = 8;
 /// How long a caller waits for a connection before the request fails as UNAVAILABLE.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest page served by list and history calls.
@@ -106,6 +120,10 @@ pub enum HistoryKey<'a> {
 #[derive(Clone)]
 pub struct Store {
     pool: AnyPool,
+    /// Postgres only: the same database through the typed driver, for the statements every
+    /// Allocate pays for. The `Any` driver cannot bind arrays, and converting each row to
+    /// and from its generic form cost as much CPU as the rest of an Allocate.
+    hot: Option<PgPool>,
     backend: Backend,
 }
 
@@ -165,7 +183,27 @@ impl Store {
                     .await?
             }
         };
-        let store = Self { pool, backend };
+        let hot = match backend {
+            Backend::Postgres => Some(
+                PgPoolOptions::new()
+                    .acquire_timeout(ACQUIRE_TIMEOUT)
+                    .test_before_acquire(false)
+                    .max_connections(HOT_PG_CONNECTIONS)
+                    // The hot statements have one best plan whatever their parameters;
+                    // re-planning them on every execution is wasted time on the hot path.
+                    .after_connect(|conn, _| {
+                        Box::pin(async move {
+                            conn.execute("SET plan_cache_mode = force_generic_plan")
+                                .await
+                                .map(drop)
+                        })
+                    })
+                    .connect(&url)
+                    .await?,
+            ),
+            Backend::Sqlite => None,
+        };
+        let store = Self { pool, hot, backend };
         store.migrate().await?;
         Ok(store)
     }
@@ -189,6 +227,9 @@ impl Store {
     }
 
     pub async fn close(&self) {
+        if let Some(hot) = &self.hot {
+            hot.close().await;
+        }
         self.pool.close().await;
     }
 
@@ -426,10 +467,12 @@ impl Store {
     /// INSERT. Everything else runs in a transaction.
     pub async fn commit(&self, req: &AllocationRequest, plan: &Plan) -> Result<i64, CommitError> {
         let now = now_micros();
-        if self.backend == Backend::Postgres && plan.items.len() == 1 && req.sharing_key.is_empty()
+        if let (Some(hot), [item]) = (&self.hot, plan.items.as_slice())
+            && req.sharing_key.is_empty()
         {
-            let mut conn = self.pool.acquire().await.map_err(StoreError::from)?;
-            return insert_item(&mut conn, self.backend, req, plan, &plan.items[0], now).await;
+            return insert_exclusive_pg(hot, &[(req, plan, item)], now)
+                .await
+                .map_err(|e| classify(e, item));
         }
         let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
         let mut revision = 0;
@@ -464,23 +507,24 @@ impl Store {
         batch: &[(&AllocationRequest, &Plan)],
     ) -> Result<Vec<i64>, CommitError> {
         let now = now_micros();
-        let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
-        // Exclusive addresses on Postgres: a few multi-row statements instead of one round
-        // trip per address. Shared addresses need the per-item path's join semantics.
-        if self.backend == Backend::Postgres
+        // Exclusive addresses on Postgres: one statement of arrays for the whole batch.
+        // Shared addresses need the per-item path's join semantics.
+        if let Some(hot) = &self.hot
             && batch.iter().all(|(req, _)| req.sharing_key.is_empty())
         {
             let rows: Vec<(&AllocationRequest, &Plan, &PlanItem)> = batch
                 .iter()
                 .flat_map(|(req, plan)| plan.items.iter().map(move |item| (*req, *plan, item)))
                 .collect();
-            let mut revision = 0;
-            for chunk in rows.chunks(BATCH_ROWS_PER_STATEMENT) {
-                revision = revision.max(insert_rows_pg(&mut tx, chunk, now).await?);
-            }
-            tx.commit().await.map_err(StoreError::from)?;
+            let revision = insert_exclusive_pg(hot, &rows, now).await.map_err(|e| {
+                match error::violation(&e) {
+                    Some(_) => CommitError::AddressTaken(rows[0].2.ip),
+                    None => CommitError::Store(e.into()),
+                }
+            })?;
             return Ok(vec![revision; batch.len()]);
         }
+        let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
         let mut revisions = Vec::with_capacity(batch.len());
         for (req, plan) in batch {
             let mut revision = 0;
@@ -608,14 +652,30 @@ impl Store {
 
     /// Change-log rows after `revision`, oldest first.
     pub async fn events_after(&self, revision: i64, limit: u32) -> Result<Vec<Event>, StoreError> {
-        let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {EVENT_COLUMNS} FROM events WHERE revision > $1 ORDER BY revision LIMIT $2"
-        )))
-        .bind(revision)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(rows::event_from_row).collect()
+        const SQL: &str = concat!(
+            "SELECT ",
+            event_columns!(),
+            " FROM events WHERE revision > $1 ORDER BY revision LIMIT $2"
+        );
+        let limit = i64::from(limit);
+        match &self.hot {
+            Some(hot) => {
+                let rows = sqlx::query(SQL)
+                    .bind(revision)
+                    .bind(limit)
+                    .fetch_all(hot)
+                    .await?;
+                rows.iter().map(rows::event_from_row).collect()
+            }
+            None => {
+                let rows = sqlx::query(SQL)
+                    .bind(revision)
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.iter().map(rows::event_from_row).collect()
+            }
+        }
     }
 
     /// Postgres: the oldest transaction id still running and the next one to be assigned,
@@ -645,107 +705,77 @@ impl Store {
 
 const ALLOCATION_SELECT: &str = "SELECT a.owner_uid, a.family, a.ip, a.tag, a.cluster_id, a.namespace, a.name, a.sharing_key,
     a.traffic_policy, a.ports, a.created_at, c.pool FROM allocations a JOIN ip_claims c ON c.ip = a.ip";
-const EVENT_COLUMNS: &str =
-    "revision, at, kind, ip, tag, pool, owner_uid, cluster_id, namespace, name, reason";
+const EVENT_COLUMNS: &str = event_columns!();
 
-/// Rows per multi-row statement: 14 parameters a row stays far below Postgres' 65,535.
-const BATCH_ROWS_PER_STATEMENT: usize = 500;
-
-/// Writes many exclusive planned addresses in one statement: every claim, allocation and
-/// history event of the chunk. Any conflict fails the whole statement (the caller then
-/// falls back to one statement per owner). Returns the highest revision written.
-async fn insert_rows_pg(
-    conn: &mut AnyConnection,
+/// Writes exclusive planned addresses, any number, in one statement with one commit:
+/// every claim, allocation and history event. The text never changes, so Postgres plans
+/// it once per connection; the rows travel as one array per column. Any conflict fails
+/// the whole statement and writes nothing. Returns the highest revision written.
+async fn insert_exclusive_pg(
+    hot: &PgPool,
     rows: &[(&AllocationRequest, &Plan, &PlanItem)],
     now: i64,
-) -> Result<i64, CommitError> {
-    const PER_ROW: usize = 14;
-    let values = |row: usize, columns: &[usize]| {
-        let base = 2 + row * PER_ROW;
-        let cells: Vec<String> = columns
-            .iter()
-            .map(|c| {
-                if *c == usize::MAX {
-                    "$1".to_string()
-                } else {
-                    format!("${}", base + c)
-                }
-            })
-            .collect();
-        format!("({})", cells.join(", "))
-    };
-    // Parameter k of row r is $(2 + 14 r + k); $1 is the shared timestamp. Columns:
-    // 0 ip, 1 tag, 2 pool, 3 generation, 4 uid, 5 family, 6 cluster, 7 namespace, 8 name,
-    // 9 sharing key, 10 traffic policy, 11 ports, 12 ip text, 13 reason.
-    let now_col = usize::MAX;
-    let claims: Vec<String> = (0..rows.len())
-        .map(|r| values(r, &[0, 1, 2, 3, now_col]))
-        .collect();
-    let allocations: Vec<String> = (0..rows.len())
-        .map(|r| values(r, &[4, 5, 0, 1, 6, 7, 8, 9, 10, 11, now_col]))
-        .collect();
-    let events: Vec<String> = (0..rows.len())
-        .map(|r| {
-            let base = 2 + r * PER_ROW;
-            format!(
-                "($1, 'assigned', ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${})",
-                base + 12,
-                base + 1,
-                base + 2,
-                base + 4,
-                base + 6,
-                base + 7,
-                base + 8,
-                base + 13
-            )
-        })
-        .collect();
-    let sql = format!(
-        "WITH claim AS (
-            INSERT INTO ip_claims (ip, tag, pool, pool_generation, created_at) VALUES {}
+) -> Result<i64, sqlx::Error> {
+    const SQL: &str = "WITH r AS (
+            SELECT * FROM UNNEST($2::bytea[], $3::text[], $4::text[], $5::int8[], $6::text[], $7::int4[],
+                                 $8::text[], $9::text[], $10::text[], $11::int4[], $12::text[], $13::text[])
+                AS r(ip, tag, pool, generation, owner_uid, family, cluster_id, namespace, name, traffic_policy, ports, ip_text)
+         ), claim AS (
+            INSERT INTO ip_claims (ip, tag, pool, pool_generation, created_at)
+            SELECT ip, tag, pool, generation, $1 FROM r
          ), alloc AS (
-            INSERT INTO allocations (owner_uid, family, ip, tag, cluster_id, namespace, name, sharing_key, traffic_policy, ports, created_at) VALUES {}
+            INSERT INTO allocations (owner_uid, family, ip, tag, cluster_id, namespace, name, sharing_key, traffic_policy, ports, created_at)
+            SELECT owner_uid, family, ip, tag, cluster_id, namespace, name, '', traffic_policy, ports, $1 FROM r
+         ), logged AS (
+            INSERT INTO events (at, kind, ip, tag, pool, owner_uid, cluster_id, namespace, name, reason)
+            SELECT $1, 'assigned', ip_text, tag, pool, owner_uid, cluster_id, namespace, name, 'allocated' FROM r
+            RETURNING revision
          )
-         INSERT INTO events (at, kind, ip, tag, pool, owner_uid, cluster_id, namespace, name, reason) VALUES {}
-         RETURNING revision",
-        claims.join(", "),
-        allocations.join(", "),
-        events.join(", ")
-    );
-    let mut query = sqlx::query(AssertSqlSafe(sql)).bind(now);
+         SELECT MAX(revision) FROM logged";
+    let n = rows.len();
+    let mut ip = Vec::with_capacity(n);
+    let mut tag = Vec::with_capacity(n);
+    let mut pool = Vec::with_capacity(n);
+    let mut generation = Vec::with_capacity(n);
+    let mut owner_uid = Vec::with_capacity(n);
+    let mut family = Vec::with_capacity(n);
+    let mut cluster_id = Vec::with_capacity(n);
+    let mut namespace = Vec::with_capacity(n);
+    let mut name = Vec::with_capacity(n);
+    let mut traffic_policy = Vec::with_capacity(n);
+    let mut ports = Vec::with_capacity(n);
+    let mut ip_text = Vec::with_capacity(n);
     for (req, plan, item) in rows {
-        let ports =
-            serde_json::to_string(&req.ports).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        query = query
-            .bind(ip_key(item.ip))
-            .bind(plan.tag.clone())
-            .bind(item.pool.to_string())
-            .bind(item.pool_generation)
-            .bind(req.owner.uid.clone())
-            .bind(IpFamily::of(item.ip).code())
-            .bind(req.owner.cluster_id.clone())
-            .bind(req.owner.namespace.clone())
-            .bind(req.owner.name.clone())
-            .bind(req.sharing_key.clone())
-            .bind(req.traffic_policy.code())
-            .bind(ports)
-            .bind(item.ip.to_string())
-            .bind("allocated");
+        ip.push(ip_key(item.ip));
+        tag.push(plan.tag.as_str());
+        pool.push(item.pool.as_str());
+        generation.push(item.pool_generation);
+        owner_uid.push(req.owner.uid.as_str());
+        family.push(IpFamily::of(item.ip).code());
+        cluster_id.push(req.owner.cluster_id.as_str());
+        namespace.push(req.owner.namespace.as_str());
+        name.push(req.owner.name.as_str());
+        traffic_policy.push(req.traffic_policy.code());
+        ports.push(serde_json::to_string(&req.ports).map_err(|e| sqlx::Error::Encode(e.into()))?);
+        ip_text.push(item.ip.to_string());
     }
-    let revisions = query
-        .fetch_all(&mut *conn)
+    sqlx::query_scalar::<_, Option<i64>>(SQL)
+        .bind(now)
+        .bind(ip)
+        .bind(tag)
+        .bind(pool)
+        .bind(generation)
+        .bind(owner_uid)
+        .bind(family)
+        .bind(cluster_id)
+        .bind(namespace)
+        .bind(name)
+        .bind(traffic_policy)
+        .bind(ports)
+        .bind(ip_text)
+        .fetch_one(hot)
         .await
-        .map_err(|e| match error::violation(&e) {
-            Some(_) => CommitError::AddressTaken(rows[0].2.ip),
-            None => CommitError::Store(e.into()),
-        })?;
-    revisions
-        .iter()
-        .map(|row| {
-            row.try_get::<i64, _>("revision")
-                .map_err(|e| CommitError::Store(e.into()))
-        })
-        .try_fold(0, |max, r| r.map(|r| max.max(r)))
+        .map(Option::unwrap_or_default)
 }
 
 /// Writes one planned address for `req`: the claim (unless it is a shared address that

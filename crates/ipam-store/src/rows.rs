@@ -11,11 +11,37 @@ use herald_model::{
 };
 use sqlx::Row;
 use sqlx::any::AnyRow;
+use sqlx::postgres::PgRow;
 
 use crate::{Event, StoreError, StoredPool};
 
 fn corrupt(what: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(what.to_string())
+}
+
+/// The columns of a change-log row, read alike from the generic and the typed Postgres
+/// driver (the change feed reads through the latter).
+pub(crate) trait LogRow {
+    fn text(&self, column: &str) -> Result<String, StoreError>;
+    fn int(&self, column: &str) -> Result<i64, StoreError>;
+}
+
+impl LogRow for AnyRow {
+    fn text(&self, column: &str) -> Result<String, StoreError> {
+        Ok(self.try_get(column)?)
+    }
+    fn int(&self, column: &str) -> Result<i64, StoreError> {
+        Ok(self.try_get(column)?)
+    }
+}
+
+impl LogRow for PgRow {
+    fn text(&self, column: &str) -> Result<String, StoreError> {
+        Ok(self.try_get(column)?)
+    }
+    fn int(&self, column: &str) -> Result<i64, StoreError> {
+        Ok(self.try_get(column)?)
+    }
 }
 
 pub(crate) fn spec_json(spec: &PoolSpec) -> Result<String, StoreError> {
@@ -81,52 +107,57 @@ pub(crate) fn allocation_from_rows(rows: &[AnyRow]) -> Result<Allocation, StoreE
     })
 }
 
-pub(crate) fn history_from_row(row: &AnyRow) -> Result<HistoryEntry, StoreError> {
-    let kind: String = row.try_get("kind")?;
+pub(crate) fn history_from_row(row: &impl LogRow) -> Result<HistoryEntry, StoreError> {
+    let kind = row.text("kind")?;
     let action = match kind.as_str() {
         "assigned" => HistoryAction::Assigned,
         "released" => HistoryAction::Released,
         other => return Err(corrupt(format!("history entry of kind {other:?}"))),
     };
-    let ip: String = row.try_get("ip")?;
+    let ip = row.text("ip")?;
     Ok(HistoryEntry {
-        revision: row.try_get("revision")?,
-        at: row.try_get("at")?,
+        revision: row.int("revision")?,
+        at: row.int("at")?,
         action,
         ip: ip
             .parse()
             .map_err(|_| corrupt(format!("history address {ip:?}")))?,
-        pool: row.try_get("pool")?,
+        pool: row.text("pool")?,
         owner: Owner {
-            cluster_id: row.try_get("cluster_id")?,
-            namespace: row.try_get("namespace")?,
-            name: row.try_get("name")?,
-            uid: row.try_get("owner_uid")?,
+            cluster_id: row.text("cluster_id")?,
+            namespace: row.text("namespace")?,
+            name: row.text("name")?,
+            uid: row.text("owner_uid")?,
         },
-        reason: row.try_get("reason")?,
+        reason: row.text("reason")?,
     })
 }
 
-pub(crate) fn event_from_row(row: &AnyRow) -> Result<Event, StoreError> {
-    let kind: String = row.try_get("kind")?;
-    let revision: i64 = row.try_get("revision")?;
-    let pool: String = row.try_get("pool")?;
+pub(crate) fn event_from_row(row: &impl LogRow) -> Result<Event, StoreError> {
+    let kind = row.text("kind")?;
+    let revision = row.int("revision")?;
     Ok(match kind.as_str() {
-        "assigned" => Event::Assigned(history_from_row(row)?, row.try_get("tag")?),
-        "released" => Event::Released(history_from_row(row)?, row.try_get("tag")?),
-        "pool_changed" => Event::PoolChanged { revision, pool },
-        "pool_deleted" => Event::PoolDeleted { revision, pool },
+        "assigned" => Event::Assigned(history_from_row(row)?, row.text("tag")?),
+        "released" => Event::Released(history_from_row(row)?, row.text("tag")?),
+        "pool_changed" => Event::PoolChanged {
+            revision,
+            pool: row.text("pool")?,
+        },
+        "pool_deleted" => Event::PoolDeleted {
+            revision,
+            pool: row.text("pool")?,
+        },
         "node_changed" => Event::NodeChanged {
             revision,
-            node: row.try_get("name")?,
+            node: row.text("name")?,
         },
         "node_deleted" => Event::NodeDeleted {
             revision,
-            node: row.try_get("name")?,
+            node: row.text("name")?,
         },
         "endpoints_changed" => Event::EndpointsChanged {
             revision,
-            owner_uid: row.try_get("owner_uid")?,
+            owner_uid: row.text("owner_uid")?,
         },
         "policy_changed" => Event::PolicyChanged { revision },
         other => return Err(corrupt(format!("event of kind {other:?}"))),
