@@ -1,7 +1,9 @@
 //! What the leader does: watch Services, EndpointSlices, Nodes and Namespaces into local
 //! caches, run the start-up barrier (claim the addresses already in Service status, then
 //! allocate for pending Services, then garbage-collect), and from then on handle every
-//! changed Service and Node by its key, reading the current state from the caches.
+//! changed Service and Node by its key, reading the current state from the caches. It
+//! also follows herald-ipam's change stream, so a Service that waits for an address
+//! retries as soon as one can exist (a pool created or changed, an address released).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Debug;
@@ -39,6 +41,8 @@ use crate::queue::Queue;
 /// Shortest and longest wait before a Service whose handling failed is tried again.
 const MIN_RETRY: Duration = Duration::from_millis(200);
 const MAX_RETRY: Duration = Duration::from_secs(10);
+/// How long a burst of IPAM changes is gathered before waiting Services are re-queued.
+const PENDING_COALESCE: Duration = Duration::from_millis(100);
 /// Allocations listed per ListAllocations page.
 const LIST_PAGE: u32 = 1000;
 /// The component named on Events.
@@ -127,6 +131,9 @@ struct Ctx {
     started: AtomicBool,
     gc_wanted: Notify,
     node_sync_wanted: Notify,
+    /// herald-ipam gained addresses (a pool created or changed, an address released by
+    /// someone else): Services still waiting should try again.
+    pending_wanted: Notify,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -162,6 +169,7 @@ pub async fn run(
         started: AtomicBool::new(false),
         gc_wanted: Notify::new(),
         node_sync_wanted: Notify::new(),
+        pending_wanted: Notify::new(),
     });
 
     // Every task dies with this set: losing the lease stops all work at once.
@@ -267,6 +275,8 @@ pub async fn run(
     tasks.spawn(gc_loop(Arc::clone(&ctx)));
     tasks.spawn(node_sync_loop(Arc::clone(&ctx)));
     tasks.spawn(resync_loop(Arc::clone(&ctx)));
+    tasks.spawn(follow_ipam(Arc::clone(&ctx)));
+    tasks.spawn(pending_loop(Arc::clone(&ctx)));
     cancel.cancelled().await;
     Ok(())
 }
@@ -425,6 +435,65 @@ async fn node_sync_loop(ctx: Arc<Ctx>) {
         if let Err(e) = ctx.sync_nodes().await {
             warn!(error = %e, "node sync failed");
         }
+    }
+}
+
+/// Follows herald-ipam's change stream for what can serve a waiting Service: a pool
+/// created or changed (through any client), or an address released (by another cluster or
+/// watcher). Without it such a Service would wait for the next resync.
+async fn follow_ipam(ctx: Arc<Ctx>) {
+    let mut attempt = 0;
+    // Ends with the task set, at shutdown; every turn either streams or waits a backoff.
+    loop {
+        let mut client = ctx.ipam.clone();
+        match client.watch(ipam::WatchRequest { after_revision: 0 }).await {
+            Ok(stream) => {
+                attempt = 0;
+                // Whatever changed while the stream was down is not replayed: look once.
+                ctx.pending_wanted.notify_one();
+                let mut stream = stream.into_inner();
+                loop {
+                    match stream.next().await {
+                        Some(Ok(change)) if frees_addresses(&change) => {
+                            ctx.pending_wanted.notify_one();
+                        }
+                        Some(Ok(_)) => {}
+                        Some(Err(status)) => {
+                            warn!(error = %status, "IPAM change stream failed; reconnecting");
+                            break;
+                        }
+                        None => {
+                            debug!("IPAM change stream ended; reconnecting");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(status) => warn!(error = %status, "IPAM Watch failed; retrying"),
+        }
+        tokio::time::sleep(retry_delay(attempt)).await;
+        attempt = attempt.saturating_add(1);
+    }
+}
+
+/// Whether a change can make room for a Service that failed to get an address.
+fn frees_addresses(change: &ipam::WatchResponse) -> bool {
+    use ipam::history_entry::Action;
+    use ipam::watch_response::Change;
+    match &change.change {
+        Some(Change::PoolChanged(_)) => true,
+        Some(Change::Allocation(entry)) => entry.action() == Action::Released,
+        Some(Change::PoolDeleted(_)) | None => false,
+    }
+}
+
+/// Re-queues waiting Services when herald-ipam gained addresses, at most once per
+/// [`PENDING_COALESCE`]: a burst of releases costs one pass, not one per release.
+async fn pending_loop(ctx: Arc<Ctx>) {
+    loop {
+        ctx.pending_wanted.notified().await;
+        tokio::time::sleep(PENDING_COALESCE).await;
+        ctx.requeue_pending();
     }
 }
 

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
 use common::*;
+use herald_api::ipam::v1 as pb;
 use herald_api::routing::v1 as routing;
 use herald_api::routing::v1::routing_client::RoutingClient;
 use herald_fake_kube::{ENDPOINT_SLICES, LEASES, NODES, SERVICES, Verb};
@@ -526,4 +527,68 @@ async fn only_the_lease_holder_writes_and_a_standby_takes_over() {
         !two_events.is_empty() && two_events.iter().all(|e| e["reportingInstance"] == "w2"),
         "{two_events:?}"
     );
+}
+
+/// A Service that failed for lack of addresses gets one as soon as herald-ipam has one:
+/// when a pool is created, and when someone else releases an address. The resync is set
+/// to an hour, so only the watcher following herald-ipam's changes can explain it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_services_get_an_address_when_a_pool_appears_or_an_address_is_freed() {
+    const PROMPT: Duration = Duration::from_secs(10);
+    let lab = Lab::start(&[]).await;
+    let _w = Watcher::start(
+        &lab.fake,
+        &lab.ipam.endpoint(),
+        "w1",
+        &["--resync-seconds", "3600"],
+    );
+    lab.fake.create(SERVICES, ours("default", "early")).unwrap();
+    wait_condition(&lab.fake, "default", "early", "False").await;
+
+    // A pool created through the API, not through the watcher.
+    let created = Instant::now();
+    lab.ipam.create_pool("late", &["172.16.2.0/30"]).await;
+    assert_eq!(
+        wait_ingress(&lab.fake, "default", "early").await,
+        vec!["172.16.2.1"]
+    );
+    assert!(created.elapsed() < PROMPT, "took {:?}", created.elapsed());
+
+    // Another cluster takes the pool's last address, so the next Service must wait.
+    let mut client = lab.ipam.client().await;
+    let other = pb::Owner {
+        cluster_id: "other".into(),
+        namespace: "default".into(),
+        name: "elsewhere".into(),
+        uid: "uid-elsewhere".into(),
+    };
+    let held = client
+        .allocate(pb::AllocateRequest {
+            owner: Some(other.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let held_ip = held.allocation.unwrap().ips[0].ip.clone();
+    assert_eq!(held_ip, "172.16.2.2");
+    lab.fake
+        .create(SERVICES, ours("default", "waiting"))
+        .unwrap();
+    let cond = wait_condition(&lab.fake, "default", "waiting", "False").await;
+    assert_eq!(cond["reason"], "PoolExhausted", "{cond}");
+
+    let released = Instant::now();
+    client
+        .release(pb::ReleaseRequest {
+            owner_uid: other.uid.clone(),
+            reason: "moved".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        wait_ingress(&lab.fake, "default", "waiting").await,
+        vec![held_ip]
+    );
+    assert!(released.elapsed() < PROMPT, "took {:?}", released.elapsed());
 }
