@@ -57,6 +57,11 @@ fn prefix_wire_len(prefix_len: u8) -> usize {
     1 + usize::from(prefix_len).div_ceil(8)
 }
 
+/// The longest prefix of each family on the wire (a /32, a /128): a message with less
+/// room than this for NLRI cannot carry every prefix.
+const IPV4_LARGEST: usize = 5;
+const IPV6_LARGEST: usize = 17;
+
 /// Withdrawn-routes length + total-path-attribute length.
 const UPDATE_FIXED: usize = HEADER_LEN + 2 + 2;
 
@@ -107,6 +112,49 @@ fn too_big(what: &str) -> EncodeError {
     }
 }
 
+/// `prefixes` by family, each in the order given.
+fn split_families(prefixes: &[IpNet]) -> (Vec<Ipv4Net>, Vec<Ipv6Net>) {
+    let mut v4 = Vec::new();
+    let mut v6 = Vec::new();
+    for prefix in prefixes {
+        match prefix {
+            IpNet::V4(n) => v4.push(*n),
+            IpNet::V6(n) => v6.push(*n),
+        }
+    }
+    (v4, v6)
+}
+
+/// UPDATEs carrying `nlri` inside MP_REACH_NLRI. `attributes_for` builds one message's
+/// attributes around a chunk of it; a chunk may fill what a message has left once those
+/// attributes are counted without NLRI, less room for the attribute's length to grow to
+/// two octets. `largest` is the wire length of the longest possible prefix: a budget
+/// below it could not carry one.
+fn mp_reach_updates<N: Copy>(
+    nlri: &[N],
+    largest: usize,
+    opts: &BuildOptions,
+    wire_len: impl Fn(&N) -> usize,
+    attributes_for: impl Fn(Vec<N>) -> Vec<Attribute>,
+) -> Result<Vec<Update>, EncodeError> {
+    let fixed = UPDATE_FIXED
+        + convert::attributes_len(&attributes_for(Vec::new()), opts.four_octet_asn)?
+        + EXTENDED_LENGTH_SLACK;
+    let budget = opts
+        .max_message_len
+        .checked_sub(fixed)
+        .filter(|b| *b >= largest)
+        .ok_or_else(|| too_big("attributes"))?;
+    Ok(chunk_by_size(nlri, budget, wire_len)
+        .into_iter()
+        .map(|chunk| Update {
+            withdrawn: Vec::new(),
+            attributes: attributes_for(chunk),
+            nlri: Vec::new(),
+        })
+        .collect())
+}
+
 /// Builds UPDATEs announcing `prefixes` with the same `attributes` (ORIGIN,
 /// AS_PATH, MED, LOCAL_PREF, communities — no NEXT_HOP or MP_REACH, which
 /// the builder adds from `next_hop`).
@@ -139,20 +187,7 @@ pub fn build_announcements(
             base.push(as4);
         }
     }
-    let v4: Vec<Ipv4Net> = prefixes
-        .iter()
-        .filter_map(|p| match p {
-            IpNet::V4(n) => Some(*n),
-            IpNet::V6(_) => None,
-        })
-        .collect();
-    let v6: Vec<Ipv6Net> = prefixes
-        .iter()
-        .filter_map(|p| match p {
-            IpNet::V6(n) => Some(*n),
-            IpNet::V4(_) => None,
-        })
-        .collect();
+    let (v4, v6) = split_families(prefixes);
     let mut out = Vec::new();
 
     if !v4.is_empty() {
@@ -165,7 +200,7 @@ pub fn build_announcements(
                 let budget = opts
                     .max_message_len
                     .checked_sub(fixed)
-                    .filter(|b| *b >= 5)
+                    .filter(|b| *b >= IPV4_LARGEST)
                     .ok_or_else(|| too_big("attributes"))?;
                 for chunk in chunk_by_size(&v4, budget, |n| prefix_wire_len(n.prefix_len())) {
                     out.push(Update {
@@ -183,30 +218,21 @@ pub fn build_announcements(
                 });
             }
             (Ipv4NlriEncoding::MpReach, nh) => {
-                let mk = |nlri: Vec<Ipv4Net>| {
-                    let mut attrs = base.clone();
-                    attrs.push(Attribute::MpReach(MpReach::Ipv4Unicast {
-                        next_hop: nh,
-                        nlri,
-                    }));
-                    sort_attributes(&mut attrs);
-                    attrs
-                };
-                let fixed = UPDATE_FIXED
-                    + convert::attributes_len(&mk(Vec::new()), opts.four_octet_asn)?
-                    + EXTENDED_LENGTH_SLACK;
-                let budget = opts
-                    .max_message_len
-                    .checked_sub(fixed)
-                    .filter(|b| *b >= 5)
-                    .ok_or_else(|| too_big("attributes"))?;
-                for chunk in chunk_by_size(&v4, budget, |n| prefix_wire_len(n.prefix_len())) {
-                    out.push(Update {
-                        withdrawn: Vec::new(),
-                        attributes: mk(chunk),
-                        nlri: Vec::new(),
-                    });
-                }
+                out.extend(mp_reach_updates(
+                    &v4,
+                    IPV4_LARGEST,
+                    opts,
+                    |n| prefix_wire_len(n.prefix_len()),
+                    |nlri| {
+                        let mut attrs = base.clone();
+                        attrs.push(Attribute::MpReach(MpReach::Ipv4Unicast {
+                            next_hop: nh,
+                            nlri,
+                        }));
+                        sort_attributes(&mut attrs);
+                        attrs
+                    },
+                )?);
             }
         }
     }
@@ -216,31 +242,22 @@ pub fn build_announcements(
             IpAddr::V6(a) => a,
             IpAddr::V4(a) => a.to_ipv6_mapped(),
         };
-        let mk = |nlri: Vec<Ipv6Net>| {
-            let mut attrs = base.clone();
-            attrs.push(Attribute::MpReach(MpReach::Ipv6Unicast {
-                next_hop: nh6,
-                link_local: None,
-                nlri,
-            }));
-            sort_attributes(&mut attrs);
-            attrs
-        };
-        let fixed = UPDATE_FIXED
-            + convert::attributes_len(&mk(Vec::new()), opts.four_octet_asn)?
-            + EXTENDED_LENGTH_SLACK;
-        let budget = opts
-            .max_message_len
-            .checked_sub(fixed)
-            .filter(|b| *b >= 17)
-            .ok_or_else(|| too_big("attributes"))?;
-        for chunk in chunk_by_size(&v6, budget, |n| prefix_wire_len(n.prefix_len())) {
-            out.push(Update {
-                withdrawn: Vec::new(),
-                attributes: mk(chunk),
-                nlri: Vec::new(),
-            });
-        }
+        out.extend(mp_reach_updates(
+            &v6,
+            IPV6_LARGEST,
+            opts,
+            |n| prefix_wire_len(n.prefix_len()),
+            |nlri| {
+                let mut attrs = base.clone();
+                attrs.push(Attribute::MpReach(MpReach::Ipv6Unicast {
+                    next_hop: nh6,
+                    link_local: None,
+                    nlri,
+                }));
+                sort_attributes(&mut attrs);
+                attrs
+            },
+        )?);
     }
     Ok(out)
 }
@@ -252,20 +269,7 @@ pub fn build_withdrawals(
     prefixes: &[IpNet],
     opts: &BuildOptions,
 ) -> Result<Vec<Update>, EncodeError> {
-    let v4: Vec<Ipv4Net> = prefixes
-        .iter()
-        .filter_map(|p| match p {
-            IpNet::V4(n) => Some(*n),
-            IpNet::V6(_) => None,
-        })
-        .collect();
-    let v6: Vec<Ipv6Net> = prefixes
-        .iter()
-        .filter_map(|p| match p {
-            IpNet::V6(n) => Some(*n),
-            IpNet::V4(_) => None,
-        })
-        .collect();
+    let (v4, v6) = split_families(prefixes);
     let mut out = Vec::new();
     // MP_UNREACH: flags, type, 2-octet length, AFI, SAFI.
     let mp_fixed = UPDATE_FIXED + 4 + 3;
