@@ -592,15 +592,9 @@ impl Session {
                 E::ManualStart => {}
                 E::ManualStop(mode) => self.manual_stop(now, mode),
                 // Event 10: no OPEN within the (large) hold time.
-                E::HoldTimerExpires => self.fail(
-                    now,
-                    Some(Notification::new(
-                        Notification::HOLD_TIMER_EXPIRED,
-                        0,
-                        Vec::new(),
-                    )),
-                    "hold timer expired waiting for OPEN",
-                ),
+                E::HoldTimerExpires => {
+                    self.hold_timer_expired(now, "hold timer expired waiting for OPEN")
+                }
                 // Event 18: back to Active and retry.
                 E::TcpConnectionFails { reason } => {
                     self.close_connection();
@@ -614,20 +608,9 @@ impl Session {
                 // Event 19: BGPOpen.
                 E::BgpOpen(open) => self.on_open(now, open),
                 // Events 21/22: bad header or OPEN.
-                E::MessageError(e) => {
-                    let n = e.notification();
-                    self.fail(now, Some(n), &format!("received invalid message: {e}"))
-                }
+                E::MessageError(e) => self.reject_message(now, &e),
                 // Event 23: lost the collision.
-                E::OpenCollisionDump => self.fail(
-                    now,
-                    Some(Notification::new(
-                        Notification::CEASE,
-                        wire::cease::CONNECTION_COLLISION_RESOLUTION,
-                        Vec::new(),
-                    )),
-                    "connection collision resolution",
-                ),
+                E::OpenCollisionDump => self.lose_collision(now),
                 // Event 25: NotifMsg (incl. version error, event 24).
                 E::NotifMsg(n) => self.on_notification(now, n),
                 E::SetDesired(_) | E::Data(_) => {}
@@ -637,15 +620,9 @@ impl Session {
             S::OpenConfirm => match event {
                 E::ManualStart => {}
                 E::ManualStop(mode) => self.manual_stop(now, mode),
-                E::HoldTimerExpires => self.fail(
-                    now,
-                    Some(Notification::new(
-                        Notification::HOLD_TIMER_EXPIRED,
-                        0,
-                        Vec::new(),
-                    )),
-                    "hold timer expired in OpenConfirm",
-                ),
+                E::HoldTimerExpires => {
+                    self.hold_timer_expired(now, "hold timer expired in OpenConfirm")
+                }
                 // Event 11: send KEEPALIVE, restart the timer.
                 E::KeepaliveTimerExpires => self.send_keepalive(now),
                 E::TcpConnectionFails { reason } => self.fail(
@@ -653,19 +630,8 @@ impl Session {
                     None,
                     &format!("connection lost in OpenConfirm: {reason}"),
                 ),
-                E::MessageError(e) => {
-                    let n = e.notification();
-                    self.fail(now, Some(n), &format!("received invalid message: {e}"))
-                }
-                E::OpenCollisionDump => self.fail(
-                    now,
-                    Some(Notification::new(
-                        Notification::CEASE,
-                        wire::cease::CONNECTION_COLLISION_RESOLUTION,
-                        Vec::new(),
-                    )),
-                    "connection collision resolution",
-                ),
+                E::MessageError(e) => self.reject_message(now, &e),
+                E::OpenCollisionDump => self.lose_collision(now),
                 E::NotifMsg(n) => self.on_notification(now, n),
                 // Event 26: KeepAliveMsg — the session is up.
                 E::KeepAliveMsg => {
@@ -682,15 +648,7 @@ impl Session {
             S::Established => match event {
                 E::ManualStart => {}
                 E::ManualStop(mode) => self.manual_stop(now, mode),
-                E::HoldTimerExpires => self.fail(
-                    now,
-                    Some(Notification::new(
-                        Notification::HOLD_TIMER_EXPIRED,
-                        0,
-                        Vec::new(),
-                    )),
-                    "hold timer expired",
-                ),
+                E::HoldTimerExpires => self.hold_timer_expired(now, "hold timer expired"),
                 E::KeepaliveTimerExpires => self.send_keepalive(now),
                 E::TcpConnectionFails { reason } => {
                     self.fail(now, None, &format!("connection lost: {reason}"))
@@ -718,10 +676,7 @@ impl Session {
                     self.status.prefixes_received = self.received.len();
                 }
                 // Event 28: UpdateMsgErr / Event 21: header error.
-                E::MessageError(e) => {
-                    let n = e.notification();
-                    self.fail(now, Some(n), &format!("received invalid message: {e}"))
-                }
+                E::MessageError(e) => self.reject_message(now, &e),
                 // RFC 2918 §4: re-advertise the whole Adj-RIB-Out.
                 E::RouteRefreshMsg => {
                     self.restart_hold_timer(now);
@@ -942,6 +897,29 @@ impl Session {
 
     /// Drops the connection after an error: optional NOTIFICATION, Idle,
     /// automatic restart after the backoff.
+    /// Event 10 (HoldTimer_Expires), in every state that runs a hold timer: NOTIFICATION 4/0.
+    fn hold_timer_expired(&mut self, now: Instant, reason: &str) {
+        let n = Notification::new(Notification::HOLD_TIMER_EXPIRED, 0, Vec::new());
+        self.fail(now, Some(n), reason);
+    }
+
+    /// Events 21/22 (BGPHeaderErr, BGPOpenMsgErr) and UPDATE errors: the NOTIFICATION the
+    /// decoding error calls for.
+    fn reject_message(&mut self, now: Instant, e: &DecodeError) {
+        let n = e.notification();
+        self.fail(now, Some(n), &format!("received invalid message: {e}"));
+    }
+
+    /// Event 23 (OpenCollisionDump): this connection lost the collision; Cease 6/7.
+    fn lose_collision(&mut self, now: Instant) {
+        let n = Notification::new(
+            Notification::CEASE,
+            wire::cease::CONNECTION_COLLISION_RESOLUTION,
+            Vec::new(),
+        );
+        self.fail(now, Some(n), "connection collision resolution");
+    }
+
     fn fail(&mut self, now: Instant, notification: Option<Notification>, reason: &str) {
         tracing::warn!(state = %self.state, %reason, "BGP session down");
         if let Some(n) = notification {
