@@ -269,6 +269,7 @@ impl PoolIndex {
             ports,
         } = claim;
         let family = IpFamily::of(ip);
+        self.owners.entry(owner_uid.clone()).or_default().insert(ip);
         if let Some(existing) = self.claims.get_mut(&ip) {
             existing.owners.insert(owner_uid, ports);
             return;
@@ -293,6 +294,12 @@ impl PoolIndex {
     /// Records that `owner_uid` no longer holds `ip`; the address is free again once its
     /// last owner is gone. Idempotent.
     pub fn observe_released(&mut self, ip: IpAddr, owner_uid: &str) {
+        if let Some(held) = self.owners.get_mut(owner_uid) {
+            held.remove(&ip);
+            if held.is_empty() {
+                self.owners.remove(owner_uid);
+            }
+        }
         let Some(claim) = self.claims.get_mut(&ip) else {
             return;
         };
@@ -870,8 +877,10 @@ mod tests {
     fn abort_and_idempotent_observation() {
         let mut index = PoolIndex::load(vec![pool("lab", &["172.16.0.240/28"], |_| {})], vec![]);
         let plan = index.plan(&request("a")).expect("allocates");
+        assert!(index.holds("a"), "a reservation is known as the owner's");
         index.abort(&plan);
         assert_eq!(index.usage("lab")[0].used, 0);
+        assert!(!index.holds("a"));
         let record = ClaimRecord {
             ip: ip("172.16.0.241"),
             tag: "o:x".into(),
@@ -882,9 +891,24 @@ mod tests {
         index.observe_assigned(record.clone());
         index.observe_assigned(record);
         assert_eq!(index.usage("lab")[0].used, 1);
+        assert!(index.holds("x"), "a repeated Allocate for x needs no write");
         index.observe_released(ip("172.16.0.241"), "x");
+        assert!(!index.holds("x"));
         index.observe_released(ip("172.16.0.241"), "x");
         assert_eq!(index.usage("lab")[0].used, 0);
+
+        // Loaded claims count too: after a restart, known owners are recognised.
+        let loaded = PoolIndex::load(
+            vec![pool("lab", &["172.16.0.240/28"], |_| {})],
+            vec![ClaimRecord {
+                ip: ip("172.16.0.242"),
+                tag: "o:y".into(),
+                pool: "lab".into(),
+                owner_uid: "y".into(),
+                ports: vec![],
+            }],
+        );
+        assert!(loaded.holds("y") && !loaded.holds("x"));
     }
 
     #[test]
