@@ -710,10 +710,11 @@ const EVENT_COLUMNS: &str = event_columns!();
 /// Writes exclusive planned addresses, any number, in one statement with one commit:
 /// every claim, allocation and history event. The text never changes, so Postgres plans
 /// it once per connection; the rows travel as one array per column. Any conflict fails
-/// the whole statement and writes nothing. The events are drawn from the allocations
-/// actually inserted, so an owner that already holds its address fails before taking a
-/// revision: a revision taken by a failed statement is a hole the change feed must wait
-/// out. Returns the highest revision written.
+/// the whole statement and writes nothing. The events are written only once every
+/// allocation row is in (the count is evaluated first, once), so an owner that already
+/// holds its address fails before taking a revision: a revision taken by a failed
+/// statement is a hole the change feed must wait out. Returns the highest revision
+/// written.
 async fn insert_exclusive_pg(
     hot: &PgPool,
     rows: &[(&AllocationRequest, &Plan, &PlanItem)],
@@ -729,11 +730,11 @@ async fn insert_exclusive_pg(
          ), alloc AS (
             INSERT INTO allocations (owner_uid, family, ip, tag, cluster_id, namespace, name, sharing_key, traffic_policy, ports, created_at)
             SELECT owner_uid, family, ip, tag, cluster_id, namespace, name, '', traffic_policy, ports, $1 FROM r
-            RETURNING owner_uid, family
+            RETURNING 1
          ), logged AS (
             INSERT INTO events (at, kind, ip, tag, pool, owner_uid, cluster_id, namespace, name, reason)
-            SELECT $1, 'assigned', r.ip_text, r.tag, r.pool, r.owner_uid, r.cluster_id, r.namespace, r.name, 'allocated'
-            FROM alloc JOIN r USING (owner_uid, family)
+            SELECT $1, 'assigned', ip_text, tag, pool, owner_uid, cluster_id, namespace, name, 'allocated' FROM r
+            WHERE (SELECT COUNT(*) FROM alloc) > 0
             RETURNING revision
          )
          SELECT MAX(revision) FROM logged";

@@ -37,6 +37,7 @@ on_both_backends!(
     listing_pages_and_filters,
     state_survives_reopening,
     batches_are_written_together_and_fall_back_one_by_one,
+    a_write_refused_for_an_owner_that_holds_takes_no_revision,
 );
 
 fn spec(name: &str, addresses: &[&str]) -> PoolSpec {
@@ -552,4 +553,30 @@ async fn batches_are_written_together_and_fall_back_one_by_one(db: &TestDb) {
         "{results:?}"
     );
     assert!(store.get_allocation("late1").await.unwrap().is_none());
+}
+
+/// A revision taken by a write that then fails is a hole the change feed has to wait out
+/// before it delivers what follows; an owner writing again must fail before taking one.
+async fn a_write_refused_for_an_owner_that_holds_takes_no_revision(db: &TestDb) {
+    let store = Store::open(Some(&db.url)).await.unwrap();
+    store
+        .create_pool(&spec("lab", &["172.16.0.240/28"]))
+        .await
+        .unwrap();
+    // A view taken before "a" allocated: it will plan "a" a second, free address.
+    let mut stale = index_of(&store).await;
+    let mut index = index_of(&store).await;
+    allocate(&store, &mut index, &request("a")).await.unwrap();
+    let before = store.last_revision().await.unwrap();
+
+    stale.plan(&request("someone")).unwrap();
+    let again = stale.plan(&request("a")).unwrap();
+    assert_eq!(again.items[0].ip, ip("172.16.0.242"));
+    assert!(matches!(
+        store.commit(&request("a"), &again).await,
+        Err(CommitError::OwnerExists)
+    ));
+
+    allocate(&store, &mut index, &request("b")).await.unwrap();
+    assert_eq!(store.last_revision().await.unwrap(), before + 1);
 }
