@@ -443,6 +443,7 @@ async fn node_sync_loop(ctx: Arc<Ctx>) {
 /// watcher). Without it such a Service would wait for the next resync.
 async fn follow_ipam(ctx: Arc<Ctx>) {
     let mut attempt = 0;
+    let mut reconnecting = false;
     // Ends with the task set, at shutdown; every turn either streams or waits a backoff.
     loop {
         let mut client = ctx.ipam.clone();
@@ -450,7 +451,12 @@ async fn follow_ipam(ctx: Arc<Ctx>) {
             Ok(stream) => {
                 attempt = 0;
                 // Whatever changed while the stream was down is not replayed: look once.
-                ctx.pending_wanted.notify_one();
+                // Not on the first connection: the start-up pass has just handled every
+                // waiting Service.
+                if reconnecting {
+                    ctx.pending_wanted.notify_one();
+                }
+                reconnecting = true;
                 let mut stream = stream.into_inner();
                 loop {
                     match stream.next().await {
