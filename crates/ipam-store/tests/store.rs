@@ -74,6 +74,13 @@ fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
+/// A freshly opened store holding one pool.
+async fn store_with_pool(db: &TestDb, pool: &str, addresses: &[&str]) -> Store {
+    let store = Store::open(Some(&db.url)).await.unwrap();
+    store.create_pool(&spec(pool, addresses)).await.unwrap();
+    store
+}
+
 async fn index_of(store: &Store) -> PoolIndex {
     let pools = store
         .load_pools()
@@ -151,11 +158,7 @@ async fn pools_are_created_listed_and_refused_on_overlap(db: &TestDb) {
 }
 
 async fn allocations_round_trip_and_owner_keeps_its_address(db: &TestDb) {
-    let store = Store::open(Some(&db.url)).await.unwrap();
-    store
-        .create_pool(&spec("lab", &["172.16.0.240/28", "fd00::/120"]))
-        .await
-        .unwrap();
+    let store = store_with_pool(db, "lab", &["172.16.0.240/28", "fd00::/120"]).await;
     let mut index = index_of(&store).await;
     let mut req = request("lb-nginx");
     req.family_policy = FamilyPolicy::RequireDualStack;
@@ -185,11 +188,7 @@ async fn allocations_round_trip_and_owner_keeps_its_address(db: &TestDb) {
 }
 
 async fn two_replicas_racing_for_one_address_leave_one_owner(db: &TestDb) {
-    let store = Store::open(Some(&db.url)).await.unwrap();
-    store
-        .create_pool(&spec("lab", &["172.16.0.240/28"]))
-        .await
-        .unwrap();
+    let store = store_with_pool(db, "lab", &["172.16.0.240/28"]).await;
     // Two replicas with the same (empty) picture both choose .241.
     let mut a = index_of(&store).await;
     let mut b = index_of(&store).await;
@@ -211,11 +210,7 @@ async fn two_replicas_racing_for_one_address_leave_one_owner(db: &TestDb) {
 }
 
 async fn sharing_needs_the_same_key_policy_and_free_ports(db: &TestDb) {
-    let store = Store::open(Some(&db.url)).await.unwrap();
-    store
-        .create_pool(&spec("lab", &["172.16.0.240/28"]))
-        .await
-        .unwrap();
+    let store = store_with_pool(db, "lab", &["172.16.0.240/28"]).await;
     let shared = |uid: &str, port: u16| {
         let mut r = request(uid);
         r.sharing_key = "web".into();
@@ -270,11 +265,7 @@ async fn sharing_needs_the_same_key_policy_and_free_ports(db: &TestDb) {
 }
 
 async fn release_frees_the_address_and_history_tells_why(db: &TestDb) {
-    let store = Store::open(Some(&db.url)).await.unwrap();
-    store
-        .create_pool(&spec("lab", &["172.16.0.240/28"]))
-        .await
-        .unwrap();
+    let store = store_with_pool(db, "lab", &["172.16.0.240/28"]).await;
     let mut index = index_of(&store).await;
     allocate(&store, &mut index, &request("a")).await.unwrap();
     let released = store.release("a", "service deleted").await.unwrap();
@@ -329,11 +320,7 @@ async fn release_frees_the_address_and_history_tells_why(db: &TestDb) {
 }
 
 async fn shrinking_or_deleting_a_pool_in_use_is_refused_unless_forced(db: &TestDb) {
-    let store = Store::open(Some(&db.url)).await.unwrap();
-    store
-        .create_pool(&spec("lab", &["172.16.0.240/28"]))
-        .await
-        .unwrap();
+    let store = store_with_pool(db, "lab", &["172.16.0.240/28"]).await;
     let mut index = index_of(&store).await;
     allocate(&store, &mut index, &request("a")).await.unwrap();
     let smaller = spec("lab", &["172.16.0.248/29"]);
@@ -393,11 +380,7 @@ async fn shrinking_or_deleting_a_pool_in_use_is_refused_unless_forced(db: &TestD
 }
 
 async fn a_plan_made_against_an_old_pool_spec_is_refused(db: &TestDb) {
-    let store = Store::open(Some(&db.url)).await.unwrap();
-    store
-        .create_pool(&spec("lab", &["172.16.0.240/28"]))
-        .await
-        .unwrap();
+    let store = store_with_pool(db, "lab", &["172.16.0.240/28"]).await;
     let mut stale = index_of(&store).await;
     store
         .update_pool(&spec("lab", &["172.16.0.248/29"]), false, false)
@@ -414,11 +397,7 @@ async fn a_plan_made_against_an_old_pool_spec_is_refused(db: &TestDb) {
 }
 
 async fn listing_pages_and_filters(db: &TestDb) {
-    let store = Store::open(Some(&db.url)).await.unwrap();
-    store
-        .create_pool(&spec("a", &["10.0.0.0/24"]))
-        .await
-        .unwrap();
+    let store = store_with_pool(db, "a", &["10.0.0.0/24"]).await;
     store
         .create_pool(&spec("b", &["10.0.1.0/24", "fd00::/120"]))
         .await
@@ -490,11 +469,7 @@ async fn listing_pages_and_filters(db: &TestDb) {
 
 async fn state_survives_reopening(db: &TestDb) {
     {
-        let store = Store::open(Some(&db.url)).await.unwrap();
-        store
-            .create_pool(&spec("lab", &["172.16.0.240/28"]))
-            .await
-            .unwrap();
+        let store = store_with_pool(db, "lab", &["172.16.0.240/28"]).await;
         let mut index = index_of(&store).await;
         allocate(&store, &mut index, &request("a")).await.unwrap();
         store.close().await;
@@ -510,11 +485,7 @@ async fn state_survives_reopening(db: &TestDb) {
 }
 
 async fn batches_are_written_together_and_fall_back_one_by_one(db: &TestDb) {
-    let store = Store::open(Some(&db.url)).await.unwrap();
-    store
-        .create_pool(&spec("big", &["10.50.0.0/22", "fd00:50::/120"]))
-        .await
-        .unwrap();
+    let store = store_with_pool(db, "big", &["10.50.0.0/22", "fd00:50::/120"]).await;
     let mut index = index_of(&store).await;
     let mut requests: Vec<AllocationRequest> =
         (0..150).map(|i| request(&format!("b{i}"))).collect();
@@ -558,11 +529,7 @@ async fn batches_are_written_together_and_fall_back_one_by_one(db: &TestDb) {
 /// A revision taken by a write that then fails is a hole the change feed has to wait out
 /// before it delivers what follows; an owner writing again must fail before taking one.
 async fn a_write_refused_for_an_owner_that_holds_takes_no_revision(db: &TestDb) {
-    let store = Store::open(Some(&db.url)).await.unwrap();
-    store
-        .create_pool(&spec("lab", &["172.16.0.240/28"]))
-        .await
-        .unwrap();
+    let store = store_with_pool(db, "lab", &["172.16.0.240/28"]).await;
     // A view taken before "a" allocated: it will plan "a" a second, free address.
     let mut stale = index_of(&store).await;
     let mut index = index_of(&store).await;
