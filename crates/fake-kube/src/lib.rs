@@ -196,6 +196,17 @@ impl FakeKube {
         self.shared.lock().list(resource, namespace)
     }
 
+    /// How many objects of `resource` (in one namespace or in all) satisfy `pred`,
+    /// without copying them: for callers that poll while the server is under load.
+    pub fn count_matching(
+        &self,
+        resource: Resource,
+        namespace: Option<&str>,
+        pred: impl Fn(&Value) -> bool,
+    ) -> usize {
+        self.shared.lock().count(resource, namespace, pred)
+    }
+
     /// Every Event, core/v1 and events.k8s.io/v1 alike.
     pub fn events(&self) -> Vec<Value> {
         let store = self.shared.lock();

@@ -139,11 +139,29 @@ impl Store {
     }
 
     pub(crate) fn list(&self, resource: Resource, namespace: Option<&str>) -> Vec<Value> {
+        self.of(resource, namespace).cloned().collect()
+    }
+
+    pub(crate) fn count(
+        &self,
+        resource: Resource,
+        namespace: Option<&str>,
+        pred: impl Fn(&Value) -> bool,
+    ) -> usize {
+        self.of(resource, namespace).filter(|o| pred(o)).count()
+    }
+
+    fn of<'a>(
+        &'a self,
+        resource: Resource,
+        namespace: Option<&'a str>,
+    ) -> impl Iterator<Item = &'a Value> + 'a {
         self.objects
             .iter()
-            .filter(|((r, ns, _), _)| *r == resource && namespace.is_none_or(|want| ns == want))
-            .map(|(_, s)| s.object.clone())
-            .collect()
+            .filter(move |((r, ns, _), _)| {
+                *r == resource && namespace.is_none_or(|want| ns == want)
+            })
+            .map(|(_, s)| &s.object)
     }
 
     fn commit(

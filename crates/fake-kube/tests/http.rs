@@ -139,3 +139,28 @@ async fn list_watch_patch_and_gone() {
     assert_eq!(fake.count(Verb::List, SERVICES), 1);
     assert_eq!(fake.writes_to(SERVICES, "default", "web"), 2);
 }
+
+#[tokio::test]
+async fn count_matches_list_without_copying() {
+    let fake = FakeKube::start().await.unwrap();
+    for (namespace, name, ip) in [
+        ("default", "a", Some("172.16.0.241")),
+        ("default", "b", None),
+        ("other", "c", Some("172.16.0.242")),
+    ] {
+        let mut svc = json!({"metadata": {"namespace": namespace, "name": name}, "spec": {"type": "LoadBalancer"}});
+        if let Some(ip) = ip {
+            svc["status"] = json!({"loadBalancer": {"ingress": [{"ip": ip}]}});
+        }
+        fake.create(SERVICES, svc).unwrap();
+    }
+    let has_ip =
+        |svc: &serde_json::Value| svc["status"]["loadBalancer"]["ingress"][0]["ip"].is_string();
+    assert_eq!(fake.count_matching(SERVICES, Some("default"), has_ip), 1);
+    assert_eq!(fake.count_matching(SERVICES, None, has_ip), 2);
+    assert_eq!(
+        fake.count_matching(SERVICES, None, |_| true),
+        fake.list(SERVICES, None).len()
+    );
+    assert_eq!(fake.count_matching(SERVICES, Some("nowhere"), |_| true), 0);
+}

@@ -1,25 +1,31 @@
 //! GoBGP 3.10 as the ToR: TOML config with a peer group and dynamic neighbors, queries
-//! through the `gobgp` CLI's JSON output (`-j`).
+//! through the `gobgp` CLI's JSON output (`-j`), except the neighbor list, which is read
+//! over GoBGP's gRPC API because callers poll it.
 
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use ipnet::IpNet;
 use serde_json::Value;
+use tokio::sync::OnceCell;
 
+use crate::gobgp_api::Api;
 use crate::process::{self, run_query};
 use crate::{Backend, Family, Launch, Rib, TorConfig, TorNeighbor, TorPath, bins};
 
 /// GoBGP's `session_state` value for Established (its gRPC API enum).
-const SESSION_ESTABLISHED: i64 = 6;
+pub(crate) const SESSION_ESTABLISHED: i64 = 6;
 
-/// Queries one gobgpd through its gRPC API on 127.0.0.1.
+/// Queries one gobgpd on 127.0.0.1: through the `gobgp` CLI, and for the counters polled
+/// in loops, through one gRPC connection to its API kept open.
 #[derive(Debug, Clone)]
 pub(crate) struct Client {
     cli: PathBuf,
     api_port: u16,
+    api: Arc<OnceCell<Api>>,
 }
 
 impl Client {
@@ -27,7 +33,14 @@ impl Client {
         Ok(Client {
             cli: bins::GOBGP.resolve()?,
             api_port,
+            api: Arc::new(OnceCell::new()),
         })
+    }
+
+    async fn api(&self) -> Result<&Api> {
+        self.api
+            .get_or_try_init(|| Api::connect(self.api_port))
+            .await
     }
 
     pub(crate) fn cli(&self) -> &Path {
@@ -89,7 +102,7 @@ impl Client {
     }
 
     pub(crate) async fn neighbors(&self) -> Result<Vec<TorNeighbor>> {
-        parse_neighbors(&self.run(&["-j", "neighbor"]).await?)
+        self.api().await?.neighbors().await
     }
 }
 
@@ -339,7 +352,7 @@ pub(crate) fn parse_neighbors(text: &str) -> Result<Vec<TorNeighbor>> {
 }
 
 /// GoBGP's `session_state` numbers (its gRPC enum) as RFC 4271 state names.
-fn state_name(state: i64) -> &'static str {
+pub(crate) fn state_name(state: i64) -> &'static str {
     match state {
         1 => "Idle",
         2 => "Connect",

@@ -1,9 +1,12 @@
-//! A minimal client for GoBGP 3.10's gRPC API: only `AddPathStream`, the call GoBGP's own
-//! bulk paths use, with many paths per request so GoBGP can pack them into few UPDATEs.
+//! A minimal client for GoBGP 3.10's gRPC API: `AddPathStream`, the call GoBGP's own
+//! bulk paths use, with many paths per request so GoBGP can pack them into few UPDATEs;
+//! and `ListPeer`, for the per-neighbor counters that benchmarks poll every few
+//! milliseconds, where starting the `gobgp` CLI (about 10 ms of CPU each time) would take
+//! the cores the measured system needs.
 //!
 //! The messages below are written for this crate. Their field numbers are GoBGP's wire
 //! contract (package `apipb`), read from the descriptor embedded in Debian's `gobgp`
-//! 3.10 binary; only the fields we send are declared.
+//! 3.10 binary; only the fields we send or read are declared.
 
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -14,6 +17,9 @@ use prost_types::Any;
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::{Channel, Endpoint};
 use tonic_prost::ProstCodec;
+
+use crate::TorNeighbor;
+use crate::gobgp::{SESSION_ESTABLISHED, state_name};
 
 /// `apipb.AddPathStreamRequest`.
 #[derive(Clone, PartialEq, Message)]
@@ -68,6 +74,54 @@ struct OriginAttribute {
 struct NextHopAttribute {
     #[prost(string, tag = "1")]
     next_hop: String,
+}
+
+/// `apipb.ListPeerRequest`; an empty address lists every peer.
+#[derive(Clone, PartialEq, Message)]
+struct ListPeerRequest {
+    #[prost(string, tag = "1")]
+    address: String,
+}
+
+/// `apipb.ListPeerResponse`: one per peer, streamed.
+#[derive(Clone, PartialEq, Message)]
+struct ListPeerResponse {
+    #[prost(message, optional, tag = "1")]
+    peer: Option<Peer>,
+}
+
+/// `apipb.Peer`: its state and its per-family counters.
+#[derive(Clone, PartialEq, Message)]
+struct Peer {
+    #[prost(message, optional, tag = "5")]
+    state: Option<PeerState>,
+    #[prost(message, repeated, tag = "10")]
+    afi_safis: Vec<AfiSafi>,
+}
+
+/// `apipb.PeerState`.
+#[derive(Clone, PartialEq, Message)]
+struct PeerState {
+    #[prost(string, tag = "5")]
+    neighbor_address: String,
+    /// `apipb.PeerState.SessionState`: 1 Idle ... 6 Established.
+    #[prost(int32, tag = "13")]
+    session_state: i32,
+}
+
+/// `apipb.AfiSafi`.
+#[derive(Clone, PartialEq, Message)]
+struct AfiSafi {
+    #[prost(message, optional, tag = "3")]
+    state: Option<AfiSafiState>,
+}
+
+/// `apipb.AfiSafiState`.
+#[derive(Clone, PartialEq, Message)]
+struct AfiSafiState {
+    /// Prefixes accepted from the peer in this family (what `gobgp neighbor` shows).
+    #[prost(uint64, tag = "4")]
+    accepted: u64,
 }
 
 fn any(name: &str, message: &impl Message) -> Any {
@@ -140,5 +194,47 @@ impl Api {
         .await
         .context("GoBGP AddPathStream")?;
         Ok(())
+    }
+
+    /// Every neighbor with its session state and accepted prefixes, as `gobgp neighbor`
+    /// shows them, over the open connection.
+    pub(crate) async fn neighbors(&self) -> Result<Vec<TorNeighbor>> {
+        let mut grpc = tonic::client::Grpc::new(self.channel.clone());
+        grpc.ready().await.context("GoBGP's API is not ready")?;
+        let codec: ProstCodec<ListPeerRequest, ListPeerResponse> = ProstCodec::default();
+        let mut stream = grpc
+            .server_streaming(
+                tonic::Request::new(ListPeerRequest::default()),
+                PathAndQuery::from_static("/apipb.GobgpApi/ListPeer"),
+                codec,
+            )
+            .await
+            .context("GoBGP ListPeer")?
+            .into_inner();
+        let mut out = Vec::new();
+        // Bounded by GoBGP: it streams one response per configured or dynamic peer.
+        while let Some(response) = stream.message().await.context("GoBGP ListPeer stream")? {
+            let Some(peer) = response.peer else { continue };
+            let state = peer.state.unwrap_or_default();
+            let address: IpAddr = state.neighbor_address.parse().with_context(|| {
+                format!(
+                    "GoBGP ListPeer: neighbor address {:?}",
+                    state.neighbor_address
+                )
+            })?;
+            let session_state = i64::from(state.session_state);
+            out.push(TorNeighbor {
+                address,
+                established: session_state == SESSION_ESTABLISHED,
+                state: state_name(session_state).to_owned(),
+                prefixes_received: peer
+                    .afi_safis
+                    .iter()
+                    .filter_map(|afi| afi.state.as_ref())
+                    .map(|state| state.accepted)
+                    .sum(),
+            });
+        }
+        Ok(out)
     }
 }

@@ -14,6 +14,11 @@ async fn ecmp_and_withdraw() -> Result<()> {
 }
 
 #[tokio::test]
+async fn neighbor_counters() -> Result<()> {
+    engine::neighbor_counters(KIND).await
+}
+
+#[tokio::test]
 async fn ten_thousand_routes() -> Result<()> {
     engine::ten_thousand(KIND).await
 }

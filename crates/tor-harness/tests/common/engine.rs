@@ -114,6 +114,44 @@ pub async fn ecmp_and_withdraw(kind: TorKind) -> Result<()> {
     Ok(())
 }
 
+/// The ToR's per-neighbor view: each engine Established, with the number of prefixes it
+/// announced; after a withdraw, the count drops. Benchmarks poll these counters to tell
+/// when a burst has arrived.
+pub async fn neighbor_counters(kind: TorKind) -> Result<()> {
+    let tor = Tor::start(TorConfig::new(kind)).await?;
+    let (a, b) = tokio::try_join!(
+        engine(&tor, peer_config(&tor, NODE_A)),
+        engine(&tor, peer_config(&tor, NODE_B))
+    )?;
+    a.set_desired(host_routes(Ipv4Addr::new(10, 81, 0, 1), 3));
+    b.set_desired(host_routes(Ipv4Addr::new(10, 82, 0, 1), 1));
+    let counts = |a_count: u64, b_count: u64| {
+        move |neighbors: &[herald_tor_harness::TorNeighbor]| {
+            let count = |node: Ipv4Addr| {
+                neighbors
+                    .iter()
+                    .find(|n| n.address == IpAddr::V4(node) && n.established)
+                    .map(|n| n.prefixes_received)
+            };
+            count(NODE_A) == Some(a_count) && count(NODE_B) == Some(b_count)
+        }
+    };
+    let neighbors = tor.wait_neighbors(CONVERGE, counts(3, 1)).await?;
+    ensure!(
+        neighbors.iter().all(|n| n.state == "Established"),
+        "{kind}: {neighbors:?}"
+    );
+    a.set_desired(host_routes(Ipv4Addr::new(10, 81, 0, 1), 1));
+    tor.wait_neighbors(CONVERGE, counts(1, 1)).await?;
+    for peer in [a, b] {
+        peer.shutdown(ShutdownMode::Withdraw {
+            message: "test done".into(),
+        })
+        .await;
+    }
+    Ok(())
+}
+
 /// 10,000 /32s arrive complete (right neighbor and next hop) in at most ⌈N/500⌉ UPDATEs,
 /// and are withdrawn completely.
 pub async fn ten_thousand(kind: TorKind) -> Result<()> {
