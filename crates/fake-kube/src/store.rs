@@ -111,9 +111,13 @@ impl Store {
         self.tx.subscribe()
     }
 
-    /// Forgets every change so far: a watch from any earlier resourceVersion gets 410.
+    /// Forgets every change so far: a watch from any resourceVersion handed out until now
+    /// gets 410. The version moves on by one so that this holds even for a client whose
+    /// last bookmark carried the current one, which could otherwise resume without
+    /// noticing the compaction.
     pub(crate) fn compact(&mut self) {
         self.history.clear();
+        self.rv += 1;
         self.oldest_rv = self.rv;
     }
 

@@ -37,6 +37,7 @@ use crate::mapping::{
     self, AllocateErrorKind, ClassPolicy, FailureReason, Outcome, our_condition, status_ips,
 };
 use crate::queue::Queue;
+use crate::slice_index::SliceIndex;
 
 /// Shortest and longest wait before a Service whose handling failed is tried again.
 const MIN_RETRY: Duration = Duration::from_millis(200);
@@ -125,6 +126,11 @@ struct Ctx {
     /// What was last sent per owner uid / node, so unchanged facts are not sent again.
     sent_endpoints: Mutex<HashMap<String, (i32, Vec<String>)>>,
     sent_nodes: Mutex<HashMap<String, routing::Node>>,
+    /// Which EndpointSlices belong to which Service, following the slices' watch.
+    slice_index: Mutex<SliceIndex>,
+    /// The resourceVersion each Service had when its status was last patched, until the
+    /// cache shows a newer one.
+    written_over: Mutex<HashMap<ServiceKey, String>>,
     service_queue: Arc<Queue<ServiceKey>>,
     node_queue: Arc<Queue<String>>,
     failures: Mutex<HashMap<ServiceKey, u32>>,
@@ -162,6 +168,8 @@ pub async fn run(
         namespaces,
         held: Mutex::new(HashMap::new()),
         sent_endpoints: Mutex::new(HashMap::new()),
+        slice_index: Mutex::new(SliceIndex::default()),
+        written_over: Mutex::new(HashMap::new()),
         sent_nodes: Mutex::new(HashMap::new()),
         service_queue: Queue::new(),
         node_queue: Queue::new(),
@@ -202,13 +210,39 @@ pub async fn run(
             slices_writer,
             watcher(Api::<EndpointSlice>::all(client.clone()), config.clone()),
         );
-        tasks.spawn(drive("endpointslices", stream, move |event| match event {
-            watcher::Event::Apply(s) | watcher::Event::InitApply(s) | watcher::Event::Delete(s) => {
-                if let Some((namespace, name)) = mapping::slice_service(&s) {
-                    ctx.service_queue.push(ServiceKey { namespace, name });
+        tasks.spawn(drive("endpointslices", stream, move |event| {
+            let slice = match &event {
+                watcher::Event::Init => return lock(&ctx.slice_index).relist_started(),
+                watcher::Event::InitDone => return lock(&ctx.slice_index).relist_done(),
+                watcher::Event::Apply(s)
+                | watcher::Event::InitApply(s)
+                | watcher::Event::Delete(s) => s,
+            };
+            let (Some(namespace), Some(name)) = (
+                slice.metadata.namespace.as_deref(),
+                slice.metadata.name.as_deref(),
+            ) else {
+                return;
+            };
+            let service = mapping::slice_service(slice).map(|(_, service)| service);
+            let before = {
+                let mut index = lock(&ctx.slice_index);
+                match &event {
+                    watcher::Event::Delete(_) => index.delete(namespace, name),
+                    watcher::Event::InitApply(_) => {
+                        index.relisted(namespace, name, service.as_deref());
+                        None
+                    }
+                    _ => index.apply(namespace, name, service.as_deref()),
                 }
+            };
+            // A slice that moved to another Service changes the endpoints of both.
+            for (namespace, name) in before
+                .into_iter()
+                .chain(service.map(|service| (namespace.to_string(), service)))
+            {
+                ctx.service_queue.push(ServiceKey { namespace, name });
             }
-            watcher::Event::Init | watcher::Event::InitDone => {}
         }));
     }
     {
@@ -580,7 +614,10 @@ impl Ctx {
             info!(uid = %old, reason, "released");
             self.requeue_pending();
         }
-        let Some(svc) = svc else { return Ok(()) };
+        let Some(svc) = svc else {
+            lock(&self.written_over).remove(key);
+            return Ok(());
+        };
         if !served {
             // Never touch a Service that is not ours, unless it carries what we wrote
             // while it was.
@@ -746,6 +783,23 @@ impl Ctx {
         {
             return Ok(());
         }
+        // The cache may not have seen our last write yet: a patch over the version we
+        // already wrote over would only be refused. The write's own watch event brings
+        // this Service back with the fresh version.
+        let key = ServiceKey::of(svc);
+        let version = svc.metadata.resource_version.clone();
+        {
+            let mut written = lock(&self.written_over);
+            if let Some(key) = &key {
+                match written.get(key) {
+                    Some(over) if Some(over) == version.as_ref() => return Ok(()),
+                    Some(_) => {
+                        written.remove(key);
+                    }
+                    None => {}
+                }
+            }
+        }
         let mut conditions: Vec<_> = svc
             .status
             .as_ref()
@@ -771,6 +825,9 @@ impl Ctx {
         });
         if !self.patch_status(svc, &patch).await? {
             return Ok(());
+        }
+        if let (Some(key), Some(version)) = (key, version) {
+            lock(&self.written_over).insert(key, version);
         }
         let changed = previous.is_none_or(|p| {
             p.status != condition.status
@@ -884,10 +941,14 @@ impl Ctx {
     /// Sends the Service's traffic policy and the nodes with ready or serving endpoints,
     /// when they changed since last sent.
     async fn send_endpoints(&self, key: &ServiceKey, svc: &Service, uid: &str) -> Result<()> {
-        let slices: Vec<_> = self
-            .slices
-            .state()
-            .into_iter()
+        let names = lock(&self.slice_index).slices_of(&key.namespace, &key.name);
+        // The store can be one event ahead of the index; the label decides.
+        let slices: Vec<_> = names
+            .iter()
+            .filter_map(|name| {
+                self.slices
+                    .get(&ObjectRef::new(name).within(&key.namespace))
+            })
             .filter(|s| {
                 mapping::slice_service(s)
                     .is_some_and(|(ns, n)| ns == key.namespace && n == key.name)

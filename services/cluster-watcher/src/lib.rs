@@ -10,6 +10,7 @@
 pub mod controller;
 pub mod mapping;
 mod queue;
+mod slice_index;
 
 use std::time::Duration;
 

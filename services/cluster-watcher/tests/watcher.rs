@@ -338,6 +338,15 @@ async fn failures_are_reported_on_the_service_and_touch_nothing_else() {
         writes_to_a,
         "a was written again"
     );
+    // Nothing else writes these Services: a refused status patch would mean the watcher
+    // wrote from a cache that had not yet seen its own last write.
+    let refused: Vec<_> = lab
+        .fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.verb == Verb::Patch && r.resource == "services" && r.status == 409)
+        .collect();
+    assert!(refused.is_empty(), "stale status patches: {refused:?}");
     for name in ["not-ours", "no-class"] {
         assert_eq!(
             lab.fake.writes_to(SERVICES, "default", name),
@@ -449,7 +458,13 @@ async fn a_410_gone_watch_makes_the_watcher_list_again_and_carry_on() {
         .await;
     assert!(
         lab.fake.count(Verb::List, SERVICES) > lists_before,
-        "the watcher never listed again"
+        "the watcher never listed again: {:?}",
+        lab.fake
+            .requests()
+            .iter()
+            .filter(|r| r.resource == "services")
+            .map(|r| (r.verb, r.status))
+            .collect::<Vec<_>>()
     );
     let gone_watches = lab
         .fake
@@ -491,6 +506,12 @@ async fn only_the_lease_holder_writes_and_a_standby_takes_over() {
             .filter_map(|e| e["reportingInstance"].as_str().map(str::to_string))
             .collect()
     };
+    // The Event follows the status write.
+    lab.fake
+        .wait_for(WAIT, |f| {
+            (!f.events_for("default", "one").is_empty()).then_some(())
+        })
+        .await;
     assert_eq!(reporters(&lab.fake), HashSet::from(["w1".to_string()]));
 
     // The leader dies without handing the lease back.
@@ -591,4 +612,122 @@ async fn waiting_services_get_an_address_when_a_pool_appears_or_an_address_is_fr
         vec![held_ip]
     );
     assert!(released.elapsed() < PROMPT, "took {:?}", released.elapsed());
+}
+
+fn endpoint_slice(service: &str, slice: &str, nodes: &[&str]) -> serde_json::Value {
+    let endpoints: Vec<_> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, node)| json!({"addresses": [format!("10.244.0.{}", i + 1)], "nodeName": node, "conditions": {"ready": true}}))
+        .collect();
+    json!({
+        "metadata": {"namespace": "default", "name": slice,
+                     "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4",
+        "endpoints": endpoints,
+    })
+}
+
+/// Polls the advertisement status until the nodes that should announce `prefix` are
+/// `want`; panics with what they were after `WAIT`.
+async fn wait_announcing(
+    routing: &mut RoutingClient<tonic::transport::Channel>,
+    prefix: &str,
+    want: &[&str],
+) {
+    let want: std::collections::BTreeSet<String> = want.iter().map(|n| n.to_string()).collect();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let desired: std::collections::BTreeSet<String> = routing
+            .get_advertisement_status(routing::GetAdvertisementStatusRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .entries
+            .into_iter()
+            .filter(|e| e.prefix == prefix && e.desired)
+            .map(|e| e.node)
+            .collect();
+        if desired == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{prefix} should be announced by {want:?}, is by {desired:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// With externalTrafficPolicy Local only nodes with an endpoint announce: the watcher
+/// follows every EndpointSlice of the Service as it is created, changed and deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_service_is_announced_by_the_nodes_its_endpoint_slices_name() {
+    let lab = Lab::start(&[("lab", LAB_POOL)]).await;
+    let mut routing = RoutingClient::connect(lab.ipam.endpoint()).await.unwrap();
+    routing
+        .set_bgp_policy(routing::BgpPolicy {
+            local_asn: 65010,
+            peers: vec![routing::Peer {
+                name: "tor".into(),
+                address: "127.0.0.1".into(),
+                asn: 65001,
+                port: 1790,
+                ..Default::default()
+            }],
+            advertisements: vec![routing::Advertisement::default()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    for (name, ip) in [("worker-1", "127.0.0.21"), ("worker-2", "127.0.0.22")] {
+        lab.fake.create(NODES, node(name, ip, true)).unwrap();
+    }
+    let _w = lab.watcher("w1");
+    let mut svc = ours("default", "web");
+    svc["spec"]["externalTrafficPolicy"] = json!("Local");
+    lab.fake.create(SERVICES, svc).unwrap();
+    lab.fake
+        .create(
+            ENDPOINT_SLICES,
+            endpoint_slice("web", "web-a", &["worker-1"]),
+        )
+        .unwrap();
+    // A slice of another Service says nothing about this one.
+    lab.fake
+        .create(
+            ENDPOINT_SLICES,
+            endpoint_slice("api", "api-a", &["worker-2"]),
+        )
+        .unwrap();
+    assert_eq!(
+        wait_ingress(&lab.fake, "default", "web").await,
+        vec!["172.16.0.241"]
+    );
+    let prefix = "172.16.0.241/32";
+    wait_announcing(&mut routing, prefix, &["worker-1"]).await;
+
+    // A second slice adds its nodes.
+    lab.fake
+        .create(
+            ENDPOINT_SLICES,
+            endpoint_slice("web", "web-b", &["worker-2"]),
+        )
+        .unwrap();
+    wait_announcing(&mut routing, prefix, &["worker-1", "worker-2"]).await;
+
+    // Deleting the first slice takes its node away.
+    lab.fake
+        .delete(ENDPOINT_SLICES, "default", "web-a")
+        .unwrap();
+    wait_announcing(&mut routing, prefix, &["worker-2"]).await;
+
+    // A changed slice moves the endpoint.
+    lab.fake
+        .replace(
+            ENDPOINT_SLICES,
+            endpoint_slice("web", "web-b", &["worker-1"]),
+        )
+        .unwrap();
+    wait_announcing(&mut routing, prefix, &["worker-1"]).await;
 }
