@@ -1,6 +1,7 @@
 //! GoBGP 3.10 as the ToR: TOML config with a peer group and dynamic neighbors, queries
-//! through the `gobgp` CLI's JSON output (`-j`), except the neighbor list, which is read
-//! over GoBGP's gRPC API because callers poll it.
+//! through the `gobgp` CLI's JSON output (`-j`), except the neighbor list and where one
+//! prefix's paths came from, which are read over GoBGP's gRPC API because callers poll
+//! them.
 
 use std::fmt::Write as _;
 use std::net::IpAddr;
@@ -103,6 +104,10 @@ impl Client {
 
     pub(crate) async fn neighbors(&self) -> Result<Vec<TorNeighbor>> {
         self.api().await?.neighbors().await
+    }
+
+    pub(crate) async fn path_sources(&self, prefix: IpNet) -> Result<Vec<IpAddr>> {
+        self.api().await?.path_sources(prefix).await
     }
 }
 

@@ -1,8 +1,8 @@
 //! A minimal client for GoBGP 3.10's gRPC API: `AddPathStream`, the call GoBGP's own
 //! bulk paths use, with many paths per request so GoBGP can pack them into few UPDATEs;
-//! and `ListPeer`, for the per-neighbor counters that benchmarks poll every few
-//! milliseconds, where starting the `gobgp` CLI (about 10 ms of CPU each time) would take
-//! the cores the measured system needs.
+//! and `ListPeer` and `ListPath`, for the counters and the one prefix that benchmarks
+//! poll every few milliseconds, where starting the `gobgp` CLI (about 10 ms of CPU each
+//! time) would take the cores the measured system needs.
 //!
 //! The messages below are written for this crate. Their field numbers are GoBGP's wire
 //! contract (package `apipb`), read from the descriptor embedded in Debian's `gobgp`
@@ -124,6 +124,50 @@ struct AfiSafiState {
     accepted: u64,
 }
 
+/// `apipb.ListPathRequest`: the global table, one family, exact prefixes.
+#[derive(Clone, PartialEq, Message)]
+struct ListPathRequest {
+    /// `apipb.TableType`; 0 is `GLOBAL`.
+    #[prost(int32, tag = "1")]
+    table_type: i32,
+    #[prost(message, optional, tag = "3")]
+    family: Option<Family>,
+    #[prost(message, repeated, tag = "4")]
+    prefixes: Vec<TableLookupPrefix>,
+}
+
+/// `apipb.TableLookupPrefix`; type 0 is `EXACT`.
+#[derive(Clone, PartialEq, Message)]
+struct TableLookupPrefix {
+    #[prost(string, tag = "1")]
+    prefix: String,
+    #[prost(int32, tag = "2")]
+    lookup: i32,
+}
+
+/// `apipb.ListPathResponse`: one destination per response.
+#[derive(Clone, PartialEq, Message)]
+struct ListPathResponse {
+    #[prost(message, optional, tag = "1")]
+    destination: Option<Destination>,
+}
+
+/// `apipb.Destination`.
+#[derive(Clone, PartialEq, Message)]
+struct Destination {
+    #[prost(string, tag = "1")]
+    prefix: String,
+    #[prost(message, repeated, tag = "2")]
+    paths: Vec<ReceivedPath>,
+}
+
+/// `apipb.Path` as read back: only where it came from.
+#[derive(Clone, PartialEq, Message)]
+struct ReceivedPath {
+    #[prost(string, tag = "15")]
+    neighbor_ip: String,
+}
+
 fn any(name: &str, message: &impl Message) -> Any {
     Any {
         type_url: format!("type.googleapis.com/apipb.{name}"),
@@ -194,6 +238,55 @@ impl Api {
         .await
         .context("GoBGP AddPathStream")?;
         Ok(())
+    }
+
+    /// The neighbors the global table holds a path for `prefix` from.
+    pub(crate) async fn path_sources(&self, prefix: IpNet) -> Result<Vec<IpAddr>> {
+        let mut grpc = tonic::client::Grpc::new(self.channel.clone());
+        grpc.ready().await.context("GoBGP's API is not ready")?;
+        let afi = match prefix {
+            IpNet::V4(_) => 1,
+            IpNet::V6(_) => 2,
+        };
+        let request = ListPathRequest {
+            table_type: 0,
+            family: Some(Family { afi, safi: 1 }),
+            prefixes: vec![TableLookupPrefix {
+                prefix: prefix.to_string(),
+                lookup: 0,
+            }],
+        };
+        let codec: ProstCodec<ListPathRequest, ListPathResponse> = ProstCodec::default();
+        let mut stream = grpc
+            .server_streaming(
+                tonic::Request::new(request),
+                PathAndQuery::from_static("/apipb.GobgpApi/ListPath"),
+                codec,
+            )
+            .await
+            .context("GoBGP ListPath")?
+            .into_inner();
+        let mut sources = Vec::new();
+        // Bounded by GoBGP: an exact lookup streams at most the one destination.
+        while let Some(response) = stream.message().await.context("GoBGP ListPath stream")? {
+            let Some(destination) = response.destination else {
+                continue;
+            };
+            let found: IpNet = destination
+                .prefix
+                .parse()
+                .with_context(|| format!("GoBGP ListPath: prefix {:?}", destination.prefix))?;
+            if found != prefix {
+                continue;
+            }
+            for path in destination.paths {
+                let neighbor: IpAddr = path.neighbor_ip.parse().with_context(|| {
+                    format!("GoBGP ListPath {prefix}: neighbor {:?}", path.neighbor_ip)
+                })?;
+                sources.push(neighbor);
+            }
+        }
+        Ok(sources)
     }
 
     /// Every neighbor with its session state and accepted prefixes, as `gobgp neighbor`

@@ -88,6 +88,14 @@ pub async fn ecmp_and_withdraw(kind: TorKind) -> Result<()> {
         ensure!(path.next_hop == Some(IpAddr::V4(node)), "{kind}: {paths:?}");
         ensure!(path.as_path == vec![65010], "{kind}: {paths:?}");
     }
+    let mut sources = tor.path_sources(prefix).await?;
+    sources.sort();
+    ensure!(
+        sources == [IpAddr::V4(NODE_A), IpAddr::V4(NODE_B)],
+        "{kind}: path sources {sources:?}"
+    );
+    let elsewhere = tor.path_sources("10.80.9.9/32".parse()?).await?;
+    ensure!(elsewhere.is_empty(), "{kind}: {elsewhere:?}");
 
     let started = Instant::now();
     a.set_desired(Routes::new());
@@ -96,6 +104,11 @@ pub async fn ecmp_and_withdraw(kind: TorKind) -> Result<()> {
     })
     .await?;
     let first = started.elapsed();
+    let sources = tor.path_sources(prefix).await?;
+    ensure!(
+        sources == [IpAddr::V4(NODE_B)],
+        "{kind}: path sources {sources:?}"
+    );
     b.set_desired(Routes::new());
     tor.wait_until(Family::Ipv4, CONVERGE, |rib| rib.is_empty())
         .await?;
