@@ -303,12 +303,15 @@ fn watch(shared: &Arc<Shared>, target: &Target, query: &HashMap<String, String>)
         tick.tick().await;
         loop {
             tokio::select! {
-                () = &mut deadline => return,
+                // Expiry first: changes made after an expiry must not slip out through
+                // the watch it ended, which a random pick among ready branches allowed.
+                biased;
                 _ = expire.changed() => {
                     let err = ApiError::gone(format!("too old resource version: {last_rv} (compacted)"));
                     let _ = send(&json!({"type": "ERROR", "object": err.to_status()})).await;
                     return;
                 }
+                () = &mut deadline => return,
                 change = live.recv() => match change {
                     Ok(change) => {
                         last_rv = last_rv.max(change.rv);
