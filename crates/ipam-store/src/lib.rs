@@ -46,6 +46,9 @@ pub const DEFAULT_PG_CONNECTIONS: u32 = 48;
 const HOT_PG_CONNECTIONS: u32 = 8;
 /// How long a caller waits for a connection before the request fails as UNAVAILABLE.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections of the main pool kept open for the calls that do not use the hot one
+/// (releases, pool changes, routing inputs, speaker reports).
+const WARM_PG_CONNECTIONS: u32 = 4;
 /// Largest page served by list and history calls.
 pub const MAX_PAGE_SIZE: u32 = 1000;
 pub const DEFAULT_PAGE_SIZE: u32 = 100;
@@ -127,6 +130,21 @@ pub struct Store {
     backend: Backend,
 }
 
+/// Opens `n` connections of `pool` concurrently, in the background, so that the handshakes
+/// overlap and no request waits for one. Failures only mean that a request opens the
+/// connection later, as it would have anyway.
+fn open_in_background<DB: sqlx::Database>(pool: &sqlx::Pool<DB>, n: u32) {
+    let pool = pool.clone();
+    tokio::spawn(async move {
+        // Held until all are open: released at once, they would be reused instead of
+        // new ones being opened.
+        let opened = futures::future::join_all((0..n).map(|_| pool.acquire())).await;
+        if let Some(Err(e)) = opened.iter().find(|c| c.is_err()) {
+            tracing::warn!(error = %e, "opening Postgres connections ahead of use failed; requests will open them");
+        }
+    });
+}
+
 pub fn now_micros() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -158,12 +176,22 @@ impl Store {
         let options = AnyPoolOptions::new()
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .test_before_acquire(false);
+        // Opening a Postgres connection took ~90 ms here whenever TLS was negotiated (sqlx
+        // with rustls, the default sslmode=prefer, even on loopback; 2.5 ms without TLS).
+        // A request that finds no idle connection pays that: it showed as ~95 ms stalls in
+        // every benchmark. So each Postgres pool keeps a working set open (`min_connections`;
+        // sqlx replaces one that expires in the background, off any request's path),
+        // opened all at once in the background as the store opens. One connection is
+        // opened up front so that a wrong URL or an unreachable server fails the start.
         let pool = match backend {
             Backend::Postgres => {
-                options
+                let pool = options
                     .max_connections(DEFAULT_PG_CONNECTIONS)
-                    .connect(&url)
-                    .await?
+                    .min_connections(WARM_PG_CONNECTIONS)
+                    .connect_lazy(&url)?;
+                drop(pool.acquire().await?);
+                open_in_background(&pool, WARM_PG_CONNECTIONS);
+                pool
             }
             // One writer: SQLite serialises writes anyway, and a single connection makes
             // every read-check-write transaction in this file race-free.
@@ -184,11 +212,14 @@ impl Store {
             }
         };
         let hot = match backend {
-            Backend::Postgres => Some(
-                PgPoolOptions::new()
+            Backend::Postgres => {
+                let hot = PgPoolOptions::new()
                     .acquire_timeout(ACQUIRE_TIMEOUT)
                     .test_before_acquire(false)
                     .max_connections(HOT_PG_CONNECTIONS)
+                    .min_connections(HOT_PG_CONNECTIONS)
+                    // Few and always in use: an idle one is kept for the next burst.
+                    .idle_timeout(None)
                     // The hot statements have one best plan whatever their parameters;
                     // re-planning them on every execution is wasted time on the hot path.
                     .after_connect(|conn, _| {
@@ -198,14 +229,21 @@ impl Store {
                                 .map(drop)
                         })
                     })
-                    .connect(&url)
-                    .await?,
-            ),
+                    .connect_lazy(&url)?;
+                open_in_background(&hot, HOT_PG_CONNECTIONS);
+                Some(hot)
+            }
             Backend::Sqlite => None,
         };
         let store = Self { pool, hot, backend };
         store.migrate().await?;
         Ok(store)
+    }
+
+    /// How many connections each Postgres pool has open: (main, hot). None on SQLite.
+    pub fn open_connections(&self) -> Option<(u32, u32)> {
+        let hot = self.hot.as_ref()?;
+        Some((self.pool.size(), hot.size()))
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {

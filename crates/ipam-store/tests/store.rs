@@ -547,3 +547,26 @@ async fn a_write_refused_for_an_owner_that_holds_takes_no_revision(db: &TestDb) 
     allocate(&store, &mut index, &request("b")).await.unwrap();
     assert_eq!(store.last_revision().await.unwrap(), before + 1);
 }
+
+/// A new Postgres connection costs a TLS handshake (about 90 ms here); the store opens its
+/// working set in the background as it opens, so that no request waits for one.
+#[tokio::test]
+async fn postgres_connections_are_opened_ahead_of_use() {
+    let db = TestDb::postgres().await;
+    let store = Store::open(Some(&db.url)).await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (main, hot) = store.open_connections().unwrap();
+        if main >= 4 && hot >= 8 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {main} main and {hot} hot connections open after 30 s, with no request made"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let sqlite = TestDb::sqlite();
+    let store = Store::open(Some(&sqlite.url)).await.unwrap();
+    assert_eq!(store.open_connections(), None);
+}
