@@ -46,9 +46,10 @@ pub const DEFAULT_PG_CONNECTIONS: u32 = 48;
 const HOT_PG_CONNECTIONS: u32 = 8;
 /// How long a caller waits for a connection before the request fails as UNAVAILABLE.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections of the main pool kept open for the calls that do not use the hot one
-/// (releases, pool changes, routing inputs, speaker reports).
-const WARM_PG_CONNECTIONS: u32 = 4;
+/// Connections of the main pool kept open: Allocate for an owner that already holds
+/// addresses reads them here (the restart benchmark re-allocates 10,000 at c = 8), besides
+/// releases, pool changes, routing inputs and speaker reports.
+const WARM_PG_CONNECTIONS: u32 = 8;
 /// Largest page served by list and history calls.
 pub const MAX_PAGE_SIZE: u32 = 1000;
 pub const DEFAULT_PAGE_SIZE: u32 = 100;
