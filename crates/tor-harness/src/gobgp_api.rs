@@ -240,10 +240,32 @@ impl Api {
         Ok(())
     }
 
-    /// The neighbors the global table holds a path for `prefix` from.
-    pub(crate) async fn path_sources(&self, prefix: IpNet) -> Result<Vec<IpAddr>> {
+    /// Opens one of GoBGP's server-streaming calls.
+    async fn server_stream<Req, Resp>(
+        &self,
+        path: &'static str,
+        request: Req,
+    ) -> Result<tonic::Streaming<Resp>>
+    where
+        Req: Message + Send + Sync + 'static,
+        Resp: Message + Default + Send + Sync + 'static,
+    {
         let mut grpc = tonic::client::Grpc::new(self.channel.clone());
         grpc.ready().await.context("GoBGP's API is not ready")?;
+        let codec: ProstCodec<Req, Resp> = ProstCodec::default();
+        Ok(grpc
+            .server_streaming(
+                tonic::Request::new(request),
+                PathAndQuery::from_static(path),
+                codec,
+            )
+            .await
+            .with_context(|| format!("GoBGP {path}"))?
+            .into_inner())
+    }
+
+    /// The neighbors the global table holds a path for `prefix` from.
+    pub(crate) async fn path_sources(&self, prefix: IpNet) -> Result<Vec<IpAddr>> {
         let afi = match prefix {
             IpNet::V4(_) => 1,
             IpNet::V6(_) => 2,
@@ -256,16 +278,9 @@ impl Api {
                 lookup: 0,
             }],
         };
-        let codec: ProstCodec<ListPathRequest, ListPathResponse> = ProstCodec::default();
-        let mut stream = grpc
-            .server_streaming(
-                tonic::Request::new(request),
-                PathAndQuery::from_static("/apipb.GobgpApi/ListPath"),
-                codec,
-            )
-            .await
-            .context("GoBGP ListPath")?
-            .into_inner();
+        let mut stream = self
+            .server_stream::<_, ListPathResponse>("/apipb.GobgpApi/ListPath", request)
+            .await?;
         let mut sources = Vec::new();
         // Bounded by GoBGP: an exact lookup streams at most the one destination.
         while let Some(response) = stream.message().await.context("GoBGP ListPath stream")? {
@@ -292,18 +307,12 @@ impl Api {
     /// Every neighbor with its session state and accepted prefixes, as `gobgp neighbor`
     /// shows them, over the open connection.
     pub(crate) async fn neighbors(&self) -> Result<Vec<TorNeighbor>> {
-        let mut grpc = tonic::client::Grpc::new(self.channel.clone());
-        grpc.ready().await.context("GoBGP's API is not ready")?;
-        let codec: ProstCodec<ListPeerRequest, ListPeerResponse> = ProstCodec::default();
-        let mut stream = grpc
-            .server_streaming(
-                tonic::Request::new(ListPeerRequest::default()),
-                PathAndQuery::from_static("/apipb.GobgpApi/ListPeer"),
-                codec,
+        let mut stream = self
+            .server_stream::<_, ListPeerResponse>(
+                "/apipb.GobgpApi/ListPeer",
+                ListPeerRequest::default(),
             )
-            .await
-            .context("GoBGP ListPeer")?
-            .into_inner();
+            .await?;
         let mut out = Vec::new();
         // Bounded by GoBGP: it streams one response per configured or dynamic peer.
         while let Some(response) = stream.message().await.context("GoBGP ListPeer stream")? {
