@@ -38,18 +38,18 @@ pub use sqlx::Error as SqlxError;
 
 /// The embedded database file used when no database URL is given.
 pub const DEFAULT_SQLITE_FILE: &str = "herald-ipam.db";
-/// Connections to Postgres: enough to keep 32 concurrent Allocate calls from queueing on
-/// the pool, small enough for a shared server's `max_connections`.
-pub const DEFAULT_PG_CONNECTIONS: u32 = 48;
+/// Connections of the general pool, all kept open. Allocate writes through the hot pool;
+/// here go the reads of an owner that already holds addresses, releases, pool changes,
+/// routing inputs and speaker reports. A fixed set, because a connection opened on demand
+/// costs its caller a TLS handshake (see `Store::open`), while waiting for one that is
+/// being returned costs microseconds: with room to grow to 48, c = 8 re-Allocate calls
+/// grew the pool to 13, opening each extra one in the middle of a request.
+pub const DEFAULT_PG_CONNECTIONS: u32 = 16;
 /// Connections of the typed Postgres pool that serves the hot statements: the group-commit
 /// writer, the change feed and concurrent AllocateBatch calls.
 const HOT_PG_CONNECTIONS: u32 = 8;
 /// How long a caller waits for a connection before the request fails as UNAVAILABLE.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections of the main pool kept open: Allocate for an owner that already holds
-/// addresses reads them here (the restart benchmark re-allocates 10,000 at c = 8), besides
-/// releases, pool changes, routing inputs and speaker reports.
-const WARM_PG_CONNECTIONS: u32 = 8;
 /// Largest page served by list and history calls.
 pub const MAX_PAGE_SIZE: u32 = 1000;
 pub const DEFAULT_PAGE_SIZE: u32 = 100;
@@ -188,10 +188,10 @@ impl Store {
             Backend::Postgres => {
                 let pool = options
                     .max_connections(DEFAULT_PG_CONNECTIONS)
-                    .min_connections(WARM_PG_CONNECTIONS)
+                    .min_connections(DEFAULT_PG_CONNECTIONS)
                     .connect_lazy(&url)?;
                 drop(pool.acquire().await?);
-                open_in_background(&pool, WARM_PG_CONNECTIONS);
+                open_in_background(&pool, DEFAULT_PG_CONNECTIONS);
                 pool
             }
             // One writer: SQLite serialises writes anyway, and a single connection makes

@@ -557,7 +557,7 @@ async fn postgres_connections_are_opened_ahead_of_use() {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         let (main, hot) = store.open_connections().unwrap();
-        if main >= 8 && hot >= 8 {
+        if main >= herald_ipam_store::DEFAULT_PG_CONNECTIONS && hot >= 8 {
             break;
         }
         assert!(
