@@ -52,6 +52,16 @@ pub async fn engine(tor: &Tor, config: PeerConfig) -> Result<PeerHandle> {
     Ok(peer)
 }
 
+/// A ToR with engines from NODE_A and NODE_B, both sessions Established.
+async fn tor_with_two_engines(kind: TorKind) -> Result<(Tor, PeerHandle, PeerHandle)> {
+    let tor = Tor::start(TorConfig::new(kind)).await?;
+    let (a, b) = tokio::try_join!(
+        engine(&tor, peer_config(&tor, NODE_A)),
+        engine(&tor, peer_config(&tor, NODE_B))
+    )?;
+    Ok((tor, a, b))
+}
+
 fn host_routes(base: Ipv4Addr, count: u32) -> Routes {
     prefixes(base, count)
         .into_iter()
@@ -68,11 +78,7 @@ fn paths_from(rib: &Rib, prefix: &IpNet) -> Vec<IpAddr> {
 /// Two engines from 127.0.0.10 and .11 announce one /32: two ECMP paths, each with its
 /// node as next hop; withdrawing removes one path, then the other.
 pub async fn ecmp_and_withdraw(kind: TorKind) -> Result<()> {
-    let tor = Tor::start(TorConfig::new(kind)).await?;
-    let (a, b) = tokio::try_join!(
-        engine(&tor, peer_config(&tor, NODE_A)),
-        engine(&tor, peer_config(&tor, NODE_B))
-    )?;
+    let (tor, a, b) = tor_with_two_engines(kind).await?;
     let routes = host_routes(Ipv4Addr::new(10, 80, 0, 1), 1);
     let prefix = *routes.keys().next().unwrap_or_else(|| unreachable!());
     a.set_desired(routes.clone());
@@ -131,11 +137,7 @@ pub async fn ecmp_and_withdraw(kind: TorKind) -> Result<()> {
 /// announced; after a withdraw, the count drops. Benchmarks poll these counters to tell
 /// when a burst has arrived.
 pub async fn neighbor_counters(kind: TorKind) -> Result<()> {
-    let tor = Tor::start(TorConfig::new(kind)).await?;
-    let (a, b) = tokio::try_join!(
-        engine(&tor, peer_config(&tor, NODE_A)),
-        engine(&tor, peer_config(&tor, NODE_B))
-    )?;
+    let (tor, a, b) = tor_with_two_engines(kind).await?;
     a.set_desired(host_routes(Ipv4Addr::new(10, 81, 0, 1), 3));
     b.set_desired(host_routes(Ipv4Addr::new(10, 82, 0, 1), 1));
     let counts = |a_count: u64, b_count: u64| {
