@@ -939,13 +939,31 @@ pub struct FloorReport {
     pub rows: Vec<(String, PhaseResult)>,
 }
 
-/// A diagnostic, not a BENCHMARKS.md entry: the same clients and channels as `alloc`,
-/// against RPCs that do less and less of Allocate's work — a health check (gRPC alone),
-/// a dry-run Allocate (gRPC + planning, no database), and a real Allocate.
+/// A diagnostic, not a BENCHMARKS.md entry: the raw-INSERT ceiling, then the same clients
+/// and channels as `alloc` against RPCs that do less and less of Allocate's work — a
+/// health check (gRPC alone), a dry-run Allocate (gRPC + planning, no database), and a
+/// real Allocate. The us/op column splits Allocate's cost against the ceiling's.
 pub async fn floor(common: &Common, clients: &[usize], cidr: &str) -> anyhow::Result<FloorReport> {
-    common.print_header("floor: health check vs dry-run Allocate vs Allocate, same server");
+    common.print_header("floor: raw INSERT vs health check vs dry-run Allocate vs Allocate");
     let mut rows = Vec::new();
     for &c in clients {
+        let (warmup, measure) = common.ceiling_limits();
+        let ceiling = pg::ceiling(&common.admin_url, c, warmup, measure).await?;
+        rows.push((
+            format!("{c}|pg-ceiling"),
+            PhaseResult {
+                clients: c,
+                channels: 0,
+                ops_per_sec: ceiling.tps,
+                ok: ceiling.ok,
+                errors: ceiling.errors,
+                first_error: None,
+                elapsed_s: ceiling.elapsed_s,
+                stop: ceiling.stop,
+                latency: ceiling.latency,
+                cpu: ceiling.cpu,
+            },
+        ));
         let db = BenchDb::create(&common.admin_url).await?;
         let (server, _) = common.start_ipam(&db).await?;
         let mut admin = server.client().await?;

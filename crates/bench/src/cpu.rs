@@ -21,13 +21,14 @@ pub struct CpuSample {
 }
 
 /// CPU used over a phase, in percent of one core (200 % is both cores of a 2-core
-/// machine); `machine_busy_pct` is in percent of all cores.
+/// machine); `machine_busy_pct` is in percent of all `machine_cores`.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct CpuUse {
     pub bench_pct: f64,
     pub ipam_pct: f64,
     pub postgres_pct: f64,
     pub machine_busy_pct: f64,
+    pub machine_cores: usize,
 }
 
 impl CpuUse {
@@ -36,6 +37,16 @@ impl CpuUse {
             "bench {:.0}% ipam {:.0}% pg {:.0}% (machine {:.0}% busy)",
             self.bench_pct, self.ipam_pct, self.postgres_pct, self.machine_busy_pct
         )
+    }
+
+    /// Microseconds of CPU, all processes and the kernel together, per operation of a
+    /// phase that ran `ops_per_sec`. A closed loop on a machine shared by client, server
+    /// and database is bounded by this cost: it is how two workloads' ratio decomposes.
+    pub fn machine_us_per_op(&self, ops_per_sec: f64) -> f64 {
+        if ops_per_sec <= 0.0 {
+            return 0.0;
+        }
+        self.machine_busy_pct / 100.0 * self.machine_cores as f64 * 1e6 / ops_per_sec
     }
 }
 
@@ -71,6 +82,7 @@ pub fn between(before: &CpuSample, after: &CpuSample) -> CpuUse {
         } else {
             0.0
         },
+        machine_cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
     }
 }
 

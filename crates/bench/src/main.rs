@@ -106,7 +106,8 @@ enum Bench {
     /// Internal: one engine session driven over stdin (used by advertise/withdraw).
     #[command(hide = true)]
     EngineChild(EngineChildArgs),
-    /// Diagnostic: gRPC health check vs dry-run Allocate vs Allocate on one server.
+    /// Diagnostic: raw INSERT vs gRPC health check vs dry-run Allocate vs Allocate, with
+    /// the CPU each costs per operation.
     Floor(AllocArgs),
 }
 

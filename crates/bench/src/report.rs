@@ -46,8 +46,8 @@ pub fn header(title: &str) {
 /// Column titles of a throughput row; see [`throughput_row`].
 pub fn throughput_header(first: &str) {
     println!(
-        "  {first:<5} {:<14} {:>10} {:>8} {:>8} {:>8} {:>8} {:>9} {:>6}  cpu (% of one core)",
-        "workload", "ops/s", "p50 ms", "p99 ms", "p99.9", "max ms", "ok", "errors"
+        "  {first:<5} {:<14} {:>10} {:>8} {:>8} {:>8} {:>8} {:>9} {:>6} {:>8}  cpu (% of one core)",
+        "workload", "ops/s", "p50 ms", "p99 ms", "p99.9", "max ms", "ok", "errors", "us/op"
     );
 }
 
@@ -60,12 +60,13 @@ pub fn throughput_row(
     cpu: &CpuUse,
 ) {
     println!(
-        "  {first:<5} {workload:<14} {ops_per_sec:>10.1} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>9} {errors:>6}  {}",
+        "  {first:<5} {workload:<14} {ops_per_sec:>10.1} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>9} {errors:>6} {:>8.0}  {}",
         latency.p50_ms,
         latency.p99_ms,
         latency.p999_ms,
         latency.max_ms,
         latency.count,
+        cpu.machine_us_per_op(ops_per_sec),
         cpu.brief()
     );
 }
