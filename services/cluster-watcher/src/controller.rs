@@ -783,22 +783,8 @@ impl Ctx {
         {
             return Ok(());
         }
-        // The cache may not have seen our last write yet: a patch over the version we
-        // already wrote over would only be refused. The write's own watch event brings
-        // this Service back with the fresh version.
-        let key = ServiceKey::of(svc);
-        let version = svc.metadata.resource_version.clone();
-        {
-            let mut written = lock(&self.written_over);
-            if let Some(key) = &key {
-                match written.get(key) {
-                    Some(over) if Some(over) == version.as_ref() => return Ok(()),
-                    Some(_) => {
-                        written.remove(key);
-                    }
-                    None => {}
-                }
-            }
+        if self.already_written_over(svc) {
+            return Ok(());
         }
         let mut conditions: Vec<_> = svc
             .status
@@ -826,9 +812,7 @@ impl Ctx {
         if !self.patch_status(svc, &patch).await? {
             return Ok(());
         }
-        if let (Some(key), Some(version)) = (key, version) {
-            lock(&self.written_over).insert(key, version);
-        }
+        self.remember_written_over(svc);
         let changed = previous.is_none_or(|p| {
             p.status != condition.status
                 || p.reason != condition.reason
@@ -848,8 +832,36 @@ impl Ctx {
         Ok(())
     }
 
+    /// Whether the watcher already patched the status over this very version of `svc`:
+    /// the cache has not seen that write yet, and a patch computed from it would only be
+    /// refused. The write's own watch event brings the Service back with the fresh version.
+    fn already_written_over(&self, svc: &Service) -> bool {
+        let Some(key) = ServiceKey::of(svc) else {
+            return false;
+        };
+        let mut written = lock(&self.written_over);
+        match written.get(&key) {
+            Some(over) if Some(over) == svc.metadata.resource_version.as_ref() => true,
+            Some(_) => {
+                // The cache has moved past our write; forget it.
+                written.remove(&key);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn remember_written_over(&self, svc: &Service) {
+        if let (Some(key), Some(version)) = (ServiceKey::of(svc), &svc.metadata.resource_version) {
+            lock(&self.written_over).insert(key, version.clone());
+        }
+    }
+
     /// Removes what the watcher wrote on a Service that is no longer served.
     async fn clear_status(&self, svc: &Service) -> Result<()> {
+        if self.already_written_over(svc) {
+            return Ok(());
+        }
         let others: Vec<_> = svc
             .status
             .as_ref()
@@ -866,6 +878,7 @@ impl Ctx {
             },
         });
         if self.patch_status(svc, &patch).await? {
+            self.remember_written_over(svc);
             self.record_event(
                 svc,
                 "Normal",

@@ -338,15 +338,7 @@ async fn failures_are_reported_on_the_service_and_touch_nothing_else() {
         writes_to_a,
         "a was written again"
     );
-    // Nothing else writes these Services: a refused status patch would mean the watcher
-    // wrote from a cache that had not yet seen its own last write.
-    let refused: Vec<_> = lab
-        .fake
-        .requests()
-        .into_iter()
-        .filter(|r| r.verb == Verb::Patch && r.resource == "services" && r.status == 409)
-        .collect();
-    assert!(refused.is_empty(), "stale status patches: {refused:?}");
+    assert_no_refused_status_patch(&lab);
     for name in ["not-ours", "no-class"] {
         assert_eq!(
             lab.fake.writes_to(SERVICES, "default", name),
@@ -433,6 +425,20 @@ async fn failures_are_reported_on_the_service_and_touch_nothing_else() {
         })
         .await
         .expect("c's condition removed");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_no_refused_status_patch(&lab);
+}
+
+/// Nothing but the watcher writes the Services' status in these tests: a refused status
+/// patch would mean it wrote from a cache that had not yet seen its own last write.
+fn assert_no_refused_status_patch(lab: &Lab) {
+    let refused: Vec<_> = lab
+        .fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.verb == Verb::Patch && r.resource == "services" && r.status == 409)
+        .collect();
+    assert!(refused.is_empty(), "stale status patches: {refused:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
