@@ -29,8 +29,13 @@ pub enum AllocError {
         namespace: String,
         name: String,
     },
-    #[error("{family} pools {pools} are exhausted")]
-    Exhausted { family: IpFamily, pools: String },
+    #[error("{family} pools {pools} are exhausted{}", quarantine_note(*quarantined))]
+    Exhausted {
+        family: IpFamily,
+        pools: String,
+        /// Released addresses of those pools still resting in quarantine.
+        quarantined: u64,
+    },
     #[error("requested_ips: {ip} is not in any pool")]
     NotInAnyPool { ip: IpAddr },
     #[error("requested_ips: {ip} is in pool {pool:?}, but requested_pool is {requested:?}")]
@@ -51,4 +56,11 @@ pub enum AllocError {
     SharingConflict { key: String, why: String },
     #[error("ip_family_policy RequireDualStack: {0}")]
     DualStackUnavailable(Box<AllocError>),
+}
+
+fn quarantine_note(quarantined: u64) -> String {
+    match quarantined {
+        0 => String::new(),
+        n => format!(" ({n} released addresses are in quarantine and return to use when it ends)"),
+    }
 }

@@ -27,11 +27,16 @@ pub struct PoolUsage {
     pub family: IpFamily,
     pub total: u128,
     pub used: u64,
+    /// Released addresses resting under the pool's `quarantine_seconds`.
+    pub quarantined: u64,
 }
 
 impl PoolUsage {
+    /// Addresses automatic allocation may hand out now.
     pub fn free(&self) -> u128 {
-        self.total.saturating_sub(u128::from(self.used))
+        self.total
+            .saturating_sub(u128::from(self.used))
+            .saturating_sub(u128::from(self.quarantined))
     }
 }
 
@@ -43,6 +48,9 @@ pub struct PlanItem {
     pub pool_generation: i64,
     /// Whether the address was free (a new claim) or is joined under a sharing key.
     pub joins_shared: bool,
+    /// When the address was released, if it was resting in quarantine when a request
+    /// named it: giving the plan back puts it to rest again.
+    pub resting_since: Option<i64>,
 }
 
 /// The addresses chosen for one request. They are reserved in the index until the caller
@@ -61,6 +69,11 @@ struct PoolState {
     free: [FreeSet; 2],
     total: [u128; 2],
     used: [u64; 2],
+    /// Released addresses in quarantine, per family: value → when it was released (µs).
+    /// They are in no free set until [`PoolIndex::expire_quarantine`] returns them.
+    resting: [HashMap<u128, i64>; 2],
+    /// The same addresses as `(released at, family slot, value)`, oldest first.
+    resting_order: BTreeSet<(i64, usize, u128)>,
 }
 
 #[derive(Debug)]
@@ -154,6 +167,26 @@ impl PoolState {
             free,
             total,
             used: [0; 2],
+            resting: [HashMap::new(), HashMap::new()],
+            resting_order: BTreeSet::new(),
+        }
+    }
+
+    /// Puts a free, unclaimed address of this pool in quarantine from `released_at`.
+    fn rest(&mut self, family: IpFamily, value: u128, released_at: i64) {
+        let s = slot(family);
+        self.free[s].remove(value);
+        if let Some(before) = self.resting[s].insert(value, released_at) {
+            self.resting_order.remove(&(before, s, value));
+        }
+        self.resting_order.insert((released_at, s, value));
+    }
+
+    /// Takes an address out of quarantine without freeing it (it is being claimed).
+    fn unrest(&mut self, family: IpFamily, value: u128) {
+        let s = slot(family);
+        if let Some(at) = self.resting[s].remove(&value) {
+            self.resting_order.remove(&(at, s, value));
         }
     }
 
@@ -219,6 +252,17 @@ impl PoolIndex {
                 state.used[slot(family)] += 1;
             }
         }
+        // A changed spec does not cut a quarantine short; addresses it no longer hands
+        // out leave it.
+        if let Some(old) = self.pools.get(&name) {
+            for &(released_at, s, value) in &old.resting_order {
+                let family = if s == 0 { IpFamily::V4 } else { IpFamily::V6 };
+                let ip = u128_to_ip(family, value);
+                if state.free[s].contains(value) && unassignable_reason(&state.spec, ip).is_none() {
+                    state.rest(family, value, released_at);
+                }
+            }
+        }
         self.pools.insert(name, state);
         self.reorder();
     }
@@ -246,6 +290,7 @@ impl PoolIndex {
                 family,
                 total: pool.total[slot(family)],
                 used: pool.used[slot(family)],
+                quarantined: pool.resting[slot(family)].len() as u64,
             })
             .collect()
     }
@@ -275,6 +320,8 @@ impl PoolIndex {
             return;
         }
         if let Some(state) = self.pools.get_mut(&pool) {
+            // A Service that names a resting address may take it; it leaves quarantine.
+            state.unrest(family, ip_to_u128(ip));
             state.free[slot(family)].remove(ip_to_u128(ip));
             state.used[slot(family)] += 1;
         }
@@ -291,9 +338,11 @@ impl PoolIndex {
         );
     }
 
-    /// Records that `owner_uid` no longer holds `ip`; the address is free again once its
-    /// last owner is gone. Idempotent.
-    pub fn observe_released(&mut self, ip: IpAddr, owner_uid: &str) {
+    /// Records that `owner_uid` no longer holds `ip`. Once its last owner is gone the
+    /// address is free again, or, when `released_at` (µs) is given and the pool asks for
+    /// a quarantine, rests until [`PoolIndex::expire_quarantine`] frees it. `None` gives
+    /// back a reservation that was never committed, which no one can have seen. Idempotent.
+    pub fn observe_released(&mut self, ip: IpAddr, owner_uid: &str, released_at: Option<i64>) {
         if let Some(held) = self.owners.get_mut(owner_uid) {
             held.remove(&ip);
             if held.is_empty() {
@@ -322,9 +371,60 @@ impl PoolIndex {
         if let Some(state) = self.pools.get_mut(&claim.pool) {
             state.used[slot(family)] = state.used[slot(family)].saturating_sub(1);
             if state.spec.contains(ip) && unassignable_reason(&state.spec, ip).is_none() {
-                state.free[slot(family)].insert(ip_to_u128(ip));
+                match released_at {
+                    Some(at) if state.spec.quarantine_seconds > 0 => {
+                        state.rest(family, ip_to_u128(ip), at)
+                    }
+                    _ => state.free[slot(family)].insert(ip_to_u128(ip)),
+                }
             }
         }
+    }
+
+    /// Puts `ip`, released at `released_at` (µs), back in quarantine after a restart:
+    /// the store's history knows the release, the claims no longer show the address.
+    /// Nothing happens when the address is held, outside every pool, or its pool has no
+    /// quarantine.
+    pub fn restore_quarantine(&mut self, ip: IpAddr, released_at: i64) {
+        if self.claims.contains_key(&ip) {
+            return;
+        }
+        let family = IpFamily::of(ip);
+        let value = ip_to_u128(ip);
+        if let Some(state) = self
+            .pools
+            .values_mut()
+            .find(|p| p.spec.quarantine_seconds > 0 && p.spec.contains(ip))
+            && state.free[slot(family)].contains(value)
+        {
+            state.rest(family, value, released_at);
+        }
+    }
+
+    /// Frees every address whose quarantine has ended at `now` (µs). Cheap when nothing
+    /// rests: one look per pool.
+    pub fn expire_quarantine(&mut self, now: i64) {
+        for state in self.pools.values_mut() {
+            let rest = i64::from(state.spec.quarantine_seconds) * 1_000_000;
+            // Bounded: every turn removes one resting address.
+            while let Some(&(released_at, s, value)) = state.resting_order.first() {
+                if released_at.saturating_add(rest) > now {
+                    break;
+                }
+                state.resting_order.pop_first();
+                state.resting[s].remove(&value);
+                state.free[s].insert(value);
+            }
+        }
+    }
+
+    /// The longest quarantine any pool keeps released addresses in, in seconds (0: none).
+    pub fn longest_quarantine(&self) -> u32 {
+        self.pools
+            .values()
+            .map(|p| p.spec.quarantine_seconds)
+            .max()
+            .unwrap_or(0)
     }
 
     /// Whether the index knows of any address held by `owner_uid`.
@@ -376,7 +476,10 @@ impl PoolIndex {
     /// Gives back what [`PoolIndex::plan`] reserved.
     pub fn abort(&mut self, plan: &Plan) {
         for item in &plan.items {
-            self.observe_released(item.ip, &plan.owner_uid);
+            self.observe_released(item.ip, &plan.owner_uid, None);
+            if let Some(released_at) = item.resting_since {
+                self.restore_quarantine(item.ip, released_at);
+            }
         }
     }
 
@@ -407,12 +510,19 @@ impl PoolIndex {
                     pool: state.spec.name.clone(),
                     pool_generation: state.generation,
                     joins_shared: false,
+                    resting_since: None,
                 });
             }
         }
+        let quarantined = candidates
+            .iter()
+            .filter_map(|name| self.pools.get(name))
+            .map(|p| p.resting[slot(family)].len() as u64)
+            .sum();
         Err(AllocError::Exhausted {
             family,
             pools: candidates.join(", "),
+            quarantined,
         })
     }
 
@@ -501,12 +611,16 @@ impl PoolIndex {
                 true
             }
         };
+        let resting_since = state.resting[slot(IpFamily::of(ip))]
+            .get(&ip_to_u128(ip))
+            .copied();
         Ok(PlanItem {
             ip,
             family: IpFamily::of(ip),
             pool: state.spec.name.clone(),
             pool_generation: state.generation,
             joins_shared,
+            resting_since,
         })
     }
 
@@ -588,6 +702,7 @@ impl PoolIndex {
                 pool: state.spec.name.clone(),
                 pool_generation: state.generation,
                 joins_shared: true,
+                resting_since: None,
             }));
         }
         Ok(None)
@@ -676,16 +791,106 @@ mod tests {
             PoolUsage {
                 family: IpFamily::V4,
                 total: 14,
-                used: 14
+                used: 14,
+                quarantined: 0
             }
         );
         let err = index.plan(&request("late")).expect_err("exhausted");
         assert_eq!(err.to_string(), "IPv4 pools lab are exhausted");
         // Releasing gives the lowest address back first.
-        index.observe_released(ip("172.16.0.245"), "u3");
+        index.observe_released(ip("172.16.0.245"), "u3", None);
         assert_eq!(
             ips(&index.plan(&request("late")).expect("allocates")),
             ["172.16.0.245"]
+        );
+    }
+
+    #[test]
+    fn a_released_address_rests_in_quarantine_until_its_time_passes() {
+        const SECOND: i64 = 1_000_000;
+        let lab = || pool("lab", &["172.16.0.240/29"], |p| p.quarantine_seconds = 60);
+        let mut index = PoolIndex::load(vec![lab()], vec![]);
+        let requesting = |uid: &str, ip: &str| AllocationRequest {
+            requested_ips: vec![ip.parse().expect("test address")],
+            ..request(uid)
+        };
+        assert_eq!(
+            ips(&index.plan(&request("a")).expect("plans")),
+            ["172.16.0.241"]
+        );
+        index.observe_released(ip("172.16.0.241"), "a", Some(100 * SECOND));
+        let usage = index.usage("lab")[0];
+        assert_eq!((usage.used, usage.quarantined, usage.free()), (0, 1, 5));
+
+        // Automatic allocation passes over it while it rests, even after an update of
+        // the pool's spec.
+        let (spec, _) = lab();
+        index.upsert_pool(spec, 2);
+        index.expire_quarantine(159 * SECOND);
+        assert_eq!(
+            ips(&index.plan(&request("b")).expect("plans")),
+            ["172.16.0.242"]
+        );
+
+        // A dry run that names it gives it back to quarantine, not to the free set.
+        let named = index.plan(&requesting("c", "172.16.0.241")).expect("plans");
+        assert_eq!(index.usage("lab")[0].quarantined, 0);
+        index.abort(&named);
+        assert_eq!(index.usage("lab")[0].quarantined, 1);
+        assert_eq!(
+            ips(&index.plan(&request("d")).expect("plans")),
+            ["172.16.0.243"]
+        );
+
+        // Its time over, it is the lowest free address again.
+        index.expire_quarantine(160 * SECOND);
+        assert_eq!(index.usage("lab")[0].quarantined, 0);
+        assert_eq!(
+            ips(&index.plan(&request("e")).expect("plans")),
+            ["172.16.0.241"]
+        );
+
+        // A full pool says how many addresses rest.
+        for uid in ["f", "g", "h"] {
+            index.plan(&request(uid)).expect("plans");
+        }
+        index.observe_released(ip("172.16.0.242"), "b", Some(200 * SECOND));
+        let err = index.plan(&request("late")).expect_err("nothing free");
+        assert_eq!(
+            err.to_string(),
+            "IPv4 pools lab are exhausted (1 released addresses are in quarantine and return to use when it ends)"
+        );
+        // Only a request that names the resting address gets it.
+        let named = index
+            .plan(&requesting("late", "172.16.0.242"))
+            .expect("plans");
+        assert_eq!(named.items[0].resting_since, Some(200 * SECOND));
+
+        // After a restart the history restores what the claims no longer show.
+        let mut restarted = PoolIndex::load(vec![lab()], vec![]);
+        restarted.restore_quarantine(ip("172.16.0.241"), 300 * SECOND);
+        assert_eq!(restarted.longest_quarantine(), 60);
+        restarted.expire_quarantine(359 * SECOND);
+        assert_eq!(
+            ips(&restarted.plan(&request("h")).expect("plans")),
+            ["172.16.0.242"]
+        );
+        restarted.expire_quarantine(360 * SECOND);
+        assert_eq!(
+            ips(&restarted.plan(&request("i")).expect("plans")),
+            ["172.16.0.241"]
+        );
+    }
+
+    #[test]
+    fn without_quarantine_a_release_frees_the_address_at_once() {
+        let mut index = PoolIndex::load(vec![pool("lab", &["172.16.0.240/29"], |_| {})], vec![]);
+        index.plan(&request("a")).expect("plans");
+        index.observe_released(ip("172.16.0.241"), "a", Some(1));
+        assert_eq!(index.usage("lab")[0].quarantined, 0);
+        assert_eq!(
+            ips(&index.plan(&request("b")).expect("plans")),
+            ["172.16.0.241"]
         );
     }
 
@@ -839,9 +1044,9 @@ mod tests {
         ));
         // The address stays taken until its last sharer goes.
         let shared_ip = first.items[0].ip;
-        index.observe_released(shared_ip, "s1");
+        index.observe_released(shared_ip, "s1", None);
         assert!(index.holder(shared_ip).is_some());
-        index.observe_released(shared_ip, "s2");
+        index.observe_released(shared_ip, "s2", None);
         assert!(index.holder(shared_ip).is_none());
     }
 
@@ -892,9 +1097,9 @@ mod tests {
         index.observe_assigned(record);
         assert_eq!(index.usage("lab")[0].used, 1);
         assert!(index.holds("x"), "a repeated Allocate for x needs no write");
-        index.observe_released(ip("172.16.0.241"), "x");
+        index.observe_released(ip("172.16.0.241"), "x", None);
         assert!(!index.holds("x"));
-        index.observe_released(ip("172.16.0.241"), "x");
+        index.observe_released(ip("172.16.0.241"), "x", None);
         assert_eq!(index.usage("lab")[0].used, 0);
 
         // Loaded claims count too: after a restart, known owners are recognised.

@@ -648,6 +648,28 @@ impl Store {
         Ok((allocations, next))
     }
 
+    /// Every address released at or after `since` (µs), with its latest release: what a
+    /// restarted service puts back in quarantine. One pass over the change log; only
+    /// called when some pool keeps a quarantine.
+    pub async fn released_since(&self, since: i64) -> Result<Vec<(IpAddr, i64)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT ip, MAX(at) AS at FROM events WHERE kind = 'released' AND at >= $1 AND ip <> ''
+             GROUP BY ip",
+        )
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let text: String = row.try_get("ip")?;
+                let ip = text.parse().map_err(|_| {
+                    StoreError::Corrupt(format!("change log: release of {text:?}, not an address"))
+                })?;
+                Ok((ip, row.try_get("at")?))
+            })
+            .collect()
+    }
+
     /// History of an address or an owner, newest first, `before_revision` exclusive
     /// (0 = from the newest).
     pub async fn history(

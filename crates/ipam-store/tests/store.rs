@@ -174,7 +174,7 @@ async fn allocations_round_trip_and_owner_keeps_its_address(db: &TestDb) {
 
     // A second commit for the same owner and family is refused by the primary key.
     let mut fresh = index_of(&store).await;
-    fresh.observe_released(ip("172.16.0.241"), "lb-nginx");
+    fresh.observe_released(ip("172.16.0.241"), "lb-nginx", None);
     let dup = fresh.plan(&request("lb-nginx")).unwrap();
     assert_eq!(dup.items[0].ip, ip("172.16.0.241"));
     let mut other_ip = dup.clone();
@@ -275,7 +275,7 @@ async fn release_frees_the_address_and_history_tells_why(db: &TestDb) {
         store.release("a", "again").await.unwrap().is_empty(),
         "releasing twice is harmless"
     );
-    index.observe_released(ip("172.16.0.241"), "a");
+    index.observe_released(ip("172.16.0.241"), "a", None);
     allocate(&store, &mut index, &request("b")).await.unwrap();
 
     let (by_ip, next) = store
@@ -308,6 +308,20 @@ async fn release_frees_the_address_and_history_tells_why(db: &TestDb) {
         .unwrap();
     assert_eq!(rest.len(), 1);
     assert_eq!(rest[0].action, HistoryAction::Assigned);
+
+    // What a restart puts back in quarantine: the release, at the time history gives.
+    let released_at = by_ip[1].at;
+    assert_eq!(
+        store.released_since(released_at).await.unwrap(),
+        [(ip("172.16.0.241"), released_at)]
+    );
+    assert!(
+        store
+            .released_since(released_at + 1)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
     let events = store.events_after(0, 100).await.unwrap();
     let revisions: Vec<i64> = events.iter().map(Event::revision).collect();

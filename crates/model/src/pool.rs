@@ -61,7 +61,14 @@ pub struct PoolSpec {
     pub priority: i32,
     pub aggregation_length_v4: Option<u8>,
     pub aggregation_length_v6: Option<u8>,
+    /// Seconds a released address rests before automatic allocation reuses it. Absent in
+    /// specs stored before it existed, which meant no quarantine.
+    #[serde(default)]
+    pub quarantine_seconds: u32,
 }
+
+/// The longest quarantine a pool may ask for: 30 days.
+pub const MAX_QUARANTINE_SECONDS: u32 = 30 * 24 * 3600;
 
 /// The raw parts of a pool as they arrive, before validation.
 #[derive(Debug, Clone, Default)]
@@ -78,6 +85,7 @@ pub struct PoolInput {
     pub priority: i32,
     pub aggregation_length_v4: u32,
     pub aggregation_length_v6: u32,
+    pub quarantine_seconds: u32,
 }
 
 impl PoolSpec {
@@ -149,6 +157,13 @@ impl PoolSpec {
             IpFamily::V6,
             &addresses,
         )?;
+        if input.quarantine_seconds > MAX_QUARANTINE_SECONDS {
+            return Err(FieldError::new(
+                "pool.quarantine_seconds",
+                input.quarantine_seconds.to_string(),
+                format!("may be at most {MAX_QUARANTINE_SECONDS} (30 days)"),
+            ));
+        }
         Ok(Self {
             name,
             addresses,
@@ -162,6 +177,7 @@ impl PoolSpec {
             priority: input.priority,
             aggregation_length_v4,
             aggregation_length_v6,
+            quarantine_seconds: input.quarantine_seconds,
         })
     }
 
@@ -292,6 +308,13 @@ mod tests {
                 ..input(&["10.0.0.0/24"])
             }),
             "pool.aggregation_length_v6"
+        );
+        assert_eq!(
+            field(PoolInput {
+                quarantine_seconds: MAX_QUARANTINE_SECONDS + 1,
+                ..input(&["10.0.0.0/24"])
+            }),
+            "pool.quarantine_seconds"
         );
         let too_many: Vec<String> = (0..=MAX_POOL_ADDRESSES)
             .map(|i| format!("10.{}.{}.0/24", i / 256, i % 256))

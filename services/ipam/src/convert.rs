@@ -115,6 +115,7 @@ pub fn pool_from_pb(pool: Option<pb::Pool>) -> Result<PoolSpec, FieldError> {
         priority,
         aggregation_length_v4,
         aggregation_length_v6,
+        quarantine_seconds,
         capacity: _,
         generation: _,
         create_time: _,
@@ -136,6 +137,7 @@ pub fn pool_from_pb(pool: Option<pb::Pool>) -> Result<PoolSpec, FieldError> {
         priority,
         aggregation_length_v4,
         aggregation_length_v6,
+        quarantine_seconds,
     })
 }
 
@@ -154,6 +156,7 @@ pub fn pool_to_pb(stored: &StoredPool, usage: &[PoolUsage]) -> pb::Pool {
         priority: spec.priority,
         aggregation_length_v4: spec.aggregation_length_v4.map(u32::from).unwrap_or(0),
         aggregation_length_v6: spec.aggregation_length_v6.map(u32::from).unwrap_or(0),
+        quarantine_seconds: spec.quarantine_seconds,
         capacity: usage
             .iter()
             .map(|u| pb::PoolCapacity {
@@ -161,6 +164,7 @@ pub fn pool_to_pb(stored: &StoredPool, usage: &[PoolUsage]) -> pb::Pool {
                 total: u.total.to_string(),
                 used: u.used,
                 free: u.free().to_string(),
+                quarantined: u.quarantined,
             })
             .collect(),
         generation: u64::try_from(stored.generation).unwrap_or(0),

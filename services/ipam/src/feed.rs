@@ -198,7 +198,10 @@ async fn apply(ipam: &Ipam, event: &Event) {
             owner_uid: entry.owner.uid.clone(),
             ports: Vec::new(),
         }),
-        Event::Released(entry, _) => ipam.index().observe_released(entry.ip, &entry.owner.uid),
+        Event::Released(entry, _) => {
+            ipam.index()
+                .observe_released(entry.ip, &entry.owner.uid, Some(entry.at))
+        }
         Event::PoolChanged { pool, .. } | Event::PoolDeleted { pool, .. } => {
             match ipam.store().load_pool(pool).await {
                 Ok(Some(stored)) => ipam.index().upsert_pool(stored.spec, stored.generation),

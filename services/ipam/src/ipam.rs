@@ -81,7 +81,11 @@ impl Ipam {
                 Todo::Done(held) => return Ok(held),
                 Todo::Allocate(todo, existing) => (todo, existing),
             };
-            let planned = self.index().plan(&todo.request);
+            let planned = {
+                let mut index = self.index();
+                index.expire_quarantine(herald_ipam_store::now_micros());
+                index.plan(&todo.request)
+            };
             let plan = match (planned, existing) {
                 (Ok(plan), existing) => (plan, existing),
                 // A family the request only prefers is not worth failing for.
@@ -207,6 +211,7 @@ impl Ipam {
         let mut planned: Vec<(usize, Plan)> = Vec::new();
         {
             let mut index = self.index();
+            index.expire_quarantine(herald_ipam_store::now_micros());
             let mut seen = std::collections::HashSet::new();
             for (i, (req, dry_run)) in requests.iter().enumerate() {
                 if *dry_run || index.holds(&req.owner.uid) || !seen.insert(req.owner.uid.as_str()) {
@@ -254,9 +259,10 @@ impl Ipam {
     ) -> Result<Vec<(IpAddr, String)>, IpamError> {
         let released = self.store.release(owner_uid, reason).await?;
         {
+            let now = herald_ipam_store::now_micros();
             let mut index = self.index();
             for (ip, _) in &released {
-                index.observe_released(*ip, owner_uid);
+                index.observe_released(*ip, owner_uid, Some(now));
             }
         }
         self.feed.wake();
@@ -307,9 +313,10 @@ impl Ipam {
     }
 
     fn apply_pool_change(&self, change: &PoolChange, name: &str) {
+        let now = herald_ipam_store::now_micros();
         let mut index = self.index();
         for (ip, owner) in &change.released {
-            index.observe_released(*ip, owner);
+            index.observe_released(*ip, owner, Some(now));
         }
         match &change.pool {
             Some(pool) => index.upsert_pool(pool.spec.clone(), pool.generation),
@@ -346,7 +353,16 @@ async fn load_index(store: &Store) -> Result<PoolIndex, IpamError> {
         .map(|p| (p.spec, p.generation))
         .collect();
     let claims = store.load_claims(None).await?;
-    Ok(PoolIndex::load(pools, claims))
+    let mut index = PoolIndex::load(pools, claims);
+    // Quarantines outlive restarts: the change log knows what was released recently.
+    let longest = index.longest_quarantine();
+    if longest > 0 {
+        let since = herald_ipam_store::now_micros() - i64::from(longest) * 1_000_000;
+        for (ip, released_at) in store.released_since(since).await? {
+            index.restore_quarantine(ip, released_at);
+        }
+    }
+    Ok(index)
 }
 
 /// What is left to allocate for `req` given what the owner already holds.

@@ -195,6 +195,15 @@ async fn bad_input_gets_a_precise_status_and_changes_nothing() {
         "pool.name",
     );
     expect(
+        try_pool(pb::Pool {
+            quarantine_seconds: 40 * 24 * 3600,
+            ..pool("x", &["10.0.0.0/24"])
+        })
+        .await,
+        Code::InvalidArgument,
+        "pool.quarantine_seconds \"3456000\"",
+    );
+    expect(
         try_pool(pool(&"a".repeat(64), &["10.0.0.0/24"])).await,
         Code::InvalidArgument,
         "longer than 63",

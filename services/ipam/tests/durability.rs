@@ -431,3 +431,141 @@ async fn a_rolled_back_revision_does_not_hold_the_watch_back() {
         started.elapsed()
     );
 }
+
+/// `(used, quarantined, free)` of a pool's first family, as GetPool reports them; `None`
+/// from a replica that has not yet seen the pool in the change log.
+async fn quarantine_capacity(
+    client: &mut IpamClient<Channel>,
+    pool: &str,
+) -> Option<(u64, u64, String)> {
+    let capacity = client
+        .get_pool(pb::GetPoolRequest { name: pool.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .capacity;
+    let first = capacity.first()?;
+    Some((first.used, first.quarantined, first.free.clone()))
+}
+
+fn requesting(uid: &str, ip: &str) -> pb::AllocateRequest {
+    pb::AllocateRequest {
+        requested_ips: vec![ip.into()],
+        ..allocate(uid)
+    }
+}
+
+async fn release(client: &mut IpamClient<Channel>, uid: &str) {
+    client
+        .release(pb::ReleaseRequest {
+            owner_uid: uid.into(),
+            reason: "deleted".into(),
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quarantined_addresses_stay_out_of_use_on_every_replica_and_across_kill_9() {
+    let db = TestDb::postgres().await;
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let port_a = free_port();
+    let mut a = Server::start_on(dir_a.path(), Some(&db.url), port_a).await;
+    let b = Server::start(dir_b.path(), Some(&db.url)).await;
+    let mut via_a = a.client().await;
+    let mut via_b = b.client().await;
+    create_pool(
+        &mut via_a,
+        pb::Pool {
+            quarantine_seconds: 3600,
+            ..pool("q", &["172.16.0.240/29"])
+        },
+    )
+    .await;
+    assert_eq!(
+        ips(&allocate_ok(&mut via_a, allocate("a")).await),
+        ["172.16.0.241"]
+    );
+    release(&mut via_a, "a").await;
+    assert_eq!(
+        ips(&allocate_ok(&mut via_a, allocate("b")).await),
+        ["172.16.0.242"],
+        "the released address rests"
+    );
+    let expected = Some((1, 1, "4".to_string()));
+    assert_eq!(quarantine_capacity(&mut via_a, "q").await, expected);
+
+    // The other replica learns of the release from the change log.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while quarantine_capacity(&mut via_b, "q").await != expected {
+        assert!(Instant::now() < deadline, "replica b never saw the release");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        ips(&allocate_ok(&mut via_b, allocate("c")).await),
+        ["172.16.0.243"]
+    );
+
+    // A restarted replica rebuilds the quarantine from the history.
+    a.process.kill9();
+    let a = Server::start_on(dir_a.path(), Some(&db.url), port_a).await;
+    let mut via_a = a.client().await;
+    assert_eq!(
+        quarantine_capacity(&mut via_a, "q").await,
+        Some((2, 1, "3".to_string()))
+    );
+    assert_eq!(
+        ips(&allocate_ok(&mut via_a, allocate("d")).await),
+        ["172.16.0.244"]
+    );
+
+    // A dry run that names the address leaves it resting; a real request takes it.
+    let mut dry = requesting("e", "172.16.0.241");
+    dry.dry_run = true;
+    assert_eq!(ips(&allocate_ok(&mut via_a, dry).await), ["172.16.0.241"]);
+    assert_eq!(
+        quarantine_capacity(&mut via_a, "q").await,
+        Some((3, 1, "2".to_string()))
+    );
+    assert_eq!(
+        ips(&allocate_ok(&mut via_a, requesting("e", "172.16.0.241")).await),
+        ["172.16.0.241"]
+    );
+    assert_eq!(
+        quarantine_capacity(&mut via_a, "q").await,
+        Some((4, 0, "2".to_string()))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quarantine_ends_and_the_address_returns_to_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), None).await;
+    let mut c = server.client().await;
+    create_pool(
+        &mut c,
+        pb::Pool {
+            quarantine_seconds: 1,
+            ..pool("q", &["172.16.0.240/30"])
+        },
+    )
+    .await;
+    let released_at = Instant::now();
+    allocate_ok(&mut c, allocate("a")).await;
+    release(&mut c, "a").await;
+    // .241 rests and .242 is taken: the pool is full for a second.
+    allocate_ok(&mut c, allocate("b")).await;
+    let full = c.allocate(allocate("c")).await.unwrap_err();
+    assert_eq!(full.code(), Code::ResourceExhausted);
+    assert!(
+        full.message()
+            .contains("1 released addresses are in quarantine"),
+        "{}",
+        full.message()
+    );
+    tokio::time::sleep(Duration::from_millis(1100).saturating_sub(released_at.elapsed())).await;
+    assert_eq!(
+        ips(&allocate_ok(&mut c, allocate("c")).await),
+        ["172.16.0.241"]
+    );
+}
