@@ -4,7 +4,7 @@
 
 use sqlx::Row;
 
-use crate::{Store, StoreError, now_micros};
+use crate::{Backend, Store, StoreError, now_micros};
 
 /// A stored document and when it was last written (unix microseconds).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,16 +92,28 @@ impl Store {
     }
 
     /// Speaker reports are high-frequency status, not configuration: no event is logged.
+    ///
+    /// On Postgres the write does not wait for its WAL flush: a report lost in a database
+    /// crash is replaced by the speaker's next one, and a flush per report would cost one
+    /// fsync per node for every route change. `set_config(…, true)` is `SET LOCAL`: it
+    /// ends with this statement's own transaction, so the connection goes back to the
+    /// pool as durable as it came.
     pub async fn save_speaker_state(&self, node: &str, spec: &str) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO speaker_states (node, spec, reported_at) VALUES ($1, $2, $3)
-             ON CONFLICT (node) DO UPDATE SET spec = excluded.spec, reported_at = excluded.reported_at",
-        )
-        .bind(node)
-        .bind(spec)
-        .bind(now_micros())
-        .execute(&self.pool)
-        .await?;
+        const POSTGRES: &str = "INSERT INTO speaker_states (node, spec, reported_at)
+             SELECT $1, $2, $3 FROM (SELECT set_config('synchronous_commit', 'off', true)) AS no_flush_wait
+             ON CONFLICT (node) DO UPDATE SET spec = excluded.spec, reported_at = excluded.reported_at";
+        const SQLITE: &str = "INSERT INTO speaker_states (node, spec, reported_at) VALUES ($1, $2, $3)
+             ON CONFLICT (node) DO UPDATE SET spec = excluded.spec, reported_at = excluded.reported_at";
+        let sql = match self.backend {
+            Backend::Postgres => POSTGRES,
+            Backend::Sqlite => SQLITE,
+        };
+        sqlx::query(sql)
+            .bind(node)
+            .bind(spec)
+            .bind(now_micros())
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
