@@ -45,7 +45,9 @@ pub fn find_binary(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
             path.display()
         );
     }
-    Ok(path)
+    // herald-ipam runs in a scratch directory of its own, where a relative path would
+    // name nothing.
+    std::fs::canonicalize(&path).with_context(|| format!("resolve {}", path.display()))
 }
 
 /// A running `herald-ipam`, killed by its PID when this value drops, however the bench ends.
