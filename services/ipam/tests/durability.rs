@@ -448,6 +448,14 @@ async fn quarantine_capacity(
     Some((first.used, first.quarantined, first.free.clone()))
 }
 
+/// Pool "q" over `cidr`, resting released addresses for `seconds`.
+fn quarantined_pool(seconds: u32, cidr: &str) -> pb::Pool {
+    pb::Pool {
+        quarantine_seconds: seconds,
+        ..pool("q", &[cidr])
+    }
+}
+
 fn requesting(uid: &str, ip: &str) -> pb::AllocateRequest {
     pb::AllocateRequest {
         requested_ips: vec![ip.into()],
@@ -474,14 +482,7 @@ async fn quarantined_addresses_stay_out_of_use_on_every_replica_and_across_kill_
     let b = Server::start(dir_b.path(), Some(&db.url)).await;
     let mut via_a = a.client().await;
     let mut via_b = b.client().await;
-    create_pool(
-        &mut via_a,
-        pb::Pool {
-            quarantine_seconds: 3600,
-            ..pool("q", &["172.16.0.240/29"])
-        },
-    )
-    .await;
+    create_pool(&mut via_a, quarantined_pool(3600, "172.16.0.240/29")).await;
     assert_eq!(
         ips(&allocate_ok(&mut via_a, allocate("a")).await),
         ["172.16.0.241"]
@@ -542,14 +543,7 @@ async fn a_quarantine_ends_and_the_address_returns_to_use() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), None).await;
     let mut c = server.client().await;
-    create_pool(
-        &mut c,
-        pb::Pool {
-            quarantine_seconds: 1,
-            ..pool("q", &["172.16.0.240/30"])
-        },
-    )
-    .await;
+    create_pool(&mut c, quarantined_pool(1, "172.16.0.240/30")).await;
     let released_at = Instant::now();
     allocate_ok(&mut c, allocate("a")).await;
     release(&mut c, "a").await;
