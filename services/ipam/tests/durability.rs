@@ -14,8 +14,20 @@ use futures::StreamExt;
 use herald_api::ipam::v1 as pb;
 use herald_api::ipam::v1::ipam_client::IpamClient;
 use herald_test_support::{TestDb, free_port};
+use tempfile::TempDir;
 use tonic::Code;
 use tonic::transport::Channel;
+
+/// Two `herald-ipam` processes, each in a directory of its own, on one fresh Postgres
+/// database. Bind the database and directories for the test's length: dropped last
+/// (tuple order), they outlive the servers.
+async fn two_replicas() -> (TestDb, (TempDir, TempDir), Server, Server) {
+    let db = TestDb::postgres().await;
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Server::start(dirs.0.path(), Some(&db.url)).await;
+    let b = Server::start(dirs.1.path(), Some(&db.url)).await;
+    (db, dirs, a, b)
+}
 
 /// Checks the invariants over everything the servers hold: distinct addresses, and every
 /// owner that was told "you have X" still has X.
@@ -96,10 +108,7 @@ async fn allocate_concurrently(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_replicas_on_one_postgres_never_hand_out_an_address_twice() {
-    let db = TestDb::postgres().await;
-    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = Server::start(dir_a.path(), Some(&db.url)).await;
-    let b = Server::start(dir_b.path(), Some(&db.url)).await;
+    let (_db, _dirs, a, b) = two_replicas().await;
     // 254 usable addresses for 320 requests: the replicas race for every address and
     // finally for the last ones.
     create_pool(&mut a.client().await, pool("race", &["10.30.0.0/24"])).await;
@@ -125,11 +134,7 @@ async fn two_replicas_on_one_postgres_never_hand_out_an_address_twice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_9_under_load_moves_nothing_and_loses_nothing() {
-    let db = TestDb::postgres().await;
-    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let port_a = free_port();
-    let mut a = Server::start_on(dir_a.path(), Some(&db.url), port_a).await;
-    let b = Server::start(dir_b.path(), Some(&db.url)).await;
+    let (_db, _dirs, mut a, b) = two_replicas().await;
     create_pool(&mut b.client().await, pool("big", &["10.40.0.0/20"])).await;
 
     let endpoints = [a.endpoint(), b.endpoint()];
@@ -137,7 +142,7 @@ async fn kill_9_under_load_moves_nothing_and_loses_nothing() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     a.process.kill9();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let a = Server::start_on(dir_a.path(), Some(&db.url), port_a).await;
+    let a = a.start_again().await;
     let mut promised = load.await.unwrap();
     assert!(
         promised.len() > 100,
@@ -155,8 +160,7 @@ async fn kill_9_under_load_moves_nothing_and_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_on_the_embedded_store_keeps_every_address() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let mut server = Server::start_on(dir.path(), None, port).await;
+    let server = Server::start(dir.path(), None).await;
     let mut c = server.client().await;
     create_pool(&mut c, pool("lab", &["172.16.0.0/24"])).await;
     let mut before = BTreeMap::new();
@@ -171,9 +175,7 @@ async fn restart_on_the_embedded_store_keeps_every_address() {
     .await
     .unwrap();
     before.remove("s7");
-    server.process.kill9();
-
-    let server = Server::start_on(dir.path(), None, port).await;
+    let server = server.start_again().await;
     let mut c = server.client().await;
     for (uid, ips_before) in &before {
         assert_eq!(
@@ -475,11 +477,7 @@ async fn release(client: &mut IpamClient<Channel>, uid: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quarantined_addresses_stay_out_of_use_on_every_replica_and_across_kill_9() {
-    let db = TestDb::postgres().await;
-    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let port_a = free_port();
-    let mut a = Server::start_on(dir_a.path(), Some(&db.url), port_a).await;
-    let b = Server::start(dir_b.path(), Some(&db.url)).await;
+    let (_db, _dirs, a, b) = two_replicas().await;
     let mut via_a = a.client().await;
     let mut via_b = b.client().await;
     create_pool(&mut via_a, quarantined_pool(3600, "172.16.0.240/29")).await;
@@ -508,8 +506,7 @@ async fn quarantined_addresses_stay_out_of_use_on_every_replica_and_across_kill_
     );
 
     // A restarted replica rebuilds the quarantine from the history.
-    a.process.kill9();
-    let a = Server::start_on(dir_a.path(), Some(&db.url), port_a).await;
+    let a = a.start_again().await;
     let mut via_a = a.client().await;
     assert_eq!(
         quarantine_capacity(&mut via_a, "q").await,

@@ -51,6 +51,13 @@ impl Server {
         server
     }
 
+    /// Kills the process with SIGKILL, as a crash would (if it still runs), and starts a
+    /// new one where it was: same directory, database and port, so clients reconnect.
+    pub async fn start_again(mut self) -> Self {
+        self.process.kill9();
+        Self::start_on(&self.dir, self.database_url.as_deref(), self.addr.port()).await
+    }
+
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
     }
