@@ -13,6 +13,7 @@ use serde::Serialize;
 use tonic::transport::Channel;
 
 use crate::cpu::{self, CpuUse};
+use crate::insert_server::{self, InsertMode, InsertRpcOp};
 use crate::ipam::{self, Audit, IpamServer, StartTimes};
 use crate::machine::Machine;
 use crate::pg::{self, BenchDb, CeilingResult};
@@ -939,12 +940,52 @@ pub struct FloorReport {
     pub rows: Vec<(String, PhaseResult)>,
 }
 
-/// A diagnostic, not a BENCHMARKS.md entry: the raw-INSERT ceiling, then the same clients
-/// and channels as `alloc` against RPCs that do less and less of Allocate's work — a
-/// health check (gRPC alone), a dry-run Allocate (gRPC + planning, no database), and a
-/// real Allocate. The us/op column splits Allocate's cost against the ceiling's.
+/// The ceiling's INSERT behind a minimal gRPC server (`insert_server`), with the clients
+/// and channels `alloc` uses: the most any gRPC-fronted allocation service could reach.
+async fn grpc_insert(common: &Common, c: usize, mode: InsertMode) -> anyhow::Result<PhaseResult> {
+    let db = BenchDb::create(&common.admin_url).await?;
+    let exe = std::env::current_exe().context("locate the herald-bench executable")?;
+    let (server, _) =
+        insert_server::start(&exe, &db.url, mode, c, &common.log_dir, common.poll).await?;
+    let channels = server
+        .channels(c.div_ceil(common.clients_per_channel.max(1)))
+        .await?;
+    let ops = |key_base: &str| -> Vec<InsertRpcOp> {
+        let key_base: Arc<str> = Arc::from(key_base);
+        (0..c)
+            .map(|i| InsertRpcOp {
+                client: tonic_health::pb::health_client::HealthClient::new(
+                    channels[i % channels.len()].clone(),
+                ),
+                key_base: Arc::clone(&key_base),
+            })
+            .collect()
+    };
+    let (warmup, measure) = common.ceiling_limits();
+    let warm = runner::run(ops("warm-"), warmup, false).await;
+    let pid = Some(server.process.pid());
+    let before = cpu::sample(pid);
+    let outcome = runner::run(ops("key-"), measure, false).await;
+    let after = cpu::sample(pid);
+    let mut row =
+        PhaseResult::from_outcome(c, channels.len(), &outcome, cpu::between(&before, &after));
+    row.errors += warm.errors;
+    row.first_error = row.first_error.or(warm.first_error);
+    drop(server);
+    drop(db);
+    Ok(row)
+}
+
+/// A diagnostic, not a BENCHMARKS.md entry: the raw-INSERT ceiling; the same INSERT behind
+/// a minimal gRPC server, each call on its own and group-committed (the bound for any
+/// design with a gRPC hop); then the clients and channels of `alloc` against herald-ipam
+/// RPCs that do less and less of Allocate's work — a health check (gRPC alone), a dry-run
+/// Allocate (gRPC + planning, no database), and a real Allocate. The us/op column splits
+/// Allocate's cost against the ceiling's.
 pub async fn floor(common: &Common, clients: &[usize], cidr: &str) -> anyhow::Result<FloorReport> {
-    common.print_header("floor: raw INSERT vs health check vs dry-run Allocate vs Allocate");
+    common.print_header(
+        "floor: raw INSERT vs the same INSERT behind gRPC vs health check vs dry-run Allocate vs Allocate",
+    );
     let mut rows = Vec::new();
     for &c in clients {
         let (warmup, measure) = common.ceiling_limits();
@@ -964,6 +1005,10 @@ pub async fn floor(common: &Common, clients: &[usize], cidr: &str) -> anyhow::Re
                 cpu: ceiling.cpu,
             },
         ));
+        for mode in [InsertMode::Each, InsertMode::Group] {
+            let row = grpc_insert(common, c, mode).await?;
+            rows.push((format!("{c}|{}", mode.label()), row));
+        }
         let db = BenchDb::create(&common.admin_url).await?;
         let (server, _) = common.start_ipam(&db).await?;
         let mut admin = server.client().await?;

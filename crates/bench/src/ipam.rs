@@ -91,13 +91,14 @@ impl IpamServer {
             .stdout(Stdio::from(file.try_clone()?))
             .stderr(Stdio::from(file));
         let exec = Instant::now();
-        let server = Self {
-            addr,
-            process: ChildProcess::spawn("herald-ipam", command),
-            log,
-        };
-        let times = server.wait_serving(exec, poll).await?;
+        let server = Self::from_process(addr, ChildProcess::spawn("herald-ipam", command), log);
+        let times = server.wait_serving(exec, poll, IPAM_SERVICE).await?;
         Ok((server, times))
+    }
+
+    /// A gRPC server process already started on `addr`, logging to `log`.
+    pub(crate) fn from_process(addr: SocketAddr, process: ChildProcess, log: PathBuf) -> Self {
+        Self { addr, process, log }
     }
 
     fn endpoint(&self) -> anyhow::Result<Endpoint> {
@@ -106,7 +107,13 @@ impl IpamServer {
             .tcp_nodelay(true))
     }
 
-    async fn wait_serving(&self, exec: Instant, poll: Duration) -> anyhow::Result<StartTimes> {
+    /// Polls the health service until it says SERVING for `service`.
+    pub(crate) async fn wait_serving(
+        &self,
+        exec: Instant,
+        poll: Duration,
+        service: &str,
+    ) -> anyhow::Result<StartTimes> {
         let deadline = exec + START_TIMEOUT;
         let endpoint = self.endpoint()?;
         let mut health: Option<HealthClient<Channel>> = None;
@@ -124,7 +131,7 @@ impl IpamServer {
             }
             if let Some(client) = health.as_mut() {
                 let check = client.check(HealthCheckRequest {
-                    service: IPAM_SERVICE.into(),
+                    service: service.into(),
                 });
                 match tokio::time::timeout(CONNECT_TIMEOUT, check).await {
                     Ok(Ok(resp)) if resp.get_ref().status == ServingStatus::Serving as i32 => {
@@ -146,7 +153,8 @@ impl IpamServer {
             tokio::time::sleep(poll).await;
         }
         Err(anyhow!(
-            "herald-ipam on {} not SERVING {START_TIMEOUT:?} after exec ({last}); last lines of {}:\n{}",
+            "{} on {} not SERVING {START_TIMEOUT:?} after exec ({last}); last lines of {}:\n{}",
+            self.process.name(),
             self.addr,
             self.log.display(),
             self.log_tail()

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use herald_bench::benches::{self, Common};
+use herald_bench::insert_server::{self, InsertServerArgs};
 use herald_bench::speakers::EngineChildArgs;
 use herald_bench::{bgp, ipam, machine::Machine, pg, pipeline};
 use serde_json::{Map, Value};
@@ -106,8 +107,11 @@ enum Bench {
     /// Internal: one engine session driven over stdin (used by advertise/withdraw).
     #[command(hide = true)]
     EngineChild(EngineChildArgs),
-    /// Diagnostic: raw INSERT vs gRPC health check vs dry-run Allocate vs Allocate, with
-    /// the CPU each costs per operation.
+    /// Internal: the minimal gRPC-fronted INSERT server `floor` measures.
+    #[command(hide = true)]
+    InsertServer(InsertServerArgs),
+    /// Diagnostic: raw INSERT vs the same INSERT behind a minimal gRPC server vs gRPC
+    /// health check vs dry-run Allocate vs Allocate, with the CPU each costs per operation.
     Floor(AllocArgs),
 }
 
@@ -221,8 +225,10 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let global = cli.global;
-    if let Bench::EngineChild(args) = cli.bench {
-        return bgp_child(args).await;
+    match cli.bench {
+        Bench::EngineChild(args) => return bgp_child(args).await,
+        Bench::InsertServer(args) => return insert_server::serve(args).await,
+        _ => {}
     }
     // pg-ceiling and the BGP benchmarks run without herald-ipam.
     let ipam_bin = match cli.bench {
@@ -318,7 +324,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 )?;
             }
         }
-        Bench::EngineChild(_) => {}
+        Bench::EngineChild(_) | Bench::InsertServer(_) => {}
         Bench::Floor(a) => put(
             "floor",
             json(benches::floor(&common, &a.clients, &a.pool).await),

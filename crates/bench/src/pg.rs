@@ -118,14 +118,15 @@ pub async fn describe_server(admin_url: &str, machine: &mut Machine) -> anyhow::
 
 /// The table the ceiling inserts into: a unique key like an address claim's, and a row of
 /// similar width.
-const CEILING_TABLE: &str = "CREATE TABLE ceiling (
+pub(crate) const CEILING_TABLE: &str = "CREATE TABLE ceiling (
     ip          BYTEA PRIMARY KEY,
     owner_uid   TEXT NOT NULL,
     created_at  BIGINT NOT NULL
 )";
 /// One autocommit statement per operation; sqlx prepares it once per connection and
 /// reuses the prepared statement afterwards.
-const CEILING_INSERT: &str = "INSERT INTO ceiling (ip, owner_uid, created_at) VALUES ($1, $2, $3)";
+pub(crate) const CEILING_INSERT: &str =
+    "INSERT INTO ceiling (ip, owner_uid, created_at) VALUES ($1, $2, $3)";
 
 #[derive(Debug, Clone, Serialize)]
 pub struct CeilingResult {

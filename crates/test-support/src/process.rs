@@ -46,6 +46,11 @@ impl ChildProcess {
         }
     }
 
+    /// The name it was started under, for messages.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(Child::id).unwrap_or(0)
     }
