@@ -10,9 +10,9 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
@@ -25,7 +25,6 @@ use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
 use crate::ipam::{IpamServer, StartTimes};
 use crate::pg::{CEILING_INSERT, CEILING_TABLE};
-use herald_test_support::{ChildProcess, free_port};
 
 /// Most rows one group-committed statement writes: herald-ipam's own limit.
 const MAX_GROUP: usize = 256;
@@ -213,34 +212,26 @@ pub async fn start(
     log_dir: &Path,
     poll: Duration,
 ) -> anyhow::Result<(IpamServer, StartTimes)> {
-    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let log = log_dir.join(format!("insert-server-{}.log", addr.port()));
-    let file = std::fs::File::create(&log)
-        .with_context(|| format!("create log file {}", log.display()))?;
     let mut command = Command::new(herald_bench);
     command
         .arg("insert-server")
-        .arg("--listen")
-        .arg(addr.to_string())
-        .arg("--database-url")
-        .arg(database_url)
         .arg("--mode")
         .arg(match mode {
             InsertMode::Each => "each",
             InsertMode::Group => "group",
         })
         .arg("--connections")
-        .arg(connections.to_string())
-        .stdout(Stdio::from(file.try_clone()?))
-        .stderr(Stdio::from(file));
-    let exec = Instant::now();
-    let server = IpamServer::from_process(
-        addr,
-        ChildProcess::spawn("herald-bench insert-server", command),
-        log,
-    );
-    let times = server.wait_serving(exec, poll, "").await?;
-    Ok((server, times))
+        .arg(connections.to_string());
+    // An empty service name is the readiness probe, which writes nothing.
+    IpamServer::launch(
+        "herald-bench insert-server",
+        command,
+        database_url,
+        log_dir,
+        poll,
+        "",
+    )
+    .await
 }
 
 /// One closed-loop client of the insert server: each call writes one new key.

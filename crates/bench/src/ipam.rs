@@ -75,30 +75,52 @@ impl IpamServer {
         log_dir: &Path,
         poll: Duration,
     ) -> anyhow::Result<(Self, StartTimes)> {
+        let mut command = Command::new(binary);
+        command
+            .env_remove("HERALD_DATABASE_URL")
+            .env_remove("HERALD_LISTEN")
+            .current_dir(log_dir);
+        Self::launch(
+            "herald-ipam",
+            command,
+            database_url,
+            log_dir,
+            poll,
+            IPAM_SERVICE,
+        )
+        .await
+    }
+
+    /// Runs `command` with `--listen` on a free loopback port and `--database-url`, its
+    /// output in a log file in `log_dir`, and waits until its health service says SERVING
+    /// for `service`. Any gRPC server the benches start goes through here.
+    pub(crate) async fn launch(
+        name: &str,
+        mut command: Command,
+        database_url: &str,
+        log_dir: &Path,
+        poll: Duration,
+        service: &str,
+    ) -> anyhow::Result<(Self, StartTimes)> {
         let addr: SocketAddr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let log = log_dir.join(format!("herald-ipam-{}.log", addr.port()));
+        let log = log_dir.join(format!("{}-{}.log", name.replace(' ', "-"), addr.port()));
         let file = std::fs::File::create(&log)
             .with_context(|| format!("create log file {}", log.display()))?;
-        let mut command = Command::new(binary);
         command
             .arg("--listen")
             .arg(addr.to_string())
             .arg("--database-url")
             .arg(database_url)
-            .env_remove("HERALD_DATABASE_URL")
-            .env_remove("HERALD_LISTEN")
-            .current_dir(log_dir)
             .stdout(Stdio::from(file.try_clone()?))
             .stderr(Stdio::from(file));
         let exec = Instant::now();
-        let server = Self::from_process(addr, ChildProcess::spawn("herald-ipam", command), log);
-        let times = server.wait_serving(exec, poll, IPAM_SERVICE).await?;
+        let server = Self {
+            addr,
+            process: ChildProcess::spawn(name, command),
+            log,
+        };
+        let times = server.wait_serving(exec, poll, service).await?;
         Ok((server, times))
-    }
-
-    /// A gRPC server process already started on `addr`, logging to `log`.
-    pub(crate) fn from_process(addr: SocketAddr, process: ChildProcess, log: PathBuf) -> Self {
-        Self { addr, process, log }
     }
 
     fn endpoint(&self) -> anyhow::Result<Endpoint> {
@@ -108,7 +130,7 @@ impl IpamServer {
     }
 
     /// Polls the health service until it says SERVING for `service`.
-    pub(crate) async fn wait_serving(
+    async fn wait_serving(
         &self,
         exec: Instant,
         poll: Duration,
