@@ -8,6 +8,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::echo;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum IpFamily {
     V4,
@@ -235,22 +237,22 @@ impl FromStr for AddrRange {
             let ip: IpAddr = ip
                 .trim()
                 .parse()
-                .map_err(|_| format!("{:?} is not an IP address", ip.trim()))?;
+                .map_err(|_| format!("{:?} is not an IP address", echo(ip.trim())))?;
             let len: u8 = len
                 .trim()
                 .parse()
-                .map_err(|_| format!("{:?} is not a prefix length", len.trim()))?;
+                .map_err(|_| format!("{:?} is not a prefix length", echo(len.trim())))?;
             return Self::cidr(ip, len);
         }
         if let Some((a, b)) = s.split_once('-') {
             let a: IpAddr = a
                 .trim()
                 .parse()
-                .map_err(|_| format!("{:?} is not an IP address", a.trim()))?;
+                .map_err(|_| format!("{:?} is not an IP address", echo(a.trim())))?;
             let b: IpAddr = b
                 .trim()
                 .parse()
-                .map_err(|_| format!("{:?} is not an IP address", b.trim()))?;
+                .map_err(|_| format!("{:?} is not an IP address", echo(b.trim())))?;
             return Self::span(a, b);
         }
         let ip: IpAddr = s

@@ -13,6 +13,6 @@ pub use alloc::{
     Allocation, AllocationRequest, AssignedIp, FamilyPolicy, HistoryAction, HistoryEntry, Owner,
     ServicePort, TrafficPolicy,
 };
-pub use error::FieldError;
+pub use error::{FieldError, echo, shorten};
 pub use pool::{PoolName, PoolSpec};
 pub use selector::{LabelSelector, Requirement, SelectorOperator};

@@ -4,6 +4,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+use herald_model::echo;
 use serde::{Deserialize, Serialize};
 
 /// An RFC 1997 community, `(asn << 16) | value` — the form herald-bgp's
@@ -54,7 +55,7 @@ impl FromStr for Community {
         let half = |part: &str, what: &str| -> Result<u16, String> {
             part.trim()
                 .parse::<u16>()
-                .map_err(|_| format!("{what} {part:?} is not a number from 0 to 65535"))
+                .map_err(|_| format!("{what} {:?} is not a number from 0 to 65535", echo(part)))
         };
         Ok(Self::new(half(asn, "ASN")?, half(value, "value")?))
     }
@@ -100,7 +101,7 @@ impl FromStr for LargeCommunity {
         let part = |p: &str| -> Result<u32, String> {
             p.trim()
                 .parse::<u32>()
-                .map_err(|_| format!("{p:?} is not a number from 0 to 4294967295"))
+                .map_err(|_| format!("{:?} is not a number from 0 to 4294967295", echo(p)))
         };
         Ok(Self {
             global_admin: part(a)?,
