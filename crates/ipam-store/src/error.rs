@@ -6,6 +6,10 @@ use thiserror::Error;
 pub enum StoreError {
     #[error("{0}")]
     Config(String),
+    /// The store cannot take the call now (its writer stopped, it is shutting down); the
+    /// same call may succeed when retried, on this replica or another.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("pool {0:?} already exists")]
     PoolExists(String),
     #[error("pool {0:?} not found")]

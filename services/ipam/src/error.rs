@@ -48,6 +48,7 @@ impl IpamError {
             Self::Alloc(e) => alloc_code(e),
             Self::Store(e) => match e {
                 StoreError::Config(_) => Code::InvalidArgument,
+                StoreError::Unavailable(_) => Code::Unavailable,
                 StoreError::PoolExists(_) => Code::AlreadyExists,
                 StoreError::PoolNotFound(_) => Code::NotFound,
                 StoreError::Overlap { .. } | StoreError::OverlapRace => Code::AlreadyExists,

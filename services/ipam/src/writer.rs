@@ -51,8 +51,8 @@ impl Writer {
             reply,
         };
         let gone = || {
-            CommitError::Store(StoreError::Config(
-                "the store writer has stopped (shutting down)".into(),
+            CommitError::Store(StoreError::Unavailable(
+                "the store writer has stopped (shutting down); retry".into(),
             ))
         };
         self.queue.send(pending).await.map_err(|_| gone())?;
@@ -86,5 +86,82 @@ async fn write_groups(store: Store, mut receiver: mpsc::Receiver<Pending>) {
             let result = store.commit(&pending.request, &pending.plan).await;
             let _ = pending.reply.send(result);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use herald_model::{FamilyPolicy, IpFamily, Owner, TrafficPolicy};
+    use tonic::{Code, Status};
+
+    use super::*;
+    use crate::IpamError;
+
+    fn request() -> AllocationRequest {
+        AllocationRequest {
+            owner: Owner {
+                cluster_id: "lab".into(),
+                namespace: "default".into(),
+                name: "web".into(),
+                uid: "u1".into(),
+            },
+            service_labels: BTreeMap::new(),
+            namespace_labels: BTreeMap::new(),
+            family_policy: FamilyPolicy::SingleStack,
+            families: vec![IpFamily::V4],
+            requested_ips: vec![],
+            requested_pool: None,
+            sharing_key: String::new(),
+            ports: vec![],
+            traffic_policy: TrafficPolicy::Cluster,
+            endpoint_selector: BTreeMap::new(),
+        }
+    }
+
+    /// A stopped writer is a server that cannot take writes now, not a bad request: the
+    /// caller gets UNAVAILABLE and may retry (here or on another replica).
+    #[tokio::test]
+    async fn a_stopped_writer_answers_unavailable() {
+        let (queue, receiver) = mpsc::channel(1);
+        drop(receiver);
+        let writer = Writer { queue };
+        let plan = Plan {
+            owner_uid: "u1".into(),
+            tag: "o:u1".into(),
+            items: vec![],
+        };
+        let err = writer
+            .commit(&request(), &plan)
+            .await
+            .expect_err("nothing writes");
+        let status = Status::from(IpamError::from(err));
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert!(
+            status.message().contains("writer has stopped"),
+            "{status:?}"
+        );
+    }
+
+    /// The same when the writer takes the call and ends before it answers.
+    #[tokio::test]
+    async fn a_writer_that_ends_before_answering_answers_unavailable() {
+        let (queue, mut receiver) = mpsc::channel::<Pending>(1);
+        tokio::spawn(async move {
+            // Takes one call and drops it unanswered, as a writer that stops would.
+            let _ = receiver.recv().await;
+        });
+        let writer = Writer { queue };
+        let plan = Plan {
+            owner_uid: "u1".into(),
+            tag: "o:u1".into(),
+            items: vec![],
+        };
+        let err = writer
+            .commit(&request(), &plan)
+            .await
+            .expect_err("nothing writes");
+        assert_eq!(Status::from(IpamError::from(err)).code(), Code::Unavailable);
     }
 }
