@@ -3,9 +3,15 @@
 
 use herald_ipam_core::AllocError;
 use herald_ipam_store::{CommitError, StoreError};
-use herald_model::FieldError;
+use herald_model::{FieldError, shorten};
 use thiserror::Error;
 use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// Longest status message sent. Values a message quotes are already cut (see
+/// [`herald_model::shorten`]); this bounds the rest, so a status always fits in the
+/// 16 KiB of metadata that gRPC C-core clients (grpcio and others) accept.
+pub const MAX_MESSAGE_BYTES: usize = 400;
 
 #[derive(Debug, Error)]
 pub enum IpamError {
@@ -21,8 +27,6 @@ pub enum IpamError {
     Mismatch(String),
     #[error("{0}")]
     NotFound(String),
-    #[error("{0}")]
-    TooLarge(String),
     /// Every attempt lost a race with another replica; the caller may retry.
     #[error("{0}")]
     Contended(String),
@@ -63,7 +67,6 @@ impl IpamError {
             },
             Self::Mismatch(_) => Code::FailedPrecondition,
             Self::NotFound(_) => Code::NotFound,
-            Self::TooLarge(_) => Code::InvalidArgument,
             Self::Contended(_) => Code::Aborted,
         }
     }
@@ -91,6 +94,68 @@ impl From<IpamError> for Status {
         if code == Code::Internal {
             tracing::error!(error = %err, "internal error");
         }
-        Status::new(code, err.to_string())
+        let message = shorten(&err.to_string(), MAX_MESSAGE_BYTES).into_owned();
+        match err.field_error() {
+            // The field in machine-readable form beside the text (google.rpc.BadRequest).
+            Some(field) => Status::with_error_details(
+                code,
+                message,
+                ErrorDetails::with_bad_request_violation(&field.field, &field.reason),
+            ),
+            None => Status::new(code, message),
+        }
+    }
+}
+
+impl IpamError {
+    /// The field a caller must fix, when the error is about one.
+    fn field_error(&self) -> Option<&FieldError> {
+        match self {
+            Self::Invalid(field) | Self::Alloc(AllocError::Invalid(field)) => Some(field),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic_types::StatusExt;
+
+    use super::*;
+
+    #[test]
+    fn a_field_error_becomes_invalid_argument_with_a_bad_request_detail() {
+        let err = IpamError::Invalid(FieldError::new(
+            "service_labels[app]",
+            "v".repeat(3 << 20),
+            "must be at most 63 characters",
+        ));
+        let status = Status::from(err);
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(
+            status.message().len() <= MAX_MESSAGE_BYTES,
+            "{}",
+            status.message()
+        );
+        let bad = status.get_details_bad_request().expect("BadRequest");
+        assert_eq!(bad.field_violations.len(), 1);
+        assert_eq!(bad.field_violations[0].field, "service_labels[app]");
+        assert_eq!(
+            bad.field_violations[0].description,
+            "must be at most 63 characters"
+        );
+    }
+
+    #[test]
+    fn every_message_is_cut_to_the_limit() {
+        let status = Status::from(IpamError::Mismatch("x".repeat(100_000)));
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert!(status.message().len() <= MAX_MESSAGE_BYTES);
+        assert!(
+            status.message().ends_with("(100000 bytes)"),
+            "{}",
+            status.message()
+        );
+        assert!(status.details().is_empty());
     }
 }

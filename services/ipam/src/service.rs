@@ -8,7 +8,8 @@ use futures::Stream;
 use herald_api::ipam::v1 as pb;
 use herald_api::ipam::v1::ipam_server::Ipam as IpamRpc;
 use herald_ipam_store::{AllocationFilter, DEFAULT_PAGE_SIZE, Event, HistoryKey, StoredPool};
-use herald_model::alloc::validate_uid;
+use herald_model::alloc::{MAX_ID_LEN, validate_uid};
+use herald_model::selector::is_dns_label;
 use herald_model::{FieldError, PoolName};
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
@@ -178,11 +179,11 @@ impl IpamRpc for IpamService {
         let ipam = self.ipam()?;
         let pb::AllocateBatchRequest { requests } = request.into_inner();
         if requests.len() > MAX_BATCH {
-            return Err(IpamError::TooLarge(format!(
-                "requests: {} items; a batch takes at most {MAX_BATCH}",
-                requests.len()
-            ))
-            .into());
+            return Err(invalid(FieldError::new(
+                "requests",
+                format!("{} items", requests.len()),
+                format!("a batch takes at most {MAX_BATCH}"),
+            )));
         }
         // Each item stands alone: an invalid one fails by itself, with its index in the
         // field name, and the rest go ahead.
@@ -289,6 +290,22 @@ impl IpamRpc for IpamService {
         } = request.into_inner();
         if !pool.is_empty() {
             pool_name("pool", &pool)?;
+        }
+        // Filters that no allocation could match are mistakes; refusing them also keeps an
+        // oversized value out of the query.
+        if !namespace.is_empty() && !is_dns_label(&namespace) {
+            return Err(invalid(FieldError::new(
+                "namespace",
+                &namespace,
+                "must be a Kubernetes namespace name (a DNS label)",
+            )));
+        }
+        if cluster_id.len() > MAX_ID_LEN {
+            return Err(invalid(FieldError::new(
+                "cluster_id",
+                &cluster_id,
+                format!("is longer than {MAX_ID_LEN} characters"),
+            )));
         }
         let page_size = if page_size == 0 {
             DEFAULT_PAGE_SIZE
