@@ -327,6 +327,12 @@ pub enum AllocateErrorKind {
 pub fn classify(code: Code, message: &str) -> AllocateErrorKind {
     use AllocateErrorKind::{Failed, Mismatch, Transient};
     match code {
+        // herald-ipam answers a request message over its size limit with
+        // RESOURCE_EXHAUSTED too (gRPC's convention); that is the request's fault, not
+        // the pools'.
+        Code::ResourceExhausted if message.starts_with("the request message is") => {
+            Failed(FailureReason::InvalidRequest)
+        }
         Code::ResourceExhausted => Failed(FailureReason::PoolExhausted),
         Code::AlreadyExists => Failed(FailureReason::RequestedIpTaken),
         Code::FailedPrecondition if message.contains("release it first") => Mismatch,
@@ -783,6 +789,13 @@ mod tests {
         assert_eq!(
             classify(Code::ResourceExhausted, "IPv4 pools lab are exhausted"),
             Failed(FailureReason::PoolExhausted)
+        );
+        assert_eq!(
+            classify(
+                Code::ResourceExhausted,
+                "the request message is 20971521 bytes, more than the 16777216 bytes this server accepts; send fewer or smaller items"
+            ),
+            Failed(FailureReason::InvalidRequest)
         );
         assert_eq!(
             classify(Code::AlreadyExists, "requested_ips: x is already allocated"),

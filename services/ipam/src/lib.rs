@@ -5,6 +5,7 @@ mod convert;
 mod error;
 mod feed;
 mod ipam;
+mod oversize;
 mod routing;
 mod service;
 mod writer;
@@ -28,9 +29,11 @@ pub use service::IpamService;
 /// Where the service listens unless told otherwise: loopback, so a laptop run exposes
 /// nothing.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
-/// Largest request accepted. A full AllocateBatch of 1,000 Services fits comfortably;
-/// anything larger is refused before it is decoded.
-pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+/// Largest request message accepted: 16 KiB for each of the 1,000 Services of a full
+/// AllocateBatch (a Service with 40 long labels takes about 5 KiB), so the batch's item
+/// count is the limit a caller meets. A larger message is refused with
+/// RESOURCE_EXHAUSTED before it is decoded.
+pub const MAX_REQUEST_BYTES: usize = 16 * 1024 * 1024;
 /// How long in-flight calls may run on after SIGTERM. Well inside Kubernetes' default
 /// 30 s termination grace, long enough for any unary call to finish.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -123,6 +126,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
     info!(listen = %local, "herald-ipam serving");
     let server = tonic::transport::Server::builder()
+        .layer(oversize::layer())
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
