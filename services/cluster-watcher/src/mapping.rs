@@ -94,7 +94,8 @@ pub fn requested_ips(svc: &Service) -> Result<Vec<IpAddr>, RequestError> {
     for value in list.split(',').map(str::trim).filter(|v| !v.is_empty()) {
         let ip = value.parse().map_err(|_| RequestError::NotAnIp {
             field: source,
-            value: value.to_string(),
+            // An annotation may hold 256 KB; the error goes into a condition and an Event.
+            value: herald_model::echo(value).into_owned(),
         })?;
         if !ips.contains(&ip) {
             ips.push(ip);
@@ -566,6 +567,17 @@ mod tests {
                 value: "nope".into()
             }
         );
+    }
+
+    #[test]
+    fn an_oversized_annotation_is_quoted_short() {
+        // Annotations may hold 256 KB; the error goes into a condition and an Event.
+        let huge = "1".repeat(200 * 1024);
+        let bad = with_annotation(mk_svc("default", "web"), ANNOTATION_IPS, &huge);
+        let message = requested_ips(&bad).unwrap_err().to_string();
+        assert!(message.len() < 200, "{} bytes", message.len());
+        assert!(message.starts_with(ANNOTATION_IPS), "{message}");
+        assert!(message.contains("(204800 bytes)"), "{message}");
     }
 
     #[test]
