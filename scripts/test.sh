@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Herald's whole test suite, from a fresh Debian/Ubuntu machine:
-#   - installs what the tests run for real when it is missing: Postgres, GoBGP, BIRD, FRR;
+#   - installs what the tests run for real when it is missing: Postgres, GoBGP, BIRD, FRR,
+#     Python's grpcio;
 #   - uses the Postgres named by HERALD_TEST_DATABASE_URL, else one answering on
 #     127.0.0.1:5432 as user postgres, else starts a private throwaway cluster;
 #   - runs `cargo test` for the whole workspace.
@@ -35,6 +36,12 @@ command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
 if [ ${#missing[@]} -gt 0 ]; then
     apt_install "${missing[@]}"
     pg_bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
+fi
+
+# --- Python grpcio: a C-core client, whose 16 KiB metadata limit the error tests check -----
+if ! python3 -c 'import grpc' >/dev/null 2>&1; then
+    log "installing Python grpcio"
+    python3 -m pip install --quiet grpcio 2>/dev/null || apt_install python3-grpcio
 fi
 
 # --- Postgres --------------------------------------------------------------------------

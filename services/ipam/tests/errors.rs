@@ -771,3 +771,66 @@ async fn the_documented_limits_are_the_ones_a_caller_meets() {
         .await
         .unwrap();
 }
+
+/// What a grpcio (C-core) client sees for a 3 MB label, printed by a small Python script:
+/// the status code's name, the message's length, and whether the BadRequest detail came.
+const GRPCIO_CLIENT: &str = r#"
+import sys, grpc
+target, path = sys.argv[1], sys.argv[2]
+request = open(path, "rb").read()
+with grpc.insecure_channel(target, options=[("grpc.max_send_message_length", -1)]) as channel:
+    allocate = channel.unary_unary("/herald.ipam.v1.Ipam/Allocate")
+    try:
+        allocate(request, timeout=20)
+        print("OK")
+    except grpc.RpcError as e:
+        details = dict(e.trailing_metadata() or ())
+        print(e.code().name, len(e.details() or ""), "grpc-status-details-bin" in details, e.details())
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpcio_client_sees_invalid_argument_not_a_removed_stream() {
+    let has_grpcio = std::process::Command::new("python3")
+        .args(["-c", "import grpc"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        has_grpcio,
+        "this test needs Python's grpcio: `python3 -m pip install grpcio` (scripts/test.sh does it)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), None).await;
+    let mut req = allocate("u1");
+    req.service_labels = labels("app", &huge());
+    let path = dir.path().join("request.bin");
+    std::fs::write(&path, prost::Message::encode_to_vec(&req)).unwrap();
+    let output = tokio::process::Command::new("python3")
+        .arg("-c")
+        .arg(GRPCIO_CLIENT)
+        .arg(server.addr.to_string())
+        .arg(&path)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "python: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let fields: Vec<&str> = stdout.trim().splitn(4, ' ').collect();
+    assert_eq!(
+        fields.first(),
+        Some(&"INVALID_ARGUMENT"),
+        "{}",
+        head(&stdout)
+    );
+    let length: usize = fields[1].parse().unwrap();
+    assert!(length < MESSAGE_LIMIT, "{}", head(&stdout));
+    assert_eq!(fields[2], "True", "no BadRequest detail: {stdout}");
+    assert!(
+        fields[3].starts_with("service_labels[app] \"aaaa"),
+        "{stdout}"
+    );
+}
