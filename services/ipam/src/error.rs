@@ -8,10 +8,12 @@ use thiserror::Error;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-/// Longest status message sent. Values a message quotes are already cut (see
-/// [`herald_model::shorten`]); this bounds the rest, so a status always fits in the
-/// 16 KiB of metadata that gRPC C-core clients (grpcio and others) accept.
-pub const MAX_MESSAGE_BYTES: usize = 400;
+/// Longest status message sent. Values a message quotes are already cut to 64 bytes
+/// (see [`herald_model::shorten`]), so messages are far shorter; this is the bound for
+/// the rest, so a status always fits in the 16 KiB of metadata that gRPC C-core clients
+/// (grpcio and others) accept. Generous enough that the hint at the end of the longest
+/// ordinary message ("release it first", "set force") is never cut off.
+pub const MAX_MESSAGE_BYTES: usize = 1024;
 
 #[derive(Debug, Error)]
 pub enum IpamError {
