@@ -1049,6 +1049,19 @@ async fn insert_item(
     } else {
         "allocated".to_string()
     };
+    // A port in use is refused before anything is written, naming who uses it, and takes
+    // no revision (which would be a hole the change feed waits out). Whether the plan
+    // joins the address or not: another replica may have claimed it meanwhile.
+    if !req.sharing_key.is_empty()
+        && let Some((port, holder)) = port_taken(conn, item.ip, &owner.uid, &req.ports).await?
+    {
+        return Err(CommitError::PortInUse {
+            ip: item.ip,
+            port,
+            key: req.sharing_key.clone(),
+            holder,
+        });
+    }
     let revision = match backend {
         Backend::Postgres => {
             // One statement: a conflict on the address leaves `claim` empty and the
@@ -1157,15 +1170,6 @@ async fn insert_item(
         }
     };
     if !req.sharing_key.is_empty() {
-        // Whether this plan joins the address or not: another replica may have claimed it.
-        if let Some((port, holder)) = port_taken(conn, item.ip, &owner.uid, &req.ports).await? {
-            return Err(CommitError::PortInUse {
-                ip: item.ip,
-                port,
-                key: req.sharing_key.clone(),
-                holder,
-            });
-        }
         insert_shared_ports(conn, req, item.ip, family).await?;
     }
     Ok(revision)

@@ -246,9 +246,7 @@ impl Ipam {
                 .await?;
             let mut index = self.index();
             index.upsert_pool(pool.spec, pool.generation);
-            for claim in claims {
-                index.observe_assigned(claim);
-            }
+            refresh_holders(&mut index, claims);
         }
         let mut index = self.index();
         for name in removed {
@@ -271,9 +269,7 @@ impl Ipam {
             Some(p) => index.upsert_pool(p.spec, p.generation),
             None => index.remove_pool(name),
         }
-        for claim in claims {
-            index.observe_assigned(claim);
-        }
+        refresh_holders(&mut index, claims);
         Ok(())
     }
 
@@ -402,6 +398,19 @@ impl Ipam {
         }
         drop(index);
         self.feed.wake();
+    }
+}
+
+/// Takes the store's holders of each address in `claims` (tags and ports included, which
+/// another replica may have updated) into the index.
+fn refresh_holders(index: &mut PoolIndex, claims: Vec<ClaimRecord>) {
+    let mut by_ip: std::collections::HashMap<IpAddr, Vec<ClaimRecord>> =
+        std::collections::HashMap::new();
+    for claim in claims {
+        by_ip.entry(claim.ip).or_default().push(claim);
+    }
+    for (ip, holders) in by_ip {
+        index.refresh_claim(ip, holders);
     }
 }
 

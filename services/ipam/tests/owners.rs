@@ -415,3 +415,58 @@ async fn updates_and_owner_identity_hold_across_two_replicas() {
         &["cluster_id", "\"a\"", "\"b\""],
     );
 }
+
+/// A lone sharer turning Local on one replica while another Service joins it under Cluster
+/// on the other, at the same instant, many times: never both, so the members of a group
+/// always share one traffic policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_change_racing_a_join_on_another_replica_never_splits_a_group() {
+    const ROUNDS: usize = 20;
+    let db = TestDb::postgres().await;
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Server::start(dirs.0.path(), Some(&db.url)).await;
+    let b = Server::start(dirs.1.path(), Some(&db.url)).await;
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    create_pool(&mut ca, pool("race", &["10.50.0.0/24"])).await;
+    let mut outcomes = std::collections::BTreeMap::new();
+    for round in 0..ROUNDS {
+        let key = format!("r{round}");
+        let (first, joiner) = (format!("first{round}"), format!("join{round}"));
+        let ip = ips(&allocate_ok(&mut ca, shared(&first, &key, &[80])).await);
+        let (mut ua, mut jb) = (ca.clone(), cb.clone());
+        let (update, join) = tokio::join!(
+            ua.allocate(local(shared(&first, &key, &[80]))),
+            jb.allocate(shared(&joiner, &key, &[81])),
+        );
+        assert!(
+            update.is_err() || join.is_err(),
+            "round {round}: both the policy change and the join were accepted"
+        );
+        for refused in [&update, &join]
+            .into_iter()
+            .filter_map(|r| r.as_ref().err())
+        {
+            assert_eq!(
+                refused.code(),
+                Code::FailedPrecondition,
+                "{}",
+                refused.message()
+            );
+        }
+        *outcomes.entry((update.is_ok(), join.is_ok())).or_insert(0) += 1;
+        // What the store holds agrees with the answers.
+        let policy = held(&mut ca, &first).await.traffic_policy;
+        let expected = if update.is_ok() {
+            pb::TrafficPolicy::Local
+        } else {
+            pb::TrafficPolicy::Cluster
+        };
+        assert_eq!(policy, expected as i32, "round {round}");
+        if join.is_ok() {
+            let joined = held(&mut cb, &joiner).await;
+            assert_eq!((ips(&joined), joined.traffic_policy), (ip, policy));
+        }
+    }
+    eprintln!("(update accepted, join accepted) → rounds: {outcomes:?}");
+    assert_eq!(outcomes.values().sum::<usize>(), ROUNDS, "{outcomes:?}");
+}
