@@ -401,13 +401,19 @@ impl Ipam {
     }
 }
 
-/// Takes the store's holders of each address in `claims` (tags and ports included, which
-/// another replica may have updated) into the index.
+/// Takes the store's holders of each address in `claims` into the index. A shared
+/// address's holders replace what the index knew (their ports and the tag, which another
+/// replica may have updated); an exclusive one's, the common case on a reload after a lost
+/// race, are added as before.
 fn refresh_holders(index: &mut PoolIndex, claims: Vec<ClaimRecord>) {
     let mut by_ip: std::collections::HashMap<IpAddr, Vec<ClaimRecord>> =
         std::collections::HashMap::new();
     for claim in claims {
-        by_ip.entry(claim.ip).or_default().push(claim);
+        if claim.tag.starts_with("s:") {
+            by_ip.entry(claim.ip).or_default().push(claim);
+        } else {
+            index.observe_assigned(claim);
+        }
     }
     for (ip, holders) in by_ip {
         index.refresh_claim(ip, holders);
