@@ -429,6 +429,18 @@ mod tests {
     }
 
     #[test]
+    fn port_lists_compare_as_sets() {
+        let port = |port| ServicePort {
+            protocol: "TCP".into(),
+            port,
+        };
+        assert!(same_ports(&[port(80), port(443)], &[port(443), port(80)]));
+        assert!(!same_ports(&[port(80)], &[port(443)]));
+        assert!(!same_ports(&[port(80)], &[port(80), port(443)]));
+        assert!(same_ports(&[], &[]));
+    }
+
+    #[test]
     fn sharing_tags_separate_incompatible_policies() {
         let mut a = request();
         a.sharing_key = "web".into();
