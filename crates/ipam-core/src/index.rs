@@ -338,6 +338,81 @@ impl PoolIndex {
         );
     }
 
+    /// Records that `claim.owner_uid`, which holds `claim.ip`, changed its ports or its
+    /// traffic policy (and with it the claim's tag). The store changes a tag only for an
+    /// address that owner holds alone. Idempotent; an address the index did not know of
+    /// is recorded as assigned.
+    pub fn observe_updated(&mut self, claim: ClaimRecord) {
+        if self
+            .claims
+            .get(&claim.ip)
+            .is_some_and(|c| c.owners.keys().all(|uid| *uid == claim.owner_uid))
+        {
+            self.retag(claim.ip, &claim.tag);
+        }
+        self.observe_assigned(claim);
+    }
+
+    /// Replaces what the index knows of `ip`'s holders (owners, their ports, the tag) with
+    /// `holders`, as the store has them now: another replica may have changed them since
+    /// the change feed last brought news. With no holders nothing changes: the release
+    /// comes through the feed, with the time its quarantine counts from.
+    pub fn refresh_claim(&mut self, ip: IpAddr, holders: Vec<ClaimRecord>) {
+        let Some(first) = holders.first() else {
+            return;
+        };
+        let tag = first.tag.clone();
+        let gone: Vec<String> = self
+            .claims
+            .get(&ip)
+            .map(|c| {
+                c.owners
+                    .keys()
+                    .filter(|uid| !holders.iter().any(|h| h.owner_uid == **uid))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        for uid in gone {
+            self.observe_released(ip, &uid, None);
+        }
+        self.retag(ip, &tag);
+        for holder in holders {
+            self.observe_assigned(holder);
+        }
+    }
+
+    /// The addresses shared under `key`.
+    pub fn shared_ips(&self, key: &str) -> Vec<IpAddr> {
+        self.shared
+            .get(key)
+            .map(|ips| ips.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Changes the tag `ip` is claimed under, keeping the sharing-key lookup in step.
+    fn retag(&mut self, ip: IpAddr, tag: &str) {
+        let Some(claim) = self.claims.get_mut(&ip) else {
+            return;
+        };
+        if claim.tag == tag {
+            return;
+        }
+        let old_key = shared_key(&claim.tag).map(str::to_string);
+        claim.tag = tag.to_string();
+        if let Some(key) = old_key
+            && let Some(ips) = self.shared.get_mut(&key)
+        {
+            ips.remove(&ip);
+            if ips.is_empty() {
+                self.shared.remove(&key);
+            }
+        }
+        if let Some(key) = shared_key(tag) {
+            self.shared.entry(key.to_string()).or_default().insert(ip);
+        }
+    }
+
     /// Records that `owner_uid` no longer holds `ip`. Once its last owner is gone the
     /// address is free again, or, when `released_at` (µs) is given and the pool asks for
     /// a quarantine, rests until [`PoolIndex::expire_quarantine`] frees it. `None` gives
@@ -471,6 +546,32 @@ impl PoolIndex {
             }
         }
         Ok(plan)
+    }
+
+    /// Whether `req`'s owner, which holds `held`, may change its ports and traffic policy
+    /// to the request's: no other Service sharing one of those addresses may use one of
+    /// the new ports, and none may share it under another policy (the claim's tag) if the
+    /// tag changes. Reserves nothing: the store applies the update atomically and has the
+    /// last word; an address the index does not know of is left to it.
+    pub fn check_update(&self, req: &AllocationRequest, held: &[IpAddr]) -> Result<(), AllocError> {
+        let tag = req.claim_tag();
+        for ip in held {
+            let Some(claim) = self.claims.get(ip) else {
+                continue;
+            };
+            if claim.tag != tag
+                && let Some(other) = claim.owners.keys().find(|uid| **uid != req.owner.uid)
+            {
+                return Err(AllocError::SharingConflict {
+                    key: req.sharing_key.clone(),
+                    why: format!(
+                        "{ip} is shared by Services with a different traffic policy or endpoint selector (uid {other}); the change would split them"
+                    ),
+                });
+            }
+            check_ports_free(req, *ip, claim)?;
+        }
+        Ok(())
     }
 
     /// Gives back what [`PoolIndex::plan`] reserved.
@@ -643,27 +744,14 @@ impl PoolIndex {
                 Some(key) if key == req.sharing_key => AllocError::SharingConflict {
                     key: req.sharing_key.clone(),
                     why: format!(
-                        "{ip} is shared by Services with a different traffic policy or endpoint selector"
+                        "{ip} is shared by Services with a different traffic policy or endpoint selector{}",
+                        describe_owners(claim)
                     ),
                 },
                 _ => taken(),
             });
         }
-        for (uid, ports) in &claim.owners {
-            if uid == &req.owner.uid {
-                continue;
-            }
-            if let Some(port) = ports.iter().find(|p| req.ports.contains(p)) {
-                return Err(AllocError::SharingConflict {
-                    key: req.sharing_key.clone(),
-                    why: format!(
-                        "port {}/{} on {ip} is already used by Service uid {uid}",
-                        port.port, port.protocol
-                    ),
-                });
-            }
-        }
-        Ok(())
+        check_ports_free(req, ip, claim)
     }
 
     /// The address already shared under `req`'s sharing key in `family`, if it may join.
@@ -706,6 +794,35 @@ impl PoolIndex {
             }));
         }
         Ok(None)
+    }
+}
+
+/// Refuses `req`'s ports if another owner of `claim` (on `ip`) uses one of them.
+fn check_ports_free(req: &AllocationRequest, ip: IpAddr, claim: &Claim) -> Result<(), AllocError> {
+    for (uid, ports) in &claim.owners {
+        if uid == &req.owner.uid {
+            continue;
+        }
+        if let Some(port) = ports.iter().find(|p| req.ports.contains(p)) {
+            return Err(AllocError::SharingConflict {
+                key: req.sharing_key.clone(),
+                why: format!(
+                    "port {}/{} on {ip} is already used by Service uid {uid}",
+                    port.port, port.protocol
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The first owner of a claim, for a message: " (uid x)", or " (uid x and 2 more)".
+fn describe_owners(claim: &Claim) -> String {
+    let mut uids = claim.owners.keys();
+    match (uids.next(), uids.len()) {
+        (None, _) => String::new(),
+        (Some(uid), 0) => format!(" (uid {uid})"),
+        (Some(uid), more) => format!(" (uid {uid} and {more} more)"),
     }
 }
 
@@ -1048,6 +1165,145 @@ mod tests {
         assert!(index.holder(shared_ip).is_some());
         index.observe_released(shared_ip, "s2", None);
         assert!(index.holder(shared_ip).is_none());
+    }
+
+    fn sharer(uid: &str, key: &str, ports: &[u16], policy: TrafficPolicy) -> AllocationRequest {
+        let mut r = request(uid);
+        r.sharing_key = key.into();
+        r.ports = ports
+            .iter()
+            .map(|&port| ServicePort {
+                protocol: "TCP".into(),
+                port,
+            })
+            .collect();
+        r.traffic_policy = policy;
+        r
+    }
+
+    /// What the service records once the store has applied an update.
+    fn updated(index: &mut PoolIndex, req: &AllocationRequest, ip: IpAddr) {
+        index.observe_updated(ClaimRecord {
+            ip,
+            tag: req.claim_tag(),
+            pool: "lab".into(),
+            owner_uid: req.owner.uid.clone(),
+            ports: req.ports.clone(),
+        });
+    }
+
+    #[test]
+    fn an_update_frees_old_ports_and_claims_new_ones_unless_another_sharer_uses_them() {
+        use TrafficPolicy::Cluster;
+        let mut index = PoolIndex::load(vec![pool("lab", &["172.16.0.240/28"], |_| {})], vec![]);
+        let shared_ip = index
+            .plan(&sharer("sh1", "k2", &[80], Cluster))
+            .expect("allocates")
+            .items[0]
+            .ip;
+        let to_443 = sharer("sh1", "k2", &[443], Cluster);
+        index
+            .check_update(&to_443, &[shared_ip])
+            .expect("nobody else shares");
+        updated(&mut index, &to_443, shared_ip);
+
+        let err = index
+            .plan(&sharer("sh2", "k2", &[443], Cluster))
+            .expect_err("443 is sh1's now");
+        assert_eq!(
+            err.to_string(),
+            "sharing_key \"k2\": port 443/TCP on 172.16.0.241 is already used by Service uid sh1"
+        );
+        let sh3 = index
+            .plan(&sharer("sh3", "k2", &[80], Cluster))
+            .expect("80 was freed");
+        assert_eq!(sh3.items[0].ip, shared_ip);
+
+        let err = index
+            .check_update(&sharer("sh1", "k2", &[80, 443], Cluster), &[shared_ip])
+            .expect_err("80 is sh3's");
+        assert_eq!(
+            err.to_string(),
+            "sharing_key \"k2\": port 80/TCP on 172.16.0.241 is already used by Service uid sh3"
+        );
+        // Its own ports never collide with themselves.
+        index
+            .check_update(&sharer("sh1", "k2", &[443, 8443], Cluster), &[shared_ip])
+            .expect("only sh1 uses 443");
+    }
+
+    #[test]
+    fn a_policy_change_retags_a_lone_sharer_and_is_refused_while_others_share() {
+        use TrafficPolicy::{Cluster, Local};
+        let mut index = PoolIndex::load(vec![pool("lab", &["172.16.0.240/28"], |_| {})], vec![]);
+        let ip = index
+            .plan(&sharer("a", "k", &[80], Cluster))
+            .expect("allocates")
+            .items[0]
+            .ip;
+        index
+            .plan(&sharer("b", "k", &[81], Cluster))
+            .expect("joins");
+        let err = index
+            .check_update(&sharer("a", "k", &[80], Local), &[ip])
+            .expect_err("b shares under Cluster");
+        assert!(
+            err.to_string().contains("different traffic policy")
+                && err.to_string().contains("uid b"),
+            "{err}"
+        );
+
+        index.observe_released(ip, "b", None);
+        let local = sharer("a", "k", &[80], Local);
+        index.check_update(&local, &[ip]).expect("a is alone");
+        updated(&mut index, &local, ip);
+        assert_eq!(index.holder(ip), Some(local.claim_tag().as_str()));
+        // The group now takes Local members only.
+        assert!(matches!(
+            index.plan(&sharer("c", "k", &[82], Cluster)),
+            Err(AllocError::SharingConflict { .. })
+        ));
+        assert_eq!(
+            index
+                .plan(&sharer("d", "k", &[82], Local))
+                .expect("joins")
+                .items[0]
+                .ip,
+            ip
+        );
+        // Observing the same update again (the change feed) changes nothing.
+        updated(&mut index, &local, ip);
+        assert_eq!(index.usage("lab")[0].used, 1);
+        // A picture refreshed from the store drops sharers that left and takes the tag
+        // and ports the store has.
+        let cluster = sharer("a", "k", &[80], Cluster);
+        index.refresh_claim(
+            ip,
+            vec![ClaimRecord {
+                ip,
+                tag: cluster.claim_tag(),
+                pool: "lab".into(),
+                owner_uid: "a".into(),
+                ports: cluster.ports.clone(),
+            }],
+        );
+        assert_eq!(index.holder(ip), Some(cluster.claim_tag().as_str()));
+        assert!(!index.holds("d"));
+        assert_eq!(
+            index
+                .plan(&sharer("e", "k", &[81], Cluster))
+                .expect("joins")
+                .items[0]
+                .ip,
+            ip
+        );
+        index.refresh_claim(ip, vec![]);
+        assert!(index.holds("a"), "a release comes through the feed");
+        // An update of an address the index never saw records it.
+        let mut other = PoolIndex::load(vec![pool("lab", &["172.16.0.240/28"], |_| {})], vec![]);
+        updated(&mut other, &local, ip);
+        assert!(other.holds("a"));
+        assert_eq!(other.usage("lab")[0].used, 1);
     }
 
     #[test]

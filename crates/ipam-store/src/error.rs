@@ -49,10 +49,40 @@ pub enum CommitError {
     /// The owner already holds an address of that family (a concurrent call won).
     #[error("the owner already holds an allocation")]
     OwnerExists,
-    #[error("port {port} on {ip} is already used by a Service sharing this IP")]
-    PortInUse { ip: IpAddr, port: String },
+    /// Another Service sharing the address uses the port. `holder` describes it
+    /// ("Service ns/name (uid u)"), or is empty when a concurrent writer took the port
+    /// between the check and the write.
+    #[error("port {port} on {ip} is already used by {}", holder_or_another(holder))]
+    PortInUse {
+        ip: IpAddr,
+        port: String,
+        key: String,
+        holder: String,
+    },
+    /// An update would change the tag (traffic policy or endpoint selector) of an address
+    /// that other Services share under the old one.
+    #[error(
+        "{ip} is shared by Services with a different traffic policy or endpoint selector ({holder}); the change would split them"
+    )]
+    PolicyShared {
+        ip: IpAddr,
+        key: String,
+        holder: String,
+    },
+    /// The owner's allocation changed (released, or updated by another call) between
+    /// reading it and updating it: read it again.
+    #[error("the owner's allocation changed while updating it")]
+    AllocationChanged,
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+fn holder_or_another(holder: &str) -> &str {
+    if holder.is_empty() {
+        "another Service sharing this IP"
+    } else {
+        holder
+    }
 }
 
 pub(crate) enum Violation<'a> {

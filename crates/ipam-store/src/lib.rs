@@ -18,7 +18,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use herald_ipam_core::{ClaimRecord, Plan, PlanItem};
 use herald_model::addr::ip_key;
-use herald_model::{Allocation, AllocationRequest, HistoryEntry, IpFamily, PoolSpec};
+use herald_model::{
+    Allocation, AllocationRequest, HistoryEntry, IpFamily, PoolSpec, ServicePort, same_ports,
+};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{AnyConnection, AnyPool, AssertSqlSafe, Executor, Row};
@@ -77,18 +79,38 @@ pub struct StoredPool {
 pub enum Event {
     Assigned(HistoryEntry, String),
     Released(HistoryEntry, String),
-    PoolChanged { revision: i64, pool: String },
-    PoolDeleted { revision: i64, pool: String },
-    NodeChanged { revision: i64, node: String },
-    NodeDeleted { revision: i64, node: String },
-    EndpointsChanged { revision: i64, owner_uid: String },
-    PolicyChanged { revision: i64 },
+    /// An owner's ports or traffic policy changed on an address it keeps; the string is
+    /// the address's claim tag after the change.
+    Updated(HistoryEntry, String),
+    PoolChanged {
+        revision: i64,
+        pool: String,
+    },
+    PoolDeleted {
+        revision: i64,
+        pool: String,
+    },
+    NodeChanged {
+        revision: i64,
+        node: String,
+    },
+    NodeDeleted {
+        revision: i64,
+        node: String,
+    },
+    EndpointsChanged {
+        revision: i64,
+        owner_uid: String,
+    },
+    PolicyChanged {
+        revision: i64,
+    },
 }
 
 impl Event {
     pub fn revision(&self) -> i64 {
         match self {
-            Self::Assigned(e, _) | Self::Released(e, _) => e.revision,
+            Self::Assigned(e, _) | Self::Released(e, _) | Self::Updated(e, _) => e.revision,
             Self::PoolChanged { revision, .. }
             | Self::PoolDeleted { revision, .. }
             | Self::NodeChanged { revision, .. }
@@ -305,6 +327,18 @@ impl Store {
         rows.iter().map(rows::claim_from_row).collect()
     }
 
+    /// Every owner's hold on `ip` (several when it is shared).
+    pub async fn load_claims_at(&self, ip: IpAddr) -> Result<Vec<ClaimRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT a.ip, a.tag, c.pool, a.owner_uid, a.ports FROM allocations a JOIN ip_claims c ON c.ip = a.ip
+             WHERE a.ip = $1",
+        )
+        .bind(ip_key(ip))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(rows::claim_from_row).collect()
+    }
+
     /// Creates a pool; refuses a name in use and any overlap with another pool.
     pub async fn create_pool(&self, spec: &PoolSpec) -> Result<StoredPool, StoreError> {
         let result = self.create_pool_tx(spec).await;
@@ -487,16 +521,166 @@ impl Store {
     // ---- allocations -------------------------------------------------------------------
 
     pub async fn get_allocation(&self, owner_uid: &str) -> Result<Option<Allocation>, StoreError> {
+        Ok(self
+            .get_held(owner_uid)
+            .await?
+            .map(|(allocation, _)| allocation))
+    }
+
+    /// What `owner_uid` holds, with the claim tag its addresses are held under (which
+    /// carries its traffic policy and endpoint selector when it shares).
+    pub async fn get_held(
+        &self,
+        owner_uid: &str,
+    ) -> Result<Option<(Allocation, String)>, StoreError> {
         let rows = sqlx::query(AssertSqlSafe(format!(
             "{ALLOCATION_SELECT} WHERE a.owner_uid = $1 ORDER BY a.family"
         )))
         .bind(owner_uid)
         .fetch_all(&self.pool)
         .await?;
-        if rows.is_empty() {
+        let Some(first) = rows.first() else {
             return Ok(None);
+        };
+        let tag: String = first.try_get("tag")?;
+        Ok(Some((allocation_from_rows(&rows)?, tag)))
+    }
+
+    /// Changes the ports and traffic policy (with it, the claim tag) of `held`, which
+    /// `req`'s owner holds, to the request's, in one transaction: the old ports are freed,
+    /// the new ones claimed, and one `updated` event per address is logged. Refused when
+    /// another Service sharing one of the addresses uses one of the new ports, or shares
+    /// it under the old tag while the tag changes; then nothing changes. The addresses,
+    /// the owner's identity and its creation time stay. Returns the last event's revision.
+    pub async fn update_allocation(
+        &self,
+        req: &AllocationRequest,
+        held: &Allocation,
+    ) -> Result<i64, CommitError> {
+        let now = now_micros();
+        let uid = &req.owner.uid;
+        let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
+        // Postgres locks the owner's rows and the claims they reference: a concurrent join
+        // of one of its addresses (whose foreign key takes a key-share lock on the claim)
+        // waits until this update ends, then sees its ports and tag. SQLite has one writer.
+        let lock = match self.backend {
+            Backend::Postgres => " FOR UPDATE",
+            Backend::Sqlite => "",
+        };
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "{ALLOCATION_SELECT} WHERE a.owner_uid = $1 ORDER BY a.family{lock}"
+        )))
+        .bind(uid)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(StoreError::from)?;
+        let Some(first) = rows.first() else {
+            return Err(CommitError::AllocationChanged);
+        };
+        let current = allocation_from_rows(&rows)?;
+        if current.ips != held.ips || current.sharing_key != req.sharing_key {
+            return Err(CommitError::AllocationChanged);
         }
-        allocation_from_rows(&rows).map(Some)
+        let old_tag: String = first.try_get("tag").map_err(StoreError::from)?;
+        let tag = req.claim_tag();
+        for assigned in &current.ips {
+            if tag != old_tag
+                && let Some(row) = sqlx::query(
+                    "SELECT owner_uid, namespace, name FROM allocations WHERE ip = $1 AND owner_uid <> $2
+                     ORDER BY owner_uid LIMIT 1",
+                )
+                .bind(ip_key(assigned.ip))
+                .bind(uid)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(StoreError::from)?
+            {
+                return Err(CommitError::PolicyShared {
+                    ip: assigned.ip,
+                    key: req.sharing_key.clone(),
+                    holder: describe_owner_row(&row)?,
+                });
+            }
+            if !req.sharing_key.is_empty()
+                && let Some((port, holder)) =
+                    port_taken(&mut tx, assigned.ip, uid, &req.ports).await?
+            {
+                return Err(CommitError::PortInUse {
+                    ip: assigned.ip,
+                    port,
+                    key: req.sharing_key.clone(),
+                    holder,
+                });
+            }
+        }
+        // The rows are rewritten rather than updated: an allocation references its claim
+        // by (ip, tag), so a new tag needs the claim changed between the two.
+        let reason = update_reason(&current, req);
+        let ports =
+            serde_json::to_string(&req.ports).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        sqlx::query("DELETE FROM shared_ports WHERE owner_uid = $1")
+            .bind(uid)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from)?;
+        sqlx::query("DELETE FROM allocations WHERE owner_uid = $1")
+            .bind(uid)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from)?;
+        let mut revision = 0;
+        for (row, assigned) in rows.iter().zip(&current.ips) {
+            let key = ip_key(assigned.ip);
+            let family = IpFamily::of(assigned.ip).code();
+            let created_at: i64 = row.try_get("created_at").map_err(StoreError::from)?;
+            if tag != old_tag {
+                sqlx::query("UPDATE ip_claims SET tag = $2 WHERE ip = $1")
+                    .bind(key.as_slice())
+                    .bind(&tag)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(StoreError::from)?;
+            }
+            sqlx::query(
+                "INSERT INTO allocations (owner_uid, family, ip, tag, cluster_id, namespace, name, sharing_key, traffic_policy, ports, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            )
+            .bind(uid)
+            .bind(family)
+            .bind(key.as_slice())
+            .bind(&tag)
+            .bind(&current.owner.cluster_id)
+            .bind(&current.owner.namespace)
+            .bind(&current.owner.name)
+            .bind(&req.sharing_key)
+            .bind(req.traffic_policy.code())
+            .bind(&ports)
+            .bind(created_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from)?;
+            if !req.sharing_key.is_empty() {
+                insert_shared_ports(&mut tx, req, assigned.ip, family).await?;
+            }
+            revision = sqlx::query_scalar::<_, i64>(
+                "INSERT INTO events (at, kind, ip, tag, pool, owner_uid, cluster_id, namespace, name, reason)
+                 VALUES ($1, 'updated', $2, $3, $4, $5, $6, $7, $8, $9) RETURNING revision",
+            )
+            .bind(now)
+            .bind(assigned.ip.to_string())
+            .bind(&tag)
+            .bind(assigned.pool.as_str())
+            .bind(uid)
+            .bind(&current.owner.cluster_id)
+            .bind(&current.owner.namespace)
+            .bind(&current.owner.name)
+            .bind(&reason)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(StoreError::from)?;
+        }
+        tx.commit().await.map_err(StoreError::from)?;
+        Ok(revision)
     }
 
     /// Writes a planned allocation. Returns the revision of its last history event.
@@ -689,7 +873,7 @@ impl Store {
             before_revision
         };
         let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {EVENT_COLUMNS} FROM events WHERE {column} = $1 AND revision < $2 AND kind IN ('assigned', 'released')
+            "SELECT {EVENT_COLUMNS} FROM events WHERE {column} = $1 AND revision < $2 AND kind IN ('assigned', 'released', 'updated')
              ORDER BY revision DESC LIMIT $3"
         )))
         .bind(value)
@@ -865,6 +1049,19 @@ async fn insert_item(
     } else {
         "allocated".to_string()
     };
+    // A port in use is refused before anything is written, naming who uses it, and takes
+    // no revision (which would be a hole the change feed waits out). Whether the plan
+    // joins the address or not: another replica may have claimed it meanwhile.
+    if !req.sharing_key.is_empty()
+        && let Some((port, holder)) = port_taken(conn, item.ip, &owner.uid, &req.ports).await?
+    {
+        return Err(CommitError::PortInUse {
+            ip: item.ip,
+            port,
+            key: req.sharing_key.clone(),
+            holder,
+        });
+    }
     let revision = match backend {
         Backend::Postgres => {
             // One statement: a conflict on the address leaves `claim` empty and the
@@ -973,22 +1170,124 @@ async fn insert_item(
         }
     };
     if !req.sharing_key.is_empty() {
-        for port in &req.ports {
-            sqlx::query("INSERT INTO shared_ports (ip, protocol, port, owner_uid, family) VALUES ($1, $2, $3, $4, $5)")
-                .bind(key.as_slice())
-                .bind(&port.protocol)
-                .bind(i32::from(port.port))
-                .bind(&owner.uid)
-                .bind(family)
-                .execute(&mut *conn)
-                .await
-                .map_err(|e| match error::violation(&e) {
-                    Some(error::Violation::Unique(_)) => CommitError::PortInUse { ip: item.ip, port: format!("{}/{}", port.port, port.protocol) },
-                    _ => CommitError::Store(e.into()),
-                })?;
-        }
+        insert_shared_ports(conn, req, item.ip, family).await?;
     }
     Ok(revision)
+}
+
+/// Claims `req`'s ports on the shared address `ip` for its owner. A port another owner
+/// took since [`port_taken`] looked is refused by the table's key.
+async fn insert_shared_ports(
+    conn: &mut AnyConnection,
+    req: &AllocationRequest,
+    ip: IpAddr,
+    family: i32,
+) -> Result<(), CommitError> {
+    let key = ip_key(ip);
+    for port in &req.ports {
+        sqlx::query("INSERT INTO shared_ports (ip, protocol, port, owner_uid, family) VALUES ($1, $2, $3, $4, $5)")
+            .bind(key.as_slice())
+            .bind(&port.protocol)
+            .bind(i32::from(port.port))
+            .bind(&req.owner.uid)
+            .bind(family)
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| match error::violation(&e) {
+                Some(error::Violation::Unique(_)) => CommitError::PortInUse {
+                    ip,
+                    port: format!("{}/{}", port.port, port.protocol),
+                    key: req.sharing_key.clone(),
+                    holder: String::new(),
+                },
+                _ => CommitError::Store(e.into()),
+            })?;
+    }
+    Ok(())
+}
+
+/// The first of `ports` that another owner of the shared address `ip` uses, as
+/// ("port/protocol", that owner described), so a refusal can name who holds it.
+async fn port_taken(
+    conn: &mut AnyConnection,
+    ip: IpAddr,
+    owner_uid: &str,
+    ports: &[ServicePort],
+) -> Result<Option<(String, String)>, StoreError> {
+    if ports.is_empty() {
+        return Ok(None);
+    }
+    let rows = sqlx::query(
+        "SELECT s.protocol, s.port, a.owner_uid, a.namespace, a.name FROM shared_ports s
+         JOIN allocations a ON a.owner_uid = s.owner_uid AND a.family = s.family
+         WHERE s.ip = $1 AND s.owner_uid <> $2 ORDER BY s.owner_uid, s.protocol, s.port",
+    )
+    .bind(ip_key(ip))
+    .bind(owner_uid)
+    .fetch_all(&mut *conn)
+    .await?;
+    for row in &rows {
+        let protocol: String = row.try_get("protocol")?;
+        let port: i32 = row.try_get("port")?;
+        if ports
+            .iter()
+            .any(|p| p.protocol == protocol && i32::from(p.port) == port)
+        {
+            return Ok(Some((
+                format!("{port}/{protocol}"),
+                describe_owner_row(row)?,
+            )));
+        }
+    }
+    Ok(None)
+}
+
+/// "Service ns/name (uid u)" from a row with owner_uid, namespace and name.
+fn describe_owner_row(row: &AnyRow) -> Result<String, StoreError> {
+    Ok(format!(
+        "Service {}/{} (uid {})",
+        row.try_get::<String, _>("namespace")?,
+        row.try_get::<String, _>("name")?,
+        row.try_get::<String, _>("owner_uid")?
+    ))
+}
+
+/// The history's reason for an update: what changed, old and new.
+fn update_reason(before: &Allocation, req: &AllocationRequest) -> String {
+    /// Ports listed in a reason; a Service may have up to 1,024.
+    const SHOWN: usize = 8;
+    let list = |ports: &[ServicePort]| {
+        if ports.is_empty() {
+            return "none".to_string();
+        }
+        let mut shown: Vec<String> = ports
+            .iter()
+            .take(SHOWN)
+            .map(|p| format!("{}/{}", p.port, p.protocol))
+            .collect();
+        if ports.len() > SHOWN {
+            shown.push(format!("and {} more", ports.len() - SHOWN));
+        }
+        shown.join(", ")
+    };
+    let mut changes = Vec::new();
+    if !same_ports(&before.ports, &req.ports) {
+        changes.push(format!(
+            "ports {} (were {})",
+            list(&req.ports),
+            list(&before.ports)
+        ));
+    }
+    if before.traffic_policy != req.traffic_policy {
+        changes.push(format!(
+            "traffic policy {:?} (was {:?})",
+            req.traffic_policy, before.traffic_policy
+        ));
+    }
+    if changes.is_empty() {
+        changes.push("endpoint selector changed".to_string());
+    }
+    format!("updated: {}", changes.join("; "))
 }
 
 /// Turns a constraint violation from writing `item` into what it means.

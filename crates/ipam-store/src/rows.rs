@@ -112,6 +112,7 @@ pub(crate) fn history_from_row(row: &impl LogRow) -> Result<HistoryEntry, StoreE
     let action = match kind.as_str() {
         "assigned" => HistoryAction::Assigned,
         "released" => HistoryAction::Released,
+        "updated" => HistoryAction::Updated,
         other => return Err(corrupt(format!("history entry of kind {other:?}"))),
     };
     let ip = row.text("ip")?;
@@ -139,6 +140,7 @@ pub(crate) fn event_from_row(row: &impl LogRow) -> Result<Event, StoreError> {
     Ok(match kind.as_str() {
         "assigned" => Event::Assigned(history_from_row(row)?, row.text("tag")?),
         "released" => Event::Released(history_from_row(row)?, row.text("tag")?),
+        "updated" => Event::Updated(history_from_row(row)?, row.text("tag")?),
         "pool_changed" => Event::PoolChanged {
             revision,
             pool: row.text("pool")?,

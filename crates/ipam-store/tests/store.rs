@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use herald_ipam_core::{Plan, PoolIndex};
+use herald_ipam_core::{ClaimRecord, Plan, PoolIndex};
 use herald_ipam_store::{AllocationFilter, CommitError, Event, HistoryKey, Store, StoreError};
 use herald_model::pool::PoolInput;
 use herald_model::{
@@ -38,6 +38,7 @@ on_both_backends!(
     state_survives_reopening,
     batches_are_written_together_and_fall_back_one_by_one,
     a_write_refused_for_an_owner_that_holds_takes_no_revision,
+    an_update_rewrites_ports_and_policy_at_once_or_changes_nothing,
 );
 
 fn spec(name: &str, addresses: &[&str]) -> PoolSpec {
@@ -237,6 +238,10 @@ async fn sharing_needs_the_same_key_policy_and_free_ports(db: &TestDb) {
     plan.items[0].joins_shared = true;
     let err = store.commit(&clash, &plan).await.unwrap_err();
     assert!(matches!(err, CommitError::PortInUse { .. }), "{err}");
+    assert_eq!(
+        err.to_string(),
+        "port 80/TCP on 172.16.0.241 is already used by Service default/svc-http (uid http)"
+    );
     // An owner without the key cannot reference the shared claim at all.
     let mut intruder = request("intruder");
     intruder.requested_ips = vec![ip("172.16.0.241")];
@@ -262,6 +267,125 @@ async fn sharing_needs_the_same_key_policy_and_free_ports(db: &TestDb) {
         .map(|c| c.owner_uid)
         .collect();
     assert_eq!(holders.len(), 2, "{holders:?}");
+}
+
+async fn an_update_rewrites_ports_and_policy_at_once_or_changes_nothing(db: &TestDb) {
+    let store = store_with_pool(db, "lab", &["172.16.0.240/28"]).await;
+    let shared = |uid: &str, ports: &[u16], policy: TrafficPolicy| {
+        let mut r = request(uid);
+        r.sharing_key = "web".into();
+        r.ports = ports
+            .iter()
+            .map(|&port| ServicePort {
+                protocol: "TCP".into(),
+                port,
+            })
+            .collect();
+        r.traffic_policy = policy;
+        r
+    };
+    let ports_of = |store: &Store, uid: &'static str| {
+        let store = store.clone();
+        async move {
+            let held = store.get_allocation(uid).await.unwrap().unwrap();
+            held.ports.iter().map(|p| p.port).collect::<Vec<_>>()
+        }
+    };
+    let mut index = index_of(&store).await;
+    for (uid, port) in [("http", 80), ("https", 443)] {
+        allocate(
+            &store,
+            &mut index,
+            &shared(uid, &[port], TrafficPolicy::Cluster),
+        )
+        .await
+        .unwrap();
+    }
+    let held = store.get_allocation("http").await.unwrap().unwrap();
+    let before = store.last_revision().await.unwrap();
+
+    let to_8080 = shared("http", &[8080], TrafficPolicy::Cluster);
+    let revision = store.update_allocation(&to_8080, &held).await.unwrap();
+    assert_eq!(revision, before + 1, "one event for one address");
+    assert_eq!(ports_of(&store, "http").await, [8080]);
+    let (history, _) = store
+        .history(HistoryKey::Owner("http"), 10, 0)
+        .await
+        .unwrap();
+    assert_eq!(history[0].action, HistoryAction::Updated);
+    assert_eq!(history[0].reason, "updated: ports 8080/TCP (were 80/TCP)");
+    assert!(matches!(
+        store.events_after(before, 10).await.unwrap().as_slice(),
+        [Event::Updated(entry, tag)] if entry.owner.uid == "http" && tag == "s:web|Cluster"
+    ));
+    // 80 is free again: another sharer takes it (once the index knows, as the service
+    // tells it).
+    index.observe_updated(ClaimRecord {
+        ip: held.ips[0].ip,
+        tag: to_8080.claim_tag(),
+        pool: "lab".into(),
+        owner_uid: "http".into(),
+        ports: to_8080.ports.clone(),
+    });
+    allocate(
+        &store,
+        &mut index,
+        &shared("web80", &[80], TrafficPolicy::Cluster),
+    )
+    .await
+    .unwrap();
+
+    // A port another sharer uses, or a policy the others do not share: refused, naming
+    // the sharer, and nothing changes.
+    let held = store.get_allocation("http").await.unwrap().unwrap();
+    let before = store.last_revision().await.unwrap();
+    let err = store
+        .update_allocation(&shared("http", &[8080, 443], TrafficPolicy::Cluster), &held)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, CommitError::PortInUse { key, .. } if key == "web"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("443/TCP") && err.to_string().contains("uid https"));
+    let err = store
+        .update_allocation(&shared("http", &[8080], TrafficPolicy::Local), &held)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CommitError::PolicyShared { .. }), "{err}");
+    assert!(err.to_string().contains("uid https"), "{err}");
+    assert_eq!(ports_of(&store, "http").await, [8080]);
+    assert_eq!(store.last_revision().await.unwrap(), before);
+
+    // An allocation that changed since it was read is not updated blindly.
+    let mut stale = held.clone();
+    stale.ips[0].ip = ip("172.16.0.250");
+    assert!(matches!(
+        store.update_allocation(&to_8080, &stale).await,
+        Err(CommitError::AllocationChanged)
+    ));
+
+    // Alone on its address, an owner may change its policy: the claim is retagged.
+    store.release("https", "gone").await.unwrap();
+    store.release("web80", "gone").await.unwrap();
+    let local = shared("http", &[8080], TrafficPolicy::Local);
+    store.update_allocation(&local, &held).await.unwrap();
+    let claims = store.load_claims_at(held.ips[0].ip).await.unwrap();
+    assert_eq!(claims.len(), 1);
+    assert_eq!(claims[0].tag, local.claim_tag());
+    let now = store.get_allocation("http").await.unwrap().unwrap();
+    assert_eq!(now.traffic_policy, TrafficPolicy::Local);
+    assert_eq!(
+        now.created_at, held.created_at,
+        "an update is not a new allocation"
+    );
+    // A Cluster Service can no longer join it.
+    let mut late = shared("late", &[9000], TrafficPolicy::Cluster);
+    late.requested_ips = vec![held.ips[0].ip];
+    let plan = PoolIndex::load(vec![(spec("lab", &["172.16.0.240/28"]), 1)], vec![])
+        .plan(&late)
+        .unwrap();
+    assert!(store.commit(&late, &plan).await.is_err());
 }
 
 async fn release_frees_the_address_and_history_tells_why(db: &TestDb) {

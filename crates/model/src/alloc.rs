@@ -16,7 +16,9 @@ pub const MAX_LABELS: usize = 256;
 /// Most ports accepted on one Service.
 pub const MAX_PORTS: usize = 1024;
 
-/// A Service, identified by its uid; the other fields are for people and for scoping.
+/// A Service, identified by its cluster and uid: a request whose cluster, namespace or name
+/// differ from those of the uid's holder is refused, never served the holder's addresses.
+/// The other fields are for people and for scoping.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Owner {
     pub cluster_id: String,
@@ -135,6 +137,16 @@ impl ServicePort {
             port,
         })
     }
+}
+
+/// Whether two port lists name the same ports, in whatever order.
+pub fn same_ports(a: &[ServicePort], b: &[ServicePort]) -> bool {
+    let sorted = |ports: &[ServicePort]| {
+        let mut ports = ports.to_vec();
+        ports.sort();
+        ports
+    };
+    a.len() == b.len() && sorted(a) == sorted(b)
 }
 
 /// What a Service asks for. Built only through [`AllocationRequest::validate`]'s checks.
@@ -318,6 +330,8 @@ pub struct Allocation {
 pub enum HistoryAction {
     Assigned,
     Released,
+    /// The owner's ports or traffic policy changed; its address did not.
+    Updated,
 }
 
 impl HistoryAction {
@@ -325,6 +339,7 @@ impl HistoryAction {
         match self {
             Self::Assigned => "assigned",
             Self::Released => "released",
+            Self::Updated => "updated",
         }
     }
 }
@@ -411,6 +426,18 @@ mod tests {
         assert_eq!(field(r), "ports[1]");
         assert!(ServicePort::parse("ports[0]", "ICMP", 80).is_err());
         assert!(ServicePort::parse("ports[0]", "tcp", 0).is_err());
+    }
+
+    #[test]
+    fn port_lists_compare_as_sets() {
+        let port = |port| ServicePort {
+            protocol: "TCP".into(),
+            port,
+        };
+        assert!(same_ports(&[port(80), port(443)], &[port(443), port(80)]));
+        assert!(!same_ports(&[port(80)], &[port(443)]));
+        assert!(!same_ports(&[port(80)], &[port(80), port(443)]));
+        assert!(same_ports(&[], &[]));
     }
 
     #[test]

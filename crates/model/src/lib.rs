@@ -11,7 +11,7 @@ pub mod selector;
 pub use addr::{AddrRange, IpFamily};
 pub use alloc::{
     Allocation, AllocationRequest, AssignedIp, FamilyPolicy, HistoryAction, HistoryEntry, Owner,
-    ServicePort, TrafficPolicy,
+    ServicePort, TrafficPolicy, same_ports,
 };
 pub use error::{FieldError, echo, shorten};
 pub use pool::{PoolName, PoolSpec};

@@ -222,6 +222,7 @@ pub fn history_to_pb(entry: &HistoryEntry) -> pb::HistoryEntry {
         action: match entry.action {
             HistoryAction::Assigned => pb::history_entry::Action::Assigned,
             HistoryAction::Released => pb::history_entry::Action::Released,
+            HistoryAction::Updated => pb::history_entry::Action::Updated,
         } as i32,
         ip: entry.ip.to_string(),
         pool: entry.pool.clone(),

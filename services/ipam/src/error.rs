@@ -23,8 +23,8 @@ pub enum IpamError {
     Alloc(#[from] AllocError),
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// The owner holds addresses the request no longer matches. Allocations never move,
-    /// so the caller must release first.
+    /// The owner holds addresses the request no longer matches (allocations never move,
+    /// so the caller must release first), or the uid is held by another Service.
     #[error("{0}")]
     Mismatch(String),
     #[error("{0}")]
@@ -38,10 +38,13 @@ impl From<CommitError> for IpamError {
     fn from(err: CommitError) -> Self {
         match err {
             CommitError::Store(e) => Self::Store(e),
-            CommitError::PortInUse { ip, port } => Self::Alloc(AllocError::SharingConflict {
-                key: String::new(),
-                why: format!("port {port} on {ip} is already used by a Service sharing this IP"),
-            }),
+            // The request's own key, and the Service in the way, as the index's check says.
+            CommitError::PortInUse { ref key, .. } | CommitError::PolicyShared { ref key, .. } => {
+                Self::Alloc(AllocError::SharingConflict {
+                    key: key.clone(),
+                    why: err.to_string(),
+                })
+            }
             other => Self::Contended(other.to_string()),
         }
     }

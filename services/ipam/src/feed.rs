@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use herald_ipam_core::ClaimRecord;
 use herald_ipam_store::Event;
+use herald_model::ServicePort;
 use tokio::sync::{Notify, broadcast};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
@@ -191,13 +192,26 @@ fn deliver(
 /// it applied when it made them, pass through harmlessly.
 async fn apply(ipam: &Ipam, event: &Event) {
     match event {
-        Event::Assigned(entry, tag) => ipam.index().observe_assigned(ClaimRecord {
-            ip: entry.ip,
-            tag: tag.clone(),
-            pool: entry.pool.clone(),
-            owner_uid: entry.owner.uid.clone(),
-            ports: Vec::new(),
-        }),
+        Event::Assigned(entry, tag) => {
+            let claim = ClaimRecord {
+                ip: entry.ip,
+                tag: tag.clone(),
+                pool: entry.pool.clone(),
+                owner_uid: entry.owner.uid.clone(),
+                ports: shared_ports(ipam, &entry.owner.uid, tag).await,
+            };
+            ipam.index().observe_assigned(claim)
+        }
+        Event::Updated(entry, tag) => {
+            let claim = ClaimRecord {
+                ip: entry.ip,
+                tag: tag.clone(),
+                pool: entry.pool.clone(),
+                owner_uid: entry.owner.uid.clone(),
+                ports: shared_ports(ipam, &entry.owner.uid, tag).await,
+            };
+            ipam.index().observe_updated(claim)
+        }
         Event::Released(entry, _) => {
             ipam.index()
                 .observe_released(entry.ip, &entry.owner.uid, Some(entry.at))
@@ -214,5 +228,24 @@ async fn apply(ipam: &Ipam, event: &Event) {
         | Event::NodeDeleted { .. }
         | Event::EndpointsChanged { .. }
         | Event::PolicyChanged { .. } => {}
+    }
+}
+
+/// The ports `owner_uid` holds on a shared address (claim `tag`), which the index checks
+/// new sharers against. The log does not carry them, so they are read from the store: its
+/// current value, at least as new as the event. Exclusive addresses need none, and cost
+/// no read.
+async fn shared_ports(ipam: &Ipam, owner_uid: &str, tag: &str) -> Vec<ServicePort> {
+    if !tag.starts_with("s:") {
+        return Vec::new();
+    }
+    match ipam.store().get_allocation(owner_uid).await {
+        Ok(held) => held.map(|a| a.ports).unwrap_or_default(),
+        Err(e) => {
+            // The store checks ports again when writing, so an unknown list only costs a
+            // precise early refusal.
+            warn!(owner_uid, error = %e, "reading a sharer's ports failed");
+            Vec::new()
+        }
     }
 }

@@ -5,9 +5,11 @@
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use herald_ipam_core::{AllocError, Plan, PoolIndex, PoolUsage};
+use herald_ipam_core::{AllocError, ClaimRecord, Plan, PoolIndex, PoolUsage};
 use herald_ipam_store::{CommitError, PoolChange, Store, StoredPool};
-use herald_model::{Allocation, AllocationRequest, AssignedIp, FamilyPolicy, IpFamily, PoolSpec};
+use herald_model::{
+    Allocation, AllocationRequest, AssignedIp, FamilyPolicy, IpFamily, PoolSpec, same_ports,
+};
 use tracing::{debug, info};
 
 use crate::IpamError;
@@ -59,7 +61,8 @@ impl Ipam {
     // ---- allocations -------------------------------------------------------------------
 
     /// Gives `req.owner` its addresses: the ones it already holds when they still match the
-    /// request, otherwise new ones. With `dry_run` nothing is written or reserved.
+    /// request (updating its ports and traffic policy when those changed), otherwise new
+    /// ones. With `dry_run` nothing is written or reserved.
     #[tracing::instrument(name = "allocate", skip_all, fields(service = %format!("{}/{}", req.owner.namespace, req.owner.name), uid = %req.owner.uid))]
     pub async fn allocate(
         &self,
@@ -68,17 +71,29 @@ impl Ipam {
     ) -> Result<Allocation, IpamError> {
         let mut last_race = String::new();
         let mut pools_refreshed = false;
+        let mut sharers_refreshed = false;
         for attempt in 0..MAX_ATTEMPTS {
             // A new owner costs one statement; only a known owner (or a lost race) reads
             // back what it holds.
             let read_store = attempt > 0 || self.index().holds(&req.owner.uid);
             let existing = if read_store {
-                self.store.get_allocation(&req.owner.uid).await?
+                self.store.get_held(&req.owner.uid).await?
             } else {
                 None
             };
-            let (todo, existing) = match outstanding(req, existing)? {
+            let mut todo = outstanding(req, existing)?;
+            if let Todo::Update(held) = todo {
+                let Some(updated) = self.update(req, *held, dry_run).await? else {
+                    // Released or changed by another call meanwhile: read it again.
+                    continue;
+                };
+                // A family the owner does not hold yet may still be outstanding.
+                todo = outstanding(req, Some((updated, req.claim_tag())))?;
+            }
+            let (todo, existing) = match todo {
                 Todo::Done(held) => return Ok(held),
+                // Not reached: the updated allocation matches the request.
+                Todo::Update(held) => return Ok(*held),
                 Todo::Allocate(todo, existing) => (todo, existing),
             };
             let planned = {
@@ -98,6 +113,14 @@ impl Ipam {
                 (Err(e), _) if !pools_refreshed && about_pool_config(&e) => {
                     pools_refreshed = true;
                     self.refresh_pools().await?;
+                    continue;
+                }
+                // The sharers' ports or policy may have changed through another replica a
+                // moment ago: look at what the store holds once before refusing.
+                (Err(AllocError::SharingConflict { .. }), _) if !sharers_refreshed => {
+                    sharers_refreshed = true;
+                    let ips = self.index().shared_ips(&req.sharing_key);
+                    self.refresh_claims(&ips).await?;
                     continue;
                 }
                 (Err(e), _) => return Err(e.into()),
@@ -123,6 +146,61 @@ impl Ipam {
         Err(IpamError::Contended(format!(
             "gave up after {MAX_ATTEMPTS} attempts lost races with other writers (last: {last_race}); retry"
         )))
+    }
+
+    /// Changes the ports and traffic policy of `held`, which `req`'s owner holds, to the
+    /// request's; its addresses stay. The index refuses a change that collides with
+    /// another sharer it knows of, the store one that collides with any. `None` when the
+    /// allocation changed between reading and updating it.
+    async fn update(
+        &self,
+        req: &AllocationRequest,
+        held: Allocation,
+        dry_run: bool,
+    ) -> Result<Option<Allocation>, IpamError> {
+        let ips: Vec<IpAddr> = held.ips.iter().map(|a| a.ip).collect();
+        if self.index().check_update(req, &ips).is_err() {
+            // The index may be behind another replica's change: judge on the store's.
+            self.refresh_claims(&ips).await?;
+            self.index().check_update(req, &ips)?;
+        }
+        let updated = Allocation {
+            ports: req.ports.clone(),
+            traffic_policy: req.traffic_policy,
+            ..held.clone()
+        };
+        if dry_run {
+            return Ok(Some(updated));
+        }
+        match self.store.update_allocation(req, &held).await {
+            Ok(_) => {
+                let mut index = self.index();
+                for assigned in &held.ips {
+                    index.observe_updated(ClaimRecord {
+                        ip: assigned.ip,
+                        tag: req.claim_tag(),
+                        pool: assigned.pool.to_string(),
+                        owner_uid: req.owner.uid.clone(),
+                        ports: req.ports.clone(),
+                    });
+                }
+                drop(index);
+                self.feed.wake();
+                info!(?ips, "updated ports and traffic policy");
+                Ok(Some(updated))
+            }
+            Err(CommitError::AllocationChanged) => Ok(None),
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    /// Re-reads who holds each of `ips` (their ports and tag) from the store.
+    async fn refresh_claims(&self, ips: &[IpAddr]) -> Result<(), IpamError> {
+        for &ip in ips {
+            let holders = self.store.load_claims_at(ip).await?;
+            self.index().refresh_claim(ip, holders);
+        }
+        Ok(())
     }
 
     /// Brings the index up to date after a commit failed, or passes the error on.
@@ -168,9 +246,7 @@ impl Ipam {
                 .await?;
             let mut index = self.index();
             index.upsert_pool(pool.spec, pool.generation);
-            for claim in claims {
-                index.observe_assigned(claim);
-            }
+            refresh_holders(&mut index, claims);
         }
         let mut index = self.index();
         for name in removed {
@@ -193,9 +269,7 @@ impl Ipam {
             Some(p) => index.upsert_pool(p.spec, p.generation),
             None => index.remove_pool(name),
         }
-        for claim in claims {
-            index.observe_assigned(claim);
-        }
+        refresh_holders(&mut index, claims);
         Ok(())
     }
 
@@ -327,6 +401,25 @@ impl Ipam {
     }
 }
 
+/// Takes the store's holders of each address in `claims` into the index. A shared
+/// address's holders replace what the index knew (their ports and the tag, which another
+/// replica may have updated); an exclusive one's, the common case on a reload after a lost
+/// race, are added as before.
+fn refresh_holders(index: &mut PoolIndex, claims: Vec<ClaimRecord>) {
+    let mut by_ip: std::collections::HashMap<IpAddr, Vec<ClaimRecord>> =
+        std::collections::HashMap::new();
+    for claim in claims {
+        if claim.tag.starts_with("s:") {
+            by_ip.entry(claim.ip).or_default().push(claim);
+        } else {
+            index.observe_assigned(claim);
+        }
+    }
+    for (ip, holders) in by_ip {
+        index.refresh_claim(ip, holders);
+    }
+}
+
 /// Whether a planning error could come from an out-of-date picture of the pools.
 fn about_pool_config(err: &AllocError) -> bool {
     match err {
@@ -375,13 +468,19 @@ struct Outstanding {
 enum Todo {
     /// The owner holds everything the request asks for.
     Done(Allocation),
+    /// The owner holds its addresses, but under other ports or another traffic policy.
+    Update(Box<Allocation>),
     Allocate(Box<Outstanding>, Option<Allocation>),
 }
 
-/// Compares a request with what its owner holds. An owner's addresses never move, so a
-/// request that contradicts them is refused rather than served with new ones.
-fn outstanding(req: &AllocationRequest, existing: Option<Allocation>) -> Result<Todo, IpamError> {
-    let Some(existing) = existing else {
+/// Compares a request with what its owner holds, given with the claim tag it holds it
+/// under. An owner's addresses never move, so a request that contradicts them is refused
+/// rather than served with new ones; so is one from another Service with the same uid.
+fn outstanding(
+    req: &AllocationRequest,
+    existing: Option<(Allocation, String)>,
+) -> Result<Todo, IpamError> {
+    let Some((existing, tag)) = existing else {
         return Ok(Todo::Allocate(
             Box::new(Outstanding {
                 request: req.clone(),
@@ -390,6 +489,7 @@ fn outstanding(req: &AllocationRequest, existing: Option<Allocation>) -> Result<
             None,
         ));
     };
+    check_same_owner(req, &existing)?;
     let wanted = req.wanted_families();
     let mismatch = |what: String| {
         IpamError::Mismatch(format!(
@@ -421,6 +521,12 @@ fn outstanding(req: &AllocationRequest, existing: Option<Allocation>) -> Result<
             return Err(mismatch(format!("the request asks for pool {want}")));
         }
     }
+    if !same_ports(&existing.ports, &req.ports)
+        || existing.traffic_policy != req.traffic_policy
+        || tag != req.claim_tag()
+    {
+        return Ok(Todo::Update(Box::new(existing)));
+    }
     let missing: Vec<(usize, IpFamily)> = wanted
         .iter()
         .copied()
@@ -444,6 +550,30 @@ fn outstanding(req: &AllocationRequest, existing: Option<Allocation>) -> Result<
         Box::new(Outstanding { request, optional }),
         Some(existing),
     ))
+}
+
+/// Refuses a request whose owner shares a uid with the holder of an allocation but is
+/// another Service: another cluster, namespace or name. Handing it the holder's addresses
+/// would let one cluster take over (and later release) another's.
+fn check_same_owner(req: &AllocationRequest, existing: &Allocation) -> Result<(), IpamError> {
+    let (held, asking) = (&existing.owner, &req.owner);
+    let differences: Vec<String> = [
+        ("cluster_id", &held.cluster_id, &asking.cluster_id),
+        ("namespace", &held.namespace, &asking.namespace),
+        ("name", &held.name, &asking.name),
+    ]
+    .into_iter()
+    .filter(|(_, held, asking)| held != asking)
+    .map(|(field, held, asking)| format!("owner.{field} {held:?}, not {asking:?}"))
+    .collect();
+    if differences.is_empty() {
+        return Ok(());
+    }
+    Err(IpamError::Mismatch(format!(
+        "owner uid {:?} is held by another Service: {}. An owner is identified by its cluster_id and uid; each Service needs a uid of its own",
+        held.uid,
+        differences.join(", ")
+    )))
 }
 
 /// The owner's allocation after `plan` is written on top of `existing`.

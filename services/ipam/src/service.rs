@@ -488,7 +488,7 @@ fn error_result(err: IpamError) -> pb::AllocateResult {
 fn watch_response(event: &Event) -> Option<pb::WatchResponse> {
     use pb::watch_response::Change;
     let change = match event {
-        Event::Assigned(entry, _) | Event::Released(entry, _) => {
+        Event::Assigned(entry, _) | Event::Released(entry, _) | Event::Updated(entry, _) => {
             Change::Allocation(history_to_pb(entry))
         }
         Event::PoolChanged { pool, .. } => Change::PoolChanged(pool.clone()),

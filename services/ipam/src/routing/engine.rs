@@ -259,6 +259,17 @@ impl RouteEngine {
                     inputs.owner_of.remove(&prefix);
                 }
             }
+            // Its addresses stay; its traffic policy may have changed.
+            Event::Updated(entry, _) => {
+                let held = store.get_allocation(&entry.owner.uid).await?;
+                let mut inputs = lock(&self.inputs);
+                if let (Some(held), Some(known)) =
+                    (held, inputs.allocations.get_mut(&entry.owner.uid))
+                {
+                    known.traffic_policy = held.traffic_policy;
+                    known.at = known.at.max(entry.at);
+                }
+            }
             Event::NodeChanged { node, .. } | Event::NodeDeleted { node, .. } => {
                 let doc = store.load_node(node).await?;
                 let mut inputs = lock(&self.inputs);
