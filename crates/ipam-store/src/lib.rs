@@ -305,6 +305,19 @@ impl Store {
         rows.iter().map(rows::claim_from_row).collect()
     }
 
+    /// Every owner's hold on `ip`: what a replica that lost a race for the address learns
+    /// of the winner, one indexed lookup instead of re-reading the pool's claims.
+    pub async fn load_claims_of(&self, ip: IpAddr) -> Result<Vec<ClaimRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT a.ip, a.tag, c.pool, a.owner_uid, a.ports FROM allocations a JOIN ip_claims c ON c.ip = a.ip
+             WHERE a.ip = $1",
+        )
+        .bind(ip_key(ip))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(rows::claim_from_row).collect()
+    }
+
     /// Creates a pool; refuses a name in use and any overlap with another pool.
     pub async fn create_pool(&self, spec: &PoolSpec) -> Result<StoredPool, StoreError> {
         let result = self.create_pool_tx(spec).await;

@@ -166,9 +166,11 @@ async fn share_calls(endpoints: [String; 2], clients: usize, calls: u64) -> [Rep
                         let allocation = resp.into_inner().allocation.unwrap();
                         share.promised.insert(uid, ips(&allocation));
                     }
-                    Err(status) => share
-                        .errors
-                        .push(format!("{:?}: {}", status.code(), status.message())),
+                    Err(status) => {
+                        share
+                            .errors
+                            .push(format!("{:?}: {}", status.code(), status.message()))
+                    }
                 }
             }
             (replica, share)
@@ -197,6 +199,7 @@ async fn two_replicas_under_64_clients_share_the_work_and_never_abort() {
     .await
     .expect("5,000 calls finish within 5 minutes");
     let acked = [shares[0].promised.len(), shares[1].promised.len()];
+    eprintln!("acked by replica a: {}, b: {}", acked[0], acked[1]);
     for (name, share) in ["a", "b"].iter().zip(&shares) {
         let first: Vec<&String> = share.errors.iter().take(3).collect();
         assert!(
