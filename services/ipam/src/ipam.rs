@@ -32,7 +32,7 @@ const LOST_RACE_TOTAL_PAUSE: Duration = Duration::from_secs(2);
 /// random point instead of from the lowest free address. Every further lost race there
 /// restarts it, so it lasts while another replica keeps allocating from the pool; a
 /// replica left alone returns to handing out the lowest free address.
-pub const SPREAD_FOR: Duration = Duration::from_secs(60);
+const SPREAD_FOR: Duration = Duration::from_secs(60);
 /// Most requests in one AllocateBatch.
 pub const MAX_BATCH: usize = 1000;
 
