@@ -60,14 +60,14 @@ pub struct Common {
 }
 
 impl Common {
-    fn warmup_limits(&self, cap: u64) -> Limits {
+    pub(crate) fn warmup_limits(&self, cap: u64) -> Limits {
         Limits {
             duration: self.warmup,
             max_ops: WARMUP_MAX_OPS.min(cap),
         }
     }
 
-    fn measure_limits(&self, cap: u64) -> Limits {
+    pub(crate) fn measure_limits(&self, cap: u64) -> Limits {
         Limits {
             duration: self.duration,
             max_ops: self.max_requests.min(cap),
@@ -104,7 +104,12 @@ pub struct PhaseResult {
 }
 
 impl PhaseResult {
-    fn from_outcome<O>(clients: usize, channels: usize, outcome: &Outcome<O>, cpu: CpuUse) -> Self {
+    pub(crate) fn from_outcome<O>(
+        clients: usize,
+        channels: usize,
+        outcome: &Outcome<O>,
+        cpu: CpuUse,
+    ) -> Self {
         Self {
             clients,
             channels,

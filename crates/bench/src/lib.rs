@@ -12,6 +12,7 @@ pub mod ipam;
 pub mod machine;
 pub mod pg;
 pub mod pipeline;
+pub mod replicas;
 pub mod report;
 pub mod runner;
 pub mod speakers;

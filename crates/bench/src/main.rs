@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use herald_bench::benches::{self, Common};
 use herald_bench::insert_server::{self, InsertServerArgs};
 use herald_bench::speakers::EngineChildArgs;
-use herald_bench::{bgp, ipam, machine::Machine, pg, pipeline};
+use herald_bench::{bgp, ipam, machine::Machine, pg, pipeline, replicas};
 use serde_json::{Map, Value};
 
 /// Where the bench creates its databases unless told otherwise: the same server the test
@@ -40,6 +40,8 @@ const DEFAULT_RESTART_ALLOCATIONS: u64 = 10_000;
 const DEFAULT_BGP_TIMEOUT_S: u64 = 180;
 const DEFAULT_WITHDRAW_REPEATS: u32 = 50;
 const DEFAULT_WITHDRAW_BULK: u32 = 10_000;
+/// The client count at which two replicas were seen to starve each other.
+const DEFAULT_REPLICAS_CLIENTS: usize = 64;
 
 #[derive(Debug, Parser)]
 #[command(name = "herald-bench", version, about)]
@@ -94,6 +96,8 @@ enum Bench {
     AllocBurst(BurstArgs),
     /// Time to SERVING after kill -9 with allocations persisted, and reassignments.
     Restart(RestartArgs),
+    /// Allocate through two herald-ipam replicas on one Postgres vs one replica.
+    Replicas(ReplicasArgs),
     /// Every IPAM benchmark above, in sequence, with their defaults.
     All,
     /// N /32s announced to a GoBGP ToR: Herald's engine vs GoBGP as the speaker.
@@ -127,6 +131,15 @@ struct AllocArgs {
     #[arg(long, value_delimiter = ',', default_values_t = [8, 32])]
     clients: Vec<usize>,
     /// The pool allocated from (a fresh one per client count).
+    #[arg(long, default_value = DEFAULT_ALLOC_POOL)]
+    pool: String,
+}
+
+#[derive(Debug, Args)]
+struct ReplicasArgs {
+    #[arg(long, value_delimiter = ',', default_values_t = [DEFAULT_REPLICAS_CLIENTS])]
+    clients: Vec<usize>,
+    /// The pool allocated from (a fresh one per phase).
     #[arg(long, default_value = DEFAULT_ALLOC_POOL)]
     pool: String,
 }
@@ -289,6 +302,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Bench::Restart(a) => put(
             "restart",
             json(benches::restart(&common, a.allocations, &a.pool).await),
+        )?,
+        Bench::Replicas(a) => put(
+            "replicas",
+            json(replicas::replicas(&common, &a.clients, &a.pool).await),
         )?,
         Bench::Advertise(a) => put(
             "advertise",

@@ -92,6 +92,18 @@ impl FreeSet {
         self.intervals.first_key_value().map(|(s, _)| *s)
     }
 
+    pub fn highest(&self) -> Option<u128> {
+        self.intervals.last_key_value().map(|(_, e)| *e)
+    }
+
+    /// The lowest free address at or above `value`, if any.
+    pub fn first_at_or_after(&self, value: u128) -> Option<u128> {
+        if self.contains(value) {
+            return Some(value);
+        }
+        self.intervals.range(value..).next().map(|(s, _)| *s)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.intervals.is_empty()
     }
@@ -129,6 +141,20 @@ mod tests {
         assert!(!set.contains(20));
         set.remove_range(12, 100);
         assert_eq!(set.len(), 2);
+    }
+
+    #[test]
+    fn first_at_or_after_finds_the_next_free_address() {
+        let mut set = FreeSet::new();
+        set.insert_range(10, 19);
+        set.insert_range(30, 39);
+        assert_eq!(set.first_at_or_after(0), Some(10));
+        assert_eq!(set.first_at_or_after(15), Some(15));
+        assert_eq!(set.first_at_or_after(20), Some(30));
+        assert_eq!(set.first_at_or_after(39), Some(39));
+        assert_eq!(set.first_at_or_after(40), None);
+        assert_eq!(set.highest(), Some(39));
+        assert_eq!(FreeSet::new().highest(), None);
     }
 
     #[test]

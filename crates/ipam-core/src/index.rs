@@ -74,6 +74,18 @@ struct PoolState {
     resting: [HashMap<u128, i64>; 2],
     /// The same addresses as `(released at, family slot, value)`, oldest first.
     resting_order: BTreeSet<(i64, usize, u128)>,
+    /// Per family, where automatic allocation starts looking while another replica is
+    /// known to allocate from this pool too; `None`: at the lowest free address.
+    spread: [Option<Spread>; 2],
+}
+
+/// A starting point for automatic allocation other than the lowest free address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Spread {
+    /// Free addresses are taken upwards from here, wrapping round to the lowest.
+    from: u128,
+    /// When (µs) the pool goes back to the lowest free address.
+    until: i64,
 }
 
 #[derive(Debug)]
@@ -169,6 +181,7 @@ impl PoolState {
             used: [0; 2],
             resting: [HashMap::new(), HashMap::new()],
             resting_order: BTreeSet::new(),
+            spread: [None, None],
         }
     }
 
@@ -190,12 +203,19 @@ impl PoolState {
         }
     }
 
-    /// The lowest free address of `family`, skipping (and dropping for good) the addresses
-    /// that `avoid_buggy_ips` rules out; each is dropped once, so this stays O(log n).
-    fn take_lowest(&mut self, family: IpFamily) -> Option<u128> {
+    /// The next free address of `family`: the lowest, or while the pool is spread the
+    /// lowest at or above the spread's starting point, wrapping round to the lowest.
+    /// Addresses that `avoid_buggy_ips` rules out are skipped and dropped for good; each
+    /// is dropped once, so this stays O(log n).
+    fn take_next(&mut self, family: IpFamily) -> Option<u128> {
+        let from = self.spread[slot(family)].map(|s| s.from);
         let free = &mut self.free[slot(family)];
+        let next = |free: &FreeSet| {
+            from.and_then(|from| free.first_at_or_after(from))
+                .or_else(|| free.lowest())
+        };
         // Bounded: every turn removes one address from a finite set.
-        while let Some(value) = free.lowest() {
+        while let Some(value) = next(free) {
             free.remove(value);
             if !(self.spec.avoid_buggy_ips && is_buggy(family, value)) {
                 return Some(value);
@@ -262,6 +282,7 @@ impl PoolIndex {
                     state.rest(family, value, released_at);
                 }
             }
+            state.spread = old.spread;
         }
         self.pools.insert(name, state);
         self.reorder();
@@ -316,6 +337,23 @@ impl PoolIndex {
         let family = IpFamily::of(ip);
         self.owners.entry(owner_uid.clone()).or_default().insert(ip);
         if let Some(existing) = self.claims.get_mut(&ip) {
+            // In the store every holder of an address has its tag, so a different one here
+            // is this replica's reservation, made for a plan that is about to lose the race
+            // to the claim observed now: the observed tag is the true one.
+            if existing.tag != tag {
+                if let Some(key) = shared_key(&existing.tag)
+                    && let Some(ips) = self.shared.get_mut(key)
+                {
+                    ips.remove(&ip);
+                    if ips.is_empty() {
+                        self.shared.remove(key);
+                    }
+                }
+                if let Some(key) = shared_key(&tag) {
+                    self.shared.entry(key.to_string()).or_default().insert(ip);
+                }
+                existing.tag = tag;
+            }
             existing.owners.insert(owner_uid, ports);
             return;
         }
@@ -493,6 +531,45 @@ impl PoolIndex {
         }
     }
 
+    /// Spreads automatic allocation of `family` in `pool` until `until` (µs): the search
+    /// for a free address starts `point / 2^64` of the way from the lowest free address to
+    /// the highest (0: at the lowest) and goes upwards, wrapping round,
+    /// instead of starting at the lowest. The service calls it when it lost a race for an
+    /// address to another replica: replicas that all search from the lowest address plan
+    /// the same addresses and collide on nearly every allocation, while replicas that
+    /// search from different points rarely meet. A later call picks a new point.
+    pub fn spread(&mut self, pool: &str, family: IpFamily, point: u64, until: i64) {
+        let Some(state) = self.pools.get_mut(pool) else {
+            return;
+        };
+        let free = &state.free[slot(family)];
+        if let (Some(lowest), Some(highest)) = (free.lowest(), free.highest()) {
+            state.spread[slot(family)] = Some(Spread {
+                from: point_between(lowest, highest, point),
+                until,
+            });
+        }
+    }
+
+    /// Ends every spread whose time is over at `now` (µs): automatic allocation in those
+    /// pools takes the lowest free address again.
+    pub fn expire_spread(&mut self, now: i64) {
+        for state in self.pools.values_mut() {
+            for spread in &mut state.spread {
+                if spread.is_some_and(|s| s.until <= now) {
+                    *spread = None;
+                }
+            }
+        }
+    }
+
+    /// Whether automatic allocation of `family` in `pool` is spread now.
+    pub fn is_spread(&self, pool: &str, family: IpFamily) -> bool {
+        self.pools
+            .get(pool)
+            .is_some_and(|p| p.spread[slot(family)].is_some())
+    }
+
     /// The longest quarantine any pool keeps released addresses in, in seconds (0: none).
     pub fn longest_quarantine(&self) -> u32 {
         self.pools
@@ -601,7 +678,7 @@ impl PoolIndex {
             let Some(state) = self.pools.get_mut(name) else {
                 continue;
             };
-            if let Some(value) = state.take_lowest(family) {
+            if let Some(value) = state.take_next(family) {
                 // Put it back at once: `plan` records the reservation through
                 // `observe_assigned`, the single place that marks addresses taken.
                 state.free[slot(family)].insert(value);
@@ -824,6 +901,14 @@ fn describe_owners(claim: &Claim) -> String {
         (Some(uid), 0) => format!(" (uid {uid})"),
         (Some(uid), more) => format!(" (uid {uid} and {more} more)"),
     }
+}
+
+/// The address `point / 2^64` of the way from `lowest` to `highest`, without overflow for
+/// any span up to the whole IPv6 space.
+fn point_between(lowest: u128, highest: u128, point: u64) -> u128 {
+    let span = highest - lowest;
+    let point = u128::from(point);
+    lowest + (span >> 64) * point + (((span & u128::from(u64::MAX)) * point) >> 64)
 }
 
 fn describe_holder(claim: &Claim) -> String {
@@ -1370,6 +1455,142 @@ mod tests {
             }],
         );
         assert!(loaded.holds("y") && !loaded.holds("x"));
+    }
+
+    /// Feeds what one replica planned into another, as the change feed would.
+    fn learn(index: &mut PoolIndex, plan: &Plan) {
+        for item in &plan.items {
+            index.observe_assigned(ClaimRecord {
+                ip: item.ip,
+                tag: plan.tag.clone(),
+                pool: item.pool.to_string(),
+                owner_uid: plan.owner_uid.clone(),
+                ports: vec![],
+            });
+        }
+    }
+
+    #[test]
+    fn a_spread_replica_plans_away_from_one_that_takes_the_lowest() {
+        let lab = || vec![pool("lab", &["10.1.0.0/20"], |_| {})];
+        let (mut a, mut b) = (
+            PoolIndex::load(lab(), vec![]),
+            PoolIndex::load(lab(), vec![]),
+        );
+        assert!(
+            !b.is_spread("lab", IpFamily::V4),
+            "one replica takes the lowest"
+        );
+        b.spread("lab", IpFamily::V4, u64::MAX / 2, 1_000);
+        assert!(b.is_spread("lab", IpFamily::V4));
+        // Half-way between 10.1.0.1 and 10.1.15.254.
+        let first = b.plan(&request("b0")).expect("allocates");
+        assert_eq!(ips(&first), ["10.1.7.255"]);
+        // Neither sees the other's plans before it makes its own, as under load: still
+        // not one address in common.
+        let (mut from_a, mut from_b) = (BTreeSet::new(), BTreeSet::from([first.items[0].ip]));
+        for i in 0..1000 {
+            from_a.insert(a.plan(&request(&format!("a{i}"))).expect("free").items[0].ip);
+            from_b.insert(
+                b.plan(&request(&format!("b{}", i + 1)))
+                    .expect("free")
+                    .items[0]
+                    .ip,
+            );
+        }
+        assert!(from_a.is_disjoint(&from_b));
+        assert_eq!(
+            from_a.first(),
+            Some(&ip("10.1.0.1")),
+            "a still hands out the lowest"
+        );
+
+        // Once the spread ends, the lowest free address comes first again.
+        b.expire_spread(999);
+        assert!(b.is_spread("lab", IpFamily::V4), "not before its time");
+        b.expire_spread(1_000);
+        assert!(!b.is_spread("lab", IpFamily::V4));
+        assert_eq!(ips(&b.plan(&request("late")).expect("free")), ["10.1.0.1"]);
+    }
+
+    #[test]
+    fn a_spread_search_wraps_round_and_hands_out_every_address_once() {
+        let mut index = PoolIndex::load(
+            vec![pool("small", &["10.0.0.248/29"], |p| {
+                p.avoid_buggy_ips = true
+            })],
+            vec![],
+        );
+        let taken = index.plan(&request("first")).expect("free");
+        assert_eq!(ips(&taken), ["10.0.0.249"]);
+        // From the top (.253 of .250-.254), then round to the lowest.
+        index.spread("small", IpFamily::V4, u64::MAX, i64::MAX);
+        let order: Vec<String> = (0..5)
+            .map(|i| ips(&index.plan(&request(&format!("u{i}"))).expect("free")).remove(0))
+            .collect();
+        assert_eq!(
+            order,
+            [
+                "10.0.0.253",
+                "10.0.0.254",
+                "10.0.0.250",
+                "10.0.0.251",
+                "10.0.0.252"
+            ]
+        );
+        assert!(matches!(
+            index.plan(&request("over")),
+            Err(AllocError::Exhausted { .. })
+        ));
+        // A spread of a full pool, or of one that does not exist, changes nothing.
+        index.spread("small", IpFamily::V4, 7, i64::MAX);
+        index.spread("none", IpFamily::V4, 7, i64::MAX);
+
+        // The same over the whole IPv6 space, where the arithmetic could overflow.
+        let mut v6 = PoolIndex::load(vec![pool("all", &["::/0"], |_| {})], vec![]);
+        v6.spread("all", IpFamily::V6, u64::MAX, i64::MAX);
+        let mut req = request("v6");
+        req.families = vec![IpFamily::V6];
+        let ip6 = v6.plan(&req).expect("free").items[0].ip;
+        assert!(ip6 > ip("ffff:ffff:ffff:fffe::"), "{ip6} is near the top");
+        // A pool change keeps the spread.
+        v6.upsert_pool(pool("all", &["::/0"], |_| {}).0, 2);
+        assert!(v6.is_spread("all", IpFamily::V6));
+    }
+
+    #[test]
+    fn a_lost_race_learnt_from_the_winner_is_not_planned_again() {
+        let lab = || vec![pool("lab", &["10.1.0.0/24"], |_| {})];
+        let (mut a, mut b) = (
+            PoolIndex::load(lab(), vec![]),
+            PoolIndex::load(lab(), vec![]),
+        );
+        let won = a.plan(&request("a")).expect("free");
+        let lost = b.plan(&request("b")).expect("free");
+        assert_eq!(
+            won,
+            Plan {
+                owner_uid: "a".into(),
+                tag: "o:a".into(),
+                ..lost.clone()
+            }
+        );
+        b.abort(&lost);
+        learn(&mut b, &won);
+        let retried = b.plan(&request("b")).expect("free");
+        assert_eq!(ips(&retried), ["10.1.0.2"]);
+        learn(&mut a, &retried);
+
+        // The winner's claim may arrive while the loser's reservation still holds the
+        // address: once the loser gives its plan back, the address is the winner's.
+        let lost = b.plan(&request("c")).expect("free");
+        let won = a.plan(&request("w")).expect("free");
+        assert_eq!(lost.items[0].ip, won.items[0].ip);
+        learn(&mut b, &won);
+        b.abort(&lost);
+        assert_eq!(b.holder(won.items[0].ip), Some("o:w"));
+        assert!(b.holds("w") && !b.holds("c"));
+        assert_eq!(b.usage("lab")[0].used, 3);
     }
 
     #[test]

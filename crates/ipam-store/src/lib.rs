@@ -327,7 +327,9 @@ impl Store {
         rows.iter().map(rows::claim_from_row).collect()
     }
 
-    /// Every owner's hold on `ip` (several when it is shared).
+    /// Every owner's hold on `ip` (several when it is shared): what a replica that lost a
+    /// race for the address learns of the winner, one indexed lookup instead of re-reading
+    /// the pool's claims.
     pub async fn load_claims_at(&self, ip: IpAddr) -> Result<Vec<ClaimRecord>, StoreError> {
         let rows = sqlx::query(
             "SELECT a.ip, a.tag, c.pool, a.owner_uid, a.ports FROM allocations a JOIN ip_claims c ON c.ip = a.ip

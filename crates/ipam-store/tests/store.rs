@@ -208,6 +208,18 @@ async fn two_replicas_racing_for_one_address_leave_one_owner(db: &TestDb) {
     let claims = store.load_claims(None).await.unwrap();
     assert_eq!(claims.len(), 1);
     assert_eq!(claims[0].owner_uid, "first");
+    // The loser learns the winner from the one address.
+    assert_eq!(
+        store.load_claims_at(ip("172.16.0.241")).await.unwrap(),
+        claims
+    );
+    assert!(
+        store
+            .load_claims_at(ip("172.16.0.242"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 async fn sharing_needs_the_same_key_policy_and_free_ports(db: &TestDb) {

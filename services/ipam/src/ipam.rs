@@ -4,7 +4,9 @@
 
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
+use backon::BackoffBuilder;
 use herald_ipam_core::{AllocError, ClaimRecord, Plan, PoolIndex, PoolUsage};
 use herald_ipam_store::{CommitError, PoolChange, Store, StoredPool};
 use herald_model::{
@@ -16,9 +18,23 @@ use crate::IpamError;
 use crate::feed::Feed;
 use crate::writer::Writer;
 
-/// Attempts per Allocate before giving up with ABORTED. Each lost race teaches the index
-/// the winner's address, so more than a couple of attempts means heavy contention.
-const MAX_ATTEMPTS: usize = 8;
+/// Lost races one Allocate retries before it answers ABORTED. A lost race teaches the
+/// index the winner's address and moves this replica's search elsewhere in the pool, so
+/// ordinary contention between replicas costs one retry; only a pathological fight (many
+/// replicas over a pool's last few addresses) comes near this.
+const MAX_LOST_RACES: usize = 32;
+/// The pause after a first lost race; it doubles, with jitter, up to
+/// [`LOST_RACE_MAX_PAUSE`], so that writers that keep meeting stop meeting in step.
+const LOST_RACE_PAUSE: Duration = Duration::from_millis(1);
+const LOST_RACE_MAX_PAUSE: Duration = Duration::from_millis(50);
+/// All pauses of one Allocate together stay under this: with the queries in between it
+/// keeps a contended call within a few seconds, below a client's usual deadline.
+const LOST_RACE_TOTAL_PAUSE: Duration = Duration::from_secs(2);
+/// How long a replica that lost a race for an address of a pool searches that pool from a
+/// random point instead of from the lowest free address. Every further lost race there
+/// restarts it, so it lasts while another replica keeps allocating from the pool; a
+/// replica left alone returns to handing out the lowest free address.
+const SPREAD_FOR: Duration = Duration::from_secs(60);
 /// Most requests in one AllocateBatch.
 pub const MAX_BATCH: usize = 1000;
 
@@ -72,7 +88,19 @@ impl Ipam {
         let mut last_race = String::new();
         let mut pools_refreshed = false;
         let mut sharers_refreshed = false;
-        for attempt in 0..MAX_ATTEMPTS {
+        let started = Instant::now();
+        let mut lost_races = 0;
+        let mut pauses = backon::ExponentialBuilder::default()
+            .with_min_delay(LOST_RACE_PAUSE)
+            .with_max_delay(LOST_RACE_MAX_PAUSE)
+            .with_max_times(MAX_LOST_RACES)
+            .with_total_delay(Some(LOST_RACE_TOTAL_PAUSE))
+            .with_jitter()
+            .build();
+        // Bounded: one turn to read the owner, one to refresh the pools, one to refresh
+        // the sharers, one to re-read an allocation that changed under an update, and the
+        // lost races, which `pauses` bounds in count and time.
+        for attempt in 0..MAX_LOST_RACES + 4 {
             // A new owner costs one statement; only a known owner (or a lost race) reads
             // back what it holds.
             let read_store = attempt > 0 || self.index().holds(&req.owner.uid);
@@ -98,7 +126,9 @@ impl Ipam {
             };
             let planned = {
                 let mut index = self.index();
-                index.expire_quarantine(herald_ipam_store::now_micros());
+                let now = herald_ipam_store::now_micros();
+                index.expire_quarantine(now);
+                index.expire_spread(now);
                 index.plan(&todo.request)
             };
             let plan = match (planned, existing) {
@@ -137,14 +167,19 @@ impl Ipam {
                     return Ok(merge(req, existing, &plan, herald_ipam_store::now_micros()));
                 }
                 Err(err) => {
-                    self.index().abort(&plan);
                     last_race = err.to_string();
-                    self.learn_from(err, &plan).await?;
+                    self.learn_from(err, &todo.request, &plan).await?;
+                    lost_races += 1;
+                    match pauses.next() {
+                        Some(pause) => tokio::time::sleep(pause).await,
+                        None => break,
+                    }
                 }
             }
         }
         Err(IpamError::Contended(format!(
-            "gave up after {MAX_ATTEMPTS} attempts lost races with other writers (last: {last_race}); retry"
+            "gave up after losing {lost_races} races with other writers in {} ms (last: {last_race}); retry",
+            started.elapsed().as_millis()
         )))
     }
 
@@ -203,22 +238,68 @@ impl Ipam {
         Ok(())
     }
 
-    /// Brings the index up to date after a commit failed, or passes the error on.
-    async fn learn_from(&self, err: CommitError, plan: &Plan) -> Result<(), IpamError> {
-        match err {
-            CommitError::AddressTaken(ip) => {
-                let pool = plan
-                    .items
-                    .iter()
-                    .find(|i| i.ip == ip)
-                    .map(|i| i.pool.to_string());
-                info!(%ip, "address was taken by another writer; reloading its pool");
-                self.reload_pool(pool.as_deref()).await
+    /// Gives back `plan`, whose commit failed with `err`, and brings the index up to date,
+    /// or passes the error on.
+    async fn learn_from(
+        &self,
+        err: CommitError,
+        req: &AllocationRequest,
+        plan: &Plan,
+    ) -> Result<(), IpamError> {
+        let taken = match err {
+            CommitError::AddressTaken(ip) => plan.items.iter().find(|i| i.ip == ip),
+            _ => None,
+        };
+        let Some(item) = taken else {
+            self.index().abort(plan);
+            return match err {
+                CommitError::AddressTaken(_) => self.reload_pool(None).await,
+                CommitError::PoolChanged(pool) => self.reload_pool(Some(&pool)).await,
+                CommitError::OwnerExists => Ok(()),
+                other => Err(other.into()),
+            };
+        };
+        // Another replica committed this address first. Read who holds it while the plan
+        // still reserves it, so no other call here plans it in between.
+        let winners = match self.store.load_claims_at(item.ip).await {
+            Ok(winners) => winners,
+            Err(e) => {
+                self.index().abort(plan);
+                return Err(e.into());
             }
-            CommitError::PoolChanged(pool) => self.reload_pool(Some(&pool)).await,
-            CommitError::OwnerExists => Ok(()),
-            other => Err(other.into()),
+        };
+        let pool = item.pool.as_str();
+        if winners.is_empty() {
+            // Gone again already, or the conflict was about the pool: read it afresh.
+            self.index().abort(plan);
+            return self.reload_pool(Some(pool)).await;
         }
+        // A replica that searches from the lowest free address, like the one it lost to,
+        // would lose again and again: search from a new random point in the pool instead.
+        let automatic = req.requested_ip(item.family).is_none() && !item.joins_shared;
+        let spread_until = herald_ipam_store::now_micros()
+            + i64::try_from(SPREAD_FOR.as_micros()).unwrap_or(i64::MAX);
+        let started_spreading = {
+            let mut index = self.index();
+            index.abort(plan);
+            refresh_holders(&mut index, winners);
+            let was_spread = index.is_spread(pool, item.family);
+            if automatic {
+                index.spread(pool, item.family, rand::random(), spread_until);
+            }
+            automatic && !was_spread
+        };
+        if started_spreading {
+            info!(
+                %pool,
+                ip = %item.ip,
+                for_s = SPREAD_FOR.as_secs(),
+                "another replica allocates from this pool too; searching it from a random point"
+            );
+        } else {
+            debug!(%pool, ip = %item.ip, "address was taken by another writer");
+        }
+        Ok(())
     }
 
     /// Brings every pool whose generation differs from the store's up to date, with its
@@ -285,7 +366,9 @@ impl Ipam {
         let mut planned: Vec<(usize, Plan)> = Vec::new();
         {
             let mut index = self.index();
-            index.expire_quarantine(herald_ipam_store::now_micros());
+            let now = herald_ipam_store::now_micros();
+            index.expire_quarantine(now);
+            index.expire_spread(now);
             let mut seen = std::collections::HashSet::new();
             for (i, (req, dry_run)) in requests.iter().enumerate() {
                 if *dry_run || index.holds(&req.owner.uid) || !seen.insert(req.owner.uid.as_str()) {

@@ -132,6 +132,98 @@ async fn two_replicas_on_one_postgres_never_hand_out_an_address_twice() {
     assert_eq!(exhausted.code(), Code::ResourceExhausted);
 }
 
+/// What one replica's clients got from it in [`share_calls`].
+#[derive(Default)]
+struct ReplicaShare {
+    promised: BTreeMap<String, Vec<String>>,
+    /// `code: message` of every failed call.
+    errors: Vec<String>,
+}
+
+/// `clients` workers, each with a connection of its own, half on each endpoint, take
+/// calls from one shared count of `calls` until it is used up: a replica that serves its
+/// calls more slowly serves fewer of them.
+async fn share_calls(endpoints: [String; 2], clients: usize, calls: u64) -> [ReplicaShare; 2] {
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for worker in 0..clients {
+        let replica = worker % 2;
+        let endpoint = endpoints[replica].clone();
+        let next = std::sync::Arc::clone(&next);
+        tasks.push(tokio::spawn(async move {
+            let mut share = ReplicaShare::default();
+            let channel = Channel::from_shared(endpoint).unwrap().connect().await;
+            let mut client = IpamClient::new(channel.unwrap());
+            // Bounded by the shared count.
+            loop {
+                let call = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if call >= calls {
+                    break;
+                }
+                let uid = format!("share-{call}");
+                match client.allocate(allocate(&uid)).await {
+                    Ok(resp) => {
+                        let allocation = resp.into_inner().allocation.unwrap();
+                        share.promised.insert(uid, ips(&allocation));
+                    }
+                    Err(status) => {
+                        share
+                            .errors
+                            .push(format!("{:?}: {}", status.code(), status.message()))
+                    }
+                }
+            }
+            (replica, share)
+        }));
+    }
+    let mut shares = [ReplicaShare::default(), ReplicaShare::default()];
+    for task in tasks {
+        let (replica, share) = task.await.unwrap();
+        shares[replica].promised.extend(share.promised);
+        shares[replica].errors.extend(share.errors);
+    }
+    shares
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_under_64_clients_share_the_work_and_never_abort() {
+    let (_db, _dirs, a, b) = two_replicas().await;
+    // 16,382 addresses for 5,000 calls: room for both, so every lost race is an ordinary
+    // one, which a caller must never see.
+    create_pool(&mut a.client().await, pool("shared", &["10.50.0.0/18"])).await;
+    let calls = 5_000;
+    let shares = tokio::time::timeout(
+        Duration::from_secs(300),
+        share_calls([a.endpoint(), b.endpoint()], 64, calls),
+    )
+    .await
+    .expect("5,000 calls finish within 5 minutes");
+    let acked = [shares[0].promised.len(), shares[1].promised.len()];
+    eprintln!("acked by replica a: {}, b: {}", acked[0], acked[1]);
+    for (name, share) in ["a", "b"].iter().zip(&shares) {
+        let first: Vec<&String> = share.errors.iter().take(3).collect();
+        assert!(
+            share.errors.is_empty(),
+            "replica {name} failed {} calls (acked a: {}, b: {}), first: {first:?}",
+            share.errors.len(),
+            acked[0],
+            acked[1]
+        );
+    }
+    assert_eq!(acked[0] + acked[1], calls as usize);
+    for (name, n) in ["a", "b"].iter().zip(acked) {
+        assert!(
+            n * 10 >= calls as usize * 4,
+            "replica {name} served {n} of {calls} calls (a: {}, b: {}); each must serve at least 40 %",
+            acked[0],
+            acked[1]
+        );
+    }
+    let mut promised = shares[0].promised.clone();
+    promised.extend(shares[1].promised.clone());
+    assert_invariants(&mut a.client().await, &promised).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_9_under_load_moves_nothing_and_loses_nothing() {
     let (_db, _dirs, mut a, b) = two_replicas().await;
