@@ -140,8 +140,10 @@ pub async fn settled_revision(store: &Store) -> Result<i64, StoreError> {
 }
 
 /// Follows the log until `shutdown`. Store errors are logged and retried on the next turn:
-/// the feed falling behind must never take the service down.
-pub async fn follow(ipam: Arc<Ipam>, shutdown: CancellationToken) {
+/// the feed falling behind must never take the service down. A row that cannot be decoded
+/// is different: every later change waits behind it, for ever, so it ends the feed with
+/// the error (and the supervisor the process).
+pub async fn follow(ipam: Arc<Ipam>, shutdown: CancellationToken) -> Result<(), StoreError> {
     let feed = ipam.feed();
     let mut waiting: BTreeMap<i64, Event> = BTreeMap::new();
     let mut hole: Option<Hole> = None;
@@ -152,7 +154,7 @@ pub async fn follow(ipam: Arc<Ipam>, shutdown: CancellationToken) {
             POLL_INTERVAL
         };
         tokio::select! {
-            () = shutdown.cancelled() => return,
+            () = shutdown.cancelled() => return Ok(()),
             () = feed.wake.notified() => tokio::time::sleep(WAKE_COALESCE).await,
             () = tokio::time::sleep(poll) => {}
         }
@@ -170,6 +172,7 @@ pub async fn follow(ipam: Arc<Ipam>, shutdown: CancellationToken) {
         for _ in 0..100 {
             let events = match ipam.store().events_after(after, READ_BATCH).await {
                 Ok(events) => events,
+                Err(e @ StoreError::Corrupt(_)) => return Err(e),
                 Err(e) => {
                     warn!(error = %e, "reading the change log failed; retrying");
                     break;

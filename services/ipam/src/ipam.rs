@@ -51,6 +51,11 @@ impl Ipam {
         &self.feed
     }
 
+    /// Completes if the group-commit writer stops (see [`Writer::stopped`]).
+    pub(crate) async fn writer_stopped(&self) {
+        self.writer.stopped().await;
+    }
+
     /// The index lock is only ever held for in-memory work, never across an await.
     pub(crate) fn index(&self) -> MutexGuard<'_, PoolIndex> {
         self.index

@@ -1,4 +1,5 @@
-//! The change feed never loses a change. Real `herald-ipam` processes on one Postgres database; the
+//! The change feed never loses a change, and a replica whose background work stops does not
+//! go on pretending to serve. Real `herald-ipam` processes on one Postgres database; the
 //! test holds a transaction of its own to keep one of Herald's open as long as it likes.
 
 #![allow(clippy::unwrap_used)]
@@ -224,5 +225,34 @@ async fn a_replica_that_starts_while_a_transaction_is_open_learns_its_changes() 
         used_on_b, 0,
         "B still counts {} (released by the shrink) as used",
         held.released
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_feed_that_cannot_go_on_takes_the_process_down() {
+    let db = TestDb::postgres().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), Some(&db.url)).await;
+    // A row this version cannot read: every later change would wait behind it for ever.
+    let sql = AnyPool::connect(&db.url).await.unwrap();
+    sqlx::query("INSERT INTO events (at, kind) VALUES (0, 'from-a-newer-version')")
+        .execute(&sql)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    while server.process.is_running() && started.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        !server.process.is_running(),
+        "herald-ipam still runs (and answers SERVING) with its change feed stuck"
+    );
+    let status = server.process.terminate(Duration::from_secs(1)).unwrap();
+    assert!(!status.success(), "exit status {status:?}");
+    // Promptly: the feed reads the log every 200 ms.
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
     );
 }
