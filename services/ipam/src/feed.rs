@@ -148,14 +148,20 @@ pub async fn follow(ipam: Arc<Ipam>, shutdown: CancellationToken) -> Result<(), 
     let mut waiting: BTreeMap<i64, Event> = BTreeMap::new();
     let mut hole: Option<Hole> = None;
     loop {
-        let poll = if hole.is_some() {
+        // A hole is usually a commit a few milliseconds away: look again soon. One that
+        // lasts is a long transaction; each turn re-reads what waits behind it, so it is
+        // looked at only as often as the log is polled, and local writes do not wake it.
+        let stalled = hole
+            .as_ref()
+            .is_some_and(|h| h.since.elapsed() >= STALL_WARN);
+        let poll = if hole.is_some() && !stalled {
             HOLE_POLL
         } else {
             POLL_INTERVAL
         };
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
-            () = feed.wake.notified() => tokio::time::sleep(WAKE_COALESCE).await,
+            () = feed.wake.notified(), if !stalled => tokio::time::sleep(WAKE_COALESCE).await,
             () = tokio::time::sleep(poll) => {}
         }
         // With a hole pending, ask whether the transactions that could fill it have all
@@ -179,6 +185,11 @@ pub async fn follow(ipam: Arc<Ipam>, shutdown: CancellationToken) -> Result<(), 
                 }
             };
             let full = events.len() == READ_BATCH as usize;
+            let read_through = if full {
+                events.last().map(Event::revision)
+            } else {
+                Some(i64::MAX)
+            };
             for event in events {
                 after = after.max(event.revision());
                 if let std::collections::btree_map::Entry::Vacant(slot) =
@@ -188,7 +199,14 @@ pub async fn follow(ipam: Arc<Ipam>, shutdown: CancellationToken) -> Result<(), 
                     slot.insert(event);
                 }
             }
-            deliver(feed, &mut waiting, &mut hole, settled);
+            // A gap counts as read, and so as known to be missing, only up to where this
+            // turn has read the log, after `settled` was established.
+            deliver(
+                feed,
+                &mut waiting,
+                &mut hole,
+                read_through.filter(|_| settled),
+            );
             if !full {
                 break;
             }
@@ -265,20 +283,22 @@ impl Hole {
 }
 
 /// Hands over the changes that follow the last delivered one without a hole, and those
-/// after a hole known to be a rollback: `settled` says that every writer the current hole
-/// lists has ended, and the read since then still misses the revisions it covers.
+/// after a hole known to be a rollback: `settled_through` says that every writer the
+/// current hole lists has ended, and that the log has been read since then up to that
+/// revision, so a revision it covers that is still missing was rolled back.
 fn deliver(
     feed: &Feed,
     waiting: &mut BTreeMap<i64, Event>,
     hole: &mut Option<Hole>,
-    settled: bool,
+    settled_through: Option<i64>,
 ) {
     let mut delivered = feed.delivered();
     while let Some(entry) = waiting.first_entry() {
         let next = *entry.key();
         if next > delivered + 1 {
             let current = hole.get_or_insert_with(Hole::new);
-            let rolled_back = settled && current.covers(next - 1);
+            let rolled_back = settled_through.is_some_and(|through| next - 1 <= through)
+                && current.covers(next - 1);
             if !rolled_back {
                 // A hole beyond what the listed writers can explain needs its own list.
                 if current.writers.is_some() && !current.covers(next - 1) {
@@ -382,6 +402,7 @@ mod tests {
         settled: bool,
         revisions: &[i64],
     ) -> Vec<i64> {
+        let settled = settled.then_some(i64::MAX);
         let mut changes = feed.subscribe();
         for &r in revisions {
             waiting.entry(r).or_insert_with(|| change(r));
@@ -439,6 +460,23 @@ mod tests {
         list_writers(&mut hole, &[], 16);
         assert_eq!(turn(&feed, &mut waiting, &mut hole, true, &[17]), [16, 17]);
         assert!(hole.is_none());
+    }
+
+    #[test]
+    fn a_gap_not_read_again_since_the_writers_ended_is_not_skipped() {
+        let feed = Feed::new(10);
+        let (mut waiting, mut hole) = (BTreeMap::new(), None);
+        for r in [12, 14] {
+            waiting.insert(r, change(r));
+        }
+        deliver(&feed, &mut waiting, &mut hole, None);
+        list_writers(&mut hole, &["3/7"], 14);
+        // Settled, but this turn's reads stopped at 12: 13 may have committed unseen.
+        let mut changes = feed.subscribe();
+        deliver(&feed, &mut waiting, &mut hole, Some(12));
+        assert_eq!(changes.try_recv().expect("12 delivered").revision(), 12);
+        assert!(changes.try_recv().is_err());
+        assert_eq!(feed.delivered(), 12);
     }
 
     #[test]
