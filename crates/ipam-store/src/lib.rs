@@ -23,8 +23,6 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{AnyConnection, AnyPool, AssertSqlSafe, Executor, Row};
 
-/// The change log's columns, as a literal so that fixed statements can be built with
-/// `concat!` and stay `&'static` (sqlx takes those without `AssertSqlSafe`).
 /// The locks of transactions writing the change log: the lock every INSERT (or UPDATE or
 /// DELETE) takes on `events`, in this database. Granted or still waiting: one that waits
 /// has taken no revision yet, but counting it only makes the feed wait a little longer.
@@ -36,6 +34,8 @@ macro_rules! log_writer_filter {
     };
 }
 
+/// The change log's columns, as a literal so that fixed statements can be built with
+/// `concat!` and stay `&'static` (sqlx takes those without `AssertSqlSafe`).
 macro_rules! event_columns {
     () => {
         "revision, at, kind, ip, tag, pool, owner_uid, cluster_id, namespace, name, reason"
