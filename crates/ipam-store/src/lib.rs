@@ -25,6 +25,17 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{AnyConnection, AnyPool, AssertSqlSafe, Executor, Row};
 
+/// The locks of transactions writing the change log: the lock every INSERT (or UPDATE or
+/// DELETE) takes on `events`, in this database. Granted or still waiting: one that waits
+/// has taken no revision yet, but counting it only makes the feed wait a little longer.
+macro_rules! log_writer_filter {
+    () => {
+        "WHERE locktype = 'relation' AND mode = 'RowExclusiveLock'
+           AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+           AND relation = CAST('events' AS regclass)"
+    };
+}
+
 /// The change log's columns, as a literal so that fixed statements can be built with
 /// `concat!` and stay `&'static` (sqlx takes those without `AssertSqlSafe`).
 macro_rules! event_columns {
@@ -925,21 +936,39 @@ impl Store {
         }
     }
 
-    /// Postgres: the oldest transaction id still running and the next one to be assigned,
-    /// from a snapshot taken now. The change feed uses them to tell a rolled-back revision
-    /// from one whose transaction has yet to commit. SQLite has one writer and rolls its
-    /// revision counter back with the transaction, so it never leaves holes: `None`.
-    pub async fn transaction_horizon(&self) -> Result<Option<(i64, i64)>, StoreError> {
-        if self.backend != Backend::Postgres {
+    /// Postgres: the transactions writing the change log right now (their virtual
+    /// transaction ids). An INSERT holds its lock on the table from before it takes a
+    /// revision from the sequence until its transaction ends, so a revision that is missing
+    /// while a later one is visible belongs to one of the writers listed after that later
+    /// one was read. The change feed waits for them before it calls the revision a
+    /// rollback. SQLite has one writer and rolls its revision counter back with the
+    /// transaction, so it never leaves holes: `None`.
+    pub async fn log_writers(&self) -> Result<Option<Vec<String>>, StoreError> {
+        let Some(hot) = &self.hot else {
             return Ok(None);
+        };
+        const SQL: &str = concat!(
+            "SELECT virtualtransaction FROM pg_locks ",
+            log_writer_filter!()
+        );
+        Ok(Some(sqlx::query_scalar(SQL).fetch_all(hot).await?))
+    }
+
+    /// How many of `writers` (from [`Store::log_writers`]) are still running.
+    pub async fn log_writers_running(&self, writers: &[String]) -> Result<usize, StoreError> {
+        let Some(hot) = &self.hot else {
+            return Ok(0);
+        };
+        if writers.is_empty() {
+            return Ok(0);
         }
-        let row = sqlx::query(
-            "SELECT CAST(CAST(pg_snapshot_xmin(pg_current_snapshot()) AS TEXT) AS BIGINT) AS oldest,
-                    CAST(CAST(pg_snapshot_xmax(pg_current_snapshot()) AS TEXT) AS BIGINT) AS next",
-        )
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(Some((row.try_get("oldest")?, row.try_get("next")?)))
+        const SQL: &str = concat!(
+            "SELECT COUNT(DISTINCT virtualtransaction) FROM pg_locks ",
+            log_writer_filter!(),
+            " AND virtualtransaction = ANY($1)"
+        );
+        let running: i64 = sqlx::query_scalar(SQL).bind(writers).fetch_one(hot).await?;
+        Ok(usize::try_from(running).unwrap_or(usize::MAX))
     }
 
     pub async fn last_revision(&self) -> Result<i64, StoreError> {

@@ -720,3 +720,43 @@ async fn postgres_connections_are_opened_ahead_of_use() {
     let store = Store::open(Some(&sqlite.url)).await.unwrap();
     assert_eq!(store.open_connections(), None);
 }
+
+/// The change feed tells a rolled-back revision from one still to come by the transactions
+/// writing the log: one that has inserted into `events` is listed until it ends, whatever
+/// the rest of the cluster runs; other databases' transactions are not.
+#[tokio::test]
+async fn transactions_writing_the_log_are_listed_until_they_end() {
+    let db = TestDb::postgres().await;
+    let other = TestDb::postgres().await;
+    let store = store_with_pool(&db, "lab", &["172.16.0.240/28"]).await;
+    let idle = Store::open(Some(&other.url)).await.unwrap();
+    assert_eq!(store.log_writers().await.unwrap(), Some(Vec::new()));
+
+    // A transaction in another database that writes its own log is none of ours.
+    let foreign = sqlx::AnyPool::connect(&other.url).await.unwrap();
+    let mut elsewhere = foreign.begin().await.unwrap();
+    sqlx::query("INSERT INTO events (at, kind, pool) VALUES (0, 'pool_changed', 'x')")
+        .execute(&mut *elsewhere)
+        .await
+        .unwrap();
+    assert_eq!(store.log_writers().await.unwrap(), Some(Vec::new()));
+
+    let sql = sqlx::AnyPool::connect(&db.url).await.unwrap();
+    let mut open = sql.begin().await.unwrap();
+    sqlx::query("INSERT INTO events (at, kind, pool) VALUES (0, 'pool_changed', 'lab')")
+        .execute(&mut *open)
+        .await
+        .unwrap();
+    let writers = store.log_writers().await.unwrap().unwrap();
+    assert_eq!(writers.len(), 1, "{writers:?}");
+    assert_eq!(store.log_writers_running(&writers).await.unwrap(), 1);
+    open.rollback().await.unwrap();
+    assert_eq!(store.log_writers_running(&writers).await.unwrap(), 0);
+    elsewhere.rollback().await.unwrap();
+    drop(idle);
+
+    // SQLite has one writer and no holes: nothing to list.
+    let sqlite = TestDb::sqlite();
+    let store = Store::open(Some(&sqlite.url)).await.unwrap();
+    assert_eq!(store.log_writers().await.unwrap(), None);
+}

@@ -49,7 +49,9 @@ impl Ipam {
     /// Loads every pool and claim into memory. With 100k allocations this is one query and
     /// a few hundred milliseconds, which bounds the time to SERVING after a restart.
     pub async fn open(store: Store) -> Result<Arc<Self>, IpamError> {
-        let last_revision = store.last_revision().await?;
+        // Taken before the state is loaded, and once no transaction that could still add a
+        // change below it is running: the feed follows from here and misses nothing.
+        let last_revision = crate::feed::settled_revision(&store).await?;
         let index = load_index(&store).await?;
         Ok(Arc::new(Self {
             writer: Writer::start(store.clone()),
@@ -65,6 +67,11 @@ impl Ipam {
 
     pub fn feed(&self) -> &Feed {
         &self.feed
+    }
+
+    /// Completes if the group-commit writer stops (see [`Writer::stopped`]).
+    pub(crate) async fn writer_stopped(&self) {
+        self.writer.stopped().await;
     }
 
     /// The index lock is only ever held for in-memory work, never across an await.

@@ -8,6 +8,7 @@ mod ipam;
 mod oversize;
 mod routing;
 mod service;
+mod supervise;
 mod writer;
 
 use std::net::SocketAddr;
@@ -84,43 +85,49 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
+    let supervisor = supervise::Supervisor::new(shutdown.clone(), reporter.clone());
     let startup = {
         let shutdown = shutdown.clone();
         let reporter = reporter.clone();
         let url = config.database_url.clone();
-        tokio::spawn(async move {
+        let supervisor = supervisor.clone();
+        supervisor.clone().spawn("startup and health", async move {
             let Some(store) = open_store(url.as_deref(), &shutdown).await else {
-                return;
+                return Ok(());
             };
-            let ipam = match Ipam::open(store).await {
-                Ok(ipam) => ipam,
-                Err(e) => {
-                    warn!(error = %e, "loading pools and allocations failed; shutting down");
-                    shutdown.cancel();
-                    return;
-                }
-            };
-            let engine =
-                match routing::RouteEngine::load(ipam.store(), ipam.feed().delivered()).await {
-                    Ok(engine) => engine,
-                    Err(e) => {
-                        warn!(error = %e, "loading routing inputs failed; shutting down");
-                        shutdown.cancel();
-                        return;
-                    }
-                };
+            let ipam = Ipam::open(store)
+                .await
+                .context("loading pools and allocations")?;
+            let engine = routing::RouteEngine::load(ipam.store(), ipam.feed().delivered())
+                .await
+                .context("loading routing inputs")?;
             let _ = slot.set(Arc::clone(&ipam));
             let _ = routing_slot.set(routing::Ready {
                 ipam: Arc::clone(&ipam),
                 engine: Arc::clone(&engine),
             });
-            tokio::spawn(routing::run_engine(
-                engine,
-                Arc::clone(&ipam),
-                shutdown.clone(),
-            ));
-            tokio::spawn(feed::follow(Arc::clone(&ipam), shutdown.clone()));
+            supervisor.spawn("route engine", {
+                let engine = routing::run_engine(engine, Arc::clone(&ipam), shutdown.clone());
+                async move {
+                    engine.await;
+                    Ok::<(), std::convert::Infallible>(())
+                }
+            });
+            supervisor.spawn(
+                "change feed",
+                feed::follow(Arc::clone(&ipam), shutdown.clone()),
+            );
+            supervisor.spawn("group-commit writer", {
+                let (ipam, shutdown) = (Arc::clone(&ipam), shutdown.clone());
+                async move {
+                    tokio::select! {
+                        () = shutdown.cancelled() => Ok(()),
+                        () = ipam.writer_stopped() => Err("stopped taking commits (its panic is logged above)"),
+                    }
+                }
+            });
             keep_health(ipam, reporter, shutdown).await;
+            Ok::<(), anyhow::Error>(())
         })
     };
 
@@ -157,6 +164,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
     shutdown.cancel();
     let _ = startup.await;
+    if let Some(failure) = supervisor.failure() {
+        anyhow::bail!(failure);
+    }
     info!("herald-ipam stopped");
     Ok(())
 }

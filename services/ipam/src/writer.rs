@@ -38,6 +38,12 @@ impl Writer {
         Self { queue }
     }
 
+    /// Completes when the writing task has ended. It only ends by panicking while a
+    /// `Writer` exists, and every Allocate fails after that: the supervisor watches this.
+    pub async fn stopped(&self) {
+        self.queue.closed().await;
+    }
+
     /// Writes `plan` for `request`, together with whatever else is waiting.
     pub async fn commit(
         &self,

@@ -518,7 +518,7 @@ async fn a_rolled_back_revision_does_not_hold_the_watch_back() {
         }
     }
     assert!(allocated, "the allocation never reached the watch");
-    // Far below the 2 s fallback: the feed saw that nothing running could fill the hole.
+    // Without waiting: the feed saw that nothing still writing the log could fill the hole.
     assert!(
         started.elapsed() < Duration::from_millis(1000),
         "took {:?}",
