@@ -93,3 +93,52 @@ impl Link {
         self.probe_wanted.notified().await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_opened_before_a_break_are_not_trusted() {
+        let link = Link::new("db:5432".into());
+        assert!(link.trusts(Duration::from_secs(3600)), "nothing broke yet");
+        link.mark_broken();
+        assert!(
+            !link.trusts(Duration::from_secs(1)),
+            "opened before the break"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(link.trusts(Duration::ZERO), "opened after the break");
+    }
+
+    #[test]
+    fn down_names_the_database_and_the_cause_until_it_is_up() {
+        let link = Link::new("db:5432".into());
+        assert!(link.check().is_ok());
+        link.mark_down("Connection refused".into());
+        let err = link.check().expect_err("down").to_string();
+        assert!(
+            err.contains("db:5432") && err.contains("Connection refused"),
+            "{err}"
+        );
+        assert!(!link.trusts(Duration::from_secs(1)), "down also breaks");
+        link.mark_up();
+        assert!(link.check().is_ok());
+    }
+
+    #[tokio::test]
+    async fn went_down_waits_for_the_database_to_go() {
+        let link = std::sync::Arc::new(Link::new("db:5432".into()));
+        let waiting = tokio::spawn({
+            let link = std::sync::Arc::clone(&link);
+            async move { link.went_down().await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished());
+        link.mark_down("gone".into());
+        tokio::time::timeout(Duration::from_secs(1), waiting)
+            .await
+            .expect("resolves once down")
+            .expect("task");
+    }
+}
