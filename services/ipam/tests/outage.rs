@@ -256,8 +256,136 @@ async fn a_database_outage_turns_health_and_calls_around_within_a_second() {
     let db = TestDb::postgres().await;
     let relay = Relay::start(server_of(&db.url)).await;
     let url = relay.url(&db.url);
+    outage_under_load(&url, Switch::Relay(&relay)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pg_ctl_stop_immediate_under_load_and_start_again() {
+    let cluster = tokio::task::spawn_blocking(PrivatePostgres::start)
+        .await
+        .unwrap();
+    let url = format!("postgres://postgres@127.0.0.1:{}/postgres", cluster.port);
+    outage_under_load(&url, Switch::Cluster(&cluster)).await;
+}
+
+/// What takes the database away and brings it back.
+enum Switch<'a> {
+    Relay(&'a Relay),
+    Cluster(&'a PrivatePostgres),
+}
+
+impl Switch<'_> {
+    async fn cut(&self) {
+        match self {
+            Self::Relay(relay) => relay.cut(),
+            Self::Cluster(cluster) => {
+                tokio::task::block_in_place(|| cluster.pg_ctl("-m immediate stop"));
+            }
+        }
+    }
+
+    async fn restore(&self) {
+        match self {
+            Self::Relay(relay) => relay.restore().await,
+            Self::Cluster(cluster) => {
+                tokio::task::block_in_place(|| cluster.pg_ctl(&cluster.start_command()));
+            }
+        }
+    }
+}
+
+/// A Postgres cluster of the test's own on a free port, which it may stop and start:
+/// initdb and pg_ctl run as the `postgres` user (initdb refuses root), as in
+/// scripts/test.sh.
+struct PrivatePostgres {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    port: u16,
+}
+
+impl PrivatePostgres {
+    fn start() -> Self {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+            .filter(|bin| bin.join("initdb").exists())
+            .max()
+            .expect(
+                "Postgres server binaries in /usr/lib/postgresql/*/bin (apt install postgresql)",
+            );
+        let dir = tempfile::tempdir().unwrap();
+        let chown = Command::new("chown")
+            .arg("postgres")
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(chown.success(), "chown postgres {}", dir.path().display());
+        let cluster = Self {
+            dir,
+            bin,
+            port: free_port(),
+        };
+        cluster.as_postgres(&format!(
+            "{}/initdb -D {}/data -A trust -U postgres >/dev/null",
+            cluster.bin.display(),
+            cluster.dir.path().display()
+        ));
+        cluster.pg_ctl(&cluster.start_command());
+        cluster
+    }
+
+    fn start_command(&self) -> String {
+        format!(
+            "-l {dir}/log -w -t 60 -o \"-p {port} -k {dir} -c listen_addresses=127.0.0.1 -c fsync=off\" start",
+            dir = self.dir.path().display(),
+            port = self.port
+        )
+    }
+
+    fn pg_ctl(&self, args: &str) {
+        self.as_postgres(&format!(
+            "{}/pg_ctl -D {}/data {args} >/dev/null",
+            self.bin.display(),
+            self.dir.path().display()
+        ));
+    }
+
+    fn as_postgres(&self, command: &str) {
+        let status = Command::new("su")
+            .args(["postgres", "-s", "/bin/sh", "-c", command])
+            .status()
+            .unwrap();
+        assert!(status.success(), "{command}: {status}");
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = Command::new("su")
+            .args([
+                "postgres",
+                "-s",
+                "/bin/sh",
+                "-c",
+                &format!(
+                    "{}/pg_ctl -D {}/data -m immediate stop >/dev/null 2>&1",
+                    self.bin.display(),
+                    self.dir.path().display()
+                ),
+            ])
+            .status();
+    }
+}
+
+/// Clients allocate new owners while `switch` takes the database away for 3 s and brings
+/// it back. Health turns within about a second both ways; every call fails fast with
+/// UNAVAILABLE; none fails once SERVING is back; and no owner a client was told failed
+/// holds an address, unless it was told the write may have been done.
+async fn outage_under_load(url: &str, switch: Switch<'_>) {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path(), Some(&url)).await;
+    let server = Server::start(dir.path(), Some(url)).await;
     let mut c = server.client().await;
     create_pool(&mut c, pool("outage", &["10.70.0.0/16"])).await;
     allocate_ok(&mut c, allocate("before")).await;
@@ -294,11 +422,11 @@ async fn a_database_outage_turns_health_and_calls_around_within_a_second() {
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let cut_at = Instant::now();
-    relay.cut();
+    switch.cut().await;
     let down_after =
         time_to_health(&channel, ServingStatus::NotServing, Duration::from_secs(10)).await;
     tokio::time::sleep_until((cut_at + Duration::from_secs(3)).into()).await;
-    relay.restore().await;
+    switch.restore().await;
     let back_at = Instant::now();
     let up_after = time_to_health(&channel, ServingStatus::Serving, Duration::from_secs(15)).await;
     let serving_at = back_at + up_after;
