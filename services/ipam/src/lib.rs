@@ -41,7 +41,9 @@ const PROBE_INTERVAL: Duration = Duration::from_millis(250);
 /// Longest wait between probes while the store is away, so that health turns SERVING
 /// within about a second of its return. One `SELECT 1` a second is nothing to a server.
 const MAX_PROBE_BACKOFF: Duration = Duration::from_secs(1);
-/// Longest wait between attempts to open the store at start.
+/// Longest wait between attempts to open the store at start. The jitter that keeps
+/// replicas from retrying in step adds up to as much again as the exponential delay, so
+/// that delay is capped at half of this.
 const MAX_CONNECT_BACKOFF: Duration = Duration::from_secs(5);
 /// How long closing the store's connections may take at shutdown; with the database away
 /// they cannot close politely, and shutdown must not wait for them.
@@ -187,7 +189,7 @@ async fn open_store(
         .retry(
             ExponentialBuilder::default()
                 .with_min_delay(Duration::from_millis(100))
-                .with_max_delay(MAX_CONNECT_BACKOFF)
+                .with_max_delay(MAX_CONNECT_BACKOFF / 2)
                 .with_jitter()
                 .without_max_times(),
         )
