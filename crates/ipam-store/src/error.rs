@@ -9,7 +9,7 @@ pub enum StoreError {
     /// The store cannot take the call now (its writer stopped, it is shutting down); the
     /// same call may succeed when retried, on this replica or another.
     #[error("{0}")]
-    Unavailable(String),
+    Stopping(String),
     #[error("pool {0:?} already exists")]
     PoolExists(String),
     #[error("pool {0:?} not found")]
@@ -31,10 +31,85 @@ pub enum StoreError {
     PoolInUse { pool: String, holders: String },
     #[error("stored data is not what this version expects: {0}")]
     Corrupt(String),
+    /// The database cannot be reached or refused the connection, and nothing was written:
+    /// the same request may be retried.
+    #[error("database {target} unavailable: {cause}")]
+    Unavailable { target: String, cause: String },
+    /// The connection broke while a write was under way: the database may have committed
+    /// it or not. Every write is idempotent for its owner, so the same request again is
+    /// safe and answers with what is held.
+    #[error(
+        "lost database {target} during the write, which may have been written or not ({cause}); the same request again is safe"
+    )]
+    Interrupted { target: String, cause: String },
+    /// The embedded database file cannot be opened or written. Retrying cannot help: the
+    /// file system must change.
+    #[error("cannot use the SQLite database {path}: {cause}")]
+    EmbeddedFile { path: String, cause: String },
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
     #[error("migrations: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+impl StoreError {
+    /// Whether the database, rather than the request, failed: the connection is gone or
+    /// the server cannot serve now. The caller may retry.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Self::Stopping(_) | Self::Unavailable { .. } | Self::Interrupted { .. } => true,
+            Self::Database(e) => is_connection_error(e),
+            Self::Migrate(sqlx::migrate::MigrateError::Execute(e)) => is_connection_error(e),
+            _ => false,
+        }
+    }
+
+    /// Whether opening the store can never succeed with this configuration, however long
+    /// it is retried: a URL that cannot be parsed or names no supported database, or an
+    /// embedded file the process cannot create or write. A server that refuses, is
+    /// missing the database or rejects the credentials is not permanent: those are fixed
+    /// on the server, often by whoever starts it after herald-ipam.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, Self::Config(_) | Self::EmbeddedFile { .. })
+    }
+}
+
+/// Whether `err` says the connection (or the server behind it) failed, rather than the
+/// statement: I/O and TLS errors, no connection to be had, and the SQLSTATEs of a server
+/// that is shutting down or dropped the connection (class 08 connection exception, 57P01
+/// admin_shutdown, 57P02 crash_shutdown, 57P03 cannot_connect_now, 53300
+/// too_many_connections).
+pub fn is_connection_error(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            code.starts_with("08") || code.starts_with("57P") || code == "53300"
+        }),
+        _ => false,
+    }
+}
+
+/// What went wrong with a connection, in words that say where to look: refused, name
+/// resolution, TLS, authentication, a missing database.
+pub(crate) fn connection_cause(err: &sqlx::Error) -> String {
+    match err {
+        sqlx::Error::Io(e) if e.to_string().contains("lookup") => {
+            format!("cannot resolve the host name ({e})")
+        }
+        sqlx::Error::Io(e) => e.to_string(),
+        sqlx::Error::Tls(e) => format!("TLS: {e}"),
+        sqlx::Error::Database(db) => match db.code().as_deref() {
+            Some("28P01" | "28000") => format!("authentication failed: {}", db.message()),
+            Some(code) => format!("{} (SQLSTATE {code})", db.message()),
+            None => db.message().to_string(),
+        },
+        sqlx::Error::PoolTimedOut => "no connection could be opened in time".to_string(),
+        other => other.to_string(),
+    }
 }
 
 /// Why a planned allocation could not be written.

@@ -9,11 +9,15 @@
 //! group), across replicas and crashes; the in-memory index only makes the first guess.
 
 mod error;
+mod link;
 mod routing;
 mod rows;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use herald_ipam_core::{ClaimRecord, Plan, PlanItem};
@@ -22,8 +26,9 @@ use herald_model::{
     Allocation, AllocationRequest, HistoryEntry, IpFamily, PoolSpec, ServicePort, same_ports,
 };
 use sqlx::any::{AnyPoolOptions, AnyRow};
-use sqlx::postgres::{PgPool, PgPoolOptions};
-use sqlx::{AnyConnection, AnyPool, AssertSqlSafe, Executor, Row};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
+use sqlx::{AnyConnection, AnyPool, AssertSqlSafe, ConnectOptions, Connection, Executor, Row};
 
 /// The locks of transactions writing the change log: the lock every INSERT (or UPDATE or
 /// DELETE) takes on `events`, in this database. Granted or still waiting: one that waits
@@ -44,7 +49,8 @@ macro_rules! event_columns {
     };
 }
 
-pub use error::{CommitError, StoreError};
+pub use error::{CommitError, StoreError, is_connection_error};
+use link::Link;
 pub use routing::Document;
 use rows::{allocation_from_rows, history_from_row};
 pub use sqlx::Error as SqlxError;
@@ -62,7 +68,16 @@ pub const DEFAULT_PG_CONNECTIONS: u32 = 16;
 /// writer, the change feed and concurrent AllocateBatch calls.
 const HOT_PG_CONNECTIONS: u32 = 8;
 /// How long a caller waits for a connection before the request fails as UNAVAILABLE.
-const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Under load a connection is returned within milliseconds; waiting longer only means
+/// the database is away, and the request should fail well inside a client's deadline
+/// (commonly 5 s) rather than be written after the client gave up.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest wait for a new connection, TLS and authentication included (~100 ms on a
+/// LAN): longer means the server is not answering, and the next attempt should start.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest wait for the health probe's `SELECT 1` on its open connection. Together with
+/// the probe interval it bounds how long health says SERVING after the database went.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 /// Largest page served by list and history calls.
 pub const MAX_PAGE_SIZE: u32 = 1000;
 pub const DEFAULT_PAGE_SIZE: u32 = 100;
@@ -162,6 +177,15 @@ pub struct Store {
     /// from its generic form was at the top of herald-ipam's profile under load.
     hot: Option<PgPool>,
     backend: Backend,
+    link: Arc<Link>,
+    /// Postgres only: the health probe's own connection, outside the pools, so that a busy
+    /// pool cannot hold the probe back (nor the probe take a request's connection).
+    probe: Option<Arc<Probe>>,
+}
+
+struct Probe {
+    options: PgConnectOptions,
+    connection: tokio::sync::Mutex<Option<PgConnection>>,
 }
 
 /// Opens `n` connections of `pool` concurrently, in the background, so that the handshakes
@@ -177,6 +201,109 @@ fn open_in_background<DB: sqlx::Database>(pool: &sqlx::Pool<DB>, n: u32) {
             tracing::warn!(error = %e, "opening Postgres connections ahead of use failed; requests will open them");
         }
     });
+}
+
+/// Set on every SQLite connection. WAL with NORMAL sync survives a killed process (only a
+/// power loss can drop the last commits); foreign keys are what keep claims and
+/// allocations consistent, so they must be on.
+const SQLITE_PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;";
+
+/// `host:port` (or the Unix socket) a Postgres URL connects to, for messages.
+fn postgres_target(options: &PgConnectOptions) -> String {
+    let (host, port) = (options.get_host(), options.get_port());
+    match options.get_socket() {
+        Some(dir) => format!("{}/.s.PGSQL.{port}", dir.display()),
+        None if host.starts_with('/') => format!("{host}/.s.PGSQL.{port}"),
+        None if host.contains(':') => format!("[{host}]:{port}"),
+        None => format!("{host}:{port}"),
+    }
+}
+
+fn unreachable(link: &Link, err: &sqlx::Error) -> StoreError {
+    StoreError::Unavailable {
+        target: link.target().to_string(),
+        cause: error::connection_cause(err),
+    }
+}
+
+/// One connection to Postgres, outside any pool, within `timeout`.
+async fn connect_postgres(
+    link: &Link,
+    options: &PgConnectOptions,
+    timeout: Duration,
+) -> Result<PgConnection, StoreError> {
+    match tokio::time::timeout(timeout, options.connect()).await {
+        Ok(Ok(connection)) => Ok(connection),
+        Ok(Err(sqlx::Error::Configuration(e))) => {
+            Err(StoreError::Config(format!("database URL: {e}")))
+        }
+        Ok(Err(e)) => Err(unreachable(link, &e)),
+        Err(_) => Err(StoreError::Unavailable {
+            target: link.target().to_string(),
+            cause: format!("no connection within {timeout:?}"),
+        }),
+    }
+}
+
+/// Opens the embedded file once, as the pool will, so that a file or directory that
+/// cannot be used is reported with its path and the reason.
+async fn check_sqlite(options: &SqliteConnectOptions, path: &Path) -> Result<(), StoreError> {
+    let opened = async {
+        let mut connection: SqliteConnection = options.connect().await?;
+        connection.execute(SQLITE_PRAGMAS).await?;
+        connection.close().await
+    };
+    opened
+        .await
+        .map_err(|e| match sqlite_file_problem(path, &e) {
+            Some(cause) => StoreError::EmbeddedFile {
+                path: path.display().to_string(),
+                cause,
+            },
+            None => StoreError::Database(e),
+        })
+}
+
+/// Why SQLite cannot open or write `path`, when the error is about the file (SQLITE_PERM,
+/// _READONLY, _CANTOPEN, _NOTADB). SQLite says only "unable to open database file"; the
+/// file system says why.
+fn sqlite_file_problem(path: &Path, err: &sqlx::Error) -> Option<String> {
+    let db = err.as_database_error()?;
+    // The primary result code is the low byte of the extended one SQLite reports.
+    let primary = db.code()?.parse::<i32>().ok()? & 0xff;
+    if !matches!(primary, 3 | 8 | 14 | 26) {
+        return None;
+    }
+    let file_system = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+    {
+        Ok(_) => None,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(path)
+            {
+                Ok(_) => {
+                    let _ = std::fs::remove_file(path);
+                    Some(
+                        "the file does not exist; add ?mode=rwc to the URL to create it"
+                            .to_string(),
+                    )
+                }
+                Err(e) => Some(e.to_string()),
+            }
+        }
+        Err(e) => Some(e.to_string()),
+    };
+    Some(file_system.unwrap_or_else(|| {
+        format!(
+            "{} (the directory must be writable too, for the write-ahead log)",
+            db.message()
+        )
+    }))
 }
 
 pub fn now_micros() -> i64 {
@@ -200,30 +327,62 @@ impl Store {
             Backend::Sqlite
         } else {
             return Err(StoreError::Config(format!(
-                "database URL must start with postgres:// or sqlite: (got {:?})",
+                "database URL must start with postgres://, postgresql:// or sqlite: (got {:?})",
                 url.split(':').next().unwrap_or_default()
             )));
+        };
+        // The first connection is opened directly, not through a pool: a pool retries a
+        // refused connection until its timeout and then reports only that it timed out,
+        // while this error names the cause. On Postgres it becomes the health probe's.
+        let (link, probe) = match backend {
+            Backend::Postgres => {
+                let options = PgConnectOptions::from_str(&url)
+                    .map_err(|e| StoreError::Config(format!("database URL: {e}")))?;
+                let link = Arc::new(Link::new(postgres_target(&options)));
+                let first = connect_postgres(&link, &options, CONNECT_TIMEOUT).await?;
+                let probe = Probe {
+                    options,
+                    connection: tokio::sync::Mutex::new(Some(first)),
+                };
+                (link, Some(Arc::new(probe)))
+            }
+            Backend::Sqlite => {
+                let options = SqliteConnectOptions::from_str(&url)
+                    .map_err(|e| StoreError::Config(format!("database URL: {e}")))?;
+                let path = options.get_filename();
+                let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+                check_sqlite(&options, &path).await?;
+                (Arc::new(Link::new(path.display().to_string())), None)
+            }
         };
         // No ping before every acquire: it doubled the round trips of an Allocate. A
         // connection that died is found by the statement that uses it, whose error the
         // client sees as UNAVAILABLE and retries; the pool then replaces the connection.
         let options = AnyPoolOptions::new()
             .acquire_timeout(ACQUIRE_TIMEOUT)
-            .test_before_acquire(false);
+            .test_before_acquire(false)
+            // ...but one opened before connections were last found broken (the server
+            // restarted, or terminated them) is replaced rather than tried.
+            .before_acquire({
+                let link = Arc::clone(&link);
+                move |_, meta| {
+                    let trusted = link.trusts(meta.age);
+                    Box::pin(async move { Ok(trusted) })
+                }
+            });
         // Opening a Postgres connection took ~90 ms here whenever TLS was negotiated (sqlx
         // with rustls, the default sslmode=prefer, even on loopback; 2.5 ms without TLS).
         // A request that finds no idle connection pays that: it showed as ~95 ms stalls in
         // every benchmark. So each Postgres pool keeps a working set open (`min_connections`;
         // sqlx replaces one that expires in the background, off any request's path),
-        // opened all at once in the background as the store opens. One connection is
-        // opened up front so that a wrong URL or an unreachable server fails the start.
+        // opened all at once in the background as the store opens. (The connection opened
+        // above already made a wrong URL or an unreachable server fail the start.)
         let pool = match backend {
             Backend::Postgres => {
                 let pool = options
                     .max_connections(DEFAULT_PG_CONNECTIONS)
                     .min_connections(DEFAULT_PG_CONNECTIONS)
                     .connect_lazy(&url)?;
-                drop(pool.acquire().await?);
                 open_in_background(&pool, DEFAULT_PG_CONNECTIONS);
                 pool
             }
@@ -234,10 +393,7 @@ impl Store {
                     .max_connections(1)
                     .after_connect(|conn, _| {
                         Box::pin(async move {
-                            // WAL with NORMAL sync survives a killed process (only a power
-                            // loss can drop the last commits); foreign keys are what keep
-                            // claims and allocations consistent, so they must be on.
-                            conn.execute("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;").await?;
+                            conn.execute(SQLITE_PRAGMAS).await?;
                             Ok(())
                         })
                     })
@@ -250,6 +406,13 @@ impl Store {
                 let hot = PgPoolOptions::new()
                     .acquire_timeout(ACQUIRE_TIMEOUT)
                     .test_before_acquire(false)
+                    .before_acquire({
+                        let link = Arc::clone(&link);
+                        move |_, meta| {
+                            let trusted = link.trusts(meta.age);
+                            Box::pin(async move { Ok(trusted) })
+                        }
+                    })
                     .max_connections(HOT_PG_CONNECTIONS)
                     .min_connections(HOT_PG_CONNECTIONS)
                     // Few and always in use: an idle one is kept for the next burst.
@@ -269,7 +432,13 @@ impl Store {
             }
             Backend::Sqlite => None,
         };
-        let store = Self { pool, hot, backend };
+        let store = Self {
+            pool,
+            hot,
+            backend,
+            link,
+            probe,
+        };
         store.migrate().await?;
         Ok(store)
     }
@@ -293,9 +462,91 @@ impl Store {
         self.backend
     }
 
-    pub async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
+    /// Where the database is: `host:port`, a Unix socket, or the SQLite file.
+    pub fn target(&self) -> &str {
+        self.link.target()
+    }
+
+    /// `Ok` unless the last probe found the database away; then an
+    /// [`StoreError::Unavailable`] saying where and why, so a request fails at once
+    /// instead of waiting for a connection that cannot come.
+    pub fn check_available(&self) -> Result<(), StoreError> {
+        self.link.check()
+    }
+
+    /// Resolves once the database is known to be away (at once if it is now).
+    pub async fn went_down(&self) {
+        self.link.went_down().await;
+    }
+
+    /// Resolves when a request met a broken connection and asked for a probe.
+    pub async fn probe_wanted(&self) {
+        self.link.probe_wanted().await;
+    }
+
+    /// Tells the store that a request failed with `err`. A connection-level failure marks
+    /// every pooled connection open now as suspect (they are replaced, not reused) and
+    /// asks the health probe to look at once.
+    pub fn note_failure(&self, err: &StoreError) {
+        if self.backend == Backend::Postgres && err.is_unavailable() {
+            self.link.mark_broken();
+        }
+    }
+
+    /// Asks the database whether it answers, on a connection of the probe's own, and
+    /// records the answer for [`Store::check_available`]. An open connection that fails
+    /// is replaced at once and asked again, so a server restart that was over before the
+    /// probe looked does not count as an outage (though the pooled connections it broke
+    /// are replaced). The embedded SQLite file has no link to lose: always `Ok`.
+    pub async fn probe(&self) -> Result<(), StoreError> {
+        let Some(probe) = &self.probe else {
+            return Ok(());
+        };
+        let mut slot = probe.connection.lock().await;
+        let connect_timeout = if slot.is_some() && self.link.check().is_ok() {
+            PROBE_TIMEOUT
+        } else {
+            CONNECT_TIMEOUT
+        };
+        if let Some(connection) = slot.as_mut() {
+            match tokio::time::timeout(PROBE_TIMEOUT, connection.execute("SELECT 1")).await {
+                Ok(Ok(_)) => {
+                    self.link.mark_up();
+                    return Ok(());
+                }
+                Ok(Err(_)) | Err(_) => {
+                    *slot = None;
+                    self.link.mark_broken();
+                }
+            }
+        }
+        let answered = async {
+            let mut connection =
+                connect_postgres(&self.link, &probe.options, connect_timeout).await?;
+            match tokio::time::timeout(PROBE_TIMEOUT, connection.execute("SELECT 1")).await {
+                Ok(Ok(_)) => Ok(connection),
+                Ok(Err(e)) => Err(unreachable(&self.link, &e)),
+                Err(_) => Err(StoreError::Unavailable {
+                    target: self.link.target().to_string(),
+                    cause: format!("no answer to SELECT 1 within {PROBE_TIMEOUT:?}"),
+                }),
+            }
+        };
+        match answered.await {
+            Ok(connection) => {
+                *slot = Some(connection);
+                self.link.mark_up();
+                Ok(())
+            }
+            Err(e) => {
+                let cause = match &e {
+                    StoreError::Unavailable { cause, .. } => cause.clone(),
+                    other => other.to_string(),
+                };
+                self.link.mark_down(cause);
+                Err(e)
+            }
+        }
     }
 
     pub async fn close(&self) {

@@ -57,18 +57,21 @@ impl IpamError {
             Self::Alloc(e) => alloc_code(e),
             Self::Store(e) => match e {
                 StoreError::Config(_) => Code::InvalidArgument,
-                StoreError::Unavailable(_) => Code::Unavailable,
+                StoreError::Stopping(_) => Code::Unavailable,
                 StoreError::PoolExists(_) => Code::AlreadyExists,
                 StoreError::PoolNotFound(_) => Code::NotFound,
                 StoreError::Overlap { .. } | StoreError::OverlapRace => Code::AlreadyExists,
                 StoreError::PoolInUse { .. } => Code::FailedPrecondition,
-                StoreError::Corrupt(_) | StoreError::Migrate(_) => Code::Internal,
-                StoreError::Database(sqlx_err) => match sqlx_err {
-                    herald_ipam_store::SqlxError::PoolTimedOut
-                    | herald_ipam_store::SqlxError::PoolClosed
-                    | herald_ipam_store::SqlxError::Io(_) => Code::Unavailable,
-                    _ => Code::Internal,
-                },
+                // The connection or the server failed, not the request: the caller may
+                // retry (and every write is idempotent for its owner).
+                e if e.is_unavailable() => Code::Unavailable,
+                StoreError::Unavailable { .. } | StoreError::Interrupted { .. } => {
+                    Code::Unavailable
+                }
+                StoreError::Corrupt(_)
+                | StoreError::Migrate(_)
+                | StoreError::EmbeddedFile { .. }
+                | StoreError::Database(_) => Code::Internal,
             },
             Self::Mismatch(_) => Code::FailedPrecondition,
             Self::NotFound(_) => Code::NotFound,

@@ -16,9 +16,10 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
+use backon::{ExponentialBuilder, Retryable};
 use herald_api::ipam::v1::ipam_server::IpamServer;
 use herald_api::routing::v1::routing_server::RoutingServer;
-use herald_ipam_store::Store;
+use herald_ipam_store::{Store, StoreError};
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
@@ -38,10 +39,19 @@ pub const MAX_REQUEST_BYTES: usize = 16 * 1024 * 1024;
 /// How long in-flight calls may run on after SIGTERM. Well inside Kubernetes' default
 /// 30 s termination grace, long enough for any unary call to finish.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
-/// How often the store is pinged to keep the health status true.
-const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
-/// Longest wait between attempts to open the store at start.
+/// How often the store is probed while it answers. With the probe's own timeout (0.5 s)
+/// health turns NOT_SERVING within about a second of the database going away.
+const PROBE_INTERVAL: Duration = Duration::from_millis(250);
+/// Longest wait between probes while the store is away, so that health turns SERVING
+/// within about a second of its return. One `SELECT 1` a second is nothing to a server.
+const MAX_PROBE_BACKOFF: Duration = Duration::from_secs(1);
+/// Longest wait between attempts to open the store at start. The jitter that keeps
+/// replicas from retrying in step adds up to as much again as the exponential delay, so
+/// that delay is capped at half of this.
 const MAX_CONNECT_BACKOFF: Duration = Duration::from_secs(5);
+/// How long closing the store's connections may take at shutdown; with the database away
+/// they cannot close politely, and shutdown must not wait for them.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 const IPAM_SERVICE_NAME: &str = "herald.ipam.v1.Ipam";
 const ROUTING_SERVICE_NAME: &str = "herald.routing.v1.Routing";
 
@@ -92,7 +102,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         let url = config.database_url.clone();
         let supervisor = supervisor.clone();
         supervisor.clone().spawn("startup and health", async move {
-            let Some(store) = open_store(url.as_deref(), &shutdown).await else {
+            // A store that can never open is the process's failure: the supervisor exits
+            // non-zero with the reason.
+            let Some(store) = open_store(url.as_deref(), &shutdown).await? else {
                 return Ok(());
             };
             let ipam = Ipam::open(store)
@@ -172,51 +184,100 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 }
 
 /// Opens the store, retrying with backoff while the database is unreachable: a
-/// Kubernetes Deployment usually starts before its database is ready.
-async fn open_store(url: Option<&str>, shutdown: &CancellationToken) -> Option<Store> {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        match Store::open(url).await {
+/// Kubernetes Deployment usually starts before its database is ready. Each failure is
+/// logged at once with where and why. `Ok(None)` on shutdown; an error that retrying
+/// cannot mend (a URL that cannot work, an embedded file that cannot be written) ends
+/// the process.
+async fn open_store(
+    url: Option<&str>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<Store>> {
+    let opening = (|| Store::open(url))
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(100))
+                .with_max_delay(MAX_CONNECT_BACKOFF / 2)
+                .with_jitter()
+                .without_max_times(),
+        )
+        .sleep(tokio::time::sleep)
+        .when(|e: &StoreError| !e.is_permanent())
+        .notify(|e, retry_in| warn!(error = %e, ?retry_in, "cannot open the store"));
+    // Shutdown must not wait for a connection attempt.
+    tokio::select! {
+        () = shutdown.cancelled() => Ok(None),
+        opened = opening => match opened {
             Ok(store) => {
-                info!(backend = ?store.backend(), "store open and migrated");
-                return Some(store);
+                info!(backend = ?store.backend(), database = store.target(), "store open and migrated");
+                Ok(Some(store))
             }
-            Err(e) => warn!(error = %e, retry_in = ?backoff, "cannot open the store"),
-        }
-        tokio::select! {
-            () = shutdown.cancelled() => return None,
-            () = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(MAX_CONNECT_BACKOFF);
+            Err(e) => {
+                tracing::error!(error = %e, "the store cannot be opened with this configuration");
+                Err(anyhow::Error::new(e).context("cannot open the store"))
+            }
+        },
     }
 }
 
-/// SERVING while the store answers, NOT_SERVING while it does not.
+/// SERVING while the store answers, NOT_SERVING while it does not: a probe every
+/// [`PROBE_INTERVAL`] (or at once when a request met a broken connection), and while the
+/// store is away, probes with backoff up to [`MAX_PROBE_BACKOFF`] until it answers.
 async fn keep_health(
     ipam: Arc<Ipam>,
     reporter: tonic_health::server::HealthReporter,
     shutdown: CancellationToken,
 ) {
+    let store = ipam.store();
+    let set = |status| {
+        let reporter = reporter.clone();
+        async move {
+            reporter.set_service_status("", status).await;
+            reporter.set_service_status(IPAM_SERVICE_NAME, status).await;
+            reporter
+                .set_service_status(ROUTING_SERVICE_NAME, status)
+                .await;
+        }
+    };
+    let mut serving = false;
     loop {
-        let status = match ipam.store().ping().await {
-            Ok(()) => ServingStatus::Serving,
-            Err(e) => {
-                warn!(error = %e, "store unreachable");
-                ServingStatus::NotServing
-            }
+        let probed = tokio::select! {
+            () = shutdown.cancelled() => break,
+            probed = store.probe() => probed,
         };
-        reporter.set_service_status("", status).await;
-        reporter.set_service_status(IPAM_SERVICE_NAME, status).await;
-        reporter
-            .set_service_status(ROUTING_SERVICE_NAME, status)
-            .await;
-        tokio::select! {
-            () = shutdown.cancelled() => {
-                reporter.set_service_status("", ServingStatus::NotServing).await;
-                ipam.store().close().await;
-                return;
+        if probed.is_ok() && !serving {
+            set(ServingStatus::Serving).await;
+            serving = true;
+        }
+        if let Err(e) = probed {
+            warn!(database = store.target(), error = %e, "store unreachable; NOT_SERVING until it answers");
+            set(ServingStatus::NotServing).await;
+            let away_since = std::time::Instant::now();
+            let back = (|| store.probe())
+                .retry(
+                    ExponentialBuilder::default()
+                        .with_min_delay(Duration::from_millis(100))
+                        .with_max_delay(MAX_PROBE_BACKOFF)
+                        .without_max_times(),
+                )
+                .sleep(tokio::time::sleep)
+                .notify(
+                    |e, retry_in| tracing::debug!(error = %e, ?retry_in, "store still unreachable"),
+                );
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                _ = back => {}
             }
-            () = tokio::time::sleep(HEALTH_INTERVAL) => {}
+            info!(database = store.target(), away = ?away_since.elapsed(), "store reachable again; SERVING");
+            set(ServingStatus::Serving).await;
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = tokio::time::sleep(PROBE_INTERVAL) => {}
+            () = store.probe_wanted() => {}
         }
     }
+    reporter
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, store.close()).await;
 }

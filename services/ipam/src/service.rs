@@ -32,10 +32,15 @@ impl IpamService {
         Self { ipam, shutdown }
     }
 
+    /// The engine, or UNAVAILABLE at once while the store is not open or known to be away
+    /// (rather than a wait for a connection that cannot come).
     fn ipam(&self) -> Result<&Arc<Ipam>, Status> {
-        self.ipam
+        let ipam = self
+            .ipam
             .get()
-            .ok_or_else(|| Status::unavailable("the store is not open yet; retry shortly"))
+            .ok_or_else(|| Status::unavailable("the store is not open yet; retry shortly"))?;
+        ipam.store().check_available().map_err(IpamError::from)?;
+        Ok(ipam)
     }
 
     fn pool_pb(&self, ipam: &Ipam, stored: &StoredPool) -> pb::Pool {

@@ -9,7 +9,7 @@
 //! gave 1.3-1.5x the allocations/s of four at c = 8 and 32, with a lower p99.
 
 use herald_ipam_core::Plan;
-use herald_ipam_store::{CommitError, Store, StoreError};
+use herald_ipam_store::{CommitError, SqlxError, Store, StoreError};
 use herald_model::AllocationRequest;
 use tokio::sync::{mpsc, oneshot};
 
@@ -57,7 +57,7 @@ impl Writer {
             reply,
         };
         let gone = || {
-            CommitError::Store(StoreError::Unavailable(
+            CommitError::Store(StoreError::Stopping(
                 "the store writer has stopped (shutting down); retry".into(),
             ))
         };
@@ -70,6 +70,19 @@ async fn write_groups(store: Store, mut receiver: mpsc::Receiver<Pending>) {
     let mut group = Vec::with_capacity(MAX_GROUP);
     // Bounded by the senders: the loop ends when every `Writer` is gone.
     while receiver.recv_many(&mut group, MAX_GROUP).await > 0 {
+        // While the store is known to be away nothing is tried: each call fails at once,
+        // and none can be written later, after its client has given up.
+        if let Err(StoreError::Unavailable { target, cause }) = store.check_available() {
+            for pending in group.drain(..) {
+                let _ = pending
+                    .reply
+                    .send(Err(CommitError::Store(StoreError::Unavailable {
+                        target: target.clone(),
+                        cause: cause.clone(),
+                    })));
+            }
+            continue;
+        }
         // Two calls for one owner in one group would fail the whole group on the
         // owner's key (and, on Postgres, burn history revisions the change feed then
         // waits out); the repeats are written after the group, one by one.
@@ -77,22 +90,81 @@ async fn write_groups(store: Store, mut receiver: mpsc::Receiver<Pending>) {
         let (first, repeats): (Vec<Pending>, Vec<Pending>) = group
             .drain(..)
             .partition(|p| owners.insert(p.request.owner.uid.clone()));
-        let results = if let [one] = first.as_slice() {
-            vec![store.commit(&one.request, &one.plan).await]
-        } else {
-            let batch: Vec<(&AllocationRequest, &Plan)> =
-                first.iter().map(|p| (&p.request, &p.plan)).collect();
-            store.commit_batch(&batch).await
+        let write = async {
+            if let [one] = first.as_slice() {
+                vec![store.commit(&one.request, &one.plan).await]
+            } else {
+                let batch: Vec<(&AllocationRequest, &Plan)> =
+                    first.iter().map(|p| (&p.request, &p.plan)).collect();
+                store.commit_batch(&batch).await
+            }
         };
+        let results = guarded(&store, first.len(), write).await;
         for (pending, result) in first.into_iter().zip(results) {
             // The caller may have gone; its allocation stands either way.
             let _ = pending.reply.send(result);
         }
         for pending in repeats {
-            let result = store.commit(&pending.request, &pending.plan).await;
-            let _ = pending.reply.send(result);
+            let write = async { vec![store.commit(&pending.request, &pending.plan).await] };
+            let result = guarded(&store, 1, write).await.pop();
+            if let Some(result) = result {
+                let _ = pending.reply.send(result);
+            }
         }
     }
+}
+
+/// Runs the write of `n` plans, but gives it up when the store is found away meanwhile:
+/// its connection is then broken or hanging, and the callers hear within about a second
+/// rather than at their deadline.
+async fn guarded(
+    store: &Store,
+    n: usize,
+    write: impl Future<Output = Vec<Result<i64, CommitError>>>,
+) -> Vec<Result<i64, CommitError>> {
+    let results = tokio::select! {
+        biased;
+        results = write => results,
+        () = store.went_down() => (0..n)
+            .map(|_| Err(CommitError::Store(StoreError::Interrupted {
+                target: store.target().to_string(),
+                cause: "the database stopped answering".to_string(),
+            })))
+            .collect(),
+    };
+    results
+        .into_iter()
+        .map(|result| explain(store, result))
+        .collect()
+}
+
+/// Says honestly what a connection-level failure means for a write. When no connection
+/// could be had, nothing was sent. Otherwise the commit may have reached the server with
+/// its answer lost: the caller is told the write may have been done, which is safe to
+/// retry (the owner is answered with what it holds). The store is told too, so that no
+/// connection open now is reused untested.
+fn explain(store: &Store, result: Result<i64, CommitError>) -> Result<i64, CommitError> {
+    let Err(CommitError::Store(err)) = result else {
+        return result;
+    };
+    if !err.is_unavailable() {
+        return Err(CommitError::Store(err));
+    }
+    store.note_failure(&err);
+    let target = store.target().to_string();
+    Err(CommitError::Store(match err {
+        StoreError::Database(e @ (SqlxError::PoolTimedOut | SqlxError::PoolClosed)) => {
+            StoreError::Unavailable {
+                target,
+                cause: e.to_string(),
+            }
+        }
+        StoreError::Database(e) => StoreError::Interrupted {
+            target,
+            cause: e.to_string(),
+        },
+        other => other,
+    }))
 }
 
 #[cfg(test)]

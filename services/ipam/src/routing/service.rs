@@ -49,10 +49,18 @@ impl RoutingService {
         Self { ready, shutdown }
     }
 
+    /// The engine, or UNAVAILABLE at once while the store is not open or known to be away.
     fn ready(&self) -> Result<&Ready, Status> {
-        self.ready
+        let ready = self
+            .ready
             .get()
-            .ok_or_else(|| Status::unavailable("the store is not open yet; retry shortly"))
+            .ok_or_else(|| Status::unavailable("the store is not open yet; retry shortly"))?;
+        ready
+            .ipam
+            .store()
+            .check_available()
+            .map_err(crate::IpamError::from)?;
+        Ok(ready)
     }
 }
 
