@@ -280,6 +280,13 @@ impl Ipam {
         index.usage(pool)
     }
 
+    /// The capacity `spec` would give its pool if an update applied it now.
+    pub fn preview_usage(&self, spec: &PoolSpec) -> Vec<PoolUsage> {
+        let mut index = self.index();
+        index.expire_quarantine(herald_ipam_store::now_micros());
+        index.preview_usage(spec)
+    }
+
     #[tracing::instrument(name = "create_pool", skip_all, fields(pool = %spec.name))]
     pub async fn create_pool(&self, spec: &PoolSpec) -> Result<StoredPool, IpamError> {
         let stored = self.store.create_pool(spec).await?;

@@ -126,7 +126,13 @@ impl IpamRpc for IpamService {
             ipam.update_pool(&spec, force, dry_run).await
         })
         .await?;
-        let pool = change.pool.as_ref().map(|p| self.pool_pb(ipam, p));
+        let pool = change.pool.as_ref().map(|p| {
+            if dry_run {
+                pool_to_pb(p, &ipam.preview_usage(&p.spec))
+            } else {
+                self.pool_pb(ipam, p)
+            }
+        });
         Ok(Response::new(pb::UpdatePoolResponse {
             pool,
             affected: change.affected.iter().map(allocation_to_pb).collect(),
