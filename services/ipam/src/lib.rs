@@ -5,6 +5,7 @@ mod convert;
 mod error;
 mod feed;
 mod ipam;
+mod page_token;
 mod routing;
 mod service;
 mod writer;
