@@ -225,6 +225,18 @@ impl PoolState {
     }
 }
 
+fn usage_of(pool: &PoolState) -> Vec<PoolUsage> {
+    pool.spec
+        .families()
+        .map(|family| PoolUsage {
+            family,
+            total: pool.total[slot(family)],
+            used: pool.used[slot(family)],
+            quarantined: pool.resting[slot(family)].len() as u64,
+        })
+        .collect()
+}
+
 impl PoolIndex {
     pub fn new() -> Self {
         Self::default()
@@ -264,9 +276,33 @@ impl PoolIndex {
         {
             return;
         }
+        // Claims outside the new spec count until their release is observed.
+        let state = self.state_under(spec, generation, |_| true);
+        self.pools.insert(name, state);
+        self.reorder();
+    }
+
+    /// The capacity `spec` would give its pool if it replaced the current one now, as an
+    /// update would apply it: claims outside the new addresses are released (a forced
+    /// update releases them; an unforced one is refused), claims inside stay used, and
+    /// resting addresses the new spec still hands out keep resting. Changes nothing.
+    pub fn preview_usage(&self, spec: &PoolSpec) -> Vec<PoolUsage> {
+        let generation = self.pool(spec.name.as_str()).map_or(0, |(_, g)| g);
+        usage_of(&self.state_under(spec.clone(), generation, |ip| spec.contains(ip)))
+    }
+
+    /// The state of pool `spec` with the claims recorded for it that `keep` accepts, and
+    /// the quarantines of its current state.
+    fn state_under(
+        &self,
+        spec: PoolSpec,
+        generation: i64,
+        keep: impl Fn(IpAddr) -> bool,
+    ) -> PoolState {
+        let name = spec.name.to_string();
         let mut state = PoolState::new(spec, generation);
         for (ip, claim) in &self.claims {
-            if claim.pool == name {
+            if claim.pool == name && keep(*ip) {
                 let family = IpFamily::of(*ip);
                 state.free[slot(family)].remove(ip_to_u128(*ip));
                 state.used[slot(family)] += 1;
@@ -284,8 +320,7 @@ impl PoolIndex {
             }
             state.spread = old.spread;
         }
-        self.pools.insert(name, state);
-        self.reorder();
+        state
     }
 
     pub fn remove_pool(&mut self, name: &str) {
@@ -302,18 +337,7 @@ impl PoolIndex {
     }
 
     pub fn usage(&self, name: &str) -> Vec<PoolUsage> {
-        let Some(pool) = self.pools.get(name) else {
-            return Vec::new();
-        };
-        pool.spec
-            .families()
-            .map(|family| PoolUsage {
-                family,
-                total: pool.total[slot(family)],
-                used: pool.used[slot(family)],
-                quarantined: pool.resting[slot(family)].len() as u64,
-            })
-            .collect()
+        self.pools.get(name).map(usage_of).unwrap_or_default()
     }
 
     /// The pool whose addresses contain `ip`, if any.
@@ -1082,6 +1106,34 @@ mod tests {
             ips(&restarted.plan(&request("i")).expect("plans")),
             ["172.16.0.241"]
         );
+    }
+
+    #[test]
+    fn preview_usage_shows_a_new_spec_over_the_current_claims_and_changes_nothing() {
+        const SECOND: i64 = 1_000_000;
+        let lab = |cidr: &str| pool("lab", &[cidr], |p| p.quarantine_seconds = 60);
+        let mut index = PoolIndex::load(vec![lab("172.16.0.240/28")], vec![]);
+        for uid in ["a", "b", "c"] {
+            index.plan(&request(uid)).expect("plans");
+        }
+        // .241 and .242 held, .243 resting.
+        index.observe_released(ip("172.16.0.243"), "c", Some(100 * SECOND));
+        let before = index.usage("lab");
+        let counts = |usage: Vec<PoolUsage>| {
+            let u = usage[0];
+            (u.total, u.used, u.quarantined, u.free())
+        };
+
+        let (grown, _) = lab("172.16.0.224/27");
+        assert_eq!(counts(index.preview_usage(&grown)), (30, 2, 1, 27));
+        // .242 and .243 stay inside, .241 is released by the shrink.
+        let (shrunk, _) = lab("172.16.0.242/31");
+        assert_eq!(counts(index.preview_usage(&shrunk)), (2, 1, 1, 0));
+        let (elsewhere, _) = lab("10.0.0.0/30");
+        assert_eq!(counts(index.preview_usage(&elsewhere)), (2, 0, 0, 2));
+
+        assert_eq!(index.usage("lab"), before, "a preview changes nothing");
+        assert_eq!(index.pool("lab").map(|(_, g)| g), Some(1));
     }
 
     #[test]

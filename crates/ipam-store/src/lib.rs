@@ -700,8 +700,12 @@ impl Store {
         };
         if dry_run {
             tx.rollback().await?;
+            // Nothing was stored: the new spec beside the generation and times that are.
             return Ok(PoolChange {
-                pool: Some(updated),
+                pool: Some(StoredPool {
+                    spec: spec.clone(),
+                    ..current
+                }),
                 affected,
                 released: Vec::new(),
             });

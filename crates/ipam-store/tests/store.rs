@@ -482,6 +482,14 @@ async fn shrinking_or_deleting_a_pool_in_use_is_refused_unless_forced(db: &TestD
     );
     let dry = store.update_pool(&smaller, false, true).await.unwrap();
     assert_eq!(dry.affected.len(), 1);
+    let previewed = dry.pool.unwrap();
+    let stored = store.load_pool("lab").await.unwrap().unwrap();
+    assert_eq!(previewed.spec, smaller, "the spec the update would store");
+    assert_eq!(
+        (previewed.generation, previewed.updated_at),
+        (stored.generation, stored.updated_at),
+        "the generation and time that are stored, not ones never written"
+    );
     assert_eq!(
         store.load_pool("lab").await.unwrap().unwrap().generation,
         1,

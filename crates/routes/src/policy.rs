@@ -111,7 +111,7 @@ pub struct PeerInput {
     pub port: Option<u32>,
     /// Empty selects every node.
     pub node_selector: LabelSelector,
-    /// Address families announced on the session; empty means both.
+    /// Address families announced on the session; empty means the family of `address`.
     pub families: Vec<IpFamily>,
     pub hold_time: Option<u32>,
     pub keepalive: Option<u32>,
@@ -325,7 +325,9 @@ impl Peer {
         families.sort();
         families.dedup();
         if families.is_empty() {
-            families = vec![IpFamily::V4, IpFamily::V6];
+            // What the API promises: a ToR that was not asked for another family is not
+            // offered it in the OPEN (it may refuse the capability and the session).
+            families = vec![IpFamily::of(address)];
         }
         let hold_time = match input.hold_time {
             None => DEFAULT_HOLD_TIME,

@@ -223,7 +223,11 @@ fn lab_cluster_service_is_announced_by_every_node_for_ecmp() {
             (session.graceful_restart, session.restart_time),
             (false, 120)
         );
-        assert_eq!(session.families, [IpFamily::V4, IpFamily::V6]);
+        assert_eq!(
+            session.families,
+            [IpFamily::V4],
+            "an IPv4 peer that names no family gets IPv4 only"
+        );
         assert!(session.is_ebgp());
         let announced = &routes.routes["tor"];
         assert_eq!(announced.len(), 1, "{name}");
@@ -723,10 +727,14 @@ fn v6_nodes() -> Vec<Node> {
 
 #[test]
 fn ipv6_host_routes_and_next_hops() {
+    // IPv6 over an IPv4 session only when the peer asks for it (MP-BGP).
+    let mut tor = peer("tor", "10.10.10.1", 65001);
+    tor.families = vec![IpFamily::V4, IpFamily::V6];
     let policy = policy(
         vec![
-            peer("tor", "10.10.10.1", 65001),
+            tor,
             peer("tor6", "fd00:10::1", 65001),
+            peer("tor-v4", "10.10.10.2", 65001),
         ],
         vec![AdvertisementInput::default()],
     );
@@ -735,7 +743,11 @@ fn ipv6_host_routes_and_next_hops() {
     let out = &report.nodes;
     let host = net("fd00:172:16::241/128");
     for (name, v6) in [("n1", "fd00:10::10"), ("n2", "fd00:10::11")] {
-        assert_eq!(session_names(out, name), ["tor", "tor6"]);
+        assert_eq!(session_names(out, name), ["tor", "tor-v4", "tor6"]);
+        assert!(
+            out[name].routes["tor-v4"].is_empty(),
+            "an IPv4 peer that names no family gets no IPv6 routes"
+        );
         assert_eq!(
             out[name].routes["tor6"][&host].next_hop.to_string(),
             v6,
@@ -749,7 +761,7 @@ fn ipv6_host_routes_and_next_hops() {
         );
     }
     // n3 has no IPv6 address: no IPv6 session, and the /128 is skipped on the IPv4 one.
-    assert_eq!(session_names(out, "n3"), ["tor"]);
+    assert_eq!(session_names(out, "n3"), ["tor", "tor-v4"]);
     assert!(out["n3"].routes["tor"].is_empty());
     assert_eq!(
         report.problems,

@@ -435,8 +435,20 @@ impl Ipam {
 
     // ---- pools -------------------------------------------------------------------------
 
+    /// Capacity as of now: quarantines that ended since the last Allocate are ended here
+    /// too, so a reader never sees addresses resting that automatic allocation would hand
+    /// out.
     pub fn usage(&self, pool: &str) -> Vec<PoolUsage> {
-        self.index().usage(pool)
+        let mut index = self.index();
+        index.expire_quarantine(herald_ipam_store::now_micros());
+        index.usage(pool)
+    }
+
+    /// The capacity `spec` would give its pool if an update applied it now.
+    pub fn preview_usage(&self, spec: &PoolSpec) -> Vec<PoolUsage> {
+        let mut index = self.index();
+        index.expire_quarantine(herald_ipam_store::now_micros());
+        index.preview_usage(spec)
     }
 
     #[tracing::instrument(name = "create_pool", skip_all, fields(pool = %spec.name))]

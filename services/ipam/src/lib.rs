@@ -6,6 +6,7 @@ mod error;
 mod feed;
 mod ipam;
 mod oversize;
+mod page_token;
 mod routing;
 mod service;
 mod supervise;

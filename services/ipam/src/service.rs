@@ -18,6 +18,7 @@ use tonic::{Request, Response, Status};
 use crate::IpamError;
 use crate::convert::{self, allocate_request_from_pb, allocation_to_pb, history_to_pb, pool_to_pb};
 use crate::ipam::{Ipam, MAX_BATCH};
+use crate::page_token::{self, Listing};
 
 /// The gRPC face of the service. It answers UNAVAILABLE until the store is open, so the
 /// health and reflection services can run from the first moment.
@@ -54,19 +55,6 @@ fn invalid(err: FieldError) -> Status {
 
 fn pool_name(field: &str, name: &str) -> Result<PoolName, Status> {
     PoolName::parse(field, name).map_err(invalid)
-}
-
-fn revision_token(field: &str, token: &str) -> Result<i64, Status> {
-    if token.is_empty() {
-        return Ok(0);
-    }
-    token.parse::<i64>().ok().filter(|t| *t > 0).ok_or_else(|| {
-        invalid(FieldError::new(
-            field,
-            token,
-            "is not a token this server issued",
-        ))
-    })
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Status>> + Send>>;
@@ -132,7 +120,13 @@ impl IpamRpc for IpamService {
             ipam.update_pool(&spec, force, dry_run).await
         })
         .await?;
-        let pool = change.pool.as_ref().map(|p| self.pool_pb(ipam, p));
+        let pool = change.pool.as_ref().map(|p| {
+            if dry_run {
+                pool_to_pb(p, &ipam.preview_usage(&p.spec))
+            } else {
+                self.pool_pb(ipam, p)
+            }
+        });
         Ok(Response::new(pb::UpdatePoolResponse {
             pool,
             affected: change.affected.iter().map(allocation_to_pb).collect(),
@@ -317,6 +311,9 @@ impl IpamRpc for IpamService {
         } else {
             page_size
         };
+        let after_uid = page_token::read(Listing::Allocations, "page_token", &page_token)
+            .map_err(invalid)?
+            .unwrap_or_default();
         let filter = AllocationFilter {
             pool,
             namespace,
@@ -324,12 +321,14 @@ impl IpamRpc for IpamService {
         };
         let (allocations, next) = ipam
             .store()
-            .list_allocations(&filter, page_size, &page_token)
+            .list_allocations(&filter, page_size, &after_uid)
             .await
             .map_err(IpamError::from)?;
         Ok(Response::new(pb::ListAllocationsResponse {
             allocations: allocations.iter().map(allocation_to_pb).collect(),
-            next_page_token: next.unwrap_or_default(),
+            next_page_token: next
+                .map(|uid| page_token::issue(Listing::Allocations, &uid))
+                .unwrap_or_default(),
         }))
     }
 
@@ -358,7 +357,7 @@ impl IpamRpc for IpamService {
                 )));
             }
         };
-        let before = revision_token("page_token", &page_token)?;
+        let before = page_token::read_revision("page_token", &page_token).map_err(invalid)?;
         let page_size = if page_size == 0 {
             DEFAULT_PAGE_SIZE
         } else {
@@ -371,7 +370,9 @@ impl IpamRpc for IpamService {
             .map_err(IpamError::from)?;
         Ok(Response::new(pb::HistoryResponse {
             entries: entries.iter().map(history_to_pb).collect(),
-            next_page_token: next.map(|r| r.to_string()).unwrap_or_default(),
+            next_page_token: next
+                .map(|r| page_token::issue(Listing::History, &r.to_string()))
+                .unwrap_or_default(),
         }))
     }
 

@@ -706,3 +706,212 @@ async fn reflection_v1_and_v1alpha_list_the_services() {
         matches!(response.message_response, Some(r1a::server_reflection_response::MessageResponse::FileDescriptorResponse(ref f)) if !f.file_descriptor_proto.is_empty())
     );
 }
+
+/// `(used, quarantined, free)` of the first family of every pool, as GetPool and ListPools
+/// report them.
+async fn capacity_seen(c: &mut IpamClient<Channel>, name: &str) -> [(u64, u64, String); 2] {
+    let one = |p: &pb::Pool| {
+        let first = &p.capacity[0];
+        (first.used, first.quarantined, first.free.clone())
+    };
+    let got = c
+        .get_pool(pb::GetPoolRequest { name: name.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let listed = c
+        .list_pools(pb::ListPoolsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let listed = listed.pools.iter().find(|p| p.name == name).unwrap();
+    [one(&got), one(listed)]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capacity_is_true_when_read_after_a_quarantine_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), None).await;
+    let mut c = server.client().await;
+    create_pool(
+        &mut c,
+        pb::Pool {
+            quarantine_seconds: 1,
+            ..pool("q", &["172.16.0.240/30"])
+        },
+    )
+    .await;
+    allocate_ok(&mut c, allocate("a")).await;
+    c.release(pb::ReleaseRequest {
+        owner_uid: "a".into(),
+        reason: "deleted".into(),
+    })
+    .await
+    .unwrap();
+    let resting = (0, 1, "1".to_string());
+    assert_eq!(capacity_seen(&mut c, "q").await, [resting.clone(), resting]);
+    // No Allocate after the quarantine ends: reading alone must show it over.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let ended = (0, 0, "2".to_string());
+    assert_eq!(capacity_seen(&mut c, "q").await, [ended.clone(), ended]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_pool_dry_run_previews_the_new_capacity_and_the_stored_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), None).await;
+    let mut c = server.client().await;
+    let created = create_pool(&mut c, pool("lab", &["172.16.0.240/28"])).await;
+    allocate_ok(&mut c, allocate("a")).await;
+    let update = |addresses: &[&str], dry_run: bool| pb::UpdatePoolRequest {
+        pool: Some(pool("lab", addresses)),
+        force: false,
+        dry_run,
+    };
+
+    let grown = c
+        .update_pool(update(&["172.16.0.224/27"], true))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(grown.dry_run);
+    let preview = grown.pool.unwrap();
+    assert_eq!(preview.addresses, ["172.16.0.224/27"]);
+    let capacity = &preview.capacity[0];
+    assert_eq!(
+        (
+            capacity.total.as_str(),
+            capacity.used,
+            capacity.free.as_str()
+        ),
+        ("30", 1, "29"),
+        "the capacity the new addresses would give"
+    );
+    assert_eq!(
+        (preview.generation, preview.update_time),
+        (created.generation, created.update_time),
+        "a dry run stores nothing, so it shows the stored generation and update time"
+    );
+
+    // A shrink that would release the allocation, previewed: its address leaves the pool.
+    let shrunk = c
+        .update_pool(update(&["172.16.0.244/30"], true))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(shrunk.affected.len(), 1);
+    let capacity = &shrunk.pool.unwrap().capacity[0];
+    assert_eq!(
+        (
+            capacity.total.as_str(),
+            capacity.used,
+            capacity.free.as_str()
+        ),
+        ("2", 0, "2")
+    );
+
+    let stored = c
+        .get_pool(pb::GetPoolRequest { name: "lab".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stored.generation, created.generation);
+    assert_eq!(stored.capacity[0].total, "14", "nothing changed");
+
+    // The real update stores the next generation and the capacity the dry run showed.
+    let applied = c
+        .update_pool(update(&["172.16.0.224/27"], false))
+        .await
+        .unwrap()
+        .into_inner()
+        .pool
+        .unwrap();
+    assert_eq!(applied.generation, created.generation + 1);
+    assert_eq!(applied.capacity, preview.capacity);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_tokens_are_opaque_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), None).await;
+    let mut c = server.client().await;
+    create_pool(&mut c, pool("lab", &["172.16.0.240/28"])).await;
+    for uid in ["a", "b", "c"] {
+        allocate_ok(&mut c, allocate(uid)).await;
+    }
+    let list = |page_token: &str| pb::ListAllocationsRequest {
+        page_size: 1,
+        page_token: page_token.into(),
+        ..Default::default()
+    };
+    let history = |page_token: &str| pb::HistoryRequest {
+        ip: "172.16.0.241".into(),
+        page_size: 1,
+        page_token: page_token.into(),
+        ..Default::default()
+    };
+    // Three pages of one, each token leading to the next owner.
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    for _ in 0..3 {
+        let page = c.list_allocations(list(&token)).await.unwrap().into_inner();
+        seen.extend(
+            page.allocations
+                .iter()
+                .map(|a| a.owner.clone().unwrap().uid),
+        );
+        token = page.next_page_token;
+        assert!(
+            !["a", "b", "c"].contains(&token.as_str()),
+            "{token:?} is a raw uid"
+        );
+    }
+    assert_eq!(seen, ["a", "b", "c"]);
+    assert_eq!(token, "", "the last page says it is the last");
+
+    c.release(pb::ReleaseRequest {
+        owner_uid: "a".into(),
+        reason: String::new(),
+    })
+    .await
+    .unwrap();
+    let list_token = c
+        .list_allocations(list(""))
+        .await
+        .unwrap()
+        .into_inner()
+        .next_page_token;
+    let history_token = c
+        .history(history(""))
+        .await
+        .unwrap()
+        .into_inner()
+        .next_page_token;
+    assert!(!list_token.is_empty() && !history_token.is_empty());
+    assert!(
+        history_token.parse::<i64>().is_err(),
+        "{history_token:?} is a raw revision"
+    );
+    let page = c
+        .history(history(&history_token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page.entries.len(), 1, "the second page of the history");
+
+    // Garbled, invented and foreign tokens are refused the same way on both.
+    for bad in ["xyz", "b", "%%%", &history_token] {
+        expect(
+            c.list_allocations(list(bad)).await,
+            Code::InvalidArgument,
+            "page_token",
+        );
+    }
+    for bad in ["xyz", "1", "%%%", &list_token] {
+        expect(
+            c.history(history(bad)).await,
+            Code::InvalidArgument,
+            "page_token",
+        );
+    }
+}

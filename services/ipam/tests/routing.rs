@@ -345,3 +345,131 @@ async fn bad_routing_input_is_refused_precisely() {
             .is_empty()
     );
 }
+
+/// The session `node` is told to open with the peer named `peer`, once a snapshot shows
+/// `want` (the engine applies a policy shortly after SetBgpPolicy answers).
+async fn session(
+    routing: &mut RoutingClient<Channel>,
+    node: &str,
+    peer: &str,
+    want: impl Fn(&pb::Peer) -> bool,
+) -> pb::Peer {
+    let mut stream = watch(routing, node).await;
+    let mut last = None;
+    for _ in 0..20 {
+        let Ok(Some(Ok(snapshot))) =
+            tokio::time::timeout(Duration::from_secs(5), stream.next()).await
+        else {
+            break;
+        };
+        last = snapshot
+            .peers
+            .into_iter()
+            .filter_map(|p| p.peer)
+            .find(|p| p.name == peer);
+        if last.as_ref().is_some_and(&want) {
+            return last.unwrap();
+        }
+    }
+    panic!("{node} never got the expected session with {peer}; the last was {last:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_without_families_gets_the_family_of_its_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), None).await;
+    let mut routing = RoutingClient::new(server.channel().await.unwrap());
+    let mut policy = tor_policy();
+    let mut v6 = policy.peers[0].clone();
+    v6.name = "tor6".into();
+    v6.address = "::1".into();
+    policy.peers.push(v6);
+    let mut both = policy.peers[0].clone();
+    both.name = "tor-both".into();
+    both.address = "127.0.0.2".into();
+    both.families = vec![
+        ipam_pb::IpFamily::Ipv4 as i32,
+        ipam_pb::IpFamily::Ipv6 as i32,
+    ];
+    policy.peers.push(both);
+    routing.set_bgp_policy(policy).await.unwrap();
+    let mut n1 = node("n1", "127.0.0.10", &[("bgp-peer", "true")]);
+    n1.addresses.push("::10".into());
+    routing.upsert_node(n1).await.unwrap();
+
+    let v4 = vec![ipam_pb::IpFamily::Ipv4 as i32];
+    let v6 = vec![ipam_pb::IpFamily::Ipv6 as i32];
+    let dual = vec![
+        ipam_pb::IpFamily::Ipv4 as i32,
+        ipam_pb::IpFamily::Ipv6 as i32,
+    ];
+    let stored = routing
+        .get_bgp_policy(pb::GetBgpPolicyRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let families: Vec<_> = stored.peers.iter().map(|p| p.families.clone()).collect();
+    assert_eq!(families, [v4.clone(), v6.clone(), dual.clone()]);
+    // What the speaker is told to offer in its OPEN.
+    session(&mut routing, "n1", "tor", |p| p.families == v4).await;
+    session(&mut routing, "n1", "tor6", |p| p.families == v6).await;
+    session(&mut routing, "n1", "tor-both", |p| p.families == dual).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_md5_placeholder_written_back_keeps_the_stored_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), None).await;
+    let mut routing = RoutingClient::new(server.channel().await.unwrap());
+    routing
+        .upsert_node(node("n1", "127.0.0.10", &[("bgp-peer", "true")]))
+        .await
+        .unwrap();
+    let mut policy = tor_policy();
+    policy.peers[0].md5_password = "s3cret".into();
+    routing.set_bgp_policy(policy).await.unwrap();
+    session(&mut routing, "n1", "tor", |p| p.md5_password == "s3cret").await;
+
+    // The usual read-modify-write: the password comes back as the placeholder.
+    let mut read = routing
+        .get_bgp_policy(pb::GetBgpPolicyRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(read.peers[0].md5_password, "(set)", "never shown");
+    read.peers[0].connect_retry_seconds = 7;
+    let written = routing.set_bgp_policy(read).await.unwrap().into_inner();
+    assert_eq!(written.peers[0].md5_password, "(set)");
+    session(&mut routing, "n1", "tor", |p| {
+        (p.md5_password.as_str(), p.connect_retry_seconds) == ("s3cret", 7)
+    })
+    .await;
+
+    // A new password replaces it; an empty one removes it.
+    let mut changed = tor_policy();
+    changed.peers[0].md5_password = "other".into();
+    routing.set_bgp_policy(changed).await.unwrap();
+    session(&mut routing, "n1", "tor", |p| p.md5_password == "other").await;
+    routing.set_bgp_policy(tor_policy()).await.unwrap();
+    session(&mut routing, "n1", "tor", |p| p.md5_password.is_empty()).await;
+
+    // The placeholder for a peer that has no stored password means nothing.
+    let mut bad = tor_policy();
+    bad.peers[0].md5_password = "(set)".into();
+    expect(
+        routing.set_bgp_policy(bad).await,
+        Code::InvalidArgument,
+        "peers[0].md5_password",
+    );
+    assert_eq!(
+        routing
+            .get_bgp_policy(pb::GetBgpPolicyRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .peers[0]
+            .md5_password,
+        "",
+        "the refused policy stored nothing"
+    );
+}

@@ -14,6 +14,10 @@ use herald_routes::{
 
 use crate::convert::{family_to_pb, parse_ip, selector_from_pb, selector_to_pb, timestamp};
 
+/// What GetBgpPolicy shows for a stored MD5 password, which it never reveals. Written back
+/// (the usual read-modify-write), it keeps the password stored for the peer of that name.
+pub const MD5_PASSWORD_PLACEHOLDER: &str = "(set)";
+
 /// An optional number where 0 means "the default".
 fn nonzero(value: u32) -> Option<u32> {
     (value != 0).then_some(value)
@@ -80,7 +84,12 @@ fn subnet(field: &str, text: &str) -> Result<Option<ipnet::IpNet>, FieldError> {
         .map_err(|_| FieldError::new(field, text, "is not a CIDR"))
 }
 
-fn peer_from_pb(i: usize, peer: pb::Peer) -> Result<PeerInput, FieldError> {
+/// `stored` is the policy in force, whose passwords the placeholder refers to.
+fn peer_from_pb(
+    i: usize,
+    peer: pb::Peer,
+    stored: Option<&BgpPolicy>,
+) -> Result<PeerInput, FieldError> {
     let pb::Peer {
         name,
         address,
@@ -105,6 +114,25 @@ fn peer_from_pb(i: usize, peer: pb::Peer) -> Result<PeerInput, FieldError> {
         .enumerate()
         .map(|(j, f)| family_from_pb(&format!("{at}.families[{j}]"), *f))
         .collect::<Result<Vec<_>, _>>()?;
+    let md5_password = match md5_password.as_str() {
+        "" => None,
+        MD5_PASSWORD_PLACEHOLDER => {
+            let kept = stored
+                .and_then(|policy| policy.peers.iter().find(|p| p.name == name))
+                .and_then(|p| p.md5_password.as_ref())
+                .ok_or_else(|| {
+                    FieldError::new(
+                        format!("{at}.md5_password"),
+                        "",
+                        format!(
+                            "is {MD5_PASSWORD_PLACEHOLDER:?}, which keeps a stored password, but no password is stored for a peer of this name; send the password, or nothing for none"
+                        ),
+                    )
+                })?;
+            Some(kept.expose().to_string())
+        }
+        _ => Some(md5_password),
+    };
     let source_address = match subnet(&format!("{at}.source_subnet"), &source_subnet)? {
         Some(net) => SourceAddressRule::InSubnet(net),
         None => SourceAddressRule::FirstOfPeerFamily,
@@ -122,7 +150,7 @@ fn peer_from_pb(i: usize, peer: pb::Peer) -> Result<PeerInput, FieldError> {
         hold_time: nonzero(hold_time_seconds),
         keepalive: nonzero(keepalive_seconds),
         connect_retry: nonzero(connect_retry_seconds),
-        md5_password: (!md5_password.is_empty()).then_some(md5_password),
+        md5_password,
         multihop_ttl: nonzero(multihop_ttl),
         graceful_restart,
         restart_time: nonzero(restart_time_seconds),
@@ -166,10 +194,12 @@ fn advertisement_from_pb(
     })
 }
 
-/// Validates a whole policy; `pools` are the pool names rules may refer to.
+/// Validates a whole policy; `pools` are the pool names rules may refer to, `stored` the
+/// policy it replaces (for [`MD5_PASSWORD_PLACEHOLDER`]).
 pub fn policy_from_pb(
     policy: pb::BgpPolicy,
     pools: &[herald_model::PoolName],
+    stored: Option<&BgpPolicy>,
 ) -> Result<BgpPolicy, FieldError> {
     let pb::BgpPolicy {
         local_asn,
@@ -194,7 +224,7 @@ pub fn policy_from_pb(
         peers: peers
             .into_iter()
             .enumerate()
-            .map(|(i, p)| peer_from_pb(i, p))
+            .map(|(i, p)| peer_from_pb(i, p, stored))
             .collect::<Result<_, _>>()?,
         advertisements: advertisements
             .into_iter()
@@ -224,9 +254,9 @@ pub fn policy_to_pb(policy: &BgpPolicy) -> pb::BgpPolicy {
                 hold_time_seconds: u32::from(p.hold_time),
                 keepalive_seconds: u32::from(p.keepalive),
                 connect_retry_seconds: u32::from(p.connect_retry),
-                // Secrets are write-only: reading the policy back never shows them.
+                // Secrets are never shown; the placeholder written back keeps them.
                 md5_password: if p.md5_password.is_some() {
-                    "(set)".into()
+                    MD5_PASSWORD_PLACEHOLDER.into()
                 } else {
                     String::new()
                 },

@@ -42,6 +42,15 @@ fn json<T: serde::Serialize>(value: &T) -> Result<String, Status> {
     serde_json::to_string(value).map_err(|e| Status::internal(format!("encoding: {e}")))
 }
 
+/// The policy in force, if one has been set.
+async fn stored_policy(ready: &Ready) -> Result<Option<herald_routes::BgpPolicy>, Status> {
+    let doc = ready.ipam.store().load_policy().await.map_err(store_err)?;
+    doc.map(|doc| {
+        serde_json::from_str(&doc.spec).map_err(|e| Status::internal(format!("policy: {e}")))
+    })
+    .transpose()
+}
+
 type NodeRoutesStream = Pin<Box<dyn Stream<Item = Result<pb::NodeRoutes, Status>> + Send>>;
 
 impl RoutingService {
@@ -177,7 +186,9 @@ impl RoutingRpc for RoutingService {
             .pools()
             .map(|(spec, _)| spec.name.clone())
             .collect();
-        let policy = convert::policy_from_pb(request.into_inner(), &pools).map_err(invalid)?;
+        let stored = stored_policy(ready).await?;
+        let policy = convert::policy_from_pb(request.into_inner(), &pools, stored.as_ref())
+            .map_err(invalid)?;
         ready
             .ipam
             .store()
@@ -194,10 +205,9 @@ impl RoutingRpc for RoutingService {
     ) -> Result<Response<pb::BgpPolicy>, Status> {
         let ready = self.ready()?;
         let pb::GetBgpPolicyRequest {} = request.into_inner();
-        let doc = ready.ipam.store().load_policy().await.map_err(store_err)?;
-        let doc = doc.ok_or_else(|| Status::not_found("no BGP policy has been set"))?;
-        let policy: herald_routes::BgpPolicy = serde_json::from_str(&doc.spec)
-            .map_err(|e| Status::internal(format!("policy: {e}")))?;
+        let policy = stored_policy(ready)
+            .await?
+            .ok_or_else(|| Status::not_found("no BGP policy has been set"))?;
         Ok(Response::new(convert::policy_to_pb(&policy)))
     }
 
