@@ -267,6 +267,35 @@ pub fn check_flags<S: Settings>(command: &clap::Command) -> Result<(), String> {
     }
 }
 
+/// Checks that `readme`'s settings table has a row `` | `key` | … `` for every key of
+/// `S`, naming `binary` in its second cell, so docs and code cannot drift. For each
+/// binary's unit tests.
+pub fn check_readme<S: Settings>(readme: &str, binary: &str) -> Result<(), String> {
+    let mut missing = Vec::new();
+    for key in keys::<S>().map_err(|e| e.to_string())? {
+        let row = format!("| `{key}` |");
+        let documented = readme
+            .lines()
+            .filter(|line| line.starts_with(&row))
+            .any(|line| {
+                line.split('|')
+                    .nth(2)
+                    .is_some_and(|binaries| binaries.contains(binary))
+            });
+        if !documented {
+            missing.push(key);
+        }
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "README.md's settings table has no row for {binary}'s key(s) {}",
+            missing.join(", ")
+        ))
+    }
+}
+
 /// Reads and parses the file; a key `S` does not know is an error, so a misspelt key is
 /// never ignored.
 fn read_file(path: &Path, known: &[String]) -> Result<HashMap<String, Value>, SettingsError> {

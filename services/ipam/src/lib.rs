@@ -264,4 +264,11 @@ mod tests {
     fn every_setting_has_a_flag_and_an_env_of_its_name() {
         herald_settings::check_flags::<Config>(&Args::command()).unwrap_or_else(|e| panic!("{e}"));
     }
+
+    #[test]
+    fn every_setting_is_in_the_readme() {
+        let readme = include_str!("../../../README.md");
+        herald_settings::check_readme::<Config>(readme, "herald-ipam")
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
 }
