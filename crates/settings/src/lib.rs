@@ -128,8 +128,11 @@ where
     let result = load::<S>(&matches, common).and_then(|settings| {
         if common.print_config {
             let text = to_toml(&settings)?;
-            std::io::stdout()
+            let mut stdout = std::io::stdout();
+            // Flushed here: process::exit runs no destructors.
+            stdout
                 .write_all(text.as_bytes())
+                .and_then(|()| stdout.flush())
                 .map_err(|e| SettingsError::Other(format!("print the settings: {e}")))?;
             std::process::exit(0);
         }
