@@ -1,11 +1,15 @@
 //! The real `herald-cluster-watcher` process: where its settings come from (defaults <
 //! file < environment < flags) and how it refuses bad ones, before it touches Kubernetes.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use herald_test_support::run_to_exit;
+use common::{CLUSTER, Lab, ours};
+use herald_fake_kube::SERVICES;
+use herald_test_support::{ChildProcess, run_to_exit};
 
 /// How long the binary may take to refuse its settings or print them.
 const REFUSE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -106,4 +110,40 @@ fn bad_values_and_unknown_keys_in_the_file_are_refused() {
             assert!(message.contains(part), "{part:?} not in {message}");
         }
     }
+}
+
+/// The example file's `ipam_endpoint` and `cluster_id` are overridden by the environment
+/// and a flag: the Service's address is allocated in the flag's cluster at the
+/// environment's herald-ipam.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allocates_at_the_endpoint_of_the_environment_in_the_cluster_of_the_flag() {
+    let lab = Lab::start(&[("lab", &["172.16.0.240/28"])]).await;
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let kubeconfig = dir.path().join("kubeconfig");
+    lab.fake
+        .write_kubeconfig(&kubeconfig, "herald-system")
+        .expect("write the kubeconfig");
+    let mut command = watcher_command();
+    command
+        .arg("--config")
+        .arg(example())
+        .env("HERALD_IPAM_ENDPOINT", lab.ipam.endpoint())
+        .args(["--cluster-id", CLUSTER, "--identity", "w-cfg"])
+        .env("KUBECONFIG", &kubeconfig)
+        .env("HOME", dir.path())
+        .env_remove("KUBERNETES_SERVICE_HOST");
+    let _watcher = ChildProcess::spawn("herald-cluster-watcher", command);
+    lab.fake
+        .create(SERVICES, ours("default", "from-settings"))
+        .expect("create the Service");
+    let held = lab
+        .ipam
+        .wait_allocations("the Service allocated in the flag's cluster", |a| {
+            a.len() == 1
+        })
+        .await;
+    assert_eq!(
+        held[0].owner.as_ref().map(|o| o.cluster_id.as_str()),
+        Some(CLUSTER)
+    );
 }
