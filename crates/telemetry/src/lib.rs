@@ -8,7 +8,9 @@ use std::io::IsTerminal;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::format::FmtSpan;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+/// The `log_format` setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable lines.
     #[default]
@@ -17,24 +19,31 @@ pub enum LogFormat {
     Json,
 }
 
-/// The logging flags every binary shares; flatten it into the binary's clap struct.
-#[derive(Debug, Clone, clap::Args)]
-pub struct LogArgs {
-    /// Log format.
-    #[arg(long, env = "HERALD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
-    pub log_format: LogFormat,
+impl<'de> serde::Deserialize<'de> for LogFormat {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        match String::deserialize(deserializer)?.as_str() {
+            "plain" => Ok(Self::Plain),
+            "json" => Ok(Self::Json),
+            _ => Err(serde::de::Error::custom("expected plain or json")),
+        }
+    }
 }
 
-/// Installs the global subscriber. Call once, first thing in `main`.
-pub fn init(args: &LogArgs) {
+/// Installs the global subscriber. Call once, first thing in `main` after the settings
+/// are read.
+pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // Colour only for a person at a terminal; files and log collectors get plain text.
     let ansi = std::io::stderr().is_terminal();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // A log line that cannot be written (stderr's reader gone: a log shipper
+        // restarting, `| head`) is dropped. Reporting it would write to the same stderr,
+        // with `eprintln!`, which panics there.
+        .log_internal_errors(false)
         .with_ansi(ansi);
-    let result = match args.log_format {
+    let result = match format {
         LogFormat::Plain => builder.try_init(),
         LogFormat::Json => builder
             .json()
@@ -43,7 +52,7 @@ pub fn init(args: &LogArgs) {
             .try_init(),
     };
     if let Err(e) = result {
-        eprintln!("logging was already initialised: {e}");
+        tracing::warn!(error = %e, "logging was already initialised");
     }
 }
 
@@ -65,6 +74,8 @@ pub async fn cancel_on_signal(shutdown: tokio_util::sync::CancellationToken) {
         _ = tokio::signal::ctrl_c() => {}
         () = terminate => {}
     }
-    tracing::info!("shutting down");
+    // Cancel before anything else: nothing after this line may stand between the signal
+    // and the shutdown.
     shutdown.cancel();
+    tracing::info!("shutting down");
 }

@@ -4,6 +4,8 @@
 
 pub mod db;
 pub mod process;
+pub mod run;
 
 pub use db::{TestDb, admin_url};
 pub use process::{ChildProcess, free_port, wait_for_port, workspace_binary};
+pub use run::run_to_exit;

@@ -15,6 +15,8 @@ mod slice_index;
 use std::time::Duration;
 
 use anyhow::Context;
+use herald_settings::{CommonArgs, HttpEndpoint, Invalid, IpamEndpointArg};
+use herald_telemetry::LogFormat;
 use kube_lease_manager::LeaseManagerBuilder;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -22,7 +24,7 @@ use tracing::{info, warn};
 pub use mapping::{CONDITION_TYPE, DEFAULT_CLASS};
 
 /// The IPAM service on the same machine, as `herald-ipam` listens by default.
-pub const DEFAULT_IPAM_ENDPOINT: &str = "http://127.0.0.1:50051";
+pub const DEFAULT_IPAM_ENDPOINT: &str = herald_settings::DEFAULT_IPAM_ENDPOINT;
 /// Allocations are listed and garbage-collected per cluster id; one cluster needs no other.
 pub const DEFAULT_CLUSTER_ID: &str = "default";
 pub const DEFAULT_LEASE_NAME: &str = "herald-cluster-watcher";
@@ -37,37 +39,144 @@ pub const DEFAULT_RESYNC_SECONDS: u64 = 300;
 /// How long a stopping leader may take to hand its lease back.
 const LEASE_RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
 
-#[derive(Debug, Clone, clap::Args)]
+/// The watcher's settings, one key each, read by [`herald_settings::load`]: built-in
+/// defaults < the `--config` file < `HERALD_…` environment variables < flags.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// The herald-ipam gRPC endpoint (serves herald.ipam.v1.Ipam and herald.routing.v1.Routing).
-    #[arg(long, env = "HERALD_IPAM_ENDPOINT", default_value = DEFAULT_IPAM_ENDPOINT)]
-    pub ipam_endpoint: String,
+    pub ipam_endpoint: HttpEndpoint,
     /// Names this cluster in the IPAM service; allocations are garbage-collected per cluster.
-    #[arg(long, env = "HERALD_CLUSTER_ID", default_value = DEFAULT_CLUSTER_ID)]
     pub cluster_id: String,
     /// The spec.loadBalancerClass served.
-    #[arg(long, env = "HERALD_LOAD_BALANCER_CLASS", default_value = DEFAULT_CLASS)]
     pub load_balancer_class: String,
     /// Also serve LoadBalancer Services that name no class.
-    #[arg(long, env = "HERALD_DEFAULT_CLASS")]
     pub default_class: bool,
     /// The Lease that elects the active replica.
-    #[arg(long, env = "HERALD_LEASE_NAME", default_value = DEFAULT_LEASE_NAME)]
     pub lease_name: String,
     /// The Lease's namespace; by default the client's (the pod's, or the kubeconfig context's).
-    #[arg(long, env = "HERALD_LEASE_NAMESPACE")]
     pub lease_namespace: Option<String>,
-    #[arg(long, env = "HERALD_LEASE_DURATION_SECONDS", default_value_t = DEFAULT_LEASE_DURATION_SECONDS)]
     pub lease_duration_seconds: u64,
-    #[arg(long, env = "HERALD_LEASE_GRACE_SECONDS", default_value_t = DEFAULT_LEASE_GRACE_SECONDS)]
     pub lease_grace_seconds: u64,
     /// This replica's name in the Lease; by default POD_NAME or HOSTNAME plus a random suffix.
-    #[arg(long, env = "HERALD_IDENTITY")]
     pub identity: Option<String>,
-    #[arg(long, env = "HERALD_WORKERS", default_value_t = DEFAULT_WORKERS)]
     pub workers: usize,
-    #[arg(long, env = "HERALD_RESYNC_SECONDS", default_value_t = DEFAULT_RESYNC_SECONDS)]
     pub resync_seconds: u64,
+    pub log_format: LogFormat,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            ipam_endpoint: HttpEndpoint::default_ipam(),
+            cluster_id: DEFAULT_CLUSTER_ID.into(),
+            load_balancer_class: DEFAULT_CLASS.into(),
+            default_class: false,
+            lease_name: DEFAULT_LEASE_NAME.into(),
+            lease_namespace: None,
+            lease_duration_seconds: DEFAULT_LEASE_DURATION_SECONDS,
+            lease_grace_seconds: DEFAULT_LEASE_GRACE_SECONDS,
+            identity: None,
+            workers: DEFAULT_WORKERS,
+            resync_seconds: DEFAULT_RESYNC_SECONDS,
+            log_format: LogFormat::default(),
+        }
+    }
+}
+
+impl herald_settings::Settings for Config {
+    fn validate(&self) -> Result<(), Invalid> {
+        let invalid = |key, reason: &str| {
+            Err(Invalid {
+                key,
+                reason: reason.into(),
+            })
+        };
+        for (key, value) in [
+            ("cluster_id", &self.cluster_id),
+            ("load_balancer_class", &self.load_balancer_class),
+            ("lease_name", &self.lease_name),
+        ] {
+            if value.trim().is_empty() {
+                return invalid(key, "must not be empty");
+            }
+        }
+        if self.workers == 0 {
+            return invalid("workers", "must be at least 1");
+        }
+        if self.resync_seconds == 0 {
+            return invalid("resync_seconds", "must be at least 1");
+        }
+        if self.lease_grace_seconds >= self.lease_duration_seconds {
+            return invalid(
+                "lease_grace_seconds",
+                "must be less than lease_duration_seconds (the leader renews this long before \
+                 its lease runs out)",
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Herald cluster watcher: Kubernetes LoadBalancer Services to IPAM allocations and routes.
+///
+/// Every setting is read from the `--config` file, the `HERALD_…` environment variable
+/// and the flag of the same name, the flag winning.
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "herald-cluster-watcher",
+    version,
+    after_help = "Kubernetes access: KUBECONFIG, else ~/.kube/config, else the in-cluster \
+                  service account."
+)]
+pub struct Args {
+    #[command(flatten)]
+    pub ipam_endpoint: IpamEndpointArg,
+    /// Names this cluster in the IPAM service; allocations are garbage-collected per
+    /// cluster [default: default]
+    #[arg(long, env = "HERALD_CLUSTER_ID", value_name = "ID")]
+    pub cluster_id: Option<String>,
+    /// The spec.loadBalancerClass served [default: herald.io/bgp]
+    #[arg(long, env = "HERALD_LOAD_BALANCER_CLASS", value_name = "CLASS")]
+    pub load_balancer_class: Option<String>,
+    /// Also serve LoadBalancer Services that name no class (`--default-class` alone means
+    /// true) [default: false]
+    #[arg(long, env = "HERALD_DEFAULT_CLASS", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub default_class: Option<String>,
+    /// The Lease that elects the active replica [default: herald-cluster-watcher]
+    #[arg(long, env = "HERALD_LEASE_NAME", value_name = "NAME")]
+    pub lease_name: Option<String>,
+    /// The Lease's namespace; by default the client's (the pod's, or the kubeconfig
+    /// context's)
+    #[arg(long, env = "HERALD_LEASE_NAMESPACE", value_name = "NAMESPACE")]
+    pub lease_namespace: Option<String>,
+    /// How long a Lease holds without renewal; a dead leader is replaced within about this
+    /// [default: 15]
+    #[arg(long, env = "HERALD_LEASE_DURATION_SECONDS", value_name = "SECONDS")]
+    pub lease_duration_seconds: Option<String>,
+    /// The leader renews this long before its Lease runs out (also the clock skew
+    /// tolerated) [default: 5]
+    #[arg(long, env = "HERALD_LEASE_GRACE_SECONDS", value_name = "SECONDS")]
+    pub lease_grace_seconds: Option<String>,
+    /// This replica's name in the Lease; by default POD_NAME or HOSTNAME plus a random
+    /// suffix
+    #[arg(long, env = "HERALD_IDENTITY", value_name = "NAME")]
+    pub identity: Option<String>,
+    /// Services handled at once [default: 32]
+    #[arg(long, env = "HERALD_WORKERS", value_name = "N")]
+    pub workers: Option<String>,
+    /// Every Service is handled again this often, repairing anything a lost write left
+    /// behind [default: 300]
+    #[arg(long, env = "HERALD_RESYNC_SECONDS", value_name = "SECONDS")]
+    pub resync_seconds: Option<String>,
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+impl AsRef<CommonArgs> for Args {
+    fn as_ref(&self) -> &CommonArgs {
+        &self.common
+    }
 }
 
 fn default_identity() -> String {
@@ -83,8 +192,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let client = kube::Client::try_default()
         .await
         .context("configure the Kubernetes client")?;
-    let channel = tonic::transport::Endpoint::from_shared(config.ipam_endpoint.clone())
-        .with_context(|| format!("--ipam-endpoint {:?}", config.ipam_endpoint))?
+    let channel = tonic::transport::Endpoint::from_shared(config.ipam_endpoint.to_string())
+        .with_context(|| format!("ipam_endpoint {:?}", config.ipam_endpoint.as_str()))?
         .connect_timeout(Duration::from_secs(5))
         .connect_lazy();
     let identity = config.identity.clone().unwrap_or_else(default_identity);
@@ -165,4 +274,23 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         Err(_) => warn!("releasing the lease timed out"),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn every_setting_has_a_flag_and_an_env_of_its_name() {
+        herald_settings::check_flags::<Config>(&Args::command()).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    #[test]
+    fn every_setting_is_in_the_readme() {
+        let readme = include_str!("../../../README.md");
+        herald_settings::check_readme::<Config>(readme, "herald-cluster-watcher")
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
 }

@@ -21,6 +21,8 @@ use backon::{ExponentialBuilder, Retryable};
 use herald_api::ipam::v1::ipam_server::IpamServer;
 use herald_api::routing::v1::routing_server::RoutingServer;
 use herald_ipam_store::{Store, StoreError};
+use herald_settings::{CommonArgs, DatabaseUrl};
+use herald_telemetry::LogFormat;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
@@ -56,15 +58,60 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 const IPAM_SERVICE_NAME: &str = "herald.ipam.v1.Ipam";
 const ROUTING_SERVICE_NAME: &str = "herald.routing.v1.Routing";
 
-#[derive(Debug, Clone, clap::Args)]
+/// herald-ipam's settings, one key each, read by [`herald_settings::load`]: built-in
+/// defaults < the `--config` file < `HERALD_…` environment variables < flags.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Address to serve gRPC on.
-    #[arg(long, env = "HERALD_LISTEN", default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
     /// `postgres://…` for production; without it an embedded SQLite file
-    /// (`herald-ipam.db` in the working directory) is used.
-    #[arg(long, env = "HERALD_DATABASE_URL")]
+    /// (`herald-ipam.db` in the working directory).
+    pub database_url: Option<DatabaseUrl>,
+    pub log_format: LogFormat,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_LISTEN
+                .parse()
+                .unwrap_or_else(|_| unreachable!("DEFAULT_LISTEN is an address")),
+            database_url: None,
+            log_format: LogFormat::default(),
+        }
+    }
+}
+
+impl herald_settings::Settings for Config {}
+
+/// Herald IPAM: LoadBalancer address pools and allocations over gRPC.
+///
+/// Every setting is read from the `--config` file, the `HERALD_…` environment variable
+/// and the flag of the same name, the flag winning.
+#[derive(Debug, clap::Parser)]
+#[command(name = "herald-ipam", version)]
+pub struct Args {
+    /// Address to serve gRPC on [default: 127.0.0.1:50051]
+    #[arg(long, env = "HERALD_LISTEN", value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// `postgres://user:password@host:5432/db` for production (also `sqlite://FILE?mode=rwc`);
+    /// without it an embedded SQLite file `herald-ipam.db` in the working directory
+    #[arg(
+        long,
+        env = "HERALD_DATABASE_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
     pub database_url: Option<String>,
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+impl AsRef<CommonArgs> for Args {
+    fn as_ref(&self) -> &CommonArgs {
+        &self.common
+    }
 }
 
 /// Serves until `shutdown` is cancelled, then lets in-flight calls finish and ends the
@@ -100,7 +147,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let startup = {
         let shutdown = shutdown.clone();
         let reporter = reporter.clone();
-        let url = config.database_url.clone();
+        let url = config.database_url.as_ref().map(|u| u.expose().to_string());
         let supervisor = supervisor.clone();
         supervisor.clone().spawn("startup and health", async move {
             // A store that can never open is the process's failure: the supervisor exits
@@ -281,4 +328,23 @@ async fn keep_health(
         .set_service_status("", ServingStatus::NotServing)
         .await;
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, store.close()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn every_setting_has_a_flag_and_an_env_of_its_name() {
+        herald_settings::check_flags::<Config>(&Args::command()).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    #[test]
+    fn every_setting_is_in_the_readme() {
+        let readme = include_str!("../../../README.md");
+        herald_settings::check_readme::<Config>(readme, "herald-ipam")
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
 }

@@ -1,21 +1,10 @@
-use clap::Parser;
 use tokio_util::sync::CancellationToken;
-
-/// Herald IPAM: LoadBalancer address pools and allocations over gRPC.
-#[derive(Debug, Parser)]
-#[command(name = "herald-ipam", version)]
-struct Args {
-    #[command(flatten)]
-    config: herald_ipam::Config,
-    #[command(flatten)]
-    log: herald_telemetry::LogArgs,
-}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    herald_telemetry::init(&args.log);
+    let config = herald_settings::start::<herald_ipam::Args, herald_ipam::Config>();
+    herald_telemetry::init(config.log_format);
     let shutdown = CancellationToken::new();
     tokio::spawn(herald_telemetry::cancel_on_signal(shutdown.clone()));
-    herald_ipam::run(args.config, shutdown).await
+    herald_ipam::run(config, shutdown).await
 }

@@ -26,6 +26,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use herald_api::routing::v1 as pb;
+use herald_settings::{CommonArgs, HttpEndpoint, Invalid, IpamEndpointArg};
+use herald_telemetry::LogFormat;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -38,10 +40,10 @@ pub use plan::{PeerPlan, plan_peers};
 pub use speaker::{ApplySummary, Speaker};
 
 /// Where IPAM listens unless told otherwise (its own default).
-pub const DEFAULT_IPAM_ENDPOINT: &str = "http://127.0.0.1:50051";
+pub const DEFAULT_IPAM_ENDPOINT: &str = herald_settings::DEFAULT_IPAM_ENDPOINT;
 /// How often the state is reported even when nothing changed, so IPAM notices a speaker
 /// that went away and recovers from a lost report.
-pub const DEFAULT_REPORT_INTERVAL: &str = "10s";
+pub const DEFAULT_REPORT_INTERVAL: Duration = Duration::from_secs(10);
 /// Session status changes are gathered this long before a report is built, so a burst
 /// of UPDATEs costs one report, not one per UPDATE.
 pub const REPORT_COALESCE: Duration = Duration::from_millis(100);
@@ -51,42 +53,82 @@ pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(8);
 /// What non-graceful-restart peers read in the Cease NOTIFICATION at shutdown (RFC 8203).
 pub const SHUTDOWN_MESSAGE: &str = "herald: route speaker shutting down";
 
-#[derive(Debug, Clone, clap::Args)]
+/// The route speaker's settings, one key each, read by [`herald_settings::load`]: built-in
+/// defaults < the `--config` file < `HERALD_…` environment variables < flags.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// This node's name as IPAM knows it (the Kubernetes Node name).
-    #[arg(long, env = "HERALD_NODE_NAME")]
+    /// This node's name as IPAM knows it (the Kubernetes Node name). Required.
     pub node_name: String,
-    /// IPAM's gRPC address.
-    #[arg(long, env = "HERALD_IPAM_ENDPOINT", default_value = DEFAULT_IPAM_ENDPOINT)]
-    pub ipam_endpoint: String,
+    /// IPAM's gRPC endpoint.
+    pub ipam_endpoint: HttpEndpoint,
     /// BGP identifier for every session, instead of the one in the snapshots.
-    #[arg(long, env = "HERALD_ROUTER_ID")]
     pub router_id: Option<Ipv4Addr>,
-    /// Interval of the periodic state report (e.g. `10s`, `500ms`, `1m`); reports also
-    /// go out after each applied snapshot and on session changes.
-    #[arg(long, env = "HERALD_REPORT_INTERVAL", default_value = DEFAULT_REPORT_INTERVAL, value_parser = parse_duration)]
+    /// Interval of the periodic state report.
+    #[serde(with = "herald_settings::duration")]
     pub report_interval: Duration,
+    pub log_format: LogFormat,
 }
 
-/// Parses `250ms`, `10s`, `2m` or a plain number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (number, unit) = s
-        .find(|c: char| !c.is_ascii_digit())
-        .map_or((s, ""), |i| s.split_at(i));
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 500ms, 10s or 1m"))?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "" | "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s or m)")),
-    };
-    if d.is_zero() {
-        return Err("the duration must be positive".into());
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            node_name: String::new(),
+            ipam_endpoint: HttpEndpoint::default_ipam(),
+            router_id: None,
+            report_interval: DEFAULT_REPORT_INTERVAL,
+            log_format: LogFormat::default(),
+        }
     }
-    Ok(d)
+}
+
+impl herald_settings::Settings for Config {
+    fn validate(&self) -> Result<(), Invalid> {
+        if self.node_name.trim().is_empty() {
+            return Err(Invalid {
+                key: "node_name",
+                reason: "required: this node's name as IPAM knows it (the Kubernetes Node name)"
+                    .into(),
+            });
+        }
+        if self.report_interval.is_zero() {
+            return Err(Invalid {
+                key: "report_interval",
+                reason: "must be more than zero".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Herald route speaker: announces this node's LoadBalancer routes to its BGP peers.
+///
+/// Every setting is read from the `--config` file, the `HERALD_…` environment variable
+/// and the flag of the same name, the flag winning.
+#[derive(Debug, clap::Parser)]
+#[command(name = "herald-route-speaker", version)]
+pub struct Args {
+    /// This node's name as IPAM knows it (the Kubernetes Node name); required
+    #[arg(long, env = "HERALD_NODE_NAME", value_name = "NAME")]
+    pub node_name: Option<String>,
+    #[command(flatten)]
+    pub ipam_endpoint: IpamEndpointArg,
+    /// BGP identifier (an IPv4 address) for every session, instead of the one in the
+    /// route snapshots
+    #[arg(long, env = "HERALD_ROUTER_ID", value_name = "IPV4")]
+    pub router_id: Option<String>,
+    /// Interval of the periodic state report (`500ms`, `10s`, `1m`); reports also go out
+    /// after each applied snapshot and on session changes [default: 10s]
+    #[arg(long, env = "HERALD_REPORT_INTERVAL", value_name = "DURATION")]
+    pub report_interval: Option<String>,
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+impl AsRef<CommonArgs> for Args {
+    fn as_ref(&self) -> &CommonArgs {
+        &self.common
+    }
 }
 
 /// Runs the speaker until `shutdown` is cancelled, then closes every session (bounded by
@@ -94,10 +136,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let node = config.node_name.trim().to_string();
     if node.is_empty() {
-        bail!("--node-name (HERALD_NODE_NAME) must not be empty");
+        bail!("node_name (--node-name, HERALD_NODE_NAME) must not be empty");
     }
-    let endpoint = control::endpoint(&config.ipam_endpoint)
-        .with_context(|| format!("--ipam-endpoint {:?}", config.ipam_endpoint))?;
+    let endpoint = control::endpoint(config.ipam_endpoint.as_str())
+        .with_context(|| format!("ipam_endpoint {:?}", config.ipam_endpoint.as_str()))?;
     info!(
         node = %node,
         ipam = %config.ipam_endpoint,
@@ -183,16 +225,19 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 
 #[cfg(test)]
 mod tests {
+    use clap::CommandFactory;
+
     use super::*;
 
     #[test]
-    fn durations() {
-        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
-        assert!(parse_duration("0s").is_err());
-        assert!(parse_duration("10h").is_err());
-        assert!(parse_duration("soon").is_err());
+    fn every_setting_has_a_flag_and_an_env_of_its_name() {
+        herald_settings::check_flags::<Config>(&Args::command()).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    #[test]
+    fn every_setting_is_in_the_readme() {
+        let readme = include_str!("../../../README.md");
+        herald_settings::check_readme::<Config>(readme, "herald-route-speaker")
+            .unwrap_or_else(|e| panic!("{e}"));
     }
 }
