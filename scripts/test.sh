@@ -2,8 +2,8 @@
 # Herald's whole test suite, from a fresh Debian/Ubuntu machine:
 #   - installs what the tests run for real when it is missing: Postgres, GoBGP, BIRD, FRR,
 #     Python's grpcio;
-#   - uses the Postgres named by HERALD_TEST_DATABASE_URL, else one answering on
-#     127.0.0.1:5432 as user postgres, else starts a private throwaway cluster;
+#   - uses the Postgres named by HERALD_TEST_DATABASE_URL, else starts a private
+#     throwaway cluster (max_connections 400, no fsync) and removes it at the end;
 #   - runs `cargo test` for the whole workspace.
 # Extra arguments go to `cargo test` (e.g. a test-name filter: `scripts/test.sh lab_walkthrough`).
 set -euo pipefail
@@ -55,10 +55,10 @@ stop_private_pg() {
     [ -n "$private_pg_dir" ] && rm -rf "$private_pg_dir"
 }
 
-if [ -n "${HERALD_TEST_DATABASE_URL:-}" ] && [ -z "${HERALD_TEST_PRIVATE_PG:-}" ]; then
+# A private cluster unless told otherwise: the tests start many herald-ipam processes at
+# once, each keeping about 25 connections open, which a stock server's 100 cannot take.
+if [ -n "${HERALD_TEST_DATABASE_URL:-}" ]; then
     pg_answers "$HERALD_TEST_DATABASE_URL" || { log "HERALD_TEST_DATABASE_URL=$HERALD_TEST_DATABASE_URL does not answer"; exit 1; }
-elif [ -z "${HERALD_TEST_PRIVATE_PG:-}" ] && pg_answers "postgres://postgres@127.0.0.1:5432/postgres"; then
-    export HERALD_TEST_DATABASE_URL="postgres://postgres@127.0.0.1:5432/postgres"
 else
     # A cluster of our own on a free port, without fsync (test data is thrown away), owned
     # by the postgres user because initdb refuses to run as root.
