@@ -203,12 +203,14 @@ impl PoolState {
         }
     }
 
-    /// The next free address of `family`: the lowest, or while the pool is spread the
-    /// lowest at or above the spread's starting point, wrapping round to the lowest.
-    /// Addresses that `avoid_buggy_ips` rules out are skipped and dropped for good; each
-    /// is dropped once, so this stays O(log n).
-    fn take_next(&mut self, family: IpFamily) -> Option<u128> {
-        let from = self.spread[slot(family)].map(|s| s.from);
+    /// The next free address of `family`: the lowest, or while the pool is spread (and
+    /// `may_spread`) the lowest at or above the spread's starting point, wrapping round to
+    /// the lowest. Addresses that `avoid_buggy_ips` rules out are skipped and dropped for
+    /// good; each is dropped once, so this stays O(log n).
+    fn take_next(&mut self, family: IpFamily, may_spread: bool) -> Option<u128> {
+        let from = self.spread[slot(family)]
+            .filter(|_| may_spread)
+            .map(|s| s.from);
         let free = &mut self.free[slot(family)];
         let next = |free: &FreeSet| {
             from.and_then(|from| free.first_at_or_after(from))
@@ -702,7 +704,11 @@ impl PoolIndex {
             let Some(state) = self.pools.get_mut(name) else {
                 continue;
             };
-            if let Some(value) = state.take_next(family) {
+            // A new sharing group starts at the lowest free address even while the pool is
+            // spread: two replicas founding the same group at once then collide on one
+            // address, and the loser learns the group and joins it (or is refused). Spread
+            // apart, both would commit, and the group would be split over two addresses.
+            if let Some(value) = state.take_next(family, req.sharing_key.is_empty()) {
                 // Put it back at once: `plan` records the reservation through
                 // `observe_assigned`, the single place that marks addresses taken.
                 state.free[slot(family)].insert(value);
@@ -1520,6 +1526,24 @@ mod tests {
                 ports: vec![],
             });
         }
+    }
+
+    #[test]
+    fn a_new_sharing_group_starts_at_the_lowest_free_address_even_while_spread() {
+        let mut index = PoolIndex::load(vec![pool("lab", &["10.1.0.0/20"], |_| {})], vec![]);
+        index.spread("lab", IpFamily::V4, u64::MAX / 2, i64::MAX);
+        // Another replica founding the same group plans the lowest too: the two collide
+        // and the loser joins, instead of both committing two addresses for one key.
+        let founded = index
+            .plan(&sharer("s1", "web", &[80], TrafficPolicy::Cluster))
+            .expect("allocates");
+        assert_eq!(ips(&founded), ["10.1.0.1"]);
+        let own = index.plan(&request("exclusive")).expect("allocates");
+        assert_eq!(
+            ips(&own),
+            ["10.1.7.255"],
+            "an exclusive address is still spread"
+        );
     }
 
     #[test]
