@@ -632,11 +632,13 @@ async fn a_quarantine_ends_and_the_address_returns_to_use() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), None).await;
     let mut c = server.client().await;
-    create_pool(&mut c, quarantined_pool(1, "172.16.0.240/30")).await;
+    // Long enough that the four calls below fit inside it on a loaded machine (with one
+    // second they sometimes did not, and the quarantine had ended before "c" asked).
+    create_pool(&mut c, quarantined_pool(3, "172.16.0.240/30")).await;
     let released_at = Instant::now();
     allocate_ok(&mut c, allocate("a")).await;
     release(&mut c, "a").await;
-    // .241 rests and .242 is taken: the pool is full for a second.
+    // .241 rests and .242 is taken: the pool is full for three seconds.
     allocate_ok(&mut c, allocate("b")).await;
     let full = c.allocate(allocate("c")).await.unwrap_err();
     assert_eq!(full.code(), Code::ResourceExhausted);
@@ -646,7 +648,7 @@ async fn a_quarantine_ends_and_the_address_returns_to_use() {
         "{}",
         full.message()
     );
-    tokio::time::sleep(Duration::from_millis(1100).saturating_sub(released_at.elapsed())).await;
+    tokio::time::sleep(Duration::from_millis(3100).saturating_sub(released_at.elapsed())).await;
     assert_eq!(
         ips(&allocate_ok(&mut c, allocate("c")).await),
         ["172.16.0.241"]
