@@ -270,6 +270,24 @@ pub fn check_flags<S: Settings>(command: &clap::Command) -> Result<(), String> {
     }
 }
 
+/// Both checks a binary's settings need, [`check_flags`] and [`check_readme`], for its one
+/// unit test: every setting has a flag and an env of its name, and a README row.
+pub fn check_binary<S: Settings>(
+    command: &clap::Command,
+    readme: &str,
+    binary: &str,
+) -> Result<(), String> {
+    let problems: Vec<String> = [check_flags::<S>(command), check_readme::<S>(readme, binary)]
+        .into_iter()
+        .filter_map(Result::err)
+        .collect();
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("\n"))
+    }
+}
+
 /// Checks that `readme`'s settings table has a row `` | `key` | … `` for every key of
 /// `S`, naming `binary` in its second cell, so docs and code cannot drift. For each
 /// binary's unit tests.

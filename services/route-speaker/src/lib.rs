@@ -230,14 +230,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_setting_has_a_flag_and_an_env_of_its_name() {
-        herald_settings::check_flags::<Config>(&Args::command()).unwrap_or_else(|e| panic!("{e}"));
-    }
-
-    #[test]
-    fn every_setting_is_in_the_readme() {
-        let readme = include_str!("../../../README.md");
-        herald_settings::check_readme::<Config>(readme, "herald-route-speaker")
-            .unwrap_or_else(|e| panic!("{e}"));
+    fn every_setting_has_a_flag_an_env_and_a_readme_row() {
+        herald_settings::check_binary::<Config>(
+            &Args::command(),
+            include_str!("../../../README.md"),
+            "herald-route-speaker",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
     }
 }
