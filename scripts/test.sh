@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Herald's whole test suite, from a fresh Debian/Ubuntu machine:
 #   - installs what the tests run for real when it is missing: Postgres, GoBGP, BIRD, FRR,
-#     Python's grpcio;
+#     Python's grpcio, and the offline chart and compose validators (PyPI);
 #   - uses the Postgres named by HERALD_TEST_DATABASE_URL, else starts a private
 #     throwaway cluster (max_connections 400, no fsync) and removes it at the end;
 #   - runs `cargo test` for the whole workspace.
@@ -42,6 +42,12 @@ fi
 if ! python3 -c 'import grpc' >/dev/null 2>&1; then
     log "installing Python grpcio"
     python3 -m pip install --quiet grpcio 2>/dev/null || apt_install python3-grpcio
+fi
+
+# --- Deployment checks: Helm's library, Kubernetes and Compose schemas, offline ------------
+if ! python3 -c 'import helm_python, kubernetes_validate, yaml' >/dev/null 2>&1 || ! command -v check-jsonschema >/dev/null 2>&1; then
+    log "installing helm-python-sdk, kubernetes-validate and check-jsonschema"
+    python3 -m pip install --quiet helm-python-sdk kubernetes-validate check-jsonschema pyyaml
 fi
 
 # --- Postgres --------------------------------------------------------------------------
