@@ -18,9 +18,20 @@ fn chart_crds_and_compose_file_validate_offline() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     print!("{stdout}");
     eprint!("{stderr}");
-    assert!(output.status.success(), "scripts/check-deploy.py failed:\n{stdout}\n{stderr}");
+    assert!(
+        output.status.success(),
+        "scripts/check-deploy.py failed:\n{stdout}\n{stderr}"
+    );
     // The checks ran, not merely a script that found nothing to do.
-    for expected in ["ci/default-values.yaml", "ci/embedded-values.yaml", "ci/full-values.yaml", "docker-compose.yml"] {
-        assert!(stdout.contains(expected), "no check of {expected}:\n{stdout}");
+    for expected in [
+        "ci/default-values.yaml",
+        "ci/embedded-values.yaml",
+        "ci/full-values.yaml",
+        "docker-compose.yml",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "no check of {expected}:\n{stdout}"
+        );
     }
 }

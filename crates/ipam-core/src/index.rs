@@ -105,6 +105,12 @@ pub struct PoolIndex {
     shared: HashMap<String, BTreeSet<IpAddr>>,
     /// Addresses by owner uid, so a repeated Allocate is recognised without the store.
     owners: HashMap<String, BTreeSet<IpAddr>>,
+    /// This replica's own writes, applied here when they were made, whose log entries the
+    /// change feed may not have read yet: by address, the revision of the latest. A logged
+    /// change to the address at or below it is older than what the index holds (an
+    /// allocation's `assigned` read after its own release was applied, say) and is not
+    /// applied again.
+    local_writes: HashMap<IpAddr, i64>,
 }
 
 fn slot(family: IpFamily) -> usize {
@@ -606,6 +612,28 @@ impl PoolIndex {
     }
 
     /// Whether the index knows of any address held by `owner_uid`.
+    /// Records that this replica applied its own change to `ips`, logged at `revision`.
+    pub fn note_local_write(&mut self, ips: impl IntoIterator<Item = IpAddr>, revision: i64) {
+        for ip in ips {
+            let latest = self.local_writes.entry(ip).or_insert(revision);
+            *latest = (*latest).max(revision);
+        }
+    }
+
+    /// Whether a logged change to `ip` at `revision` is already superseded by a local write
+    /// applied here, so applying it would take the index back in time.
+    pub fn is_superseded(&self, ip: IpAddr, revision: i64) -> bool {
+        self.local_writes
+            .get(&ip)
+            .is_some_and(|&latest| revision <= latest)
+    }
+
+    /// Forgets local writes at or below `revision`, which the change feed has passed: no
+    /// older entry can arrive any more.
+    pub fn forget_local_writes_through(&mut self, revision: i64) {
+        self.local_writes.retain(|_, &mut latest| latest > revision);
+    }
+
     pub fn holds(&self, owner_uid: &str) -> bool {
         self.owners.contains_key(owner_uid)
     }
@@ -1035,6 +1063,46 @@ mod tests {
             ips(&index.plan(&request("late")).expect("allocates")),
             ["172.16.0.245"]
         );
+    }
+
+    #[test]
+    fn a_logged_change_older_than_a_local_write_is_not_applied_again() {
+        let mut index = PoolIndex::load(vec![pool("lab", &["172.16.0.240/28"], |_| {})], vec![]);
+        let a = ip("172.16.0.241");
+        let claim = ClaimRecord {
+            ip: a,
+            tag: "o:x".into(),
+            pool: "lab".into(),
+            owner_uid: "x".into(),
+            ports: vec![],
+        };
+        // This replica allocated (revision 10) and released (11) before its feed read 10.
+        index.observe_assigned(claim.clone());
+        index.note_local_write([a], 10);
+        index.observe_released(a, "x", None);
+        index.note_local_write([a], 11);
+        assert!(
+            index.is_superseded(a, 10),
+            "the allocation's own entry is older"
+        );
+        assert!(index.is_superseded(a, 11), "and so is the release's");
+        assert!(
+            !index.is_superseded(a, 12),
+            "a later change (another replica's) applies"
+        );
+        assert!(
+            !index.is_superseded(ip("172.16.0.242"), 5),
+            "other addresses are untouched"
+        );
+        // A lower revision never lowers what a later local write recorded.
+        index.note_local_write([a], 9);
+        assert!(index.is_superseded(a, 11));
+        // Once the feed has passed 11, nothing at or below it can arrive: forgotten.
+        index.forget_local_writes_through(10);
+        assert!(index.is_superseded(a, 11), "11 is not passed yet");
+        index.forget_local_writes_through(11);
+        assert!(!index.is_superseded(a, 11));
+        assert_eq!(index.usage("lab")[0].used, 0);
     }
 
     #[test]

@@ -155,6 +155,18 @@ pub struct PoolChange {
     pub affected: Vec<Allocation>,
     /// The addresses released, for the caller's index: (ip, owner uid).
     pub released: Vec<(IpAddr, String)>,
+    /// The revision of the change's last log entry (0 for a dry run): the caller's index
+    /// has this change applied, so the change feed must not apply older entries over it.
+    pub revision: i64,
+}
+
+/// What [`Store::release`] released.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Released {
+    /// (ip, pool) of each address released.
+    pub addresses: Vec<(IpAddr, String)>,
+    /// The revision of the last `released` log entry written (0 when nothing was held).
+    pub revision: i64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -708,6 +720,7 @@ impl Store {
                 }),
                 affected,
                 released: Vec::new(),
+                revision: 0,
             });
         }
         let mut released = Vec::new();
@@ -730,12 +743,13 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         insert_blocks(&mut tx, spec).await?;
-        insert_pool_event(&mut tx, "pool_changed", name, now).await?;
+        let revision = insert_pool_event(&mut tx, "pool_changed", name, now).await?;
         tx.commit().await?;
         Ok(PoolChange {
             pool: Some(updated),
             affected,
             released,
+            revision,
         })
     }
 
@@ -762,6 +776,7 @@ impl Store {
                 pool: None,
                 affected,
                 released: Vec::new(),
+                revision: 0,
             });
         }
         let now = now_micros();
@@ -777,12 +792,13 @@ impl Store {
             .bind(name)
             .execute(&mut *tx)
             .await?;
-        insert_pool_event(&mut tx, "pool_deleted", name, now).await?;
+        let revision = insert_pool_event(&mut tx, "pool_deleted", name, now).await?;
         tx.commit().await?;
         Ok(PoolChange {
             pool: None,
             affected,
             released,
+            revision,
         })
     }
 
@@ -1028,23 +1044,28 @@ impl Store {
         Ok(revisions)
     }
 
-    /// Releases everything `owner_uid` holds; returns what was released (address, pool).
-    pub async fn release(
-        &self,
-        owner_uid: &str,
-        reason: &str,
-    ) -> Result<Vec<(IpAddr, String)>, StoreError> {
+    /// Releases everything `owner_uid` holds; returns what was released.
+    pub async fn release(&self, owner_uid: &str, reason: &str) -> Result<Released, StoreError> {
         let now = now_micros();
         let mut tx = self.pool.begin().await?;
         let held: Vec<AnyRow> = sqlx::query("SELECT a.ip, c.pool FROM allocations a JOIN ip_claims c ON c.ip = a.ip WHERE a.owner_uid = $1 ORDER BY a.family")
             .bind(owner_uid)
             .fetch_all(&mut *tx)
             .await?;
-        let mut released = Vec::new();
+        let mut released = Released {
+            addresses: Vec::new(),
+            revision: 0,
+        };
         for row in &held {
             let ip = rows::ip_from_row(row, "ip")?;
-            release_owner_address(&mut tx, ip, owner_uid, reason, now).await?;
-            released.push((ip, row.try_get::<String, _>("pool")?));
+            if let Some(revision) =
+                release_owner_address(&mut tx, ip, owner_uid, reason, now).await?
+            {
+                released.revision = released.revision.max(revision);
+            }
+            released
+                .addresses
+                .push((ip, row.try_get::<String, _>("pool")?));
         }
         // Endpoint facts only matter while the owner holds addresses.
         sqlx::query("DELETE FROM service_endpoints WHERE owner_uid = $1")
@@ -1663,14 +1684,16 @@ async fn insert_pool_event(
     kind: &str,
     pool: &str,
     now: i64,
-) -> Result<(), StoreError> {
-    sqlx::query("INSERT INTO events (at, kind, pool) VALUES ($1, $2, $3)")
-        .bind(now)
-        .bind(kind)
-        .bind(pool)
-        .execute(&mut *tx)
-        .await?;
-    Ok(())
+) -> Result<i64, StoreError> {
+    let revision: i64 = sqlx::query_scalar(
+        "INSERT INTO events (at, kind, pool) VALUES ($1, $2, $3) RETURNING revision",
+    )
+    .bind(now)
+    .bind(kind)
+    .bind(pool)
+    .fetch_one(&mut *tx)
+    .await?;
+    Ok(revision)
 }
 
 async fn pool_allocations(
@@ -1715,13 +1738,14 @@ async fn release_address(
 }
 
 /// Deletes `owner_uid`'s hold on `ip`, the claim once nobody holds it, and records why.
+/// Returns the revision of the `released` entry, or `None` when the owner did not hold it.
 async fn release_owner_address(
     tx: &mut AnyConnection,
     ip: IpAddr,
     owner_uid: &str,
     reason: &str,
     now: i64,
-) -> Result<(), StoreError> {
+) -> Result<Option<i64>, StoreError> {
     let key = ip_key(ip);
     let row = sqlx::query(
         "DELETE FROM allocations WHERE owner_uid = $1 AND ip = $2
@@ -1731,7 +1755,7 @@ async fn release_owner_address(
     .bind(key.as_slice())
     .fetch_optional(&mut *tx)
     .await?;
-    let Some(row) = row else { return Ok(()) };
+    let Some(row) = row else { return Ok(None) };
     let pool: String = sqlx::query_scalar("SELECT pool FROM ip_claims WHERE ip = $1")
         .bind(key.as_slice())
         .fetch_one(&mut *tx)
@@ -1740,9 +1764,9 @@ async fn release_owner_address(
         .bind(key.as_slice())
         .execute(&mut *tx)
         .await?;
-    sqlx::query(
+    let revision: i64 = sqlx::query_scalar(
         "INSERT INTO events (at, kind, ip, tag, pool, owner_uid, cluster_id, namespace, name, reason)
-         VALUES ($1, 'released', $2, $3, $4, $5, $6, $7, $8, $9)",
+         VALUES ($1, 'released', $2, $3, $4, $5, $6, $7, $8, $9) RETURNING revision",
     )
     .bind(now)
     .bind(ip.to_string())
@@ -1753,9 +1777,9 @@ async fn release_owner_address(
     .bind(row.try_get::<String, _>("namespace")?)
     .bind(row.try_get::<String, _>("name")?)
     .bind(reason)
-    .execute(&mut *tx)
+    .fetch_one(&mut *tx)
     .await?;
-    Ok(())
+    Ok(Some(revision))
 }
 
 fn describe(allocations: &[Allocation]) -> String {

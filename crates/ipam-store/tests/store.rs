@@ -405,10 +405,22 @@ async fn release_frees_the_address_and_history_tells_why(db: &TestDb) {
     let mut index = index_of(&store).await;
     allocate(&store, &mut index, &request("a")).await.unwrap();
     let released = store.release("a", "service deleted").await.unwrap();
-    assert_eq!(released, [(ip("172.16.0.241"), "lab".to_string())]);
+    assert_eq!(
+        released.addresses,
+        [(ip("172.16.0.241"), "lab".to_string())]
+    );
+    assert!(
+        released.revision > 0,
+        "the release's log entry has a revision"
+    );
     assert!(store.load_claims(None).await.unwrap().is_empty());
     assert!(
-        store.release("a", "again").await.unwrap().is_empty(),
+        store
+            .release("a", "again")
+            .await
+            .unwrap()
+            .addresses
+            .is_empty(),
         "releasing twice is harmless"
     );
     index.observe_released(ip("172.16.0.241"), "a", None);

@@ -208,6 +208,8 @@ pub async fn follow(ipam: Arc<Ipam>, shutdown: CancellationToken) -> Result<(), 
                 &mut hole,
                 read_through.filter(|_| settled),
             );
+            // Every entry up to the delivered revision has been read and applied.
+            ipam.index().forget_local_writes_through(feed.delivered());
             if !full {
                 break;
             }
@@ -353,9 +355,13 @@ fn report(feed: &Feed, waiting: &BTreeMap<i64, Event>, hole: Option<&mut Hole>) 
     }
 }
 
-/// Applies a logged change to the index. Idempotent, so this process's own changes, which
-/// it applied when it made them, pass through harmlessly.
+/// Applies a logged change to the index. This process's own changes were applied when it
+/// made them: applying them again is harmless while nothing newer happened to the address,
+/// and skipped once a later local change did (an allocation's `assigned` read after its
+/// own release was applied would count the address used again until the `released`
+/// entry followed).
 async fn apply(ipam: &Ipam, event: &Event) {
+    let revision = event.revision();
     match event {
         Event::Assigned(entry, tag) => {
             let claim = ClaimRecord {
@@ -365,7 +371,12 @@ async fn apply(ipam: &Ipam, event: &Event) {
                 owner_uid: entry.owner.uid.clone(),
                 ports: shared_ports(ipam, &entry.owner.uid, tag).await,
             };
-            ipam.index().observe_assigned(claim)
+            // Checked under the same lock as the change, after the read above, so a local
+            // write made meanwhile is seen.
+            let mut index = ipam.index();
+            if !index.is_superseded(entry.ip, revision) {
+                index.observe_assigned(claim)
+            }
         }
         Event::Updated(entry, tag) => {
             let claim = ClaimRecord {
@@ -375,11 +386,16 @@ async fn apply(ipam: &Ipam, event: &Event) {
                 owner_uid: entry.owner.uid.clone(),
                 ports: shared_ports(ipam, &entry.owner.uid, tag).await,
             };
-            ipam.index().observe_updated(claim)
+            let mut index = ipam.index();
+            if !index.is_superseded(entry.ip, revision) {
+                index.observe_updated(claim)
+            }
         }
         Event::Released(entry, _) => {
-            ipam.index()
-                .observe_released(entry.ip, &entry.owner.uid, Some(entry.at))
+            let mut index = ipam.index();
+            if !index.is_superseded(entry.ip, revision) {
+                index.observe_released(entry.ip, &entry.owner.uid, Some(entry.at))
+            }
         }
         Event::PoolChanged { pool, .. } | Event::PoolDeleted { pool, .. } => {
             match ipam.store().load_pool(pool).await {

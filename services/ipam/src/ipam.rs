@@ -168,7 +168,9 @@ impl Ipam {
                 return Ok(merge(req, existing, &plan, 0));
             }
             match self.writer.commit(&todo.request, &plan).await {
-                Ok(_) => {
+                Ok(revision) => {
+                    self.index()
+                        .note_local_write(plan.items.iter().map(|i| i.ip), revision);
                     self.feed.wake();
                     debug!(ips = ?plan.items.iter().map(|i| i.ip).collect::<Vec<_>>(), "allocated");
                     return Ok(merge(req, existing, &plan, herald_ipam_store::now_micros()));
@@ -215,8 +217,9 @@ impl Ipam {
             return Ok(Some(updated));
         }
         match self.store.update_allocation(req, &held).await {
-            Ok(_) => {
+            Ok(revision) => {
                 let mut index = self.index();
+                index.note_local_write(ips.iter().copied(), revision);
                 for assigned in &held.ips {
                     index.observe_updated(ClaimRecord {
                         ip: assigned.ip,
@@ -396,7 +399,11 @@ impl Ipam {
             let now = herald_ipam_store::now_micros();
             for ((i, plan), outcome) in planned.iter().zip(outcomes) {
                 match outcome {
-                    Ok(_) => results[*i] = Some(Ok(merge(&requests[*i].0, None, plan, now))),
+                    Ok(revision) => {
+                        self.index()
+                            .note_local_write(plan.items.iter().map(|i| i.ip), revision);
+                        results[*i] = Some(Ok(merge(&requests[*i].0, None, plan, now)));
+                    }
                     // Left for the single path below, which re-reads and retries.
                     Err(_) => self.index().abort(plan),
                 }
@@ -425,12 +432,16 @@ impl Ipam {
         {
             let now = herald_ipam_store::now_micros();
             let mut index = self.index();
-            for (ip, _) in &released {
+            for (ip, _) in &released.addresses {
                 index.observe_released(*ip, owner_uid, Some(now));
             }
+            index.note_local_write(
+                released.addresses.iter().map(|(ip, _)| *ip),
+                released.revision,
+            );
         }
         self.feed.wake();
-        Ok(released)
+        Ok(released.addresses)
     }
 
     // ---- pools -------------------------------------------------------------------------
@@ -494,6 +505,7 @@ impl Ipam {
         for (ip, owner) in &change.released {
             index.observe_released(*ip, owner, Some(now));
         }
+        index.note_local_write(change.released.iter().map(|(ip, _)| *ip), change.revision);
         match &change.pool {
             Some(pool) => index.upsert_pool(pool.spec.clone(), pool.generation),
             None => index.remove_pool(name),

@@ -256,3 +256,52 @@ async fn a_change_feed_that_cannot_go_on_takes_the_process_down() {
         started.elapsed()
     );
 }
+
+/// The feed reads this replica's own log entries after it applied them. An allocation's
+/// `assigned`, read after the same owner's Release had been applied, once made the address
+/// count as used again until the `released` entry followed; every read after a Release
+/// must show it released.
+async fn a_release_shows_at_once_and_stays(database_url: Option<&str>) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), database_url).await;
+    let mut c = server.client().await;
+    create_pool(&mut c, pool("lab", &["172.16.0.240/28"])).await;
+    let used = |pool: pb::Pool| pool.capacity[0].used;
+    // Bounded: 40 rounds of a few calls each.
+    for round in 0..40 {
+        let uid = format!("svc-{round}");
+        allocate_ok(&mut c, allocate(&uid)).await;
+        c.release(pb::ReleaseRequest {
+            owner_uid: uid.clone(),
+            reason: "deleted".into(),
+        })
+        .await
+        .unwrap();
+        // Read while the feed catches up with both entries (it wakes a few milliseconds
+        // after each local write).
+        for read in 0..6 {
+            let pool = c
+                .get_pool(pb::GetPoolRequest { name: "lab".into() })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(
+                used(pool),
+                0,
+                "round {round}, read {read}: {uid}'s address counted used after its release"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_shows_at_once_and_stays_on_postgres() {
+    let db = TestDb::postgres().await;
+    a_release_shows_at_once_and_stays(Some(&db.url)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_shows_at_once_and_stays_on_the_embedded_store() {
+    a_release_shows_at_once_and_stays(None).await;
+}
