@@ -2,10 +2,10 @@
 //! serves them over gRPC (`herald.ipam.v1.Ipam`) with reflection and health.
 
 mod convert;
+mod decode_refusal;
 mod error;
 mod feed;
 mod ipam;
-mod oversize;
 mod page_token;
 mod routing;
 mod service;
@@ -193,7 +193,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
     info!(listen = %local, "herald-ipam serving");
     let server = tonic::transport::Server::builder()
-        .layer(oversize::layer())
+        .layer(decode_refusal::layer())
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -31,8 +31,20 @@ impl Server {
     }
 
     pub async fn start_on(dir: &Path, database_url: Option<&str>, port: u16) -> Self {
+        Self::start_with(dir, database_url, port, |_| {}).await
+    }
+
+    /// As [`Server::start_on`], with `configure` applied to the command first (to send its
+    /// output to a file a test reads, say).
+    pub async fn start_with(
+        dir: &Path,
+        database_url: Option<&str>,
+        port: u16,
+        configure: impl FnOnce(&mut Command),
+    ) -> Self {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let mut command = Command::new(env!("CARGO_BIN_EXE_herald-ipam"));
+        configure(&mut command);
         command
             .current_dir(dir)
             .arg("--listen")
