@@ -29,6 +29,7 @@
 
 pub mod driver;
 pub mod fsm;
+pub mod fuzzing;
 pub mod rib;
 pub mod wire;
 

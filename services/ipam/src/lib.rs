@@ -2,6 +2,8 @@
 //! serves them over gRPC (`herald.ipam.v1.Ipam`) with reflection and health.
 
 mod convert;
+#[cfg(test)]
+mod convert_properties;
 mod decode_refusal;
 mod error;
 mod feed;

@@ -1,7 +1,7 @@
 //! Routing: nodes, endpoint facts and the BGP policy in, per-node route sets out, streamed
 //! to the route speakers (`herald.routing.v1.Routing`).
 
-mod convert;
+pub(crate) mod convert;
 mod engine;
 mod service;
 
