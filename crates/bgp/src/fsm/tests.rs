@@ -453,7 +453,10 @@ fn established_update_counts_received_prefixes() {
         now,
         Event::UpdateMsg(
             w,
-            Some(Rfc7606Action::TreatAsWithdraw { reason: "x".into() }),
+            Some(Rfc7606Action::TreatAsWithdraw {
+                reason: "x".into(),
+                as_path: Vec::new(),
+            }),
         ),
     );
     assert_eq!(s.status().prefixes_received, 0);
