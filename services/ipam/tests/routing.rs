@@ -226,13 +226,14 @@ async fn per_node_snapshots_follow_labels_endpoints_and_readiness() {
                 announced_prefixes: vec!["172.16.0.241/32".into()],
                 ..Default::default()
             }],
+            ..Default::default()
         })
         .await
         .unwrap();
     let status = routing
         .get_advertisement_status(pb::GetAdvertisementStatusRequest {
             node: "n0".into(),
-            owner_uid: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()
