@@ -83,9 +83,17 @@ pub struct PeerConfig {
 }
 
 impl PeerConfig {
-    /// Active session to `peer_addr:179` with the defaults of [`crate::fsm`].
+    /// Active session to `peer_addr:179` with the defaults of [`crate::fsm`], offering
+    /// only the family of `peer_addr`: a family offered in the OPEN starts the peer's
+    /// channel for it, and BIRD, given IPv6 on an IPv4 session, warns "Missing next hop
+    /// address" at every session start (it has no IPv6 address of its own there). Name
+    /// both in [`PeerConfig::families`] to carry the other family.
     pub fn new(peer_addr: IpAddr, peer_asn: u32, local_asn: u32, router_id: Ipv4Addr) -> Self {
-        let s = SessionConfig::new(local_asn, peer_asn, router_id);
+        let mut s = SessionConfig::new(local_asn, peer_asn, router_id);
+        s.families = vec![match peer_addr {
+            IpAddr::V4(_) => Family::Ipv4Unicast,
+            IpAddr::V6(_) => Family::Ipv6Unicast,
+        }];
         Self {
             peer_addr,
             peer_port: BGP_PORT,

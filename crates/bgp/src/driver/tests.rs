@@ -31,6 +31,7 @@ async fn two_drivers_peer_over_loopback() {
     passive.passive = true;
     passive.listen = Some("127.0.0.1:0".parse().unwrap());
     passive.hold_time = 9;
+    passive.families = vec![Family::Ipv4Unicast, Family::Ipv6Unicast];
     let server = PeerHandle::spawn(passive).await.unwrap();
     let port = server.listen_addr().unwrap().port();
 
@@ -38,6 +39,7 @@ async fn two_drivers_peer_over_loopback() {
     active.peer_port = port;
     active.source_addr = Some(lo());
     active.graceful_restart = Some(GracefulRestartConfig::default());
+    active.families = vec![Family::Ipv4Unicast, Family::Ipv6Unicast];
     let client = PeerHandle::spawn(active).await.unwrap();
 
     let st = client
