@@ -126,7 +126,11 @@ async fn status_tells_the_truth_with_frr() {
     let local: Vec<_> = s.entries.iter().filter(|e| e.owner_uid == "loc").collect();
     assert_eq!(local.len(), 1, "the Local Service appears once: {local:#?}");
     assert_eq!(
-        (local[0].prefix.as_str(), local[0].node.as_str(), local[0].desired),
+        (
+            local[0].prefix.as_str(),
+            local[0].node.as_str(),
+            local[0].desired
+        ),
         (LOCAL, "", false)
     );
     assert!(
@@ -152,7 +156,10 @@ async fn status_tells_the_truth_with_frr() {
     )
     .await;
     assert!(!by_node.entries.is_empty());
-    assert!(by_node.entries.iter().all(|e| e.node == "s0"), "{by_node:#?}");
+    assert!(
+        by_node.entries.iter().all(|e| e.node == "s0"),
+        "{by_node:#?}"
+    );
     let by_service = status(
         &mut routing,
         pb::GetAdvertisementStatusRequest {
@@ -201,7 +208,11 @@ async fn status_tells_the_truth_with_frr() {
         )
         .await;
         assert!(page.entries.len() <= 1);
-        walked.extend(page.entries.iter().map(|e| (e.prefix.clone(), e.node.clone())));
+        walked.extend(
+            page.entries
+                .iter()
+                .map(|e| (e.prefix.clone(), e.node.clone())),
+        );
         token = page.next_page_token;
         if token.is_empty() {
             break;
@@ -257,9 +268,8 @@ async fn status_tells_the_truth_with_frr() {
     assert!(e.difference.starts_with("speaker shut down"), "{e:#?}");
     // Now web is announced by no live speaker, and says why.
     assert!(
-        entry(&s, WEB, "s1").is_some_and(|e| e
-            .not_announced_reason
-            .starts_with("no Established session")),
+        entry(&s, WEB, "s1")
+            .is_some_and(|e| e.not_announced_reason.starts_with("no Established session")),
         "{s:#?}"
     );
     expect_paths(&tor, WEB, &[]).await;

@@ -705,3 +705,40 @@ fn received_routes_are_counted_not_kept_unless_asked() {
     );
     assert_eq!(kept.status().prefixes_received, 1);
 }
+
+#[test]
+fn advertised_is_what_was_encoded_not_what_was_asked() {
+    let now = Instant::now();
+    let mut s = in_open_sent(now);
+    // Classic IPv4 NLRI cannot carry an IPv6 next hop (that needs RFC 8950's MP_REACH).
+    s.config.ipv4_nlri = Ipv4NlriPolicy::Classic;
+    s.handle(now, Event::BgpOpen(peer_open()));
+    s.handle(now, Event::KeepAliveMsg);
+    assert_eq!(s.state(), State::Established);
+    let good: IpNet = "10.0.0.1/32".parse().unwrap();
+    let refused: IpNet = "10.0.0.2/32".parse().unwrap();
+    let mut routes = Routes::new();
+    routes.insert(good, RouteAttributes::default());
+    routes.insert(
+        refused,
+        RouteAttributes {
+            next_hop: Some("2001:db8::1".parse().unwrap()),
+            ..RouteAttributes::default()
+        },
+    );
+    s.handle(now, Event::SetDesired(Arc::new(routes)));
+    assert_eq!(
+        s.status().advertised.iter().copied().collect::<Vec<_>>(),
+        vec![good]
+    );
+    assert!(
+        s.status()
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("cannot advertise 10.0.0.2/32")
+    );
+    // Withdrawn: gone from the set too; a dropped connection empties it.
+    s.handle(now, Event::SetDesired(Arc::new(Routes::new())));
+    assert!(s.status().advertised.is_empty());
+}
