@@ -52,3 +52,8 @@ async fn clean_session_start() -> Result<()> {
 async fn classic_ipv4_peer() -> Result<()> {
     engine::classic_ipv4_peer(KIND).await
 }
+
+#[tokio::test]
+async fn reflected_own_routes_are_quiet() -> Result<()> {
+    engine::reflected_own_routes_are_quiet(KIND).await
+}

@@ -634,3 +634,77 @@ pub async fn max_prefixes(kind: TorKind) -> Result<()> {
     }
     Ok(())
 }
+
+/// Everything the engine logs while it is installed (on this thread: `#[tokio::test]`
+/// runs every task on the test's thread).
+#[derive(Clone, Default)]
+struct CapturedLog(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for CapturedLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl CapturedLog {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(
+            &self
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+        .into_owned()
+    }
+}
+
+/// FRR passes node A's routes on to node B (and back to A) with B's own AS in the path
+/// and without a NEXT_HOP: the engine treats them as withdrawn, quietly (DEBUG), since
+/// it would discard a looped route anyway; the WARN stays for real malformations.
+pub async fn reflected_own_routes_are_quiet(kind: TorKind) -> Result<()> {
+    let log = CapturedLog::default();
+    let writer = log.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let mut config = TorConfig::new(kind);
+    config.export_to_peers = true;
+    let tor = Tor::start(config).await?;
+    let (a, b) = tokio::try_join!(
+        engine(&tor, peer_config(&tor, NODE_A)),
+        engine(&tor, peer_config(&tor, NODE_B))
+    )?;
+    a.set_desired(host_routes(Ipv4Addr::new(10, 86, 0, 1), 3));
+    let status = b
+        .wait_for(CONVERGE, |s| s.malformed_updates_received > 0)
+        .await
+        .map_err(|s| anyhow::anyhow!("{kind} sent B nothing malformed: {s:?}"))?;
+    ensure!(status.state == State::Established, "{status:?}");
+    let text = log.text();
+    ensure!(
+        text.contains("our own route reflected back"),
+        "the reflected route was not recognised:\n{text}"
+    );
+    ensure!(
+        !text.contains("malformed UPDATE handled per RFC 7606"),
+        "a WARN for the expected reflection:\n{text}"
+    );
+    for peer in [a, b] {
+        peer.shutdown(ShutdownMode::Withdraw {
+            message: "test done".into(),
+        })
+        .await;
+    }
+    Ok(())
+}
