@@ -338,6 +338,9 @@ struct Conn {
     tx: mpsc::Sender<Vec<u8>>,
     /// Bytes handed to the writer ([`PeerTask::written`] has those it wrote).
     queued: u64,
+    /// A batch could not be queued: the connection is being closed, and nothing more
+    /// on it counts as written.
+    broken: bool,
 }
 
 /// The advertised set as of `offset` bytes queued on the connection.
@@ -476,7 +479,7 @@ impl PeerTask {
                     .in_flight
                     .back()
                     .map_or(&self.written_advertised, |(_, a)| a);
-                if !Arc::ptr_eq(newest, encoded) {
+                if !Arc::ptr_eq(newest, encoded) && !conn.broken {
                     let written = self.written.as_ref().map_or(0, |w| *w.borrow());
                     if conn.queued == written {
                         self.written_advertised = Arc::clone(encoded);
@@ -529,6 +532,7 @@ impl PeerTask {
                         match c.tx.try_send(bytes) {
                             Ok(()) => c.queued += len,
                             Err(mpsc::error::TrySendError::Full(_)) => {
+                                c.broken = true;
                                 let _ = err_tx.send((
                                     c.id,
                                     format!("{WRITE_QUEUE} writes queued: peer is not reading"),
@@ -566,6 +570,7 @@ impl PeerTask {
             reader,
             tx,
             queued: 0,
+            broken: false,
         });
     }
 

@@ -78,7 +78,13 @@ pub fn liveness(
             why: format!("speaker shut down {age} ago"),
         };
     }
-    if let Some(closed_at) = streams.get(node).and_then(|s| s.closed_at) {
+    // A report after the stream ended (the speaker follows another replica now, or came
+    // back) outweighs it; a speaker killed with -9 reports nothing after.
+    if let Some(closed_at) = streams
+        .get(node)
+        .and_then(|s| s.closed_at)
+        .filter(|closed_at| closed_at >= at)
+    {
         let gone = u64::try_from(now.saturating_sub(closed_at) / 1000).unwrap_or(0);
         return Liveness {
             status: pb::SpeakerStatus::Stale,
@@ -344,8 +350,8 @@ mod tests {
             (pb::SpeakerStatus::Stale, 3500)
         );
         assert!(stale.why.contains("3.5 s ago"), "{}", stale.why);
-        // A fresh report, but its route stream ended: stale at once.
-        reports.insert("n0".to_string(), (report(false, 1000), now));
+        // Its route stream ended after its last report: stale at once.
+        reports.insert("n0".to_string(), (report(false, 1000), now - 700_000));
         streams.insert(
             "n0".to_string(),
             StreamState {
@@ -360,6 +366,9 @@ mod tests {
             "{}",
             gone.why
         );
+        // A report after that: the speaker lives (following another replica, say).
+        reports.insert("n0".to_string(), (report(false, 1000), now));
+        assert_eq!(at("n0", &reports, &streams).status, pb::SpeakerStatus::Live);
         // The final report says it shut down.
         reports.insert("n0".to_string(), (report(true, 1000), now));
         assert_eq!(
