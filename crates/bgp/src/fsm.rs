@@ -24,7 +24,7 @@
 //!   [`collision_keeps_inbound`], then sends [`Event::OpenCollisionDump`] to
 //!   the loser.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -118,6 +118,13 @@ pub struct SessionConfig {
     /// Advertise RFC 8654 extended messages.
     pub extended_message: bool,
     pub ipv4_nlri: Ipv4NlriPolicy,
+    /// Most prefixes the peer may send; one more ends the session with Cease 6/1
+    /// (RFC 4486). `None`: no limit.
+    pub max_prefixes: Option<u32>,
+    /// Keep the set of prefixes the peer sends, for an exact
+    /// [`PeerStatus::prefixes_received`]. Off, only counters are kept (a speaker ignores
+    /// what the ToR sends); a `max_prefixes` limit keeps the set too, bounded by the limit.
+    pub keep_received: bool,
 }
 
 impl SessionConfig {
@@ -136,7 +143,14 @@ impl SessionConfig {
             graceful_restart: None,
             extended_message: true,
             ipv4_nlri: Ipv4NlriPolicy::Auto,
+            max_prefixes: None,
+            keep_received: false,
         }
+    }
+
+    /// Whether the received prefixes are kept as a set (see [`Self::keep_received`]).
+    fn tracks_received(&self) -> bool {
+        self.keep_received || self.max_prefixes.is_some()
     }
 
     pub fn is_ebgp(&self) -> bool {
@@ -262,8 +276,18 @@ pub struct PeerStatus {
     pub negotiated: Option<Negotiated>,
     /// Prefixes currently advertised to the peer.
     pub prefixes_sent: usize,
-    /// Prefixes the peer currently advertises to us (accepted and ignored).
+    /// The prefixes the Adj-RIB-Out has encoded for the peer on this connection (announced
+    /// and not since withdrawn). The driver reports them in [`PeerStatus::advertised`]
+    /// only once the bytes are written to the socket.
+    pub advertised: Arc<BTreeSet<IpNet>>,
+    /// Prefixes the peer currently advertises to us (accepted and ignored). Exact when the
+    /// set is kept ([`SessionConfig::keep_received`] or a prefix limit); otherwise NLRI
+    /// announced minus NLRI withdrawn on this connection, which over-counts a prefix the
+    /// peer announces again with other attributes.
     pub prefixes_received: usize,
+    /// NLRI announced and withdrawn by the peer on this connection (counted, not kept).
+    pub nlri_received: u64,
+    pub withdrawals_received: u64,
     /// UPDATE messages sent / received since the session was created.
     pub updates_sent: u64,
     pub updates_received: u64,
@@ -284,7 +308,10 @@ impl PeerStatus {
             established_at: None,
             negotiated: None,
             prefixes_sent: 0,
+            advertised: Arc::new(BTreeSet::new()),
             prefixes_received: 0,
+            nlri_received: 0,
+            withdrawals_received: 0,
             updates_sent: 0,
             updates_received: 0,
             established_count: 0,
@@ -661,19 +688,22 @@ impl Session {
                     self.status.updates_received += 1;
                     if let Some(action) = rfc7606 {
                         self.status.malformed_updates_received += 1;
-                        let reason = match &action {
-                            Rfc7606Action::TreatAsWithdraw { reason }
-                            | Rfc7606Action::AttributeDiscard { reason } => reason.clone(),
-                        };
-                        tracing::warn!(%reason, "malformed UPDATE handled per RFC 7606");
+                        match &action {
+                            // A ToR that reflects our own route back (FRR does, with its
+                            // AS and ours in the path) may leave out the NEXT_HOP: we
+                            // would discard the looped route anyway (RFC 4271 §9.1.2).
+                            Rfc7606Action::TreatAsWithdraw { reason, as_path }
+                                if as_path.contains(&self.config.local_asn) =>
+                            {
+                                tracing::debug!(%reason, "our own route reflected back, malformed; ignored");
+                            }
+                            Rfc7606Action::TreatAsWithdraw { reason, .. }
+                            | Rfc7606Action::AttributeDiscard { reason } => {
+                                tracing::warn!(%reason, "malformed UPDATE handled per RFC 7606");
+                            }
+                        }
                     }
-                    for p in update.withdrawn_all() {
-                        self.received.remove(&p);
-                    }
-                    for p in update.announced() {
-                        self.received.insert(p);
-                    }
-                    self.status.prefixes_received = self.received.len();
+                    self.receive_routes(now, &update);
                 }
                 // Event 28: UpdateMsgErr / Event 21: header error.
                 E::MessageError(e) => self.reject_message(now, &e),
@@ -973,7 +1003,10 @@ impl Session {
         self.rib.clear();
         self.received.clear();
         self.status.prefixes_sent = 0;
+        self.status.advertised = Arc::new(BTreeSet::new());
         self.status.prefixes_received = 0;
+        self.status.nlri_received = 0;
+        self.status.withdrawals_received = 0;
         self.status.negotiated = None;
         self.peer_open = None;
         self.local_addr = None;
@@ -1075,8 +1108,55 @@ impl Session {
         if let Some((p, e)) = errors.first() {
             self.status.last_error = Some(format!("cannot advertise {p}: {e}"));
         }
+        let changed = diff.announced + diff.withdrawn > 0;
         self.send_updates(diff.updates);
         self.status.prefixes_sent = self.rib.len();
+        if changed {
+            self.status.advertised = Arc::new(self.rib.sent().keys().copied().collect());
+        }
+    }
+
+    /// Counts what the peer sends, keeps the set only when asked or limited, and ends the
+    /// session with Cease 6/1 (RFC 4486) once the peer sends more than the limit.
+    fn receive_routes(&mut self, now: Instant, update: &Update) {
+        let withdrawn = update.withdrawn_all();
+        let announced = update.announced();
+        self.status.nlri_received += announced.len() as u64;
+        self.status.withdrawals_received += withdrawn.len() as u64;
+        if self.config.tracks_received() {
+            for p in &withdrawn {
+                self.received.remove(p);
+            }
+            for p in &announced {
+                self.received.insert(*p);
+            }
+            self.status.prefixes_received = self.received.len();
+        } else {
+            self.status.prefixes_received = usize::try_from(
+                self.status
+                    .nlri_received
+                    .saturating_sub(self.status.withdrawals_received),
+            )
+            .unwrap_or(usize::MAX);
+        }
+        let Some(limit) = self.config.max_prefixes else {
+            return;
+        };
+        if self.status.prefixes_received as u64 <= u64::from(limit) {
+            return;
+        }
+        // Data: AFI, SAFI and the limit (RFC 4486 §4), for the family that overflowed.
+        let family = announced.first().map_or(Family::Ipv4Unicast, Family::of);
+        let (afi, safi) = family.afi_safi();
+        let mut data = afi.to_be_bytes().to_vec();
+        data.push(safi);
+        data.extend_from_slice(&limit.to_be_bytes());
+        let n = Notification::new(Notification::CEASE, wire::cease::MAX_PREFIXES, data);
+        let reason = format!(
+            "peer sent {} prefixes, more than the limit of {limit}",
+            self.status.prefixes_received
+        );
+        self.fail(now, Some(n), &reason);
     }
 
     fn advertise_initial(&mut self) {
@@ -1090,20 +1170,13 @@ impl Session {
             .status
             .negotiated
             .as_ref()
-            .map(|n| (n.families.clone(), n.ipv4_nlri))
+            .map(|n| n.families.clone())
             .unwrap_or_default();
         let mut updates = Vec::new();
-        for f in families.0 {
-            let eor = match (f, families.1) {
-                (Family::Ipv4Unicast, Ipv4NlriEncoding::MpReach) => Update {
-                    attributes: vec![wire::Attribute::MpUnreach(wire::MpUnreach::Ipv4Unicast(
-                        Vec::new(),
-                    ))],
-                    ..Update::default()
-                },
-                _ => Update::end_of_rib(f),
-            };
-            updates.push(eor);
+        // RFC 4724 §2: the IPv4 unicast marker is the empty UPDATE whatever encoding
+        // carries the routes; other families' is an empty MP_UNREACH.
+        for f in families {
+            updates.push(Update::end_of_rib(f));
         }
         // EoR markers are not route updates; keep `updates_sent` about routes.
         let before = self.status.updates_sent;

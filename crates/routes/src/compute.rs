@@ -67,6 +67,8 @@ pub struct PeerSession {
     pub graceful_restart: bool,
     pub restart_time: u16,
     pub passive: bool,
+    /// Most prefixes the peer may send (`None`: no limit).
+    pub max_prefixes: Option<u32>,
 }
 
 impl PeerSession {
@@ -337,6 +339,7 @@ impl<'a> Ctx<'a> {
                 graceful_restart: peer.graceful_restart,
                 restart_time: peer.restart_time,
                 passive: peer.passive,
+                max_prefixes: peer.max_prefixes,
             });
         }
         let eligible = node.eligibility() == Eligibility::Eligible;

@@ -40,6 +40,7 @@
 
 pub mod community;
 pub mod compute;
+pub mod explain;
 pub mod facts;
 pub mod policy;
 

@@ -122,6 +122,8 @@ pub struct PeerInput {
     pub restart_time: Option<u32>,
     pub passive: bool,
     pub source_address: SourceAddressRule,
+    /// Most prefixes the peer may send (`None`: no limit).
+    pub max_prefixes: Option<u32>,
 }
 
 /// An advertisement rule as the API sends it.
@@ -176,6 +178,10 @@ pub struct Peer {
     pub restart_time: u16,
     pub passive: bool,
     pub source_address: SourceAddressRule,
+    /// Most prefixes the peer may send (`None`: no limit). Policies stored before the
+    /// field existed read as no limit.
+    #[serde(default)]
+    pub max_prefixes: Option<u32>,
 }
 
 /// A validated advertisement rule.
@@ -432,6 +438,7 @@ impl Peer {
             restart_time,
             passive: input.passive,
             source_address: input.source_address,
+            max_prefixes: input.max_prefixes.filter(|m| *m > 0),
         })
     }
 

@@ -134,6 +134,9 @@ pub(crate) fn render_config(config: &TorConfig, port: u16) -> String {
     // strict bind keeps the listener on listen_addr; multihop skips the directly-connected
     // check, which loopback peers would fail.
     conf.push_str("  strict bind on;\n  multihop;\n");
+    if !config.capabilities {
+        conf.push_str("  capabilities off;\n");
+    }
     let _ = writeln!(
         conf,
         "  hold time {};\n  keepalive time {};",

@@ -143,6 +143,9 @@ pub(crate) fn render_config(config: &TorConfig) -> String {
         config.hold_time
     );
     conf.push_str(" neighbor NODES advertisement-interval 0\n");
+    if !config.capabilities {
+        conf.push_str(" neighbor NODES dont-capability-negotiate\n");
+    }
     if let Some(password) = &config.md5_password {
         let _ = writeln!(conf, " neighbor NODES password {password}");
     }

@@ -199,6 +199,10 @@ pub struct TorConfig {
     pub export_to_peers: bool,
     /// BGP port; `None` picks a free one.
     pub bgp_port: Option<u16>,
+    /// Send capabilities in the OPEN (the default). Off, the ToR is a peer that does not
+    /// negotiate MP-BGP: IPv4 only, classic NLRI and NEXT_HOP, 2-octet AS numbers (BIRD
+    /// `capabilities off`, FRR `dont-capability-negotiate`; GoBGP cannot).
+    pub capabilities: bool,
 }
 
 impl TorConfig {
@@ -219,6 +223,7 @@ impl TorConfig {
             md5_password: None,
             export_to_peers: false,
             bgp_port: None,
+            capabilities: true,
         }
     }
 
@@ -245,6 +250,9 @@ impl TorConfig {
                 "GoBGP 3.10 does not apply auth-password to dynamic neighbors (a speaker with \
                  TCP-MD5 never connects, one without does); use BIRD or FRR for TCP-MD5 tests"
             );
+        }
+        if self.kind == TorKind::Gobgp && !self.capabilities {
+            bail!("GoBGP always sends capabilities; use BIRD or FRR for a peer without them");
         }
         if self.bgp_port == Some(179) {
             bail!("port 179 is reserved for real routers; leave bgp_port as None");
@@ -497,6 +505,11 @@ impl Tor {
     /// The daemon's working directory (config, logs, control sockets).
     pub fn dir(&self) -> &std::path::Path {
         self.dir.path()
+    }
+
+    /// Everything the daemon has logged so far.
+    pub fn log(&self) -> String {
+        self.daemon.log()
     }
 
     /// The daemon's PID.

@@ -205,6 +205,11 @@ impl Daemon {
             .and_then(|child| child.try_wait().ok().flatten())
     }
 
+    /// The daemon's whole log.
+    pub(crate) fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     /// The last lines of the daemon's log, for error messages.
     pub(crate) fn log_tail(&self) -> String {
         let text = fs::read_to_string(&self.log).unwrap_or_default();

@@ -42,3 +42,18 @@ async fn graceful_restart() -> Result<()> {
 async fn session_errors() -> Result<()> {
     engine::session_errors(KIND).await
 }
+
+#[tokio::test]
+async fn clean_session_start() -> Result<()> {
+    engine::clean_session_start(KIND).await
+}
+
+#[tokio::test]
+async fn classic_ipv4_peer() -> Result<()> {
+    engine::classic_ipv4_peer(KIND).await
+}
+
+#[tokio::test]
+async fn reflected_own_routes_are_quiet() -> Result<()> {
+    engine::reflected_own_routes_are_quiet(KIND).await
+}

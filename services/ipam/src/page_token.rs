@@ -15,6 +15,9 @@ pub enum Listing {
     Allocations,
     /// History: the position is the last revision of the page.
     History,
+    /// GetAdvertisementStatus: the position is the last entry's owner uid, prefix, node
+    /// and peer, one per line.
+    AdvertisementStatus,
 }
 
 impl Listing {
@@ -23,6 +26,7 @@ impl Listing {
         match self {
             Self::Allocations => "allocations.v1:",
             Self::History => "history.v1:",
+            Self::AdvertisementStatus => "status.v1:",
         }
     }
 
@@ -30,6 +34,7 @@ impl Listing {
         match self {
             Self::Allocations => "ListAllocations",
             Self::History => "History",
+            Self::AdvertisementStatus => "GetAdvertisementStatus",
         }
     }
 }
@@ -61,6 +66,10 @@ pub fn read(listing: Listing, field: &str, token: &str) -> Result<Option<String>
     let valid = match listing {
         Listing::Allocations => validate_uid(field, position).is_ok(),
         Listing::History => position.parse::<i64>().is_ok_and(|r| r > 0),
+        Listing::AdvertisementStatus => {
+            let parts: Vec<&str> = position.split('\n').collect();
+            parts.len() == 4 && parts.iter().all(|p| p.len() <= 256)
+        }
     };
     if !valid {
         return Err(refuse());

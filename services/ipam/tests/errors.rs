@@ -649,6 +649,64 @@ async fn an_oversized_value_in_any_field_gets_a_short_invalid_argument_naming_it
             }),
             "sessions[0].announced_prefixes[0]",
         ),
+        (
+            "ReportSpeakerState peer",
+            routing_call(r, |mut r| async move {
+                r.report_speaker_state(rpb::SpeakerState {
+                    node: "n1".into(),
+                    sessions: vec![rpb::SessionState {
+                        peer: b(),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                })
+                .await
+            }),
+            "sessions[0].peer",
+        ),
+        (
+            "ReportSpeakerState state",
+            routing_call(r, |mut r| async move {
+                r.report_speaker_state(rpb::SpeakerState {
+                    node: "n1".into(),
+                    sessions: vec![rpb::SessionState {
+                        peer: "tor".into(),
+                        state: b(),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                })
+                .await
+            }),
+            "sessions[0].state",
+        ),
+        (
+            "ReportSpeakerState last error",
+            routing_call(r, |mut r| async move {
+                r.report_speaker_state(rpb::SpeakerState {
+                    node: "n1".into(),
+                    sessions: vec![rpb::SessionState {
+                        peer: "tor".into(),
+                        last_error: b(),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                })
+                .await
+            }),
+            "sessions[0].last_error",
+        ),
+        (
+            "GetAdvertisementStatus service",
+            routing_call(r, |mut r| async move {
+                r.get_advertisement_status(rpb::GetAdvertisementStatusRequest {
+                    service: b(),
+                    ..Default::default()
+                })
+                .await
+            }),
+            "service",
+        ),
     ];
     let count = cases.len();
     for (case, call, field) in cases {

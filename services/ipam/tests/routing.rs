@@ -226,13 +226,14 @@ async fn per_node_snapshots_follow_labels_endpoints_and_readiness() {
                 announced_prefixes: vec!["172.16.0.241/32".into()],
                 ..Default::default()
             }],
+            ..Default::default()
         })
         .await
         .unwrap();
     let status = routing
         .get_advertisement_status(pb::GetAdvertisementStatusRequest {
             node: "n0".into(),
-            owner_uid: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -471,5 +472,63 @@ async fn the_md5_placeholder_written_back_keeps_the_stored_password() {
             .md5_password,
         "",
         "the refused policy stored nothing"
+    );
+}
+
+fn changed_at(snapshot: &pb::NodeRoutes) -> std::time::SystemTime {
+    let t = snapshot.peers[0].routes[0].changed_at.unwrap();
+    std::time::SystemTime::try_from(t).unwrap()
+}
+
+/// A route's `changed_at` is the change that made it what it is: after a policy change
+/// (here, a community) it is the policy change's time, not the allocation's from before
+/// (which made the speaker log 415 s for a change applied in milliseconds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changed_at_is_the_change_that_caused_the_update() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), None).await;
+    let mut ipam = server.client().await;
+    let mut routing = RoutingClient::new(server.channel().await.unwrap());
+    create_pool(&mut ipam, pool("lab", &["172.16.0.240/28"])).await;
+    routing.set_bgp_policy(tor_policy()).await.unwrap();
+    routing
+        .upsert_node(node("n0", "127.0.0.10", &[("bgp-peer", "true")]))
+        .await
+        .unwrap();
+    let mut n0 = watch(&mut routing, "n0").await;
+    allocate_ok(&mut ipam, allocate("lb")).await;
+    let allocated = until(&mut n0, |s| !routes(s).is_empty()).await;
+    let allocated_at = changed_at(&allocated);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let before_policy = std::time::SystemTime::now();
+    let mut policy = tor_policy();
+    policy.advertisements[0].communities = vec!["65010:200".into()];
+    routing.set_bgp_policy(policy).await.unwrap();
+    let changed = until(&mut n0, |s| {
+        s.peers[0]
+            .routes
+            .first()
+            .is_some_and(|r| r.communities == [65010 << 16 | 200])
+    })
+    .await;
+    let at = changed_at(&changed);
+    assert!(
+        at + Duration::from_millis(100) >= before_policy,
+        "changed_at {at:?} is from before the policy change at {before_policy:?} (the allocation was at {allocated_at:?})"
+    );
+    assert!(at <= std::time::SystemTime::now());
+
+    // A snapshot for another reason (a second Service) keeps the first route's time.
+    allocate_ok(&mut ipam, allocate("lb2")).await;
+    let both = until(&mut n0, |s| routes(s).len() == 2).await;
+    let first = both.peers[0]
+        .routes
+        .iter()
+        .find(|r| r.prefix == changed.peers[0].routes[0].prefix)
+        .unwrap();
+    assert_eq!(
+        first.changed_at, changed.peers[0].routes[0].changed_at,
+        "an untouched route keeps the time of its own change"
     );
 }

@@ -142,6 +142,26 @@ async fn subscribe(
     }
 }
 
+/// Bound on the last report at shutdown: it must not hold up closing the sessions.
+pub const FINAL_REPORT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Sends the shutting-down report once, bounded by [`FINAL_REPORT_TIMEOUT`]; a failure is
+/// logged (IPAM then sees the speaker stale once its stream is gone).
+pub async fn final_report(endpoint: &Endpoint, state: pb::SpeakerState) {
+    let call = async {
+        let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
+        RoutingClient::new(channel)
+            .report_speaker_state(state)
+            .await
+            .map_err(|s| s.message().to_string())
+    };
+    match tokio::time::timeout(FINAL_REPORT_TIMEOUT, call).await {
+        Ok(Ok(_)) => info!("final state reported: shutting down"),
+        Ok(Err(e)) => warn!(error = %e, "final state report failed"),
+        Err(_) => warn!(timeout = ?FINAL_REPORT_TIMEOUT, "final state report timed out"),
+    }
+}
+
 /// Sends the latest state to IPAM whenever it changes and every `interval`. A failed
 /// report is logged and the next change or tick tries again; it never stops the speaker.
 pub async fn report_state(

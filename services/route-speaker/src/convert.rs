@@ -116,6 +116,7 @@ pub fn peer_from_pb(pr: &pb::PeerRoutes, defaults: SessionDefaults) -> Result<Pe
         families,
         // IPAM resolves the subnet to `source_address` for this node.
         source_subnet: _,
+        max_prefixes,
     } = peer;
     let name = name.as_str();
     if name.is_empty() {
@@ -266,6 +267,7 @@ pub fn peer_from_pb(pr: &pb::PeerRoutes, defaults: SessionDefaults) -> Result<Pe
     config.md5_password = (!md5_password.is_empty()).then(|| md5_password.clone());
     config.ttl = ttl;
     config.graceful_restart = graceful_restart;
+    config.max_prefixes = (*max_prefixes > 0).then_some(*max_prefixes);
     if *passive {
         // The proto has no local port yet: a passive session listens on the BGP port of
         // the node address (or of every address when the snapshot names none).

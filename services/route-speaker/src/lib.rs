@@ -157,12 +157,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         tasks.clone(),
     ));
     let reporter = tokio::spawn(control::report_state(
-        endpoint,
+        endpoint.clone(),
         state_rx,
         config.report_interval,
         tasks.clone(),
     ));
 
+    let interval_ms = u32::try_from(config.report_interval.as_millis()).unwrap_or(u32::MAX);
+    let report = |speaker: &Speaker| {
+        speaker.state().map(|mut state| {
+            state.report_interval_ms = interval_ms;
+            state
+        })
+    };
     let mut speaker = Speaker::new(node, config.router_id);
     let changes = speaker.changes();
     let mut report_at: Option<tokio::time::Instant> = None;
@@ -179,7 +186,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 let snapshot = snapshots.borrow_and_update().clone();
                 if let Some(snapshot) = snapshot {
                     speaker.apply(&snapshot).await;
-                    state_tx.send_replace(speaker.state());
+                    state_tx.send_replace(report(&speaker));
                     report_at = None;
                 }
             }
@@ -188,7 +195,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             }
             () = sleep_until(report_at) => {
                 report_at = None;
-                let state = speaker.state();
+                let state = report(&speaker);
                 state_tx.send_if_modified(|cur| {
                     if *cur == state {
                         false
@@ -203,6 +210,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
     info!("shutting down: closing BGP sessions");
     tasks.cancel();
+    // Said before the sessions close, so the status shows the speaker gone at once
+    // rather than after its reports age out.
+    if let Some(mut state) = report(&speaker) {
+        state.shutting_down = true;
+        control::final_report(&endpoint, state).await;
+    }
     if tokio::time::timeout(SHUTDOWN_TIMEOUT, speaker.shutdown(SHUTDOWN_MESSAGE))
         .await
         .is_err()

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use herald_api::routing::v1 as pb;
-use herald_bgp::{Family, PeerConfig, PeerHandle, PeerStatus, Routes, ShutdownMode, State};
+use herald_bgp::{PeerConfig, PeerHandle, PeerStatus, Routes, ShutdownMode, State};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tracing::{Instrument, error, info, warn};
@@ -36,7 +36,9 @@ pub struct ApplySummary {
     pub invalid_peers: usize,
     pub skipped_routes: usize,
     /// Now minus the newest `changed_at` among routes that are new or changed in this
-    /// snapshot.
+    /// snapshot on sessions that were already running: a session started by this
+    /// snapshot (the speaker's first one, a new peer) loads its routes, which is no
+    /// change to measure.
     pub change_to_apply: Option<Duration>,
 }
 
@@ -252,7 +254,8 @@ impl Speaker {
             if *session.routes == converted.routes {
                 continue;
             }
-            for p in &converted.provenance {
+            let started = summary.started.contains(&name);
+            for p in converted.provenance.iter().filter(|_| !started) {
                 let changed = session.routes.get(&p.prefix) != converted.routes.get(&p.prefix);
                 if changed && let Some(at) = p.changed_at {
                     newest_change = newest_change.max(Some(at));
@@ -284,12 +287,14 @@ impl Speaker {
         let sessions = self
             .sessions
             .iter()
-            .map(|(name, s)| session_state(name, &s.handle.status(), &s.routes, self.clock))
+            .map(|(name, s)| session_state(name, &s.handle.status(), self.clock))
             .collect();
         Some(pb::SpeakerState {
             node: self.node.clone(),
             applied_revision,
             sessions,
+            report_interval_ms: 0,
+            shutting_down: false,
         })
     }
 
@@ -313,15 +318,11 @@ impl Speaker {
     }
 }
 
-/// One session's report entry. The announced prefixes are the desired set while the
-/// session is Established (the engine sends all of it), less the families the peer did
-/// not negotiate, and nothing otherwise.
-pub fn session_state(
-    peer: &str,
-    status: &PeerStatus,
-    routes: &Routes,
-    clock: Clock,
-) -> pb::SessionState {
+/// One session's report entry. The announced prefixes are what the session's Adj-RIB-Out
+/// has written to the socket on the current connection (announced and not since
+/// withdrawn), so an UPDATE that could not be encoded, or one stuck behind a peer that
+/// does not read, shows as not announced.
+pub fn session_state(peer: &str, status: &PeerStatus, clock: Clock) -> pb::SessionState {
     let established = status.state == State::Established;
     pb::SessionState {
         peer: peer.to_string(),
@@ -330,20 +331,7 @@ pub fn session_state(
             .established_at
             .filter(|_| established)
             .map(|at| clock.timestamp(at)),
-        announced_prefixes: if established {
-            let families = status
-                .negotiated
-                .as_ref()
-                .map(|n| n.families.clone())
-                .unwrap_or_default();
-            routes
-                .keys()
-                .filter(|p| families.contains(&Family::of(p)))
-                .map(ToString::to_string)
-                .collect()
-        } else {
-            Vec::new()
-        },
+        announced_prefixes: status.advertised.iter().map(ToString::to_string).collect(),
         updates_sent: status.updates_sent,
         last_error: status.last_error.clone().unwrap_or_default(),
     }
@@ -460,8 +448,10 @@ mod tests {
             .await;
         assert_eq!(s.started, names(&["tor"]));
         assert_eq!(s.routes, 1);
-        let latency = s.change_to_apply.unwrap_or_default();
-        assert!(latency >= Duration::from_secs(2), "{latency:?}");
+        assert_eq!(
+            s.change_to_apply, None,
+            "a session's first routes are a load, not a change"
+        );
         let state = speaker
             .state()
             .unwrap_or_else(|| panic!("a state after apply"));
@@ -493,6 +483,11 @@ mod tests {
             ))
             .await;
         assert_eq!(s.kept, names(&["tor"]));
+        let latency = s.change_to_apply.unwrap_or_default();
+        assert!(
+            latency >= Duration::from_secs(2) && latency < Duration::from_secs(60),
+            "measured from the new route's changed_at: {latency:?}"
+        );
         let (_, routes) = speaker.session("tor").unwrap_or_else(|| panic!("session"));
         assert_eq!(routes.len(), 2);
 

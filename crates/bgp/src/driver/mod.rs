@@ -25,6 +25,7 @@ use crate::fsm::{Event, Output, Session, SessionConfig};
 pub use crate::fsm::{GracefulRestartConfig, Ipv4NlriPolicy, PeerStatus, ShutdownMode, State};
 use crate::rib::Routes;
 use crate::wire::{self, Family, Message, Notification, WireContext};
+use ipnet::IpNet;
 
 /// The BGP port (RFC 4271 §8.2.1).
 pub const BGP_PORT: u16 = 179;
@@ -35,6 +36,10 @@ pub const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bound on a single write: a peer that stops reading for this long is
 /// treated as gone (the hold timer cannot fire while a write is stuck).
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Batches of bytes (one per event handled) waiting for the socket. A peer that stops
+/// reading fills the socket buffer and then this queue; one more batch ends the
+/// connection rather than letting the queue grow without bound.
+pub const WRITE_QUEUE: usize = 256;
 
 /// Everything about one peer. Build with [`PeerConfig::new`] and adjust
 /// the public fields.
@@ -71,12 +76,24 @@ pub struct PeerConfig {
     /// Advertise RFC 8654 extended messages.
     pub extended_message: bool,
     pub ipv4_nlri: Ipv4NlriPolicy,
+    /// See [`SessionConfig::max_prefixes`].
+    pub max_prefixes: Option<u32>,
+    /// See [`SessionConfig::keep_received`].
+    pub keep_received: bool,
 }
 
 impl PeerConfig {
-    /// Active session to `peer_addr:179` with the defaults of [`crate::fsm`].
+    /// Active session to `peer_addr:179` with the defaults of [`crate::fsm`], offering
+    /// only the family of `peer_addr`: a family offered in the OPEN starts the peer's
+    /// channel for it, and BIRD, given IPv6 on an IPv4 session, warns "Missing next hop
+    /// address" at every session start (it has no IPv6 address of its own there). Name
+    /// both in [`PeerConfig::families`] to carry the other family.
     pub fn new(peer_addr: IpAddr, peer_asn: u32, local_asn: u32, router_id: Ipv4Addr) -> Self {
-        let s = SessionConfig::new(local_asn, peer_asn, router_id);
+        let mut s = SessionConfig::new(local_asn, peer_asn, router_id);
+        s.families = vec![match peer_addr {
+            IpAddr::V4(_) => Family::Ipv4Unicast,
+            IpAddr::V6(_) => Family::Ipv6Unicast,
+        }];
         Self {
             peer_addr,
             peer_port: BGP_PORT,
@@ -97,6 +114,8 @@ impl PeerConfig {
             families: s.families,
             extended_message: s.extended_message,
             ipv4_nlri: s.ipv4_nlri,
+            max_prefixes: s.max_prefixes,
+            keep_received: s.keep_received,
         }
     }
 
@@ -115,6 +134,8 @@ impl PeerConfig {
             graceful_restart: self.graceful_restart,
             extended_message: self.extended_message,
             ipv4_nlri: self.ipv4_nlri,
+            max_prefixes: self.max_prefixes,
+            keep_received: self.keep_received,
         }
     }
 
@@ -195,6 +216,9 @@ impl PeerHandle {
                 connecting: None,
                 next_conn_id: 0,
                 status: status_tx,
+                written_advertised: Arc::new(std::collections::BTreeSet::new()),
+                in_flight: std::collections::VecDeque::new(),
+                written: None,
             }
             .run(desired_rx, cmd_rx)
             .instrument(span),
@@ -311,8 +335,16 @@ type ConnectFuture = Pin<Box<dyn Future<Output = io::Result<TcpStream>> + Send>>
 struct Conn {
     id: u64,
     reader: OwnedReadHalf,
-    tx: mpsc::UnboundedSender<Vec<u8>>,
+    tx: mpsc::Sender<Vec<u8>>,
+    /// Bytes handed to the writer ([`PeerTask::written`] has those it wrote).
+    queued: u64,
+    /// A batch could not be queued: the connection is being closed, and nothing more
+    /// on it counts as written.
+    broken: bool,
 }
+
+/// The advertised set as of `offset` bytes queued on the connection.
+type Advertised = Arc<std::collections::BTreeSet<IpNet>>;
 
 struct PeerTask {
     config: PeerConfig,
@@ -322,6 +354,13 @@ struct PeerTask {
     connecting: Option<ConnectFuture>,
     next_conn_id: u64,
     status: watch::Sender<PeerStatus>,
+    /// What the peer has been sent for certain: the Adj-RIB-Out's set as of the last
+    /// bytes the writer has written to the socket (not merely queued).
+    written_advertised: Advertised,
+    /// Sets the session has encoded whose bytes are still queued: (queued offset, set).
+    in_flight: std::collections::VecDeque<(u64, Advertised)>,
+    /// Bytes the current connection's writer has written to the socket.
+    written: Option<watch::Receiver<u64>>,
 }
 
 /// Size of one read from the socket.
@@ -377,6 +416,11 @@ impl PeerTask {
                     }
                     self.apply(Instant::now(), ev, &write_err_tx);
                 }
+                written = wait_written(&mut self.written) => {
+                    if let Some(written) = written {
+                        self.confirm_written(written);
+                    }
+                }
                 Some((id, reason)) = write_err_rx.recv() => {
                     if self.conn.as_ref().is_some_and(|c| c.id == id) {
                         self.conn = None;
@@ -422,16 +466,52 @@ impl PeerTask {
         }
     }
 
-    fn publish(&self) {
-        let s = self.session.status();
+    fn publish(&mut self) {
+        // The session's set is what it encoded; the status says what reached the socket.
+        let encoded = &self.session.status().advertised;
+        match &self.conn {
+            None => {
+                self.in_flight.clear();
+                self.written_advertised = Arc::clone(encoded);
+            }
+            Some(conn) => {
+                let newest = self
+                    .in_flight
+                    .back()
+                    .map_or(&self.written_advertised, |(_, a)| a);
+                if !Arc::ptr_eq(newest, encoded) && !conn.broken {
+                    let written = self.written.as_ref().map_or(0, |w| *w.borrow());
+                    if conn.queued == written {
+                        self.written_advertised = Arc::clone(encoded);
+                    } else {
+                        self.in_flight.push_back((conn.queued, Arc::clone(encoded)));
+                    }
+                }
+            }
+        }
+        let mut s = self.session.status().clone();
+        s.advertised = Arc::clone(&self.written_advertised);
         self.status.send_if_modified(|cur| {
-            if cur != s {
-                *cur = s.clone();
+            if *cur != s {
+                *cur = s;
                 true
             } else {
                 false
             }
         });
+    }
+
+    /// The writer has written `written` bytes of the current connection: every set queued
+    /// up to there has reached the socket.
+    fn confirm_written(&mut self, written: u64) {
+        while let Some((offset, _)) = self.in_flight.front() {
+            if *offset > written {
+                break;
+            }
+            if let Some((_, set)) = self.in_flight.pop_front() {
+                self.written_advertised = set;
+            }
+        }
     }
 
     fn apply(&mut self, now: Instant, ev: Event, err_tx: &mpsc::UnboundedSender<(u64, String)>) {
@@ -447,8 +527,20 @@ impl PeerTask {
                     self.connecting = Some(Box::pin(connect(self.config.clone())));
                 }
                 Output::Send(bytes) => {
-                    if let Some(c) = &self.conn {
-                        let _ = c.tx.send(bytes);
+                    if let Some(c) = &mut self.conn {
+                        let len = bytes.len() as u64;
+                        match c.tx.try_send(bytes) {
+                            Ok(()) => c.queued += len,
+                            Err(mpsc::error::TrySendError::Full(_)) => {
+                                c.broken = true;
+                                let _ = err_tx.send((
+                                    c.id,
+                                    format!("{WRITE_QUEUE} writes queued: peer is not reading"),
+                                ));
+                            }
+                            // The writer ended; it has reported why.
+                            Err(mpsc::error::TrySendError::Closed(_)) => {}
+                        }
                     }
                 }
                 Output::Disconnect => {
@@ -461,17 +553,25 @@ impl PeerTask {
                 }
             }
         }
-        let _ = err_tx;
     }
 
     fn install(&mut self, stream: TcpStream, err_tx: &mpsc::UnboundedSender<(u64, String)>) {
         let _ = stream.set_nodelay(true);
         let (reader, writer) = stream.into_split();
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(WRITE_QUEUE);
+        let (written_tx, written) = watch::channel(0);
         self.next_conn_id += 1;
         let id = self.next_conn_id;
-        tokio::spawn(writer_task(id, writer, rx, err_tx.clone()).in_current_span());
-        self.conn = Some(Conn { id, reader, tx });
+        tokio::spawn(writer_task(id, writer, rx, written_tx, err_tx.clone()).in_current_span());
+        self.in_flight.clear();
+        self.written = Some(written);
+        self.conn = Some(Conn {
+            id,
+            reader,
+            tx,
+            queued: 0,
+            broken: false,
+        });
     }
 
     async fn on_inbound(
@@ -543,12 +643,15 @@ async fn reject_with_cease(mut stream: TcpStream) {
 async fn writer_task(
     id: u64,
     mut writer: OwnedWriteHalf,
-    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+    written: watch::Sender<u64>,
     err_tx: mpsc::UnboundedSender<(u64, String)>,
 ) {
     while let Some(bytes) = rx.recv().await {
         match tokio::time::timeout(WRITE_TIMEOUT, writer.write_all(&bytes)).await {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => {
+                written.send_modify(|w| *w += bytes.len() as u64);
+            }
             Ok(Err(e)) => {
                 let _ = err_tx.send((id, format!("write failed: {e}")));
                 return;
@@ -562,6 +665,18 @@ async fn writer_task(
     // The sender was dropped: the session closed this connection. Flush
     // and send FIN (bounded).
     let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, writer.shutdown()).await;
+}
+
+/// The writer's progress on the current connection, when it moves.
+async fn wait_written(written: &mut Option<watch::Receiver<u64>>) -> Option<u64> {
+    match written {
+        Some(w) => match w.changed().await {
+            Ok(()) => Some(*w.borrow_and_update()),
+            // The writer ended: its error (if any) comes on the error channel.
+            Err(_) => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
 }
 
 async fn read_conn(conn: &mut Option<Conn>, buf: &mut [u8]) -> io::Result<usize> {

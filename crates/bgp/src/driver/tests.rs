@@ -31,6 +31,7 @@ async fn two_drivers_peer_over_loopback() {
     passive.passive = true;
     passive.listen = Some("127.0.0.1:0".parse().unwrap());
     passive.hold_time = 9;
+    passive.families = vec![Family::Ipv4Unicast, Family::Ipv6Unicast];
     let server = PeerHandle::spawn(passive).await.unwrap();
     let port = server.listen_addr().unwrap().port();
 
@@ -38,6 +39,7 @@ async fn two_drivers_peer_over_loopback() {
     active.peer_port = port;
     active.source_addr = Some(lo());
     active.graceful_restart = Some(GracefulRestartConfig::default());
+    active.families = vec![Family::Ipv4Unicast, Family::Ipv6Unicast];
     let client = PeerHandle::spawn(active).await.unwrap();
 
     let st = client
@@ -333,4 +335,65 @@ async fn silent_peer_gets_hold_timer_expired() {
     let n = read_notification(&mut s).await.expect("NOTIFICATION");
     assert_eq!((n.code, n.subcode), (4, 0));
     h.shutdown(ShutdownMode::Graceful).await;
+}
+
+/// A peer that stops reading: the Adj-RIB-Out has encoded every route, but the status
+/// reports as advertised only what the writer has put on the socket, so nothing until
+/// the peer reads again, and then everything.
+#[tokio::test]
+async fn advertised_waits_for_the_socket() {
+    const N: u32 = 40_000;
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    // Inherited by the accepted connection; a fixed buffer also stops autotuning.
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = sock.listen(1).unwrap();
+    let peer = spawn_against(&listener).await;
+    let mut s = establish(&listener).await;
+    peer.wait_established(T).await.expect("up");
+    // Distinct MEDs keep every route in an UPDATE of its own and 64 communities make
+    // each about 300 bytes: some 12 MB, more than the socket buffers hold.
+    let set: Routes = routes(N)
+        .into_keys()
+        .zip(0..)
+        .map(|(p, i)| {
+            let attrs = RouteAttributes {
+                med: Some(i),
+                communities: (0..64).collect(),
+                ..RouteAttributes::default()
+            };
+            (p, attrs)
+        })
+        .collect();
+    peer.set_desired(set);
+    peer.wait_for(T, |s| s.prefixes_sent == N as usize)
+        .await
+        .expect("every route encoded");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let st = peer.status();
+    assert_eq!(st.state, State::Established);
+    assert!(
+        st.advertised.is_empty(),
+        "{} routes reported as advertised while stuck behind a peer that does not read",
+        st.advertised.len()
+    );
+    let drain = tokio::spawn(async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        // Bounded: ends when the engine closes the connection or after a minute.
+        let _ = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Ok(n) = s.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        })
+        .await;
+    });
+    peer.wait_for(Duration::from_secs(30), |s| {
+        s.advertised.len() == N as usize
+    })
+    .await
+    .expect("every route confirmed once the peer reads");
+    peer.shutdown(ShutdownMode::Graceful).await;
+    drain.abort();
 }

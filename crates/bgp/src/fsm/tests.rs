@@ -453,7 +453,10 @@ fn established_update_counts_received_prefixes() {
         now,
         Event::UpdateMsg(
             w,
-            Some(Rfc7606Action::TreatAsWithdraw { reason: "x".into() }),
+            Some(Rfc7606Action::TreatAsWithdraw {
+                reason: "x".into(),
+                as_path: Vec::new(),
+            }),
         ),
     );
     assert_eq!(s.status().prefixes_received, 0);
@@ -602,4 +605,140 @@ fn data_split_across_reads_is_reassembled() {
     assert!(sent(&s.handle(now, Event::Data(a.to_vec()))).is_empty());
     s.handle(now, Event::Data(b.to_vec()));
     assert_eq!(s.state(), State::OpenConfirm);
+}
+
+fn updates(out: &[Output]) -> Vec<Update> {
+    sent(out)
+        .into_iter()
+        .filter_map(|m| match m {
+            Message::Update(u) => Some(u),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn ipv4_end_of_rib_is_the_empty_update_even_over_mp_reach() {
+    let now = Instant::now();
+    let mut s = in_open_confirm(now);
+    let out = s.handle(now, Event::KeepAliveMsg);
+    let negotiated = s.status().negotiated.clone().unwrap();
+    assert_eq!(negotiated.ipv4_nlri, Ipv4NlriEncoding::MpReach);
+    let sent = updates(&out);
+    assert!(sent.contains(&Update::default()), "RFC 4724 §2: {sent:?}");
+    assert!(
+        !sent.iter().any(|u| u.attributes.iter().any(|a| matches!(
+            a,
+            wire::Attribute::MpUnreach(wire::MpUnreach::Ipv4Unicast(_))
+        ))),
+        "{sent:?}"
+    );
+}
+
+fn hosts(n: u32) -> Vec<ipnet::Ipv4Net> {
+    (1..=n)
+        .map(|i| format!("10.7.0.{i}/32").parse().unwrap())
+        .collect()
+}
+
+#[test]
+fn more_prefixes_than_the_limit_is_cease_6_1() {
+    let now = Instant::now();
+    let mut s = established(now);
+    s.config.max_prefixes = Some(2);
+    let two = Update {
+        nlri: hosts(2),
+        ..Update::default()
+    };
+    // The same two again (new attributes) stay two: the set is kept when limited.
+    for _ in 0..2 {
+        let out = s.handle(now, Event::UpdateMsg(two.clone(), None));
+        assert_eq!(notif(&out), None);
+    }
+    assert_eq!(s.status().prefixes_received, 2);
+    let three = Update {
+        nlri: hosts(3),
+        ..Update::default()
+    };
+    let out = s.handle(now, Event::UpdateMsg(three, None));
+    let n = sent(&out)
+        .into_iter()
+        .find_map(|m| match m {
+            Message::Notification(n) => Some(n),
+            _ => None,
+        })
+        .unwrap();
+    // RFC 4486 §4: AFI 1, SAFI 1, the limit as 4 octets.
+    assert_eq!((n.code, n.subcode), (6, 1));
+    assert_eq!(n.data, vec![0, 1, 1, 0, 0, 0, 2]);
+    assert_eq!(s.state(), State::Idle);
+    assert!(out.contains(&Output::Disconnect));
+    assert!(
+        s.status()
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("more than the limit of 2")
+    );
+}
+
+#[test]
+fn received_routes_are_counted_not_kept_unless_asked() {
+    let now = Instant::now();
+    let twice = Update {
+        nlri: hosts(1),
+        ..Update::default()
+    };
+    let mut counted = established(now);
+    let mut kept = established(now);
+    kept.config.keep_received = true;
+    for s in [&mut counted, &mut kept] {
+        s.handle(now, Event::UpdateMsg(twice.clone(), None));
+        s.handle(now, Event::UpdateMsg(twice.clone(), None));
+        assert_eq!(s.status().nlri_received, 2);
+    }
+    assert!(counted.received.is_empty(), "nothing kept");
+    assert_eq!(
+        counted.status().prefixes_received,
+        2,
+        "counts only: a prefix announced twice counts twice"
+    );
+    assert_eq!(kept.status().prefixes_received, 1);
+}
+
+#[test]
+fn advertised_is_what_was_encoded_not_what_was_asked() {
+    let now = Instant::now();
+    let mut s = in_open_sent(now);
+    // Classic IPv4 NLRI cannot carry an IPv6 next hop (that needs RFC 8950's MP_REACH).
+    s.config.ipv4_nlri = Ipv4NlriPolicy::Classic;
+    s.handle(now, Event::BgpOpen(peer_open()));
+    s.handle(now, Event::KeepAliveMsg);
+    assert_eq!(s.state(), State::Established);
+    let good: IpNet = "10.0.0.1/32".parse().unwrap();
+    let refused: IpNet = "10.0.0.2/32".parse().unwrap();
+    let mut routes = Routes::new();
+    routes.insert(good, RouteAttributes::default());
+    routes.insert(
+        refused,
+        RouteAttributes {
+            next_hop: Some("2001:db8::1".parse().unwrap()),
+            ..RouteAttributes::default()
+        },
+    );
+    s.handle(now, Event::SetDesired(Arc::new(routes)));
+    assert_eq!(
+        s.status().advertised.iter().copied().collect::<Vec<_>>(),
+        vec![good]
+    );
+    assert!(
+        s.status()
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("cannot advertise 10.0.0.2/32")
+    );
+    // Withdrawn: gone from the set too; a dropped connection empties it.
+    s.handle(now, Event::SetDesired(Arc::new(Routes::new())));
+    assert!(s.status().advertised.is_empty());
 }

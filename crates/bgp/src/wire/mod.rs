@@ -88,7 +88,9 @@ pub struct Decoded {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rfc7606Action {
     /// The UPDATE's NLRI are to be handled as withdrawn.
-    TreatAsWithdraw { reason: String },
+    /// `as_path` is the UPDATE's AS path flattened, when it could be read (so a caller
+    /// can tell its own routes reflected back from other peers' malformations).
+    TreatAsWithdraw { reason: String, as_path: Vec<u32> },
     /// A malformed optional attribute was dropped; the rest is usable.
     AttributeDiscard { reason: String },
 }
@@ -447,12 +449,29 @@ fn check_well_known(message: Message) -> Decoded {
             rfc7606: None,
         };
     }
+    let as_path = flat_as_path(&update.attributes);
     Decoded {
         message: Message::Update(update.into_withdrawal()),
         rfc7606: Some(Rfc7606Action::TreatAsWithdraw {
             reason: format!("missing well-known attribute(s) {}", missing.join(", ")),
+            as_path,
         }),
     }
+}
+
+/// Every ASN of the AS_PATH attribute, in order (sets included).
+fn flat_as_path(attributes: &[Attribute]) -> Vec<u32> {
+    attributes
+        .iter()
+        .filter_map(|a| match a {
+            Attribute::AsPath(segments) => Some(segments),
+            _ => None,
+        })
+        .flatten()
+        .flat_map(|s| match s {
+            AsSegment::Sequence(v) | AsSegment::Set(v) => v.iter().copied(),
+        })
+        .collect()
 }
 
 fn update_error_7606(
@@ -487,9 +506,10 @@ fn update_error_7606(
                             reason,
                         });
                     };
+                    let as_path = flat_as_path(&update.attributes);
                     Ok(Decoded {
                         message: Message::Update(update.into_withdrawal()),
-                        rfc7606: Some(Rfc7606Action::TreatAsWithdraw { reason }),
+                        rfc7606: Some(Rfc7606Action::TreatAsWithdraw { reason, as_path }),
                     })
                 }
                 // The NLRI itself (or MP_REACH/MP_UNREACH) is broken: the

@@ -349,3 +349,24 @@ fn fuzz_decode_survives_garbage_and_vectors() {
         fuzz_decode(&v);
     }
 }
+
+#[test]
+fn rfc7606_treat_as_withdraw_carries_the_as_path() {
+    // ORIGIN IGP, AS_PATH SEQ [65001, 65010] (4-octet), NLRI 10.0.0.1/32, no NEXT_HOP: what
+    // a ToR reflecting the node's own route without a next hop sends.
+    let bytes = hex(&format!(
+        "{MARKER} 002d 02 0000 0011 40010100 40020a 0202 0000fde9 0000fdf2 20 0a000001"
+    ));
+    let ctx = WireContext {
+        four_octet_asn: true,
+        ..WireContext::default()
+    };
+    let d = decode_message(&bytes, &ctx).unwrap();
+    match d.rfc7606 {
+        Some(Rfc7606Action::TreatAsWithdraw { reason, as_path }) => {
+            assert!(reason.contains("NEXT_HOP"), "{reason}");
+            assert_eq!(as_path, vec![65001, 65010]);
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -107,6 +107,7 @@ fn peer_from_pb(
         local_asn,
         families,
         source_subnet,
+        max_prefixes,
     } = peer;
     let at = format!("peers[{i}]");
     let families = families
@@ -156,6 +157,7 @@ fn peer_from_pb(
         restart_time: nonzero(restart_time_seconds),
         passive,
         source_address,
+        max_prefixes: nonzero(max_prefixes),
     })
 }
 
@@ -270,6 +272,7 @@ pub fn policy_to_pb(policy: &BgpPolicy) -> pb::BgpPolicy {
                     SourceAddressRule::FirstOfPeerFamily => String::new(),
                     SourceAddressRule::InSubnet(net) => net.to_string(),
                 },
+                max_prefixes: p.max_prefixes.unwrap_or(0),
             })
             .collect(),
         advertisements: policy
@@ -323,6 +326,7 @@ fn session_to_pb(session: &PeerSession) -> pb::Peer {
             .map(|f| family_to_pb(*f) as i32)
             .collect(),
         source_subnet: String::new(),
+        max_prefixes: session.max_prefixes.unwrap_or(0),
     }
 }
 

@@ -44,6 +44,21 @@ struct Held {
 pub struct SpeakerReport {
     pub applied_revision: i64,
     pub sessions: Vec<SessionReport>,
+    /// The speaker's report interval (0: not said, read as the default).
+    #[serde(default)]
+    pub report_interval_ms: u64,
+    /// The speaker's last report before it shut down.
+    #[serde(default)]
+    pub shutting_down: bool,
+}
+
+/// Whether this replica holds a WatchNodeRoutes stream of a node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StreamState {
+    pub open: usize,
+    /// When the last open stream ended (unix µs); `None` while one is open or when this
+    /// replica never had one (the speaker may follow another replica).
+    pub closed_at: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,6 +75,8 @@ pub struct SessionReport {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeSnapshot {
     pub revision: i64,
+    /// When it was published (unix µs).
+    pub published_at: i64,
     pub routes: NodeRoutes,
     /// prefix → (traceparent, changed_at) of the change that last touched it.
     pub provenance: BTreeMap<IpNet, (String, i64)>,
@@ -115,7 +132,28 @@ pub struct RouteEngine {
     inputs: Mutex<Inputs>,
     published: Mutex<HashMap<String, watch::Sender<Option<Arc<NodeSnapshot>>>>>,
     last_plan: Mutex<Arc<Plan>>,
+    /// The Services' facts of the last computation, for the status's reasons.
+    last_services: Mutex<Arc<Vec<ServiceFacts>>>,
     reports: Mutex<BTreeMap<String, (SpeakerReport, i64)>>,
+    streams: Arc<Mutex<HashMap<String, StreamState>>>,
+}
+
+/// Counts one open WatchNodeRoutes stream of a node while it lives.
+pub struct StreamGuard {
+    node: String,
+    streams: Arc<Mutex<HashMap<String, StreamState>>>,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let mut streams = lock(&self.streams);
+        if let Some(s) = streams.get_mut(&self.node) {
+            s.open = s.open.saturating_sub(1);
+            if s.open == 0 {
+                s.closed_at = Some(herald_ipam_store::now_micros());
+            }
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -171,7 +209,9 @@ impl RouteEngine {
             inputs: Mutex::new(inputs),
             published: Mutex::new(HashMap::new()),
             last_plan: Mutex::new(Arc::new(Plan::default())),
+            last_services: Mutex::new(Arc::new(Vec::new())),
             reports: Mutex::new(reports),
+            streams: Arc::new(Mutex::new(HashMap::new())),
         }))
     }
 
@@ -195,18 +235,29 @@ impl RouteEngine {
         lock(&self.reports).insert(node.to_string(), (report, at));
     }
 
-    /// The owner of every allocated address, as host prefixes, for status output.
-    pub fn owners_by_prefix(&self) -> HashMap<IpNet, Owner> {
+    pub fn last_services(&self) -> Arc<Vec<ServiceFacts>> {
+        Arc::clone(&lock(&self.last_services))
+    }
+
+    pub fn policy_and_nodes(&self) -> (Option<BgpPolicy>, BTreeMap<String, Node>) {
         let inputs = lock(&self.inputs);
-        inputs
-            .allocations
-            .values()
-            .flat_map(|h| {
-                h.ips
-                    .iter()
-                    .map(move |a| (IpNet::from(a.ip), h.owner.clone()))
-            })
-            .collect()
+        (inputs.policy.clone(), inputs.nodes.clone())
+    }
+
+    /// Marks a WatchNodeRoutes stream of `node` open until the guard is dropped.
+    pub fn stream_opened(&self, node: &str) -> StreamGuard {
+        let mut streams = lock(&self.streams);
+        let s = streams.entry(node.to_string()).or_default();
+        s.open += 1;
+        s.closed_at = None;
+        StreamGuard {
+            node: node.to_string(),
+            streams: Arc::clone(&self.streams),
+        }
+    }
+
+    pub fn streams(&self) -> HashMap<String, StreamState> {
+        lock(&self.streams).clone()
     }
 
     /// The snapshots of `node`, starting with the current one (`None` until the first
@@ -305,29 +356,28 @@ impl RouteEngine {
     fn recompute(&self, ipam: &Ipam) {
         let inputs = lock(&self.inputs);
         let nodes: Vec<Node> = inputs.nodes.values().cloned().collect();
+        // Also the status's list of every allocated Service, with or without a policy.
+        let services: Vec<ServiceFacts> = inputs
+            .allocations
+            .iter()
+            .map(|(uid, held)| {
+                let endpoints = inputs.endpoints.get(uid).map(|(e, _)| e);
+                ServiceFacts {
+                    owner: held.owner.clone(),
+                    traffic_policy: endpoints
+                        .and_then(|e| e.traffic_policy)
+                        .unwrap_or(held.traffic_policy),
+                    nodes_with_ready_endpoints: endpoints
+                        .map(|e| e.nodes.clone())
+                        .unwrap_or_default(),
+                    ips: held.ips.clone(),
+                }
+            })
+            .collect();
         let plan = match &inputs.policy {
-            // Building the Services' facts costs a pass over every allocation; with no
-            // node to announce them there is nothing to build them for.
             Some(policy) if !nodes.is_empty() => {
                 let pools: Vec<herald_model::PoolSpec> =
                     ipam.index().pools().map(|(spec, _)| spec.clone()).collect();
-                let services: Vec<ServiceFacts> = inputs
-                    .allocations
-                    .iter()
-                    .map(|(uid, held)| {
-                        let endpoints = inputs.endpoints.get(uid).map(|(e, _)| e);
-                        ServiceFacts {
-                            owner: held.owner.clone(),
-                            traffic_policy: endpoints
-                                .and_then(|e| e.traffic_policy)
-                                .unwrap_or(held.traffic_policy),
-                            nodes_with_ready_endpoints: endpoints
-                                .map(|e| e.nodes.clone())
-                                .unwrap_or_default(),
-                            ips: held.ips.clone(),
-                        }
-                    })
-                    .collect();
                 herald_routes::plan(&nodes, &services, policy, &pools)
             }
             // No policy (or no node): every known node has nothing to do.
@@ -356,6 +406,7 @@ impl RouteEngine {
         drop(published);
         drop(inputs);
         *lock(&self.last_plan) = Arc::new(plan);
+        *lock(&self.last_services) = Arc::new(services);
     }
 }
 
@@ -366,17 +417,14 @@ fn publish(
     inputs: &Inputs,
     routes: &NodeRoutes,
 ) {
-    let unchanged = sender
-        .borrow()
-        .as_ref()
-        .is_some_and(|s| s.routes == *routes);
-    if unchanged {
+    let previous = sender.borrow().clone();
+    if previous.as_ref().is_some_and(|s| s.routes == *routes) {
         return;
     }
     let provenance = routes
         .prefixes()
         .into_iter()
-        .map(|p| (p, inputs.provenance(&p)))
+        .map(|p| (p, change_of(previous.as_deref(), routes, inputs, p)))
         .collect();
     debug!(
         node,
@@ -386,9 +434,46 @@ fn publish(
     );
     sender.send_replace(Some(Arc::new(NodeSnapshot {
         revision: inputs.revision,
+        published_at: herald_ipam_store::now_micros(),
         routes: routes.clone(),
         provenance,
     })));
+}
+
+/// (traceparent, changed_at) of the change that put `prefix` into `routes` as it is: the
+/// previous snapshot's when the prefix is there unchanged on every session; its owner's
+/// change when that is newer than the previous snapshot; otherwise the newest change
+/// applied (a policy, node or pool change, which carry no trace), never an older
+/// allocation's time.
+fn change_of(
+    previous: Option<&NodeSnapshot>,
+    routes: &NodeRoutes,
+    inputs: &Inputs,
+    prefix: IpNet,
+) -> (String, i64) {
+    let Some(previous) = previous else {
+        return inputs.provenance(&prefix);
+    };
+    if on_sessions(&previous.routes, prefix) == on_sessions(routes, prefix)
+        && let Some(kept) = previous.provenance.get(&prefix)
+    {
+        return kept.clone();
+    }
+    let (trace, at) = inputs.provenance(&prefix);
+    if at > previous.published_at {
+        (trace, at)
+    } else {
+        (String::new(), inputs.last_change_at)
+    }
+}
+
+/// The sessions that carry `prefix`, with its attributes on each.
+fn on_sessions(routes: &NodeRoutes, prefix: IpNet) -> Vec<(&String, &herald_routes::RouteAttrs)> {
+    routes
+        .routes
+        .iter()
+        .filter_map(|(peer, set)| set.get(&prefix).map(|a| (peer, a)))
+        .collect()
 }
 
 /// Follows the feed until `shutdown`, recomputing after each burst of changes.

@@ -4,6 +4,7 @@
 pub(crate) mod convert;
 mod engine;
 mod service;
+mod status;
 
 pub use engine::{RouteEngine, run as run_engine};
 pub use service::{Ready, RoutingService};

@@ -15,8 +15,105 @@ use tonic::{Request, Response, Status};
 
 use super::convert::{self, RouteMeta};
 use super::engine::{Endpoints, NodeSnapshot, RouteEngine, SessionReport, SpeakerReport};
+use super::status;
 use crate::IpamError;
 use crate::ipam::Ipam;
+use crate::page_token::{self, Listing};
+
+/// Bounds on a speaker's report: a node holds at most a policy's peers, and a session
+/// announces at most what a node is ever given. Anything larger is refused, not stored.
+const MAX_NAME_LEN: usize = 253;
+const MAX_STATE_LEN: usize = 128;
+const MAX_ERROR_LEN: usize = 1024;
+pub const MAX_REPORTED_PREFIXES: usize = 1_000_000;
+/// An hour: a longer report interval would leave a dead speaker looking live for hours.
+const MAX_REPORT_INTERVAL_MS: u32 = 3_600_000;
+
+fn too_long(field: String, value: &str, max: usize) -> FieldError {
+    FieldError::new(field, value, format!("is longer than {max} bytes"))
+}
+
+/// A report checked against its bounds, as stored.
+fn report_from_pb(state: pb::SpeakerState) -> Result<(String, SpeakerReport), FieldError> {
+    let pb::SpeakerState {
+        node,
+        applied_revision,
+        sessions,
+        report_interval_ms,
+        shutting_down,
+    } = state;
+    validate_node_name("node", &node)?;
+    if sessions.len() > herald_routes::policy::MAX_PEERS {
+        return Err(FieldError::new(
+            "sessions",
+            sessions.len(),
+            "more sessions than a policy can have peers",
+        ));
+    }
+    if report_interval_ms > MAX_REPORT_INTERVAL_MS {
+        return Err(FieldError::new(
+            "report_interval_ms",
+            report_interval_ms,
+            format!("must be at most {MAX_REPORT_INTERVAL_MS} (an hour)"),
+        ));
+    }
+    let mut reports = Vec::with_capacity(sessions.len());
+    for (i, s) in sessions.into_iter().enumerate() {
+        let pb::SessionState {
+            peer,
+            state,
+            established_since,
+            announced_prefixes,
+            updates_sent,
+            last_error,
+        } = s;
+        for (field, value, max) in [
+            ("peer", &peer, MAX_NAME_LEN),
+            ("state", &state, MAX_STATE_LEN),
+            ("last_error", &last_error, MAX_ERROR_LEN),
+        ] {
+            if value.len() > max {
+                return Err(too_long(format!("sessions[{i}].{field}"), value, max));
+            }
+        }
+        if announced_prefixes.len() > MAX_REPORTED_PREFIXES {
+            return Err(FieldError::new(
+                format!("sessions[{i}].announced_prefixes"),
+                announced_prefixes.len(),
+                format!("more than {MAX_REPORTED_PREFIXES} prefixes"),
+            ));
+        }
+        let mut announced = BTreeSet::new();
+        for (j, prefix) in announced_prefixes.into_iter().enumerate() {
+            let net: ipnet::IpNet = prefix.parse().map_err(|_| {
+                FieldError::new(
+                    format!("sessions[{i}].announced_prefixes[{j}]"),
+                    &prefix,
+                    "is not a prefix",
+                )
+            })?;
+            announced.insert(net.to_string());
+        }
+        reports.push(SessionReport {
+            peer,
+            state,
+            established_since: established_since
+                .map(|t| t.seconds.saturating_mul(1_000_000) + i64::from(t.nanos / 1000)),
+            announced,
+            updates_sent,
+            last_error,
+        });
+    }
+    Ok((
+        node,
+        SpeakerReport {
+            applied_revision: i64::try_from(applied_revision).unwrap_or(i64::MAX),
+            sessions: reports,
+            report_interval_ms: u64::from(report_interval_ms),
+            shutting_down,
+        },
+    ))
+}
 
 /// Both halves of the service once the store is open.
 pub struct Ready {
@@ -239,7 +336,10 @@ impl RoutingRpc for RoutingService {
         let engine = Arc::clone(&ready.engine);
         let shutdown = self.shutdown.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
+        // The status reads an ended stream as a speaker gone (a kill -9 ends it at once).
+        let stream = ready.engine.stream_opened(&node);
         tokio::spawn(async move {
+            let _stream = stream;
             loop {
                 // Only the newest snapshot matters, and the engine publishes one only when
                 // the node's set changed: `watch` keeps exactly that.
@@ -271,54 +371,7 @@ impl RoutingRpc for RoutingService {
         request: Request<pb::SpeakerState>,
     ) -> Result<Response<pb::ReportSpeakerStateResponse>, Status> {
         let ready = self.ready()?;
-        let pb::SpeakerState {
-            node,
-            applied_revision,
-            sessions,
-        } = request.into_inner();
-        validate_node_name("node", &node).map_err(invalid)?;
-        if sessions.len() > herald_routes::policy::MAX_PEERS {
-            return Err(invalid(FieldError::new(
-                "sessions",
-                sessions.len(),
-                "more sessions than a policy can have peers",
-            )));
-        }
-        let mut reports = Vec::with_capacity(sessions.len());
-        for (i, s) in sessions.into_iter().enumerate() {
-            let pb::SessionState {
-                peer,
-                state,
-                established_since,
-                announced_prefixes,
-                updates_sent,
-                last_error,
-            } = s;
-            let mut announced = BTreeSet::new();
-            for (j, prefix) in announced_prefixes.into_iter().enumerate() {
-                let net: ipnet::IpNet = prefix.parse().map_err(|_| {
-                    invalid(FieldError::new(
-                        format!("sessions[{i}].announced_prefixes[{j}]"),
-                        &prefix,
-                        "is not a prefix",
-                    ))
-                })?;
-                announced.insert(net.to_string());
-            }
-            reports.push(SessionReport {
-                peer,
-                state,
-                established_since: established_since
-                    .map(|t| t.seconds.saturating_mul(1_000_000) + i64::from(t.nanos / 1000)),
-                announced,
-                updates_sent,
-                last_error,
-            });
-        }
-        let report = SpeakerReport {
-            applied_revision: i64::try_from(applied_revision).unwrap_or(i64::MAX),
-            sessions: reports,
-        };
+        let (node, report) = report_from_pb(request.into_inner()).map_err(invalid)?;
         ready
             .ipam
             .store()
@@ -337,63 +390,69 @@ impl RoutingRpc for RoutingService {
     ) -> Result<Response<pb::AdvertisementStatus>, Status> {
         let ready = self.ready()?;
         let pb::GetAdvertisementStatusRequest {
-            node: node_filter,
+            node,
             owner_uid,
+            peer,
+            service,
+            page_size,
+            page_token,
         } = request.into_inner();
-        let plan = ready.engine.last_plan();
-        let reports = ready.engine.reports();
-        let owners = ready.engine.owners_by_prefix();
-        let mut entries = Vec::new();
-        for (node, routes) in &plan.nodes {
-            if !node_filter.is_empty() && node != &node_filter {
-                continue;
-            }
-            let report = reports.get(node).map(|(r, _)| r);
-            for session in &routes.peers {
-                let actual =
-                    report.and_then(|r| r.sessions.iter().find(|s| s.peer == session.name));
-                let desired: BTreeSet<String> = routes
-                    .routes
-                    .get(&session.name)
-                    .map(|r| r.keys().map(ToString::to_string).collect())
-                    .unwrap_or_default();
-                let announced = actual.map(|a| a.announced.clone()).unwrap_or_default();
-                for prefix in desired.union(&announced) {
-                    let owner = prefix
-                        .parse()
-                        .ok()
-                        .and_then(|p: ipnet::IpNet| owners.get(&p).cloned());
-                    if !owner_uid.is_empty() && owner.as_ref().is_none_or(|o| o.uid != owner_uid) {
-                        continue;
-                    }
-                    let (is_desired, is_announced) =
-                        (desired.contains(prefix), announced.contains(prefix));
-                    let state = actual
-                        .map(|a| a.state.clone())
-                        .unwrap_or_else(|| "no report".into());
-                    let difference = match (is_desired, is_announced) {
-                        (true, true) => String::new(),
-                        (true, false) => format!("desired but not announced (session {state})"),
-                        (false, true) => "announced but no longer desired".into(),
-                        (false, false) => String::new(),
-                    };
-                    entries.push(pb::AdvertisementEntry {
-                        owner_uid: owner.as_ref().map(|o| o.uid.clone()).unwrap_or_default(),
-                        service: owner
-                            .as_ref()
-                            .map(|o| format!("{}/{}", o.namespace, o.name))
-                            .unwrap_or_else(|| "(aggregate)".into()),
-                        prefix: prefix.clone(),
-                        node: node.clone(),
-                        peer: session.name.clone(),
-                        desired: is_desired,
-                        announced: is_announced,
-                        session_state: state,
-                        difference,
-                    });
-                }
+        for (field, value) in [
+            ("node", &node),
+            ("owner_uid", &owner_uid),
+            ("peer", &peer),
+            ("service", &service),
+        ] {
+            if value.len() > MAX_NAME_LEN {
+                return Err(invalid(FieldError::new(
+                    field,
+                    value,
+                    format!("is longer than {MAX_NAME_LEN} bytes"),
+                )));
             }
         }
-        Ok(Response::new(pb::AdvertisementStatus { entries }))
+        let size = match usize::try_from(page_size).unwrap_or(usize::MAX) {
+            0 => status::DEFAULT_PAGE_SIZE,
+            n if n > status::MAX_PAGE_SIZE => {
+                return Err(invalid(FieldError::new(
+                    "page_size",
+                    page_size,
+                    format!("must be at most {}", status::MAX_PAGE_SIZE),
+                )));
+            }
+            n => n,
+        };
+        let after = page_token::read(Listing::AdvertisementStatus, "page_token", &page_token)
+            .map_err(invalid)?;
+        let plan = ready.engine.last_plan();
+        let services = ready.engine.last_services();
+        let (policy, nodes) = ready.engine.policy_and_nodes();
+        let reports = ready.engine.reports();
+        let streams = ready.engine.streams();
+        let inputs = status::Inputs {
+            plan: &plan,
+            services: &services,
+            policy: policy.as_ref(),
+            nodes: &nodes,
+            reports: &reports,
+            streams: &streams,
+            now: herald_ipam_store::now_micros(),
+        };
+        let filter = status::Filter {
+            node,
+            peer,
+            owner_uid,
+            service,
+        };
+        let all = status::entries(&inputs, &filter);
+        let differences = all.iter().filter(|e| !e.difference.is_empty()).count() as u64;
+        let (entries, next) = status::page(all, after.as_deref(), size);
+        Ok(Response::new(pb::AdvertisementStatus {
+            entries,
+            next_page_token: next
+                .map(|p| page_token::issue(Listing::AdvertisementStatus, &p))
+                .unwrap_or_default(),
+            differences,
+        }))
     }
 }
