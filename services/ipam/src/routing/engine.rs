@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use super::rollout::{REPORT_MAX_AGE_MICROS, Rollout, SessionView, Views};
 use crate::ipam::Ipam;
 
 /// Changes arriving this close together are computed as one: a burst of 1,000 Services
@@ -54,6 +55,12 @@ pub struct SessionReport {
     pub announced: BTreeSet<String>,
     pub updates_sent: u64,
     pub last_error: String,
+    /// The session waits for its turn to reset ([`super::rollout`]).
+    #[serde(default)]
+    pub reset_pending: bool,
+    /// Established with every desired route sent.
+    #[serde(default)]
+    pub routes_sent: bool,
 }
 
 /// One node's published route set and where its prefixes came from.
@@ -116,6 +123,9 @@ pub struct RouteEngine {
     published: Mutex<HashMap<String, watch::Sender<Option<Arc<NodeSnapshot>>>>>,
     last_plan: Mutex<Arc<Plan>>,
     reports: Mutex<BTreeMap<String, (SpeakerReport, i64)>>,
+    rollout: Mutex<Rollout>,
+    /// Per node, the peers it may reset its session with now.
+    grants: Mutex<HashMap<String, watch::Sender<BTreeSet<String>>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -172,6 +182,8 @@ impl RouteEngine {
             published: Mutex::new(HashMap::new()),
             last_plan: Mutex::new(Arc::new(Plan::default())),
             reports: Mutex::new(reports),
+            rollout: Mutex::new(Rollout::default()),
+            grants: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -191,8 +203,55 @@ impl RouteEngine {
         lock(&self.reports).clone()
     }
 
+    /// Keeps a speaker's report and moves the rolling resets on ([`super::rollout`]).
     pub fn record_report(&self, node: &str, report: SpeakerReport, at: i64) {
-        lock(&self.reports).insert(node.to_string(), (report, at));
+        let views: Views = {
+            let mut reports = lock(&self.reports);
+            reports.insert(node.to_string(), (report, at));
+            reports
+                .iter()
+                .filter(|(_, (_, reported))| at.saturating_sub(*reported) <= REPORT_MAX_AGE_MICROS)
+                .map(|(node, (r, _))| {
+                    let sessions = r
+                        .sessions
+                        .iter()
+                        .map(|s| {
+                            let view = SessionView {
+                                reset_pending: s.reset_pending,
+                                routes_sent: s.routes_sent,
+                            };
+                            (s.peer.clone(), view)
+                        })
+                        .collect();
+                    (node.clone(), sessions)
+                })
+                .collect()
+        };
+        let mut rollout = lock(&self.rollout);
+        if rollout.step(&views, at) {
+            let grants = lock(&self.grants);
+            for (node, sender) in grants.iter() {
+                let granted = rollout.granted(node);
+                sender.send_if_modified(|cur| {
+                    if *cur == granted {
+                        false
+                    } else {
+                        *cur = granted;
+                        true
+                    }
+                });
+            }
+        }
+    }
+
+    /// The peers `node` may reset its session with, now and on every change.
+    pub fn subscribe_grants(&self, node: &str) -> watch::Receiver<BTreeSet<String>> {
+        let rollout = lock(&self.rollout);
+        let mut grants = lock(&self.grants);
+        grants
+            .entry(node.to_string())
+            .or_insert_with(|| watch::channel(rollout.granted(node)).0)
+            .subscribe()
     }
 
     /// The owner of every allocated address, as host prefixes, for status output.

@@ -3,6 +3,7 @@
 
 mod convert;
 mod engine;
+pub mod rollout;
 mod service;
 
 pub use engine::{RouteEngine, run as run_engine};
