@@ -221,6 +221,7 @@ impl PeerHandle {
                 connecting: None,
                 next_conn_id: 0,
                 status: status_tx,
+                writers: Vec::new(),
             }
             .run(desired_rx, cmd_rx)
             .instrument(span),
@@ -355,6 +356,9 @@ struct PeerTask {
     connecting: Option<ConnectFuture>,
     next_conn_id: u64,
     status: watch::Sender<PeerStatus>,
+    /// Writer tasks of this and earlier connections; a shutdown waits for them, so the
+    /// withdrawals and the NOTIFICATION are on the wire before the process may exit.
+    writers: Vec<JoinHandle<()>>,
 }
 
 /// Size of one read from the socket.
@@ -388,6 +392,15 @@ impl PeerTask {
                         Some(Command::Shutdown(mode, done)) => {
                             self.apply(Instant::now(), Event::ManualStop(mode), &write_err_tx);
                             self.publish();
+                            // The session dropped its connection: its writer flushes
+                            // what is queued and closes (bounded by CLOSE_FLUSH_TIMEOUT).
+                            let writers = std::mem::take(&mut self.writers);
+                            let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, async {
+                                for w in writers {
+                                    let _ = w.await;
+                                }
+                            })
+                            .await;
                             let _ = done.send(());
                         }
                         None => {
@@ -512,7 +525,10 @@ impl PeerTask {
         let (tx, rx) = mpsc::unbounded_channel();
         self.next_conn_id += 1;
         let id = self.next_conn_id;
-        tokio::spawn(writer_task(id, writer, rx, err_tx.clone()).in_current_span());
+        self.writers.retain(|w| !w.is_finished());
+        self.writers.push(tokio::spawn(
+            writer_task(id, writer, rx, err_tx.clone()).in_current_span(),
+        ));
         self.conn = Some(Conn { id, reader, tx });
     }
 
