@@ -100,6 +100,9 @@ pub fn speaker(name: &str, ipam: &str) -> ChildProcess {
         ipam,
         "--report-interval",
         "1s",
+        // Tests stop speakers often; the drain has tests of its own (tests/changes.rs).
+        "--shutdown-drain",
+        "0s",
     ]);
     ChildProcess::spawn(&format!("herald-route-speaker {name}"), command)
 }

@@ -68,6 +68,11 @@ pub const DEFAULT_CONNECT_RETRY_MAX: Duration = Duration::from_secs(60);
 pub const OPEN_HOLD_TIME: Duration = Duration::from_secs(240);
 /// Default graceful restart time (FEATURES.md: 120 s like MetalLB/Cilium).
 pub const DEFAULT_RESTART_TIME: u16 = 120;
+/// Retry interval right after a close we made ourselves (see
+/// [`Session::reconnect_quickly`]).
+pub const QUICK_RETRY: Duration = Duration::from_secs(1);
+/// How long [`QUICK_RETRY`] applies before the normal backoff takes over.
+pub const QUICK_RECONNECT_WINDOW: Duration = Duration::from_secs(30);
 
 /// How IPv4 prefixes are encoded (see [`crate::wire::builder`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -156,6 +161,19 @@ impl SessionConfig {
     pub fn is_ebgp(&self) -> bool {
         self.local_asn != self.peer_asn
     }
+
+    /// Whether going from `self` to `other` needs a new session: everything
+    /// in the OPEN or the connection does. Only the retry timers and the
+    /// keepalive interval (local, not negotiated: RFC 4271 §4.4 lets each
+    /// side pick its own) can change on a live session
+    /// ([`Session::reconfigure`]).
+    pub fn needs_reset(&self, other: &SessionConfig) -> bool {
+        let mut same_live = other.clone();
+        same_live.connect_retry = self.connect_retry;
+        same_live.connect_retry_max = self.connect_retry_max;
+        same_live.keepalive = self.keepalive;
+        same_live != *self
+    }
 }
 
 /// How to end a session ([`Event::ManualStop`]).
@@ -168,6 +186,13 @@ pub enum ShutdownMode {
     /// that negotiated graceful restart keeps our routes for the restart
     /// time (RFC 4724 §4.2).
     Graceful,
+    /// A restart that should keep our routes at the peer, said on the wire:
+    /// with the RFC 8538 N bit negotiated, Cease / Administrative Shutdown
+    /// with this message (the peer keeps the routes as stale, §4); with
+    /// graceful restart but no N bit, a close without NOTIFICATION (the only
+    /// way RFC 4724 keeps them); without graceful restart the peer drops the
+    /// routes whatever we do, so Cease with the message tells it why.
+    Restart { message: String },
 }
 
 /// Inputs of the FSM, named after RFC 4271 §8.1 events.
@@ -250,6 +275,10 @@ pub struct Negotiated {
     pub extended_message: bool,
     /// The peer's graceful restart capability, if any (RFC 4724).
     pub peer_graceful_restart: Option<GracefulRestart>,
+    /// Both sides do graceful restart with the RFC 8538 N bit: a Cease other
+    /// than Hard Reset keeps our routes at the peer, Hard Reset (6/9) drops
+    /// them.
+    pub graceful_notification: bool,
     /// How IPv4 prefixes are sent on this session.
     pub ipv4_nlri: Ipv4NlriEncoding,
     pub local_addr: Option<SocketAddr>,
@@ -357,6 +386,10 @@ pub struct Session {
     connect_retry_counter: u32,
     /// ManualStop was given: stay Idle.
     stopped: bool,
+    /// The next start follows a close of our own ([`Session::reconnect_quickly`]).
+    quick_next_start: bool,
+    /// Until then, retries come every [`QUICK_RETRY`] instead of backing off.
+    quick_until: Option<Instant>,
     /// The R bit is only for the first OPEN after a restart.
     opens_sent: u64,
     rx: Vec<u8>,
@@ -379,6 +412,8 @@ impl Session {
             timers: Timers::default(),
             connect_retry_counter: 0,
             stopped: true,
+            quick_next_start: false,
+            quick_until: None,
             opens_sent: 0,
             rx: Vec::new(),
             wire: WireContext {
@@ -398,6 +433,39 @@ impl Session {
 
     pub fn state(&self) -> State {
         self.state
+    }
+
+    /// Marks the next start as following a close we made ourselves (a
+    /// parameter change replaced the session). The peer may refuse us for a
+    /// moment after our NOTIFICATION (BIRD and GoBGP hold a closed neighbor
+    /// down briefly), and that refusal must not cost a 10 s backoff: for
+    /// [`QUICK_RECONNECT_WINDOW`] after the start, retries come every
+    /// [`QUICK_RETRY`]; the normal backoff resumes after it.
+    pub fn reconnect_quickly(&mut self) {
+        self.quick_next_start = true;
+    }
+
+    /// Applies a config that differs only in what needs no new session
+    /// ([`SessionConfig::needs_reset`] is false): retry timers and the
+    /// keepalive interval, which takes effect at once. Returns false, and
+    /// changes nothing, when the change needs a new session.
+    pub fn reconfigure(&mut self, now: Instant, config: SessionConfig) -> bool {
+        if self.config.needs_reset(&config) {
+            return false;
+        }
+        self.config = config;
+        let keepalive = self
+            .status
+            .negotiated
+            .as_ref()
+            .map(|n| keepalive_for(n.hold_time, self.config.keepalive));
+        if let (Some(ka), Some(n)) = (keepalive, self.status.negotiated.as_mut())
+            && n.keepalive != ka
+        {
+            n.keepalive = ka;
+            self.restart_keepalive_timer(now);
+        }
+        true
     }
 
     pub fn config(&self) -> &SessionConfig {
@@ -458,6 +526,9 @@ impl Session {
                 // A manual start also resets the automatic-restart backoff
                 // bookkeeping: the operator asked for it.
                 self.stopped = false;
+                if std::mem::take(&mut self.quick_next_start) {
+                    self.quick_until = Some(now + QUICK_RECONNECT_WINDOW);
+                }
                 self.event(now, Event::ManualStart);
             }
             Event::SetDesired(routes) => {
@@ -543,7 +614,7 @@ impl Session {
                     if self.config.passive {
                         self.set_state(S::Active);
                     } else {
-                        self.timers.connect_retry = Some(now + self.retry_interval());
+                        self.timers.connect_retry = Some(now + self.retry_interval(now));
                         self.out.push(Output::Connect);
                         self.set_state(S::Connect);
                     }
@@ -573,7 +644,7 @@ impl Session {
                 // Event 9: retry the connection.
                 E::ConnectRetryTimerExpires => {
                     self.out.push(Output::Disconnect);
-                    self.timers.connect_retry = Some(now + self.retry_interval());
+                    self.timers.connect_retry = Some(now + self.retry_interval(now));
                     self.out.push(Output::Connect);
                 }
                 // Events 16/17: connected; send OPEN.
@@ -585,7 +656,7 @@ impl Session {
                 E::TcpConnectionFails { reason } => {
                     self.connect_retry_counter = self.connect_retry_counter.saturating_add(1);
                     self.status.last_error = Some(format!("connect failed: {reason}"));
-                    self.timers.connect_retry = Some(now + self.retry_interval());
+                    self.timers.connect_retry = Some(now + self.retry_interval(now));
                     self.set_state(S::Active);
                 }
                 E::SetDesired(_) | E::Data(_) => {}
@@ -599,7 +670,7 @@ impl Session {
                     if self.config.passive {
                         return;
                     }
-                    self.timers.connect_retry = Some(now + self.retry_interval());
+                    self.timers.connect_retry = Some(now + self.retry_interval(now));
                     self.out.push(Output::Connect);
                     self.set_state(S::Connect);
                 }
@@ -609,7 +680,7 @@ impl Session {
                 E::TcpConnectionFails { reason } => {
                     self.status.last_error = Some(format!("connection failed: {reason}"));
                     if !self.config.passive {
-                        self.timers.connect_retry = Some(now + self.retry_interval());
+                        self.timers.connect_retry = Some(now + self.retry_interval(now));
                     }
                 }
                 E::SetDesired(_) | E::Data(_) => {}
@@ -628,7 +699,7 @@ impl Session {
                     self.status.last_error = Some(format!("connection lost in OpenSent: {reason}"));
                     self.connect_retry_counter = self.connect_retry_counter.saturating_add(1);
                     if !self.config.passive {
-                        self.timers.connect_retry = Some(now + self.retry_interval());
+                        self.timers.connect_retry = Some(now + self.retry_interval(now));
                     }
                     self.set_state(S::Active);
                 }
@@ -664,6 +735,7 @@ impl Session {
                 E::KeepAliveMsg => {
                     self.restart_hold_timer(now);
                     self.connect_retry_counter = 0;
+                    self.quick_until = None;
                     self.status.established_at = Some(now);
                     self.status.established_count += 1;
                     self.set_state(S::Established);
@@ -743,8 +815,12 @@ impl Session {
         self.out.push(Output::StateChange { from, to });
     }
 
-    /// Backoff: connect_retry × 2^failures, at most connect_retry_max.
-    fn retry_interval(&self) -> Duration {
+    /// Backoff: connect_retry × 2^failures, at most connect_retry_max; a
+    /// flat [`QUICK_RETRY`] right after a close of our own.
+    fn retry_interval(&self, now: Instant) -> Duration {
+        if self.quick_until.is_some_and(|until| now < until) {
+            return QUICK_RETRY.min(self.config.connect_retry);
+        }
         let shift = self.connect_retry_counter.min(16);
         self.config
             .connect_retry
@@ -784,7 +860,9 @@ impl Session {
         if let Some(gr) = self.config.graceful_restart {
             caps.push(Capability::GracefulRestart(GracefulRestart {
                 restarting: gr.restarting && self.opens_sent == 0,
-                notification: false,
+                // RFC 8538: our NOTIFICATIONs say whether the peer keeps
+                // our routes (Hard Reset or not).
+                notification: true,
                 restart_time: gr.restart_time.min(0x0fff),
                 // We keep no forwarding state (we do not forward), so F = 0.
                 families: self
@@ -872,12 +950,7 @@ impl Session {
             return self.fail(now, Some(n), "no address family in common with the peer");
         }
         let hold_time = self.config.hold_time.min(open.hold_time);
-        let keepalive = if hold_time == 0 {
-            0
-        } else {
-            let third = hold_time / 3;
-            self.config.keepalive.map_or(third, |k| k.min(third)).max(1)
-        };
+        let keepalive = keepalive_for(hold_time, self.config.keepalive);
         let four_octet_asn = open.four_octet_asn().is_some();
         let extended_message =
             self.config.extended_message && open.has(|c| *c == Capability::ExtendedMessage);
@@ -898,6 +971,8 @@ impl Session {
             route_refresh: open.has(|c| *c == Capability::RouteRefresh),
             extended_message,
             peer_graceful_restart: open.graceful_restart().cloned(),
+            graceful_notification: self.config.graceful_restart.is_some()
+                && open.graceful_restart().is_some_and(|gr| gr.notification),
             ipv4_nlri,
             local_addr: self.local_addr,
             remote_addr: self.remote_addr,
@@ -961,13 +1036,19 @@ impl Session {
         self.connect_retry_counter = self.connect_retry_counter.saturating_add(1);
         self.timers = Timers::default();
         if !self.stopped {
-            self.timers.idle_hold = Some(now + self.retry_interval());
+            self.timers.idle_hold = Some(now + self.retry_interval(now));
         }
         self.set_state(State::Idle);
     }
 
     fn manual_stop(&mut self, now: Instant, mode: ShutdownMode) {
         self.stopped = true;
+        let (gr, n_bit) = self.status.negotiated.as_ref().map_or((false, false), |n| {
+            (
+                self.config.graceful_restart.is_some() && n.peer_graceful_restart.is_some(),
+                n.graceful_notification,
+            )
+        });
         match mode {
             ShutdownMode::Withdraw { message } => {
                 if self.state == State::Established {
@@ -975,12 +1056,29 @@ impl Session {
                     self.desired = empty;
                     self.advertise_diff();
                 }
-                let n = Notification::administrative_shutdown(&message);
+                let cease = Notification::administrative_shutdown(&message);
+                // RFC 8538 §3: with the N bit a plain Cease would leave our
+                // routes at the peer as stale; Hard Reset says "drop them".
+                let n = if n_bit {
+                    Notification::hard_reset(&cease)
+                } else {
+                    cease
+                };
                 self.send_message(&Message::Notification(n.clone()));
                 self.status.last_notification_sent = Some(n);
                 self.status.last_error = Some("administrative shutdown".into());
             }
-            ShutdownMode::Graceful => {
+            ShutdownMode::Restart { message } if n_bit || !gr => {
+                let n = Notification::administrative_shutdown(&message);
+                self.send_message(&Message::Notification(n.clone()));
+                self.status.last_notification_sent = Some(n);
+                self.status.last_error = Some(if gr {
+                    "restart (routes kept by peer, RFC 8538)".into()
+                } else {
+                    "restart (peer without graceful restart drops the routes)".into()
+                });
+            }
+            ShutdownMode::Restart { .. } | ShutdownMode::Graceful => {
                 self.status.last_error = Some("graceful shutdown (routes kept by peer)".into());
             }
         }
@@ -1182,6 +1280,17 @@ impl Session {
         let before = self.status.updates_sent;
         self.send_updates(updates);
         self.status.updates_sent = before;
+    }
+}
+
+/// The keepalive interval for a negotiated hold time: a third of it, or the
+/// configured interval if shorter; 0 (none) with hold time 0.
+fn keepalive_for(hold_time: u16, configured: Option<u16>) -> u16 {
+    if hold_time == 0 {
+        0
+    } else {
+        let third = hold_time / 3;
+        configured.map_or(third, |k| k.min(third)).max(1)
     }
 }
 

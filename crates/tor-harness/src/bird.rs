@@ -240,7 +240,12 @@ pub(crate) fn parse_routes(text: &str, protocols: &HashMap<String, IpAddr>) -> R
             // Not a BGP route from a neighbor (e.g. a static one); the ToR has none.
             continue;
         };
-        current = Some((prefix, TorPath::from_neighbor(neighbor)));
+        let mut path = TorPath::from_neighbor(neighbor);
+        // `[node1 04:38:45.191] * (100)`: the star after the bracket marks the best route.
+        path.selected = line
+            .find(']')
+            .is_some_and(|end| line[end + 1..].trim_start().starts_with('*'));
+        current = Some((prefix, path));
     }
     flush(&mut current);
     for paths in rib.values_mut() {
@@ -451,6 +456,7 @@ node2      BGP        ---        start  04:38:44.945  Active
         let rib = parse_routes(text, &names)?;
         let path = &rib[&"10.0.0.1/32".parse::<IpNet>()?][0];
         assert_eq!(path.neighbor, "127.0.0.30".parse::<IpAddr>()?);
+        assert!(path.selected, "the star marks the best route");
         assert_eq!(path.next_hop, Some("2001:db8::1".parse()?));
         assert!(parse_routes("BIRD 2.0.12 ready.\n", &HashMap::new())?.is_empty());
         Ok(())

@@ -207,6 +207,15 @@ fn parse_path(entry: &Value) -> Result<Option<TorPath>> {
     let neighbor: IpAddr = peer.parse().with_context(|| format!("frr peerId {peer}"))?;
     let mut path = TorPath::from_neighbor(neighbor);
     path.stale = entry.get("stale").and_then(Value::as_bool).unwrap_or(false);
+    path.selected = entry
+        .get("bestpath")
+        .and_then(|b| b.get("overall"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false)
+        || entry
+            .get("multipath")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
     path.next_hop = entry
         .get("nexthops")
         .and_then(Value::as_array)

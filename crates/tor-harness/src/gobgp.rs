@@ -238,6 +238,7 @@ fn parse_path(path: &Value) -> Result<TorPath> {
         .context("neighbor-ip")?;
     let mut out = TorPath::from_neighbor(neighbor);
     out.stale = path.get("stale").and_then(Value::as_bool).unwrap_or(false);
+    out.selected = path.get("best").and_then(Value::as_bool).unwrap_or(false);
     for attr in path
         .get("attrs")
         .and_then(Value::as_array)

@@ -297,6 +297,9 @@ pub struct TorPath {
     /// The ToR keeps this path only because its neighbor is restarting gracefully
     /// (RFC 4724): the session went down and the path awaits refresh or End-of-RIB.
     pub stale: bool,
+    /// The ToR uses this path: its best path, or (FRR) one of its multipaths. BIRD and
+    /// GoBGP mark only the best.
+    pub selected: bool,
 }
 
 impl TorPath {
@@ -311,6 +314,7 @@ impl TorPath {
             communities: Vec::new(),
             large_communities: Vec::new(),
             stale: false,
+            selected: false,
         }
     }
 }

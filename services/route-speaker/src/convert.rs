@@ -95,6 +95,8 @@ pub fn peer_from_pb(pr: &pb::PeerRoutes, defaults: SessionDefaults) -> Result<Pe
         peer,
         source_address,
         routes: _,
+        // The speaker's plan reads it: it decides when, not how, the session runs.
+        defer_reset: _,
     } = pr;
     let peer = peer.as_ref().ok_or(PeerError::Missing)?;
     let pb::Peer {
@@ -439,6 +441,7 @@ mod tests {
             peer: Some(peer),
             source_address: "127.0.0.10".into(),
             routes,
+            defer_reset: false,
         }
     }
 

@@ -37,7 +37,7 @@ pub use convert::{
     ConvertedRoutes, PeerSpec, RouteError, peer_from_pb, route_from_pb, routes_from_pb,
 };
 pub use plan::{PeerPlan, plan_peers};
-pub use speaker::{ApplySummary, Speaker};
+pub use speaker::{ApplySummary, Shutdown, ShutdownIntent, Speaker};
 
 /// Where IPAM listens unless told otherwise (its own default).
 pub const DEFAULT_IPAM_ENDPOINT: &str = herald_settings::DEFAULT_IPAM_ENDPOINT;
@@ -47,9 +47,18 @@ pub const DEFAULT_REPORT_INTERVAL: Duration = Duration::from_secs(10);
 /// Session status changes are gathered this long before a report is built, so a burst
 /// of UPDATEs costs one report, not one per UPDATE.
 pub const REPORT_COALESCE: Duration = Duration::from_millis(100);
-/// Bound on closing every session at shutdown; well inside Kubernetes' 30 s grace. The
-/// engine itself gives up on a session after about 7 s.
+/// Bound on closing every session at shutdown, after the drain time; with the default
+/// drain well inside Kubernetes' 30 s grace. The engine itself gives up on a session
+/// after about 7 s.
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(8);
+/// Default time between announcing GRACEFUL_SHUTDOWN and withdrawing (RFC 8326).
+pub const DEFAULT_SHUTDOWN_DRAIN: Duration = Duration::from_secs(5);
+/// Upper bounds of the drain settings: a drain must end well inside any sensible
+/// termination grace, and a longer AS path only risks the ToR's maxas-limit.
+pub const MAX_SHUTDOWN_DRAIN: Duration = Duration::from_secs(300);
+pub const MAX_SHUTDOWN_PREPEND: usize = 10;
+/// Default prepends of our AS on drained routes towards eBGP peers.
+pub const DEFAULT_SHUTDOWN_PREPEND: u8 = 3;
 /// What non-graceful-restart peers read in the Cease NOTIFICATION at shutdown (RFC 8203).
 pub const SHUTDOWN_MESSAGE: &str = "herald: route speaker shutting down";
 
@@ -67,6 +76,15 @@ pub struct Config {
     /// Interval of the periodic state report.
     #[serde(with = "herald_settings::duration")]
     pub report_interval: Duration,
+    /// What SIGTERM means for the sessions: `drain` or `restart`.
+    pub shutdown_intent: ShutdownIntent,
+    /// Time between announcing GRACEFUL_SHUTDOWN and withdrawing the routes.
+    #[serde(with = "herald_settings::duration")]
+    pub shutdown_drain: Duration,
+    /// LOCAL_PREF of the drained routes on iBGP sessions.
+    pub shutdown_local_pref: u32,
+    /// Prepends of our AS on the drained routes on eBGP sessions.
+    pub shutdown_prepend: u8,
     pub log_format: LogFormat,
 }
 
@@ -77,6 +95,10 @@ impl Default for Config {
             ipam_endpoint: HttpEndpoint::default_ipam(),
             router_id: None,
             report_interval: DEFAULT_REPORT_INTERVAL,
+            shutdown_intent: ShutdownIntent::default(),
+            shutdown_drain: DEFAULT_SHUTDOWN_DRAIN,
+            shutdown_local_pref: 0,
+            shutdown_prepend: DEFAULT_SHUTDOWN_PREPEND,
             log_format: LogFormat::default(),
         }
     }
@@ -95,6 +117,18 @@ impl herald_settings::Settings for Config {
             return Err(Invalid {
                 key: "report_interval",
                 reason: "must be more than zero".into(),
+            });
+        }
+        if self.shutdown_drain > MAX_SHUTDOWN_DRAIN {
+            return Err(Invalid {
+                key: "shutdown_drain",
+                reason: format!("at most {MAX_SHUTDOWN_DRAIN:?}"),
+            });
+        }
+        if usize::from(self.shutdown_prepend) > MAX_SHUTDOWN_PREPEND {
+            return Err(Invalid {
+                key: "shutdown_prepend",
+                reason: format!("at most {MAX_SHUTDOWN_PREPEND}"),
             });
         }
         Ok(())
@@ -121,6 +155,21 @@ pub struct Args {
     /// after each applied snapshot and on session changes [default: 10s]
     #[arg(long, env = "HERALD_REPORT_INTERVAL", value_name = "DURATION")]
     pub report_interval: Option<String>,
+    /// What SIGTERM means: `drain` (the node goes away: drain, withdraw, Hard Reset) or
+    /// `restart` (graceful-restart peers keep the routes, RFC 8538) [default: drain]
+    #[arg(long, env = "HERALD_SHUTDOWN_INTENT", value_name = "drain|restart")]
+    pub shutdown_intent: Option<String>,
+    /// Time between announcing GRACEFUL_SHUTDOWN (RFC 8326) and withdrawing the routes;
+    /// 0s withdraws at once [default: 5s]
+    #[arg(long, env = "HERALD_SHUTDOWN_DRAIN", value_name = "DURATION")]
+    pub shutdown_drain: Option<String>,
+    /// LOCAL_PREF of the drained routes on iBGP sessions [default: 0]
+    #[arg(long, env = "HERALD_SHUTDOWN_LOCAL_PREF", value_name = "N")]
+    pub shutdown_local_pref: Option<String>,
+    /// Prepends of our AS on the drained routes on eBGP sessions, for ToRs that do not
+    /// act on GRACEFUL_SHUTDOWN (0-10) [default: 3]
+    #[arg(long, env = "HERALD_SHUTDOWN_PREPEND", value_name = "N")]
+    pub shutdown_prepend: Option<String>,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -170,6 +219,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             state
         })
     };
+    let ending = Shutdown {
+        intent: config.shutdown_intent,
+        drain: config.shutdown_drain,
+        local_pref: config.shutdown_local_pref,
+        prepend: config.shutdown_prepend,
+    };
     let mut speaker = Speaker::new(node, config.router_id);
     let changes = speaker.changes();
     let mut report_at: Option<tokio::time::Instant> = None;
@@ -208,19 +263,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         }
     }
 
-    info!("shutting down: closing BGP sessions");
+    info!(intent = ?ending.intent, drain = ?ending.drain, "shutting down: closing BGP sessions");
     tasks.cancel();
-    // Said before the sessions close, so the status shows the speaker gone at once
-    // rather than after its reports age out.
+    // Said before the sessions close (and before the drain), so the status shows the
+    // speaker leaving at once rather than after its reports age out.
     if let Some(mut state) = report(&speaker) {
         state.shutting_down = true;
         control::final_report(&endpoint, state).await;
     }
-    if tokio::time::timeout(SHUTDOWN_TIMEOUT, speaker.shutdown(SHUTDOWN_MESSAGE))
+    let bound = ending.drain + SHUTDOWN_TIMEOUT;
+    if tokio::time::timeout(bound, speaker.shutdown(SHUTDOWN_MESSAGE, &ending))
         .await
         .is_err()
     {
-        warn!(timeout = ?SHUTDOWN_TIMEOUT, "BGP sessions did not close in time");
+        warn!(timeout = ?bound, "BGP sessions did not close in time");
     }
     for task in [watcher, reporter] {
         let _ = tokio::time::timeout(Duration::from_secs(1), task).await;

@@ -1,13 +1,15 @@
 //! The speaker's core: the node's BGP sessions, brought in line with each snapshot, and
 //! the report of what they actually do. No gRPC in here, only protobuf values in and out.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use herald_api::routing::v1 as pb;
-use herald_bgp::{PeerConfig, PeerHandle, PeerStatus, Routes, ShutdownMode, State};
+use herald_bgp::{
+    Family, PeerConfig, PeerHandle, PeerStatus, RouteAttributes, Routes, ShutdownMode, State,
+};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tracing::{Instrument, error, info, warn};
@@ -31,6 +33,10 @@ pub struct ApplySummary {
     pub started: Vec<String>,
     pub stopped: Vec<String>,
     pub kept: Vec<String>,
+    /// Sessions changed live (keepalive, retry timers), without a reset.
+    pub reconfigured: Vec<String>,
+    /// Sessions whose reset waits for IPAM to give this node its turn.
+    pub reset_pending: Vec<String>,
     /// Peer entries that could not be used (a running session of that name is kept as it
     /// was).
     pub invalid_peers: usize,
@@ -57,6 +63,8 @@ struct Session {
     config: PeerConfig,
     handle: PeerHandle,
     routes: Arc<Routes>,
+    /// The snapshot wants parameters that need a new session, and IPAM defers it.
+    reset_pending: bool,
     _forward: AbortOnDrop,
 }
 
@@ -153,6 +161,7 @@ impl Speaker {
         // Convert; an unusable peer entry keeps a running session of the same name as it
         // is (fail-static: bad data must not withdraw what works).
         let mut desired: BTreeMap<String, PeerConfig> = BTreeMap::new();
+        let mut deferred: BTreeSet<String> = BTreeSet::new();
         let mut desired_routes: BTreeMap<String, ConvertedRoutes> = BTreeMap::new();
         for pr in peers {
             match convert::peer_from_pb(pr, defaults) {
@@ -167,6 +176,16 @@ impl Speaker {
                         error!(peer = %name, error = %e, "skipping route");
                     }
                     summary.skipped_routes += converted.skipped.len();
+                    // A session that is not Established has no paths at the ToR to
+                    // protect: its reset waits for nobody (a fixed port or address
+                    // must not queue behind other nodes).
+                    let established = self
+                        .sessions
+                        .get(&name)
+                        .is_some_and(|s| s.handle.status().state == State::Established);
+                    if pr.defer_reset && established {
+                        deferred.insert(name.clone());
+                    }
                     desired.insert(name.clone(), config);
                     desired_routes.insert(name, converted);
                 }
@@ -189,7 +208,21 @@ impl Speaker {
             .iter()
             .map(|(name, s)| (name.clone(), s.config.clone()))
             .collect();
-        let plan = plan_peers(&current, &desired);
+        let plan = plan_peers(&current, &desired, &deferred);
+        for (name, session) in &mut self.sessions {
+            session.reset_pending = plan.pending.contains(name);
+        }
+        for name in &plan.pending {
+            info!(peer = %name, "parameters changed; the session reset waits for this node's turn");
+        }
+        for name in &plan.reconfigure {
+            if let (Some(session), Some(config)) = (self.sessions.get_mut(name), desired.get(name))
+            {
+                info!(peer = %name, "parameters changed; applied to the live session");
+                session.handle.reconfigure(config.clone());
+                session.config = config.clone();
+            }
+        }
 
         // Stop first, all at once: a changed peer's new session must not collide with
         // its old one at the ToR.
@@ -199,7 +232,9 @@ impl Speaker {
             // With graceful restart the ToR keeps the routes while the new session comes
             // up, so a parameter change does not flap them.
             let mode = if restarting && session.config.graceful_restart.is_some() {
-                ShutdownMode::Graceful
+                ShutdownMode::Restart {
+                    message: PEER_CHANGED_MESSAGE.to_string(),
+                }
             } else {
                 ShutdownMode::Withdraw {
                     message: if restarting {
@@ -223,7 +258,16 @@ impl Speaker {
             // The session's task outlives this snapshot: give it a span of its own
             // rather than the snapshot's.
             let span = tracing::info_span!(parent: None, "peer", node = %self.node, peer = %name);
-            match PeerHandle::spawn(config.clone()).instrument(span).await {
+            // A session we have just closed ourselves: the ToR may refuse the first
+            // reconnects for a moment, which must not cost a backoff.
+            let spawned = if plan.stop.contains(name) {
+                PeerHandle::spawn_after_close(config.clone())
+                    .instrument(span)
+                    .await
+            } else {
+                PeerHandle::spawn(config.clone()).instrument(span).await
+            };
+            match spawned {
                 Ok(handle) => {
                     info!(peer = %name, address = %handle.peer(), "started BGP session");
                     let forward = forward_changes(&handle, Arc::clone(&self.changes));
@@ -233,6 +277,7 @@ impl Speaker {
                             config: config.clone(),
                             handle,
                             routes: Arc::new(Routes::new()),
+                            reset_pending: false,
                             _forward: forward,
                         },
                     );
@@ -242,6 +287,8 @@ impl Speaker {
             }
         }
         summary.kept = plan.keep.clone();
+        summary.reconfigured = plan.reconfigure.clone();
+        summary.reset_pending = plan.pending.clone();
 
         // Hand every session its full set; the engine works out the UPDATEs.
         let now = SystemTime::now();
@@ -273,6 +320,8 @@ impl Speaker {
             started = summary.started.len(),
             stopped = summary.stopped.len(),
             kept = summary.kept.len(),
+            reconfigured = summary.reconfigured.len(),
+            reset_pending = summary.reset_pending.len(),
             invalid_peers = summary.invalid_peers,
             skipped_routes = summary.skipped_routes,
             change_to_apply_ms = summary.change_to_apply.map(|d| d.as_secs_f64() * 1e3),
@@ -287,7 +336,11 @@ impl Speaker {
         let sessions = self
             .sessions
             .iter()
-            .map(|(name, s)| session_state(name, &s.handle.status(), self.clock))
+            .map(|(name, s)| {
+                let mut state = session_state(name, &s.handle.status(), &s.routes, self.clock);
+                state.reset_pending = s.reset_pending;
+                state
+            })
             .collect();
         Some(pb::SpeakerState {
             node: self.node.clone(),
@@ -298,31 +351,119 @@ impl Speaker {
         })
     }
 
-    /// Ends every session: graceful-restart peers just close (the ToR keeps the routes for
-    /// the restart time), the others withdraw with `message`. Bounded by the engine's
-    /// close timeout; the sessions close in parallel.
-    pub async fn shutdown(mut self, message: &str) {
+    /// Ends every session as `shutdown` says (see [`Shutdown`]): sessions that should
+    /// keep their routes at the peer (intent `restart`, graceful restart negotiated) say
+    /// so (RFC 8538) and close at once; every other session is drained first (RFC 8326:
+    /// its routes re-announced with GRACEFUL_SHUTDOWN and the configured LOCAL_PREF or
+    /// prepends, then `drain` long for the ToR to move traffic away), then withdrawn and
+    /// closed with Cease 6/2 and `message` (Hard Reset 6/9 around it where the N bit was
+    /// negotiated, so the ToR drops rather than keeps them). The sessions close in
+    /// parallel; the whole is bounded by `drain` plus the engine's close timeout.
+    pub async fn shutdown(mut self, message: &str, shutdown: &Shutdown) {
         let sessions = std::mem::take(&mut self.sessions);
-        let stops = sessions.into_iter().map(|(name, s)| {
-            let mode = if s.config.graceful_restart.is_some() {
-                ShutdownMode::Graceful
-            } else {
-                ShutdownMode::Withdraw {
-                    message: message.to_string(),
-                }
-            };
-            info!(peer = %name, ?mode, "closing BGP session");
-            s.handle.shutdown(mode)
+        let (keep, drain): (Vec<_>, Vec<_>) = sessions.into_iter().partition(|(_, s)| {
+            shutdown.intent == ShutdownIntent::Restart && graceful_restart_negotiated(s)
         });
-        futures::future::join_all(stops).await;
+        let restarts = keep.into_iter().map(|(name, s)| {
+            info!(peer = %name, "closing BGP session for a restart: the peer keeps the routes");
+            s.handle.shutdown(ShutdownMode::Restart {
+                message: message.to_string(),
+            })
+        });
+        let drains = drain.into_iter().map(|(name, s)| async move {
+            let established = s.handle.status().state == State::Established;
+            if established && !s.routes.is_empty() && !shutdown.drain.is_zero() {
+                info!(peer = %name, drain = ?shutdown.drain, "graceful shutdown: announcing GRACEFUL_SHUTDOWN (RFC 8326)");
+                s.handle
+                    .set_desired(drained(&s.routes, &s.config, shutdown));
+                tokio::time::sleep(shutdown.drain).await;
+            }
+            info!(peer = %name, "closing BGP session: withdrawing its routes");
+            s.handle
+                .shutdown(ShutdownMode::Withdraw {
+                    message: message.to_string(),
+                })
+                .await;
+        });
+        futures::future::join(
+            futures::future::join_all(restarts),
+            futures::future::join_all(drains),
+        )
+        .await;
     }
+}
+
+/// The RFC 8326 GRACEFUL_SHUTDOWN community (65535:0).
+pub const GRACEFUL_SHUTDOWN: u32 = 0xFFFF_0000;
+
+/// What the speaker does with its sessions on SIGTERM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ShutdownIntent {
+    /// The node goes away (drain, scale-in): the ToR must move traffic and drop the paths.
+    #[default]
+    Drain,
+    /// The speaker comes back soon (rolling update): peers with graceful restart keep
+    /// the routes; peers without are drained as for `drain`.
+    Restart,
+}
+
+/// How [`Speaker::shutdown`] ends the sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shutdown {
+    pub intent: ShutdownIntent,
+    /// Time between the GRACEFUL_SHUTDOWN re-announcement and the withdrawal.
+    pub drain: Duration,
+    /// LOCAL_PREF of the drained routes on iBGP sessions.
+    pub local_pref: u32,
+    /// Times our AS is prepended to the drained routes on eBGP sessions, for ToRs that do
+    /// not act on the community (0: none).
+    pub prepend: u8,
+}
+
+fn graceful_restart_negotiated(s: &Session) -> bool {
+    s.config.graceful_restart.is_some()
+        && s.handle
+            .status()
+            .negotiated
+            .is_some_and(|n| n.peer_graceful_restart.is_some())
+}
+
+/// `routes` as announced while draining (RFC 8326 §4): with GRACEFUL_SHUTDOWN, and made
+/// less preferred for receivers that do not act on it: LOCAL_PREF on iBGP, prepends of
+/// our AS on eBGP.
+pub fn drained(routes: &Routes, config: &PeerConfig, shutdown: &Shutdown) -> Routes {
+    let ebgp = config.local_asn != config.peer_asn;
+    routes
+        .iter()
+        .map(|(prefix, attrs)| {
+            let mut a: RouteAttributes = attrs.clone();
+            if !a.communities.contains(&GRACEFUL_SHUTDOWN) {
+                a.communities.push(GRACEFUL_SHUTDOWN);
+            }
+            if ebgp {
+                let mut path = vec![config.local_asn; usize::from(shutdown.prepend)];
+                path.extend_from_slice(&a.as_path);
+                a.as_path = path;
+            } else {
+                a.local_pref = Some(shutdown.local_pref);
+            }
+            (*prefix, a)
+        })
+        .collect()
 }
 
 /// One session's report entry. The announced prefixes are what the session's Adj-RIB-Out
 /// has written to the socket on the current connection (announced and not since
 /// withdrawn), so an UPDATE that could not be encoded, or one stuck behind a peer that
-/// does not read, shows as not announced.
-pub fn session_state(peer: &str, status: &PeerStatus, clock: Clock) -> pb::SessionState {
+/// does not read, shows as not announced. `routes` is the desired set, for
+/// `routes_sent`.
+pub fn session_state(
+    peer: &str,
+    status: &PeerStatus,
+    routes: &Routes,
+    clock: Clock,
+) -> pb::SessionState {
     let established = status.state == State::Established;
     pb::SessionState {
         peer: peer.to_string(),
@@ -334,7 +475,28 @@ pub fn session_state(peer: &str, status: &PeerStatus, clock: Clock) -> pb::Sessi
         announced_prefixes: status.advertised.iter().map(ToString::to_string).collect(),
         updates_sent: status.updates_sent,
         last_error: status.last_error.clone().unwrap_or_default(),
+        // Set by the speaker, which knows what the snapshot wants.
+        reset_pending: false,
+        routes_sent: established && all_written(status, routes),
     }
+}
+
+/// Whether every route of `routes` the session carries (those of its negotiated families)
+/// has been written to the socket, and nothing else.
+fn all_written(status: &PeerStatus, routes: &Routes) -> bool {
+    let Some(n) = status.negotiated.as_ref() else {
+        return false;
+    };
+    let mut sent = routes
+        .keys()
+        .filter(|p| n.families.contains(&Family::of(p)))
+        .peekable();
+    let mut count = 0;
+    let all = sent.all(|p| {
+        count += 1;
+        status.advertised.contains(p)
+    });
+    all && count == status.advertised.len()
 }
 
 /// Turns the engine's monotonic instants into wall-clock timestamps, always against the
@@ -415,9 +577,17 @@ mod tests {
                         ..pb::Route::default()
                     })
                     .collect(),
+                defer_reset: false,
             }],
         }
     }
+
+    const TEST_SHUTDOWN: Shutdown = Shutdown {
+        intent: ShutdownIntent::Drain,
+        drain: Duration::ZERO,
+        local_pref: 0,
+        prepend: 0,
+    };
 
     fn names(v: &[&str]) -> Vec<String> {
         v.iter().map(ToString::to_string).collect()
@@ -491,15 +661,33 @@ mod tests {
         let (_, routes) = speaker.session("tor").unwrap_or_else(|| panic!("session"));
         assert_eq!(routes.len(), 2);
 
-        // A changed hold time restarts the session, keeping the routes.
-        let s = speaker
-            .apply(&snapshot(
-                4,
-                port,
-                9,
-                &["172.16.0.241/32", "172.16.0.242/32"],
-            ))
-            .await;
+        // A keepalive change needs no reset, deferred or not.
+        let mut live = snapshot(4, port, 90, &["172.16.0.241/32", "172.16.0.242/32"]);
+        live.peers[0].defer_reset = true;
+        if let Some(p) = live.peers[0].peer.as_mut() {
+            p.keepalive_seconds = 7;
+        }
+        let s = speaker.apply(&live).await;
+        assert_eq!(
+            (s.reconfigured.clone(), s.stopped.len()),
+            (names(&["tor"]), 0)
+        );
+        assert!(
+            !speaker
+                .state()
+                .unwrap_or_else(|| panic!("a state"))
+                .sessions[0]
+                .reset_pending
+        );
+
+        // A changed hold time restarts the session, keeping the routes; deferring it
+        // (IPAM's rolling resets) only holds back sessions that are Established, which
+        // this one (to a closed port) is not. Deferral itself is proven end to end
+        // against real ToRs (tests/changes.rs).
+        let mut changed = snapshot(4, port, 9, &["172.16.0.241/32", "172.16.0.242/32"]);
+        changed.peers[0].defer_reset = true;
+        let s = speaker.apply(&changed).await;
+        assert!(s.reset_pending.is_empty());
         assert_eq!(
             (s.stopped.clone(), s.started.clone()),
             (names(&["tor"]), names(&["tor"]))
@@ -524,6 +712,6 @@ mod tests {
         assert_eq!(s.stopped, names(&["tor"]));
         assert!(speaker.peers().is_empty());
         assert_eq!(speaker.state().map(|s| s.sessions.len()), Some(0));
-        speaker.shutdown("test done").await;
+        speaker.shutdown("test done", &TEST_SHUTDOWN).await;
     }
 }

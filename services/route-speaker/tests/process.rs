@@ -31,6 +31,10 @@ fn speaker_command() -> Command {
         "HERALD_IPAM_ENDPOINT",
         "HERALD_ROUTER_ID",
         "HERALD_REPORT_INTERVAL",
+        "HERALD_SHUTDOWN_INTENT",
+        "HERALD_SHUTDOWN_DRAIN",
+        "HERALD_SHUTDOWN_LOCAL_PREF",
+        "HERALD_SHUTDOWN_PREPEND",
         "HERALD_LOG_FORMAT",
     ] {
         command.env_remove(var);

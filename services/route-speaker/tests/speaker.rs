@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail, ensure};
-use common::{FakeRouting, FakeState, NODE_A, NODE_B, PREFIX, ip, snapshot, speaker};
+use common::{FakeRouting, FakeState, NODE_A, NODE_B, PREFIX, ip, snapshot, speaker, speaker_with};
 use herald_tor_harness::{Family, Rib, Tor, TorConfig, TorKind};
 use ipnet::IpNet;
 
@@ -223,8 +223,9 @@ async fn ipam_restart_is_fail_static_and_sigterm_withdraws() -> Result<()> {
     Ok(())
 }
 
-/// With graceful restart the speaker just closes on SIGTERM and the ToR keeps the route
-/// (stale) for the restart time.
+/// With graceful restart and `shutdown_intent = restart` the speaker says so on SIGTERM
+/// (RFC 8538: Cease without Hard Reset) and the ToR keeps the route (stale) for the
+/// restart time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_graceful_restart_keeps_the_route() -> Result<()> {
     let mut config = TorConfig::new(TorKind::Frr);
@@ -239,7 +240,11 @@ async fn sigterm_with_graceful_restart_keeps_the_route() -> Result<()> {
         true,
         &[PREFIX],
     ));
-    let mut a = speaker("node-a", &fake.endpoint());
+    let mut a = speaker_with(
+        "node-a",
+        &fake.endpoint(),
+        &[("HERALD_SHUTDOWN_INTENT", "restart")],
+    );
     tor.wait_until(Family::Ipv4, CONVERGE, |rib| {
         neighbors_for(rib) == vec![ip(NODE_A)]
     })
@@ -261,6 +266,50 @@ async fn sigterm_with_graceful_restart_keeps_the_route() -> Result<()> {
         rib[&prefix()].iter().all(|p| p.stale),
         "the kept path should be stale: {rib:?}"
     );
+    tor.stop().await;
+    Ok(())
+}
+
+/// With graceful restart and the default `shutdown_intent = drain`, SIGTERM drains (2 s),
+/// withdraws and closes with Hard Reset: the ToR has no path left, not even a stale one.
+/// (Before the engine waited for its writers on shutdown, the process exited with the
+/// withdrawal unsent and FRR kept the path as stale.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drain_with_graceful_restart_leaves_no_path() -> Result<()> {
+    let mut config = TorConfig::new(TorKind::Frr);
+    config.graceful_restart = Some(60);
+    let tor = Tor::start(config).await?;
+    let fake = FakeRouting::start(0, FakeState::new());
+    fake.state.set(snapshot(
+        "node-a",
+        1,
+        NODE_A,
+        tor.bgp_port(),
+        true,
+        &[PREFIX],
+    ));
+    let mut a = speaker_with(
+        "node-a",
+        &fake.endpoint(),
+        &[("HERALD_SHUTDOWN_DRAIN", "2s")],
+    );
+    tor.wait_until(Family::Ipv4, CONVERGE, |rib| {
+        neighbors_for(rib) == vec![ip(NODE_A)]
+    })
+    .await?;
+    fake.state
+        .wait_report("node-a", REPORT, |r| announced(r, 1, &[PREFIX]))
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let status = a.terminate(Duration::from_secs(10));
+    ensure!(
+        status.is_some_and(|s| s.success()),
+        "exit status {status:?}"
+    );
+    // Right after the exit: a path still there (even stale) means the withdrawal did not
+    // reach the ToR.
+    tor.wait_until(Family::Ipv4, Duration::from_secs(1), |rib| rib.is_empty())
+        .await?;
     tor.stop().await;
     Ok(())
 }

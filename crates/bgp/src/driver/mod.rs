@@ -142,6 +142,17 @@ impl PeerConfig {
     pub fn peer_socket_addr(&self) -> SocketAddr {
         SocketAddr::new(self.peer_addr, self.peer_port)
     }
+
+    /// Whether going from `self` to `other` needs a new session (see
+    /// [`SessionConfig::needs_reset`]); the connect timeout never does.
+    pub fn needs_reset(&self, other: &PeerConfig) -> bool {
+        let mut same_live = other.clone();
+        same_live.connect_retry = self.connect_retry;
+        same_live.connect_retry_max = self.connect_retry_max;
+        same_live.connect_timeout = self.connect_timeout;
+        same_live.keepalive = self.keepalive;
+        same_live != *self
+    }
 }
 
 /// Errors from [`PeerHandle::spawn`].
@@ -168,6 +179,7 @@ pub struct PeerHandle {
 #[derive(Debug)]
 enum Command {
     Shutdown(ShutdownMode, oneshot::Sender<()>),
+    Reconfigure(Box<PeerConfig>),
 }
 
 impl PeerHandle {
@@ -175,6 +187,17 @@ impl PeerHandle {
     /// invalid config or when the listener cannot bind; connection problems
     /// show up in [`PeerStatus::last_error`] and are retried forever.
     pub async fn spawn(config: PeerConfig) -> Result<PeerHandle, SpawnError> {
+        Self::spawn_inner(config, false).await
+    }
+
+    /// As [`Self::spawn`], for a session that replaces one we have just
+    /// closed ourselves: the first reconnects do not back off
+    /// ([`Session::reconnect_quickly`]).
+    pub async fn spawn_after_close(config: PeerConfig) -> Result<PeerHandle, SpawnError> {
+        Self::spawn_inner(config, true).await
+    }
+
+    async fn spawn_inner(config: PeerConfig, quick: bool) -> Result<PeerHandle, SpawnError> {
         if config.hold_time == 1 || config.hold_time == 2 {
             return Err(SpawnError::Config("hold_time must be 0 or >= 3".into()));
         }
@@ -201,7 +224,10 @@ impl PeerHandle {
             None => None,
         };
         let listen_addr = listener.as_ref().and_then(|l| l.local_addr().ok());
-        let session = Session::new(config.session_config());
+        let mut session = Session::new(config.session_config());
+        if quick {
+            session.reconnect_quickly();
+        }
         let (desired_tx, desired_rx) = watch::channel(Arc::new(Routes::new()));
         let (status_tx, status_rx) = watch::channel(session.status().clone());
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
@@ -219,6 +245,7 @@ impl PeerHandle {
                 written_advertised: Arc::new(std::collections::BTreeSet::new()),
                 in_flight: std::collections::VecDeque::new(),
                 written: None,
+                writers: Vec::new(),
             }
             .run(desired_rx, cmd_rx)
             .instrument(span),
@@ -242,6 +269,13 @@ impl PeerHandle {
     /// As [`Self::set_desired`], sharing the set.
     pub fn set_desired_arc(&self, routes: Arc<Routes>) {
         self.desired.send_replace(routes);
+    }
+
+    /// Applies a config that needs no new session (`!current.needs_reset(&config)`,
+    /// see [`PeerConfig::needs_reset`]) to the running session; the caller checks
+    /// that first. A config that needs a reset is refused by the task and logged.
+    pub fn reconfigure(&self, config: PeerConfig) {
+        let _ = self.commands.send(Command::Reconfigure(Box::new(config)));
     }
 
     /// The current status.
@@ -361,6 +395,9 @@ struct PeerTask {
     in_flight: std::collections::VecDeque<(u64, Advertised)>,
     /// Bytes the current connection's writer has written to the socket.
     written: Option<watch::Receiver<u64>>,
+    /// Writer tasks of this and earlier connections; a shutdown waits for them, so the
+    /// withdrawals and the NOTIFICATION are on the wire before the process may exit.
+    writers: Vec<JoinHandle<()>>,
 }
 
 /// Size of one read from the socket.
@@ -382,9 +419,27 @@ impl PeerTask {
             tokio::select! {
                 cmd = commands.recv() => {
                     match cmd {
+                        Some(Command::Reconfigure(config)) => {
+                            if self.config.needs_reset(&config) {
+                                tracing::error!("refusing a live reconfiguration that needs a new session");
+                            } else if self.session.reconfigure(Instant::now(), config.session_config()) {
+                                self.config = *config;
+                            }
+                            self.publish();
+                            continue;
+                        }
                         Some(Command::Shutdown(mode, done)) => {
                             self.apply(Instant::now(), Event::ManualStop(mode), &write_err_tx);
                             self.publish();
+                            // The session dropped its connection: its writer flushes
+                            // what is queued and closes (bounded by CLOSE_FLUSH_TIMEOUT).
+                            let writers = std::mem::take(&mut self.writers);
+                            let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, async {
+                                for w in writers {
+                                    let _ = w.await;
+                                }
+                            })
+                            .await;
                             let _ = done.send(());
                         }
                         None => {
@@ -562,7 +617,10 @@ impl PeerTask {
         let (written_tx, written) = watch::channel(0);
         self.next_conn_id += 1;
         let id = self.next_conn_id;
-        tokio::spawn(writer_task(id, writer, rx, written_tx, err_tx.clone()).in_current_span());
+        self.writers.retain(|w| !w.is_finished());
+        self.writers.push(tokio::spawn(
+            writer_task(id, writer, rx, written_tx, err_tx.clone()).in_current_span(),
+        ));
         self.in_flight.clear();
         self.written = Some(written);
         self.conn = Some(Conn {

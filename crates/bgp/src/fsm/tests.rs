@@ -742,3 +742,222 @@ fn advertised_is_what_was_encoded_not_what_was_asked() {
     s.handle(now, Event::SetDesired(Arc::new(Routes::new())));
     assert!(s.status().advertised.is_empty());
 }
+
+/// An Established session with graceful restart on our side and the peer's
+/// GR capability with the N bit as given.
+fn established_with_gr(now: Instant, peer_n_bit: bool) -> Session {
+    let mut c = cfg();
+    c.graceful_restart = Some(GracefulRestartConfig::default());
+    let mut s = Session::new(c);
+    s.handle(now, Event::ManualStart);
+    let (l, r) = addrs();
+    s.handle(
+        now,
+        Event::TcpCrAcked {
+            local: l,
+            remote: r,
+        },
+    );
+    let mut open = peer_open();
+    open.capabilities
+        .push(Capability::GracefulRestart(GracefulRestart {
+            restarting: false,
+            notification: peer_n_bit,
+            restart_time: 120,
+            families: vec![],
+        }));
+    s.handle(now, Event::BgpOpen(open));
+    s.handle(now, Event::KeepAliveMsg);
+    assert_eq!(s.state(), State::Established);
+    let mut routes = Routes::new();
+    routes.insert("10.0.0.1/32".parse().unwrap(), RouteAttributes::default());
+    s.handle(now, Event::SetDesired(Arc::new(routes)));
+    s
+}
+
+#[test]
+fn our_graceful_restart_capability_sets_the_n_bit() {
+    let mut c = cfg();
+    c.graceful_restart = Some(GracefulRestartConfig::default());
+    let s = Session::new(c);
+    assert!(s.local_open().graceful_restart().unwrap().notification);
+    let s = established_with_gr(Instant::now(), true);
+    assert!(
+        s.status()
+            .negotiated
+            .as_ref()
+            .unwrap()
+            .graceful_notification
+    );
+    let s = established_with_gr(Instant::now(), false);
+    assert!(
+        !s.status()
+            .negotiated
+            .as_ref()
+            .unwrap()
+            .graceful_notification
+    );
+}
+
+#[test]
+fn withdraw_with_n_bit_sends_hard_reset_wrapping_the_shutdown_message() {
+    let now = Instant::now();
+    let mut s = established_with_gr(now, true);
+    let out = s.handle(
+        now,
+        Event::ManualStop(ShutdownMode::Withdraw {
+            message: "node drain".into(),
+        }),
+    );
+    let msgs = sent(&out);
+    assert!(matches!(&msgs[0], Message::Update(u) if u.withdrawn_all().len() == 1));
+    let Message::Notification(n) = &msgs[1] else {
+        panic!("no NOTIFICATION: {msgs:?}");
+    };
+    assert_eq!((n.code, n.subcode), (6, 9), "Hard Reset");
+    assert_eq!(
+        &n.data[..2],
+        &[6, 2],
+        "wraps Cease / Administrative Shutdown"
+    );
+    assert_eq!(n.shutdown_message().as_deref(), Some("node drain"));
+}
+
+#[test]
+fn withdraw_without_n_bit_sends_plain_administrative_shutdown() {
+    let now = Instant::now();
+    let mut s = established_with_gr(now, false);
+    let out = s.handle(
+        now,
+        Event::ManualStop(ShutdownMode::Withdraw {
+            message: "bye".into(),
+        }),
+    );
+    assert_eq!(notif(&out), Some((6, 2)));
+}
+
+#[test]
+fn restart_with_n_bit_says_cease_and_keeps_the_routes() {
+    let now = Instant::now();
+    let mut s = established_with_gr(now, true);
+    let out = s.handle(
+        now,
+        Event::ManualStop(ShutdownMode::Restart {
+            message: "rolling update".into(),
+        }),
+    );
+    let msgs = sent(&out);
+    assert!(
+        !msgs.iter().any(|m| matches!(m, Message::Update(_))),
+        "nothing withdrawn: {msgs:?}"
+    );
+    assert_eq!(
+        notif(&out),
+        Some((6, 2)),
+        "not a Hard Reset: the peer keeps our routes"
+    );
+    assert!(out.contains(&Output::Disconnect));
+}
+
+#[test]
+fn restart_with_graceful_restart_but_no_n_bit_closes_silently() {
+    let now = Instant::now();
+    let mut s = established_with_gr(now, false);
+    let out = s.handle(
+        now,
+        Event::ManualStop(ShutdownMode::Restart {
+            message: "rolling update".into(),
+        }),
+    );
+    assert!(
+        sent(&out).is_empty(),
+        "RFC 4724 keeps routes only on a silent close"
+    );
+    assert!(out.contains(&Output::Disconnect));
+}
+
+#[test]
+fn restart_without_graceful_restart_says_why() {
+    let now = Instant::now();
+    let mut s = established(now);
+    let out = s.handle(
+        now,
+        Event::ManualStop(ShutdownMode::Restart {
+            message: "rolling update".into(),
+        }),
+    );
+    assert_eq!(notif(&out), Some((6, 2)));
+}
+
+/// Drives a session through `n` refused connects and returns the retry delays.
+fn retry_delays(mut s: Session, start: Instant, n: usize) -> Vec<Duration> {
+    let mut now = start;
+    s.handle(now, Event::ManualStart);
+    let mut delays = Vec::new();
+    for _ in 0..n {
+        s.handle(
+            now,
+            Event::TcpConnectionFails {
+                reason: "refused".into(),
+            },
+        );
+        let next = s.next_deadline().unwrap();
+        delays.push(next - now);
+        now = next;
+        s.on_timers(now);
+    }
+    delays
+}
+
+#[test]
+fn after_our_own_close_reconnects_do_not_back_off() {
+    let start = Instant::now();
+    let normal = retry_delays(Session::new(cfg()), start, 3);
+    assert!(
+        normal[1] >= Duration::from_secs(10),
+        "normal backoff grows: {normal:?}"
+    );
+    let mut quick = Session::new(cfg());
+    quick.reconnect_quickly();
+    let delays = retry_delays(quick, start, 5);
+    assert!(
+        delays.iter().all(|d| *d <= QUICK_RETRY),
+        "every retry within {QUICK_RETRY:?}: {delays:?}"
+    );
+    // After the window the normal backoff is back.
+    let mut late = Session::new(cfg());
+    late.reconnect_quickly();
+    late.handle(start, Event::ManualStart);
+    let after = start + QUICK_RECONNECT_WINDOW + Duration::from_secs(1);
+    late.handle(
+        after,
+        Event::TcpConnectionFails {
+            reason: "refused".into(),
+        },
+    );
+    assert!(late.next_deadline().unwrap() - after > QUICK_RETRY);
+}
+
+#[test]
+fn keepalive_and_retry_change_live_but_hold_time_needs_a_reset() {
+    let now = Instant::now();
+    let mut s = established(now);
+    assert_eq!(s.status().negotiated.as_ref().unwrap().keepalive, 3);
+    let mut c = cfg();
+    c.keepalive = Some(1);
+    c.connect_retry = Duration::from_secs(2);
+    assert!(!cfg().needs_reset(&c));
+    assert!(s.reconfigure(now, c));
+    assert_eq!(s.status().negotiated.as_ref().unwrap().keepalive, 1);
+    assert_eq!(s.state(), State::Established);
+    assert_eq!(s.next_deadline(), Some(now + Duration::from_secs(1)));
+
+    let mut c = cfg();
+    c.hold_time = 30;
+    assert!(cfg().needs_reset(&c));
+    assert!(
+        !s.reconfigure(now, c),
+        "hold time is negotiated in the OPEN"
+    );
+    assert_eq!(s.config().hold_time, 9);
+}

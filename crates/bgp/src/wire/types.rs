@@ -572,6 +572,16 @@ impl Notification {
         Self::cease_with_message(cease::ADMINISTRATIVE_SHUTDOWN, message)
     }
 
+    /// Cease / Hard Reset (RFC 8538 §3) wrapping `inner`: the data is the
+    /// inner code, subcode and data.
+    pub fn hard_reset(inner: &Notification) -> Notification {
+        let mut data = Vec::with_capacity(2 + inner.data.len());
+        data.push(inner.code);
+        data.push(inner.subcode);
+        data.extend_from_slice(&inner.data);
+        Self::new(Self::CEASE, cease::HARD_RESET, data)
+    }
+
     /// Cease with `subcode` and an RFC 9003 shutdown communication (valid
     /// for subcodes 2 and 4).
     pub fn cease_with_message(subcode: u8, message: &str) -> Notification {
@@ -591,13 +601,24 @@ impl Notification {
     /// The RFC 8203 / RFC 9003 shutdown communication, if this is a Cease
     /// (admin shutdown or reset) carrying one.
     pub fn shutdown_message(&self) -> Option<String> {
-        if self.code != Self::CEASE
-            || !(self.subcode == cease::ADMINISTRATIVE_SHUTDOWN
-                || self.subcode == cease::ADMINISTRATIVE_RESET)
-        {
+        if self.code != Self::CEASE {
             return None;
         }
-        let (len, rest) = self.data.split_first()?;
+        let data = match self.subcode {
+            cease::ADMINISTRATIVE_SHUTDOWN | cease::ADMINISTRATIVE_RESET => &self.data[..],
+            // RFC 8538 §3: the wrapped Cease's own data follows its code and subcode.
+            cease::HARD_RESET => match self.data.as_slice() {
+                [Self::CEASE, sub, rest @ ..]
+                    if *sub == cease::ADMINISTRATIVE_SHUTDOWN
+                        || *sub == cease::ADMINISTRATIVE_RESET =>
+                {
+                    rest
+                }
+                _ => return None,
+            },
+            _ => return None,
+        };
+        let (len, rest) = data.split_first()?;
         let text = rest.get(..usize::from(*len))?;
         Some(String::from_utf8_lossy(text).into_owned())
     }

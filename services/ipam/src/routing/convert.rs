@@ -394,6 +394,8 @@ pub fn node_routes_to_pb<'a>(
                     .flatten()
                     .map(|(prefix, attrs)| route_to_pb(prefix, attrs, meta(prefix)))
                     .collect(),
+                // The stream clears it for the node whose turn it is.
+                defer_reset: true,
             })
             .collect(),
     }

@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use super::rollout::{REPORT_MAX_AGE_MICROS, Rollout, SessionView, Views};
 use crate::ipam::Ipam;
 
 /// Changes arriving this close together are computed as one: a burst of 1,000 Services
@@ -69,6 +70,12 @@ pub struct SessionReport {
     pub announced: BTreeSet<String>,
     pub updates_sent: u64,
     pub last_error: String,
+    /// The session waits for its turn to reset ([`super::rollout`]).
+    #[serde(default)]
+    pub reset_pending: bool,
+    /// Established with every desired route sent.
+    #[serde(default)]
+    pub routes_sent: bool,
 }
 
 /// One node's published route set and where its prefixes came from.
@@ -136,6 +143,9 @@ pub struct RouteEngine {
     last_services: Mutex<Arc<Vec<ServiceFacts>>>,
     reports: Mutex<BTreeMap<String, (SpeakerReport, i64)>>,
     streams: Arc<Mutex<HashMap<String, StreamState>>>,
+    rollout: Mutex<Rollout>,
+    /// Per node, the peers it may reset its session with now.
+    grants: Mutex<HashMap<String, watch::Sender<BTreeSet<String>>>>,
 }
 
 /// Counts one open WatchNodeRoutes stream of a node while it lives.
@@ -212,6 +222,8 @@ impl RouteEngine {
             last_services: Mutex::new(Arc::new(Vec::new())),
             reports: Mutex::new(reports),
             streams: Arc::new(Mutex::new(HashMap::new())),
+            rollout: Mutex::new(Rollout::default()),
+            grants: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -231,8 +243,55 @@ impl RouteEngine {
         lock(&self.reports).clone()
     }
 
+    /// Keeps a speaker's report and moves the rolling resets on ([`super::rollout`]).
     pub fn record_report(&self, node: &str, report: SpeakerReport, at: i64) {
-        lock(&self.reports).insert(node.to_string(), (report, at));
+        let views: Views = {
+            let mut reports = lock(&self.reports);
+            reports.insert(node.to_string(), (report, at));
+            reports
+                .iter()
+                .filter(|(_, (_, reported))| at.saturating_sub(*reported) <= REPORT_MAX_AGE_MICROS)
+                .map(|(node, (r, _))| {
+                    let sessions = r
+                        .sessions
+                        .iter()
+                        .map(|s| {
+                            let view = SessionView {
+                                reset_pending: s.reset_pending,
+                                routes_sent: s.routes_sent,
+                            };
+                            (s.peer.clone(), view)
+                        })
+                        .collect();
+                    (node.clone(), sessions)
+                })
+                .collect()
+        };
+        let mut rollout = lock(&self.rollout);
+        if rollout.step(&views, at) {
+            let grants = lock(&self.grants);
+            for (node, sender) in grants.iter() {
+                let granted = rollout.granted(node);
+                sender.send_if_modified(|cur| {
+                    if *cur == granted {
+                        false
+                    } else {
+                        *cur = granted;
+                        true
+                    }
+                });
+            }
+        }
+    }
+
+    /// The peers `node` may reset its session with, now and on every change.
+    pub fn subscribe_grants(&self, node: &str) -> watch::Receiver<BTreeSet<String>> {
+        let rollout = lock(&self.rollout);
+        let mut grants = lock(&self.grants);
+        grants
+            .entry(node.to_string())
+            .or_insert_with(|| watch::channel(rollout.granted(node)).0)
+            .subscribe()
     }
 
     pub fn last_services(&self) -> Arc<Vec<ServiceFacts>> {

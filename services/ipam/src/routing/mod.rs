@@ -3,6 +3,7 @@
 
 pub(crate) mod convert;
 mod engine;
+pub mod rollout;
 mod service;
 mod status;
 

@@ -66,6 +66,8 @@ fn report_from_pb(state: pb::SpeakerState) -> Result<(String, SpeakerReport), Fi
             announced_prefixes,
             updates_sent,
             last_error,
+            reset_pending,
+            routes_sent,
         } = s;
         for (field, value, max) in [
             ("peer", &peer, MAX_NAME_LEN),
@@ -102,6 +104,8 @@ fn report_from_pb(state: pb::SpeakerState) -> Result<(String, SpeakerReport), Fi
             announced,
             updates_sent,
             last_error,
+            reset_pending,
+            routes_sent,
         });
     }
     Ok((
@@ -333,6 +337,7 @@ impl RoutingRpc for RoutingService {
             )));
         }
         let mut snapshots = ready.engine.subscribe(&node);
+        let mut grants = ready.engine.subscribe_grants(&node);
         let engine = Arc::clone(&ready.engine);
         let shutdown = self.shutdown.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -344,13 +349,16 @@ impl RoutingRpc for RoutingService {
                 // Only the newest snapshot matters, and the engine publishes one only when
                 // the node's set changed: `watch` keeps exactly that.
                 let current = snapshots.borrow_and_update().clone();
+                let granted = grants.borrow_and_update().clone();
                 if let Some(snapshot) = current {
                     let local_asn = engine.policy().map(|p| p.local_asn).unwrap_or(0);
-                    if tx
-                        .send(Ok(snapshot_to_pb(&node, local_asn, &snapshot)))
-                        .await
-                        .is_err()
-                    {
+                    let mut message = snapshot_to_pb(&node, local_asn, &snapshot);
+                    // Resets wait for this node's turn (see `rollout`).
+                    for peer in &mut message.peers {
+                        let name = peer.peer.as_ref().map(|p| p.name.as_str()).unwrap_or("");
+                        peer.defer_reset = !granted.contains(name);
+                    }
+                    if tx.send(Ok(message)).await.is_err() {
                         return;
                     }
                 }
@@ -358,6 +366,7 @@ impl RoutingRpc for RoutingService {
                     () = shutdown.cancelled() => return,
                     () = tx.closed() => return,
                     changed = snapshots.changed() => if changed.is_err() { return },
+                    changed = grants.changed() => if changed.is_err() { return },
                 }
             }
         });

@@ -270,7 +270,15 @@ impl Drop for FakeRouting {
 
 /// Starts the real `herald-route-speaker` binary for `node`.
 pub fn speaker(node: &str, ipam: &str) -> ChildProcess {
+    speaker_with(node, ipam, &[])
+}
+
+/// As [`speaker`], with extra environment (`HERALD_…` settings).
+pub fn speaker_with(node: &str, ipam: &str, env: &[(&str, &str)]) -> ChildProcess {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald-route-speaker"));
+    // Tests stop speakers often; the RFC 8326 drain has end-to-end tests of its own.
+    cmd.env("HERALD_SHUTDOWN_DRAIN", "0s");
+    cmd.envs(env.iter().copied());
     cmd.env("HERALD_NODE_NAME", node)
         .env("HERALD_IPAM_ENDPOINT", ipam)
         .env("HERALD_REPORT_INTERVAL", "1s")
@@ -321,6 +329,7 @@ pub fn snapshot(
             }),
             source_address: source.to_string(),
             routes: prefixes.iter().map(|p| route(p, source)).collect(),
+            defer_reset: false,
         }],
     }
 }
