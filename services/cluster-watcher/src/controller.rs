@@ -58,6 +58,7 @@ pub struct Settings {
     pub workers: usize,
     pub identity: String,
     pub resync: Duration,
+    pub imports: crate::policy::Imports,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -140,6 +141,8 @@ struct Ctx {
     /// herald-ipam gained addresses (a pool created or changed, an address released by
     /// someone else): Services still waiting should try again.
     pending_wanted: Notify,
+    /// The custom resources' reconcilers.
+    resources: Arc<crate::resources::Resources>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -157,7 +160,14 @@ pub async fn run(
     let (slices, slices_writer) = reflector::store::<EndpointSlice>();
     let (nodes, nodes_writer) = reflector::store::<Node>();
     let (namespaces, namespaces_writer) = reflector::store::<Namespace>();
+    let resources = crate::resources::Resources::new(
+        client.clone(),
+        channel.clone(),
+        settings.imports,
+        &settings.identity,
+    );
     let ctx = Arc::new(Ctx {
+        resources,
         client: client.clone(),
         ipam: IpamClient::new(channel.clone()),
         routing: RoutingClient::new(channel),
@@ -297,6 +307,12 @@ pub async fn run(
         nodes = ctx.nodes.state().len(),
         "initial lists done"
     );
+    // Pools (Herald's and imported ones) exist before any address is claimed from them.
+    tokio::select! {
+        () = cancel.cancelled() => return Ok(()),
+        () = resources_start_up(&ctx) => {}
+    }
+    tasks.spawn(Arc::clone(&ctx.resources).run(cancel.child_token()));
     tokio::select! {
         () = cancel.cancelled() => return Ok(()),
         () = start_up(&ctx) => {}
@@ -343,6 +359,22 @@ async fn wait_until_ready(ctx: &Ctx) -> Result<()> {
     )
     .await;
     ready.map(|_| ()).map_err(|_| Error::CachesStopped)
+}
+
+/// Applies the custom resources' pools and BGP policy, until the IPAM service answers.
+async fn resources_start_up(ctx: &Arc<Ctx>) {
+    let mut attempt = 0;
+    loop {
+        match ctx.resources.start_up().await {
+            Ok(()) => return,
+            Err(e) => {
+                attempt += 1;
+                let delay = retry_delay(attempt);
+                warn!(error = %e, retry_in = ?delay, "applying the custom resources failed");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
 }
 
 /// The start-up barrier: every address already in a Service's status is claimed before
@@ -494,10 +526,12 @@ async fn follow_ipam(ctx: Arc<Ctx>) {
                 let mut stream = stream.into_inner();
                 loop {
                     match stream.next().await {
-                        Some(Ok(change)) if frees_addresses(&change) => {
-                            ctx.pending_wanted.notify_one();
+                        Some(Ok(change)) => {
+                            ctx.resources.ipam_changed.notify_one();
+                            if frees_addresses(&change) {
+                                ctx.pending_wanted.notify_one();
+                            }
                         }
-                        Some(Ok(_)) => {}
                         Some(Err(status)) => {
                             warn!(error = %status, "IPAM change stream failed; reconnecting");
                             break;
