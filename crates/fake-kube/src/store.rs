@@ -439,6 +439,20 @@ impl Store {
         let Some(old) = self.get(resource, namespace, name).cloned() else {
             return Err(ApiError::not_found(resource, name));
         };
+        // As the real server's JSON patch library: a `test` for null passes on a path that
+        // does not exist (kube-runtime adds the first finalizer so).
+        let operations = json_patch::Patch(
+            operations
+                .0
+                .into_iter()
+                .filter(|op| match op {
+                    json_patch::PatchOperation::Test(t) => {
+                        !(t.value.is_null() && old.pointer(t.path.as_str()).is_none())
+                    }
+                    _ => true,
+                })
+                .collect(),
+        );
         let mut new = old.clone();
         json_patch::patch(&mut new, &operations).map_err(|e| ApiError::invalid(e.to_string()))?;
         match part {

@@ -595,8 +595,12 @@ impl Resources {
                 Ok(())
             }
             Err(s) if refusal(s.code()) => {
-                warn!(reason = %s.message(), "BGP policy refused");
-                *lock(&self.policy_refusal) = Some(s.message().to_string());
+                let mut last = lock(&self.policy_refusal);
+                if last.as_deref() != Some(s.message()) {
+                    warn!(reason = %s.message(), "BGP policy refused");
+                }
+                *last = Some(s.message().to_string());
+                drop(last);
                 *lock(&self.sent_policy) = None;
                 Ok(())
             }
