@@ -166,6 +166,16 @@ fn cilium_pools() -> Import {
     )
 }
 
+/// Reads an imported pool as Herald's.
+type ReadPool = fn(&Value) -> Result<IPPoolSpec, String>;
+
+/// What an imported kind's pool reconciler needs.
+pub struct ImportedPools {
+    resources: Arc<Resources>,
+    read: ReadPool,
+    resource: ApiResource,
+}
+
 pub struct Resources {
     client: kube::Client,
     ipam: IpamClient<Channel>,
@@ -226,10 +236,10 @@ impl Resources {
         let pools: Vec<IPPool> = list_all(&self.client, "list IPPools").await?;
         let own: HashSet<String> = pools.iter().map(ResourceExt::name_any).collect();
         for p in &pools {
-            if p.meta().deletion_timestamp.is_none() {
-                if let Err(refusal) = self.ensure_pool(&p.name_any(), &p.spec).await? {
-                    warn!(pool = %p.name_any(), %refusal, "pool refused");
-                }
+            if p.meta().deletion_timestamp.is_none()
+                && let Err(refusal) = self.ensure_pool(&p.name_any(), &p.spec).await?
+            {
+                warn!(pool = %p.name_any(), %refusal, "pool refused");
             }
         }
         let mut imported = 0;
@@ -263,8 +273,8 @@ impl Resources {
         self.ensure_policy(&self.policy_inputs().await?).await
     }
 
-    fn pool_imports(&self) -> Vec<(Import, fn(&Value) -> Result<IPPoolSpec, String>)> {
-        let mut out: Vec<(Import, fn(&Value) -> Result<IPPoolSpec, String>)> = Vec::new();
+    fn pool_imports(&self) -> Vec<(Import, ReadPool)> {
+        let mut out: Vec<(Import, ReadPool)> = Vec::new();
         if self.imports.metallb {
             out.push((metallb_pools(), policy::metallb_pool));
         }
@@ -438,13 +448,13 @@ impl Resources {
     /// belongs to their own controllers), and deleting one leaves the IPAM pool.
     async fn reconcile_imported_pool(
         object: Arc<DynamicObject>,
-        ctx: Arc<(
-            Arc<Self>,
-            fn(&Value) -> Result<IPPoolSpec, String>,
-            ApiResource,
-        )>,
+        ctx: Arc<ImportedPools>,
     ) -> Result<Action> {
-        let (this, read, ar) = &*ctx;
+        let ImportedPools {
+            resources: this,
+            read,
+            resource: ar,
+        } = &*ctx;
         let name = object.name_any();
         if Api::<IPPool>::all(this.client.clone())
             .get_opt(&name)
@@ -940,7 +950,11 @@ impl Resources {
             };
             let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &ar);
             let kind = ar.kind.clone();
-            let ctx = Arc::new((Arc::clone(&self), read, ar.clone()));
+            let ctx = Arc::new(ImportedPools {
+                resources: Arc::clone(&self),
+                read,
+                resource: ar.clone(),
+            });
             tasks.spawn(
                 Controller::new_with(api, watcher::Config::default(), ar)
                     .graceful_shutdown_on(cancelled(cancel.clone()))
@@ -1144,13 +1158,13 @@ where
 fn error_policy_imported(
     object: Arc<DynamicObject>,
     error: &Error,
-    ctx: Arc<(
-        Arc<Resources>,
-        fn(&Value) -> Result<IPPoolSpec, String>,
-        ApiResource,
-    )>,
+    ctx: Arc<ImportedPools>,
 ) -> Action {
-    retry_action(&ctx.0, object.metadata.name.as_deref().unwrap_or(""), error)
+    retry_action(
+        &ctx.resources,
+        object.metadata.name.as_deref().unwrap_or(""),
+        error,
+    )
 }
 
 fn retry_action(ctx: &Resources, name: &str, error: &Error) -> Action {
@@ -1170,10 +1184,8 @@ fn log_result<T, E: std::fmt::Display>(kind: &str, result: Result<T, E>) {
     }
 }
 
-fn cancelled(
-    cancel: CancellationToken,
-) -> impl std::future::Future<Output = ()> + Send + Sync + 'static {
-    async move { cancel.cancelled_owned().await }
+async fn cancelled(cancel: CancellationToken) {
+    cancel.cancelled_owned().await;
 }
 
 /// One `()` per notification.
