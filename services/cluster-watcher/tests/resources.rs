@@ -326,3 +326,61 @@ async fn peers_advertisements_and_settings_become_the_bgp_policy() {
     }
     assert!(gone, "the peer left the policy");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cilium_pool_is_imported_from_the_version_the_cluster_serves() {
+    let lab = Lab::start(&[]).await;
+    // An older Cilium: only v2alpha1 is served, so the watcher falls back to it.
+    let cilium = lab
+        .fake
+        .register_crd(json!({
+            "apiVersion": "apiextensions.k8s.io/v1",
+            "kind": "CustomResourceDefinition",
+            "metadata": {"name": "ciliumloadbalancerippools.cilium.io"},
+            "spec": {
+                "group": "cilium.io",
+                "scope": "Cluster",
+                "names": {"kind": "CiliumLoadBalancerIPPool", "plural": "ciliumloadbalancerippools"},
+                "versions": [{"name": "v2alpha1", "served": true, "storage": true}],
+            },
+        }))
+        .unwrap()[0];
+    lab.fake
+        .create(
+            cilium,
+            json!({"metadata": {"name": "blue"}, "spec": {
+                "blocks": [{"start": "10.30.0.10", "stop": "10.30.0.19"}],
+                "serviceSelector": {"matchLabels": {"color": "blue"}}}}),
+        )
+        .unwrap();
+    let mut svc = ours("default", "web");
+    svc["metadata"]["labels"] = json!({"color": "blue"});
+    svc["status"] = json!({"loadBalancer": {"ingress": [{"ip": "10.30.0.15"}]}});
+    lab.fake.create(SERVICES, svc).unwrap();
+    lab.fake
+        .create(SERVICES, {
+            let mut s = ours("default", "api");
+            s["metadata"]["labels"] = json!({"color": "blue"});
+            s
+        })
+        .unwrap();
+    let _w = Watcher::start(
+        &lab.fake,
+        &lab.ipam.endpoint(),
+        "w1",
+        &["--import", "cilium"],
+    );
+
+    assert_eq!(
+        wait_ingress(&lab.fake, "default", "api").await,
+        ["10.30.0.10"]
+    );
+    assert_eq!(
+        ingress_ips(&lab.fake.get(SERVICES, "default", "web").unwrap()),
+        ["10.30.0.15"],
+        "the address Cilium gave is kept"
+    );
+    let pool = ipam_pool(&lab, "blue").await.expect("imported");
+    assert_eq!(pool.addresses, ["10.30.0.10-10.30.0.19"]);
+    assert_eq!(pool.service_selector.unwrap().match_labels["color"], "blue");
+}
