@@ -16,13 +16,11 @@ use herald_api::ipam::v1 as ipam;
 use herald_api::ipam::v1::ipam_client::IpamClient;
 use herald_api::routing::v1 as routing;
 use herald_api::routing::v1::routing_client::RoutingClient;
-use k8s_openapi::api::core::v1::{
-    Event as KubeEvent, EventSource, Namespace, Node, ObjectReference, Service,
-};
+use k8s_openapi::api::core::v1::{Namespace, Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::json;
@@ -143,6 +141,7 @@ struct Ctx {
     pending_wanted: Notify,
     /// The custom resources' reconcilers.
     resources: Arc<crate::resources::Resources>,
+    recorder: kube::runtime::events::Recorder,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -166,8 +165,16 @@ pub async fn run(
         settings.imports,
         &settings.identity,
     );
+    let recorder = kube::runtime::events::Recorder::new(
+        client.clone(),
+        kube::runtime::events::Reporter {
+            controller: COMPONENT.into(),
+            instance: Some(settings.identity.clone()),
+        },
+    );
     let ctx = Arc::new(Ctx {
         resources,
+        recorder,
         client: client.clone(),
         ipam: IpamClient::new(channel.clone()),
         routing: RoutingClient::new(channel),
@@ -944,43 +951,23 @@ impl Ctx {
         }
     }
 
-    /// Events are best effort: a failure is logged, never retried.
+    /// Events are best effort: a failure is logged, never retried. kube-runtime's
+    /// Recorder writes events.k8s.io/v1 Events and counts a repeat as a series of the
+    /// first instead of a new object.
     async fn record_event(&self, svc: &Service, type_: &str, reason: &str, message: &str) {
-        let namespace = svc.metadata.namespace.clone().unwrap_or_default();
-        let name = svc.metadata.name.clone().unwrap_or_default();
-        let now = Time(Timestamp::now());
-        let event = KubeEvent {
-            metadata: ObjectMeta {
-                name: Some(format!("{name}.{:016x}", rand::random::<u64>())),
-                namespace: Some(namespace.clone()),
-                ..Default::default()
+        use kube::Resource as _;
+        let event = kube::runtime::events::Event {
+            type_: if type_ == "Warning" {
+                kube::runtime::events::EventType::Warning
+            } else {
+                kube::runtime::events::EventType::Normal
             },
-            involved_object: ObjectReference {
-                api_version: Some("v1".into()),
-                kind: Some("Service".into()),
-                name: Some(name),
-                namespace: Some(namespace.clone()),
-                uid: svc.metadata.uid.clone(),
-                resource_version: svc.metadata.resource_version.clone(),
-                field_path: None,
-            },
-            reason: Some(reason.into()),
-            message: Some(message.into()),
-            type_: Some(type_.into()),
-            source: Some(EventSource {
-                component: Some(COMPONENT.into()),
-                host: None,
-            }),
-            first_timestamp: Some(now.clone()),
-            last_timestamp: Some(now),
-            count: Some(1),
-            reporting_component: Some(COMPONENT.into()),
-            reporting_instance: Some(self.settings.identity.clone()),
-            action: Some("Allocate".into()),
-            ..Default::default()
+            reason: reason.into(),
+            note: Some(message.into()),
+            action: "Allocate".into(),
+            secondary: None,
         };
-        let api: Api<KubeEvent> = Api::namespaced(self.client.clone(), &namespace);
-        if let Err(e) = api.create(&PostParams::default(), &event).await {
+        if let Err(e) = self.recorder.publish(&event, &svc.object_ref(&())).await {
             warn!(error = %e, reason, "could not record an Event");
         }
     }
