@@ -903,7 +903,10 @@ impl Resources {
                 .for_each(|r| async move { log_result("BGPPeer", r) }),
             );
         }
-        tasks.spawn(Arc::clone(&self).policy_loop());
+        // Nothing to read: a policy set through the API is left alone.
+        if own || self.imports.metallb {
+            tasks.spawn(Arc::clone(&self).policy_loop());
+        }
         // Whatever the policy reads: a change prompts a pass.
         let wake = {
             let this = Arc::clone(&self);
