@@ -180,10 +180,10 @@ pub struct Args {
     #[arg(long, env = "HERALD_RESYNC_SECONDS", value_name = "SECONDS")]
     pub resync_seconds: Option<String>,
     /// Also read MetalLB's (IPAddressPool, BGPPeer, BGPAdvertisement) and/or Cilium's
-    /// (CiliumLoadBalancerIPPool) resources as Herald's: `metallb`, `cilium` or
-    /// `metallb,cilium`; empty for none
-    #[arg(long, env = "HERALD_IMPORT", value_name = "metallb|cilium")]
-    pub import: Option<String>,
+    /// (CiliumLoadBalancerIPPool) resources as Herald's: `--import metallb`, `--import
+    /// cilium`, both, or `metallb,cilium`; empty for none
+    #[arg(long, env = "HERALD_IMPORT", value_name = "metallb|cilium", action = clap::ArgAction::Append)]
+    pub import: Vec<String>,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -298,6 +298,29 @@ mod tests {
     use clap::CommandFactory;
 
     use super::*;
+
+    #[test]
+    fn import_may_be_given_twice() {
+        use clap::FromArgMatches;
+        let matches = Args::command().get_matches_from([
+            "herald-cluster-watcher",
+            "--import",
+            "metallb",
+            "--import",
+            "cilium",
+        ]);
+        let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| panic!("{e}"));
+        let config: Config =
+            herald_settings::load(&matches, &args.common).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.import, "metallb,cilium");
+        assert_eq!(
+            policy::Imports::parse(&config.import),
+            Ok(policy::Imports {
+                metallb: true,
+                cilium: true
+            })
+        );
+    }
 
     #[test]
     fn every_setting_has_a_flag_an_env_and_a_readme_row() {
