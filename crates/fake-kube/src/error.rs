@@ -45,6 +45,11 @@ impl ApiError {
         )
     }
 
+    /// 422: the request is well-formed but cannot be applied (a failed JSON patch `test`).
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(422, "Invalid", message)
+    }
+
     pub fn conflict(message: impl Into<String>) -> Self {
         Self::new(409, "Conflict", message)
     }

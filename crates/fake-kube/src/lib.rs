@@ -29,7 +29,8 @@ use tokio::sync::watch;
 
 pub use error::ApiError;
 pub use resource::{
-    CONFIG_MAPS, ENDPOINT_SLICES, EVENTS, EVENTS_V1, LEASES, NAMESPACES, NODES, Resource, SERVICES,
+    CONFIG_MAPS, CUSTOM_RESOURCE_DEFINITIONS, ENDPOINT_SLICES, EVENTS, EVENTS_V1, LEASES,
+    NAMESPACES, NODES, Resource, SECRETS, SERVICES,
 };
 pub use server::{RequestRecord, Verb};
 pub use store::{ChangeType, PatchKind, merge_patch};
@@ -143,6 +144,16 @@ impl FakeKube {
     /// it), so a test can set up a Service that already has an address.
     pub fn create(&self, resource: Resource, object: Value) -> Result<Value, ApiError> {
         self.shared.lock().create(resource, None, object, Part::All)
+    }
+
+    /// Creates a CustomResourceDefinition, so its kind is served from now on, and
+    /// answers the resource of each served version (`resources[0]` is the first listed).
+    pub fn register_crd(&self, definition: Value) -> Result<Vec<Resource>, ApiError> {
+        let resources = resource::from_definition(&definition).ok_or_else(|| {
+            ApiError::bad_request("not a CustomResourceDefinition the fake serves")
+        })?;
+        self.create(CUSTOM_RESOURCE_DEFINITIONS, definition)?;
+        Ok(resources)
     }
 
     /// Replaces an object as given (its identity is kept), status included.

@@ -16,6 +16,17 @@ pub struct Resource {
 }
 
 impl Resource {
+    /// The resource with its version left out: every served version of a custom resource
+    /// reads and writes the same stored objects, as the real server keeps one stored
+    /// version and converts.
+    pub(crate) fn storage(self) -> Self {
+        Self {
+            version: "",
+            has_status: false,
+            ..self
+        }
+    }
+
     /// `v1` or `group/version`, as in an object's `apiVersion`.
     pub fn api_version(&self) -> String {
         if self.group.is_empty() {
@@ -100,7 +111,28 @@ pub const CONFIG_MAPS: Resource = Resource {
     has_status: false,
 };
 
-/// Everything the fake serves.
+/// apiextensions.k8s.io/v1 CustomResourceDefinitions: creating one makes the fake serve
+/// its kind in every version it lists (with `/status` where the version declares it).
+pub const CUSTOM_RESOURCE_DEFINITIONS: Resource = Resource {
+    group: "apiextensions.k8s.io",
+    version: "v1",
+    plural: "customresourcedefinitions",
+    kind: "CustomResourceDefinition",
+    namespaced: false,
+    has_status: true,
+};
+
+/// core/v1 Secrets (BGP passwords are read from them).
+pub const SECRETS: Resource = Resource {
+    group: "",
+    version: "v1",
+    plural: "secrets",
+    kind: "Secret",
+    namespaced: true,
+    has_status: false,
+};
+
+/// The resources every fake serves from the start.
 pub const ALL: &[Resource] = &[
     SERVICES,
     ENDPOINT_SLICES,
@@ -110,7 +142,41 @@ pub const ALL: &[Resource] = &[
     EVENTS_V1,
     LEASES,
     CONFIG_MAPS,
+    CUSTOM_RESOURCE_DEFINITIONS,
+    SECRETS,
 ];
+
+/// The resources a CustomResourceDefinition declares, one per served version; `None`
+/// when it is not one the fake can serve (a name is leaked per registration, a few bytes
+/// per test).
+pub(crate) fn from_definition(crd: &serde_json::Value) -> Option<Vec<Resource>> {
+    let spec = &crd["spec"];
+    let leak = |v: &serde_json::Value| -> Option<&'static str> {
+        v.as_str()
+            .filter(|s| !s.is_empty())
+            .map(|s| &*Box::leak(s.to_string().into_boxed_str()))
+    };
+    let group = leak(&spec["group"])?;
+    let plural = leak(&spec["names"]["plural"])?;
+    let kind = leak(&spec["names"]["kind"])?;
+    let namespaced = spec["scope"].as_str() != Some("Cluster");
+    let versions = spec["versions"].as_array()?;
+    let resources: Vec<Resource> = versions
+        .iter()
+        .filter(|v| v["served"].as_bool().unwrap_or(true))
+        .filter_map(|v| {
+            Some(Resource {
+                group,
+                version: leak(&v["name"])?,
+                plural,
+                kind,
+                namespaced,
+                has_status: v["subresources"]["status"].is_object(),
+            })
+        })
+        .collect();
+    (!resources.is_empty()).then_some(resources)
+}
 
 /// What a request path names.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,14 +187,16 @@ pub(crate) struct Target {
     pub subresource: Option<String>,
 }
 
-fn find(group: &str, version: &str, plural: &str) -> Option<Resource> {
-    ALL.iter()
+fn find(served: &[Resource], group: &str, version: &str, plural: &str) -> Option<Resource> {
+    served
+        .iter()
         .copied()
         .find(|r| r.group == group && r.version == version && r.plural == plural)
 }
 
-/// Parses `/api/v1/…` and `/apis/{group}/{version}/…` paths.
-pub(crate) fn parse_path(path: &str) -> Option<Target> {
+/// Parses `/api/v1/…` and `/apis/{group}/{version}/…` paths naming one of `served`.
+pub(crate) fn parse_path(served: &[Resource], path: &str) -> Option<Target> {
+    let find = |group: &str, version: &str, plural: &str| find(served, group, version, plural);
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let (group, version, rest) = match segments.as_slice() {
         ["api", version, rest @ ..] => ("", *version, rest),
@@ -180,7 +248,7 @@ mod tests {
     use super::*;
 
     fn target(path: &str) -> Target {
-        parse_path(path).unwrap_or_else(|| panic!("{path} does not parse"))
+        parse_path(ALL, path).unwrap_or_else(|| panic!("{path} does not parse"))
     }
 
     #[test]
@@ -212,8 +280,8 @@ mod tests {
         assert_eq!(t.resource, NODES);
         assert_eq!(t.subresource.as_deref(), Some("status"));
 
-        assert!(parse_path("/api/v1/pods").is_none());
-        assert!(parse_path("/version").is_none());
-        assert!(parse_path("/api/v1/services/web").is_none());
+        assert!(parse_path(ALL, "/api/v1/pods").is_none());
+        assert!(parse_path(ALL, "/version").is_none());
+        assert!(parse_path(ALL, "/api/v1/services/web").is_none());
     }
 }

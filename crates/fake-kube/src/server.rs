@@ -14,7 +14,7 @@ use tokio::sync::{broadcast, mpsc};
 
 use crate::Shared;
 use crate::error::ApiError;
-use crate::resource::{Target, parse_path};
+use crate::resource::{Resource, Target, parse_path};
 use crate::store::{Change, Part, PatchKind};
 
 /// Largest request body accepted.
@@ -57,7 +57,8 @@ pub(crate) async fn handle(State(shared): State<Arc<Shared>>, request: Request) 
         .query()
         .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
         .unwrap_or_default();
-    let Some(target) = parse_path(parts.uri.path()) else {
+    let parsed = parse_path(shared.lock().served(), parts.uri.path());
+    let Some(target) = parsed else {
         let err = ApiError {
             code: 404,
             reason: "NotFound".into(),
@@ -95,7 +96,10 @@ pub(crate) async fn handle(State(shared): State<Arc<Shared>>, request: Request) 
         watch(&shared, &target, &query)
     } else {
         match serve(&shared, verb, &target, &query, &parts.headers, &body) {
-            Ok(value) => json_response(StatusCode::OK, &value),
+            Ok(mut value) => {
+                in_version(&mut value, target.resource);
+                json_response(StatusCode::OK, &value)
+            }
             Err(err) => error_response(&err),
         }
     };
@@ -176,6 +180,7 @@ fn serve(
             let kind = match content_type.split(';').next().unwrap_or("").trim() {
                 "application/merge-patch+json" => PatchKind::Merge,
                 "application/strategic-merge-patch+json" => PatchKind::Strategic,
+                "application/json-patch+json" => PatchKind::Json,
                 "application/apply-patch+yaml" | "application/apply-patch+json" => {
                     PatchKind::Apply {
                         force: query.get("force").is_some_and(|f| f == "true"),
@@ -250,7 +255,10 @@ fn watch(shared: &Arc<Shared>, target: &Target, query: &HashMap<String, String>)
             Ok(store
                 .list(resource, namespace.as_deref())
                 .into_iter()
-                .map(|o| json!({"type": "ADDED", "object": o}))
+                .map(|mut o| {
+                    in_version(&mut o, resource);
+                    json!({"type": "ADDED", "object": o})
+                })
                 .collect())
         } else {
             match from.parse::<u64>() {
@@ -261,7 +269,7 @@ fn watch(shared: &Arc<Shared>, target: &Target, query: &HashMap<String, String>)
                 Ok(rv) => Ok(store
                     .changes_after(resource, namespace.as_deref(), rv)
                     .iter()
-                    .map(change_event)
+                    .map(|c| change_event(c, resource))
                     .collect()),
                 Err(_) => Err(ApiError::bad_request(format!(
                     "resourceVersion {from:?} is not a number"
@@ -315,12 +323,12 @@ fn watch(shared: &Arc<Shared>, target: &Target, query: &HashMap<String, String>)
                 change = live.recv() => match change {
                     Ok(change) => {
                         last_rv = last_rv.max(change.rv);
-                        if change.resource != resource
+                        if change.resource != resource.storage()
                             || namespace.as_ref().is_some_and(|ns| *ns != change.namespace)
                         {
                             continue;
                         }
-                        let event = change_event(&change);
+                        let event = change_event(&change, resource);
                         if let Some(v) = matches_event(&event, &selector)
                             && send(v).await.is_err()
                         {
@@ -360,8 +368,26 @@ fn matches_event<'a>(event: &'a Value, selector: &str) -> Option<&'a Value> {
     matches_labels(&event["object"], selector).then_some(event)
 }
 
-fn change_event(change: &Change) -> Value {
-    json!({"type": change.kind.as_str(), "object": change.object})
+fn change_event(change: &Change, resource: Resource) -> Value {
+    let mut object = change.object.clone();
+    in_version(&mut object, resource);
+    json!({"type": change.kind.as_str(), "object": object})
+}
+
+/// Objects are stored once for all the versions of their kind and answered in the one
+/// asked for (the fake's conversion is a relabelling: Herald reads fields common to the
+/// versions it serves).
+fn in_version(value: &mut Value, resource: Resource) {
+    let label = |object: &mut Value| {
+        if let Some(map) = object.as_object_mut() {
+            map.insert("apiVersion".into(), json!(resource.api_version()));
+            map.insert("kind".into(), json!(resource.kind));
+        }
+    };
+    match value.get_mut("items").and_then(Value::as_array_mut) {
+        Some(items) => items.iter_mut().for_each(label),
+        None => label(value),
+    }
 }
 
 fn json_response(status: StatusCode, value: &Value) -> Response {

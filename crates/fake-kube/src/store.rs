@@ -64,6 +64,9 @@ pub enum PatchKind {
     /// Server-side apply (the body is JSON, which is YAML). Conflicts are detected per
     /// field against the manager that last set it; merging is that of a merge patch.
     Apply { force: bool },
+    /// RFC 6902 JSON patch (kube-runtime's finalizer helper sends one, with `test`
+    /// operations as preconditions).
+    Json,
 }
 
 /// Which part of an object a write may change.
@@ -79,6 +82,9 @@ pub enum Part {
 
 #[derive(Debug)]
 pub(crate) struct Store {
+    /// What the server answers: the built-in resources and every version of every
+    /// CustomResourceDefinition created.
+    served: Vec<Resource>,
     rv: u64,
     objects: BTreeMap<Key, Stored>,
     history: Vec<Change>,
@@ -91,12 +97,17 @@ impl Store {
     pub(crate) fn new() -> Self {
         let (tx, _) = broadcast::channel(BROADCAST_CAPACITY);
         Self {
+            served: crate::resource::ALL.to_vec(),
             rv: 1,
             objects: BTreeMap::new(),
             history: Vec::new(),
             oldest_rv: 1,
             tx,
         }
+    }
+
+    pub(crate) fn served(&self) -> &[Resource] {
+        &self.served
     }
 
     pub(crate) fn resource_version(&self) -> u64 {
@@ -131,14 +142,16 @@ impl Store {
         let start = self.history.partition_point(|c| c.rv <= rv);
         self.history[start..]
             .iter()
-            .filter(|c| c.resource == resource && namespace.is_none_or(|ns| c.namespace == ns))
+            .filter(|c| {
+                c.resource == resource.storage() && namespace.is_none_or(|ns| c.namespace == ns)
+            })
             .cloned()
             .collect()
     }
 
     pub(crate) fn get(&self, resource: Resource, namespace: &str, name: &str) -> Option<&Value> {
         self.objects
-            .get(&(resource, namespace.to_string(), name.to_string()))
+            .get(&(resource.storage(), namespace.to_string(), name.to_string()))
             .map(|s| &s.object)
     }
 
@@ -163,7 +176,7 @@ impl Store {
         self.objects
             .iter()
             .filter(move |((r, ns, _), _)| {
-                *r == resource && namespace.is_none_or(|want| ns == want)
+                *r == resource.storage() && namespace.is_none_or(|want| ns == want)
             })
             .map(|(_, s)| &s.object)
     }
@@ -182,7 +195,10 @@ impl Store {
             &["metadata", "resourceVersion"],
             json!(self.rv.to_string()),
         );
-        let key = (resource, namespace.to_string(), name.to_string());
+        let key = (resource.storage(), namespace.to_string(), name.to_string());
+        if resource == crate::resource::CUSTOM_RESOURCE_DEFINITIONS {
+            self.register(kind, &object);
+        }
         match kind {
             ChangeType::Deleted => {
                 self.objects.remove(&key);
@@ -193,7 +209,7 @@ impl Store {
         }
         let change = Change {
             rv: self.rv,
-            resource,
+            resource: resource.storage(),
             namespace: namespace.to_string(),
             kind,
             object: object.clone(),
@@ -207,6 +223,22 @@ impl Store {
         // No receivers is fine: nobody is watching.
         let _ = self.tx.send(Arc::new(change));
         object
+    }
+
+    /// A CustomResourceDefinition created, changed or deleted changes what is served.
+    fn register(&mut self, kind: ChangeType, crd: &Value) {
+        let Some(resources) = crate::resource::from_definition(crd) else {
+            return;
+        };
+        let same_kind = |r: &Resource| {
+            resources
+                .iter()
+                .any(|n| n.group == r.group && n.plural == r.plural)
+        };
+        self.served.retain(|r| !same_kind(r));
+        if kind != ChangeType::Deleted {
+            self.served.extend(resources);
+        }
     }
 
     /// Creates `object`; `namespace` overrides the object's own for namespaced resources.
@@ -321,6 +353,9 @@ impl Store {
         part: Part,
         manager: &str,
     ) -> Result<Value, ApiError> {
+        if kind == PatchKind::Json {
+            return self.json_patch(resource, namespace, name, patch, part);
+        }
         if !patch.is_object() {
             return Err(ApiError::bad_request("the patch is not a JSON object"));
         }
@@ -354,7 +389,7 @@ impl Store {
         if let PatchKind::Apply { force: false } = kind {
             let owners = self
                 .objects
-                .get(&(resource, namespace.to_string(), name.to_string()))
+                .get(&(resource.storage(), namespace.to_string(), name.to_string()))
                 .map(|s| &s.owners);
             let mut conflicts = Vec::new();
             for (path, value) in leaves(&patch) {
@@ -391,6 +426,57 @@ impl Store {
         Ok(self.write_if_changed(resource, namespace, name, &old, new))
     }
 
+    fn json_patch(
+        &mut self,
+        resource: Resource,
+        namespace: &str,
+        name: &str,
+        patch: &Value,
+        part: Part,
+    ) -> Result<Value, ApiError> {
+        let operations: json_patch::Patch = serde_json::from_value(patch.clone())
+            .map_err(|e| ApiError::bad_request(format!("the JSON patch does not parse: {e}")))?;
+        let Some(old) = self.get(resource, namespace, name).cloned() else {
+            return Err(ApiError::not_found(resource, name));
+        };
+        // As the real server's JSON patch library: a `test` for null passes on a path that
+        // does not exist (kube-runtime adds the first finalizer so).
+        let operations = json_patch::Patch(
+            operations
+                .0
+                .into_iter()
+                .filter(|op| match op {
+                    json_patch::PatchOperation::Test(t) => {
+                        !(t.value.is_null() && old.pointer(t.path.as_str()).is_none())
+                    }
+                    _ => true,
+                })
+                .collect(),
+        );
+        let mut new = old.clone();
+        json_patch::patch(&mut new, &operations).map_err(|e| ApiError::invalid(e.to_string()))?;
+        match part {
+            Part::Status => {
+                let status = new.get("status").cloned().unwrap_or(json!({}));
+                new = old.clone();
+                set_path(&mut new, &["status"], status);
+            }
+            Part::Main if resource.has_status => match old.get("status") {
+                Some(status) => set_path(&mut new, &["status"], status.clone()),
+                None => {
+                    if let Some(map) = new.as_object_mut() {
+                        map.remove("status");
+                    }
+                }
+            },
+            _ => {}
+        }
+        keep_identity(&old, &mut new, resource);
+        Ok(self.write_if_changed(resource, namespace, name, &old, new))
+    }
+
+    /// An object with finalizers is only marked (`deletionTimestamp`); it goes when a
+    /// write leaves it with none.
     pub(crate) fn delete(
         &mut self,
         resource: Resource,
@@ -400,6 +486,18 @@ impl Store {
         let Some(old) = self.get(resource, namespace, name).cloned() else {
             return Err(ApiError::not_found(resource, name));
         };
+        if has_finalizers(&old) {
+            if old["metadata"]["deletionTimestamp"].is_string() {
+                return Ok(old);
+            }
+            let mut marked = old;
+            set_path(
+                &mut marked,
+                &["metadata", "deletionTimestamp"],
+                json!(now_rfc3339()),
+            );
+            return Ok(self.commit(resource, namespace, name, ChangeType::Modified, marked));
+        }
         Ok(self.commit(resource, namespace, name, ChangeType::Deleted, old))
     }
 
@@ -413,7 +511,7 @@ impl Store {
     ) {
         let Some(stored) =
             self.objects
-                .get_mut(&(resource, namespace.to_string(), name.to_string()))
+                .get_mut(&(resource.storage(), namespace.to_string(), name.to_string()))
         else {
             return;
         };
@@ -446,6 +544,10 @@ impl Store {
         if new.get("spec") != old.get("spec") {
             let generation = old["metadata"]["generation"].as_i64().unwrap_or(0) + 1;
             set_path(&mut new, &["metadata", "generation"], json!(generation));
+        }
+        // The last finalizer removed from an object being deleted deletes it.
+        if new["metadata"]["deletionTimestamp"].is_string() && !has_finalizers(&new) {
+            return self.commit(resource, namespace, name, ChangeType::Deleted, new);
         }
         self.commit(resource, namespace, name, ChangeType::Modified, new)
     }
@@ -480,6 +582,7 @@ fn keep_identity(old: &Value, new: &mut Value, resource: Resource) {
         "uid",
         "creationTimestamp",
         "generation",
+        "deletionTimestamp",
     ] {
         match old["metadata"].get(field) {
             Some(v) => set_path(new, &["metadata", field], v.clone()),
@@ -557,6 +660,19 @@ pub(crate) fn set_path(value: &mut Value, path: &[&str], new: Value) {
         cur = map.entry(key.to_string()).or_insert(Value::Null);
     }
     *cur = new;
+}
+
+fn has_finalizers(object: &Value) -> bool {
+    object["metadata"]["finalizers"]
+        .as_array()
+        .is_some_and(|f| !f.is_empty())
+}
+
+/// Now in RFC 3339, seconds precision, as metav1.Time is written.
+fn now_rfc3339() -> String {
+    jiff::Timestamp::now()
+        .round(jiff::Unit::Second)
+        .map_or_else(|_| jiff::Timestamp::now().to_string(), |t| t.to_string())
 }
 
 fn new_uid() -> String {

@@ -164,3 +164,176 @@ async fn count_matches_list_without_copying() {
     );
     assert_eq!(fake.count_matching(SERVICES, Some("nowhere"), |_| true), 0);
 }
+
+fn widget_crd() -> serde_json::Value {
+    json!({
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": "widgets.example.io"},
+        "spec": {
+            "group": "example.io",
+            "scope": "Cluster",
+            "names": {"plural": "widgets", "kind": "Widget", "singular": "widget"},
+            "versions": [
+                {"name": "v1beta2", "served": true, "storage": true, "subresources": {"status": {}}},
+                {"name": "v1beta1", "served": true, "storage": false},
+            ],
+        },
+    })
+}
+
+#[tokio::test]
+async fn custom_resources_are_served_once_registered() {
+    let fake = FakeKube::start().await.unwrap();
+    let before = http(&fake, "GET", "/apis/example.io/v1beta2/widgets", None, "").await;
+    assert!(before.starts_with("HTTP/1.1 404"), "{before}");
+
+    // Registered over HTTP, as kubectl apply of the definition does.
+    let crd = widget_crd().to_string();
+    let created = http(
+        &fake,
+        "POST",
+        "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
+        Some(("application/json", &crd)),
+        "",
+    )
+    .await;
+    assert!(created.starts_with("HTTP/1.1 200"), "{created}");
+    let body = json!({"metadata": {"name": "w"}, "spec": {"size": 1}}).to_string();
+    let w = http(
+        &fake,
+        "POST",
+        "/apis/example.io/v1beta2/widgets",
+        Some(("application/json", &body)),
+        "",
+    )
+    .await;
+    assert!(w.starts_with("HTTP/1.1 200"), "{w}");
+
+    // One stored object, answered in the version asked for.
+    let old = http(&fake, "GET", "/apis/example.io/v1beta1/widgets/w", None, "").await;
+    assert!(
+        old.contains("\"apiVersion\":\"example.io/v1beta1\""),
+        "{old}"
+    );
+    assert!(old.contains("\"size\":1"), "{old}");
+
+    // The status subresource exists only where the version declares it, and a write to
+    // the main resource keeps the status.
+    let status = json!({"status": {"ok": true}, "spec": {"size": 9}}).to_string();
+    let patched = http(
+        &fake,
+        "PATCH",
+        "/apis/example.io/v1beta2/widgets/w/status",
+        Some(("application/merge-patch+json", &status)),
+        "",
+    )
+    .await;
+    assert!(patched.starts_with("HTTP/1.1 200"), "{patched}");
+    let w = fake
+        .get(
+            herald_fake_kube::CUSTOM_RESOURCE_DEFINITIONS,
+            "",
+            "widgets.example.io",
+        )
+        .unwrap();
+    assert_eq!(w["spec"]["group"], "example.io");
+    let widgets = http(&fake, "GET", "/apis/example.io/v1beta2/widgets", None, "").await;
+    assert!(
+        widgets.contains("\"ok\":true") && widgets.contains("\"size\":1"),
+        "{widgets}"
+    );
+    let no_status = http(
+        &fake,
+        "PATCH",
+        "/apis/example.io/v1beta1/widgets/w/status",
+        Some(("application/merge-patch+json", &status)),
+        "",
+    )
+    .await;
+    assert!(no_status.starts_with("HTTP/1.1 404"), "{no_status}");
+
+    // A stale resourceVersion is a conflict.
+    let stale =
+        json!({"metadata": {"name": "w", "resourceVersion": "1"}, "spec": {"size": 2}}).to_string();
+    let conflict = http(
+        &fake,
+        "PUT",
+        "/apis/example.io/v1beta2/widgets/w",
+        Some(("application/json", &stale)),
+        "",
+    )
+    .await;
+    assert!(conflict.starts_with("HTTP/1.1 409"), "{conflict}");
+}
+
+#[tokio::test]
+async fn a_finalizer_holds_a_deleted_object_until_it_is_removed() {
+    let fake = FakeKube::start().await.unwrap();
+    let widgets = fake.register_crd(widget_crd()).unwrap()[0];
+    fake.create(widgets, json!({"metadata": {"name": "w"}, "spec": {}}))
+        .unwrap();
+    // The first finalizer, as kube-runtime adds it: a test for null on an absent path.
+    let add = json!([
+        {"op": "test", "path": "/metadata/finalizers", "value": null},
+        {"op": "add", "path": "/metadata/finalizers", "value": ["example.io/hold"]},
+    ])
+    .to_string();
+    let added = http(
+        &fake,
+        "PATCH",
+        "/apis/example.io/v1beta2/widgets/w",
+        Some(("application/json-patch+json", &add)),
+        "",
+    )
+    .await;
+    assert!(added.starts_with("HTTP/1.1 200"), "{added}");
+    let deleted = http(
+        &fake,
+        "DELETE",
+        "/apis/example.io/v1beta2/widgets/w",
+        None,
+        "",
+    )
+    .await;
+    assert!(deleted.starts_with("HTTP/1.1 200"), "{deleted}");
+    let held = fake.get(widgets, "", "w").expect("held by its finalizer");
+    assert!(held["metadata"]["deletionTimestamp"].is_string(), "{held}");
+
+    // A JSON patch whose test fails changes nothing.
+    let wrong = json!([
+        {"op": "test", "path": "/metadata/finalizers/0", "value": "other"},
+        {"op": "remove", "path": "/metadata/finalizers/0"},
+    ])
+    .to_string();
+    let refused = http(
+        &fake,
+        "PATCH",
+        "/apis/example.io/v1beta2/widgets/w",
+        Some(("application/json-patch+json", &wrong)),
+        "",
+    )
+    .await;
+    assert!(refused.starts_with("HTTP/1.1 422"), "{refused}");
+    assert!(fake.get(widgets, "", "w").is_some());
+
+    let right = json!([
+        {"op": "test", "path": "/metadata/finalizers/0", "value": "example.io/hold"},
+        {"op": "remove", "path": "/metadata/finalizers/0"},
+    ])
+    .to_string();
+    let released = http(
+        &fake,
+        "PATCH",
+        "/apis/example.io/v1beta2/widgets/w",
+        Some(("application/json-patch+json", &right)),
+        "",
+    )
+    .await;
+    assert!(released.starts_with("HTTP/1.1 200"), "{released}");
+    assert!(
+        fake.get(widgets, "", "w").is_none(),
+        "gone with its last finalizer"
+    );
+    assert_eq!(fake.count(Verb::Patch, widgets), 3);
+}

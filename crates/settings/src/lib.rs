@@ -366,9 +366,11 @@ fn from_clap(
     let mut env = HashMap::new();
     let mut flags = HashMap::new();
     for key in known {
-        let Ok(Some(value)) = matches.try_get_one::<String>(key) else {
+        // A flag given more than once (one that appends) is its values comma-separated.
+        let Ok(Some(values)) = matches.try_get_many::<String>(key) else {
             continue;
         };
+        let value = values.map(String::as_str).collect::<Vec<_>>().join(",");
         match matches.value_source(key) {
             Some(clap::parser::ValueSource::EnvVariable) => {
                 let origin = format!("environment variable {}", env_var(key));

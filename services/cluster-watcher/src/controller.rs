@@ -16,13 +16,11 @@ use herald_api::ipam::v1 as ipam;
 use herald_api::ipam::v1::ipam_client::IpamClient;
 use herald_api::routing::v1 as routing;
 use herald_api::routing::v1::routing_client::RoutingClient;
-use k8s_openapi::api::core::v1::{
-    Event as KubeEvent, EventSource, Namespace, Node, ObjectReference, Service,
-};
+use k8s_openapi::api::core::v1::{Namespace, Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::json;
@@ -58,6 +56,7 @@ pub struct Settings {
     pub workers: usize,
     pub identity: String,
     pub resync: Duration,
+    pub imports: crate::policy::Imports,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -140,6 +139,9 @@ struct Ctx {
     /// herald-ipam gained addresses (a pool created or changed, an address released by
     /// someone else): Services still waiting should try again.
     pending_wanted: Notify,
+    /// The custom resources' reconcilers.
+    resources: Arc<crate::resources::Resources>,
+    recorder: kube::runtime::events::Recorder,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -157,7 +159,22 @@ pub async fn run(
     let (slices, slices_writer) = reflector::store::<EndpointSlice>();
     let (nodes, nodes_writer) = reflector::store::<Node>();
     let (namespaces, namespaces_writer) = reflector::store::<Namespace>();
+    let resources = crate::resources::Resources::new(
+        client.clone(),
+        channel.clone(),
+        settings.imports,
+        &settings.identity,
+    );
+    let recorder = kube::runtime::events::Recorder::new(
+        client.clone(),
+        kube::runtime::events::Reporter {
+            controller: COMPONENT.into(),
+            instance: Some(settings.identity.clone()),
+        },
+    );
     let ctx = Arc::new(Ctx {
+        resources,
+        recorder,
         client: client.clone(),
         ipam: IpamClient::new(channel.clone()),
         routing: RoutingClient::new(channel),
@@ -297,6 +314,12 @@ pub async fn run(
         nodes = ctx.nodes.state().len(),
         "initial lists done"
     );
+    // Pools (Herald's and imported ones) exist before any address is claimed from them.
+    tokio::select! {
+        () = cancel.cancelled() => return Ok(()),
+        () = resources_start_up(&ctx) => {}
+    }
+    tasks.spawn(Arc::clone(&ctx.resources).run(cancel.child_token()));
     tokio::select! {
         () = cancel.cancelled() => return Ok(()),
         () = start_up(&ctx) => {}
@@ -343,6 +366,22 @@ async fn wait_until_ready(ctx: &Ctx) -> Result<()> {
     )
     .await;
     ready.map(|_| ()).map_err(|_| Error::CachesStopped)
+}
+
+/// Applies the custom resources' pools and BGP policy, until the IPAM service answers.
+async fn resources_start_up(ctx: &Arc<Ctx>) {
+    let mut attempt = 0;
+    loop {
+        match ctx.resources.start_up().await {
+            Ok(()) => return,
+            Err(e) => {
+                attempt += 1;
+                let delay = retry_delay(attempt);
+                warn!(error = %e, retry_in = ?delay, "applying the custom resources failed");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
 }
 
 /// The start-up barrier: every address already in a Service's status is claimed before
@@ -494,10 +533,12 @@ async fn follow_ipam(ctx: Arc<Ctx>) {
                 let mut stream = stream.into_inner();
                 loop {
                     match stream.next().await {
-                        Some(Ok(change)) if frees_addresses(&change) => {
-                            ctx.pending_wanted.notify_one();
+                        Some(Ok(change)) => {
+                            ctx.resources.ipam_changed.notify_one();
+                            if frees_addresses(&change) {
+                                ctx.pending_wanted.notify_one();
+                            }
                         }
-                        Some(Ok(_)) => {}
                         Some(Err(status)) => {
                             warn!(error = %status, "IPAM change stream failed; reconnecting");
                             break;
@@ -910,43 +951,23 @@ impl Ctx {
         }
     }
 
-    /// Events are best effort: a failure is logged, never retried.
+    /// Events are best effort: a failure is logged, never retried. kube-runtime's
+    /// Recorder writes events.k8s.io/v1 Events and counts a repeat as a series of the
+    /// first instead of a new object.
     async fn record_event(&self, svc: &Service, type_: &str, reason: &str, message: &str) {
-        let namespace = svc.metadata.namespace.clone().unwrap_or_default();
-        let name = svc.metadata.name.clone().unwrap_or_default();
-        let now = Time(Timestamp::now());
-        let event = KubeEvent {
-            metadata: ObjectMeta {
-                name: Some(format!("{name}.{:016x}", rand::random::<u64>())),
-                namespace: Some(namespace.clone()),
-                ..Default::default()
+        use kube::Resource as _;
+        let event = kube::runtime::events::Event {
+            type_: if type_ == "Warning" {
+                kube::runtime::events::EventType::Warning
+            } else {
+                kube::runtime::events::EventType::Normal
             },
-            involved_object: ObjectReference {
-                api_version: Some("v1".into()),
-                kind: Some("Service".into()),
-                name: Some(name),
-                namespace: Some(namespace.clone()),
-                uid: svc.metadata.uid.clone(),
-                resource_version: svc.metadata.resource_version.clone(),
-                field_path: None,
-            },
-            reason: Some(reason.into()),
-            message: Some(message.into()),
-            type_: Some(type_.into()),
-            source: Some(EventSource {
-                component: Some(COMPONENT.into()),
-                host: None,
-            }),
-            first_timestamp: Some(now.clone()),
-            last_timestamp: Some(now),
-            count: Some(1),
-            reporting_component: Some(COMPONENT.into()),
-            reporting_instance: Some(self.settings.identity.clone()),
-            action: Some("Allocate".into()),
-            ..Default::default()
+            reason: reason.into(),
+            note: Some(message.into()),
+            action: "Allocate".into(),
+            secondary: None,
         };
-        let api: Api<KubeEvent> = Api::namespaced(self.client.clone(), &namespace);
-        if let Err(e) = api.create(&PostParams::default(), &event).await {
+        if let Err(e) = self.recorder.publish(&event, &svc.object_ref(&())).await {
             warn!(error = %e, reason, "could not record an Event");
         }
     }

@@ -8,8 +8,11 @@
 //! allocations whose Service is gone.
 
 pub mod controller;
+pub mod crd;
 pub mod mapping;
+pub mod policy;
 mod queue;
+pub mod resources;
 mod slice_index;
 
 use std::time::Duration;
@@ -62,6 +65,9 @@ pub struct Config {
     pub identity: Option<String>,
     pub workers: usize,
     pub resync_seconds: u64,
+    /// Also read MetalLB's and/or Cilium's resources as Herald's: `metallb`, `cilium`,
+    /// or both comma-separated; empty for none.
+    pub import: String,
     pub log_format: LogFormat,
 }
 
@@ -79,6 +85,7 @@ impl Default for Config {
             identity: None,
             workers: DEFAULT_WORKERS,
             resync_seconds: DEFAULT_RESYNC_SECONDS,
+            import: String::new(),
             log_format: LogFormat::default(),
         }
     }
@@ -106,6 +113,9 @@ impl herald_settings::Settings for Config {
         }
         if self.resync_seconds == 0 {
             return invalid("resync_seconds", "must be at least 1");
+        }
+        if let Err(reason) = policy::Imports::parse(&self.import) {
+            return invalid("import", &reason);
         }
         if self.lease_grace_seconds >= self.lease_duration_seconds {
             return invalid(
@@ -169,6 +179,11 @@ pub struct Args {
     /// behind [default: 300]
     #[arg(long, env = "HERALD_RESYNC_SECONDS", value_name = "SECONDS")]
     pub resync_seconds: Option<String>,
+    /// Also read MetalLB's (IPAddressPool, BGPPeer, BGPAdvertisement) and/or Cilium's
+    /// (CiliumLoadBalancerIPPool) resources as Herald's: `--import metallb`, `--import
+    /// cilium`, both, or `metallb,cilium`; empty for none
+    #[arg(long, env = "HERALD_IMPORT", value_name = "metallb|cilium", action = clap::ArgAction::Append)]
+    pub import: Vec<String>,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -210,6 +225,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         workers: config.workers,
         identity: identity.clone(),
         resync: Duration::from_secs(config.resync_seconds.max(1)),
+        // Checked when the settings were read.
+        imports: policy::Imports::parse(&config.import).unwrap_or_default(),
     };
     info!(
         identity = %identity,
@@ -281,6 +298,29 @@ mod tests {
     use clap::CommandFactory;
 
     use super::*;
+
+    #[test]
+    fn import_may_be_given_twice() {
+        use clap::FromArgMatches;
+        let matches = Args::command().get_matches_from([
+            "herald-cluster-watcher",
+            "--import",
+            "metallb",
+            "--import",
+            "cilium",
+        ]);
+        let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| panic!("{e}"));
+        let config: Config =
+            herald_settings::load(&matches, &args.common).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.import, "metallb,cilium");
+        assert_eq!(
+            policy::Imports::parse(&config.import),
+            Ok(policy::Imports {
+                metallb: true,
+                cilium: true
+            })
+        );
+    }
 
     #[test]
     fn every_setting_has_a_flag_an_env_and_a_readme_row() {

@@ -320,7 +320,7 @@ async fn failures_are_reported_on_the_service_and_touch_nothing_else() {
         assert!(
             events.iter().any(|e| e["reason"] == "AllocationFailed"
                 && e["type"] == "Warning"
-                && e["message"].as_str().is_some()),
+                && e["note"].as_str().is_some()),
             "{name}: no AllocationFailed event ({reason}): {events:?}"
         );
     }

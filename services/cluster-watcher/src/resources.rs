@@ -1,0 +1,1242 @@
+//! The leader's reconcilers for Herald's custom resources (and, with `import`, MetalLB's
+//! and Cilium's), on kube-runtime's `Controller`:
+//!
+//! - pools → CreatePool / UpdatePool, with a finalizer (DeletePool when deleted, refused
+//!   with the holders listed unless `herald.io/force-delete: "true"`), status with the
+//!   IPAM's capacity and its exact refusal;
+//! - peers, advertisements and the BGPSettings → one SetBgpPolicy, sent when it changes;
+//!   each peer's status shows the nodes' sessions from the advertisement status.
+//!
+//! Before the Service start-up barrier, [`Resources::start_up`] applies every pool once,
+//! so the addresses already in Service status are claimed from the pools they belong to.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use herald_api::ipam::v1 as ipam;
+use herald_api::ipam::v1::ipam_client::IpamClient;
+use herald_api::routing::v1 as routing;
+use herald_api::routing::v1::routing_client::RoutingClient;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Resource, ResourceExt};
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+use tonic::transport::Channel;
+use tracing::{info, warn};
+
+use crate::crd::{
+    ANNOTATION_FORCE_DELETE, BGPAdvertisement, BGPPeer, BGPPeerSpec, BGPSettings,
+    CONDITION_ACCEPTED, FINALIZER, IPPool, IPPoolSpec, SETTINGS_NAME,
+};
+use crate::policy::{self, Imports, PoolLabels};
+
+/// How often live figures (a pool's capacity, a peer's sessions) are read again when
+/// nothing else prompts it.
+const FIGURES_PERIOD: Duration = Duration::from_secs(10);
+/// Shortest and longest wait before a failed reconcile is tried again.
+const MIN_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+const FIELD_MANAGER: &str = "herald-cluster-watcher";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("IPAM {call}: {status}")]
+    Ipam {
+        call: &'static str,
+        status: tonic::Status,
+    },
+    #[error("Kubernetes {what}: {source}")]
+    Kube {
+        what: &'static str,
+        #[source]
+        source: kube::Error,
+    },
+    /// Deletion waits: something still uses the resource.
+    #[error("{0}")]
+    InUse(String),
+    #[error("finalizer: {0}")]
+    Finalizer(String),
+}
+
+type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn ipam_err(call: &'static str) -> impl FnOnce(tonic::Status) -> Error {
+    move |status| Error::Ipam { call, status }
+}
+
+fn kube_err(what: &'static str) -> impl FnOnce(kube::Error) -> Error {
+    move |source| Error::Kube { what, source }
+}
+
+/// An imported kind: where it is served, and how it reads as Herald's.
+#[derive(Clone)]
+struct Import {
+    resource: ApiResource,
+    /// The version to fall back to when `resource`'s is not served.
+    fallback: Option<&'static str>,
+}
+
+impl Import {
+    fn new(
+        group: &str,
+        version: &str,
+        kind: &str,
+        plural: &str,
+        fallback: Option<&'static str>,
+    ) -> Self {
+        Self {
+            resource: ApiResource::from_gvk_with_plural(
+                &GroupVersionKind::gvk(group, version, kind),
+                plural,
+            ),
+            fallback,
+        }
+    }
+
+    /// The served version: the preferred one, else the fallback, else none.
+    async fn served(&self, client: &kube::Client) -> Option<ApiResource> {
+        let mut candidates = vec![self.resource.clone()];
+        if let Some(v) = self.fallback {
+            let mut older = self.resource.clone();
+            older.version = v.to_string();
+            older.api_version = format!("{}/{v}", older.group);
+            candidates.push(older);
+        }
+        for ar in candidates {
+            let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
+            match api.list(&ListParams::default().limit(1)).await {
+                Ok(_) => return Some(ar),
+                Err(kube::Error::Api(e)) if e.code == 404 => continue,
+                Err(e) => {
+                    warn!(kind = %ar.kind, version = %ar.version, error = %e, "cannot list an imported kind");
+                    return Some(ar);
+                }
+            }
+        }
+        None
+    }
+}
+
+fn metallb_pools() -> Import {
+    Import::new(
+        "metallb.io",
+        "v1beta1",
+        "IPAddressPool",
+        "ipaddresspools",
+        None,
+    )
+}
+fn metallb_peers() -> Import {
+    Import::new(
+        "metallb.io",
+        "v1beta2",
+        "BGPPeer",
+        "bgppeers",
+        Some("v1beta1"),
+    )
+}
+fn metallb_advertisements() -> Import {
+    Import::new(
+        "metallb.io",
+        "v1beta1",
+        "BGPAdvertisement",
+        "bgpadvertisements",
+        None,
+    )
+}
+fn cilium_pools() -> Import {
+    Import::new(
+        "cilium.io",
+        "v2",
+        "CiliumLoadBalancerIPPool",
+        "ciliumloadbalancerippools",
+        Some("v2alpha1"),
+    )
+}
+
+/// Reads an imported pool as Herald's.
+type ReadPool = fn(&Value) -> Result<IPPoolSpec, String>;
+
+/// What an imported kind's pool reconciler needs.
+pub struct ImportedPools {
+    resources: Arc<Resources>,
+    read: ReadPool,
+    resource: ApiResource,
+}
+
+pub struct Resources {
+    client: kube::Client,
+    ipam: IpamClient<Channel>,
+    routing: RoutingClient<Channel>,
+    recorder: Recorder,
+    imports: Imports,
+    /// The policy last set, so an unchanged one is not sent again.
+    sent_policy: Mutex<Option<routing::BgpPolicy>>,
+    /// Why the policy was last refused (the IPAM's message), if it was.
+    policy_refusal: Mutex<Option<String>>,
+    /// Peers (by uid) whose deletion was allowed: left out of the policy from now on.
+    released_peers: Mutex<HashSet<String>>,
+    /// Something the policy reads changed.
+    policy_wanted: Notify,
+    /// herald-ipam changed (an allocation or pool): the figures in status may have.
+    pub ipam_changed: Arc<Notify>,
+    /// Failed reconciles in a row, per object name, for the backoff.
+    failures: Mutex<BTreeMap<String, u32>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Resources {
+    pub fn new(
+        client: kube::Client,
+        channel: Channel,
+        imports: Imports,
+        identity: &str,
+    ) -> Arc<Self> {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: FIELD_MANAGER.into(),
+                instance: Some(identity.to_string()),
+            },
+        );
+        Arc::new(Self {
+            client,
+            ipam: IpamClient::new(channel.clone()),
+            routing: RoutingClient::new(channel),
+            recorder,
+            imports,
+            sent_policy: Mutex::new(None),
+            policy_refusal: Mutex::new(None),
+            released_peers: Mutex::new(HashSet::new()),
+            policy_wanted: Notify::new(),
+            ipam_changed: Arc::new(Notify::new()),
+            failures: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    /// Applies every pool (Herald's and the imported) and the BGP policy once, before the
+    /// Service start-up barrier claims addresses from them. A refused pool or policy is
+    /// not a failure here (its status says why); an IPAM that does not answer is.
+    pub async fn start_up(&self) -> Result<()> {
+        let pools: Vec<IPPool> = list_all(&self.client, "list IPPools").await?;
+        let own: HashSet<String> = pools.iter().map(ResourceExt::name_any).collect();
+        for p in &pools {
+            if p.meta().deletion_timestamp.is_none()
+                && let Err(refusal) = self.ensure_pool(&p.name_any(), &p.spec).await?
+            {
+                warn!(pool = %p.name_any(), %refusal, "pool refused");
+            }
+        }
+        let mut imported = 0;
+        for (import, read) in self.pool_imports() {
+            let Some(ar) = import.served(&self.client).await else {
+                continue;
+            };
+            let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &ar);
+            let list = api
+                .list(&ListParams::default())
+                .await
+                .map_err(kube_err("list imported pools"))?;
+            for o in &list.items {
+                let name = o.name_any();
+                if own.contains(&name) {
+                    continue;
+                }
+                let object = serde_json::to_value(o).unwrap_or_default();
+                if let Ok(spec) = read(&object) {
+                    match self.ensure_pool(&name, &spec).await? {
+                        Ok(_) => imported += 1,
+                        Err(refusal) => warn!(pool = %name, %refusal, "imported pool refused"),
+                    }
+                }
+            }
+        }
+        info!(
+            pools = own.len(),
+            imported, "pools applied before claiming Service addresses"
+        );
+        self.ensure_policy(&self.policy_inputs().await?).await
+    }
+
+    fn pool_imports(&self) -> Vec<(Import, ReadPool)> {
+        let mut out: Vec<(Import, ReadPool)> = Vec::new();
+        if self.imports.metallb {
+            out.push((metallb_pools(), policy::metallb_pool));
+        }
+        if self.imports.cilium {
+            out.push((cilium_pools(), policy::cilium_pool));
+        }
+        out
+    }
+
+    /// Creates or updates the IPAM's pool. `Ok(Err(refusal))` when the IPAM refuses it.
+    async fn ensure_pool(
+        &self,
+        name: &str,
+        spec: &IPPoolSpec,
+    ) -> Result<Result<ipam::Pool, String>> {
+        let want = match policy::pool(name, spec) {
+            Ok(p) => p,
+            Err(refusal) => return Ok(Err(refusal)),
+        };
+        let mut client = self.ipam.clone();
+        let have = match client
+            .get_pool(ipam::GetPoolRequest {
+                name: name.to_string(),
+            })
+            .await
+        {
+            Ok(p) => Some(p.into_inner()),
+            Err(s) if s.code() == Code::NotFound => None,
+            Err(s) => return Err(ipam_err("GetPool")(s)),
+        };
+        let result = match have {
+            Some(have) if policy::same_pool(&have, &want) => Ok(have),
+            Some(_) => client
+                .update_pool(ipam::UpdatePoolRequest {
+                    pool: Some(want),
+                    force: false,
+                    dry_run: false,
+                })
+                .await
+                .map(|r| r.into_inner().pool.unwrap_or_default()),
+            None => client
+                .create_pool(ipam::CreatePoolRequest { pool: Some(want) })
+                .await
+                .map(tonic::Response::into_inner),
+        };
+        match result {
+            Ok(pool) => {
+                info!(pool = name, "pool applied");
+                Ok(Ok(pool))
+            }
+            Err(s) if refusal(s.code()) => Ok(Err(s.message().to_string())),
+            Err(s) => Err(ipam_err("CreatePool/UpdatePool")(s)),
+        }
+    }
+
+    // ---- pools ------------------------------------------------------------------------
+
+    fn succeeded(&self, name: &str) {
+        lock(&self.failures).remove(name);
+    }
+
+    async fn reconcile_pool(pool: Arc<IPPool>, ctx: Arc<Self>) -> Result<Action> {
+        let api = Api::<IPPool>::all(ctx.client.clone());
+        let name = pool.name_any();
+        let action = finalizer(&api, FINALIZER, pool, |event| async {
+            match event {
+                Finalizer::Apply(pool) => ctx.apply_pool(&api, &pool).await,
+                Finalizer::Cleanup(pool) => ctx.delete_pool(&api, &pool).await,
+            }
+        })
+        .await
+        .map_err(finalizer_error)?;
+        ctx.succeeded(&name);
+        Ok(action)
+    }
+
+    async fn apply_pool(&self, api: &Api<IPPool>, pool: &IPPool) -> Result<Action> {
+        let name = pool.name_any();
+        let outcome = self.ensure_pool(&name, &pool.spec).await?;
+        let mut status = pool.status.clone().unwrap_or_default();
+        let (accepted, message) = match &outcome {
+            Ok(p) => {
+                let (total, used, free, quarantined) = policy::capacity(p);
+                status.total = Some(total);
+                status.used = Some(used);
+                status.free = Some(free);
+                status.quarantined = Some(quarantined);
+                (true, String::new())
+            }
+            Err(refusal) => (false, refusal.clone()),
+        };
+        let generation = pool.meta().generation;
+        let changed = set_condition(&mut status.conditions, accepted, &message, generation);
+        status.observed_generation = generation;
+        if pool.status.as_ref() != Some(&status) {
+            api.patch_status(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER),
+                &Patch::Merge(json!({"status": status})),
+            )
+            .await
+            .map_err(kube_err("write IPPool status"))?;
+        }
+        if changed && !accepted {
+            self.event(
+                &pool.object_ref(&()),
+                EventType::Warning,
+                "Refused",
+                "ApplyPool",
+                &message,
+            )
+            .await;
+        }
+        Ok(Action::requeue(FIGURES_PERIOD))
+    }
+
+    async fn delete_pool(&self, api: &Api<IPPool>, pool: &IPPool) -> Result<Action> {
+        let name = pool.name_any();
+        let force = forced(pool.annotations());
+        let mut client = self.ipam.clone();
+        match client
+            .delete_pool(ipam::DeletePoolRequest {
+                name: name.clone(),
+                force,
+                dry_run: false,
+            })
+            .await
+        {
+            Ok(r) => {
+                let released = r.into_inner().affected.len();
+                info!(pool = %name, force, released, "pool deleted");
+                Ok(Action::await_change())
+            }
+            Err(s) if s.code() == Code::NotFound => Ok(Action::await_change()),
+            Err(s) if refusal(s.code()) => {
+                let message = format!(
+                    "{}; set the annotation {ANNOTATION_FORCE_DELETE}: \"true\" to release them",
+                    s.message()
+                );
+                let mut status = pool.status.clone().unwrap_or_default();
+                if set_condition_reason(
+                    &mut status.conditions,
+                    false,
+                    "InUse",
+                    &message,
+                    pool.meta().generation,
+                ) {
+                    let _ = api
+                        .patch_status(
+                            &name,
+                            &PatchParams::default(),
+                            &Patch::Merge(json!({"status": status})),
+                        )
+                        .await;
+                    self.event(
+                        &pool.object_ref(&()),
+                        EventType::Warning,
+                        "InUse",
+                        "DeletePool",
+                        &message,
+                    )
+                    .await;
+                }
+                Err(Error::InUse(message))
+            }
+            Err(s) => Err(ipam_err("DeletePool")(s)),
+        }
+    }
+
+    /// A MetalLB or Cilium pool: applied as Herald's; refusals are Events (their status
+    /// belongs to their own controllers), and deleting one leaves the IPAM pool.
+    async fn reconcile_imported_pool(
+        object: Arc<DynamicObject>,
+        ctx: Arc<ImportedPools>,
+    ) -> Result<Action> {
+        let ImportedPools {
+            resources: this,
+            read,
+            resource: ar,
+        } = &*ctx;
+        let name = object.name_any();
+        if Api::<IPPool>::all(this.client.clone())
+            .get_opt(&name)
+            .await
+            .map_err(kube_err("get IPPool"))?
+            .is_some()
+        {
+            return Ok(Action::await_change());
+        }
+        let value = serde_json::to_value(&*object).unwrap_or_default();
+        let refusal = match read(&value) {
+            Ok(spec) => this.ensure_pool(&name, &spec).await?.err(),
+            Err(e) => Some(e),
+        };
+        if let Some(message) = refusal {
+            warn!(kind = %ar.kind, pool = %name, reason = %message, "imported pool refused");
+            this.event(
+                &object.object_ref(ar),
+                EventType::Warning,
+                "Refused",
+                "ImportPool",
+                &message,
+            )
+            .await;
+        }
+        this.succeeded(&name);
+        Ok(Action::await_change())
+    }
+
+    // ---- the BGP policy ---------------------------------------------------------------
+
+    /// Everything the policy is made of, read now.
+    async fn policy_inputs(&self) -> Result<PolicyInputs> {
+        let lp = ListParams::default();
+        let settings = Api::<BGPSettings>::all(self.client.clone())
+            .get_opt(SETTINGS_NAME)
+            .await
+            .map_err(kube_err("get BGPSettings"))?;
+        let released = lock(&self.released_peers).clone();
+        let mut peers: Vec<(String, BGPPeerSpec, Option<String>)> = Vec::new();
+        for p in list_all::<BGPPeer>(&self.client, "list BGPPeers").await? {
+            if p.uid().is_some_and(|u| released.contains(&u)) {
+                continue;
+            }
+            peers.push((p.name_any(), p.spec.clone(), None));
+        }
+        let mut advertisements = Vec::new();
+        for a in list_all::<BGPAdvertisement>(&self.client, "list BGPAdvertisements").await? {
+            advertisements.push((a.name_any(), Ok(a.spec.clone())));
+        }
+        let mut pools: Vec<(String, BTreeMap<String, String>)> =
+            list_all::<IPPool>(&self.client, "list IPPools")
+                .await?
+                .into_iter()
+                .map(|p| (p.name_any(), p.labels().clone()))
+                .collect();
+        if self.imports.metallb {
+            for (import, kind) in [
+                (metallb_peers(), 0),
+                (metallb_advertisements(), 1),
+                (metallb_pools(), 2),
+            ] {
+                let Some(ar) = import.served(&self.client).await else {
+                    continue;
+                };
+                let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &ar);
+                for o in api
+                    .list(&lp)
+                    .await
+                    .map_err(kube_err("list imported BGP resources"))?
+                {
+                    let value = serde_json::to_value(&o).unwrap_or_default();
+                    match kind {
+                        0 => match policy::metallb_peer(&value) {
+                            Ok((spec, inline)) => peers.push((o.name_any(), spec, inline)),
+                            Err(e) => {
+                                warn!(peer = %o.name_any(), reason = %e, "MetalLB BGPPeer not imported")
+                            }
+                        },
+                        1 => advertisements
+                            .push((o.name_any(), policy::metallb_advertisement(&value))),
+                        _ => pools.push((o.name_any(), o.labels().clone())),
+                    }
+                }
+            }
+        }
+        // Passwords from their Secrets.
+        let mut problems = Vec::new();
+        for (name, spec, password) in &mut peers {
+            if password.is_some() {
+                continue;
+            }
+            let Some(r) = &spec.password_secret else {
+                continue;
+            };
+            let secret = Api::<Secret>::namespaced(self.client.clone(), &r.namespace)
+                .get_opt(&r.name)
+                .await
+                .map_err(kube_err("get a BGP password Secret"))?;
+            let key = r.key.clone().unwrap_or_else(|| "password".into());
+            match secret.and_then(|s| s.data?.get(&key).cloned()) {
+                Some(bytes) => *password = Some(String::from_utf8_lossy(&bytes.0).into_owned()),
+                None => problems.push(format!(
+                    "BGPPeer {name}: spec.passwordSecret: Secret {}/{} has no key {key:?}",
+                    r.namespace, r.name
+                )),
+            }
+        }
+        Ok(PolicyInputs {
+            settings: settings.map(|s| s.spec),
+            peers,
+            advertisements,
+            pools,
+            problems,
+        })
+    }
+
+    /// Sets the policy when it changed; a refusal is kept for the statuses.
+    async fn ensure_policy(&self, inputs: &PolicyInputs) -> Result<()> {
+        let built = inputs.build();
+        let policy = match built {
+            Ok(p) => p,
+            Err(refusal) => {
+                *lock(&self.policy_refusal) = Some(refusal);
+                return Ok(());
+            }
+        };
+        if inputs.peers.is_empty() && inputs.settings.is_none() && lock(&self.sent_policy).is_none()
+        {
+            // Nothing configured here, ever: leave a policy set through the API alone.
+            *lock(&self.policy_refusal) = None;
+            return Ok(());
+        }
+        if lock(&self.sent_policy).as_ref() == Some(&policy) {
+            return Ok(());
+        }
+        let mut client = self.routing.clone();
+        match client.set_bgp_policy(policy.clone()).await {
+            Ok(_) => {
+                info!(
+                    peers = policy.peers.len(),
+                    advertisements = policy.advertisements.len(),
+                    local_asn = policy.local_asn,
+                    "BGP policy set"
+                );
+                *lock(&self.sent_policy) = Some(policy);
+                *lock(&self.policy_refusal) = None;
+                Ok(())
+            }
+            Err(s) if refusal(s.code()) => {
+                let mut last = lock(&self.policy_refusal);
+                if last.as_deref() != Some(s.message()) {
+                    warn!(reason = %s.message(), "BGP policy refused");
+                }
+                *last = Some(s.message().to_string());
+                drop(last);
+                *lock(&self.sent_policy) = None;
+                Ok(())
+            }
+            Err(s) => Err(ipam_err("SetBgpPolicy")(s)),
+        }
+    }
+
+    /// Keeps the policy in step with its inputs: on every change of them, and every
+    /// [`FIGURES_PERIOD`] (a Secret's password is read, not watched).
+    async fn policy_loop(self: Arc<Self>) {
+        let mut attempt = 0u32;
+        loop {
+            let outcome = match self.policy_inputs().await {
+                Ok(inputs) => {
+                    let outcome = self.ensure_policy(&inputs).await;
+                    if outcome.is_ok() {
+                        self.write_policy_statuses().await;
+                    }
+                    outcome
+                }
+                Err(e) => Err(e),
+            };
+            let wait = match outcome {
+                Ok(()) => {
+                    attempt = 0;
+                    FIGURES_PERIOD
+                }
+                Err(e) => {
+                    attempt = attempt.saturating_add(1);
+                    warn!(error = %e, "BGP policy not applied; retrying");
+                    backoff(attempt)
+                }
+            };
+            tokio::select! {
+                () = self.policy_wanted.notified() => {
+                    // A burst of changes costs one pass.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// The Accepted condition of every advertisement and the settings.
+    async fn write_policy_statuses(&self) {
+        let refusal = lock(&self.policy_refusal).clone();
+        let (accepted, message) = (refusal.is_none(), refusal.unwrap_or_default());
+        let adverts = Api::<BGPAdvertisement>::all(self.client.clone());
+        if let Ok(list) = adverts.list(&ListParams::default()).await {
+            for a in list {
+                let mut status = a.status.clone().unwrap_or_default();
+                set_condition(
+                    &mut status.conditions,
+                    accepted,
+                    &message,
+                    a.meta().generation,
+                );
+                status.observed_generation = a.meta().generation;
+                if a.status.as_ref() != Some(&status)
+                    && let Err(e) = adverts
+                        .patch_status(
+                            &a.name_any(),
+                            &PatchParams::default(),
+                            &Patch::Merge(json!({"status": status})),
+                        )
+                        .await
+                {
+                    warn!(advertisement = %a.name_any(), error = %e, "status not written");
+                }
+            }
+        }
+        let settings = Api::<BGPSettings>::all(self.client.clone());
+        if let Ok(Some(s)) = settings.get_opt(SETTINGS_NAME).await {
+            let mut status = s.status.clone().unwrap_or_default();
+            set_condition(
+                &mut status.conditions,
+                accepted,
+                &message,
+                s.meta().generation,
+            );
+            status.observed_generation = s.meta().generation;
+            if s.status.as_ref() != Some(&status)
+                && let Err(e) = settings
+                    .patch_status(
+                        SETTINGS_NAME,
+                        &PatchParams::default(),
+                        &Patch::Merge(json!({"status": status})),
+                    )
+                    .await
+            {
+                warn!(error = %e, "BGPSettings status not written");
+            }
+        }
+    }
+
+    // ---- peers ------------------------------------------------------------------------
+
+    async fn reconcile_peer(peer: Arc<BGPPeer>, ctx: Arc<Self>) -> Result<Action> {
+        let api = Api::<BGPPeer>::all(ctx.client.clone());
+        let name = peer.name_any();
+        ctx.policy_wanted.notify_one();
+        let action = finalizer(&api, FINALIZER, peer, |event| async {
+            match event {
+                Finalizer::Apply(peer) => ctx.peer_status(&api, &peer).await,
+                Finalizer::Cleanup(peer) => ctx.release_peer(&api, &peer).await,
+            }
+        })
+        .await
+        .map_err(finalizer_error)?;
+        ctx.succeeded(&name);
+        Ok(action)
+    }
+
+    /// The peer's own refusal (a bad field), else the policy's, and its sessions.
+    async fn peer_status(&self, api: &Api<BGPPeer>, peer: &BGPPeer) -> Result<Action> {
+        let name = peer.name_any();
+        let own = policy::peer(&name, &peer.spec, None).err();
+        let refusal = own.or_else(|| lock(&self.policy_refusal).clone());
+        let mut status = peer.status.clone().unwrap_or_default();
+        let generation = peer.meta().generation;
+        let changed = set_condition(
+            &mut status.conditions,
+            refusal.is_none(),
+            refusal.as_deref().unwrap_or(""),
+            generation,
+        );
+        status.observed_generation = generation;
+        let sessions = self.sessions(&name).await?;
+        let established = sessions
+            .values()
+            .filter(|s| s.as_str() == "Established")
+            .count();
+        status.established = Some(format!("{established}/{}", sessions.len()));
+        status.sessions = sessions;
+        if peer.status.as_ref() != Some(&status) {
+            api.patch_status(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": status})),
+            )
+            .await
+            .map_err(kube_err("write BGPPeer status"))?;
+        }
+        if changed && let Some(message) = &refusal {
+            self.event(
+                &peer.object_ref(&()),
+                EventType::Warning,
+                "Refused",
+                "ApplyPeer",
+                message,
+            )
+            .await;
+        }
+        Ok(Action::requeue(FIGURES_PERIOD))
+    }
+
+    /// Each node's session with `peer`, from the advertisement status.
+    async fn sessions(&self, peer: &str) -> Result<BTreeMap<String, String>> {
+        let mut client = self.routing.clone();
+        let status = client
+            .get_advertisement_status(routing::GetAdvertisementStatusRequest::default())
+            .await
+            .map_err(ipam_err("GetAdvertisementStatus"))?
+            .into_inner();
+        Ok(status
+            .entries
+            .into_iter()
+            .filter(|e| e.peer == peer && !e.node.is_empty())
+            .map(|e| (e.node, e.session_state))
+            .collect())
+    }
+
+    /// A peer being deleted: refused while it carries routes, unless forced; then left
+    /// out of the policy, and gone once the policy no longer has it.
+    async fn release_peer(&self, api: &Api<BGPPeer>, peer: &BGPPeer) -> Result<Action> {
+        let name = peer.name_any();
+        let uid = peer.uid().unwrap_or_default();
+        if !lock(&self.released_peers).contains(&uid) {
+            let mut client = self.routing.clone();
+            let status = client
+                .get_advertisement_status(routing::GetAdvertisementStatusRequest::default())
+                .await
+                .map_err(ipam_err("GetAdvertisementStatus"))?
+                .into_inner();
+            let mut holders: Vec<String> = status
+                .entries
+                .iter()
+                .filter(|e| e.peer == name && e.announced)
+                .map(|e| format!("{} ({})", e.service, e.prefix))
+                .collect();
+            holders.sort();
+            holders.dedup();
+            if !holders.is_empty() && !forced(peer.annotations()) {
+                let shown = holders.len().min(10);
+                let message = format!(
+                    "peer {name} carries the routes of {} Service address(es): {}{}; set the \
+                     annotation {ANNOTATION_FORCE_DELETE}: \"true\" to withdraw them",
+                    holders.len(),
+                    holders[..shown].join(", "),
+                    if holders.len() > shown { ", …" } else { "" }
+                );
+                let mut status = peer.status.clone().unwrap_or_default();
+                if set_condition_reason(
+                    &mut status.conditions,
+                    false,
+                    "InUse",
+                    &message,
+                    peer.meta().generation,
+                ) {
+                    let _ = api
+                        .patch_status(
+                            &name,
+                            &PatchParams::default(),
+                            &Patch::Merge(json!({"status": status})),
+                        )
+                        .await;
+                    self.event(
+                        &peer.object_ref(&()),
+                        EventType::Warning,
+                        "InUse",
+                        "DeletePeer",
+                        &message,
+                    )
+                    .await;
+                }
+                return Err(Error::InUse(message));
+            }
+            lock(&self.released_peers).insert(uid);
+        }
+        let inputs = self.policy_inputs().await?;
+        self.ensure_policy(&inputs).await?;
+        let still = lock(&self.sent_policy)
+            .as_ref()
+            .is_some_and(|p| p.peers.iter().any(|p| p.name == name));
+        if still {
+            return Err(Error::InUse(format!(
+                "peer {name} is still in the BGP policy"
+            )));
+        }
+        info!(peer = %name, "peer removed from the BGP policy");
+        Ok(Action::await_change())
+    }
+
+    async fn event(
+        &self,
+        reference: &k8s_openapi::api::core::v1::ObjectReference,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: &str,
+    ) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note.chars().take(1024).collect()),
+            action: action.into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, reference).await {
+            warn!(error = %e, "could not publish an Event");
+        }
+    }
+
+    /// Runs the controllers until `cancel`.
+    pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
+        let mut tasks = tokio::task::JoinSet::new();
+        let figures = notified_stream(Arc::clone(&self.ipam_changed));
+        let own = installed::<IPPool>(&self.client).await;
+        if !own {
+            info!("the herald.io custom resources are not installed; not reading them");
+        }
+        if own {
+            tasks.spawn(
+                Controller::new(
+                    Api::<IPPool>::all(self.client.clone()),
+                    watcher::Config::default(),
+                )
+                .reconcile_all_on(figures)
+                .graceful_shutdown_on(cancelled(cancel.clone()))
+                .run(Self::reconcile_pool, error_policy, Arc::clone(&self))
+                .for_each(|r| async move { log_result("IPPool", r) }),
+            );
+            tasks.spawn(
+                Controller::new(
+                    Api::<BGPPeer>::all(self.client.clone()),
+                    watcher::Config::default(),
+                )
+                .graceful_shutdown_on(cancelled(cancel.clone()))
+                .run(Self::reconcile_peer, error_policy, Arc::clone(&self))
+                .for_each(|r| async move { log_result("BGPPeer", r) }),
+            );
+        }
+        // Nothing to read: a policy set through the API is left alone.
+        if own || self.imports.metallb {
+            tasks.spawn(Arc::clone(&self).policy_loop());
+        }
+        // Whatever the policy reads: a change prompts a pass.
+        let wake = {
+            let this = Arc::clone(&self);
+            move || this.policy_wanted.notify_one()
+        };
+        if own {
+            tasks.spawn(nudge(
+                watcher(
+                    Api::<BGPAdvertisement>::all(self.client.clone()),
+                    watcher::Config::default(),
+                ),
+                wake.clone(),
+            ));
+            tasks.spawn(nudge(
+                watcher(
+                    Api::<BGPSettings>::all(self.client.clone()),
+                    watcher::Config::default(),
+                ),
+                wake.clone(),
+            ));
+            tasks.spawn(nudge(
+                watcher(
+                    Api::<IPPool>::all(self.client.clone()),
+                    watcher::Config::default(),
+                ),
+                wake.clone(),
+            ));
+        }
+        if self.imports.metallb {
+            for import in [metallb_peers(), metallb_advertisements()] {
+                if let Some(ar) = import.served(&self.client).await {
+                    let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &ar);
+                    tasks.spawn(nudge(
+                        watcher(api, watcher::Config::default()),
+                        wake.clone(),
+                    ));
+                }
+            }
+        }
+        for (import, read) in self.pool_imports() {
+            let Some(ar) = import.served(&self.client).await else {
+                info!(kind = %import.resource.kind, "imported kind not served; skipped");
+                continue;
+            };
+            let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &ar);
+            let kind = ar.kind.clone();
+            let ctx = Arc::new(ImportedPools {
+                resources: Arc::clone(&self),
+                read,
+                resource: ar.clone(),
+            });
+            tasks.spawn(
+                Controller::new_with(api, watcher::Config::default(), ar)
+                    .graceful_shutdown_on(cancelled(cancel.clone()))
+                    .run(Self::reconcile_imported_pool, error_policy_imported, ctx)
+                    .for_each(move |r| {
+                        let kind = kind.clone();
+                        async move { log_result(&kind, r) }
+                    }),
+            );
+        }
+        cancel.cancelled().await;
+        tasks.abort_all();
+    }
+}
+
+struct PolicyInputs {
+    settings: Option<crate::crd::BGPSettingsSpec>,
+    peers: Vec<(String, BGPPeerSpec, Option<String>)>,
+    advertisements: Vec<(String, Result<crate::crd::BGPAdvertisementSpec, String>)>,
+    pools: Vec<(String, BTreeMap<String, String>)>,
+    /// What keeps the policy from being built (a missing Secret).
+    problems: Vec<String>,
+}
+
+impl PolicyInputs {
+    fn build(&self) -> Result<routing::BgpPolicy, String> {
+        if let Some(problem) = self.problems.first() {
+            return Err(problem.clone());
+        }
+        let specs: Vec<BGPPeerSpec> = self.peers.iter().map(|(_, s, _)| s.clone()).collect();
+        let local_asn = policy::local_asn(self.settings.as_ref(), &specs)?;
+        let mut peers = Vec::new();
+        for (name, spec, password) in &self.peers {
+            let mut p = policy::peer(name, spec, password.clone())
+                .map_err(|e| format!("BGPPeer {name}: {e}"))?;
+            if p.local_asn == local_asn {
+                p.local_asn = 0;
+            }
+            peers.push(p);
+        }
+        peers.sort_by(|a, b| a.name.cmp(&b.name));
+        let pools: Vec<PoolLabels<'_>> = self
+            .pools
+            .iter()
+            .map(|(name, labels)| PoolLabels { name, labels })
+            .collect();
+        let mut advertisements = Vec::new();
+        let mut sorted: Vec<_> = self.advertisements.iter().collect();
+        sorted.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, spec) in sorted {
+            let spec = spec
+                .as_ref()
+                .map_err(|e| format!("BGPAdvertisement {name}: {e}"))?;
+            advertisements.extend(
+                policy::advertisements(spec, &pools)
+                    .map_err(|e| format!("BGPAdvertisement {name}: {e}"))?,
+            );
+        }
+        Ok(routing::BgpPolicy {
+            local_asn,
+            peers,
+            advertisements,
+            router_id_subnet: self
+                .settings
+                .as_ref()
+                .and_then(|s| s.router_id_subnet.clone())
+                .unwrap_or_default(),
+        })
+    }
+}
+
+/// Every object of a kind of Herald's; none when its definition is not installed (a
+/// cluster that does not use the custom resources).
+async fn list_all<K>(client: &kube::Client, what: &'static str) -> Result<Vec<K>>
+where
+    K: Resource<DynamicType = (), Scope = kube::core::ClusterResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    match Api::<K>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+    {
+        Ok(list) => Ok(list.items),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(Vec::new()),
+        Err(e) => Err(kube_err(what)(e)),
+    }
+}
+
+/// Whether the definition of a kind of Herald's is installed.
+async fn installed<K>(client: &kube::Client) -> bool
+where
+    K: Resource<DynamicType = (), Scope = kube::core::ClusterResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    !matches!(
+        Api::<K>::all(client.clone()).list(&ListParams::default().limit(1)).await,
+        Err(kube::Error::Api(e)) if e.code == 404
+    )
+}
+
+/// The IPAM's answers that refuse a request (written into status), as opposed to ones
+/// that say to try again.
+fn refusal(code: Code) -> bool {
+    matches!(
+        code,
+        Code::InvalidArgument | Code::AlreadyExists | Code::FailedPrecondition | Code::OutOfRange
+    )
+}
+
+fn finalizer_error(e: kube::runtime::finalizer::Error<Error>) -> Error {
+    match e {
+        kube::runtime::finalizer::Error::ApplyFailed(e)
+        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        other => Error::Finalizer(other.to_string()),
+    }
+}
+
+fn forced(annotations: &BTreeMap<String, String>) -> bool {
+    annotations
+        .get(ANNOTATION_FORCE_DELETE)
+        .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+}
+
+/// Sets the Accepted condition; whether it changed (its time moves only then).
+fn set_condition(
+    conditions: &mut Vec<Condition>,
+    accepted: bool,
+    message: &str,
+    generation: Option<i64>,
+) -> bool {
+    let reason = if accepted { "Accepted" } else { "Refused" };
+    set_condition_reason(conditions, accepted, reason, message, generation)
+}
+
+fn set_condition_reason(
+    conditions: &mut Vec<Condition>,
+    accepted: bool,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+) -> bool {
+    let status = if accepted { "True" } else { "False" };
+    let new = Condition {
+        type_: CONDITION_ACCEPTED.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message: message.chars().take(1024).collect(),
+        observed_generation: generation,
+        last_transition_time: Time(Timestamp::now()),
+    };
+    match conditions
+        .iter_mut()
+        .find(|c| c.type_ == CONDITION_ACCEPTED)
+    {
+        Some(c)
+            if c.status == new.status
+                && c.reason == new.reason
+                && c.message == new.message
+                && c.observed_generation == new.observed_generation =>
+        {
+            false
+        }
+        Some(c) => {
+            let time = if c.status == new.status {
+                c.last_transition_time.clone()
+            } else {
+                new.last_transition_time.clone()
+            };
+            *c = Condition {
+                last_transition_time: time,
+                ..new
+            };
+            true
+        }
+        None => {
+            conditions.push(new);
+            true
+        }
+    }
+}
+
+fn backoff(attempt: u32) -> Duration {
+    MIN_BACKOFF
+        .saturating_mul(2u32.saturating_pow(attempt.min(8)))
+        .min(MAX_BACKOFF)
+}
+
+/// Failed reconciles are retried with backoff, per object (kube-runtime keeps one
+/// requeue per object, so a retry replaces the previous one).
+fn error_policy<K>(object: Arc<K>, error: &Error, ctx: Arc<Resources>) -> Action
+where
+    K: Resource,
+{
+    retry_action(&ctx, object.meta().name.as_deref().unwrap_or(""), error)
+}
+
+fn error_policy_imported(
+    object: Arc<DynamicObject>,
+    error: &Error,
+    ctx: Arc<ImportedPools>,
+) -> Action {
+    retry_action(
+        &ctx.resources,
+        object.metadata.name.as_deref().unwrap_or(""),
+        error,
+    )
+}
+
+fn retry_action(ctx: &Resources, name: &str, error: &Error) -> Action {
+    let attempt = {
+        let mut failures = lock(&ctx.failures);
+        let n = failures.entry(name.to_string()).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    };
+    warn!(object = name, error = %error, attempt, "reconcile failed; retrying");
+    Action::requeue(backoff(attempt))
+}
+
+fn log_result<T, E: std::fmt::Display>(kind: &str, result: Result<T, E>) {
+    if let Err(e) = result {
+        warn!(kind, error = %e, "controller");
+    }
+}
+
+async fn cancelled(cancel: CancellationToken) {
+    cancel.cancelled_owned().await;
+}
+
+/// One `()` per notification.
+fn notified_stream(notify: Arc<Notify>) -> impl Stream<Item = ()> + Send + 'static {
+    futures::stream::unfold(notify, |n| async move {
+        n.notified().await;
+        // Many changes in a burst: one pass.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        Some(((), n))
+    })
+}
+
+/// Calls `wake` on every event of a watch (which re-lists on its own, with backoff).
+async fn nudge<K, S>(stream: S, wake: impl Fn() + Send)
+where
+    K: Send,
+    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send,
+{
+    let mut stream = std::pin::pin!(stream.default_backoff());
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
+            Ok(_) => wake(),
+            Err(e) => warn!(error = %e, "watch failed; retrying"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_condition_moves_its_time_only_when_its_status_changes() {
+        let mut conditions = Vec::new();
+        assert!(set_condition(&mut conditions, true, "", Some(1)));
+        assert!(!set_condition(&mut conditions, true, "", Some(1)));
+        let first = conditions[0].last_transition_time.clone();
+        assert!(set_condition(&mut conditions, true, "", Some(2)));
+        assert_eq!(conditions[0].last_transition_time, first);
+        assert!(set_condition(
+            &mut conditions,
+            false,
+            "overlaps pool a",
+            Some(2)
+        ));
+        assert_eq!(conditions[0].status, "False");
+        assert_eq!(conditions[0].message, "overlaps pool a");
+        assert_eq!(conditions.len(), 1);
+    }
+}
