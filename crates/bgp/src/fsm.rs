@@ -264,8 +264,13 @@ pub struct PeerStatus {
     pub prefixes_sent: usize,
     /// Prefixes the peer currently advertises to us (accepted and ignored).
     pub prefixes_received: usize,
+    /// Of `prefixes_sent`, the IPv6 ones (the rest are IPv4).
+    pub prefixes_sent_ipv6: usize,
     /// UPDATE messages sent / received since the session was created.
     pub updates_sent: u64,
+    /// Bytes of BGP messages (of every type) handed to the connection since the session
+    /// was created.
+    pub bytes_sent: u64,
     pub updates_received: u64,
     /// How many times the session reached Established.
     pub established_count: u64,
@@ -284,8 +289,10 @@ impl PeerStatus {
             established_at: None,
             negotiated: None,
             prefixes_sent: 0,
+            prefixes_sent_ipv6: 0,
             prefixes_received: 0,
             updates_sent: 0,
+            bytes_sent: 0,
             updates_received: 0,
             established_count: 0,
             last_error: None,
@@ -973,6 +980,7 @@ impl Session {
         self.rib.clear();
         self.received.clear();
         self.status.prefixes_sent = 0;
+        self.status.prefixes_sent_ipv6 = 0;
         self.status.prefixes_received = 0;
         self.status.negotiated = None;
         self.peer_open = None;
@@ -997,7 +1005,10 @@ impl Session {
 
     fn send_message(&mut self, m: &Message) {
         match wire::encode_message(m, &self.wire) {
-            Ok(bytes) => self.out.push(Output::Send(bytes)),
+            Ok(bytes) => {
+                self.status.bytes_sent += bytes.len() as u64;
+                self.out.push(Output::Send(bytes));
+            }
             Err(e) => {
                 tracing::error!(error = %e, "failed to encode message");
                 self.status.last_error = Some(e.to_string());
@@ -1040,6 +1051,7 @@ impl Session {
             }
         }
         if !buf.is_empty() {
+            self.status.bytes_sent += buf.len() as u64;
             self.out.push(Output::Send(buf));
         }
     }
@@ -1077,6 +1089,12 @@ impl Session {
         }
         self.send_updates(diff.updates);
         self.status.prefixes_sent = self.rib.len();
+        self.status.prefixes_sent_ipv6 = self
+            .rib
+            .sent()
+            .keys()
+            .filter(|p| p.addr().is_ipv6())
+            .count();
     }
 
     fn advertise_initial(&mut self) {

@@ -17,10 +17,11 @@
 pub mod backoff;
 pub mod control;
 pub mod convert;
+pub mod metrics;
 pub mod plan;
 pub mod speaker;
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -68,6 +69,8 @@ pub struct Config {
     #[serde(with = "herald_settings::duration")]
     pub report_interval: Duration,
     pub log_format: LogFormat,
+    /// Address of the admin listener: `/metrics`, `/healthz`, `/readyz`.
+    pub admin_listen: SocketAddr,
 }
 
 impl Default for Config {
@@ -78,6 +81,9 @@ impl Default for Config {
             router_id: None,
             report_interval: DEFAULT_REPORT_INTERVAL,
             log_format: LogFormat::default(),
+            admin_listen: herald_telemetry::admin::DEFAULT_SPEAKER_ADMIN_LISTEN
+                .parse()
+                .unwrap_or_else(|_| unreachable!("the default admin address is an address")),
         }
     }
 }
@@ -121,6 +127,10 @@ pub struct Args {
     /// after each applied snapshot and on session changes [default: 10s]
     #[arg(long, env = "HERALD_REPORT_INTERVAL", value_name = "DURATION")]
     pub report_interval: Option<String>,
+    /// Address of the admin listener (`/metrics`, `/healthz`, `/readyz`)
+    /// [default: 127.0.0.1:50063]
+    #[arg(long, env = "HERALD_ADMIN_LISTEN", value_name = "ADDR")]
+    pub admin_listen: Option<String>,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -147,6 +157,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         "route speaker starting"
     );
 
+    let mut speaker = Speaker::new(node.clone(), config.router_id);
+    // Ready once the first snapshot is applied: before it the speaker announces nothing.
+    let readiness =
+        herald_telemetry::admin::Readiness::not_ready("no route snapshot from herald-ipam yet");
+    let (_, admin_task) = herald_telemetry::admin::serve(
+        config.admin_listen,
+        herald_telemetry::admin::Exposition {
+            openmetrics: metrics::registry(speaker.sessions_view(), true),
+            plain: metrics::registry(speaker.sessions_view(), false),
+        },
+        readiness.clone(),
+        shutdown.clone(),
+    )
+    .await?;
+
     let (snapshot_tx, mut snapshots) = watch::channel(None::<Arc<pb::NodeRoutes>>);
     let (state_tx, state_rx) = watch::channel(None::<pb::SpeakerState>);
     let tasks = shutdown.child_token();
@@ -163,7 +188,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         tasks.clone(),
     ));
 
-    let mut speaker = Speaker::new(node, config.router_id);
     let changes = speaker.changes();
     let mut report_at: Option<tokio::time::Instant> = None;
     let mut stream_open = true;
@@ -179,6 +203,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 let snapshot = snapshots.borrow_and_update().clone();
                 if let Some(snapshot) = snapshot {
                     speaker.apply(&snapshot).await;
+                    readiness.set_ready();
                     state_tx.send_replace(speaker.state());
                     report_at = None;
                 }
@@ -209,7 +234,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     {
         warn!(timeout = ?SHUTDOWN_TIMEOUT, "BGP sessions did not close in time");
     }
-    for task in [watcher, reporter] {
+    for task in [watcher, reporter, admin_task] {
         let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
     }
     info!("route speaker stopped");

@@ -303,6 +303,7 @@ impl RouteEngine {
 
     /// Recomputes every node and publishes the ones whose set changed.
     fn recompute(&self, ipam: &Ipam) {
+        let started = std::time::Instant::now();
         let inputs = lock(&self.inputs);
         let nodes: Vec<Node> = inputs.nodes.values().cloned().collect();
         let plan = match &inputs.policy {
@@ -356,6 +357,9 @@ impl RouteEngine {
         drop(published);
         drop(inputs);
         *lock(&self.last_plan) = Arc::new(plan);
+        crate::metrics::METRICS
+            .publish_duration
+            .observe(started.elapsed().as_secs_f64());
     }
 }
 
@@ -384,6 +388,7 @@ fn publish(
         prefixes = routes.prefixes().len(),
         "new route set"
     );
+    crate::metrics::METRICS.snapshots_published.inc();
     sender.send_replace(Some(Arc::new(NodeSnapshot {
         revision: inputs.revision,
         routes: routes.clone(),

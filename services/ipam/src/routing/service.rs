@@ -240,6 +240,7 @@ impl RoutingRpc for RoutingService {
         let shutdown = self.shutdown.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
+            let _subscribed = crate::metrics::Subscribed::new("WatchNodeRoutes");
             loop {
                 // Only the newest snapshot matters, and the engine publishes one only when
                 // the node's set changed: `watch` keeps exactly that.
