@@ -357,6 +357,10 @@ async fn prometheus_finds_every_series_the_dashboards_and_alerts_query() {
         assert!(ip.is_some(), "{name} got no address");
     }
     expect_paths(&tor, "172.16.0.241/32", &["127.0.0.10", "127.0.0.11"]).await;
+    // One asks for an address no pool holds: IPAM refuses, the Service stays pending.
+    let mut far = lb_service("far");
+    far["metadata"]["annotations"] = json!({"herald.io/load-balancer-ips": "10.99.0.1"});
+    kube.create(SERVICES, far).unwrap();
     kube.delete(SERVICES, "default", "web").unwrap();
     expect_paths(&tor, "172.16.0.241/32", &[]).await;
 
@@ -395,7 +399,12 @@ async fn prometheus_finds_every_series_the_dashboards_and_alerts_query() {
     }
     assert!(missing.is_empty(), "series never scraped: {missing:?}");
 
-    let checks: [(&str, f64); 8] = [
+    let checks: [(&str, f64); 10] = [
+        (
+            "sum(herald_watcher_ipam_rpc_errors_total{call=\"Allocate\"})",
+            1.0,
+        ),
+        ("sum(herald_watcher_services_pending)", 1.0),
         (
             "sum(herald_ipam_allocations_total{pool=\"lab\",result=\"ok\"})",
             2.0,

@@ -734,6 +734,11 @@ impl Ctx {
             Err(status) => status,
         };
         let kind = mapping::classify(status.code(), status.message());
+        if kind != AllocateErrorKind::Transient {
+            // A refusal (no pool, pool full, …) is a failed call too; a transient one is
+            // counted by `ipam_err`.
+            crate::metrics::count_ipam_error("Allocate", status.code());
+        }
         match kind {
             AllocateErrorKind::Transient => return Err(ipam_err("Allocate")(status)),
             // A claim that fails at start is left to the pending pass, which sees the
