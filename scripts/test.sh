@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Herald's whole test suite, from a fresh Debian/Ubuntu machine:
 #   - installs what the tests run for real when it is missing: Postgres, GoBGP, BIRD, FRR,
-#     Python's grpcio, and the offline chart and compose validators (PyPI);
+#     Prometheus (with promtool), Python's grpcio, and the offline chart and compose
+#     validators (PyPI);
 #   - uses the Postgres named by HERALD_TEST_DATABASE_URL, else starts a private
 #     throwaway cluster (max_connections 400, no fsync) and removes it at the end;
 #   - runs `cargo test` for the whole workspace.
@@ -33,6 +34,8 @@ command -v bird >/dev/null 2>&1 || missing+=(bird2)
 pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)
 [ -n "$pg_bin" ] || missing+=(postgresql)
 command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
+# A real Prometheus (and promtool) scrapes the admin endpoints in tests/tests/metrics.rs.
+command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 if [ ${#missing[@]} -gt 0 ]; then
     apt_install "${missing[@]}"
     pg_bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)

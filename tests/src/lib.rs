@@ -31,6 +31,11 @@ pub struct Ipam {
 
 impl Ipam {
     pub async fn start(dir: &Path, database_url: &str, port: u16) -> Self {
+        Self::start_with(dir, database_url, port, &[]).await
+    }
+
+    /// As [`Ipam::start`], with more flags.
+    pub async fn start_with(dir: &Path, database_url: &str, port: u16, extra: &[&str]) -> Self {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let mut command = Command::new(workspace_binary("herald-ipam"));
         command.current_dir(dir).args([
@@ -39,6 +44,7 @@ impl Ipam {
             "--database-url",
             database_url,
         ]);
+        command.args(extra);
         let ipam = Self {
             addr,
             process: ChildProcess::spawn("herald-ipam", command),
@@ -92,7 +98,13 @@ impl Ipam {
 
 /// A route speaker for node `name`, talking to `ipam`.
 pub fn speaker(name: &str, ipam: &str) -> ChildProcess {
+    speaker_with(name, ipam, &[])
+}
+
+/// As [`speaker`], with more flags.
+pub fn speaker_with(name: &str, ipam: &str, extra: &[&str]) -> ChildProcess {
     let mut command = Command::new(workspace_binary("herald-route-speaker"));
+    command.args(extra);
     command.args([
         "--node-name",
         name,

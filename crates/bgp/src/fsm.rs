@@ -317,8 +317,13 @@ pub struct PeerStatus {
     /// NLRI announced and withdrawn by the peer on this connection (counted, not kept).
     pub nlri_received: u64,
     pub withdrawals_received: u64,
+    /// Of `prefixes_sent`, the IPv6 ones (the rest are IPv4).
+    pub prefixes_sent_ipv6: usize,
     /// UPDATE messages sent / received since the session was created.
     pub updates_sent: u64,
+    /// Bytes of BGP messages (of every type) handed to the connection since the session
+    /// was created.
+    pub bytes_sent: u64,
     pub updates_received: u64,
     /// How many times the session reached Established.
     pub established_count: u64,
@@ -338,10 +343,12 @@ impl PeerStatus {
             negotiated: None,
             prefixes_sent: 0,
             advertised: Arc::new(BTreeSet::new()),
+            prefixes_sent_ipv6: 0,
             prefixes_received: 0,
             nlri_received: 0,
             withdrawals_received: 0,
             updates_sent: 0,
+            bytes_sent: 0,
             updates_received: 0,
             established_count: 0,
             last_error: None,
@@ -1102,6 +1109,7 @@ impl Session {
         self.received.clear();
         self.status.prefixes_sent = 0;
         self.status.advertised = Arc::new(BTreeSet::new());
+        self.status.prefixes_sent_ipv6 = 0;
         self.status.prefixes_received = 0;
         self.status.nlri_received = 0;
         self.status.withdrawals_received = 0;
@@ -1128,7 +1136,10 @@ impl Session {
 
     fn send_message(&mut self, m: &Message) {
         match wire::encode_message(m, &self.wire) {
-            Ok(bytes) => self.out.push(Output::Send(bytes)),
+            Ok(bytes) => {
+                self.status.bytes_sent += bytes.len() as u64;
+                self.out.push(Output::Send(bytes));
+            }
             Err(e) => {
                 tracing::error!(error = %e, "failed to encode message");
                 self.status.last_error = Some(e.to_string());
@@ -1171,6 +1182,7 @@ impl Session {
             }
         }
         if !buf.is_empty() {
+            self.status.bytes_sent += buf.len() as u64;
             self.out.push(Output::Send(buf));
         }
     }
@@ -1209,6 +1221,12 @@ impl Session {
         let changed = diff.announced + diff.withdrawn > 0;
         self.send_updates(diff.updates);
         self.status.prefixes_sent = self.rib.len();
+        self.status.prefixes_sent_ipv6 = self
+            .rib
+            .sent()
+            .keys()
+            .filter(|p| p.addr().is_ipv6())
+            .count();
         if changed {
             self.status.advertised = Arc::new(self.rib.sent().keys().copied().collect());
         }

@@ -2,6 +2,14 @@
 //! log pipelines, filtered by `RUST_LOG`, default `info`) and graceful shutdown on SIGTERM
 //! or Ctrl-C. Later work adds OpenTelemetry traces here, so every binary gets them by
 //! calling [`init`].
+//!
+//! - [`admin`]: the admin listener (`/metrics`, `/healthz`, `/readyz`).
+//! - [`metrics`]: what the binaries' metrics share (trace-id exemplars, ages, buckets).
+
+pub mod admin;
+pub mod metrics;
+
+pub use prometheus_client;
 
 use std::io::IsTerminal;
 

@@ -36,6 +36,14 @@ pub struct ChildProcess {
 impl ChildProcess {
     /// Starts `command` with its output inherited, so `cargo test` shows it on failure.
     pub fn spawn(name: &str, mut command: Command) -> Self {
+        // Herald's binaries serve an admin listener on a fixed port by default; tests
+        // run many at once, so each gets a free port unless the test chose one.
+        if !command
+            .get_envs()
+            .any(|(key, _)| key == "HERALD_ADMIN_LISTEN")
+        {
+            command.env("HERALD_ADMIN_LISTEN", "127.0.0.1:0");
+        }
         let child = command
             .stdin(Stdio::null())
             .spawn()

@@ -57,6 +57,8 @@ pub struct Settings {
     pub identity: String,
     pub resync: Duration,
     pub imports: crate::policy::Imports,
+    /// Set ready once the caches are synced and the start-up pass is done.
+    pub readiness: herald_telemetry::admin::Readiness,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,7 +81,45 @@ pub enum Error {
 type Result<T, E = Error> = std::result::Result<T, E>;
 
 fn ipam_err(call: &'static str) -> impl FnOnce(tonic::Status) -> Error {
-    move |status| Error::Ipam { call, status }
+    move |status| {
+        crate::metrics::count_ipam_error(call, status.code());
+        Error::Ipam { call, status }
+    }
+}
+
+/// What the leader's caches and queues hold, for the metrics endpoint.
+#[derive(Debug, Default)]
+pub(crate) struct Scrape {
+    pub pending: HashMap<&'static str, usize>,
+    pub services_queue: usize,
+    pub nodes_queue: usize,
+}
+
+/// The running leader's context, while there is one; the metrics read it at scrape time.
+static LEADING: Mutex<Option<std::sync::Weak<Ctx>>> = Mutex::new(None);
+
+/// The leader's pending Services by reason and its queue depths; `None` on a standby and
+/// until the caches are synced.
+pub(crate) fn scrape() -> Option<Scrape> {
+    let ctx = lock(&LEADING).as_ref()?.upgrade()?;
+    if !ctx.started.load(Ordering::SeqCst) {
+        return None;
+    }
+    let mut scrape = Scrape {
+        services_queue: ctx.service_queue.len(),
+        nodes_queue: ctx.node_queue.len(),
+        ..Scrape::default()
+    };
+    for svc in ctx.services.state() {
+        if ctx.settings.classes.serves(&svc) && status_ips(&svc).is_empty() {
+            let reason = our_condition(&svc).map(|c| c.reason.as_str());
+            *scrape
+                .pending
+                .entry(crate::metrics::pending_reason(reason))
+                .or_default() += 1;
+        }
+    }
+    Some(scrape)
 }
 
 /// A Service, by namespace and name.
@@ -320,10 +360,12 @@ pub async fn run(
         () = resources_start_up(&ctx) => {}
     }
     tasks.spawn(Arc::clone(&ctx.resources).run(cancel.child_token()));
+    *lock(&LEADING) = Some(Arc::downgrade(&ctx));
     tokio::select! {
         () = cancel.cancelled() => return Ok(()),
         () = start_up(&ctx) => {}
     }
+    ctx.settings.readiness.set_ready();
 
     for _ in 0..ctx.settings.workers.max(1) {
         tasks.spawn(service_worker(Arc::clone(&ctx)));
@@ -612,7 +654,9 @@ impl Ctx {
     /// Handles one Service in its span; a failure is logged and the key retried later.
     async fn handle(self: &Arc<Self>, key: &ServiceKey, phase: Phase) -> Result<()> {
         let span = info_span!("service", namespace = %key.namespace, name = %key.name, uid = tracing::field::Empty);
+        let started = std::time::Instant::now();
         let result = self.reconcile(key, phase).instrument(span.clone()).await;
+        crate::metrics::observe_reconcile(result.is_ok(), started.elapsed().as_secs_f64());
         match &result {
             Ok(()) => {
                 lock(&self.failures).remove(key);
@@ -731,6 +775,11 @@ impl Ctx {
             Err(status) => status,
         };
         let kind = mapping::classify(status.code(), status.message());
+        if kind != AllocateErrorKind::Transient {
+            // A refusal (no pool, pool full, …) is a failed call too; a transient one is
+            // counted by `ipam_err`.
+            crate::metrics::count_ipam_error("Allocate", status.code());
+        }
         match kind {
             AllocateErrorKind::Transient => return Err(ipam_err("Allocate")(status)),
             // A claim that fails at start is left to the pending pass, which sees the

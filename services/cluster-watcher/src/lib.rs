@@ -10,11 +10,13 @@
 pub mod controller;
 pub mod crd;
 pub mod mapping;
+mod metrics;
 pub mod policy;
 mod queue;
 pub mod resources;
 mod slice_index;
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -69,6 +71,8 @@ pub struct Config {
     /// or both comma-separated; empty for none.
     pub import: String,
     pub log_format: LogFormat,
+    /// Address of the admin listener: `/metrics`, `/healthz`, `/readyz`.
+    pub admin_listen: SocketAddr,
 }
 
 impl Default for Config {
@@ -87,6 +91,9 @@ impl Default for Config {
             resync_seconds: DEFAULT_RESYNC_SECONDS,
             import: String::new(),
             log_format: LogFormat::default(),
+            admin_listen: herald_telemetry::admin::DEFAULT_WATCHER_ADMIN_LISTEN
+                .parse()
+                .unwrap_or_else(|_| unreachable!("the default admin address is an address")),
         }
     }
 }
@@ -184,6 +191,10 @@ pub struct Args {
     /// cilium`, both, or `metallb,cilium`; empty for none
     #[arg(long, env = "HERALD_IMPORT", value_name = "metallb|cilium", action = clap::ArgAction::Append)]
     pub import: Vec<String>,
+    /// Address of the admin listener (`/metrics`, `/healthz`, `/readyz`)
+    /// [default: 127.0.0.1:50062]
+    #[arg(long, env = "HERALD_ADMIN_LISTEN", value_name = "ADDR")]
+    pub admin_listen: Option<String>,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -203,6 +214,19 @@ fn default_identity() -> String {
 
 /// Stands by for the Lease and works while holding it, until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // A standby is ready (it has nothing to sync and stands ready to take over); the
+    // leader is ready once its caches are synced and the start-up pass is done.
+    let readiness = herald_telemetry::admin::Readiness::not_ready("no Lease decision yet");
+    let (_, admin_task) = herald_telemetry::admin::serve(
+        config.admin_listen,
+        herald_telemetry::admin::Exposition {
+            openmetrics: metrics::registry(),
+            plain: metrics::registry(),
+        },
+        readiness.clone(),
+        shutdown.clone(),
+    )
+    .await?;
     // KUBECONFIG, ~/.kube/config or the in-cluster service account, as kube-rs infers.
     let client = kube::Client::try_default()
         .await
@@ -227,6 +251,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         resync: Duration::from_secs(config.resync_seconds.max(1)),
         // Checked when the settings were read.
         imports: policy::Imports::parse(&config.import).unwrap_or_default(),
+        readiness: readiness.clone(),
     };
     info!(
         identity = %identity,
@@ -247,6 +272,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let (mut leader, lease_task) = manager.watch().await;
 
     'standby: loop {
+        metrics::METRICS.leader.set(0);
+        readiness.set_ready();
         while !*leader.borrow_and_update() {
             tokio::select! {
                 changed = leader.changed() => if changed.is_err() {
@@ -256,6 +283,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             }
         }
         info!("holding the lease; starting work");
+        metrics::METRICS.leader.set(1);
+        readiness.set_not_ready("leading: caches not synced yet");
         let work = shutdown.child_token();
         let lost = async {
             loop {
@@ -290,6 +319,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         Ok(Err(e)) => warn!(error = %e, "the lease task failed"),
         Err(_) => warn!("releasing the lease timed out"),
     }
+    let _ = tokio::time::timeout(Duration::from_secs(1), admin_task).await;
     Ok(())
 }
 

@@ -96,7 +96,7 @@ impl<K: Clone + Eq + Hash + Send + 'static> Queue<K> {
         inner.queued.clear();
     }
 
-    #[cfg(test)]
+    /// Keys waiting (not those being handled).
     pub fn len(&self) -> usize {
         self.lock().order.len()
     }

@@ -8,6 +8,7 @@ mod decode_refusal;
 mod error;
 mod feed;
 mod ipam;
+mod metrics;
 mod page_token;
 mod routing;
 mod service;
@@ -25,6 +26,7 @@ use herald_api::routing::v1::routing_server::RoutingServer;
 use herald_ipam_store::{Store, StoreError};
 use herald_settings::{CommonArgs, DatabaseUrl};
 use herald_telemetry::LogFormat;
+use herald_telemetry::admin::Readiness;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
@@ -71,6 +73,8 @@ pub struct Config {
     /// (`herald-ipam.db` in the working directory).
     pub database_url: Option<DatabaseUrl>,
     pub log_format: LogFormat,
+    /// Address of the admin listener: `/metrics`, `/healthz`, `/readyz`.
+    pub admin_listen: SocketAddr,
 }
 
 impl Default for Config {
@@ -81,6 +85,9 @@ impl Default for Config {
                 .unwrap_or_else(|_| unreachable!("DEFAULT_LISTEN is an address")),
             database_url: None,
             log_format: LogFormat::default(),
+            admin_listen: herald_telemetry::admin::DEFAULT_IPAM_ADMIN_LISTEN
+                .parse()
+                .unwrap_or_else(|_| unreachable!("the default admin address is an address")),
         }
     }
 }
@@ -106,6 +113,10 @@ pub struct Args {
         hide_env_values = true
     )]
     pub database_url: Option<String>,
+    /// Address of the admin listener (`/metrics`, `/healthz`, `/readyz`)
+    /// [default: 127.0.0.1:50061]
+    #[arg(long, env = "HERALD_ADMIN_LISTEN", value_name = "ADDR")]
+    pub admin_listen: Option<String>,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -132,6 +143,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .await;
 
     let slot: Arc<OnceLock<Arc<Ipam>>> = Arc::new(OnceLock::new());
+    // Ready once the store is open and migrated and answers; keep_health follows it.
+    let readiness = Readiness::not_ready("the store is not open yet");
+    let (admin, admin_task) = herald_telemetry::admin::serve(
+        config.admin_listen,
+        herald_telemetry::admin::Exposition {
+            openmetrics: metrics::registry(Arc::clone(&slot)),
+            plain: metrics::registry(Arc::clone(&slot)),
+        },
+        readiness.clone(),
+        shutdown.clone(),
+    )
+    .await?;
     let service = IpamService::new(Arc::clone(&slot), shutdown.clone());
     let routing_slot: Arc<OnceLock<routing::Ready>> = Arc::new(OnceLock::new());
     let routing_service = routing::RoutingService::new(Arc::clone(&routing_slot), shutdown.clone());
@@ -149,6 +172,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let startup = {
         let shutdown = shutdown.clone();
         let reporter = reporter.clone();
+        let readiness = readiness.clone();
         let url = config.database_url.as_ref().map(|u| u.expose().to_string());
         let supervisor = supervisor.clone();
         supervisor.clone().spawn("startup and health", async move {
@@ -188,13 +212,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     }
                 }
             });
-            keep_health(ipam, reporter, shutdown).await;
+            keep_health(ipam, reporter, readiness, shutdown).await;
             Ok::<(), anyhow::Error>(())
         })
     };
 
-    info!(listen = %local, "herald-ipam serving");
+    info!(listen = %local, admin = %admin, "herald-ipam serving");
     let server = tonic::transport::Server::builder()
+        // Outermost, so it counts the status the caller sees.
+        .layer(metrics::RpcMetricsLayer)
         .layer(decode_refusal::layer())
         .add_service(health)
         .add_service(reflection_v1)
@@ -226,6 +252,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
     shutdown.cancel();
     let _ = startup.await;
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, admin_task).await;
     if let Some(failure) = supervisor.failure() {
         anyhow::bail!(failure);
     }
@@ -275,11 +302,16 @@ async fn open_store(
 async fn keep_health(
     ipam: Arc<Ipam>,
     reporter: tonic_health::server::HealthReporter,
+    readiness: Readiness,
     shutdown: CancellationToken,
 ) {
     let store = ipam.store();
     let set = |status| {
         let reporter = reporter.clone();
+        match status {
+            ServingStatus::Serving => readiness.set_ready(),
+            _ => readiness.set_not_ready(format!("the store ({}) does not answer", store.target())),
+        }
         async move {
             reporter.set_service_status("", status).await;
             reporter.set_service_status(IPAM_SERVICE_NAME, status).await;
@@ -329,6 +361,7 @@ async fn keep_health(
     reporter
         .set_service_status("", ServingStatus::NotServing)
         .await;
+    readiness.set_not_ready("shutting down");
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, store.close()).await;
 }
 

@@ -18,6 +18,7 @@ use tonic::{Request, Response, Status};
 use crate::IpamError;
 use crate::convert::{self, allocate_request_from_pb, allocation_to_pb, history_to_pb, pool_to_pb};
 use crate::ipam::{Ipam, MAX_BATCH};
+use crate::metrics;
 use crate::page_token::{self, Listing};
 
 /// The gRPC face of the service. It answers UNAVAILABLE until the store is open, so the
@@ -164,7 +165,11 @@ impl IpamRpc for IpamService {
         let allocation = run_to_completion(ipam, move |ipam| async move {
             ipam.allocate(&req, dry_run).await
         })
-        .await?;
+        .await;
+        if !dry_run {
+            count_allocation(&allocation);
+        }
+        let allocation = allocation?;
         Ok(Response::new(pb::AllocateResponse {
             allocation: Some(allocation_to_pb(&allocation)),
             dry_run,
@@ -209,12 +214,21 @@ impl IpamRpc for IpamService {
             .map(|done| match done {
                 Some(result) => result,
                 None => match outcomes.next() {
-                    Some(Ok(allocation)) => pb::AllocateResult {
-                        result: Some(pb::allocate_result::Result::Allocation(allocation_to_pb(
-                            &allocation,
-                        ))),
-                    },
-                    Some(Err(e)) => error_result(e),
+                    Some(Ok(allocation)) => {
+                        metrics::count_allocation(pool_of(&allocation), tonic::Code::Ok);
+                        pb::AllocateResult {
+                            result: Some(pb::allocate_result::Result::Allocation(
+                                allocation_to_pb(&allocation),
+                            )),
+                        }
+                    }
+                    Some(Err(e)) => {
+                        let result = error_result(e);
+                        if let Some(pb::allocate_result::Result::Error(e)) = &result.result {
+                            metrics::count_allocation("", tonic::Code::from_i32(e.code));
+                        }
+                        result
+                    }
                     None => error_result(IpamError::Contended("batch result missing".into())),
                 },
             })
@@ -244,7 +258,16 @@ impl IpamRpc for IpamService {
         let released = run_to_completion(ipam, move |ipam| async move {
             ipam.release(&owner_uid, &reason).await
         })
-        .await?;
+        .await;
+        match &released {
+            Ok(released) => {
+                for (_, pool) in released {
+                    metrics::count_release(pool, tonic::Code::Ok);
+                }
+            }
+            Err(status) => metrics::count_release("", status.code()),
+        }
+        let released = released?;
         Ok(Response::new(pb::ReleaseResponse {
             released: released
                 .into_iter()
@@ -404,6 +427,7 @@ impl IpamRpc for IpamService {
         }
         let shutdown = self.shutdown.clone();
         let stream = async_stream(move |tx| async move {
+            let _subscribed = metrics::Subscribed::new("Watch");
             let mut last = if after == 0 { replay_to } else { after };
             // Bounded: each page advances `last`, and the replay stops at `replay_to`.
             while last < replay_to {
@@ -476,6 +500,19 @@ where
     match tokio::spawn(work(Arc::clone(ipam))).await {
         Ok(result) => result.map_err(Status::from),
         Err(e) => Err(Status::internal(format!("the request's task failed: {e}"))),
+    }
+}
+
+/// The pool of an allocation's first address (a dual-stack owner's families come from one
+/// pool).
+fn pool_of(allocation: &herald_model::Allocation) -> &str {
+    allocation.ips.first().map_or("", |ip| ip.pool.as_str())
+}
+
+fn count_allocation(result: &Result<herald_model::Allocation, Status>) {
+    match result {
+        Ok(allocation) => metrics::count_allocation(pool_of(allocation), tonic::Code::Ok),
+        Err(status) => metrics::count_allocation("", status.code()),
     }
 }
 

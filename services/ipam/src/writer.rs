@@ -99,7 +99,10 @@ async fn write_groups(store: Store, mut receiver: mpsc::Receiver<Pending>) {
                 store.commit_batch(&batch).await
             }
         };
-        let results = guarded(&store, first.len(), write).await;
+        let started = std::time::Instant::now();
+        let plans = first.len();
+        let results = guarded(&store, plans, write).await;
+        crate::metrics::observe_commit(plans, started.elapsed());
         for (pending, result) in first.into_iter().zip(results) {
             // The caller may have gone; its allocation stands either way.
             let _ = pending.reply.send(result);

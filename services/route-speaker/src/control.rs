@@ -120,6 +120,7 @@ async fn subscribe(
             })
             .await?
             .into_inner();
+        crate::metrics::METRICS.stream_connected.set(1);
         let mut first = true;
         while let Some(snapshot) = stream.message().await? {
             // A snapshot arrived, so the link works: the next failure starts the backoff
@@ -131,11 +132,14 @@ async fn subscribe(
             } else {
                 debug!(%node, revision = snapshot.revision, "snapshot received");
             }
+            crate::metrics::METRICS.snapshots_received.inc();
+            crate::metrics::METRICS.snapshot_age.mark();
             snapshots.send_replace(Some(Arc::new(snapshot)));
         }
         Ok(())
     }
     .await;
+    crate::metrics::METRICS.stream_connected.set(0);
     match result {
         Ok(()) => WatchError::Ended,
         Err(e) => e,

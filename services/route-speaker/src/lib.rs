@@ -17,10 +17,11 @@
 pub mod backoff;
 pub mod control;
 pub mod convert;
+pub mod metrics;
 pub mod plan;
 pub mod speaker;
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -86,6 +87,8 @@ pub struct Config {
     /// Prepends of our AS on the drained routes on eBGP sessions.
     pub shutdown_prepend: u8,
     pub log_format: LogFormat,
+    /// Address of the admin listener: `/metrics`, `/healthz`, `/readyz`.
+    pub admin_listen: SocketAddr,
 }
 
 impl Default for Config {
@@ -100,6 +103,9 @@ impl Default for Config {
             shutdown_local_pref: 0,
             shutdown_prepend: DEFAULT_SHUTDOWN_PREPEND,
             log_format: LogFormat::default(),
+            admin_listen: herald_telemetry::admin::DEFAULT_SPEAKER_ADMIN_LISTEN
+                .parse()
+                .unwrap_or_else(|_| unreachable!("the default admin address is an address")),
         }
     }
 }
@@ -170,6 +176,10 @@ pub struct Args {
     /// act on GRACEFUL_SHUTDOWN (0-10) [default: 3]
     #[arg(long, env = "HERALD_SHUTDOWN_PREPEND", value_name = "N")]
     pub shutdown_prepend: Option<String>,
+    /// Address of the admin listener (`/metrics`, `/healthz`, `/readyz`)
+    /// [default: 127.0.0.1:50063]
+    #[arg(long, env = "HERALD_ADMIN_LISTEN", value_name = "ADDR")]
+    pub admin_listen: Option<String>,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -195,6 +205,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         router_id = ?config.router_id,
         "route speaker starting"
     );
+
+    let mut speaker = Speaker::new(node.clone(), config.router_id);
+    // Ready once the first snapshot is applied: before it the speaker announces nothing.
+    let readiness =
+        herald_telemetry::admin::Readiness::not_ready("no route snapshot from herald-ipam yet");
+    let (_, admin_task) = herald_telemetry::admin::serve(
+        config.admin_listen,
+        herald_telemetry::admin::Exposition {
+            openmetrics: metrics::registry(speaker.sessions_view(), true),
+            plain: metrics::registry(speaker.sessions_view(), false),
+        },
+        readiness.clone(),
+        shutdown.clone(),
+    )
+    .await?;
 
     let (snapshot_tx, mut snapshots) = watch::channel(None::<Arc<pb::NodeRoutes>>);
     let (state_tx, state_rx) = watch::channel(None::<pb::SpeakerState>);
@@ -225,7 +250,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         local_pref: config.shutdown_local_pref,
         prepend: config.shutdown_prepend,
     };
-    let mut speaker = Speaker::new(node, config.router_id);
     let changes = speaker.changes();
     let mut report_at: Option<tokio::time::Instant> = None;
     let mut stream_open = true;
@@ -241,6 +265,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 let snapshot = snapshots.borrow_and_update().clone();
                 if let Some(snapshot) = snapshot {
                     speaker.apply(&snapshot).await;
+                    readiness.set_ready();
                     state_tx.send_replace(report(&speaker));
                     report_at = None;
                 }
@@ -278,7 +303,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     {
         warn!(timeout = ?bound, "BGP sessions did not close in time");
     }
-    for task in [watcher, reporter] {
+    for task in [watcher, reporter, admin_task] {
         let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
     }
     info!("route speaker stopped");

@@ -15,6 +15,7 @@ use tokio::task::JoinHandle;
 use tracing::{Instrument, error, info, warn};
 
 use crate::convert::{self, ConvertedRoutes, PeerSpec, SessionDefaults};
+use crate::metrics;
 use crate::plan::plan_peers;
 
 /// The RFC 8203 message a peer sees when its session is removed from the snapshot.
@@ -65,7 +66,10 @@ struct Session {
     routes: Arc<Routes>,
     /// The snapshot wants parameters that need a new session, and IPAM defers it.
     reset_pending: bool,
+    /// Route changes handed to the session whose UPDATE has not left yet.
+    pending: metrics::PendingSlot,
     _forward: AbortOnDrop,
+    _time_updates: AbortOnDrop,
 }
 
 /// The node's sessions. [`Speaker::apply`] is idempotent: applying the same snapshot twice
@@ -79,6 +83,7 @@ pub struct Speaker {
     applied_revision: Option<u64>,
     changes: Arc<Notify>,
     clock: Clock,
+    view: metrics::SessionsView,
 }
 
 impl Speaker {
@@ -91,11 +96,17 @@ impl Speaker {
             applied_revision: None,
             changes: Arc::new(Notify::new()),
             clock: Clock::now(),
+            view: Arc::default(),
         }
     }
 
     pub fn node(&self) -> &str {
         &self.node
+    }
+
+    /// The sessions as the metrics endpoint reads them at scrape time.
+    pub fn sessions_view(&self) -> metrics::SessionsView {
+        Arc::clone(&self.view)
     }
 
     /// Notified whenever a session's status changes (state, counters, errors).
@@ -271,6 +282,8 @@ impl Speaker {
                 Ok(handle) => {
                     info!(peer = %name, address = %handle.peer(), "started BGP session");
                     let forward = forward_changes(&handle, Arc::clone(&self.changes));
+                    let pending = metrics::PendingSlot::default();
+                    let time_updates = time_updates(&handle, Arc::clone(&pending));
                     self.sessions.insert(
                         name.clone(),
                         Session {
@@ -278,7 +291,9 @@ impl Speaker {
                             handle,
                             routes: Arc::new(Routes::new()),
                             reset_pending: false,
+                            pending,
                             _forward: forward,
+                            _time_updates: time_updates,
                         },
                     );
                     summary.started.push(name.clone());
@@ -301,18 +316,34 @@ impl Speaker {
             if *session.routes == converted.routes {
                 continue;
             }
+            // A session just started sends everything: its first routes are not a change.
             let started = summary.started.contains(&name);
+            let mut changes = Vec::new();
             for p in converted.provenance.iter().filter(|_| !started) {
                 let changed = session.routes.get(&p.prefix) != converted.routes.get(&p.prefix);
                 if changed && let Some(at) = p.changed_at {
                     newest_change = newest_change.max(Some(at));
+                    changes.push(metrics::Change::new(at, &p.traceparent));
                 }
             }
             let routes = Arc::new(converted.routes);
+            // Before the hand-over: the writer may report the set written at once.
+            metrics::hand_over(&session.pending, &routes, changes);
             session.handle.set_desired_arc(Arc::clone(&routes));
             session.routes = routes;
         }
         summary.peers = self.sessions.len();
+        *metrics::lock(&self.view) = self
+            .sessions
+            .iter()
+            .map(|(name, s)| {
+                let view = metrics::SessionView {
+                    status: s.handle.watch_status(),
+                    routes: Arc::clone(&s.routes),
+                };
+                (name.clone(), view)
+            })
+            .collect();
         summary.change_to_apply = newest_change.and_then(|at| now.duration_since(at).ok());
         self.applied_revision = Some(*revision);
         self.changes.notify_one();
@@ -361,6 +392,7 @@ impl Speaker {
     /// parallel; the whole is bounded by `drain` plus the engine's close timeout.
     pub async fn shutdown(mut self, message: &str, shutdown: &Shutdown) {
         let sessions = std::mem::take(&mut self.sessions);
+        metrics::lock(&self.view).clear();
         let (keep, drain): (Vec<_>, Vec<_>) = sessions.into_iter().partition(|(_, s)| {
             shutdown.intent == ShutdownIntent::Restart && graceful_restart_negotiated(s)
         });
@@ -529,6 +561,19 @@ impl Clock {
 }
 
 /// Wakes `changes` on every status change of the session.
+/// Times the session's pending route changes when the writer reports their set written.
+fn time_updates(handle: &PeerHandle, pending: metrics::PendingSlot) -> AbortOnDrop {
+    let mut rx = handle.watch_synced();
+    AbortOnDrop(tokio::spawn(async move {
+        while rx.changed().await.is_ok() {
+            let synced = rx.borrow_and_update().clone();
+            if let Some(synced) = synced {
+                metrics::written(&pending, &synced.routes, synced.at);
+            }
+        }
+    }))
+}
+
 fn forward_changes(handle: &PeerHandle, changes: Arc<Notify>) -> AbortOnDrop {
     let mut rx = handle.watch_status();
     AbortOnDrop(tokio::spawn(async move {

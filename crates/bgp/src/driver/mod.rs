@@ -12,7 +12,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -164,12 +164,22 @@ pub enum SpawnError {
     Listen { addr: SocketAddr, source: io::Error },
 }
 
+/// A desired route set whose UPDATEs have been written to the peer's socket.
+#[derive(Debug, Clone)]
+pub struct Synced {
+    /// The set handed to [`PeerHandle::set_desired_arc`] (compare with `Arc::ptr_eq`).
+    pub routes: Arc<Routes>,
+    /// When the last byte of its UPDATEs was written.
+    pub at: SystemTime,
+}
+
 /// The handle to one peer's task. Dropping it stops the task (without a
 /// NOTIFICATION); [`PeerHandle::shutdown`] stops it properly.
 #[derive(Debug)]
 pub struct PeerHandle {
     desired: watch::Sender<Arc<Routes>>,
     status: watch::Receiver<PeerStatus>,
+    synced: watch::Receiver<Option<Synced>>,
     commands: mpsc::UnboundedSender<Command>,
     task: JoinHandle<()>,
     listen_addr: Option<SocketAddr>,
@@ -230,6 +240,7 @@ impl PeerHandle {
         }
         let (desired_tx, desired_rx) = watch::channel(Arc::new(Routes::new()));
         let (status_tx, status_rx) = watch::channel(session.status().clone());
+        let (synced_tx, synced_rx) = watch::channel(None);
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let peer = config.peer_socket_addr();
         let span = tracing::info_span!("bgp_peer", peer = %peer, peer_asn = config.peer_asn);
@@ -246,6 +257,9 @@ impl PeerHandle {
                 in_flight: std::collections::VecDeque::new(),
                 written: None,
                 writers: Vec::new(),
+                synced: synced_tx,
+                desired_now: Arc::new(Routes::new()),
+                tag_next: false,
             }
             .run(desired_rx, cmd_rx)
             .instrument(span),
@@ -253,6 +267,7 @@ impl PeerHandle {
         Ok(PeerHandle {
             desired: desired_tx,
             status: status_rx,
+            synced: synced_rx,
             commands: cmd_tx,
             task,
             listen_addr,
@@ -286,6 +301,14 @@ impl PeerHandle {
     /// A receiver that sees every status change.
     pub fn watch_status(&self) -> watch::Receiver<PeerStatus> {
         self.status.clone()
+    }
+
+    /// A receiver that sees each desired set (the latest one handed over when the
+    /// session is Established, or the one it held when it became Established) once the
+    /// UPDATEs that brought the peer in line with it have left the socket. A set that
+    /// needed no UPDATE is not reported.
+    pub fn watch_synced(&self) -> watch::Receiver<Option<Synced>> {
+        self.synced.clone()
     }
 
     /// The bound listen address (useful with port 0).
@@ -369,7 +392,7 @@ type ConnectFuture = Pin<Box<dyn Future<Output = io::Result<TcpStream>> + Send>>
 struct Conn {
     id: u64,
     reader: OwnedReadHalf,
-    tx: mpsc::Sender<Vec<u8>>,
+    tx: mpsc::Sender<(Vec<u8>, Option<Arc<Routes>>)>,
     /// Bytes handed to the writer ([`PeerTask::written`] has those it wrote).
     queued: u64,
     /// A batch could not be queued: the connection is being closed, and nothing more
@@ -398,6 +421,11 @@ struct PeerTask {
     /// Writer tasks of this and earlier connections; a shutdown waits for them, so the
     /// withdrawals and the NOTIFICATION are on the wire before the process may exit.
     writers: Vec<JoinHandle<()>>,
+    synced: watch::Sender<Option<Synced>>,
+    /// The desired set last handed to the session.
+    desired_now: Arc<Routes>,
+    /// The writes the next event produces bring the peer in line with `desired_now`.
+    tag_next: bool,
 }
 
 /// Size of one read from the socket.
@@ -412,6 +440,7 @@ impl PeerTask {
         let (write_err_tx, mut write_err_rx) = mpsc::unbounded_channel::<(u64, String)>();
         let mut buf = vec![0u8; READ_CHUNK];
         let initial = desired.borrow_and_update().clone();
+        self.desired_now = Arc::clone(&initial);
         self.apply(Instant::now(), Event::SetDesired(initial), &write_err_tx);
         self.apply(Instant::now(), Event::ManualStart, &write_err_tx);
         loop {
@@ -453,6 +482,8 @@ impl PeerTask {
                 changed = desired.changed() => {
                     if changed.is_ok() {
                         let routes = desired.borrow_and_update().clone();
+                        self.desired_now = Arc::clone(&routes);
+                        self.tag_next = true;
                         self.apply(Instant::now(), Event::SetDesired(routes), &write_err_tx);
                     } else {
                         // Sender gone means the handle is gone; the command
@@ -575,6 +606,20 @@ impl PeerTask {
     }
 
     fn carry_out(&mut self, out: Vec<Output>, err_tx: &mpsc::UnboundedSender<(u64, String)>) {
+        // The writes of a new desired set, and the initial advertisement on reaching
+        // Established, carry the set along, so the writer can say when it left.
+        let entered = out.iter().any(|o| {
+            matches!(
+                o,
+                Output::StateChange {
+                    to: State::Established,
+                    ..
+                }
+            )
+        });
+        let tag = (self.session.state() == State::Established && (entered || self.tag_next))
+            .then(|| Arc::clone(&self.desired_now));
+        self.tag_next = false;
         for o in out {
             match o {
                 Output::Connect => {
@@ -584,7 +629,7 @@ impl PeerTask {
                 Output::Send(bytes) => {
                     if let Some(c) = &mut self.conn {
                         let len = bytes.len() as u64;
-                        match c.tx.try_send(bytes) {
+                        match c.tx.try_send((bytes, tag.clone())) {
                             Ok(()) => c.queued += len,
                             Err(mpsc::error::TrySendError::Full(_)) => {
                                 c.broken = true;
@@ -619,7 +664,15 @@ impl PeerTask {
         let id = self.next_conn_id;
         self.writers.retain(|w| !w.is_finished());
         self.writers.push(tokio::spawn(
-            writer_task(id, writer, rx, written_tx, err_tx.clone()).in_current_span(),
+            writer_task(
+                id,
+                writer,
+                rx,
+                written_tx,
+                err_tx.clone(),
+                self.synced.clone(),
+            )
+            .in_current_span(),
         ));
         self.in_flight.clear();
         self.written = Some(written);
@@ -701,14 +754,21 @@ async fn reject_with_cease(mut stream: TcpStream) {
 async fn writer_task(
     id: u64,
     mut writer: OwnedWriteHalf,
-    mut rx: mpsc::Receiver<Vec<u8>>,
+    mut rx: mpsc::Receiver<(Vec<u8>, Option<Arc<Routes>>)>,
     written: watch::Sender<u64>,
     err_tx: mpsc::UnboundedSender<(u64, String)>,
+    synced: watch::Sender<Option<Synced>>,
 ) {
-    while let Some(bytes) = rx.recv().await {
+    while let Some((bytes, tag)) = rx.recv().await {
         match tokio::time::timeout(WRITE_TIMEOUT, writer.write_all(&bytes)).await {
             Ok(Ok(())) => {
                 written.send_modify(|w| *w += bytes.len() as u64);
+                if let Some(routes) = tag {
+                    synced.send_replace(Some(Synced {
+                        routes,
+                        at: SystemTime::now(),
+                    }));
+                }
             }
             Ok(Err(e)) => {
                 let _ = err_tx.send((id, format!("write failed: {e}")));

@@ -413,6 +413,7 @@ impl RouteEngine {
 
     /// Recomputes every node and publishes the ones whose set changed.
     fn recompute(&self, ipam: &Ipam) {
+        let started = std::time::Instant::now();
         let inputs = lock(&self.inputs);
         let nodes: Vec<Node> = inputs.nodes.values().cloned().collect();
         // Also the status's list of every allocated Service, with or without a policy.
@@ -466,6 +467,9 @@ impl RouteEngine {
         drop(inputs);
         *lock(&self.last_plan) = Arc::new(plan);
         *lock(&self.last_services) = Arc::new(services);
+        crate::metrics::METRICS
+            .publish_duration
+            .observe(started.elapsed().as_secs_f64());
     }
 }
 
@@ -491,6 +495,7 @@ fn publish(
         prefixes = routes.prefixes().len(),
         "new route set"
     );
+    crate::metrics::METRICS.snapshots_published.inc();
     sender.send_replace(Some(Arc::new(NodeSnapshot {
         revision: inputs.revision,
         published_at: herald_ipam_store::now_micros(),

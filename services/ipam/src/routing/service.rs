@@ -345,6 +345,7 @@ impl RoutingRpc for RoutingService {
         let stream = ready.engine.stream_opened(&node);
         tokio::spawn(async move {
             let _stream = stream;
+            let _subscribed = crate::metrics::Subscribed::new("WatchNodeRoutes");
             loop {
                 // Only the newest snapshot matters, and the engine publishes one only when
                 // the node's set changed: `watch` keeps exactly that.
