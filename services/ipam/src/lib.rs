@@ -1,6 +1,7 @@
 //! `herald-ipam`: the centre of Herald. It owns pools, allocations and their history, and
 //! serves them over gRPC (`herald.ipam.v1.Ipam`) with reflection and health.
 
+mod compaction;
 mod convert;
 #[cfg(test)]
 mod convert_properties;
@@ -23,7 +24,7 @@ use backon::{ExponentialBuilder, Retryable};
 use herald_api::ipam::v1::ipam_server::IpamServer;
 use herald_api::routing::v1::routing_server::RoutingServer;
 use herald_ipam_store::{Store, StoreError};
-use herald_settings::{CommonArgs, DatabaseUrl};
+use herald_settings::{CommonArgs, DatabaseUrl, Invalid};
 use herald_telemetry::LogFormat;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
@@ -70,6 +71,10 @@ pub struct Config {
     /// `postgres://…` for production; without it an embedded SQLite file
     /// (`herald-ipam.db` in the working directory).
     pub database_url: Option<DatabaseUrl>,
+    /// How long superseded routing-input rows stay in the change log before compaction
+    /// deletes them.
+    #[serde(with = "herald_settings::duration")]
+    pub events_retention: Duration,
     pub log_format: LogFormat,
 }
 
@@ -80,12 +85,29 @@ impl Default for Config {
                 .parse()
                 .unwrap_or_else(|_| unreachable!("DEFAULT_LISTEN is an address")),
             database_url: None,
+            events_retention: compaction::DEFAULT_RETENTION,
             log_format: LogFormat::default(),
         }
     }
 }
 
-impl herald_settings::Settings for Config {}
+impl herald_settings::Settings for Config {
+    fn validate(&self) -> Result<(), Invalid> {
+        // Compacted rows must be ones every replica's feed has long passed: the retention
+        // must dwarf the feed's poll interval.
+        if self.events_retention < compaction::MIN_RETENTION {
+            return Err(Invalid {
+                key: "events_retention",
+                reason: format!(
+                    "at least {:?} (the change feed polls every {:?}; compacting rows a feed has not read yet would make it wait on holes)",
+                    compaction::MIN_RETENTION,
+                    feed::POLL_INTERVAL,
+                ),
+            });
+        }
+        Ok(())
+    }
+}
 
 /// Herald IPAM: LoadBalancer address pools and allocations over gRPC.
 ///
@@ -106,6 +128,10 @@ pub struct Args {
         hide_env_values = true
     )]
     pub database_url: Option<String>,
+    /// How long superseded node, endpoint and policy rows stay in the change log before
+    /// compaction deletes them (`30s`, `5m`); at least 1s [default: 5m]
+    #[arg(long, env = "HERALD_EVENTS_RETENTION", value_name = "DURATION")]
+    pub events_retention: Option<String>,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -150,6 +176,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         let shutdown = shutdown.clone();
         let reporter = reporter.clone();
         let url = config.database_url.as_ref().map(|u| u.expose().to_string());
+        let retention = config.events_retention;
         let supervisor = supervisor.clone();
         supervisor.clone().spawn("startup and health", async move {
             // A store that can never open is the process's failure: the supervisor exits
@@ -178,6 +205,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             supervisor.spawn(
                 "change feed",
                 feed::follow(Arc::clone(&ipam), shutdown.clone()),
+            );
+            supervisor.spawn(
+                "change-log compaction",
+                compaction::run(Arc::clone(&ipam), retention, shutdown.clone()),
             );
             supervisor.spawn("group-commit writer", {
                 let (ipam, shutdown) = (Arc::clone(&ipam), shutdown.clone());
