@@ -58,7 +58,11 @@ pub async fn run(
             match ipam.store().compact_events(before, BATCH).await {
                 Ok(done) => {
                     total += done.deleted;
-                    debug!(deleted = done.deleted, point = done.point, "compacted the change log");
+                    debug!(
+                        deleted = done.deleted,
+                        point = done.point,
+                        "compacted the change log"
+                    );
                     if done.deleted < u64::from(BATCH) {
                         break;
                     }
@@ -70,7 +74,10 @@ pub async fn run(
             }
         }
         if total >= u64::from(BATCH) {
-            info!(deleted = total, "compacted superseded routing rows from the change log");
+            info!(
+                deleted = total,
+                "compacted superseded routing rows from the change log"
+            );
         }
     }
 }

@@ -378,4 +378,22 @@ mod tests {
         )
         .unwrap_or_else(|e| panic!("{e}"));
     }
+
+    #[test]
+    fn a_retention_the_feed_could_lag_behind_is_refused() {
+        use herald_settings::Settings;
+        let short = Config {
+            events_retention: Duration::from_millis(500),
+            ..Config::default()
+        };
+        let refused = short.validate().expect_err("500ms is too short");
+        assert_eq!(refused.key, "events_retention");
+        assert!(refused.reason.contains("at least 1s"), "{}", refused.reason);
+        let shortest = Config {
+            events_retention: compaction::MIN_RETENTION,
+            ..Config::default()
+        };
+        assert!(shortest.validate().is_ok());
+        assert!(Config::default().validate().is_ok());
+    }
 }
