@@ -95,8 +95,7 @@ async fn settles_to(
         .into_inner();
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut last = BTreeMap::new();
-    while let Ok(Some(snapshot)) = tokio::time::timeout_at(deadline.into(), stream.next()).await
-    {
+    while let Ok(Some(snapshot)) = tokio::time::timeout_at(deadline.into(), stream.next()).await {
         last = routes(&snapshot.unwrap());
         if predicate(&last) {
             return last;
@@ -157,7 +156,10 @@ async fn churn_leaves_a_bounded_log_right_routes_and_refuses_watches_from_before
             .await
             .unwrap();
         let on = if round % 2 == 0 { "n1" } else { "n0" };
-        client.set_service_endpoints(endpoints(&[on])).await.unwrap();
+        client
+            .set_service_endpoints(endpoints(&[on]))
+            .await
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
         if started.elapsed() > Duration::from_secs(2) {
             peak_after_warmup = peak_after_warmup.max(store.event_count().await.unwrap());
@@ -168,11 +170,23 @@ async fn churn_leaves_a_bounded_log_right_routes_and_refuses_watches_from_before
         started.elapsed() > Duration::from_secs(3),
         "the churn must outlast the retention several times to show anything"
     );
-    // The last round put the endpoints on n0 (ROUNDS is even, so round ROUNDS-1 is odd).
-    let expected = BTreeMap::from([(address.clone(), "127.0.0.10".to_string())]);
-    assert_eq!(settles_to(&mut routing, "n0", |r| *r == expected).await, expected);
-    assert!(settles_to(&mut routing_b, "n1", |r| r.is_empty()).await.is_empty());
-    assert_eq!(settles_to(&mut routing_b, "n0", |r| *r == expected).await, expected);
+    // A state the churn never produced: endpoints on both nodes. Every replica's feed,
+    // past the compacted revisions, must bring each node its own route.
+    routing
+        .set_service_endpoints(endpoints(&["n0", "n1"]))
+        .await
+        .unwrap();
+    let on = |next_hop: &str| BTreeMap::from([(address.clone(), next_hop.to_string())]);
+    let (on_n0, on_n1) = (on("127.0.0.10"), on("127.0.0.11"));
+    assert_eq!(settles_to(&mut routing, "n0", |r| *r == on_n0).await, on_n0);
+    assert_eq!(
+        settles_to(&mut routing_b, "n1", |r| *r == on_n1).await,
+        on_n1
+    );
+    assert_eq!(
+        settles_to(&mut routing_b, "n0", |r| *r == on_n0).await,
+        on_n0
+    );
 
     // While the churn ran, the log never held more than what about 1.25 retentions write
     // (plus a margin for a slow machine), however long it ran.
@@ -214,7 +228,10 @@ async fn churn_leaves_a_bounded_log_right_routes_and_refuses_watches_from_before
     let dir_c = tempfile::tempdir().unwrap();
     let c = start(dir_c.path(), &db.url).await;
     let mut routing_c = RoutingClient::new(c.channel().await.unwrap());
-    assert_eq!(settles_to(&mut routing_c, "n0", |r| *r == expected).await, expected);
+    assert_eq!(
+        settles_to(&mut routing_c, "n1", |r| *r == on_n1).await,
+        on_n1
+    );
 
     // Watch: resuming from before the compaction point is refused with a re-list hint;
     // from the current revision (or from now, 0) it works and sees new changes.
