@@ -57,6 +57,8 @@ fn policy() -> pb::BgpPolicy {
             }),
             ..Default::default()
         }],
+        // Without an advertisement nothing is announced.
+        advertisements: vec![pb::Advertisement::default()],
         ..Default::default()
     }
 }
