@@ -8,6 +8,7 @@
 //! The schema's constraints are what keep an address with one owner (or one sharing
 //! group), across replicas and crashes; the in-memory index only makes the first guess.
 
+mod compaction;
 mod error;
 mod link;
 mod routing;
@@ -49,6 +50,7 @@ macro_rules! event_columns {
     };
 }
 
+pub use compaction::Compacted;
 pub use error::{CommitError, StoreError, is_connection_error};
 use link::Link;
 pub use routing::Document;

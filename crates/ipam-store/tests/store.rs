@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use herald_ipam_core::{ClaimRecord, Plan, PoolIndex};
-use herald_ipam_store::{AllocationFilter, CommitError, Event, HistoryKey, Store, StoreError};
+use herald_ipam_store::{
+    AllocationFilter, CommitError, Event, HistoryKey, Store, StoreError, now_micros,
+};
 use herald_model::pool::PoolInput;
 use herald_model::{
     AllocationRequest, FamilyPolicy, HistoryAction, IpFamily, Owner, PoolSpec, ServicePort,
@@ -39,6 +41,7 @@ on_both_backends!(
     batches_are_written_together_and_fall_back_one_by_one,
     a_write_refused_for_an_owner_that_holds_takes_no_revision,
     an_update_rewrites_ports_and_policy_at_once_or_changes_nothing,
+    compaction_deletes_only_superseded_routing_rows_older_than_the_retention,
 );
 
 fn spec(name: &str, addresses: &[&str]) -> PoolSpec {
@@ -779,4 +782,110 @@ async fn transactions_writing_the_log_are_listed_until_they_end() {
     let sqlite = TestDb::sqlite();
     let store = Store::open(Some(&sqlite.url)).await.unwrap();
     assert_eq!(store.log_writers().await.unwrap(), None);
+}
+
+/// Whether a log row is a routing input (which compaction may delete) and its key.
+fn routing_key(event: &Event) -> Option<String> {
+    match event {
+        Event::NodeChanged { node, .. } | Event::NodeDeleted { node, .. } => {
+            Some(format!("node {node}"))
+        }
+        Event::EndpointsChanged { owner_uid, .. } => Some(format!("endpoints {owner_uid}")),
+        Event::PolicyChanged { .. } => Some("policy".into()),
+        _ => None,
+    }
+}
+
+async fn compaction_deletes_only_superseded_routing_rows_older_than_the_retention(db: &TestDb) {
+    let store = store_with_pool(db, "lab", &["172.16.0.240/28"]).await;
+    let mut index = index_of(&store).await;
+    // A Service named like a node: its history rows share the `name` column with the
+    // node's rows and must neither be deleted nor count as superseding the node's.
+    let mut svc = request("a");
+    svc.owner.name = "n2".into();
+    allocate(&store, &mut index, &svc).await.unwrap();
+    for generation in 0..3 {
+        store
+            .set_endpoints("a", &format!("{{\"g\":{generation}}}"))
+            .await
+            .unwrap();
+        store
+            .upsert_node("n1", &format!("{{\"g\":{generation}}}"))
+            .await
+            .unwrap();
+    }
+    store.upsert_node("n2", "{}").await.unwrap();
+    store.delete_node("n1").await.unwrap();
+    store.set_policy("{\"p\":1}").await.unwrap();
+    store.set_policy("{\"p\":2}").await.unwrap();
+    store.release("a", "service deleted").await.unwrap();
+    let before = store.events_after(0, 1000).await.unwrap();
+    assert_eq!(store.compaction_point().await.unwrap(), 0);
+
+    // Nothing is older than a retention that started before the writes.
+    let none = store.compact_events(1, 1000).await.unwrap();
+    assert_eq!((none.deleted, none.point), (0, 0));
+    assert_eq!(store.events_after(0, 1000).await.unwrap(), before);
+
+    // Everything is older than "now": the superseded rows go, a bounded batch at a time.
+    let cutoff = now_micros() + 1;
+    let first = store.compact_events(cutoff, 2).await.unwrap();
+    assert_eq!(first.deleted, 2, "a run deletes at most its batch");
+    let rest = store.compact_events(cutoff, 1000).await.unwrap();
+    // endpoints a: 2 of 3; node n1: its 3 changes (its deletion is the newest); policy: 1.
+    assert_eq!(rest.deleted, 4);
+    let after = store.events_after(0, 1000).await.unwrap();
+    assert_eq!(after.len(), before.len() - 6);
+
+    // The newest row of every routing key stays, and every other row stays untouched.
+    let newest = |events: &[Event]| {
+        let mut newest = BTreeMap::new();
+        for e in events {
+            if let Some(key) = routing_key(e) {
+                newest.insert(key, e.clone());
+            }
+        }
+        newest
+    };
+    assert_eq!(newest(&after), newest(&before));
+    assert_eq!(
+        newest(&after).len(),
+        4,
+        "endpoints a, node n1, node n2, policy"
+    );
+    let others = |events: &[Event]| {
+        events
+            .iter()
+            .filter(|e| routing_key(e).is_none())
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(others(&after), others(&before));
+    assert!(
+        others(&after).len() >= 2,
+        "the assignment and the release are in the log"
+    );
+    let (history, _) = store.history(HistoryKey::Owner("a"), 10, 0).await.unwrap();
+    assert_eq!(
+        history.len(),
+        2,
+        "history keeps the assignment and the release"
+    );
+
+    // The point is the highest revision deleted, and stays put when nothing more goes.
+    let deleted_max = before
+        .iter()
+        .map(Event::revision)
+        .filter(|r| !after.iter().any(|e| e.revision() == *r))
+        .max()
+        .unwrap();
+    assert_eq!(rest.point, deleted_max);
+    assert_eq!(store.compaction_point().await.unwrap(), deleted_max);
+    let again = store.compact_events(now_micros() + 1, 1000).await.unwrap();
+    assert_eq!((again.deleted, again.point), (0, deleted_max));
+    assert_eq!(store.event_count().await.unwrap(), after.len() as i64);
+
+    // Every replica and a restart know the point: it is in the store.
+    let reopened = Store::open(Some(&db.url)).await.unwrap();
+    assert_eq!(reopened.compaction_point().await.unwrap(), deleted_max);
 }

@@ -562,6 +562,9 @@ async fn follow_ipam(ctx: Arc<Ctx>) {
     // Ends with the task set, at shutdown; every turn either streams or waits a backoff.
     loop {
         let mut client = ctx.ipam.clone();
+        // Always from now (0), never resuming from a revision: a revision may since have
+        // been compacted out of IPAM's change log (OUT_OF_RANGE), and the pass on
+        // reconnecting below already covers whatever the stream missed.
         match client.watch(ipam::WatchRequest { after_revision: 0 }).await {
             Ok(stream) => {
                 attempt = 0;

@@ -1,6 +1,7 @@
 //! `herald-ipam`: the centre of Herald. It owns pools, allocations and their history, and
 //! serves them over gRPC (`herald.ipam.v1.Ipam`) with reflection and health.
 
+mod compaction;
 mod convert;
 #[cfg(test)]
 mod convert_properties;
@@ -24,7 +25,7 @@ use backon::{ExponentialBuilder, Retryable};
 use herald_api::ipam::v1::ipam_server::IpamServer;
 use herald_api::routing::v1::routing_server::RoutingServer;
 use herald_ipam_store::{Store, StoreError};
-use herald_settings::{CommonArgs, DatabaseUrl};
+use herald_settings::{CommonArgs, DatabaseUrl, Invalid};
 use herald_telemetry::LogFormat;
 use herald_telemetry::admin::Readiness;
 use tokio_util::sync::CancellationToken;
@@ -72,6 +73,10 @@ pub struct Config {
     /// `postgres://…` for production; without it an embedded SQLite file
     /// (`herald-ipam.db` in the working directory).
     pub database_url: Option<DatabaseUrl>,
+    /// How long superseded routing-input rows stay in the change log before compaction
+    /// deletes them.
+    #[serde(with = "herald_settings::duration")]
+    pub events_retention: Duration,
     pub log_format: LogFormat,
     /// Address of the admin listener: `/metrics`, `/healthz`, `/readyz`.
     pub admin_listen: SocketAddr,
@@ -84,6 +89,7 @@ impl Default for Config {
                 .parse()
                 .unwrap_or_else(|_| unreachable!("DEFAULT_LISTEN is an address")),
             database_url: None,
+            events_retention: compaction::DEFAULT_RETENTION,
             log_format: LogFormat::default(),
             admin_listen: herald_telemetry::admin::DEFAULT_IPAM_ADMIN_LISTEN
                 .parse()
@@ -92,7 +98,23 @@ impl Default for Config {
     }
 }
 
-impl herald_settings::Settings for Config {}
+impl herald_settings::Settings for Config {
+    fn validate(&self) -> Result<(), Invalid> {
+        // Compacted rows must be ones every replica's feed has long passed: the retention
+        // must dwarf the feed's poll interval.
+        if self.events_retention < compaction::MIN_RETENTION {
+            return Err(Invalid {
+                key: "events_retention",
+                reason: format!(
+                    "at least {:?} (the change feed polls every {:?}; compacting rows a feed has not read yet would make it wait on holes)",
+                    compaction::MIN_RETENTION,
+                    feed::POLL_INTERVAL,
+                ),
+            });
+        }
+        Ok(())
+    }
+}
 
 /// Herald IPAM: LoadBalancer address pools and allocations over gRPC.
 ///
@@ -117,6 +139,10 @@ pub struct Args {
     /// [default: 127.0.0.1:50061]
     #[arg(long, env = "HERALD_ADMIN_LISTEN", value_name = "ADDR")]
     pub admin_listen: Option<String>,
+    /// How long superseded node, endpoint and policy rows stay in the change log before
+    /// compaction deletes them (`30s`, `5m`); at least 1s [default: 5m]
+    #[arg(long, env = "HERALD_EVENTS_RETENTION", value_name = "DURATION")]
+    pub events_retention: Option<String>,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -174,6 +200,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         let reporter = reporter.clone();
         let readiness = readiness.clone();
         let url = config.database_url.as_ref().map(|u| u.expose().to_string());
+        let retention = config.events_retention;
         let supervisor = supervisor.clone();
         supervisor.clone().spawn("startup and health", async move {
             // A store that can never open is the process's failure: the supervisor exits
@@ -202,6 +229,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             supervisor.spawn(
                 "change feed",
                 feed::follow(Arc::clone(&ipam), shutdown.clone()),
+            );
+            supervisor.spawn(
+                "change-log compaction",
+                compaction::run(Arc::clone(&ipam), retention, shutdown.clone()),
             );
             supervisor.spawn("group-commit writer", {
                 let (ipam, shutdown) = (Arc::clone(&ipam), shutdown.clone());
@@ -379,5 +410,23 @@ mod tests {
             "herald-ipam",
         )
         .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    #[test]
+    fn a_retention_the_feed_could_lag_behind_is_refused() {
+        use herald_settings::Settings;
+        let short = Config {
+            events_retention: Duration::from_millis(500),
+            ..Config::default()
+        };
+        let refused = short.validate().expect_err("500ms is too short");
+        assert_eq!(refused.key, "events_retention");
+        assert!(refused.reason.contains("at least 1s"), "{}", refused.reason);
+        let shortest = Config {
+            events_retention: compaction::MIN_RETENTION,
+            ..Config::default()
+        };
+        assert!(shortest.validate().is_ok());
+        assert!(Config::default().validate().is_ok());
     }
 }

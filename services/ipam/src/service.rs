@@ -425,6 +425,23 @@ impl IpamRpc for IpamService {
                 format!("is ahead of the newest revision {replay_to}"),
             )));
         }
+        // Resuming from before the compaction point would replay a log with rows missing.
+        // OUT_OF_RANGE, as etcd answers "required revision has been compacted": the
+        // request is valid, the revision has passed out of the range kept, and unlike
+        // FAILED_PRECONDITION the client can fix it by asking again differently, without
+        // any change to the system's state. 0 ("from now") needs no old rows.
+        if after != 0 {
+            let point = ipam
+                .store()
+                .compaction_point()
+                .await
+                .map_err(IpamError::from)?;
+            if after < point {
+                return Err(Status::out_of_range(format!(
+                    "after_revision {after} has been compacted (the change log is complete only after revision {point}); list the pools and allocations again and watch from the current revision (after_revision=0, or {replay_to})"
+                )));
+            }
+        }
         let shutdown = self.shutdown.clone();
         let stream = async_stream(move |tx| async move {
             let _subscribed = metrics::Subscribed::new("Watch");
