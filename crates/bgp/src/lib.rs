@@ -32,7 +32,7 @@ pub mod fsm;
 pub mod rib;
 pub mod wire;
 
-pub use driver::{PeerConfig, PeerHandle, SpawnError};
+pub use driver::{BfdLink, PeerConfig, PeerHandle, SpawnError};
 pub use fsm::{
     GracefulRestartConfig, Ipv4NlriPolicy, Negotiated, PeerStatus, Session, SessionConfig,
     ShutdownMode, State,

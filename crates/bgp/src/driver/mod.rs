@@ -147,6 +147,24 @@ pub struct PeerHandle {
 #[derive(Debug)]
 enum Command {
     Shutdown(ShutdownMode, oneshot::Sender<()>),
+    BfdDown,
+}
+
+/// Lets a BFD session tear this peer's session down ([`PeerHandle::bfd_link`]). Holding
+/// one does not keep the peer's task alive once its [`PeerHandle`] is gone.
+#[derive(Debug, Clone)]
+pub struct BfdLink {
+    commands: mpsc::WeakUnboundedSender<Command>,
+}
+
+impl BfdLink {
+    /// The peer's BFD session went from Up to Down: close the BGP session now with
+    /// Cease / BFD Down (RFC 9384) and reconnect with the usual backoff.
+    pub fn down(&self) {
+        if let Some(c) = self.commands.upgrade() {
+            let _ = c.send(Command::BfdDown);
+        }
+    }
 }
 
 impl PeerHandle {
@@ -228,6 +246,13 @@ impl PeerHandle {
     /// A receiver that sees every status change.
     pub fn watch_status(&self) -> watch::Receiver<PeerStatus> {
         self.status.clone()
+    }
+
+    /// A link through which a BFD session reports the peer down.
+    pub fn bfd_link(&self) -> BfdLink {
+        BfdLink {
+            commands: self.commands.downgrade(),
+        }
     }
 
     /// The bound listen address (useful with port 0).
@@ -343,6 +368,11 @@ impl PeerTask {
             tokio::select! {
                 cmd = commands.recv() => {
                     match cmd {
+                        Some(Command::BfdDown) => {
+                            self.apply(Instant::now(), Event::BfdDown, &write_err_tx);
+                            self.publish();
+                            continue;
+                        }
                         Some(Command::Shutdown(mode, done)) => {
                             self.apply(Instant::now(), Event::ManualStop(mode), &write_err_tx);
                             self.publish();
