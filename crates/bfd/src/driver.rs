@@ -5,8 +5,9 @@
 //! Single-hop (RFC 5881): packets go to port 3784 from a source port in 49152–65535 with
 //! TTL 255, and a received packet whose TTL is not 255 is discarded (GTSM, §5), so only a
 //! directly connected system can speak to the session. Multihop (RFC 5883): port 4784,
-//! sent with TTL 255, received with at least [`DEFAULT_MULTIHOP_MIN_TTL`] unless told
-//! otherwise. Nothing here panics on what arrives from the network: a packet is decoded,
+//! sent with TTL 255 and received with any TTL unless [`PeerSpec::min_rx_ttl`] asks for a
+//! check (RFC 5883 §5 leaves it to configuration; BIRD sends multihop packets with the
+//! system's default TTL of 64). Nothing here panics on what arrives from the network: a packet is decoded,
 //! checked, and either handed to its session or counted and dropped.
 
 use std::collections::HashMap;
@@ -35,9 +36,8 @@ pub const MULTIHOP_PORT: u16 = 4784;
 pub const SOURCE_PORTS: std::ops::RangeInclusive<u16> = 49152..=65535;
 /// The TTL every packet is sent with, so GTSM at the receiver can work.
 pub const SEND_TTL: u8 = 255;
-/// The lowest TTL a multihop packet may arrive with by default: one hop, as FRR's bfdd
-/// assumes by default; raise the hop budget with [`PeerSpec::min_rx_ttl`].
-pub const DEFAULT_MULTIHOP_MIN_TTL: u8 = 254;
+/// The lowest TTL a multihop packet may arrive with by default: any.
+pub const DEFAULT_MULTIHOP_MIN_TTL: u8 = 1;
 /// How many source ports to try before giving up.
 const SOURCE_PORT_TRIES: usize = 64;
 /// Packets a session may have waiting before newer ones are dropped (a session reads

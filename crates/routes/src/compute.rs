@@ -67,6 +67,7 @@ pub struct PeerSession {
     pub graceful_restart: bool,
     pub restart_time: u16,
     pub passive: bool,
+    pub bfd: Option<crate::policy::BfdSettings>,
 }
 
 impl PeerSession {
@@ -337,6 +338,7 @@ impl<'a> Ctx<'a> {
                 graceful_restart: peer.graceful_restart,
                 restart_time: peer.restart_time,
                 passive: peer.passive,
+                bfd: peer.bfd,
             });
         }
         let eligible = node.eligibility() == Eligibility::Eligible;

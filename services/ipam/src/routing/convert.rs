@@ -8,8 +8,8 @@ use herald_api::ipam::v1 as ipam_pb;
 use herald_api::routing::v1 as pb;
 use herald_model::{FieldError, IpFamily, TrafficPolicy};
 use herald_routes::{
-    AdvertisementInput, BgpPolicy, BgpPolicyInput, Node, NodeRoutes, PeerInput, PeerSession,
-    RouteAttrs, RouterIdRule, SourceAddressRule,
+    AdvertisementInput, BfdInput, BfdSettings, BgpPolicy, BgpPolicyInput, Node, NodeRoutes,
+    PeerInput, PeerSession, RouteAttrs, RouterIdRule, SourceAddressRule,
 };
 
 use crate::convert::{family_to_pb, parse_ip, selector_from_pb, selector_to_pb, timestamp};
@@ -107,6 +107,7 @@ fn peer_from_pb(
         local_asn,
         families,
         source_subnet,
+        bfd,
     } = peer;
     let at = format!("peers[{i}]");
     let families = families
@@ -156,7 +157,38 @@ fn peer_from_pb(
         restart_time: nonzero(restart_time_seconds),
         passive,
         source_address,
+        bfd: bfd.map(bfd_from_pb),
     })
+}
+
+fn bfd_from_pb(bfd: pb::Bfd) -> BfdInput {
+    let pb::Bfd {
+        min_rx_ms,
+        min_tx_ms,
+        multiplier,
+        multihop,
+    } = bfd;
+    BfdInput {
+        min_rx_ms: nonzero(min_rx_ms),
+        min_tx_ms: nonzero(min_tx_ms),
+        multiplier: nonzero(multiplier),
+        multihop,
+    }
+}
+
+fn bfd_to_pb(bfd: &BfdSettings) -> pb::Bfd {
+    let BfdSettings {
+        min_rx_ms,
+        min_tx_ms,
+        multiplier,
+        multihop,
+    } = *bfd;
+    pb::Bfd {
+        min_rx_ms,
+        min_tx_ms,
+        multiplier: u32::from(multiplier),
+        multihop,
+    }
 }
 
 fn advertisement_from_pb(
@@ -270,6 +302,7 @@ pub fn policy_to_pb(policy: &BgpPolicy) -> pb::BgpPolicy {
                     SourceAddressRule::FirstOfPeerFamily => String::new(),
                     SourceAddressRule::InSubnet(net) => net.to_string(),
                 },
+                bfd: p.bfd.as_ref().map(bfd_to_pb),
             })
             .collect(),
         advertisements: policy
@@ -323,6 +356,7 @@ fn session_to_pb(session: &PeerSession) -> pb::Peer {
             .map(|f| family_to_pb(*f) as i32)
             .collect(),
         source_subnet: String::new(),
+        bfd: session.bfd.as_ref().map(bfd_to_pb),
     }
 }
 
