@@ -679,6 +679,29 @@ mod tests {
     }
 
     #[test]
+    fn bfd_is_off_unless_the_peer_asks_and_fills_in_300_ms_times_3() {
+        let spec = peer_from_pb(&peer_routes(pb_peer("tor"), vec![]), DEFAULTS)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(spec.bfd, None);
+        let mut p = pb_peer("tor");
+        p.bfd = Some(pb::Bfd {
+            min_tx_ms: 100,
+            ..pb::Bfd::default()
+        });
+        let spec =
+            peer_from_pb(&peer_routes(p, vec![]), DEFAULTS).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            spec.bfd,
+            Some(BfdSpec {
+                min_rx: Duration::from_millis(300),
+                min_tx: Duration::from_millis(100),
+                multiplier: 3,
+                multihop: false,
+            })
+        );
+    }
+
+    #[test]
     fn bad_peers_are_refused_with_the_field_named() {
         fn peer(pr: &mut pb::PeerRoutes) -> &mut pb::Peer {
             pr.peer.get_or_insert_with(pb::Peer::default)
@@ -700,6 +723,24 @@ mod tests {
                 "restart_time_seconds",
             ),
             (|p| peer(p).families = vec![0], "families"),
+            (
+                |p| {
+                    peer(p).bfd = Some(pb::Bfd {
+                        min_rx_ms: 5,
+                        ..pb::Bfd::default()
+                    })
+                },
+                "bfd.min_rx_ms",
+            ),
+            (
+                |p| {
+                    peer(p).bfd = Some(pb::Bfd {
+                        multiplier: 256,
+                        ..pb::Bfd::default()
+                    })
+                },
+                "bfd.multiplier",
+            ),
             (|p| p.source_address = "::1".into(), "source_address"),
             (|p| p.source_address = "node-a".into(), "source_address"),
         ];
