@@ -33,6 +33,8 @@ const ADVERTISE_RATIO_TARGET: f64 = 3.0;
 const PREFIXES_PER_UPDATE: u64 = 500;
 /// Explicit withdraws: until gone at the ToR.
 const WITHDRAW_TARGET_MS: f64 = 250.0;
+/// Session loss with BFD 300 ms × 3: under a second.
+const BFD_LOSS_TARGET_MS: f64 = 1000.0;
 /// Session loss: detected within the hold time plus this.
 const SESSION_LOSS_SLACK_MS: f64 = 100.0;
 /// Where the announced /32s start.
@@ -72,7 +74,7 @@ async fn gobgp_speaker(tor: &Tor, source: Ipv4Addr) -> anyhow::Result<GobgpSpeak
 async fn engine_pair(common: &Common, i: usize) -> anyhow::Result<(Tor, EngineChild)> {
     let tor = Tor::start(TorConfig::new(TorKind::Gobgp)).await?;
     let hold = tor.config().hold_time;
-    let engine = EngineChild::start(&tor, engine_source(i), hold, &common.log_dir).await?;
+    let engine = EngineChild::start(&tor, engine_source(i), hold, None, &common.log_dir).await?;
     Ok((tor, engine))
 }
 
@@ -282,6 +284,10 @@ pub struct WithdrawReport {
     pub bulk: u32,
     pub hold_time_s: u16,
     pub sides: Vec<WithdrawSide>,
+    /// SIGSTOP of an engine child running BFD (300 ms × 3) with an FRR ToR running bfdd:
+    /// until the ToR dropped its routes. GoBGP 3.10 has no BFD; its figure is the
+    /// hold-time one (`sides`).
+    pub bfd_freeze_ms: Option<f64>,
     pub targets: Vec<Target>,
 }
 
@@ -478,9 +484,18 @@ pub async fn withdraw(
     )
     .await?;
     tor_g.stop().await;
+    let bfd_freeze_ms = if freeze {
+        Some(
+            bfd_freeze(common, bulk, timeout)
+                .await
+                .context("BFD freeze side")?,
+        )
+    } else {
+        None
+    };
 
     println!(
-        "  {:<7} {:>7} {:>9} {:>9} {:>9} {:>12} {:>11} {:>10} {:>8}",
+        "  {:<10} {:>7} {:>9} {:>9} {:>9} {:>12} {:>11} {:>10} {:>8}",
         "speaker",
         "1x n",
         "1 p50 ms",
@@ -493,7 +508,7 @@ pub async fn withdraw(
     );
     for side in [&engine_side, &gobgp_side] {
         println!(
-            "  {:<7} {:>7} {:>9.1} {:>9.1} {:>9.1} {:>12.1} {:>11} {:>10.1} {:>8.1}",
+            "  {:<10} {:>7} {:>9.1} {:>9.1} {:>9.1} {:>12.1} {:>11} {:>10.1} {:>8.1}",
             side.speaker,
             side.single.count,
             side.single.p50_ms,
@@ -506,10 +521,18 @@ pub async fn withdraw(
             side.poll_ms
         );
     }
+    if let Some(ms) = bfd_freeze_ms {
+        println!(
+            "  {:<10} {:>7} {:>9} {:>9} {:>9} {:>12} {:>11.1} {:>10} {:>8}",
+            "herald+bfd", "-", "-", "-", "-", "-", ms, "-", "-"
+        );
+    }
     println!(
         "  times until the ToR's route count shows the change; 'poll ms' is one ToR query, the \
          resolution of every figure. freeze = SIGSTOP (session silent, the ToR's hold timer of \
-         {hold_time_s} s decides); kill-9 = SIGKILL (the kernel closes the connection)."
+         {hold_time_s} s decides); kill-9 = SIGKILL (the kernel closes the connection). \
+         herald+bfd = the engine with BFD 300 ms x 3 against an FRR ToR running bfdd, frozen \
+         the same way (GoBGP 3.10 has no BFD)."
     );
     let loss_limit = f64::from(hold_time_s) * 1000.0 + SESSION_LOSS_SLACK_MS;
     let mut targets = vec![
@@ -549,12 +572,75 @@ pub async fn withdraw(
             e < loss_limit,
         ));
     }
+    if let (Some(b), Some(g)) = (bfd_freeze_ms, gobgp_side.freeze_ms) {
+        targets.push(Target::new(
+            "withdraw session loss silent, BFD 300 ms x 3",
+            format!("{b:.1} ms (GoBGP, hold time: {g:.1})"),
+            format!("< {BFD_LOSS_TARGET_MS} ms"),
+            b < BFD_LOSS_TARGET_MS,
+        ));
+    }
     crate::report::print_targets(&targets);
     Ok(WithdrawReport {
         repeats,
         bulk,
         hold_time_s,
         sides: vec![engine_side, gobgp_side],
+        bfd_freeze_ms,
         targets,
     })
+}
+
+/// Session loss with BFD: an engine child with BFD 300 ms × 3 and `bulk` routes at an FRR
+/// ToR running bfdd; SIGSTOP the child and time until the ToR holds none of them.
+async fn bfd_freeze(common: &Common, bulk: u32, timeout: Duration) -> anyhow::Result<f64> {
+    let mut config = TorConfig::new(TorKind::Frr);
+    config.bfd = Some(herald_tor_harness::TorBfd::default());
+    let tor = Tor::start(config).await?;
+    let source = engine_source(5);
+    let mut engine = EngineChild::start(
+        &tor,
+        source,
+        tor.config().hold_time,
+        Some(300),
+        &common.log_dir,
+    )
+    .await?;
+    let all = bulk as usize;
+    engine.set(BULK_BASE, bulk).await?;
+    speakers::wait_count(&tor, Instant::now(), BULK_POLL, timeout, |c| c == all)
+        .await
+        .context("herald+bfd: routes at the FRR ToR")?;
+    // BFD Up at the ToR, then time for the Poll Sequence to 300 ms.
+    let up_deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let peers = tor.bfd_peers().await?;
+        if peers
+            .iter()
+            .any(|(a, s)| *a == std::net::IpAddr::V4(source) && s == "up")
+        {
+            break;
+        }
+        if Instant::now() > up_deadline {
+            anyhow::bail!("BFD never came Up at the FRR ToR: {peers:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let started = Instant::now();
+    engine.freeze(true);
+    let hold = Duration::from_secs(u64::from(tor.config().hold_time));
+    let waited = speakers::wait_count(
+        &tor,
+        started,
+        FINE_POLL,
+        hold + Duration::from_secs(5),
+        |c| c == 0,
+    )
+    .await;
+    engine.freeze(false);
+    let (gone, _) = waited.context("herald+bfd: frozen speaker's routes")?;
+    engine.kill9().await;
+    tor.stop().await;
+    Ok(gone.as_secs_f64() * 1000.0)
 }

@@ -48,6 +48,46 @@ pub struct EngineChildArgs {
     /// Hold time offered, seconds.
     #[arg(long, default_value_t = herald_tor_harness::DEFAULT_HOLD_TIME)]
     pub hold_time: u16,
+    /// Also run single-hop BFD with the ToR at this interval (milliseconds) × 3, and
+    /// close the session when BFD leaves Up, as the route speaker does.
+    #[arg(long)]
+    pub bfd_ms: Option<u32>,
+}
+
+/// A BFD session to the ToR that closes `peer`'s session when it leaves Up; lives as long
+/// as the returned values.
+async fn start_bfd(
+    args: &EngineChildArgs,
+    ms: u32,
+    peer: &PeerHandle,
+) -> anyhow::Result<(
+    herald_bfd::Bfd,
+    herald_bfd::SessionHandle,
+    tokio::task::JoinHandle<()>,
+)> {
+    let bfd = herald_bfd::Bfd::new();
+    let session = bfd
+        .add(herald_bfd::PeerSpec::single_hop(
+            IpAddr::V4(args.peer_addr),
+            IpAddr::V4(args.source),
+            Duration::from_millis(u64::from(ms)),
+            3,
+        ))
+        .await
+        .map_err(|e| anyhow!("start BFD: {e}"))?;
+    let link = peer.bfd_link();
+    let mut rx = session.watch();
+    let watch = tokio::spawn(async move {
+        let mut was = rx.borrow_and_update().state;
+        while rx.changed().await.is_ok() {
+            let now = rx.borrow_and_update().state;
+            if was == herald_bfd::State::Up && now != herald_bfd::State::Up {
+                link.down();
+            }
+            was = now;
+        }
+    });
+    Ok((bfd, session, watch))
 }
 
 /// The child's main loop. Prints `established` once the session is up, then answers
@@ -71,6 +111,10 @@ pub async fn engine_child(args: EngineChildArgs) -> anyhow::Result<()> {
     let peer = PeerHandle::spawn(config)
         .await
         .map_err(|e| anyhow!("spawn the engine: {e:?}"))?;
+    let _bfd = match args.bfd_ms {
+        Some(ms) => Some(start_bfd(&args, ms, &peer).await?),
+        None => None,
+    };
     let mut out = tokio::io::stdout();
     match peer.wait_established(ENGINE_ESTABLISH).await {
         Ok(_) => out.write_all(b"established\n").await?,
@@ -163,14 +207,23 @@ impl EngineChild {
         tor: &Tor,
         source: Ipv4Addr,
         hold_time: u16,
+        bfd_ms: Option<u32>,
         log_dir: &Path,
     ) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("locate the herald-bench executable")?;
         let log = log_dir.join(format!("engine-child-{source}-{}.log", tor.bgp_port()));
         let file = std::fs::File::create(&log)
             .with_context(|| format!("create log file {}", log.display()))?;
-        let mut child = tokio::process::Command::new(exe)
-            .arg("engine-child")
+        let mut command = tokio::process::Command::new(exe);
+        if let Some(ms) = bfd_ms {
+            command
+                .arg("engine-child")
+                .arg("--bfd-ms")
+                .arg(ms.to_string());
+        } else {
+            command.arg("engine-child");
+        }
+        let mut child = command
             .arg("--peer-addr")
             .arg(tor.config().listen_addr.to_string())
             .arg("--peer-port")

@@ -241,6 +241,10 @@ pub enum Event {
     RouteRefreshMsg,
     /// Herald: replace the desired routes (declarative, whole set).
     SetDesired(Arc<Routes>),
+    /// BFD (RFC 5882 §4.3) says the peer's forwarding path failed after having been Up:
+    /// the session is torn down at once with Cease / BFD Down (RFC 9384) instead of
+    /// waiting out the hold time, and restarts with the usual backoff.
+    BfdDown,
 }
 
 /// What the driver must do.
@@ -542,6 +546,18 @@ impl Session {
                 self.desired = routes;
                 if self.state == State::Established {
                     self.advertise_diff();
+                }
+            }
+            Event::BfdDown => {
+                // Only a connection that reached the peer can be torn down; a connection
+                // attempt in progress fails or succeeds on its own.
+                if matches!(
+                    self.state,
+                    State::OpenSent | State::OpenConfirm | State::Established
+                ) {
+                    let n =
+                        Notification::new(Notification::CEASE, wire::cease::BFD_DOWN, Vec::new());
+                    self.fail(now, Some(n), "BFD session went down");
                 }
             }
             other => self.event(now, other),
@@ -1331,6 +1347,7 @@ fn event_name(e: &Event) -> &'static str {
         Event::UpdateMsg(..) => "UpdateMsg",
         Event::RouteRefreshMsg => "ROUTE-REFRESH",
         Event::SetDesired(_) => "SetDesired",
+        Event::BfdDown => "BfdDown",
     }
 }
 

@@ -33,7 +33,7 @@ pub mod fuzzing;
 pub mod rib;
 pub mod wire;
 
-pub use driver::{PeerConfig, PeerHandle, SpawnError, Synced};
+pub use driver::{BfdLink, PeerConfig, PeerHandle, SpawnError, Synced};
 pub use fsm::{
     GracefulRestartConfig, Ipv4NlriPolicy, Negotiated, PeerStatus, Session, SessionConfig,
     ShutdownMode, State,

@@ -69,6 +69,7 @@ pub struct PeerSession {
     pub passive: bool,
     /// Most prefixes the peer may send (`None`: no limit).
     pub max_prefixes: Option<u32>,
+    pub bfd: Option<crate::policy::BfdSettings>,
 }
 
 impl PeerSession {
@@ -340,6 +341,7 @@ impl<'a> Ctx<'a> {
                 restart_time: peer.restart_time,
                 passive: peer.passive,
                 max_prefixes: peer.max_prefixes,
+                bfd: peer.bfd,
             });
         }
         let eligible = node.eligibility() == Eligibility::Eligible;

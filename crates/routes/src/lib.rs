@@ -51,8 +51,8 @@ pub use compute::{
 };
 pub use facts::{EXCLUDE_FROM_LB_LABEL, Eligibility, Node, NodeName, ServiceFacts};
 pub use policy::{
-    AdvertisementInput, AdvertisementRule, BgpPolicy, BgpPolicyInput, Password, Peer, PeerInput,
-    PeerName, RouterIdRule, SourceAddressRule,
+    AdvertisementInput, AdvertisementRule, BfdInput, BfdSettings, BgpPolicy, BgpPolicyInput,
+    Password, Peer, PeerInput, PeerName, RouterIdRule, SourceAddressRule,
 };
 
 #[cfg(test)]

@@ -35,6 +35,12 @@ pub const MAX_RESTART_TIME: u16 = 4095;
 pub const MAX_MD5_PASSWORD_LEN: usize = 80;
 /// RFC 6793's placeholder for a 4-octet ASN on 2-octet sessions; never a real AS.
 pub const AS_TRANS: u32 = 23456;
+/// BFD's default intervals and multiplier: a failure is detected within 900 ms, what
+/// FRR and most ToR vendors default to.
+pub const DEFAULT_BFD_INTERVAL_MS: u32 = 300;
+pub const DEFAULT_BFD_MULTIPLIER: u8 = 3;
+/// FRR's bounds on a BFD interval; faster than 10 ms is for hardware, not a daemon.
+pub const BFD_INTERVAL_MS: std::ops::RangeInclusive<u32> = 10..=60_000;
 /// Bounds on list sizes, far above real configurations, so one request cannot make the
 /// server do unbounded work.
 pub const MAX_PEERS: usize = 256;
@@ -124,6 +130,60 @@ pub struct PeerInput {
     pub source_address: SourceAddressRule,
     /// Most prefixes the peer may send (`None`: no limit).
     pub max_prefixes: Option<u32>,
+    /// `Some` runs BFD with the peer.
+    pub bfd: Option<BfdInput>,
+}
+
+/// A peer's BFD settings as the API sends them. `None` means "the default".
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BfdInput {
+    pub min_rx_ms: Option<u32>,
+    pub min_tx_ms: Option<u32>,
+    pub multiplier: Option<u32>,
+    pub multihop: bool,
+}
+
+/// Validated BFD settings of one peer (RFC 5880 asynchronous mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct BfdSettings {
+    /// Required Min RX Interval, milliseconds.
+    pub min_rx_ms: u32,
+    /// Desired Min TX Interval once Up, milliseconds.
+    pub min_tx_ms: u32,
+    pub multiplier: u8,
+    /// RFC 5883 multihop rather than RFC 5881 single-hop.
+    pub multihop: bool,
+}
+
+impl BfdSettings {
+    fn from_input(input: &BfdInput) -> Result<Self, FieldError> {
+        let interval = |field: &'static str, v: Option<u32>| match v {
+            None => Ok(DEFAULT_BFD_INTERVAL_MS),
+            Some(ms) if BFD_INTERVAL_MS.contains(&ms) => Ok(ms),
+            Some(ms) => Err(FieldError::new(
+                field,
+                ms,
+                format!(
+                    "must be {} to {} milliseconds",
+                    BFD_INTERVAL_MS.start(),
+                    BFD_INTERVAL_MS.end()
+                ),
+            )),
+        };
+        let multiplier = match input.multiplier {
+            None => DEFAULT_BFD_MULTIPLIER,
+            Some(m) => u8::try_from(m)
+                .ok()
+                .filter(|m| *m != 0)
+                .ok_or_else(|| FieldError::new("bfd.multiplier", m, "must be 1 to 255"))?,
+        };
+        Ok(Self {
+            min_rx_ms: interval("bfd.min_rx_ms", input.min_rx_ms)?,
+            min_tx_ms: interval("bfd.min_tx_ms", input.min_tx_ms)?,
+            multiplier,
+            multihop: input.multihop,
+        })
+    }
 }
 
 /// An advertisement rule as the API sends it.
@@ -182,6 +242,9 @@ pub struct Peer {
     /// field existed read as no limit.
     #[serde(default)]
     pub max_prefixes: Option<u32>,
+    /// Policies stored before BFD existed have none.
+    #[serde(default)]
+    pub bfd: Option<BfdSettings>,
 }
 
 /// A validated advertisement rule.
@@ -418,6 +481,11 @@ impl Peer {
                 format!("is not of the peer address's family ({address})"),
             ));
         }
+        let bfd = input
+            .bfd
+            .as_ref()
+            .map(BfdSettings::from_input)
+            .transpose()?;
         // Only the effective local ASN matters for eBGP/iBGP; keep the override only
         // when it differs, so equal policies compare equal.
         let local_asn = input.local_asn.filter(|asn| *asn != policy_asn);
@@ -439,6 +507,7 @@ impl Peer {
             passive: input.passive,
             source_address: input.source_address,
             max_prefixes: input.max_prefixes.filter(|m| *m > 0),
+            bfd,
         })
     }
 

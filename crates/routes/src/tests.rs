@@ -929,6 +929,39 @@ fn policy_validation_names_field_and_value() {
             "4096",
         ),
         (
+            "bfd interval below 10 ms",
+            |p| {
+                p.peers[0].bfd = Some(BfdInput {
+                    min_rx_ms: Some(5),
+                    ..Default::default()
+                })
+            },
+            "peers[0].bfd.min_rx_ms",
+            "5",
+        ),
+        (
+            "bfd interval above a minute",
+            |p| {
+                p.peers[0].bfd = Some(BfdInput {
+                    min_tx_ms: Some(60_001),
+                    ..Default::default()
+                })
+            },
+            "peers[0].bfd.min_tx_ms",
+            "60001",
+        ),
+        (
+            "bfd multiplier 256",
+            |p| {
+                p.peers[0].bfd = Some(BfdInput {
+                    multiplier: Some(256),
+                    ..Default::default()
+                })
+            },
+            "peers[0].bfd.multiplier",
+            "256",
+        ),
+        (
             "ttl 0",
             |p| p.peers[0].multihop_ttl = Some(0),
             "peers[0].multihop_ttl",
@@ -1327,4 +1360,37 @@ fn computation_is_deterministic_and_local_to_each_node() {
         announced > 100,
         "the generated clusters announce routes ({announced})"
     );
+}
+
+#[test]
+fn bfd_is_off_unless_asked_and_defaults_to_300_ms_times_3() {
+    let mut with = peer("tor", "10.0.0.1", 65001);
+    with.bfd = Some(BfdInput {
+        min_tx_ms: Some(50),
+        multihop: true,
+        ..Default::default()
+    });
+    let p = policy(
+        vec![peer("plain", "10.0.0.2", 65001), with],
+        vec![rule("lab")],
+    );
+    assert_eq!(p.peers[0].bfd, None);
+    assert_eq!(
+        p.peers[1].bfd,
+        Some(BfdSettings {
+            min_rx_ms: 300,
+            min_tx_ms: 50,
+            multiplier: 3,
+            multihop: true,
+        })
+    );
+}
+
+#[test]
+fn a_policy_stored_before_bfd_existed_still_reads() {
+    let p = policy(vec![peer("tor", "10.0.0.1", 65001)], vec![rule("lab")]);
+    let mut json = serde_json::to_value(&p).unwrap();
+    json["peers"][0].as_object_mut().unwrap().remove("bfd");
+    let back: BgpPolicy = serde_json::from_value(json).unwrap();
+    assert_eq!(back, p);
 }

@@ -63,6 +63,23 @@ impl ChildProcess {
         self.child.as_ref().map(Child::id).unwrap_or(0)
     }
 
+    /// SIGSTOP (`true`) or SIGCONT (`false`) by its PID: a frozen process keeps its
+    /// sockets open and sends nothing, like a hung node.
+    pub fn freeze(&self, frozen: bool) {
+        if let Some(child) = &self.child
+            && let Ok(pid) = i32::try_from(child.id())
+        {
+            signal(
+                pid,
+                if frozen {
+                    Signal::SIGSTOP
+                } else {
+                    Signal::SIGCONT
+                },
+            );
+        }
+    }
+
     /// SIGKILL, as a crash would: no clean-up runs in the child.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {

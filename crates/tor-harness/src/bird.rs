@@ -29,6 +29,20 @@ impl Client {
         run_query(&self.birdc, &args).await
     }
 
+    /// `show bfd sessions`: one line per session, `<address> <interface> <state> ...`.
+    pub(crate) async fn bfd_peers(&self) -> Result<Vec<(std::net::IpAddr, String)>> {
+        let text = self.run("show bfd sessions").await?;
+        Ok(text
+            .lines()
+            .filter_map(|line| {
+                let mut f = line.split_whitespace();
+                let addr = f.next()?.parse().ok()?;
+                let state = f.nth(1)?.to_owned();
+                Some((addr, state))
+            })
+            .collect())
+    }
+
     pub(crate) async fn ping(&self) -> Result<()> {
         let status = self.run("show status").await?;
         if status.contains("Daemon is up and running") {
@@ -116,6 +130,12 @@ pub(crate) fn prepare(config: &TorConfig, port: u16, dir: &Path) -> Result<Launc
             .map(|arg| (*arg).to_owned())
             .collect(),
         backend: Backend::Bird(client),
+        helpers: Vec::new(),
+        user: if config.bfd.is_some() {
+            crate::process::User::NobodyWithNetAdmin
+        } else {
+            crate::process::User::Nobody
+        },
     })
 }
 
@@ -125,6 +145,15 @@ pub(crate) fn render_config(config: &TorConfig, port: u16) -> String {
     let mut conf = String::new();
     let _ = writeln!(conf, "log stderr all;\nrouter id {};", config.router_id);
     conf.push_str("protocol device {}\n");
+    if let Some(bfd) = config.bfd {
+        // The BGP sessions are multihop (see below), so their BFD sessions are too
+        // (RFC 5883, port 4784).
+        let _ = writeln!(
+            conf,
+            "protocol bfd {{\n  multihop {{ interval {} ms; multiplier {}; }};\n}}",
+            bfd.interval_ms, bfd.multiplier
+        );
+    }
     let _ = writeln!(conf, "template bgp tor_nodes {{");
     let _ = writeln!(
         conf,
@@ -154,6 +183,9 @@ pub(crate) fn render_config(config: &TorConfig, port: u16) -> String {
     }
     if let Some(password) = &config.md5_password {
         let _ = writeln!(conf, "  password \"{password}\";");
+    }
+    if config.bfd.is_some() {
+        conf.push_str("  bfd on;\n");
     }
     let export = if config.export_to_peers {
         "all"

@@ -21,6 +21,26 @@ pub(crate) struct Client {
 
 impl Client {
     async fn run(&self, command: &str) -> Result<String> {
+        self.run_on("bgpd", command).await
+    }
+
+    /// `show bfd peers json` from bfdd: `[{"peer": "127.0.0.10", "status": "up", ...}]`.
+    pub(crate) async fn bfd_peers(&self) -> Result<Vec<(IpAddr, String)>> {
+        let text = self.run_on("bfdd", "show bfd peers json").await?;
+        let json: Value = serde_json::from_str(text.trim()).context("bfd peers JSON")?;
+        Ok(json
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| {
+                let addr = p.get("peer")?.as_str()?.parse().ok()?;
+                let status = p.get("status")?.as_str()?.to_owned();
+                Some((addr, status))
+            })
+            .collect())
+    }
+
+    async fn run_on(&self, daemon: &str, command: &str) -> Result<String> {
         // `--config_dir` with an empty vtysh.conf keeps vtysh away from /etc/frr.
         let dir = self.dir.display().to_string();
         let args = vec![
@@ -29,7 +49,7 @@ impl Client {
             "--config_dir".to_owned(),
             dir,
             "-d".to_owned(),
-            "bgpd".to_owned(),
+            daemon.to_owned(),
             "-c".to_owned(),
             command.to_owned(),
         ];
@@ -82,6 +102,9 @@ pub(crate) fn prepare(config: &TorConfig, port: u16, dir: &Path) -> Result<Launc
     std::fs::write(dir.join("bgpd.conf"), render_config(config)).context("writing bgpd.conf")?;
     std::fs::write(dir.join("vtysh.conf"), "").context("writing vtysh.conf")?;
     let dir_arg = dir.display().to_string();
+    if let Some(bfd) = config.bfd {
+        return prepare_with_bfd(config, bfd, port, dir, program, client);
+    }
     Ok(Launch {
         name: "bgpd",
         program,
@@ -107,6 +130,91 @@ pub(crate) fn prepare(config: &TorConfig, port: u16, dir: &Path) -> Result<Launc
             "-S".to_owned(),
         ],
         backend: Backend::Frr(client),
+        helpers: Vec::new(),
+        user: crate::process::User::Nobody,
+    })
+}
+
+/// With BFD, bgpd asks bfdd for sessions through zebra, so all three run. None of them
+/// touches the kernel's routes: bgpd runs with `-n` (no FIB) and sends zebra no routes,
+/// bfdd sends none, and zebra has no other client; zebra only reads interfaces. They
+/// start as root and drop to the `frr` user themselves, keeping the capabilities they
+/// check for at start (zebra and bfdd refuse to run without them).
+fn prepare_with_bfd(
+    config: &TorConfig,
+    bfd: crate::TorBfd,
+    port: u16,
+    dir: &Path,
+    program: std::path::PathBuf,
+    client: Client,
+) -> Result<Launch> {
+    let d = |name: &str| dir.join(name).display().to_string();
+    let common = |conf: &str, pid: &str| -> Vec<String> {
+        vec![
+            "-f".into(),
+            d(conf),
+            "-i".into(),
+            d(pid),
+            "-z".into(),
+            d("zserv.api"),
+            "--vty_socket".into(),
+            dir.display().to_string(),
+            "-P".into(),
+            "0".into(),
+            "-u".into(),
+            "frr".into(),
+            "-g".into(),
+            "frr".into(),
+        ]
+    };
+    std::fs::write(dir.join("zebra.conf"), "hostname tor\nlog stdout\n!\n")
+        .context("writing zebra.conf")?;
+    std::fs::write(
+        dir.join("bfdd.conf"),
+        format!(
+            "hostname tor\nlog stdout\n!\nbfd\n profile herald\n  receive-interval {i}\n  \
+             transmit-interval {i}\n  detect-multiplier {m}\n !\n!\n",
+            i = bfd.interval_ms,
+            m = bfd.multiplier
+        ),
+    )
+    .context("writing bfdd.conf")?;
+    let mut bfdd = common("bfdd.conf", "bfdd.pid");
+    bfdd.extend(["--bfdctl".into(), d("bfdd.sock")]);
+    let mut bgpd = common("bgpd.conf", "bgpd.pid");
+    bgpd.extend([
+        "-l".into(),
+        config.listen_addr.to_string(),
+        "-p".into(),
+        port.to_string(),
+        // No FIB: bgpd sends zebra no routes.
+        "-n".into(),
+    ]);
+    for f in ["bgpd.conf", "zebra.conf", "bfdd.conf", "vtysh.conf"] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.join(f), std::fs::Permissions::from_mode(0o644))
+            .with_context(|| format!("opening {f} to frr"))?;
+    }
+    Ok(Launch {
+        name: "bgpd",
+        program,
+        args: bgpd,
+        backend: Backend::Frr(client),
+        helpers: vec![
+            crate::Helper {
+                name: "zebra",
+                program: bins::ZEBRA.resolve()?,
+                args: common("zebra.conf", "zebra.pid"),
+                ready_file: Some(dir.join("zserv.api")),
+            },
+            crate::Helper {
+                name: "bfdd",
+                program: bins::BFDD.resolve()?,
+                args: bfdd,
+                ready_file: Some(dir.join("bfdd.sock")),
+            },
+        ],
+        user: crate::process::User::Own,
     })
 }
 
@@ -148,6 +256,12 @@ pub(crate) fn render_config(config: &TorConfig) -> String {
     }
     if let Some(password) = &config.md5_password {
         let _ = writeln!(conf, " neighbor NODES password {password}");
+    }
+    if config.bfd.is_some() {
+        // zebra lists no 127.x address on lo, so bgpd finds its session's interface
+        // only when told; without it bgpd resets every session ("nexthop_set failed").
+        conf.push_str(" neighbor NODES update-source lo\n");
+        conf.push_str(" neighbor NODES bfd\n neighbor NODES bfd profile herald\n");
     }
     let _ = writeln!(
         conf,

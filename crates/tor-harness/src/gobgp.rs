@@ -142,6 +142,8 @@ pub(crate) fn prepare(config: &TorConfig, port: u16, dir: &Path) -> Result<Launc
         .map(|arg| (*arg).to_owned())
         .collect(),
         backend: Backend::Gobgp(client),
+        helpers: Vec::new(),
+        user: crate::process::User::Nobody,
     })
 }
 

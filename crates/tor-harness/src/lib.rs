@@ -203,6 +203,29 @@ pub struct TorConfig {
     /// negotiate MP-BGP: IPv4 only, classic NLRI and NEXT_HOP, 2-octet AS numbers (BIRD
     /// `capabilities off`, FRR `dont-capability-negotiate`; GoBGP cannot).
     pub capabilities: bool,
+    /// Run BFD with every neighbor and drop a neighbor's session when BFD goes down.
+    /// FRR: `bfdd` (and `zebra`, which relays between bgpd and bfdd) beside `bgpd`,
+    /// single-hop; BIRD: `protocol bfd`, multihop (BIRD's loopback peers are multihop).
+    /// GoBGP 3.10 has no BFD ([`TorConfig::validate`] refuses it).
+    pub bfd: Option<TorBfd>,
+}
+
+/// The ToR's BFD timers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TorBfd {
+    /// Transmit and receive interval, milliseconds.
+    pub interval_ms: u32,
+    pub multiplier: u8,
+}
+
+impl Default for TorBfd {
+    /// 300 ms × 3, FRR's and BIRD's defaults.
+    fn default() -> Self {
+        TorBfd {
+            interval_ms: 300,
+            multiplier: 3,
+        }
+    }
 }
 
 impl TorConfig {
@@ -224,6 +247,7 @@ impl TorConfig {
             export_to_peers: false,
             bgp_port: None,
             capabilities: true,
+            bfd: None,
         }
     }
 
@@ -253,6 +277,9 @@ impl TorConfig {
         }
         if self.kind == TorKind::Gobgp && !self.capabilities {
             bail!("GoBGP always sends capabilities; use BIRD or FRR for a peer without them");
+        }
+        if self.kind == TorKind::Gobgp && self.bfd.is_some() {
+            bail!("GoBGP 3.10 has no BFD; use BIRD or FRR for BFD tests");
         }
         if self.bgp_port == Some(179) {
             bail!("port 179 is reserved for real routers; leave bgp_port as None");
@@ -409,8 +436,12 @@ pub struct Tor {
     config: TorConfig,
     port: u16,
     backend: Backend,
-    // Field order matters: the daemon is killed before its directory is removed.
+    // Field order matters: the daemons are killed before their directory is removed.
     daemon: Daemon,
+    /// Started before `daemon` (FRR's zebra and bfdd), stopped after it.
+    helpers: Vec<Daemon>,
+    /// Held while BFD runs: the BFD ports are per host, not per test.
+    _bfd_lock: Option<std::fs::File>,
     dir: tempfile::TempDir,
 }
 
@@ -420,7 +451,24 @@ pub(crate) struct Launch {
     pub program: std::path::PathBuf,
     pub args: Vec<String>,
     pub backend: Backend,
+    /// Daemons to start first, in order, each given a moment to create its sockets.
+    pub helpers: Vec<Helper>,
+    /// Whom the daemon runs as.
+    pub user: process::User,
 }
+
+/// A daemon the ToR needs beside the router itself.
+pub(crate) struct Helper {
+    pub name: &'static str,
+    pub program: std::path::PathBuf,
+    pub args: Vec<String>,
+    /// A file the helper creates once it is ready for the next daemon.
+    pub ready_file: Option<std::path::PathBuf>,
+}
+
+/// The host-wide lock file of the BFD ports: every BFD daemon binds UDP 3784/4784 on the
+/// wildcard address, so two at once would take each other's packets.
+const BFD_LOCK_FILE: &str = "/tmp/herald-tor-bfd.lock";
 
 impl Tor {
     /// Starts the router in its own temp dir on free ports and waits (at most
@@ -457,8 +505,30 @@ impl Tor {
             TorKind::Frr => frr::prepare(config, port, dir.path()),
         }
         .map_err(StartError::Fatal)?;
-        let mut daemon = Daemon::spawn(launch.name, &launch.program, &launch.args, dir.path())
-            .map_err(StartError::Fatal)?;
+        let bfd_lock = match config.bfd {
+            Some(_) => Some(bfd_lock().await.map_err(StartError::Fatal)?),
+            None => None,
+        };
+        let mut helpers = Vec::new();
+        for h in &launch.helpers {
+            let d = Daemon::spawn_with(h.name, &h.program, &h.args, dir.path(), process::User::Own)
+                .map_err(StartError::Fatal)?;
+            helpers.push(d);
+            if let Some(ready) = &h.ready_file {
+                let start = Instant::now();
+                while !ready.exists() && start.elapsed() < START_TIMEOUT {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+        let mut daemon = Daemon::spawn_with(
+            launch.name,
+            &launch.program,
+            &launch.args,
+            dir.path(),
+            launch.user,
+        )
+        .map_err(StartError::Fatal)?;
         let tor = wait_ready(&mut daemon, &launch.backend, port, config.kind).await;
         match tor {
             Ok(()) => {
@@ -474,6 +544,8 @@ impl Tor {
                     port,
                     backend: launch.backend,
                     daemon,
+                    helpers,
+                    _bfd_lock: bfd_lock,
                     dir,
                 })
             }
@@ -681,6 +753,27 @@ impl Tor {
     /// Stops the daemon: SIGTERM, then SIGKILL after a grace period, by PID.
     pub async fn stop(mut self) {
         self.daemon.stop().await;
+        for h in self.helpers.iter_mut().rev() {
+            h.stop().await;
+        }
+    }
+
+    /// SIGSTOP (`true`) or SIGCONT (`false`) every process of the ToR (with BFD on FRR,
+    /// bfdd and zebra too): a frozen ToR keeps its sockets open and sends nothing.
+    pub fn freeze(&self, frozen: bool) {
+        self.daemon.freeze(frozen);
+        for h in &self.helpers {
+            h.freeze(frozen);
+        }
+    }
+
+    /// The ToR's view of its BFD sessions: (peer address, state as the router names it).
+    pub async fn bfd_peers(&self) -> Result<Vec<(IpAddr, String)>> {
+        match &self.backend {
+            Backend::Frr(client) => client.bfd_peers().await,
+            Backend::Bird(client) => client.bfd_peers().await,
+            Backend::Gobgp(_) => bail!("GoBGP has no BFD"),
+        }
     }
 }
 
@@ -717,6 +810,28 @@ async fn wait_ready(
     }
 }
 
+/// Waits for the host-wide BFD lock (see [`BFD_LOCK_FILE`]), at most 10 minutes.
+async fn bfd_lock() -> Result<std::fs::File> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(BFD_LOCK_FILE)
+        .with_context(|| format!("opening {BFD_LOCK_FILE}"))?;
+    let start = Instant::now();
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock)
+                if start.elapsed() < Duration::from_secs(600) =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => bail!("locking {BFD_LOCK_FILE}: {e:?}"),
+        }
+    }
+}
+
 fn sample(rib: &Rib) -> String {
     let mut out = String::new();
     for (prefix, paths) in rib.iter().take(3) {
@@ -747,6 +862,14 @@ pub(crate) mod bins {
     };
     pub const BGPD: Binary = Binary {
         path: "/usr/lib/frr/bgpd",
+        package: "frr",
+    };
+    pub const ZEBRA: Binary = Binary {
+        path: "/usr/lib/frr/zebra",
+        package: "frr",
+    };
+    pub const BFDD: Binary = Binary {
+        path: "/usr/lib/frr/bfdd",
         package: "frr",
     };
     pub const VTYSH: Binary = Binary {

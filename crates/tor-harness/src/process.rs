@@ -124,6 +124,23 @@ const PDEATHSIG_ARGS: [&str; 2] = ["--pdeathsig", "KILL"];
 
 const NOBODY_ARGS: [&str; 5] = ["--reuid", "nobody", "--regid", "nogroup", "--clear-groups"];
 
+/// Keeps CAP_NET_ADMIN across the switch to `nobody` (ambient capability): BIRD's BFD
+/// sockets set SO_PRIORITY 7, which needs it. BIRD has no `protocol kernel`, so the
+/// capability cannot reach the kernel's routes.
+const NET_ADMIN_ARGS: [&str; 4] = ["--inh-caps", "+net_admin", "--ambient-caps", "+net_admin"];
+
+/// Whom a daemon runs as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum User {
+    /// `nobody` when we are root (the default for every ToR).
+    Nobody,
+    /// `nobody` keeping CAP_NET_ADMIN.
+    NobodyWithNetAdmin,
+    /// Whoever we are: the daemon switches users itself (FRR's zebra and bfdd refuse to
+    /// start without their capabilities and drop to the `frr` user on their own).
+    Own,
+}
+
 /// A private working directory for one daemon; `nobody` must be able to write its sockets
 /// and pid files there.
 pub(crate) fn work_dir(prefix: &str) -> Result<tempfile::TempDir> {
@@ -131,7 +148,9 @@ pub(crate) fn work_dir(prefix: &str) -> Result<tempfile::TempDir> {
         .prefix(prefix)
         .tempdir()
         .context("creating the daemon's temp dir")?;
-    if run_as_nobody() {
+    // FRR's daemons with BFD run as the `frr` user, which must write here too; the dir
+    // holds nothing secret.
+    {
         use std::os::unix::fs::PermissionsExt;
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777))
             .context("opening the temp dir to nobody")?;
@@ -156,18 +175,32 @@ impl Daemon {
         args: &[String],
         dir: &Path,
     ) -> Result<Daemon> {
+        Daemon::spawn_with(name, program, args, dir, User::Nobody)
+    }
+
+    /// As [`Daemon::spawn`], as `user`.
+    pub(crate) fn spawn_with(
+        name: &'static str,
+        program: &Path,
+        args: &[String],
+        dir: &Path,
+        user: User,
+    ) -> Result<Daemon> {
         let log = dir.join(format!("{name}.log"));
         let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone()?;
         // setpriv execs the daemon, so the PID we get is the daemon's own. The parent-death
         // signal fires when the spawning *thread* exits: fine for tokio workers and test
         // threads, which outlive the Tor they start.
-        let nobody = run_as_nobody();
+        let nobody = user != User::Own && run_as_nobody();
         let pdeathsig = parent_death_signal();
         let mut command = if nobody || pdeathsig {
             let mut command = Command::new("setpriv");
             if nobody {
                 command.args(NOBODY_ARGS);
+                if user == User::NobodyWithNetAdmin {
+                    command.args(NET_ADMIN_ARGS);
+                }
             }
             if pdeathsig {
                 command.args(PDEATHSIG_ARGS);

@@ -182,6 +182,27 @@ pub struct BGPPeerSpec {
     /// NOTIFICATION (RFC 4486). Absent: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_prefixes: Option<u32>,
+    /// Run BFD with the peer (absent: no BFD); a BFD failure closes the BGP session at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bfd: Option<BfdSpec>,
+}
+
+/// BFD timers of a peer (MetalLB `BFDProfile`, Calico and Cilium `bfd`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BfdSpec {
+    /// Milliseconds, 10 to 60000 (absent: 300).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receive_interval: Option<u32>,
+    /// Milliseconds, 10 to 60000 (absent: 300).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transmit_interval: Option<u32>,
+    /// 1 to 255 (absent: 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detect_multiplier: Option<u32>,
+    /// RFC 5883 multihop rather than single-hop.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub multihop: bool,
 }
 
 /// A key of a Secret (MetalLB `passwordSecret`; the key defaults to `password`).

@@ -181,6 +181,12 @@ pub fn peer(
         families,
         source_subnet: spec.source_subnet.clone().unwrap_or_default(),
         max_prefixes: spec.max_prefixes.unwrap_or(0),
+        bfd: spec.bfd.as_ref().map(|b| routing::Bfd {
+            min_rx_ms: b.receive_interval.unwrap_or(0),
+            min_tx_ms: b.transmit_interval.unwrap_or(0),
+            multiplier: b.detect_multiplier.unwrap_or(0),
+            multihop: b.multihop,
+        }),
     })
 }
 

@@ -64,6 +64,52 @@ pub struct PeerSpec {
     /// The peer's name in the BGP policy (unique per snapshot); sessions are keyed by it.
     pub name: String,
     pub config: PeerConfig,
+    /// BFD beside the BGP session, when the policy asks for it.
+    pub bfd: Option<BfdSpec>,
+}
+
+/// A peer's BFD parameters, defaults filled in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BfdSpec {
+    pub min_rx: Duration,
+    pub min_tx: Duration,
+    pub multiplier: u8,
+    pub multihop: bool,
+}
+
+/// BFD defaults when the policy leaves a field at 0 (as IPAM's policy does): 300 ms × 3.
+pub const DEFAULT_BFD_INTERVAL: Duration = Duration::from_millis(300);
+pub const DEFAULT_BFD_MULTIPLIER: u8 = 3;
+
+fn bfd_from_pb(name: &str, bfd: &pb::Bfd) -> Result<BfdSpec, PeerError> {
+    let pb::Bfd {
+        min_rx_ms,
+        min_tx_ms,
+        multiplier,
+        multihop,
+    } = *bfd;
+    let interval = |field: &'static str, ms: u32| match ms {
+        0 => Ok(DEFAULT_BFD_INTERVAL),
+        10..=60_000 => Ok(Duration::from_millis(u64::from(ms))),
+        _ => Err(field_err(
+            name,
+            field,
+            ms,
+            "must be 10 to 60000 milliseconds",
+        )),
+    };
+    let multiplier = match multiplier {
+        0 => DEFAULT_BFD_MULTIPLIER,
+        m => {
+            u8::try_from(m).map_err(|_| field_err(name, "bfd.multiplier", m, "must be 1 to 255"))?
+        }
+    };
+    Ok(BfdSpec {
+        min_rx: interval("bfd.min_rx_ms", min_rx_ms)?,
+        min_tx: interval("bfd.min_tx_ms", min_tx_ms)?,
+        multiplier,
+        multihop,
+    })
 }
 
 /// The snapshot-wide parts that go into every session.
@@ -119,6 +165,7 @@ pub fn peer_from_pb(pr: &pb::PeerRoutes, defaults: SessionDefaults) -> Result<Pe
         // IPAM resolves the subnet to `source_address` for this node.
         source_subnet: _,
         max_prefixes,
+        bfd,
     } = peer;
     let name = name.as_str();
     if name.is_empty() {
@@ -281,9 +328,19 @@ pub fn peer_from_pb(pr: &pb::PeerRoutes, defaults: SessionDefaults) -> Result<Pe
         config.passive = true;
         config.listen = Some(SocketAddr::new(ip, BGP_PORT));
     }
+    let bfd = bfd.as_ref().map(|b| bfd_from_pb(name, b)).transpose()?;
+    if bfd.is_some() && source.is_none() {
+        return Err(field_err(
+            name,
+            "source_address",
+            "",
+            "BFD needs the node address to send from and listen on",
+        ));
+    }
     Ok(PeerSpec {
         name: name.to_string(),
         config,
+        bfd,
     })
 }
 
@@ -627,6 +684,29 @@ mod tests {
     }
 
     #[test]
+    fn bfd_is_off_unless_the_peer_asks_and_fills_in_300_ms_times_3() {
+        let spec = peer_from_pb(&peer_routes(pb_peer("tor"), vec![]), DEFAULTS)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(spec.bfd, None);
+        let mut p = pb_peer("tor");
+        p.bfd = Some(pb::Bfd {
+            min_tx_ms: 100,
+            ..pb::Bfd::default()
+        });
+        let spec =
+            peer_from_pb(&peer_routes(p, vec![]), DEFAULTS).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            spec.bfd,
+            Some(BfdSpec {
+                min_rx: Duration::from_millis(300),
+                min_tx: Duration::from_millis(100),
+                multiplier: 3,
+                multihop: false,
+            })
+        );
+    }
+
+    #[test]
     fn bad_peers_are_refused_with_the_field_named() {
         fn peer(pr: &mut pb::PeerRoutes) -> &mut pb::Peer {
             pr.peer.get_or_insert_with(pb::Peer::default)
@@ -648,6 +728,24 @@ mod tests {
                 "restart_time_seconds",
             ),
             (|p| peer(p).families = vec![0], "families"),
+            (
+                |p| {
+                    peer(p).bfd = Some(pb::Bfd {
+                        min_rx_ms: 5,
+                        ..pb::Bfd::default()
+                    })
+                },
+                "bfd.min_rx_ms",
+            ),
+            (
+                |p| {
+                    peer(p).bfd = Some(pb::Bfd {
+                        multiplier: 256,
+                        ..pb::Bfd::default()
+                    })
+                },
+                "bfd.multiplier",
+            ),
             (|p| p.source_address = "::1".into(), "source_address"),
             (|p| p.source_address = "node-a".into(), "source_address"),
         ];

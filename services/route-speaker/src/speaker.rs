@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tracing::{Instrument, error, info, warn};
 
-use crate::convert::{self, ConvertedRoutes, PeerSpec, SessionDefaults};
+use crate::convert::{self, BfdSpec, ConvertedRoutes, PeerSpec, SessionDefaults};
 use crate::metrics;
 use crate::plan::plan_peers;
 
@@ -70,6 +70,16 @@ struct Session {
     pending: metrics::PendingSlot,
     _forward: AbortOnDrop,
     _time_updates: AbortOnDrop,
+    bfd: Option<BfdSession>,
+}
+
+/// A peer's BFD session and the task that tears the BGP session down when it fails.
+/// Dropping it sends AdminDown, which the ToR does not count as a failure.
+#[derive(Debug)]
+struct BfdSession {
+    spec: BfdSpec,
+    handle: herald_bfd::SessionHandle,
+    _watch: AbortOnDrop,
 }
 
 /// The node's sessions. [`Speaker::apply`] is idempotent: applying the same snapshot twice
@@ -84,6 +94,7 @@ pub struct Speaker {
     changes: Arc<Notify>,
     clock: Clock,
     view: metrics::SessionsView,
+    bfd: herald_bfd::Bfd,
 }
 
 impl Speaker {
@@ -97,6 +108,7 @@ impl Speaker {
             changes: Arc::new(Notify::new()),
             clock: Clock::now(),
             view: Arc::default(),
+            bfd: herald_bfd::Bfd::new(),
         }
     }
 
@@ -122,6 +134,14 @@ impl Speaker {
     /// Names of the running sessions.
     pub fn peers(&self) -> Vec<String> {
         self.sessions.keys().cloned().collect()
+    }
+
+    /// A session's BFD status, when it runs BFD.
+    pub fn bfd_status(&self, peer: &str) -> Option<herald_bfd::SessionStatus> {
+        self.sessions
+            .get(peer)
+            .and_then(|s| s.bfd.as_ref())
+            .map(|b| b.handle.status())
     }
 
     /// A session's status and desired routes.
@@ -173,10 +193,11 @@ impl Speaker {
         // is (fail-static: bad data must not withdraw what works).
         let mut desired: BTreeMap<String, PeerConfig> = BTreeMap::new();
         let mut deferred: BTreeSet<String> = BTreeSet::new();
+        let mut desired_bfd: BTreeMap<String, Option<BfdSpec>> = BTreeMap::new();
         let mut desired_routes: BTreeMap<String, ConvertedRoutes> = BTreeMap::new();
         for pr in peers {
             match convert::peer_from_pb(pr, defaults) {
-                Ok(PeerSpec { name, config }) => {
+                Ok(PeerSpec { name, config, bfd }) => {
                     if desired.contains_key(&name) {
                         error!(peer = %name, "peer appears twice in the snapshot; keeping the first");
                         summary.invalid_peers += 1;
@@ -198,6 +219,7 @@ impl Speaker {
                         deferred.insert(name.clone());
                     }
                     desired.insert(name.clone(), config);
+                    desired_bfd.insert(name.clone(), bfd);
                     desired_routes.insert(name, converted);
                 }
                 Err(e) => {
@@ -206,7 +228,8 @@ impl Speaker {
                     match self.sessions.get(&name) {
                         Some(running) => {
                             error!(error = %e, peer = %name, "invalid peer; keeping its running session unchanged");
-                            desired.insert(name, running.config.clone());
+                            desired.insert(name.clone(), running.config.clone());
+                            desired_bfd.insert(name, running.bfd.as_ref().map(|b| b.spec));
                         }
                         None => error!(error = %e, "invalid peer; not starting it"),
                     }
@@ -238,7 +261,9 @@ impl Speaker {
         // Stop first, all at once: a changed peer's new session must not collide with
         // its old one at the ToR.
         let stops = plan.stop.iter().filter_map(|name| {
-            let session = self.sessions.remove(name)?;
+            let mut session = self.sessions.remove(name)?;
+            // BFD says AdminDown first, so the ToR does not take the close for a failure.
+            session.bfd = None;
             let restarting = desired.contains_key(name);
             // With graceful restart the ToR keeps the routes while the new session comes
             // up, so a parameter change does not flap them.
@@ -294,6 +319,7 @@ impl Speaker {
                             pending,
                             _forward: forward,
                             _time_updates: time_updates,
+                            bfd: None,
                         },
                     );
                     summary.started.push(name.clone());
@@ -304,6 +330,28 @@ impl Speaker {
         summary.kept = plan.keep.clone();
         summary.reconfigured = plan.reconfigure.clone();
         summary.reset_pending = plan.pending.clone();
+
+        // BFD follows the policy without touching the BGP session: a changed BFD setting
+        // replaces only the BFD session (a new one starts Down, which tears nothing down).
+        for (name, session) in &mut self.sessions {
+            let want = desired_bfd.get(name).copied().flatten();
+            if session.bfd.as_ref().map(|b| b.spec) == want {
+                continue;
+            }
+            session.bfd = None;
+            if let Some(spec) = want {
+                session.bfd = start_bfd(
+                    &self.bfd,
+                    name,
+                    &self.node,
+                    &session.config,
+                    spec,
+                    &session.handle,
+                    &self.changes,
+                )
+                .await;
+            }
+        }
 
         // Hand every session its full set; the engine works out the UPDATEs.
         let now = SystemTime::now();
@@ -393,6 +441,14 @@ impl Speaker {
     pub async fn shutdown(mut self, message: &str, shutdown: &Shutdown) {
         let sessions = std::mem::take(&mut self.sessions);
         metrics::lock(&self.view).clear();
+        // BFD says AdminDown first, so the ToR does not take the close for a failure.
+        let sessions: Vec<_> = sessions
+            .into_iter()
+            .map(|(name, mut s)| {
+                s.bfd = None;
+                (name, s)
+            })
+            .collect();
         let (keep, drain): (Vec<_>, Vec<_>) = sessions.into_iter().partition(|(_, s)| {
             shutdown.intent == ShutdownIntent::Restart && graceful_restart_negotiated(s)
         });
@@ -572,6 +628,75 @@ fn time_updates(handle: &PeerHandle, pending: metrics::PendingSlot) -> AbortOnDr
             }
         }
     }))
+}
+
+/// Starts a peer's BFD session and the task that closes the BGP session when BFD goes
+/// from Up to Down. A remote that says AdminDown is not a failure (RFC 5882 §3.2): it
+/// takes the BFD session down without touching BGP.
+async fn start_bfd(
+    bfd: &herald_bfd::Bfd,
+    name: &str,
+    node: &str,
+    config: &PeerConfig,
+    spec: BfdSpec,
+    peer: &PeerHandle,
+    changes: &Arc<Notify>,
+) -> Option<BfdSession> {
+    let Some(local) = config.source_addr else {
+        error!(peer = %name, "BFD needs the session's source address; not starting it");
+        return None;
+    };
+    let bfd_spec = herald_bfd::PeerSpec {
+        peer: config.peer_addr,
+        local,
+        multihop: spec.multihop,
+        desired_min_tx: spec.min_tx,
+        required_min_rx: spec.min_rx,
+        detect_mult: spec.multiplier,
+        port: None,
+        min_rx_ttl: None,
+    };
+    let span = tracing::info_span!(parent: None, "peer", node = %node, peer = %name);
+    let handle = match bfd.add(bfd_spec).instrument(span.clone()).await {
+        Ok(h) => h,
+        Err(e) => {
+            error!(peer = %name, error = %e, "cannot start BFD session");
+            return None;
+        }
+    };
+    info!(peer = %name, %local, multihop = spec.multihop, "started BFD session");
+    let link = peer.bfd_link();
+    let mut rx = handle.watch();
+    let changes = Arc::clone(changes);
+    let watch = tokio::spawn(
+        async move {
+            let first = rx.borrow_and_update().clone();
+            let (mut was, mut ups) = (first.state, first.up_count);
+            while rx.changed().await.is_ok() {
+                let now = rx.borrow_and_update().clone();
+                // The channel keeps only the latest status: a session that went Down and
+                // Up again between two looks shows as another Up.
+                let left_up = was == herald_bfd::State::Up
+                    && (now.state != herald_bfd::State::Up || now.up_count != ups);
+                let told_admin_down = now.state == herald_bfd::State::Down
+                    && now.remote_state == herald_bfd::State::AdminDown;
+                if left_up && !told_admin_down {
+                    warn!(diag = %now.local_diag, "BFD down: closing the BGP session");
+                    link.down();
+                }
+                if was != now.state {
+                    changes.notify_one();
+                }
+                (was, ups) = (now.state, now.up_count);
+            }
+        }
+        .instrument(span),
+    );
+    Some(BfdSession {
+        spec,
+        handle,
+        _watch: AbortOnDrop(watch),
+    })
 }
 
 fn forward_changes(handle: &PeerHandle, changes: Arc<Notify>) -> AbortOnDrop {

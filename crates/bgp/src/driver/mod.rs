@@ -190,6 +190,24 @@ pub struct PeerHandle {
 enum Command {
     Shutdown(ShutdownMode, oneshot::Sender<()>),
     Reconfigure(Box<PeerConfig>),
+    BfdDown,
+}
+
+/// Lets a BFD session tear this peer's session down ([`PeerHandle::bfd_link`]). Holding
+/// one does not keep the peer's task alive once its [`PeerHandle`] is gone.
+#[derive(Debug, Clone)]
+pub struct BfdLink {
+    commands: mpsc::WeakUnboundedSender<Command>,
+}
+
+impl BfdLink {
+    /// The peer's BFD session went from Up to Down: close the BGP session now with
+    /// Cease / BFD Down (RFC 9384) and reconnect with the usual backoff.
+    pub fn down(&self) {
+        if let Some(c) = self.commands.upgrade() {
+            let _ = c.send(Command::BfdDown);
+        }
+    }
 }
 
 impl PeerHandle {
@@ -309,6 +327,13 @@ impl PeerHandle {
     /// needed no UPDATE is not reported.
     pub fn watch_synced(&self) -> watch::Receiver<Option<Synced>> {
         self.synced.clone()
+    }
+
+    /// A link through which a BFD session reports the peer down.
+    pub fn bfd_link(&self) -> BfdLink {
+        BfdLink {
+            commands: self.commands.downgrade(),
+        }
     }
 
     /// The bound listen address (useful with port 0).
@@ -454,6 +479,9 @@ impl PeerTask {
                             } else if self.session.reconfigure(Instant::now(), config.session_config()) {
                                 self.config = *config;
                             }
+                        }
+                        Some(Command::BfdDown) => {
+                            self.apply(Instant::now(), Event::BfdDown, &write_err_tx);
                             self.publish();
                             continue;
                         }

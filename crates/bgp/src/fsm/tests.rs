@@ -961,3 +961,36 @@ fn keepalive_and_retry_change_live_but_hold_time_needs_a_reset() {
     );
     assert_eq!(s.config().hold_time, 9);
 }
+
+#[test]
+fn bfd_down_tears_an_established_session_down_with_cease_10_and_backs_off() {
+    let now = Instant::now();
+    let mut s = established(now);
+    let out = s.handle(now, Event::BfdDown);
+    assert_eq!(
+        notif(&out),
+        Some((Notification::CEASE, wire::cease::BFD_DOWN))
+    );
+    assert!(out.contains(&Output::Disconnect));
+    assert_eq!(s.state(), State::Idle);
+    assert_eq!(
+        s.status().last_error.as_deref(),
+        Some("BFD session went down")
+    );
+    // It comes back by itself after the backoff, not at once.
+    assert!(s.on_timers(now).is_empty());
+    let restart = s.next_deadline().expect("a restart is scheduled");
+    assert!(restart > now);
+    assert!(s.on_timers(restart).contains(&Output::Connect));
+}
+
+#[test]
+fn bfd_down_before_the_peer_is_reached_changes_nothing() {
+    let now = Instant::now();
+    let mut s = in_connect(now);
+    assert!(s.handle(now, Event::BfdDown).is_empty());
+    assert_eq!(s.state(), State::Connect);
+    let mut idle = Session::new(cfg());
+    assert!(idle.handle(now, Event::BfdDown).is_empty());
+    assert_eq!(idle.state(), State::Idle);
+}

@@ -8,8 +8,8 @@ use herald_api::ipam::v1 as ipam_pb;
 use herald_api::routing::v1 as pb;
 use herald_model::{FieldError, IpFamily, TrafficPolicy};
 use herald_routes::{
-    AdvertisementInput, BgpPolicy, BgpPolicyInput, Node, NodeRoutes, PeerInput, PeerSession,
-    RouteAttrs, RouterIdRule, SourceAddressRule,
+    AdvertisementInput, BfdInput, BfdSettings, BgpPolicy, BgpPolicyInput, Node, NodeRoutes,
+    PeerInput, PeerSession, RouteAttrs, RouterIdRule, SourceAddressRule,
 };
 
 use crate::convert::{family_to_pb, parse_ip, selector_from_pb, selector_to_pb, timestamp};
@@ -108,6 +108,7 @@ fn peer_from_pb(
         families,
         source_subnet,
         max_prefixes,
+        bfd,
     } = peer;
     let at = format!("peers[{i}]");
     let families = families
@@ -158,7 +159,38 @@ fn peer_from_pb(
         passive,
         source_address,
         max_prefixes: nonzero(max_prefixes),
+        bfd: bfd.map(bfd_from_pb),
     })
+}
+
+fn bfd_from_pb(bfd: pb::Bfd) -> BfdInput {
+    let pb::Bfd {
+        min_rx_ms,
+        min_tx_ms,
+        multiplier,
+        multihop,
+    } = bfd;
+    BfdInput {
+        min_rx_ms: nonzero(min_rx_ms),
+        min_tx_ms: nonzero(min_tx_ms),
+        multiplier: nonzero(multiplier),
+        multihop,
+    }
+}
+
+fn bfd_to_pb(bfd: &BfdSettings) -> pb::Bfd {
+    let BfdSettings {
+        min_rx_ms,
+        min_tx_ms,
+        multiplier,
+        multihop,
+    } = *bfd;
+    pb::Bfd {
+        min_rx_ms,
+        min_tx_ms,
+        multiplier: u32::from(multiplier),
+        multihop,
+    }
 }
 
 fn advertisement_from_pb(
@@ -273,6 +305,7 @@ pub fn policy_to_pb(policy: &BgpPolicy) -> pb::BgpPolicy {
                     SourceAddressRule::InSubnet(net) => net.to_string(),
                 },
                 max_prefixes: p.max_prefixes.unwrap_or(0),
+                bfd: p.bfd.as_ref().map(bfd_to_pb),
             })
             .collect(),
         advertisements: policy
@@ -327,6 +360,7 @@ fn session_to_pb(session: &PeerSession) -> pb::Peer {
             .collect(),
         source_subnet: String::new(),
         max_prefixes: session.max_prefixes.unwrap_or(0),
+        bfd: session.bfd.as_ref().map(bfd_to_pb),
     }
 }
 
