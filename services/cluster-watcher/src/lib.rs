@@ -63,6 +63,8 @@ pub struct Config {
     pub workers: usize,
     pub resync_seconds: u64,
     pub log_format: LogFormat,
+    /// OTLP/gRPC collector to export spans to; none: no export.
+    pub otlp_endpoint: Option<HttpEndpoint>,
 }
 
 impl Default for Config {
@@ -80,6 +82,7 @@ impl Default for Config {
             workers: DEFAULT_WORKERS,
             resync_seconds: DEFAULT_RESYNC_SECONDS,
             log_format: LogFormat::default(),
+            otlp_endpoint: None,
         }
     }
 }

@@ -21,7 +21,7 @@ use backon::{ExponentialBuilder, Retryable};
 use herald_api::ipam::v1::ipam_server::IpamServer;
 use herald_api::routing::v1::routing_server::RoutingServer;
 use herald_ipam_store::{Store, StoreError};
-use herald_settings::{CommonArgs, DatabaseUrl};
+use herald_settings::{CommonArgs, DatabaseUrl, HttpEndpoint};
 use herald_telemetry::LogFormat;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
@@ -69,6 +69,8 @@ pub struct Config {
     /// (`herald-ipam.db` in the working directory).
     pub database_url: Option<DatabaseUrl>,
     pub log_format: LogFormat,
+    /// OTLP/gRPC collector to export spans to; none: no export.
+    pub otlp_endpoint: Option<HttpEndpoint>,
 }
 
 impl Default for Config {
@@ -79,6 +81,7 @@ impl Default for Config {
                 .unwrap_or_else(|_| unreachable!("DEFAULT_LISTEN is an address")),
             database_url: None,
             log_format: LogFormat::default(),
+            otlp_endpoint: None,
         }
     }
 }

@@ -68,6 +68,8 @@ pub struct Config {
     #[serde(with = "herald_settings::duration")]
     pub report_interval: Duration,
     pub log_format: LogFormat,
+    /// OTLP/gRPC collector to export spans to; none: no export.
+    pub otlp_endpoint: Option<HttpEndpoint>,
 }
 
 impl Default for Config {
@@ -78,6 +80,7 @@ impl Default for Config {
             router_id: None,
             report_interval: DEFAULT_REPORT_INTERVAL,
             log_format: LogFormat::default(),
+            otlp_endpoint: None,
         }
     }
 }
