@@ -32,10 +32,11 @@ pub mod fsm;
 pub mod rib;
 pub mod wire;
 
+pub use driver::UpdateObserver;
 pub use driver::{PeerConfig, PeerHandle, SpawnError};
 pub use fsm::{
-    GracefulRestartConfig, Ipv4NlriPolicy, Negotiated, PeerStatus, Session, SessionConfig,
-    ShutdownMode, State,
+    GracefulRestartConfig, Ipv4NlriPolicy, Negotiated, PeerStatus, SentUpdate, Session,
+    SessionConfig, ShutdownMode, State,
 };
 pub use rib::{RouteAttributes, Routes};
 pub use wire::{Family, LargeCommunity, Notification, Origin};

@@ -22,7 +22,7 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
-use opentelemetry::trace::{SpanContext, TraceContextExt, TracerProvider as _};
+use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::OTelSdkResult;
@@ -32,6 +32,8 @@ use opentelemetry_sdk::trace::{
     SpanProcessor,
 };
 use tracing::Instrument;
+
+pub use opentelemetry::trace::SpanContext;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// Spans waiting for export at most; past it new spans are dropped (and counted). At the
@@ -262,6 +264,17 @@ pub fn traceparent(span: &tracing::Span) -> String {
     }
     let mut carrier = TraceParent(String::new());
     TraceContextPropagator::new().inject_context(&span.context(), &mut carrier);
+    carrier.0
+}
+
+/// The W3C `traceparent` of a span context carried in memory; empty for an invalid one.
+pub fn traceparent_of(sc: &SpanContext) -> String {
+    if !sc.is_valid() {
+        return String::new();
+    }
+    let mut carrier = TraceParent(String::new());
+    let cx = opentelemetry::Context::new().with_remote_span_context(sc.clone());
+    TraceContextPropagator::new().inject_context(&cx, &mut carrier);
     carrier.0
 }
 

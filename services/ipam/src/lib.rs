@@ -1,6 +1,7 @@
 //! `herald-ipam`: the centre of Herald. It owns pools, allocations and their history, and
 //! serves them over gRPC (`herald.ipam.v1.Ipam`) with reflection and health.
 
+mod changes;
 mod convert;
 mod error;
 mod feed;
@@ -197,6 +198,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     info!(listen = %local, "herald-ipam serving");
     let server = tonic::transport::Server::builder()
         .layer(oversize::layer())
+        // Each RPC's server span, a child of the caller's span (W3C trace context).
+        .layer(herald_telemetry::trace::ExtractLayer)
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

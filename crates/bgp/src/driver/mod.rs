@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
-use crate::fsm::{Event, Output, Session, SessionConfig};
+use crate::fsm::{Event, Output, SentUpdate, Session, SessionConfig};
 pub use crate::fsm::{GracefulRestartConfig, Ipv4NlriPolicy, PeerStatus, ShutdownMode, State};
 use crate::rib::Routes;
 use crate::wire::{self, Family, Message, Notification, WireContext};
@@ -154,6 +154,15 @@ impl PeerHandle {
     /// invalid config or when the listener cannot bind; connection problems
     /// show up in [`PeerStatus::last_error`] and are retried forever.
     pub async fn spawn(config: PeerConfig) -> Result<PeerHandle, SpawnError> {
+        Self::spawn_observed(config, None).await
+    }
+
+    /// As [`Self::spawn`], calling `observer` for every UPDATE the session writes to
+    /// its connection (from the session's task: it must be quick and must not block).
+    pub async fn spawn_observed(
+        config: PeerConfig,
+        observer: Option<UpdateObserver>,
+    ) -> Result<PeerHandle, SpawnError> {
         if config.hold_time == 1 || config.hold_time == 2 {
             return Err(SpawnError::Config("hold_time must be 0 or >= 3".into()));
         }
@@ -195,6 +204,7 @@ impl PeerHandle {
                 connecting: None,
                 next_conn_id: 0,
                 status: status_tx,
+                observer,
             }
             .run(desired_rx, cmd_rx)
             .instrument(span),
@@ -322,7 +332,12 @@ struct PeerTask {
     connecting: Option<ConnectFuture>,
     next_conn_id: u64,
     status: watch::Sender<PeerStatus>,
+    observer: Option<UpdateObserver>,
 }
+
+/// Called for every UPDATE a session writes to its connection; see
+/// [`PeerHandle::spawn_observed`].
+pub type UpdateObserver = Arc<dyn Fn(&SentUpdate) + Send + Sync>;
 
 /// Size of one read from the socket.
 const READ_CHUNK: usize = 64 * 1024;
@@ -449,6 +464,14 @@ impl PeerTask {
                 Output::Send(bytes) => {
                     if let Some(c) = &self.conn {
                         let _ = c.tx.send(bytes);
+                    }
+                    let sent = self.session.take_sent_updates();
+                    if let Some(observer) = &self.observer
+                        && self.conn.is_some()
+                    {
+                        for update in &sent {
+                            observer(update);
+                        }
                     }
                 }
                 Output::Disconnect => {
