@@ -31,6 +31,16 @@ pub struct Ipam {
 
 impl Ipam {
     pub async fn start(dir: &Path, database_url: &str, port: u16) -> Self {
+        Self::start_with(dir, database_url, port, |_| {}).await
+    }
+
+    /// As [`Self::start`], with `customize` adding flags, environment or output files.
+    pub async fn start_with(
+        dir: &Path,
+        database_url: &str,
+        port: u16,
+        customize: impl FnOnce(&mut Command),
+    ) -> Self {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let mut command = Command::new(workspace_binary("herald-ipam"));
         command.current_dir(dir).args([
@@ -39,6 +49,7 @@ impl Ipam {
             "--database-url",
             database_url,
         ]);
+        customize(&mut command);
         let ipam = Self {
             addr,
             process: ChildProcess::spawn("herald-ipam", command),
@@ -92,6 +103,11 @@ impl Ipam {
 
 /// A route speaker for node `name`, talking to `ipam`.
 pub fn speaker(name: &str, ipam: &str) -> ChildProcess {
+    speaker_with(name, ipam, |_| {})
+}
+
+/// As [`speaker`], with `customize` adding flags, environment or output files.
+pub fn speaker_with(name: &str, ipam: &str, customize: impl FnOnce(&mut Command)) -> ChildProcess {
     let mut command = Command::new(workspace_binary("herald-route-speaker"));
     command.args([
         "--node-name",
@@ -101,6 +117,7 @@ pub fn speaker(name: &str, ipam: &str) -> ChildProcess {
         "--report-interval",
         "1s",
     ]);
+    customize(&mut command);
     ChildProcess::spawn(&format!("herald-route-speaker {name}"), command)
 }
 

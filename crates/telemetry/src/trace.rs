@@ -105,6 +105,7 @@ impl Exporter {
             }
         }
         ENABLED.store(false, Ordering::Relaxed);
+        tracing::info!(dropped = spans_dropped(), "span export stopped");
     }
 }
 
