@@ -258,7 +258,7 @@ async fn a_service_traces_from_the_watcher_to_an_update_on_each_speaker_and_back
     )
     .unwrap();
     expect_paths(&tor, LAB_PREFIX, &["127.0.0.10", "127.0.0.11"]).await;
-    let created = receiver
+    receiver
         .wait_for(SPANS_ARRIVE, |spans| {
             service_trace(
                 spans,
@@ -303,7 +303,7 @@ async fn a_service_traces_from_the_watcher_to_an_update_on_each_speaker_and_back
     kube.delete(SERVICES, "default", "lb-nginx-service")
         .unwrap();
     expect_paths(&tor, LAB_PREFIX, &[]).await;
-    let deleted = receiver
+    receiver
         .wait_for(SPANS_ARRIVE, |spans| {
             service_trace(
                 spans,
