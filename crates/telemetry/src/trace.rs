@@ -133,6 +133,18 @@ pub(crate) fn provider(
             endpoint: endpoint.to_string(),
             reason: e.to_string(),
         })?;
+    let mut resource = Resource::builder();
+    if !names_service() {
+        resource = resource.with_service_name(default_service_name);
+    }
+    Ok(SdkTracerProvider::builder()
+        .with_span_processor(bounded_batch(exporter))
+        .with_resource(resource.build())
+        .build())
+}
+
+/// The batch processor over `exporter`, bounded at [`MAX_QUEUED_SPANS`] and counting drops.
+fn bounded_batch<E: SpanExporter + 'static>(exporter: E) -> Bounded<BatchSpanProcessor> {
     let queued = Arc::new(AtomicUsize::new(0));
     let batch = BatchSpanProcessor::builder(Counted {
         inner: exporter,
@@ -146,17 +158,10 @@ pub(crate) fn provider(
             .build(),
     )
     .build();
-    let mut resource = Resource::builder();
-    if !names_service() {
-        resource = resource.with_service_name(default_service_name);
+    Bounded {
+        inner: batch,
+        queued,
     }
-    Ok(SdkTracerProvider::builder()
-        .with_span_processor(Bounded {
-            inner: batch,
-            queued,
-        })
-        .with_resource(resource.build())
-        .build())
 }
 
 /// Whether the standard environment names the service.
@@ -510,5 +515,98 @@ where
             }
             .instrument(span),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use opentelemetry::trace::{Tracer as _, TracerProvider as _};
+
+    use super::*;
+
+    /// A collector that refuses every batch, or takes `delay` to answer.
+    #[derive(Debug)]
+    struct Collector {
+        delay: Duration,
+        refuse: bool,
+    }
+
+    impl SpanExporter for Collector {
+        async fn export(&self, _batch: Vec<SpanData>) -> OTelSdkResult {
+            std::thread::sleep(self.delay);
+            if self.refuse {
+                Err(opentelemetry_sdk::error::OTelSdkError::InternalFailure(
+                    "refused".into(),
+                ))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    fn provider_for(collector: Collector) -> SdkTracerProvider {
+        SdkTracerProvider::builder()
+            .with_span_processor(bounded_batch(collector))
+            .build()
+    }
+
+    #[test]
+    fn spans_a_collector_refuses_are_counted_as_dropped() {
+        let provider = provider_for(Collector {
+            delay: Duration::ZERO,
+            refuse: true,
+        });
+        let before = spans_dropped();
+        let tracer = provider.tracer("test");
+        for _ in 0..10 {
+            tracer.in_span("refused", |_| {});
+        }
+        let _ = provider.force_flush();
+        assert!(spans_dropped() >= before + 10, "drops not counted");
+        let _ = provider.shutdown();
+    }
+
+    #[test]
+    fn a_slow_collector_fills_the_queue_and_spans_past_it_drop_without_waiting() {
+        let provider = provider_for(Collector {
+            delay: Duration::from_secs(2),
+            refuse: false,
+        });
+        let before = spans_dropped();
+        let tracer = provider.tracer("test");
+        let started = Instant::now();
+        let n = MAX_QUEUED_SPANS * 2;
+        for _ in 0..n {
+            tracer.in_span("slow", |_| {});
+        }
+        let took = started.elapsed();
+        // At most the queue and one batch in the exporter's hands are kept.
+        let dropped = spans_dropped() - before;
+        assert!(
+            dropped >= (n - MAX_QUEUED_SPANS - 512) as u64,
+            "only {dropped} of {n} spans dropped"
+        );
+        assert!(
+            took < Duration::from_secs(1),
+            "ending spans waited: {took:?}"
+        );
+        drop(provider);
+    }
+
+    #[test]
+    fn a_traceparent_round_trips_and_a_bad_one_is_ignored() {
+        set_enabled();
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let sc = span_context(tp).expect("a valid traceparent");
+        assert_eq!(traceparent_of(&sc), tp);
+        for bad in [
+            "",
+            "garbage",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+        ] {
+            assert!(span_context(bad).is_none(), "{bad:?} accepted");
+        }
     }
 }
