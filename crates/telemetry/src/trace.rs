@@ -60,6 +60,7 @@ const QUIET_TARGETS: &[&str] = &[
     "reqwest",
     "rustls",
     "sqlx",
+    "kube",
     "kube_client",
     "kube_runtime",
 ];
