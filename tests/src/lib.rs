@@ -31,11 +31,16 @@ pub struct Ipam {
 
 impl Ipam {
     pub async fn start(dir: &Path, database_url: &str, port: u16) -> Self {
-        Self::start_with(dir, database_url, port, &[]).await
+        Self::start_with(dir, database_url, port, |_| {}).await
     }
 
-    /// As [`Ipam::start`], with more flags.
-    pub async fn start_with(dir: &Path, database_url: &str, port: u16, extra: &[&str]) -> Self {
+    /// As [`Self::start`], with `customize` adding flags, environment or output files.
+    pub async fn start_with(
+        dir: &Path,
+        database_url: &str,
+        port: u16,
+        customize: impl FnOnce(&mut Command),
+    ) -> Self {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let mut command = Command::new(workspace_binary("herald-ipam"));
         command.current_dir(dir).args([
@@ -44,7 +49,7 @@ impl Ipam {
             "--database-url",
             database_url,
         ]);
-        command.args(extra);
+        customize(&mut command);
         let ipam = Self {
             addr,
             process: ChildProcess::spawn("herald-ipam", command),
@@ -98,13 +103,12 @@ impl Ipam {
 
 /// A route speaker for node `name`, talking to `ipam`.
 pub fn speaker(name: &str, ipam: &str) -> ChildProcess {
-    speaker_with(name, ipam, &[])
+    speaker_with(name, ipam, |_| {})
 }
 
-/// As [`speaker`], with more flags.
-pub fn speaker_with(name: &str, ipam: &str, extra: &[&str]) -> ChildProcess {
+/// As [`speaker`], with `customize` adding flags, environment or output files.
+pub fn speaker_with(name: &str, ipam: &str, customize: impl FnOnce(&mut Command)) -> ChildProcess {
     let mut command = Command::new(workspace_binary("herald-route-speaker"));
-    command.args(extra);
     command.args([
         "--node-name",
         name,
@@ -116,6 +120,7 @@ pub fn speaker_with(name: &str, ipam: &str, extra: &[&str]) -> ChildProcess {
         "--shutdown-drain",
         "0s",
     ]);
+    customize(&mut command);
     ChildProcess::spawn(&format!("herald-route-speaker {name}"), command)
 }
 

@@ -242,12 +242,9 @@ async fn prometheus_finds_every_series_the_dashboards_and_alerts_query() {
     let admin = |p: u16| -> SocketAddr { format!("127.0.0.1:{p}").parse().unwrap() };
     let (ipam_admin, watcher_admin) = (admin(port()), admin(port()));
     let speaker_admin = [admin(port()), admin(port())];
-    let ipam = Ipam::start_with(
-        dir.path(),
-        &db.url,
-        port(),
-        &["--admin-listen", &ipam_admin.to_string()],
-    )
+    let ipam = Ipam::start_with(dir.path(), &db.url, port(), |c| {
+        c.args(["--admin-listen", &ipam_admin.to_string()]);
+    })
     .await;
     wait_status(ipam_admin, "/readyz", 200).await;
     assert_eq!(http_get(ipam_admin, "/healthz").await.0, 200);
@@ -295,16 +292,12 @@ async fn prometheus_finds_every_series_the_dashboards_and_alerts_query() {
 
     // The speakers start before their nodes exist: not ready until a snapshot comes.
     let _speakers = [
-        speaker_with(
-            "k01-worker",
-            &ipam.endpoint(),
-            &["--admin-listen", &speaker_admin[0].to_string()],
-        ),
-        speaker_with(
-            "k01-worker2",
-            &ipam.endpoint(),
-            &["--admin-listen", &speaker_admin[1].to_string()],
-        ),
+        speaker_with("k01-worker", &ipam.endpoint(), |c| {
+            c.args(["--admin-listen", &speaker_admin[0].to_string()]);
+        }),
+        speaker_with("k01-worker2", &ipam.endpoint(), |c| {
+            c.args(["--admin-listen", &speaker_admin[1].to_string()]);
+        }),
     ];
     for a in speaker_admin {
         let body = wait_status(a, "/readyz", 503).await;

@@ -45,6 +45,7 @@ const RESTART_CLIENTS: usize = 8;
 const WARM_POOL_CIDR: &str = "10.200.0.0/20";
 
 /// What every benchmark needs from the command line.
+#[derive(Clone)]
 pub struct Common {
     pub admin_url: String,
     pub ipam_bin: PathBuf,
@@ -57,6 +58,8 @@ pub struct Common {
     pub machine: Machine,
     /// Print what Postgres backends waited on, and its counters per operation.
     pub pg_detail: bool,
+    /// The OTLP/gRPC collector the started binaries export spans to; none: no export.
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Common {
@@ -79,7 +82,14 @@ impl Common {
     }
 
     async fn start_ipam(&self, db: &BenchDb) -> anyhow::Result<(IpamServer, StartTimes)> {
-        IpamServer::start(&self.ipam_bin, &db.url, &self.log_dir, self.poll).await
+        IpamServer::start_traced(
+            &self.ipam_bin,
+            &db.url,
+            &self.log_dir,
+            self.poll,
+            self.otlp_endpoint.as_deref(),
+        )
+        .await
     }
 
     pub(crate) fn print_header(&self, title: &str) {
@@ -207,6 +217,40 @@ fn record_answers(answered: &mut HashMap<String, String>, prefix: &str, ops: Vec
             answered.insert(ipam::uid(prefix, seq), ip);
         }
     }
+}
+
+/// One measured Allocate phase at `clients` against a fresh database and herald-ipam
+/// (exporting spans if `common` says so), after a warm-up.
+pub async fn alloc_phase(
+    common: &Common,
+    clients: usize,
+    cidr: &str,
+) -> anyhow::Result<PhaseResult> {
+    let db = BenchDb::create(&common.admin_url).await?;
+    let (server, _) = common.start_ipam(&db).await?;
+    let mut admin = server.client().await?;
+    let capacity = ipam::create_pool(&mut admin, "bench", cidr, true).await?;
+    let (ops, _) = alloc_clients(common, &server, clients, "warm", None).await?;
+    let warm = runner::run(ops, common.warmup_limits(capacity / 10), false).await;
+    if warm.ok == 0 {
+        bail!(
+            "alloc warm-up at c={clients}: no Allocate succeeded (first error: {:?}); server log:\n{}",
+            warm.first_error,
+            server.log_tail()
+        );
+    }
+    let cap = (capacity * 9 / 10).saturating_sub(warm.ok);
+    let (ops, channels) = alloc_clients(common, &server, clients, "run", None).await?;
+    let pid = Some(server.process.pid());
+    let before = cpu::sample(pid);
+    let outcome = runner::run(ops, common.measure_limits(cap), false).await;
+    let after = cpu::sample(pid);
+    Ok(PhaseResult::from_outcome(
+        clients,
+        channels,
+        &outcome,
+        cpu::between(&before, &after),
+    ))
 }
 
 // ---- alloc -----------------------------------------------------------------------------

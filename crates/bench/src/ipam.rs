@@ -75,11 +75,24 @@ impl IpamServer {
         log_dir: &Path,
         poll: Duration,
     ) -> anyhow::Result<(Self, StartTimes)> {
+        Self::start_traced(binary, database_url, log_dir, poll, None).await
+    }
+
+    /// As [`Self::start`], exporting spans to `otlp` (none: no export, whatever the
+    /// environment says).
+    pub async fn start_traced(
+        binary: &Path,
+        database_url: &str,
+        log_dir: &Path,
+        poll: Duration,
+        otlp: Option<&str>,
+    ) -> anyhow::Result<(Self, StartTimes)> {
         let mut command = Command::new(binary);
         command
             .env_remove("HERALD_DATABASE_URL")
             .env_remove("HERALD_LISTEN")
             .current_dir(log_dir);
+        otlp_env(&mut command, otlp);
         Self::launch(
             "herald-ipam",
             command,
@@ -353,4 +366,13 @@ pub async fn audit(
         .filter(|(uid, ip)| by_owner.get(uid.as_str()) != Some(&ip.as_str()))
         .count() as u64;
     Ok(audit)
+}
+
+/// Span export for a started binary: to `otlp`, or off even if the bench's own
+/// environment names a collector.
+pub fn otlp_env(command: &mut Command, otlp: Option<&str>) {
+    match otlp {
+        Some(endpoint) => command.env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint),
+        None => command.env_remove("OTEL_EXPORTER_OTLP_ENDPOINT"),
+    };
 }

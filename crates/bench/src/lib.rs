@@ -17,3 +17,4 @@ pub mod report;
 pub mod runner;
 pub mod speakers;
 pub mod stats;
+pub mod trace;

@@ -82,6 +82,10 @@ struct Global {
     /// pg_stat_activity every 10 ms) and the database's counters per operation.
     #[arg(long, global = true)]
     pg_detail: bool,
+    /// Have every started herald binary export spans to this OTLP/gRPC collector
+    /// (default: no export).
+    #[arg(long, global = true)]
+    otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -108,6 +112,8 @@ enum Bench {
     Fanout(FanoutArgs),
     /// Allocate (or a Kubernetes Service) until a GoBGP ToR holds the route from both nodes.
     E2e(E2eArgs),
+    /// alloc and e2e with span export off and on (to an in-process OTLP receiver).
+    Trace(TraceArgs),
     /// Internal: one engine session driven over stdin (used by advertise/withdraw).
     #[command(hide = true)]
     EngineChild(EngineChildArgs),
@@ -117,6 +123,21 @@ enum Bench {
     /// Diagnostic: raw INSERT vs the same INSERT behind a minimal gRPC server vs gRPC
     /// health check vs dry-run Allocate vs Allocate, with the CPU each costs per operation.
     Floor(AllocArgs),
+}
+
+#[derive(Debug, Args)]
+struct TraceArgs {
+    /// Allocate clients.
+    #[arg(long, default_value_t = 8)]
+    clients: usize,
+    #[arg(long, default_value = DEFAULT_ALLOC_POOL)]
+    pool: String,
+    /// e2e Services allocated one by one, per phase.
+    #[arg(long, default_value_t = 200)]
+    count: u64,
+    /// e2e Services allocated at once, per phase.
+    #[arg(long, default_value_t = 100)]
+    burst: u64,
 }
 
 #[derive(Debug, Args)]
@@ -275,6 +296,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         log_dir: log_dir.path().to_path_buf(),
         machine: machine.clone(),
         pg_detail: global.pg_detail,
+        otlp_endpoint: global.otlp_endpoint.clone(),
     };
 
     let mut figures = Map::new();
@@ -341,6 +363,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 )?;
             }
         }
+        Bench::Trace(a) => put(
+            "trace",
+            json(
+                herald_bench::trace::trace_overhead(&common, a.clients, &a.pool, a.count, a.burst)
+                    .await,
+            ),
+        )?,
         Bench::EngineChild(_) | Bench::InsertServer(_) => {}
         Bench::Floor(a) => put(
             "floor",

@@ -141,6 +141,7 @@ fn start_speaker(
     name: &str,
     ipam: &IpamServer,
     log_dir: &Path,
+    otlp: Option<&str>,
 ) -> anyhow::Result<ChildProcess> {
     let log = log_dir.join(format!("herald-route-speaker-{name}.log"));
     let file = std::fs::File::create(&log)
@@ -160,6 +161,7 @@ fn start_speaker(
         .current_dir(log_dir)
         .stdout(Stdio::from(file.try_clone()?))
         .stderr(Stdio::from(file));
+    ipam::otlp_env(&mut command, otlp);
     Ok(ChildProcess::spawn(
         &format!("herald-route-speaker {name}"),
         command,
@@ -241,8 +243,15 @@ async fn start_pipeline(common: &Common, kube: Option<&FakeKube>) -> anyhow::Res
     };
     let tor = Tor::start(TorConfig::new(TorKind::Gobgp)).await?;
     let db = BenchDb::create(&common.admin_url).await?;
-    let (server, _) =
-        IpamServer::start(&common.ipam_bin, &db.url, &common.log_dir, common.poll).await?;
+    let otlp = common.otlp_endpoint.as_deref();
+    let (server, _) = IpamServer::start_traced(
+        &common.ipam_bin,
+        &db.url,
+        &common.log_dir,
+        common.poll,
+        otlp,
+    )
+    .await?;
     let mut ipam = server.client().await?;
     let mut routing = routing_client(&server).await?;
     ipam::create_pool(&mut ipam, "e2e", E2E_POOL, true).await?;
@@ -261,7 +270,13 @@ async fn start_pipeline(common: &Common, kube: Option<&FakeKube>) -> anyhow::Res
                 fake.create(NODES, kube_node(name, address))
                     .map_err(|e| anyhow!("create Node {name}: {e:?}"))?;
             }
-            watcher = Some(start_watcher(&binary, fake, &server, &common.log_dir)?);
+            watcher = Some(start_watcher(
+                &binary,
+                fake,
+                &server,
+                &common.log_dir,
+                otlp,
+            )?);
             wait_nodes_registered(&mut routing).await?;
         }
         _ => {
@@ -275,7 +290,7 @@ async fn start_pipeline(common: &Common, kube: Option<&FakeKube>) -> anyhow::Res
     }
     let speakers = E2E_NODES
         .iter()
-        .map(|(name, _)| start_speaker(&speaker_bin, name, &server, &common.log_dir))
+        .map(|(name, _)| start_speaker(&speaker_bin, name, &server, &common.log_dir, otlp))
         .collect::<anyhow::Result<Vec<_>>>()?;
     tor.wait_neighbors(ESTABLISH_TIMEOUT, |n| {
         n.iter().filter(|n| n.established).count() == E2E_NODES.len()
@@ -896,6 +911,7 @@ fn start_watcher(
     fake: &FakeKube,
     ipam: &IpamServer,
     log_dir: &Path,
+    otlp: Option<&str>,
 ) -> anyhow::Result<ChildProcess> {
     let home = log_dir.join("watcher-home");
     std::fs::create_dir_all(&home)?;
@@ -922,6 +938,7 @@ fn start_watcher(
         .current_dir(log_dir)
         .stdout(Stdio::from(file.try_clone()?))
         .stderr(Stdio::from(file));
+    ipam::otlp_env(&mut command, otlp);
     Ok(ChildProcess::spawn("herald-cluster-watcher", command))
 }
 

@@ -413,6 +413,19 @@ pub struct Session {
     received: HashSet<IpNet>,
     status: PeerStatus,
     out: Vec<Output>,
+    sent_updates: Vec<SentUpdate>,
+}
+
+/// One UPDATE message the session sent, for whoever observes the wire (traces, metrics):
+/// the driver takes them with [`Session::take_sent_updates`] after each step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentUpdate {
+    /// Prefixes it announces.
+    pub announced: usize,
+    /// Prefixes it withdraws.
+    pub withdrawn: usize,
+    /// Its size on the wire.
+    pub bytes: usize,
 }
 
 impl Session {
@@ -439,7 +452,13 @@ impl Session {
             received: HashSet::new(),
             status: PeerStatus::new(),
             out: Vec::new(),
+            sent_updates: Vec::new(),
         }
+    }
+
+    /// The UPDATEs sent since the last call, oldest first.
+    pub fn take_sent_updates(&mut self) -> Vec<SentUpdate> {
+        std::mem::take(&mut self.sent_updates)
     }
 
     pub fn state(&self) -> State {
@@ -1189,8 +1208,17 @@ impl Session {
         let ctx = self.wire;
         let mut buf = Vec::new();
         for u in updates {
+            let before = buf.len();
+            let (announced, withdrawn) = (u.announced().len(), u.withdrawn_all().len());
             match wire::encode_into(&Message::Update(u), &ctx, &mut buf) {
-                Ok(()) => self.status.updates_sent += 1,
+                Ok(()) => {
+                    self.status.updates_sent += 1;
+                    self.sent_updates.push(SentUpdate {
+                        announced,
+                        withdrawn,
+                        bytes: buf.len() - before,
+                    });
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "failed to encode UPDATE");
                     self.status.last_error = Some(e.to_string());

@@ -33,10 +33,10 @@ pub mod fuzzing;
 pub mod rib;
 pub mod wire;
 
-pub use driver::{BfdLink, PeerConfig, PeerHandle, SpawnError, Synced};
+pub use driver::{BfdLink, PeerConfig, PeerHandle, SpawnError, Synced, UpdateObserver};
 pub use fsm::{
-    GracefulRestartConfig, Ipv4NlriPolicy, Negotiated, PeerStatus, Session, SessionConfig,
-    ShutdownMode, State,
+    GracefulRestartConfig, Ipv4NlriPolicy, Negotiated, PeerStatus, SentUpdate, Session,
+    SessionConfig, ShutdownMode, State,
 };
 pub use rib::{RouteAttributes, Routes};
 pub use wire::{Family, LargeCommunity, Notification, Origin};

@@ -68,6 +68,11 @@ pub struct CommonArgs {
     /// pipelines). `RUST_LOG` filters the logs (default `info`). [default: plain]
     #[arg(long, env = "HERALD_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<String>,
+    /// Export traces over OTLP/gRPC to this collector, an `http://` or `https://` URL
+    /// (like http://127.0.0.1:4317). `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES` and
+    /// `OTEL_TRACES_SAMPLER`/`_ARG` are honoured. Unset: no spans are exported
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// The IPAM endpoint flag, for the binaries that call herald-ipam.
@@ -213,9 +218,16 @@ pub fn keys<S: Settings>() -> Result<Vec<String>, SettingsError> {
     }
 }
 
+/// Settings whose environment variable is a standard one of another project rather than
+/// `HERALD_…`, so the environment an operator already sets for it works here too.
+pub const STANDARD_ENV: &[(&str, &str)] = &[("otlp_endpoint", "OTEL_EXPORTER_OTLP_ENDPOINT")];
+
 /// The environment variable of `key`.
 pub fn env_var(key: &str) -> String {
-    format!("{ENV_PREFIX}{}", key.to_ascii_uppercase())
+    match STANDARD_ENV.iter().find(|(k, _)| *k == key) {
+        Some((_, env)) => (*env).to_string(),
+        None => format!("{ENV_PREFIX}{}", key.to_ascii_uppercase()),
+    }
 }
 
 /// The long flag of `key`.

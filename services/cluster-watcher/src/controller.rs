@@ -16,6 +16,7 @@ use herald_api::ipam::v1 as ipam;
 use herald_api::ipam::v1::ipam_client::IpamClient;
 use herald_api::routing::v1 as routing;
 use herald_api::routing::v1::routing_client::RoutingClient;
+use herald_telemetry::trace::Inject;
 use k8s_openapi::api::core::v1::{Namespace, Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -152,8 +153,8 @@ enum Phase {
 
 struct Ctx {
     client: kube::Client,
-    ipam: IpamClient<Channel>,
-    routing: RoutingClient<Channel>,
+    ipam: IpamClient<Inject<Channel>>,
+    routing: RoutingClient<Inject<Channel>>,
     settings: Settings,
     services: Store<Service>,
     slices: Store<EndpointSlice>,
@@ -216,8 +217,9 @@ pub async fn run(
         resources,
         recorder,
         client: client.clone(),
-        ipam: IpamClient::new(channel.clone()),
-        routing: RoutingClient::new(channel),
+        // Every call carries the reconcile's span as its W3C trace context.
+        ipam: IpamClient::new(Inject::new(channel.clone())),
+        routing: RoutingClient::new(Inject::new(channel)),
         settings,
         services,
         slices,
@@ -526,7 +528,7 @@ async fn service_worker(ctx: Arc<Ctx>) {
 async fn node_worker(ctx: Arc<Ctx>) {
     loop {
         let name = ctx.node_queue.pop().await;
-        let span = info_span!("node", node = %name);
+        let span = info_span!("node", herald.node = %name);
         if let Err(e) = ctx.reconcile_node(&name).instrument(span.clone()).await {
             span.in_scope(|| warn!(error = %e, "node update failed; retrying"));
             ctx.node_queue.push_after(name.clone(), MAX_RETRY / 5);
@@ -656,7 +658,12 @@ impl Ctx {
 
     /// Handles one Service in its span; a failure is logged and the key retried later.
     async fn handle(self: &Arc<Self>, key: &ServiceKey, phase: Phase) -> Result<()> {
-        let span = info_span!("service", namespace = %key.namespace, name = %key.name, uid = tracing::field::Empty);
+        let span = info_span!(
+            "reconcile",
+            k8s.namespace.name = %key.namespace,
+            k8s.service.name = %key.name,
+            uid = tracing::field::Empty,
+        );
         let started = std::time::Instant::now();
         let result = self.reconcile(key, phase).instrument(span.clone()).await;
         crate::metrics::observe_reconcile(result.is_ok(), started.elapsed().as_secs_f64());
@@ -1052,7 +1059,8 @@ impl Ctx {
             owner_uid: uid.to_string(),
             traffic_policy: policy,
             endpoint_nodes: facts.1.clone(),
-            traceparent: String::new(),
+            // The routes these endpoints make join this reconcile's trace.
+            traceparent: herald_telemetry::trace::traceparent(&tracing::Span::current()),
         };
         self.routing
             .clone()
@@ -1165,10 +1173,18 @@ impl Ctx {
         );
         stream::iter(gone)
             .map(|owner| async move {
-                let span = info_span!("service", namespace = %owner.namespace, name = %owner.name, uid = %owner.uid);
-                self.release(&owner.uid, "garbage collection: the Service is gone or no longer served")
-                    .instrument(span)
-                    .await?;
+                let span = info_span!(
+                    "reconcile",
+                    k8s.namespace.name = %owner.namespace,
+                    k8s.service.name = %owner.name,
+                    uid = %owner.uid,
+                );
+                self.release(
+                    &owner.uid,
+                    "garbage collection: the Service is gone or no longer served",
+                )
+                .instrument(span)
+                .await?;
                 let key = ServiceKey {
                     namespace: owner.namespace,
                     name: owner.name,

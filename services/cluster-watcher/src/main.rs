@@ -4,8 +4,16 @@ use tokio_util::sync::CancellationToken;
 async fn main() -> anyhow::Result<()> {
     let config =
         herald_settings::start::<herald_cluster_watcher::Args, herald_cluster_watcher::Config>();
-    herald_telemetry::init(config.log_format);
+    let exporter = herald_telemetry::init(
+        config.log_format,
+        config.otlp_endpoint.as_ref().map(|e| e.as_str()),
+        "herald-cluster-watcher",
+    );
     let shutdown = CancellationToken::new();
     tokio::spawn(herald_telemetry::cancel_on_signal(shutdown.clone()));
-    herald_cluster_watcher::run(config, shutdown).await
+    let result = herald_cluster_watcher::run(config, shutdown).await;
+    if let Some(exporter) = exporter {
+        exporter.shutdown().await;
+    }
+    result
 }

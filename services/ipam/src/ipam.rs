@@ -2,6 +2,7 @@
 //! lets the store's constraints decide, retrying the rare plan that lost a race with
 //! another replica.
 
+use crate::changes::Changes;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -43,6 +44,7 @@ pub struct Ipam {
     writer: Writer,
     index: Mutex<PoolIndex>,
     feed: Feed,
+    changes: Changes,
 }
 
 impl Ipam {
@@ -58,7 +60,13 @@ impl Ipam {
             store,
             index: Mutex::new(index),
             feed: Feed::new(last_revision),
+            changes: Changes::default(),
         }))
+    }
+
+    /// The trace contexts of the changes asked of this replica, for the route engine.
+    pub fn changes(&self) -> &Changes {
+        &self.changes
     }
 
     pub fn store(&self) -> &Store {

@@ -1,6 +1,7 @@
 //! `herald-ipam`: the centre of Herald. It owns pools, allocations and their history, and
 //! serves them over gRPC (`herald.ipam.v1.Ipam`) with reflection and health.
 
+mod changes;
 mod compaction;
 mod convert;
 #[cfg(test)]
@@ -25,7 +26,7 @@ use backon::{ExponentialBuilder, Retryable};
 use herald_api::ipam::v1::ipam_server::IpamServer;
 use herald_api::routing::v1::routing_server::RoutingServer;
 use herald_ipam_store::{Store, StoreError};
-use herald_settings::{CommonArgs, DatabaseUrl, Invalid};
+use herald_settings::{CommonArgs, DatabaseUrl, HttpEndpoint, Invalid};
 use herald_telemetry::LogFormat;
 use herald_telemetry::admin::Readiness;
 use tokio_util::sync::CancellationToken;
@@ -80,6 +81,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Address of the admin listener: `/metrics`, `/healthz`, `/readyz`.
     pub admin_listen: SocketAddr,
+    /// OTLP/gRPC collector to export spans to; none: no export.
+    pub otlp_endpoint: Option<HttpEndpoint>,
 }
 
 impl Default for Config {
@@ -94,6 +97,7 @@ impl Default for Config {
             admin_listen: herald_telemetry::admin::DEFAULT_IPAM_ADMIN_LISTEN
                 .parse()
                 .unwrap_or_else(|_| unreachable!("the default admin address is an address")),
+            otlp_endpoint: None,
         }
     }
 }
@@ -253,6 +257,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         // Outermost, so it counts the status the caller sees.
         .layer(metrics::RpcMetricsLayer)
         .layer(decode_refusal::layer())
+        // Each RPC's server span, a child of the caller's span (W3C trace context).
+        .layer(herald_telemetry::trace::ExtractLayer)
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -1,8 +1,10 @@
 //! The `herald.ipam.v1.Ipam` gRPC service: validation and conversion at the edge, the
 //! work in [`Ipam`].
 
+use crate::changes::Subject;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
+use tracing::Instrument;
 
 use futures::Stream;
 use herald_api::ipam::v1 as pb;
@@ -162,6 +164,9 @@ impl IpamRpc for IpamService {
     ) -> Result<Response<pb::AllocateResponse>, Status> {
         let ipam = self.ipam()?;
         let (req, dry_run) = allocate_request_from_pb(request.into_inner()).map_err(invalid)?;
+        if !dry_run {
+            ipam.changes().record(Subject::Owner(req.owner.uid.clone()));
+        }
         let allocation = run_to_completion(ipam, move |ipam| async move {
             ipam.allocate(&req, dry_run).await
         })
@@ -196,6 +201,10 @@ impl IpamRpc for IpamService {
         for (i, item) in requests.into_iter().enumerate() {
             match allocate_request_from_pb(item) {
                 Ok(ok) => {
+                    if !ok.1 {
+                        ipam.changes()
+                            .record(Subject::Owner(ok.0.owner.uid.clone()));
+                    }
                     parsed.push(ok);
                     results.push(None);
                 }
@@ -255,6 +264,7 @@ impl IpamRpc for IpamService {
         } else {
             reason
         };
+        ipam.changes().record(Subject::Owner(owner_uid.clone()));
         let released = run_to_completion(ipam, move |ipam| async move {
             ipam.release(&owner_uid, &reason).await
         })
@@ -514,7 +524,8 @@ where
     F: FnOnce(Arc<Ipam>) -> Fut,
     Fut: std::future::Future<Output = Result<T, IpamError>> + Send + 'static,
 {
-    match tokio::spawn(work(Arc::clone(ipam))).await {
+    // In the RPC's span: the store commit and the change it makes join the caller's trace.
+    match tokio::spawn(work(Arc::clone(ipam)).instrument(tracing::Span::current())).await {
         Ok(result) => result.map_err(Status::from),
         Err(e) => Err(Status::internal(format!("the request's task failed: {e}"))),
     }

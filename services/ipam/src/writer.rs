@@ -9,9 +9,11 @@
 //! gave 1.3-1.5x the allocations/s of four at c = 8 and 32, with a lower p99.
 
 use herald_ipam_core::Plan;
-use herald_ipam_store::{CommitError, SqlxError, Store, StoreError};
+use herald_ipam_store::{Backend, CommitError, SqlxError, Store, StoreError};
 use herald_model::AllocationRequest;
+use herald_telemetry::trace::SpanContext;
 use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
 
 /// Most plans written in one group: large enough to absorb any burst of concurrent
 /// calls, small enough that one group's statement stays short.
@@ -23,6 +25,8 @@ struct Pending {
     request: AllocationRequest,
     plan: Plan,
     reply: oneshot::Sender<Result<i64, CommitError>>,
+    /// The calling RPC's span, so the commit that serves it joins its trace.
+    trace: SpanContext,
 }
 
 #[derive(Clone)]
@@ -55,6 +59,7 @@ impl Writer {
             request: request.clone(),
             plan: plan.clone(),
             reply,
+            trace: herald_telemetry::trace::context_of(&tracing::Span::current()),
         };
         let gone = || {
             CommitError::Store(StoreError::Stopping(
@@ -101,7 +106,8 @@ async fn write_groups(store: Store, mut receiver: mpsc::Receiver<Pending>) {
         };
         let started = std::time::Instant::now();
         let plans = first.len();
-        let results = guarded(&store, plans, write).await;
+        let span = commit_span(&store, &first);
+        let results = guarded(&store, plans, write).instrument(span).await;
         crate::metrics::observe_commit(plans, started.elapsed());
         for (pending, result) in first.into_iter().zip(results) {
             // The caller may have gone; its allocation stands either way.
@@ -109,12 +115,38 @@ async fn write_groups(store: Store, mut receiver: mpsc::Receiver<Pending>) {
         }
         for pending in repeats {
             let write = async { vec![store.commit(&pending.request, &pending.plan).await] };
-            let result = guarded(&store, 1, write).await.pop();
+            let span = commit_span(&store, std::slice::from_ref(&pending));
+            let result = guarded(&store, 1, write).instrument(span).await.pop();
             if let Some(result) = result {
                 let _ = pending.reply.send(result);
             }
         }
     }
+}
+
+/// The span of one group's commit: a child of its first call's span, linked to every
+/// call it serves, so each Allocate's trace reaches the commit that made it durable. A
+/// disabled span while tracing is off.
+fn commit_span(store: &Store, group: &[Pending]) -> tracing::Span {
+    if !herald_telemetry::trace::enabled() {
+        return tracing::Span::none();
+    }
+    let db = match store.backend() {
+        Backend::Postgres => "postgresql",
+        Backend::Sqlite => "sqlite",
+    };
+    let span = tracing::info_span!(
+        "store.commit",
+        otel.kind = "client",
+        db.system = db,
+        db.operation.name = "commit",
+        db.operation.batch.size = group.len(),
+    );
+    if let Some(first) = group.first() {
+        herald_telemetry::trace::set_parent_context(&span, &first.trace);
+    }
+    herald_telemetry::trace::add_links(&span, group.iter().skip(1).map(|p| &p.trace));
+    span
 }
 
 /// Runs the write of `n` plans, but gives it up when the store is found away meanwhile:

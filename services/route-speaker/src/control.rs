@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use herald_api::routing::v1 as pb;
 use herald_api::routing::v1::routing_client::RoutingClient;
+use herald_telemetry::trace::Inject;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
@@ -113,7 +114,8 @@ async fn subscribe(
 ) -> WatchError {
     let result: Result<(), WatchError> = async {
         let channel = endpoint.connect().await?;
-        let mut client = RoutingClient::new(channel).max_decoding_message_size(MAX_SNAPSHOT_BYTES);
+        let mut client =
+            RoutingClient::new(Inject::new(channel)).max_decoding_message_size(MAX_SNAPSHOT_BYTES);
         let mut stream = client
             .watch_node_routes(pb::WatchNodeRoutesRequest {
                 node: node.to_string(),
@@ -174,7 +176,7 @@ pub async fn report_state(
     interval: Duration,
     shutdown: CancellationToken,
 ) {
-    let mut client = RoutingClient::new(endpoint.connect_lazy());
+    let mut client = RoutingClient::new(Inject::new(endpoint.connect_lazy()));
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -89,6 +89,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Address of the admin listener: `/metrics`, `/healthz`, `/readyz`.
     pub admin_listen: SocketAddr,
+    /// OTLP/gRPC collector to export spans to; none: no export.
+    pub otlp_endpoint: Option<HttpEndpoint>,
 }
 
 impl Default for Config {
@@ -106,6 +108,7 @@ impl Default for Config {
             admin_listen: herald_telemetry::admin::DEFAULT_SPEAKER_ADMIN_LISTEN
                 .parse()
                 .unwrap_or_else(|_| unreachable!("the default admin address is an address")),
+            otlp_endpoint: None,
         }
     }
 }

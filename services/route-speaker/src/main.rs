@@ -4,8 +4,16 @@ use tokio_util::sync::CancellationToken;
 async fn main() -> anyhow::Result<()> {
     let config =
         herald_settings::start::<herald_route_speaker::Args, herald_route_speaker::Config>();
-    herald_telemetry::init(config.log_format);
+    let exporter = herald_telemetry::init(
+        config.log_format,
+        config.otlp_endpoint.as_ref().map(|e| e.as_str()),
+        "herald-route-speaker",
+    );
     let shutdown = CancellationToken::new();
     tokio::spawn(herald_telemetry::cancel_on_signal(shutdown.clone()));
-    herald_route_speaker::run(config, shutdown).await
+    let result = herald_route_speaker::run(config, shutdown).await;
+    if let Some(exporter) = exporter {
+        exporter.shutdown().await;
+    }
+    result
 }

@@ -3,13 +3,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use herald_api::routing::v1 as pb;
 use herald_bgp::{
-    Family, PeerConfig, PeerHandle, PeerStatus, RouteAttributes, Routes, ShutdownMode, State,
+    Family, PeerConfig, PeerHandle, PeerStatus, RouteAttributes, Routes, SentUpdate, ShutdownMode,
+    State, UpdateObserver,
 };
+use herald_telemetry::trace::SpanContext;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tracing::{Instrument, error, info, warn};
@@ -68,6 +70,8 @@ struct Session {
     reset_pending: bool,
     /// Route changes handed to the session whose UPDATE has not left yet.
     pending: metrics::PendingSlot,
+    /// What the UPDATEs this session sends next are caused by.
+    cause: Arc<Mutex<Cause>>,
     _forward: AbortOnDrop,
     _time_updates: AbortOnDrop,
     bfd: Option<BfdSession>,
@@ -80,6 +84,47 @@ struct BfdSession {
     spec: BfdSpec,
     handle: herald_bfd::SessionHandle,
     _watch: AbortOnDrop,
+}
+
+/// The trace context an UPDATE span joins: the apply of the snapshot that handed the
+/// session its routes (parent) and the changes behind the routes that changed (links).
+#[derive(Debug, Clone, Default)]
+struct Cause {
+    parent: Option<SpanContext>,
+    links: Vec<SpanContext>,
+}
+
+/// Links one UPDATE span carries at most; the SDK's default limit is 128.
+const MAX_UPDATE_LINKS: usize = 64;
+
+/// The observer that gives every UPDATE sent to `peer` a span: a child of the apply that
+/// caused it, naming the peer and the prefix count, linked to the changed routes' changes.
+fn update_spans(node: &str, peer: &str, cause: &Arc<Mutex<Cause>>) -> Option<UpdateObserver> {
+    if !herald_telemetry::trace::enabled() {
+        return None;
+    }
+    let (node, peer, cause) = (node.to_string(), peer.to_string(), Arc::clone(cause));
+    Some(Arc::new(move |update: &SentUpdate| {
+        let cause = cause
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let span = tracing::info_span!(
+            parent: None,
+            "bgp.update",
+            otel.kind = "producer",
+            herald.node = %node,
+            herald.peer = %peer,
+            bgp.prefix_count = update.announced + update.withdrawn,
+            bgp.announced = update.announced,
+            bgp.withdrawn = update.withdrawn,
+            bgp.message_bytes = update.bytes,
+        );
+        if let Some(parent) = &cause.parent {
+            herald_telemetry::trace::set_parent_context(&span, parent);
+        }
+        herald_telemetry::trace::add_links(&span, &cause.links);
+    }))
 }
 
 /// The node's sessions. [`Speaker::apply`] is idempotent: applying the same snapshot twice
@@ -157,11 +202,14 @@ impl Speaker {
         let route_count: usize = snapshot.peers.iter().map(|p| p.routes.len()).sum();
         let span = tracing::info_span!(
             "snapshot",
-            node = %self.node,
+            otel.name = "speaker.apply",
+            herald.node = %self.node,
             revision = snapshot.revision,
             peers = snapshot.peers.len(),
             routes = route_count,
         );
+        // A child of IPAM's publish of this snapshot: the trace of the change goes on here.
+        herald_telemetry::trace::set_parent(&span, &snapshot.traceparent);
         self.apply_inner(snapshot).instrument(span).await
     }
 
@@ -172,6 +220,7 @@ impl Speaker {
             local_asn,
             router_id,
             peers,
+            traceparent: _,
         } = snapshot;
         if !node.is_empty() && *node != self.node {
             warn!(snapshot_node = %node, "snapshot names another node; applying it anyway");
@@ -294,16 +343,15 @@ impl Speaker {
             // The session's task outlives this snapshot: give it a span of its own
             // rather than the snapshot's.
             let span = tracing::info_span!(parent: None, "peer", node = %self.node, peer = %name);
+            let cause = Arc::new(Mutex::new(Cause::default()));
+            let observer = update_spans(&self.node, name, &cause);
             // A session we have just closed ourselves: the ToR may refuse the first
             // reconnects for a moment, which must not cost a backoff.
-            let spawned = if plan.stop.contains(name) {
-                PeerHandle::spawn_after_close(config.clone())
-                    .instrument(span)
-                    .await
-            } else {
-                PeerHandle::spawn(config.clone()).instrument(span).await
-            };
-            match spawned {
+            let after_close = plan.stop.contains(name);
+            match PeerHandle::spawn_observed(config.clone(), observer, after_close)
+                .instrument(span)
+                .await
+            {
                 Ok(handle) => {
                     info!(peer = %name, address = %handle.peer(), "started BGP session");
                     let forward = forward_changes(&handle, Arc::clone(&self.changes));
@@ -317,6 +365,7 @@ impl Speaker {
                             routes: Arc::new(Routes::new()),
                             reset_pending: false,
                             pending,
+                            cause,
                             _forward: forward,
                             _time_updates: time_updates,
                             bfd: None,
@@ -364,15 +413,37 @@ impl Speaker {
             if *session.routes == converted.routes {
                 continue;
             }
-            // A session just started sends everything: its first routes are not a change.
+            // A session just started sends everything: its first routes are not a change
+            // to time (their UPDATE spans still link the changes' traces).
             let started = summary.started.contains(&name);
             let mut changes = Vec::new();
-            for p in converted.provenance.iter().filter(|_| !started) {
+            let mut links = Vec::new();
+            for p in &converted.provenance {
                 let changed = session.routes.get(&p.prefix) != converted.routes.get(&p.prefix);
-                if changed && let Some(at) = p.changed_at {
+                if changed
+                    && !started
+                    && let Some(at) = p.changed_at
+                {
                     newest_change = newest_change.max(Some(at));
                     changes.push(metrics::Change::new(at, &p.traceparent));
                 }
+                if changed
+                    && links.len() < MAX_UPDATE_LINKS
+                    && let Some(sc) = herald_telemetry::trace::span_context(&p.traceparent)
+                    && !links.contains(&sc)
+                {
+                    links.push(sc);
+                }
+            }
+            if herald_telemetry::trace::enabled() {
+                let parent = herald_telemetry::trace::context_of(&tracing::Span::current());
+                *session
+                    .cause
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Cause {
+                    parent: parent.is_valid().then_some(parent),
+                    links,
+                };
             }
             let routes = Arc::new(converted.routes);
             // Before the hand-over: the writer may report the set written at once.
@@ -725,6 +796,7 @@ mod tests {
             node: "node-a".into(),
             local_asn: 65010,
             router_id: "127.0.0.10".into(),
+            traceparent: String::new(),
             peers: vec![pb::PeerRoutes {
                 peer: Some(pb::Peer {
                     name: "tor".into(),

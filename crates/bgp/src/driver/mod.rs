@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
-use crate::fsm::{Event, Output, Session, SessionConfig};
+use crate::fsm::{Event, Output, SentUpdate, Session, SessionConfig};
 pub use crate::fsm::{GracefulRestartConfig, Ipv4NlriPolicy, PeerStatus, ShutdownMode, State};
 use crate::rib::Routes;
 use crate::wire::{self, Family, Message, Notification, WireContext};
@@ -215,17 +215,32 @@ impl PeerHandle {
     /// invalid config or when the listener cannot bind; connection problems
     /// show up in [`PeerStatus::last_error`] and are retried forever.
     pub async fn spawn(config: PeerConfig) -> Result<PeerHandle, SpawnError> {
-        Self::spawn_inner(config, false).await
+        Self::spawn_inner(config, false, None).await
     }
 
     /// As [`Self::spawn`], for a session that replaces one we have just
     /// closed ourselves: the first reconnects do not back off
     /// ([`Session::reconnect_quickly`]).
     pub async fn spawn_after_close(config: PeerConfig) -> Result<PeerHandle, SpawnError> {
-        Self::spawn_inner(config, true).await
+        Self::spawn_inner(config, true, None).await
     }
 
-    async fn spawn_inner(config: PeerConfig, quick: bool) -> Result<PeerHandle, SpawnError> {
+    /// As [`Self::spawn`] (or, with `after_close`, [`Self::spawn_after_close`]), calling
+    /// `observer` for every UPDATE the session writes to its connection (from the
+    /// session's task: it must be quick and must not block).
+    pub async fn spawn_observed(
+        config: PeerConfig,
+        observer: Option<UpdateObserver>,
+        after_close: bool,
+    ) -> Result<PeerHandle, SpawnError> {
+        Self::spawn_inner(config, after_close, observer).await
+    }
+
+    async fn spawn_inner(
+        config: PeerConfig,
+        quick: bool,
+        observer: Option<UpdateObserver>,
+    ) -> Result<PeerHandle, SpawnError> {
         if config.hold_time == 1 || config.hold_time == 2 {
             return Err(SpawnError::Config("hold_time must be 0 or >= 3".into()));
         }
@@ -278,6 +293,7 @@ impl PeerHandle {
                 synced: synced_tx,
                 desired_now: Arc::new(Routes::new()),
                 tag_next: false,
+                observer,
             }
             .run(desired_rx, cmd_rx)
             .instrument(span),
@@ -451,7 +467,12 @@ struct PeerTask {
     desired_now: Arc<Routes>,
     /// The writes the next event produces bring the peer in line with `desired_now`.
     tag_next: bool,
+    observer: Option<UpdateObserver>,
 }
+
+/// Called for every UPDATE a session writes to its connection; see
+/// [`PeerHandle::spawn_observed`].
+pub type UpdateObserver = Arc<dyn Fn(&SentUpdate) + Send + Sync>;
 
 /// Size of one read from the socket.
 const READ_CHUNK: usize = 64 * 1024;
@@ -668,6 +689,14 @@ impl PeerTask {
                             }
                             // The writer ended; it has reported why.
                             Err(mpsc::error::TrySendError::Closed(_)) => {}
+                        }
+                    }
+                    let sent = self.session.take_sent_updates();
+                    if let Some(observer) = &self.observer
+                        && self.conn.is_some()
+                    {
+                        for update in &sent {
+                            observer(update);
                         }
                     }
                 }

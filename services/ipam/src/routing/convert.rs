@@ -401,6 +401,7 @@ fn route_to_pb(prefix: &ipnet::IpNet, attrs: &RouteAttrs, meta: RouteMeta<'_>) -
 pub fn node_routes_to_pb<'a>(
     node: &str,
     revision: i64,
+    traceparent: &str,
     local_asn: u32,
     routes: &NodeRoutes,
     meta: impl Fn(&ipnet::IpNet) -> RouteMeta<'a>,
@@ -415,6 +416,7 @@ pub fn node_routes_to_pb<'a>(
         node: node.to_string(),
         local_asn,
         router_id,
+        traceparent: traceparent.to_string(),
         peers: routes
             .peers
             .iter()

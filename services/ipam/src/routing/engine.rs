@@ -18,7 +18,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::rollout::{REPORT_MAX_AGE_MICROS, Rollout, SessionView, Views};
+use crate::changes::{Changes, Subject};
 use crate::ipam::Ipam;
+use herald_telemetry::trace::SpanContext;
 
 /// Changes arriving this close together are computed as one: a burst of 1,000 Services
 /// costs a handful of recomputations, not 1,000.
@@ -38,6 +40,8 @@ struct Held {
     ips: Vec<AssignedIp>,
     traffic_policy: TrafficPolicy,
     at: i64,
+    /// W3C traceparent of the change that last touched it, when this replica made it.
+    trace: String,
 }
 
 /// A speaker's report, as stored.
@@ -87,6 +91,9 @@ pub struct NodeSnapshot {
     pub routes: NodeRoutes,
     /// prefix → (traceparent, changed_at) of the change that last touched it.
     pub provenance: BTreeMap<IpNet, (String, i64)>,
+    /// W3C traceparent of the publish span that made this snapshot (empty while tracing
+    /// is off): the speaker's apply span is its child.
+    pub trace: String,
 }
 
 #[derive(Default)]
@@ -103,7 +110,14 @@ struct Inputs {
 }
 
 impl Inputs {
-    fn hold(&mut self, owner: Owner, ips: Vec<AssignedIp>, traffic_policy: TrafficPolicy, at: i64) {
+    fn hold(
+        &mut self,
+        owner: Owner,
+        ips: Vec<AssignedIp>,
+        traffic_policy: TrafficPolicy,
+        at: i64,
+        trace: String,
+    ) {
         for a in &ips {
             self.owner_of.insert(IpNet::from(a.ip), owner.uid.clone());
         }
@@ -114,6 +128,7 @@ impl Inputs {
                 ips,
                 traffic_policy,
                 at,
+                trace,
             },
         );
     }
@@ -128,7 +143,7 @@ impl Inputs {
         match held {
             Some((uid, held)) => match self.endpoints.get(uid) {
                 Some((e, at)) if *at >= held.at => (e.traceparent.clone(), *at),
-                _ => (String::new(), held.at),
+                _ => (held.trace.clone(), held.at),
             },
             None => (String::new(), self.last_change_at),
         }
@@ -204,7 +219,13 @@ impl RouteEngine {
                 )
                 .await?;
             for a in page {
-                inputs.hold(a.owner, a.ips, a.traffic_policy, a.created_at);
+                inputs.hold(
+                    a.owner,
+                    a.ips,
+                    a.traffic_policy,
+                    a.created_at,
+                    String::new(),
+                );
             }
             match next {
                 Some(next) => token = next,
@@ -330,11 +351,23 @@ impl RouteEngine {
     }
 
     /// Applies one change from the feed. Documents are re-read from the store, so applying
-    /// an event twice or late leaves the latest state.
-    async fn apply(&self, store: &Store, event: &Event) -> Result<(), StoreError> {
+    /// an event twice or late leaves the latest state. Returns the trace context of the
+    /// change, when known: this replica made it (`changes`), or its facts carry one.
+    async fn apply(
+        &self,
+        store: &Store,
+        changes: &Changes,
+        event: &Event,
+    ) -> Result<Option<SpanContext>, StoreError> {
         let revision = event.revision();
+        let mut cause = None;
         match event {
             Event::Assigned(entry, _) => {
+                cause = changes.get(&Subject::Owner(entry.owner.uid.clone()));
+                let trace = cause
+                    .as_ref()
+                    .map(herald_telemetry::trace::traceparent_of)
+                    .unwrap_or_default();
                 let mut inputs = lock(&self.inputs);
                 let held = inputs
                     .allocations
@@ -344,7 +377,9 @@ impl RouteEngine {
                         ips: Vec::new(),
                         traffic_policy: TrafficPolicy::Cluster,
                         at: entry.at,
+                        trace: String::new(),
                     });
+                held.trace = trace;
                 if !held.ips.iter().any(|a| a.ip == entry.ip)
                     && let Ok(pool) = PoolName::parse("pool", &entry.pool)
                 {
@@ -357,6 +392,7 @@ impl RouteEngine {
             }
             Event::Released(entry, _) => {
                 debug_assert_eq!(entry.action, HistoryAction::Released);
+                cause = changes.get(&Subject::Owner(entry.owner.uid.clone()));
                 let mut inputs = lock(&self.inputs);
                 if let Some(held) = inputs.allocations.get_mut(&entry.owner.uid) {
                     held.ips.retain(|a| a.ip != entry.ip);
@@ -371,6 +407,7 @@ impl RouteEngine {
             }
             // Its addresses stay; its traffic policy may have changed.
             Event::Updated(entry, _) => {
+                cause = changes.get(&Subject::Owner(entry.owner.uid.clone()));
                 let held = store.get_allocation(&entry.owner.uid).await?;
                 let mut inputs = lock(&self.inputs);
                 if let (Some(held), Some(known)) =
@@ -381,6 +418,7 @@ impl RouteEngine {
                 }
             }
             Event::NodeChanged { node, .. } | Event::NodeDeleted { node, .. } => {
+                cause = changes.get(&Subject::Node(node.clone()));
                 let doc = store.load_node(node).await?;
                 let mut inputs = lock(&self.inputs);
                 match doc {
@@ -390,15 +428,24 @@ impl RouteEngine {
             }
             Event::EndpointsChanged { owner_uid, .. } => {
                 let doc = store.load_endpoint(owner_uid).await?;
+                cause = changes.get(&Subject::Endpoints(owner_uid.clone()));
                 let mut inputs = lock(&self.inputs);
                 match doc {
-                    Some(doc) => inputs
-                        .endpoints
-                        .insert(owner_uid.clone(), (decode(&doc)?, doc.updated_at)),
+                    Some(doc) => {
+                        let endpoints: Endpoints = decode(&doc)?;
+                        // Made through another replica: the watcher's own context.
+                        if cause.is_none() {
+                            cause = herald_telemetry::trace::span_context(&endpoints.traceparent);
+                        }
+                        inputs
+                            .endpoints
+                            .insert(owner_uid.clone(), (endpoints, doc.updated_at))
+                    }
                     None => inputs.endpoints.remove(owner_uid),
                 };
             }
             Event::PolicyChanged { .. } => {
+                cause = changes.get(&Subject::Policy);
                 let doc = store.load_policy().await?;
                 lock(&self.inputs).policy = doc.as_ref().map(decode).transpose()?;
             }
@@ -408,7 +455,7 @@ impl RouteEngine {
         let mut inputs = lock(&self.inputs);
         inputs.revision = inputs.revision.max(revision);
         inputs.last_change_at = inputs.last_change_at.max(herald_ipam_store::now_micros());
-        Ok(())
+        Ok(cause)
     }
 
     /// Recomputes every node and publishes the ones whose set changed.
@@ -484,11 +531,23 @@ fn publish(
     if previous.as_ref().is_some_and(|s| s.routes == *routes) {
         return;
     }
-    let provenance = routes
+    let provenance: BTreeMap<IpNet, (String, i64)> = routes
         .prefixes()
         .into_iter()
         .map(|p| (p, change_of(previous.as_deref(), routes, inputs, p)))
         .collect();
+    // A child of the recompute (the current span); the snapshot carries it to the speaker.
+    let trace = if herald_telemetry::trace::enabled() {
+        let span = tracing::info_span!(
+            "routes.publish",
+            herald.node = node,
+            herald.revision = inputs.revision,
+            herald.prefixes = provenance.len(),
+        );
+        herald_telemetry::trace::traceparent(&span)
+    } else {
+        String::new()
+    };
     debug!(
         node,
         revision = inputs.revision,
@@ -501,6 +560,7 @@ fn publish(
         published_at: herald_ipam_store::now_micros(),
         routes: routes.clone(),
         provenance,
+        trace,
     })));
 }
 
@@ -558,14 +618,16 @@ pub async fn run(engine: Arc<RouteEngine>, ipam: Arc<Ipam>, shutdown: Cancellati
                 Err(_) => break,
             }
         }
+        let mut causes = Vec::new();
         for event in pending {
             match event {
-                Ok(event) => {
-                    if let Err(e) = engine.apply(ipam.store(), &event).await {
+                Ok(event) => match engine.apply(ipam.store(), ipam.changes(), &event).await {
+                    Ok(cause) => causes.extend(cause),
+                    Err(e) => {
                         warn!(error = %e, "applying a routing change failed; reloading");
                         reload(&engine, &ipam).await;
                     }
-                }
+                },
                 Err(RecvError::Lagged(missed)) => {
                     warn!(
                         missed,
@@ -576,8 +638,23 @@ pub async fn run(engine: Arc<RouteEngine>, ipam: Arc<Ipam>, shutdown: Cancellati
                 Err(RecvError::Closed) => return,
             }
         }
-        engine.recompute(&ipam);
+        recompute_span(&causes).in_scope(|| engine.recompute(&ipam));
     }
+}
+
+/// The span of one recomputation: a child of the first change it serves, linked to every
+/// one (a burst of changes is computed once, and each change's trace still reaches the
+/// snapshots it made). A disabled span while tracing is off.
+fn recompute_span(causes: &[SpanContext]) -> tracing::Span {
+    if !herald_telemetry::trace::enabled() {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!("routes.recompute", herald.changes = causes.len());
+    if let Some(first) = causes.first() {
+        herald_telemetry::trace::set_parent_context(&span, first);
+    }
+    herald_telemetry::trace::add_links(&span, causes);
+    span
 }
 
 async fn reload(engine: &RouteEngine, ipam: &Ipam) {

@@ -1,5 +1,6 @@
 //! The `herald.routing.v1.Routing` gRPC service.
 
+use crate::changes::Subject;
 use std::collections::BTreeSet;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
@@ -178,6 +179,7 @@ fn snapshot_to_pb(node: &str, local_asn: u32, snapshot: &NodeSnapshot) -> pb::No
     convert::node_routes_to_pb(
         node,
         snapshot.revision,
+        &snapshot.trace,
         local_asn,
         &snapshot.routes,
         |prefix| {
@@ -201,6 +203,10 @@ impl RoutingRpc for RoutingService {
         let node = convert::node_from_pb(request.into_inner()).map_err(invalid)?;
         ready
             .ipam
+            .changes()
+            .record(Subject::Node(node.name.clone()));
+        ready
+            .ipam
             .store()
             .upsert_node(&node.name, &json(&node)?)
             .await
@@ -216,6 +222,7 @@ impl RoutingRpc for RoutingService {
         let ready = self.ready()?;
         let pb::DeleteNodeRequest { name } = request.into_inner();
         validate_node_name("name", &name).map_err(invalid)?;
+        ready.ipam.changes().record(Subject::Node(name.clone()));
         let deleted = ready
             .ipam
             .store()
@@ -268,6 +275,10 @@ impl RoutingRpc for RoutingService {
         };
         ready
             .ipam
+            .changes()
+            .record(Subject::Endpoints(owner_uid.clone()));
+        ready
+            .ipam
             .store()
             .set_endpoints(&owner_uid, &json(&endpoints)?)
             .await
@@ -290,6 +301,7 @@ impl RoutingRpc for RoutingService {
         let stored = stored_policy(ready).await?;
         let policy = convert::policy_from_pb(request.into_inner(), &pools, stored.as_ref())
             .map_err(invalid)?;
+        ready.ipam.changes().record(Subject::Policy);
         ready
             .ipam
             .store()

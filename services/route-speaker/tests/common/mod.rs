@@ -315,6 +315,7 @@ pub fn snapshot(
         node: node.into(),
         local_asn: NODE_ASN,
         router_id: source.to_string(),
+        traceparent: String::new(),
         peers: vec![pb::PeerRoutes {
             peer: Some(pb::Peer {
                 name: "tor".into(),
