@@ -73,6 +73,12 @@ pub fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed)
 }
 
+/// Counts `n` dropped spans, here and in `herald_otel_spans_dropped_total`.
+fn count_dropped(n: u64) {
+    DROPPED.fetch_add(n, Ordering::Relaxed);
+    crate::metrics::spans_dropped().inc_by(n);
+}
+
 /// Spans dropped since start instead of exported: the queue was full (the collector slow
 /// or gone) or the collector did not take their batch. Monotonic; for a counter metric.
 pub fn spans_dropped() -> u64 {
@@ -212,7 +218,7 @@ impl<P: SpanProcessor> SpanProcessor for Bounded<P> {
     fn on_end(&self, span: SpanData) {
         if self.queued.fetch_add(1, Ordering::Relaxed) >= MAX_QUEUED_SPANS {
             self.queued.fetch_sub(1, Ordering::Relaxed);
-            DROPPED.fetch_add(1, Ordering::Relaxed);
+            count_dropped(1);
             return;
         }
         self.inner.on_end(span);
@@ -245,7 +251,7 @@ impl<E: SpanExporter> SpanExporter for Counted<E> {
         self.queued.fetch_sub(n, Ordering::Relaxed);
         let result = self.inner.export(batch).await;
         if result.is_err() {
-            DROPPED.fetch_add(n as u64, Ordering::Relaxed);
+            count_dropped(n as u64);
         }
         result
     }
