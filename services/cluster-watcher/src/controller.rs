@@ -391,12 +391,17 @@ where
         .reflect(writer)
         .inspect(move |event| match event {
             Ok(event) => {
-                if matches!(event, watcher::Event::InitDone) {
-                    ctx.listed.send_modify(|listed| {
-                        listed.insert(resource);
-                    });
+                match event {
+                    // Announces a (re-)list before it is asked for: no sign it works.
+                    watcher::Event::Init => {}
+                    watcher::Event::InitDone => {
+                        ctx.listed.send_modify(|listed| {
+                            listed.insert(resource);
+                        });
+                        ctx.watch_works(resource);
+                    }
+                    _ => ctx.watch_works(resource),
                 }
-                ctx.watch_works(resource);
                 on_event(&ctx, event);
             }
             Err(e) => ctx.watch_failed(resource, e),
