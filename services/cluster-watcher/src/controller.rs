@@ -1382,3 +1382,55 @@ impl Ctx {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use kube::core::Status;
+
+    use super::*;
+
+    fn api(code: u16, reason: &str) -> kube::Error {
+        kube::Error::Api(Box::new(Status::failure("refused", reason).with_code(code)))
+    }
+
+    #[test]
+    fn a_refused_permission_names_the_verb_and_nothing_else_does() {
+        let forbidden = || api(403, "Forbidden");
+        assert_eq!(
+            refused_verb(&watcher::Error::InitialListFailed(forbidden())),
+            Some("list")
+        );
+        assert_eq!(
+            refused_verb(&watcher::Error::WatchStartFailed(forbidden())),
+            Some("watch")
+        );
+        assert_eq!(
+            refused_verb(&watcher::Error::WatchError(Box::new(
+                Status::failure("refused", "Forbidden").with_code(403)
+            ))),
+            Some("watch")
+        );
+        // 410 Gone, a server error or a lost connection are retried without a refusal.
+        assert_eq!(
+            refused_verb(&watcher::Error::WatchError(Box::new(
+                Status::failure("too old", "Expired").with_code(410)
+            ))),
+            None
+        );
+        assert_eq!(
+            refused_verb(&watcher::Error::InitialListFailed(api(
+                500,
+                "InternalError"
+            ))),
+            None
+        );
+        assert_eq!(refused_verb(&watcher::Error::NoResourceVersion), None);
+    }
+
+    #[test]
+    fn retries_back_off_to_a_ceiling() {
+        assert_eq!(retry_delay(1), MIN_RETRY);
+        assert_eq!(retry_delay(2), MIN_RETRY * 2);
+        assert_eq!(retry_delay(40), MAX_RETRY);
+    }
+}
