@@ -811,10 +811,7 @@ pub enum StoreKind {
 /// The database one `restart` arm runs on, dropped (or deleted) when the arm ends.
 enum ArmStore {
     Postgres(BenchDb),
-    Sqlite {
-        dir: tempfile::TempDir,
-        url: String,
-    },
+    Sqlite { dir: tempfile::TempDir, url: String },
 }
 
 impl ArmStore {
