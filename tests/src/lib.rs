@@ -4,6 +4,9 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod postgres;
+pub use postgres::PrivatePostgres;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
