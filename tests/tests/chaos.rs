@@ -448,6 +448,63 @@ impl Cluster {
     }
 }
 
+/// Recordings are stamped when read, within a poll (20 ms) of their writing; a withdrawal
+/// this close to a sample may be one the sample already saw the end of.
+const SAMPLE_SLACK_MS: u128 = 250;
+
+/// Notes, for each surviving Service and node, when the ToR was first seen with the
+/// Service's path from that node.
+async fn sample_paths(
+    tor: &Tor,
+    kube: &FakeKube,
+    churn: &Churn,
+    seen: &mut BTreeMap<(String, String), u128>,
+) {
+    let ips = ingress_ips(kube);
+    let rib = tor.routes(Family::Ipv4).await.unwrap();
+    let at_ms = now_ms();
+    for svc in churn.services.iter().filter(|s| s.alive) {
+        let Some(ip) = ips.get(&svc.name) else {
+            continue;
+        };
+        for hop in next_hops(&rib, &format!("{ip}/32")) {
+            seen.entry((svc.name.clone(), hop)).or_insert(at_ms);
+        }
+    }
+}
+
+/// How often the ToR's table is read while the faults run.
+const RIB_POLL: Duration = Duration::from_millis(300);
+
+/// A task reading the ToR's whole table (stale paths included: graceful restart keeps
+/// them) every [`RIB_POLL`] until stopped: (time in ms, prefix → neighbors with a path).
+type RibSamples = Arc<Mutex<Vec<(u128, BTreeMap<String, BTreeSet<String>>)>>>;
+
+fn sample_rib(tor: Arc<Tor>, stop: Arc<AtomicBool>) -> (RibSamples, tokio::task::JoinHandle<()>) {
+    let samples: RibSamples = Arc::new(Mutex::new(Vec::new()));
+    let out = samples.clone();
+    let task = tokio::spawn(async move {
+        // Bounded: the test sets `stop` after the settle wait, itself bounded.
+        while !stop.load(Ordering::Relaxed) {
+            if let Ok(rib) = tor.routes(Family::Ipv4).await {
+                let at_ms = now_ms();
+                let table = rib
+                    .iter()
+                    .map(|(prefix, paths)| {
+                        (
+                            prefix.to_string(),
+                            paths.iter().map(|p| p.neighbor.to_string()).collect(),
+                        )
+                    })
+                    .collect();
+                out.lock().unwrap().push((at_ms, table));
+            }
+            tokio::time::sleep(RIB_POLL).await;
+        }
+    });
+    (samples, task)
+}
+
 /// The ToR's table against what the Services ask for: (prefix, want, have) of each
 /// difference. `ips` maps each surviving Service's name to its address.
 fn route_differences(
@@ -497,7 +554,7 @@ async fn faults_under_churn_never_move_duplicate_leak_or_withdraw_an_address() {
 
     let mut tor_config = TorConfig::new(TorKind::Gobgp);
     tor_config.graceful_restart = Some(RESTART_TIME);
-    let tor = Tor::start(tor_config).await.unwrap();
+    let tor = Arc::new(Tor::start(tor_config).await.unwrap());
     let api_port = gobgp_api_port(&tor);
     let adj_in = Monitor::start(api_port, &["adj-in"], &dir.path().join("adj-in.jsonl"));
     let global = Monitor::start(
@@ -591,6 +648,10 @@ async fn faults_under_churn_never_move_duplicate_leak_or_withdraw_an_address() {
         Fault::FreezeIpamA,
     ];
     let mut violations: Vec<String> = Vec::new();
+    let stop_sampling = Arc::new(AtomicBool::new(false));
+    let (rib_samples, sampler) = sample_rib(tor.clone(), stop_sampling.clone());
+    let mut seen: BTreeMap<(String, String), u128> = BTreeMap::new();
+    sample_paths(&tor, &cluster.lab.kube, &churn, &mut seen).await;
     for fault in faults {
         churn.burst(&cluster.lab.kube, OPS_PER_ROUND / 2);
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -600,6 +661,7 @@ async fn faults_under_churn_never_move_duplicate_leak_or_withdraw_an_address() {
         for dead in cluster.revive().await {
             violations.push(format!("{dead} exited during or after {fault:?}"));
         }
+        sample_paths(&tor, &cluster.lab.kube, &churn, &mut seen).await;
     }
     println!("chaos: faults done at {:?}", started.elapsed());
 
@@ -615,6 +677,8 @@ async fn faults_under_churn_never_move_duplicate_leak_or_withdraw_an_address() {
                 && route_differences(rib, &churn, &ips).is_empty()
         })
         .await;
+    stop_sampling.store(true, Ordering::Relaxed);
+    sampler.await.unwrap();
     let ips = ingress_ips(&cluster.lab.kube);
     let rib = tor.routes(Family::Ipv4).await.unwrap();
     if settled.is_err() {
@@ -754,11 +818,49 @@ async fn faults_under_churn_never_move_duplicate_leak_or_withdraw_an_address() {
         }
     }
 
-    // No path of a surviving Service withdrawn by a node that carried it throughout, after
-    // that node first announced it for this Service; no surviving prefix gone from the ToR.
+    // No path of a surviving Service withdrawn by a node meant to carry it throughout,
+    // once the ToR was seen holding that path for this Service (before that, a replica's
+    // feed a moment behind may still withdraw the address's previous owner's route). The
+    // adj-in recording has the UPDATEs' withdrawals; the global one also the paths the
+    // ToR dropped with a session.
     let adj_events = adj_in.events();
     let global_events = global.events();
-    let mut withdrawals = 0;
+    for svc in churn.services.iter().filter(|s| s.alive) {
+        let Some(ip) = ips.get(&svc.name) else {
+            continue;
+        };
+        let prefix = format!("{ip}/32");
+        let always: BTreeSet<String> = svc
+            .node_sets
+            .iter()
+            .skip(1)
+            .fold(svc.node_sets[0].clone(), |acc, s| {
+                acc.intersection(s).cloned().collect()
+            });
+        for node in &always {
+            let Some(since) = seen.get(&(svc.name.clone(), node.clone())) else {
+                continue;
+            };
+            let withdrawn = adj_events
+                .iter()
+                .chain(&global_events)
+                .filter(|e| e.withdrawal && e.prefix == prefix && &e.neighbor == node)
+                .find(|e| e.at_ms > since + SAMPLE_SLACK_MS);
+            if let Some(e) = withdrawn {
+                violations.push(format!(
+                    "{node} withdrew {prefix} of surviving {} {} ms after the ToR was seen with it",
+                    svc.name,
+                    e.at_ms - since
+                ));
+            }
+        }
+    }
+
+    // The ToR's table, read every 300 ms: once it held a surviving Service's path from a
+    // node meant to carry it throughout (stale or not), it held it in every later read.
+    // The first second after the assignment is left out, for the reason above.
+    let rib_samples = rib_samples.lock().unwrap().clone();
+    let mut lost_paths = 0;
     for svc in churn.services.iter().filter(|s| s.alive) {
         let (Some(ip), Some((_, _, assigned_at))) = (ips.get(&svc.name), owned.get(&svc.uid))
         else {
@@ -773,31 +875,25 @@ async fn faults_under_churn_never_move_duplicate_leak_or_withdraw_an_address() {
                 acc.intersection(s).cloned().collect()
             });
         for node in &always {
-            let mut announced = false;
-            for e in adj_events
+            let mut held_since = None;
+            for (at_ms, table) in rib_samples
                 .iter()
-                .filter(|e| e.prefix == prefix && &e.neighbor == node && e.at_ms >= *assigned_at)
+                .filter(|(at, _)| *at > assigned_at + 1000)
             {
-                if !e.withdrawal {
-                    announced = true;
-                } else if announced {
-                    withdrawals += 1;
-                    violations.push(format!(
-                        "{node} withdrew {prefix} of surviving {}",
-                        svc.name
-                    ));
+                let held = table.get(&prefix).is_some_and(|n| n.contains(node));
+                match (held, held_since) {
+                    (true, None) => held_since = Some(*at_ms),
+                    (false, Some(since)) => {
+                        lost_paths += 1;
+                        violations.push(format!(
+                            "the ToR lost {node}'s path to {prefix} of surviving {} {} ms after it had it",
+                            svc.name,
+                            at_ms - since
+                        ));
+                        break;
+                    }
+                    _ => {}
                 }
-            }
-        }
-        let mut announced = false;
-        for e in global_events
-            .iter()
-            .filter(|e| e.prefix == prefix && e.at_ms >= *assigned_at)
-        {
-            if !e.withdrawal {
-                announced = true;
-            } else if announced && e.neighbor.is_empty() {
-                violations.push(format!("the ToR lost {prefix} of surviving {}", svc.name));
             }
         }
     }
@@ -821,7 +917,7 @@ async fn faults_under_churn_never_move_duplicate_leak_or_withdraw_an_address() {
     println!(
         "chaos: seed {SEED:#x}: {} Services created, {} deleted, {alive} surviving; {} port edits, {} policy flips; \
          {} faults; {} UPDATE paths at the ToR ({} adj-in lines, {withdrawn} withdrawals, {} global RIB events); \
-         {} history rows; {} violations; {:?}",
+         {} ToR table reads, {lost_paths} paths lost; {} history rows; {} violations; {:?}",
         churn.created,
         churn.deleted,
         churn.port_edits,
@@ -830,18 +926,18 @@ async fn faults_under_churn_never_move_duplicate_leak_or_withdraw_an_address() {
         updates,
         adj_in.lines.lock().unwrap(),
         global_events.len(),
+        rib_samples.len(),
         rows.len(),
         violations.len(),
         started.elapsed()
     );
-    if updates == 0 || global_events.is_empty() {
+    {
         println!(
             "chaos: monitor samples: {:?} {:?}",
             adj_in.sample.lock().unwrap(),
             global.sample.lock().unwrap()
         );
     }
-    let _ = withdrawals;
     assert!(updates > 0, "the adj-in monitor recorded nothing");
     assert!(
         !global_events.is_empty(),
