@@ -47,7 +47,7 @@ const OPS_PER_ROUND: usize = 80;
 /// How long a fault lasts (a component down, Postgres down, replica A frozen).
 const FAULT_TIME: Duration = Duration::from_secs(4);
 /// How long everything may take to settle after the last fault.
-const SETTLE: Duration = Duration::from_secs(120);
+const SETTLE: Duration = Duration::from_secs(60);
 /// The ToR keeps a restarting speaker's paths this long.
 const RESTART_TIME: u16 = 120;
 
