@@ -177,7 +177,10 @@ mod tests {
             role("spiffe://example.org/herald/operator"),
             Some(Role::Operator)
         );
-        assert_eq!(role("spiffe://example.org/herald/reader"), Some(Role::Reader));
+        assert_eq!(
+            role("spiffe://example.org/herald/reader"),
+            Some(Role::Reader)
+        );
         // Another trust domain, another prefix, a bad node name, extra segments: nothing.
         assert_eq!(role("spiffe://example.com/herald/operator"), None);
         assert_eq!(role("spiffe://example.org.evil/herald/operator"), None);

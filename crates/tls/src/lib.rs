@@ -168,7 +168,9 @@ impl Reloading {
                 let Some(this) = weak.upgrade() else { return };
                 let failed_before = this.stamps.lock().map(|g| g.1).unwrap_or(None);
                 match this.reload_if_changed() {
-                    Ok(true) => info!(cert = %this.files.cert.display(), "TLS certificate reloaded"),
+                    Ok(true) => {
+                        info!(cert = %this.files.cert.display(), "TLS certificate reloaded")
+                    }
                     Ok(false) => {}
                     Err(e) => {
                         if failed_before != Some(stamps(&this.files)) {
@@ -281,10 +283,9 @@ fn load_material(files: &TlsFiles, provider: &Arc<CryptoProvider>) -> Result<Mat
         WebPkiClientVerifier::builder_with_provider(Arc::clone(&roots), Arc::clone(provider))
             .build()
             .map_err(|e| invalid("CA bundle", &files.ca, e.to_string()))?;
-    let server_verifier =
-        WebPkiServerVerifier::builder_with_provider(roots, Arc::clone(provider))
-            .build()
-            .map_err(|e| invalid("CA bundle", &files.ca, e.to_string()))?;
+    let server_verifier = WebPkiServerVerifier::builder_with_provider(roots, Arc::clone(provider))
+        .build()
+        .map_err(|e| invalid("CA bundle", &files.ca, e.to_string()))?;
     Ok(Material {
         certified: Arc::new(certified),
         client_verifier,
@@ -360,7 +361,10 @@ impl ClientCertVerifier for Reloading {
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.current.load().client_verifier.supported_verify_schemes()
+        self.current
+            .load()
+            .client_verifier
+            .supported_verify_schemes()
     }
 }
 
@@ -407,7 +411,10 @@ impl ServerCertVerifier for Reloading {
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.current.load().server_verifier.supported_verify_schemes()
+        self.current
+            .load()
+            .server_verifier
+            .supported_verify_schemes()
     }
 }
 
@@ -492,8 +499,11 @@ impl Connector {
     }
 }
 
-type ConnectFuture =
-    Pin<Box<dyn Future<Output = io::Result<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>> + Send>>;
+type ConnectFuture = Pin<
+    Box<
+        dyn Future<Output = io::Result<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>> + Send,
+    >,
+>;
 
 impl tower::Service<http::Uri> for Connector {
     type Response = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;

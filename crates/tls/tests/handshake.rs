@@ -72,8 +72,8 @@ async fn round_trip(client: &Arc<Reloading>, port: u16) -> Result<String, String
 async fn client_certificates_are_required_and_name_the_caller() {
     let dir = tempfile::tempdir().unwrap();
     let ca = TestCa::new("herald test CA");
-    let server = Reloading::load(ca.write(dir.path(), "server", &["localhost", "127.0.0.1"]))
-        .unwrap();
+    let server =
+        Reloading::load(ca.write(dir.path(), "server", &["localhost", "127.0.0.1"])).unwrap();
     let (port, mut seen) = serve(&server).await;
 
     let speaker = Reloading::load(ca.write(
@@ -92,19 +92,26 @@ async fn client_certificates_are_required_and_name_the_caller() {
 
     // A certificate from another CA: the server refuses the handshake.
     let other = TestCa::new("someone else's CA");
-    let mut stranger_files = other.write(dir.path(), "stranger", &["spiffe://herald.test/herald/operator"]);
+    let mut stranger_files = other.write(
+        dir.path(),
+        "stranger",
+        &["spiffe://herald.test/herald/operator"],
+    );
     // The stranger trusts our CA, so only the server's check can refuse it.
     stranger_files.ca = dir.path().join("server-ca.crt");
     let stranger = Reloading::load(stranger_files).unwrap();
     let refused = round_trip(&stranger, port).await.unwrap_err();
-    assert!(refused.to_lowercase().contains("certificate"), "{refused}");
+    assert!(refused.contains("UnknownCA"), "{refused}");
 
     // A client that does not trust the server's CA refuses the server.
     let mut distrustful = ca.write(dir.path(), "distrustful", &["reader.herald.test"]);
     distrustful.ca = dir.path().join("stranger-ca.crt");
     let distrustful = Reloading::load(distrustful).unwrap();
     let refused = round_trip(&distrustful, port).await.unwrap_err();
-    assert!(refused.contains("UnknownIssuer") || refused.contains("issuer"), "{refused}");
+    assert!(
+        refused.contains("UnknownIssuer") || refused.contains("issuer"),
+        "{refused}"
+    );
 }
 
 #[tokio::test]
@@ -133,7 +140,10 @@ async fn renewed_files_take_effect_without_a_restart() {
         if round_trip(&client, port).await.unwrap() == "CN=renewed.localhost" {
             break;
         }
-        assert!(Instant::now() < deadline, "the renewed certificate was never served");
+        assert!(
+            Instant::now() < deadline,
+            "the renewed certificate was never served"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -145,10 +155,16 @@ fn unreadable_or_empty_files_are_named() {
     let mut files = ca.write(dir.path(), "x", &["localhost"]);
     files.key = dir.path().join("missing.key");
     let err = Reloading::load(files.clone()).unwrap_err().to_string();
-    assert!(err.contains("private key") && err.contains("missing.key"), "{err}");
+    assert!(
+        err.contains("private key") && err.contains("missing.key"),
+        "{err}"
+    );
     files.key = dir.path().join("x.key");
     std::fs::write(dir.path().join("empty.crt"), "").unwrap();
     files.ca = dir.path().join("empty.crt");
     let err = Reloading::load(files).unwrap_err().to_string();
-    assert!(err.contains("CA bundle") && err.contains("empty.crt"), "{err}");
+    assert!(
+        err.contains("CA bundle") && err.contains("empty.crt"),
+        "{err}"
+    );
 }
