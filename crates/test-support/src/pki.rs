@@ -40,9 +40,10 @@ impl TestCa {
     pub fn issue(&self, sans: &[&str]) -> (String, String) {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, sans.first().copied().unwrap_or("herald"));
+        params.distinguished_name.push(
+            DnType::CommonName,
+            sans.first().copied().unwrap_or("herald"),
+        );
         params.subject_alt_names = sans
             .iter()
             .map(|s| {

@@ -547,3 +547,79 @@ impl tower::Service<http::Uri> for Connector {
         })
     }
 }
+
+/// A gRPC endpoint reached in plaintext or over mutual TLS, for the clients of
+/// herald-ipam: it connects the same way either way.
+#[derive(Debug, Clone)]
+pub struct ClientEndpoint {
+    endpoint: tonic::transport::Endpoint,
+    tls: Option<Connector>,
+}
+
+impl ClientEndpoint {
+    /// `url` is `http://` or `https://`; with `tls` (this end's material and the name the
+    /// server's certificate must carry, by default the URL's host) the connection is
+    /// mutual TLS whatever the scheme says. The connect timeout bounds TCP and the TLS
+    /// handshake together.
+    pub fn new(
+        url: &str,
+        tls: Option<(&Arc<Reloading>, Option<String>)>,
+        connect_timeout: Duration,
+    ) -> Result<Self, TlsError> {
+        let bad = |e: &dyn fmt::Display| TlsError::Config(format!("endpoint {url}: {e}"));
+        let mut uri: http::Uri = url.parse().map_err(|e| bad(&e))?;
+        let tls = match tls {
+            Some((reloading, server_name)) => {
+                // tonic would wrap an https:// connection in TLS of its own; the connector
+                // already did.
+                if uri.scheme_str() == Some("https") {
+                    let mut parts = uri.into_parts();
+                    parts.scheme = Some(http::uri::Scheme::HTTP);
+                    uri = http::Uri::from_parts(parts).map_err(|e| bad(&e))?;
+                }
+                Some(Connector::new(
+                    reloading.client_config()?,
+                    server_name,
+                    connect_timeout,
+                ))
+            }
+            None => None,
+        };
+        let endpoint = tonic::transport::Endpoint::from(uri).connect_timeout(connect_timeout);
+        Ok(ClientEndpoint { endpoint, tls })
+    }
+
+    /// Applies more of tonic's settings (timeouts, keepalive) to the endpoint.
+    #[must_use]
+    pub fn with(
+        mut self,
+        f: impl FnOnce(tonic::transport::Endpoint) -> tonic::transport::Endpoint,
+    ) -> Self {
+        self.endpoint = f(self.endpoint);
+        self
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    pub fn uri(&self) -> &http::Uri {
+        self.endpoint.uri()
+    }
+
+    /// Connects now.
+    pub async fn connect(&self) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+        match &self.tls {
+            Some(tls) => self.endpoint.connect_with_connector(tls.clone()).await,
+            None => self.endpoint.connect().await,
+        }
+    }
+
+    /// Connects on first use, and again after the connection breaks.
+    pub fn connect_lazy(&self) -> tonic::transport::Channel {
+        match &self.tls {
+            Some(tls) => self.endpoint.connect_with_connector_lazy(tls.clone()),
+            None => self.endpoint.connect_lazy(),
+        }
+    }
+}
