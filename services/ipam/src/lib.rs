@@ -183,19 +183,11 @@ impl herald_settings::Settings for Config {
                 ),
             });
         }
-        let set = [
+        herald_settings::check_tls_trio([
             ("tls_cert", self.tls_cert.is_some()),
             ("tls_key", self.tls_key.is_some()),
             ("tls_client_ca", self.tls_client_ca.is_some()),
-        ];
-        if set.iter().any(|(_, s)| *s)
-            && let Some((missing, _)) = set.iter().find(|(_, s)| !*s)
-        {
-            return Err(Invalid {
-                key: missing,
-                reason: "mutual TLS needs all three of tls_cert, tls_key and tls_client_ca".into(),
-            });
-        }
+        ])?;
         if self.tls_files().is_none() && !self.listen.ip().is_loopback() && !self.allow_plaintext {
             return Err(Invalid {
                 key: "listen",
