@@ -7,10 +7,10 @@ use std::time::Duration;
 use herald_api::routing::v1 as pb;
 use herald_api::routing::v1::routing_client::RoutingClient;
 use herald_telemetry::trace::Inject;
+use herald_tls::ClientEndpoint as Endpoint;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
-use herald_tls::ClientEndpoint as Endpoint;
 use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
