@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use herald_ipam_store::{AllocationFilter, Document, Event, Store, StoreError};
 use herald_model::{AssignedIp, HistoryAction, Owner, PoolName, TrafficPolicy};
 use herald_routes::{BgpPolicy, Node, NodeRoutes, Plan, ServiceFacts};
@@ -15,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::rollout::{REPORT_MAX_AGE_MICROS, Rollout, SessionView, Views};
 use crate::changes::{Changes, Subject};
@@ -25,6 +26,10 @@ use herald_telemetry::trace::SpanContext;
 /// Changes arriving this close together are computed as one: a burst of 1,000 Services
 /// costs a handful of recomputations, not 1,000.
 const COALESCE: Duration = Duration::from_millis(5);
+/// The first and the longest pause between attempts to reload the inputs after a change
+/// could not be applied: the store is usually back within seconds.
+const RELOAD_RETRY_MIN: Duration = Duration::from_millis(100);
+const RELOAD_RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// What the watcher tells us about one Service's endpoints.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -601,31 +606,42 @@ fn on_sessions(routes: &NodeRoutes, prefix: IpNet) -> Vec<(&String, &herald_rout
 }
 
 /// Follows the feed until `shutdown`, recomputing after each burst of changes.
+///
+/// Applying a change may need a read (the allocation an `updated` entry names, a node's
+/// document), and the store can be away right then, around a database crash say. The
+/// change is delivered only once, so a failed read leaves the inputs missing it until a
+/// reload succeeds: that reload is retried with backoff, without waiting for another
+/// change, because none may come for the Service that missed its update.
 pub async fn run(engine: Arc<RouteEngine>, ipam: Arc<Ipam>, shutdown: CancellationToken) {
     let mut events = ipam.feed().subscribe();
     engine.recompute(&ipam);
+    // `Some` while the inputs miss a change: the pauses before the next reload attempt.
+    let mut stale: Option<ExponentialBackoff> = None;
+    let mut retry_at = tokio::time::Instant::now();
     loop {
         let first = tokio::select! {
             () = shutdown.cancelled() => return,
-            event = events.recv() => event,
+            event = events.recv() => Some(event),
+            () = tokio::time::sleep_until(retry_at), if stale.is_some() => None,
         };
-        let mut pending = vec![first];
+        let mut pending: Vec<_> = first.into_iter().collect();
         // Take whatever else arrives within the coalescing window, bounded in count.
         let deadline = tokio::time::Instant::now() + COALESCE;
-        while pending.len() < 10_000 {
+        while !pending.is_empty() && pending.len() < 10_000 {
             match tokio::time::timeout_at(deadline, events.recv()).await {
                 Ok(event) => pending.push(event),
                 Err(_) => break,
             }
         }
         let mut causes = Vec::new();
+        let mut missed_change = false;
         for event in pending {
             match event {
                 Ok(event) => match engine.apply(ipam.store(), ipam.changes(), &event).await {
                     Ok(cause) => causes.extend(cause),
                     Err(e) => {
-                        warn!(error = %e, "applying a routing change failed; reloading");
-                        reload(&engine, &ipam).await;
+                        warn!(error = %e, revision = event.revision(), "applying a routing change failed; reloading");
+                        missed_change = true;
                     }
                 },
                 Err(RecvError::Lagged(missed)) => {
@@ -633,9 +649,28 @@ pub async fn run(engine: Arc<RouteEngine>, ipam: Arc<Ipam>, shutdown: Cancellati
                         missed,
                         "route engine fell behind the change feed; reloading"
                     );
-                    reload(&engine, &ipam).await;
+                    missed_change = true;
                 }
                 Err(RecvError::Closed) => return,
+            }
+        }
+        // One reload after the burst covers every change in it: it reads what is
+        // committed now, which includes everything the feed has delivered.
+        if missed_change || stale.is_some() {
+            if reload(&engine, &ipam).await {
+                if stale.take().is_some() {
+                    info!("routing inputs reloaded; the missed changes are applied");
+                }
+            } else {
+                let pauses = stale.get_or_insert_with(|| {
+                    ExponentialBuilder::default()
+                        .with_min_delay(RELOAD_RETRY_MIN)
+                        .with_max_delay(RELOAD_RETRY_MAX)
+                        .with_jitter()
+                        .without_max_times()
+                        .build()
+                });
+                retry_at = tokio::time::Instant::now() + pauses.next().unwrap_or(RELOAD_RETRY_MAX);
             }
         }
         recompute_span(&causes).in_scope(|| engine.recompute(&ipam));
@@ -657,12 +692,17 @@ fn recompute_span(causes: &[SpanContext]) -> tracing::Span {
     span
 }
 
-async fn reload(engine: &RouteEngine, ipam: &Ipam) {
+/// Replaces the inputs with what the store holds now; whether that worked.
+async fn reload(engine: &RouteEngine, ipam: &Ipam) -> bool {
     match RouteEngine::load(ipam.store(), ipam.feed().delivered()).await {
         Ok(fresh) => {
             let fresh_inputs = std::mem::take(&mut *lock(&fresh.inputs));
             *lock(&engine.inputs) = fresh_inputs;
+            true
         }
-        Err(e) => warn!(error = %e, "reloading routing inputs failed"),
+        Err(e) => {
+            warn!(error = %e, "reloading routing inputs failed; retrying");
+            false
+        }
     }
 }
