@@ -42,6 +42,7 @@ pub mod community;
 pub mod compute;
 pub mod explain;
 pub mod facts;
+pub mod incremental;
 pub mod policy;
 
 pub use community::{Community, LargeCommunity};
@@ -50,6 +51,7 @@ pub use compute::{
     compute, compute_node, diff, node_digest, plan,
 };
 pub use facts::{EXCLUDE_FROM_LB_LABEL, Eligibility, Node, NodeName, ServiceFacts};
+pub use incremental::{NodeResult, RouteState};
 pub use policy::{
     AdvertisementInput, AdvertisementRule, BfdInput, BfdSettings, BgpPolicy, BgpPolicyInput,
     Password, Peer, PeerInput, PeerName, RouterIdRule, SourceAddressRule,
