@@ -86,8 +86,13 @@ pub struct NodeRoutes {
     /// Sorted by name.
     pub peers: Vec<PeerSession>,
     /// One entry per session in `peers`, possibly empty (hold the session, announce nothing).
-    pub routes: BTreeMap<PeerName, BTreeMap<IpNet, RouteAttrs>>,
+    pub routes: BTreeMap<PeerName, PeerRoutes>,
 }
+
+/// One session's routes. A persistent map: a copy shares its structure with the original,
+/// so keeping the last published set and patching it costs the change, not the set, and
+/// comparing two versions ([`imbl::OrdMap::diff`]) skips what they share.
+pub type PeerRoutes = imbl::OrdMap<IpNet, RouteAttrs>;
 
 impl NodeRoutes {
     pub fn is_empty(&self) -> bool {
@@ -320,7 +325,7 @@ impl<'a> Ctx<'a> {
                 // Not Ready or excluded: keep the sessions and announce nothing, so the
                 // speaker withdraws with an UPDATE instead of closing the session (which,
                 // with graceful restart, would leave stale routes at the ToR).
-                BTreeMap::new()
+                PeerRoutes::new()
             };
             out.routes.insert(session.name.clone(), routes);
         }
@@ -388,7 +393,7 @@ impl<'a> Ctx<'a> {
         session: &PeerSession,
         services: &[&ServiceFacts],
         problems: &mut Vec<Problem>,
-    ) -> BTreeMap<IpNet, RouteAttrs> {
+    ) -> PeerRoutes {
         let rules = self.session_rules(node, session);
         // Prefix → the rules that put it there; attributes are derived from the rule set,
         // so they do not depend on the order of services.
@@ -402,7 +407,7 @@ impl<'a> Ctx<'a> {
                 }
             }
         }
-        let mut routes = BTreeMap::new();
+        let mut routes = PeerRoutes::new();
         // Most prefixes share a rule set; derive each set's attributes once.
         let mut shared: BTreeMap<RuleSet, RouteAttrs> = BTreeMap::new();
         for (prefix, rule_ids) in wanted {
@@ -627,7 +632,7 @@ pub fn diff(old: &NodeRoutes, new: &NodeRoutes) -> RoutesDiff {
         .filter(|n| !new_peers.contains_key(*n))
         .map(|n| (*n).to_string())
         .collect();
-    let empty = BTreeMap::new();
+    let empty = PeerRoutes::new();
     let names: BTreeSet<&PeerName> = old.routes.keys().chain(new.routes.keys()).collect();
     for name in names {
         let before = old.routes.get(name).unwrap_or(&empty);

@@ -47,8 +47,8 @@ pub mod policy;
 
 pub use community::{Community, LargeCommunity};
 pub use compute::{
-    NodeRoutes, Origin, PeerRoutesDiff, PeerSession, Plan, Problem, RouteAttrs, RoutesDiff,
-    compute, compute_node, diff, node_digest, plan,
+    NodeRoutes, Origin, PeerRoutes, PeerRoutesDiff, PeerSession, Plan, Problem, RouteAttrs,
+    RoutesDiff, compute, compute_node, diff, node_digest, plan,
 };
 pub use facts::{EXCLUDE_FROM_LB_LABEL, Eligibility, Node, NodeName, ServiceFacts};
 pub use incremental::{NodeResult, RouteState};
