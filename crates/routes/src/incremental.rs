@@ -54,6 +54,29 @@ impl RouteState {
         Self::default()
     }
 
+    /// A state holding these inputs, computed once for all (not change by change).
+    pub fn from_inputs(
+        nodes: Vec<Node>,
+        services: Vec<ServiceFacts>,
+        policy: Option<BgpPolicy>,
+        pools: Vec<PoolSpec>,
+    ) -> Self {
+        let mut state = Self {
+            pools: Arc::new(pools),
+            ..Self::default()
+        };
+        // Without a policy each of these is cheap; setting the policy last computes
+        // every node once.
+        for facts in services {
+            state.upsert_service(facts);
+        }
+        for node in nodes {
+            state.upsert_node(node);
+        }
+        state.set_policy(policy);
+        state
+    }
+
     pub fn node_routes(&self, node: &str) -> Option<&Arc<NodeRoutes>> {
         self.results.get(node).map(|r| &r.routes)
     }
