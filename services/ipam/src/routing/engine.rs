@@ -776,6 +776,13 @@ impl RouteEngine {
                 policy,
                 pools,
             } => {
+                debug!(
+                    services = services.len(),
+                    nodes = nodes.len(),
+                    policy = policy.is_some(),
+                    pools = pools.is_some(),
+                    "applying changes"
+                );
                 let mut changed = BTreeSet::new();
                 if let Some(pools) = pools {
                     changed.extend(state.set_pools(pools));
@@ -798,6 +805,7 @@ impl RouteEngine {
                 changed
             }
         };
+        debug!(revision, changed = changed.len(), "route state patched");
         // Nodes that are gone get an empty set: everything they announced is withdrawn.
         let gone = NodeRoutes::default();
         for name in &changed {
