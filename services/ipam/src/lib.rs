@@ -82,6 +82,10 @@ pub struct Config {
     /// deletes them.
     #[serde(with = "herald_settings::duration")]
     pub events_retention: Duration,
+    /// How routes are recomputed on a change: `incremental` (only what the change touches)
+    /// or `full` (every node × every Service, the engine before it; kept as the benchmark's
+    /// comparator).
+    pub route_engine: routing::EngineKind,
     pub log_format: LogFormat,
     /// Address of the admin listener: `/metrics`, `/healthz`, `/readyz`.
     pub admin_listen: SocketAddr,
@@ -123,6 +127,7 @@ impl Default for Config {
                 .unwrap_or_else(|_| unreachable!("DEFAULT_LISTEN is an address")),
             database_url: None,
             events_retention: compaction::DEFAULT_RETENTION,
+            route_engine: routing::EngineKind::default(),
             log_format: LogFormat::default(),
             admin_listen: herald_telemetry::admin::DEFAULT_IPAM_ADMIN_LISTEN
                 .parse()
@@ -278,6 +283,10 @@ pub struct Args {
     /// How long a PING may go unanswered [default: 10s]
     #[arg(long, env = "HERALD_HTTP2_KEEPALIVE_TIMEOUT", value_name = "DURATION")]
     pub http2_keepalive_timeout: Option<String>,
+    /// `incremental` recomputes only the routes a change touches; `full` recomputes every
+    /// node × every Service on each change [default: incremental]
+    #[arg(long, env = "HERALD_ROUTE_ENGINE", value_name = "ENGINE")]
+    pub route_engine: Option<String>,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -336,6 +345,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         let readiness = readiness.clone();
         let url = config.database_url.as_ref().map(|u| u.expose().to_string());
         let retention = config.events_retention;
+        let engine_kind = config.route_engine;
         let supervisor = supervisor.clone();
         supervisor.clone().spawn("startup and health", async move {
             // A store that can never open is the process's failure: the supervisor exits
@@ -355,7 +365,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 engine: Arc::clone(&engine),
             });
             supervisor.spawn("route engine", {
-                let engine = routing::run_engine(engine, Arc::clone(&ipam), shutdown.clone());
+                let engine = routing::run_engine(
+                    engine,
+                    Arc::clone(&ipam),
+                    engine_kind,
+                    shutdown.clone(),
+                );
                 async move {
                     engine.await;
                     Ok::<(), std::convert::Infallible>(())

@@ -102,9 +102,22 @@ async fn watch(client: &mut RoutingClient<Channel>, name: &str) -> Streaming<pb:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_node_snapshots_follow_labels_endpoints_and_readiness() {
+    per_node_snapshots("incremental").await;
+}
+
+/// The full engine stays selectable (it is the benchmark's comparator) and must agree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_full_engine_gives_the_same_snapshots() {
+    per_node_snapshots("full").await;
+}
+
+async fn per_node_snapshots(engine: &str) {
     let db = TestDb::postgres().await;
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path(), Some(&db.url)).await;
+    let server = Server::start_with(dir.path(), Some(&db.url), free_port(), |c| {
+        c.arg("--route-engine").arg(engine);
+    })
+    .await;
     let mut ipam = server.client().await;
     let mut routing = RoutingClient::new(server.channel().await.unwrap());
     create_pool(&mut ipam, pool("lab", &["172.16.0.240/28"])).await;
