@@ -4,9 +4,12 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod postgres;
+pub use postgres::PrivatePostgres;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -14,6 +17,7 @@ use herald_api::ipam::v1 as ipam_pb;
 use herald_api::ipam::v1::ipam_client::IpamClient;
 use herald_api::routing::v1 as pb;
 use herald_api::routing::v1::routing_client::RoutingClient;
+use herald_fake_kube::{FakeKube, NAMESPACES, NODES, SERVICES};
 use herald_test_support::{ChildProcess, free_port, workspace_binary};
 use herald_tor_harness::{Family, Rib, Tor};
 use tonic::transport::Channel;
@@ -233,4 +237,226 @@ pub fn labels(labelled: bool) -> BTreeMap<String, String> {
 
 pub fn port() -> u16 {
     free_port()
+}
+
+/// The two lab nodes most tests run: (name, InternalIP).
+pub const LAB_NODES: [(&str, &str); 2] =
+    [("k01-worker", "127.0.0.10"), ("k01-worker2", "127.0.0.11")];
+
+/// A Kubernetes Node as the kubelet registers it: Ready, with one InternalIP.
+pub fn kube_node(name: &str, address: &str) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+        "status": {
+            "addresses": [{"type": "InternalIP", "address": address}],
+            "conditions": [{"type": "Ready", "status": "True"}],
+        },
+    })
+}
+
+/// A `type: LoadBalancer` Service of Herald's class in `default`, port 80/TCP.
+pub fn lb_service(name: &str) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"namespace": "default", "name": name},
+        "spec": {
+            "type": "LoadBalancer",
+            "loadBalancerClass": "herald.io/bgp",
+            "selector": {"app": name},
+            "ports": [{"port": 80, "targetPort": 80, "protocol": "TCP"}],
+        },
+    })
+}
+
+/// The first ingress IP in a Service's status, if it has one.
+pub fn ingress_ip(kube: &FakeKube, namespace: &str, name: &str) -> Option<String> {
+    kube.get(SERVICES, namespace, name)?["status"]["loadBalancer"]["ingress"][0]["ip"]
+        .as_str()
+        .map(str::to_string)
+}
+
+/// The Kubernetes side of an end-to-end lab: the fake API server with namespaces and
+/// Ready Nodes, a kubeconfig for it, and the `herald-cluster-watcher` and one
+/// `herald-route-speaker` per Node once asked for. The test configures the API server
+/// (custom resources, Services that exist before the watcher) between [`KubeLab::start`]
+/// and [`KubeLab::start_watcher`]; the IPAM and the ToR stay the test's own.
+pub struct KubeLab {
+    pub kube: FakeKube,
+    pub kubeconfig: PathBuf,
+    pub nodes: Vec<(String, String)>,
+    home: PathBuf,
+    watcher_args: Vec<String>,
+    watcher_env: Vec<(String, String)>,
+    pub watcher: Option<ChildProcess>,
+    pub speakers: Vec<ChildProcess>,
+}
+
+/// How to build a [`KubeLab`]: the namespaces and Nodes it starts with, and the flags and
+/// environment the watcher gets beyond the ones every lab uses.
+pub struct KubeLabBuilder {
+    dir: PathBuf,
+    namespaces: Vec<String>,
+    nodes: Vec<(String, String)>,
+    watcher_args: Vec<String>,
+    watcher_env: Vec<(String, String)>,
+}
+
+impl KubeLabBuilder {
+    /// More namespaces beside `default`.
+    pub fn namespace(mut self, name: &str) -> Self {
+        self.namespaces.push(name.into());
+        self
+    }
+
+    /// The Nodes (name, InternalIP), instead of [`LAB_NODES`].
+    pub fn nodes(mut self, nodes: &[(&str, &str)]) -> Self {
+        self.nodes = nodes
+            .iter()
+            .map(|(n, a)| (n.to_string(), a.to_string()))
+            .collect();
+        self
+    }
+
+    /// Extra flags for the watcher, after the standard ones.
+    pub fn watcher_args(mut self, args: &[&str]) -> Self {
+        self.watcher_args.extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
+    /// An extra environment variable for the watcher.
+    pub fn watcher_env(mut self, key: &str, value: &str) -> Self {
+        self.watcher_env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Starts the fake API server with the namespaces and Nodes and writes the kubeconfig.
+    pub async fn start(self) -> KubeLab {
+        let kube = FakeKube::start().await.unwrap();
+        for ns in &self.namespaces {
+            kube.create(NAMESPACES, serde_json::json!({"metadata": {"name": ns}}))
+                .unwrap();
+        }
+        for (name, address) in &self.nodes {
+            kube.create(NODES, kube_node(name, address)).unwrap();
+        }
+        let kubeconfig = self.dir.join("kubeconfig");
+        kube.write_kubeconfig(&kubeconfig, "default").unwrap();
+        KubeLab {
+            kube,
+            kubeconfig,
+            nodes: self.nodes,
+            home: self.dir,
+            watcher_args: self.watcher_args,
+            watcher_env: self.watcher_env,
+            watcher: None,
+            speakers: Vec::new(),
+        }
+    }
+}
+
+impl KubeLab {
+    /// A lab whose files (kubeconfig, the watcher's HOME) live in `dir`.
+    pub fn builder(dir: &Path) -> KubeLabBuilder {
+        KubeLabBuilder {
+            dir: dir.to_path_buf(),
+            namespaces: vec!["default".into()],
+            nodes: LAB_NODES
+                .iter()
+                .map(|(n, a)| (n.to_string(), a.to_string()))
+                .collect(),
+            watcher_args: Vec::new(),
+            watcher_env: Vec::new(),
+        }
+    }
+
+    /// The watcher's command for `ipam_endpoint`: cluster `lab`, identity `e2e`, the lab's
+    /// kubeconfig (never an in-cluster config), plus the builder's flags and environment.
+    pub fn watcher_command(&self, ipam_endpoint: &str) -> Command {
+        let mut watcher = Command::new(workspace_binary("herald-cluster-watcher"));
+        watcher
+            .args([
+                "--ipam-endpoint",
+                ipam_endpoint,
+                "--cluster-id",
+                "lab",
+                "--identity",
+                "e2e",
+            ])
+            .args(&self.watcher_args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("HOME", &self.home)
+            .env_remove("KUBERNETES_SERVICE_HOST");
+        for (key, value) in &self.watcher_env {
+            watcher.env(key, value);
+        }
+        watcher
+    }
+
+    /// Starts (or replaces) the watcher, talking to `ipam_endpoint`.
+    pub fn start_watcher(&mut self, ipam_endpoint: &str) {
+        self.start_watcher_with(ipam_endpoint, |_| {});
+    }
+
+    /// As [`Self::start_watcher`], with `customize` adding to this one start only.
+    pub fn start_watcher_with(
+        &mut self,
+        ipam_endpoint: &str,
+        customize: impl FnOnce(&mut Command),
+    ) {
+        let mut command = self.watcher_command(ipam_endpoint);
+        customize(&mut command);
+        self.watcher = Some(ChildProcess::spawn("herald-cluster-watcher", command));
+    }
+
+    /// Waits until IPAM lists every Node of the lab, Ready: the watcher has registered
+    /// them, so speakers started now find themselves at once.
+    pub async fn wait_registered(&self, ipam: &Ipam, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut nodes = Vec::new();
+        while Instant::now() < deadline {
+            nodes = ipam
+                .routing()
+                .await
+                .list_nodes(pb::ListNodesRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .nodes;
+            if nodes.len() == self.nodes.len() && nodes.iter().all(|n| n.ready) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "the watcher never registered the {} Nodes within {timeout:?}; IPAM has {nodes:?}",
+            self.nodes.len()
+        );
+    }
+
+    /// Starts one speaker per Node, talking to `ipam_endpoint`.
+    pub fn start_speakers(&mut self, ipam_endpoint: &str) {
+        self.start_speakers_with(ipam_endpoint, |_, _| {});
+    }
+
+    /// As [`Self::start_speakers`], with `customize(node index, command)` for each.
+    pub fn start_speakers_with(
+        &mut self,
+        ipam_endpoint: &str,
+        customize: impl Fn(usize, &mut Command),
+    ) {
+        for (i, (name, _)) in self.nodes.iter().enumerate() {
+            self.speakers
+                .push(speaker_with(name, ipam_endpoint, |c| customize(i, c)));
+        }
+    }
+
+    /// The Nodes' addresses, sorted: the next hops every announced Service has.
+    pub fn node_addresses(&self) -> Vec<&str> {
+        let mut all: Vec<&str> = self.nodes.iter().map(|(_, a)| a.as_str()).collect();
+        all.sort();
+        all
+    }
 }

@@ -4,28 +4,14 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::process::Command;
 use std::time::Duration;
 
 use herald_api::ipam::v1 as ipam_pb;
-use herald_api::routing::v1 as pb;
-use herald_e2e::{CONVERGE, Ipam, LAB_PREFIX, expect_paths, lab_pool, port, speaker};
-use herald_fake_kube::{FakeKube, NAMESPACES, NODES, SERVICES};
-use herald_test_support::{ChildProcess, TestDb, workspace_binary};
+use herald_e2e::{CONVERGE, Ipam, KubeLab, LAB_PREFIX, expect_paths, lab_pool, port};
+use herald_fake_kube::{FakeKube, SERVICES};
+use herald_test_support::TestDb;
 use herald_tor_harness::{Tor, TorConfig, TorKind};
 use serde_json::json;
-
-fn kube_node(name: &str, address: &str) -> serde_json::Value {
-    json!({
-        "apiVersion": "v1",
-        "kind": "Node",
-        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
-        "status": {
-            "addresses": [{"type": "InternalIP", "address": address}],
-            "conditions": [{"type": "Ready", "status": "True"}],
-        },
-    })
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_service_applied_to_kubernetes_reaches_the_tor_with_two_paths() {
@@ -44,51 +30,12 @@ async fn a_service_applied_to_kubernetes_reaches_the_tor_with_two_paths() {
     policy.peers[0].node_selector = None;
     ipam.routing().await.set_bgp_policy(policy).await.unwrap();
 
-    let kube = FakeKube::start().await.unwrap();
-    kube.create(NAMESPACES, json!({"metadata": {"name": "default"}}))
-        .unwrap();
-    kube.create(NODES, kube_node("k01-worker", "127.0.0.10"))
-        .unwrap();
-    kube.create(NODES, kube_node("k01-worker2", "127.0.0.11"))
-        .unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    kube.write_kubeconfig(&kubeconfig, "default").unwrap();
-    let mut watcher = Command::new(workspace_binary("herald-cluster-watcher"));
-    watcher
-        .args([
-            "--ipam-endpoint",
-            &ipam.endpoint(),
-            "--cluster-id",
-            "lab",
-            "--identity",
-            "e2e",
-        ])
-        .env("KUBECONFIG", &kubeconfig)
-        .env("HOME", dir.path())
-        .env_remove("KUBERNETES_SERVICE_HOST");
-    let _watcher = ChildProcess::spawn("herald-cluster-watcher", watcher);
+    let mut lab = KubeLab::builder(dir.path()).start().await;
+    lab.start_watcher(&ipam.endpoint());
     // The watcher registers the Nodes; the speakers then find themselves.
-    let mut registered = false;
-    for _ in 0..100 {
-        let nodes = ipam
-            .routing()
-            .await
-            .list_nodes(pb::ListNodesRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .nodes;
-        if nodes.len() == 2 && nodes.iter().all(|n| n.ready) {
-            registered = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(registered, "the watcher never registered both Nodes");
-    let _speakers = [
-        speaker("k01-worker", &ipam.endpoint()),
-        speaker("k01-worker2", &ipam.endpoint()),
-    ];
+    lab.wait_registered(&ipam, Duration::from_secs(10)).await;
+    lab.start_speakers(&ipam.endpoint());
+    let kube = &lab.kube;
 
     // kubectl apply -f lb-nginx-service.yaml
     kube.create(
@@ -156,14 +103,9 @@ async fn the_lab_as_custom_resources_reaches_the_tor_and_a_peer_in_use_is_kept()
     let db = TestDb::postgres().await;
     let dir = tempfile::tempdir().unwrap();
     let ipam = Ipam::start(dir.path(), &db.url, port()).await;
-    let kube = FakeKube::start().await.unwrap();
-    kube.create(NAMESPACES, json!({"metadata": {"name": "default"}}))
-        .unwrap();
-    kube.create(NODES, kube_node("k01-worker", "127.0.0.10"))
-        .unwrap();
-    kube.create(NODES, kube_node("k01-worker2", "127.0.0.11"))
-        .unwrap();
-    let [pools, peers, advertisements, settings] = register_herald_crds(&kube);
+    let mut lab = KubeLab::builder(dir.path()).start().await;
+    let kube = &lab.kube;
+    let [pools, peers, advertisements, settings] = register_herald_crds(kube);
     kube.create(
         settings,
         json!({"metadata": {"name": "default"}, "spec": {"localASN": herald_tor_harness::NODE_ASN}}),
@@ -187,26 +129,9 @@ async fn the_lab_as_custom_resources_reaches_the_tor_and_a_peer_in_use_is_kept()
     )
     .unwrap();
 
-    let kubeconfig = dir.path().join("kubeconfig");
-    kube.write_kubeconfig(&kubeconfig, "default").unwrap();
-    let mut watcher = Command::new(workspace_binary("herald-cluster-watcher"));
-    watcher
-        .args([
-            "--ipam-endpoint",
-            &ipam.endpoint(),
-            "--cluster-id",
-            "lab",
-            "--identity",
-            "e2e",
-        ])
-        .env("KUBECONFIG", &kubeconfig)
-        .env("HOME", dir.path())
-        .env_remove("KUBERNETES_SERVICE_HOST");
-    let _watcher = ChildProcess::spawn("herald-cluster-watcher", watcher);
-    let _speakers = [
-        speaker("k01-worker", &ipam.endpoint()),
-        speaker("k01-worker2", &ipam.endpoint()),
-    ];
+    lab.start_watcher(&ipam.endpoint());
+    lab.start_speakers(&ipam.endpoint());
+    let kube = &lab.kube;
     kube.create(
         SERVICES,
         json!({

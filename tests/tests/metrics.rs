@@ -15,9 +15,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use herald_api::ipam::v1 as ipam_pb;
-use herald_e2e::{CONVERGE, Ipam, expect_paths, lab_pool, port, speaker_with};
-use herald_fake_kube::{FakeKube, NAMESPACES, NODES, SERVICES};
-use herald_test_support::{ChildProcess, TestDb, workspace_binary};
+use herald_e2e::{CONVERGE, Ipam, KubeLab, expect_paths, lab_pool, lb_service, port};
+use herald_fake_kube::SERVICES;
+use herald_test_support::{ChildProcess, TestDb};
 use herald_tor_harness::{Tor, TorConfig, TorKind};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -67,32 +67,6 @@ async fn wait_status(addr: SocketAddr, path: &str, status: u16) -> String {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-fn kube_node(name: &str, address: &str) -> serde_json::Value {
-    json!({
-        "apiVersion": "v1",
-        "kind": "Node",
-        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
-        "status": {
-            "addresses": [{"type": "InternalIP", "address": address}],
-            "conditions": [{"type": "Ready", "status": "True"}],
-        },
-    })
-}
-
-fn lb_service(name: &str) -> serde_json::Value {
-    json!({
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"namespace": "default", "name": name},
-        "spec": {
-            "type": "LoadBalancer",
-            "loadBalancerClass": "herald.io/bgp",
-            "selector": {"app": name},
-            "ports": [{"port": 80, "targetPort": 80, "protocol": "TCP"}],
-        },
-    })
 }
 
 /// Every `herald_…` selector (name and label matchers) in `text`, with the dashboards'
@@ -290,46 +264,23 @@ async fn prometheus_finds_every_series_the_dashboards_and_alerts_query() {
     ]);
     let _prometheus = ChildProcess::spawn("prometheus", prometheus);
 
-    // The speakers start before their nodes exist: not ready until a snapshot comes.
-    let _speakers = [
-        speaker_with("k01-worker", &ipam.endpoint(), |c| {
-            c.args(["--admin-listen", &speaker_admin[0].to_string()]);
-        }),
-        speaker_with("k01-worker2", &ipam.endpoint(), |c| {
-            c.args(["--admin-listen", &speaker_admin[1].to_string()]);
-        }),
-    ];
+    let mut lab = KubeLab::builder(dir.path())
+        .watcher_args(&["--admin-listen", &watcher_admin.to_string()])
+        .start()
+        .await;
+    // The speakers start before the watcher registers their nodes in IPAM: not ready
+    // until a snapshot comes.
+    lab.start_speakers_with(&ipam.endpoint(), |i, c| {
+        c.args(["--admin-listen", &speaker_admin[i].to_string()]);
+    });
     for a in speaker_admin {
         let body = wait_status(a, "/readyz", 503).await;
         assert!(body.contains("no route snapshot"), "{body}");
         assert_eq!(http_get(a, "/healthz").await.0, 200);
     }
 
-    let kube = FakeKube::start().await.unwrap();
-    kube.create(NAMESPACES, json!({"metadata": {"name": "default"}}))
-        .unwrap();
-    kube.create(NODES, kube_node("k01-worker", "127.0.0.10"))
-        .unwrap();
-    kube.create(NODES, kube_node("k01-worker2", "127.0.0.11"))
-        .unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    kube.write_kubeconfig(&kubeconfig, "default").unwrap();
-    let mut watcher = Command::new(workspace_binary("herald-cluster-watcher"));
-    watcher
-        .args([
-            "--ipam-endpoint",
-            &ipam.endpoint(),
-            "--cluster-id",
-            "lab",
-            "--identity",
-            "e2e",
-            "--admin-listen",
-            &watcher_admin.to_string(),
-        ])
-        .env("KUBECONFIG", &kubeconfig)
-        .env("HOME", dir.path())
-        .env_remove("KUBERNETES_SERVICE_HOST");
-    let _watcher = ChildProcess::spawn("herald-cluster-watcher", watcher);
+    lab.start_watcher(&ipam.endpoint());
+    let kube = &lab.kube;
     wait_status(watcher_admin, "/readyz", 200).await;
     for a in speaker_admin {
         wait_status(a, "/readyz", 200).await;

@@ -8,14 +8,12 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::time::Duration;
 
 use herald_api::ipam::v1 as ipam_pb;
-use herald_api::routing::v1 as pb;
-use herald_e2e::{Ipam, next_hops, port, speaker};
-use herald_fake_kube::{FakeKube, NAMESPACES, NODES, Resource, SERVICES};
-use herald_test_support::{ChildProcess, TestDb, workspace_binary};
+use herald_e2e::{Ipam, KubeLab, next_hops, port};
+use herald_fake_kube::{FakeKube, Resource, SERVICES};
+use herald_test_support::TestDb;
 use herald_tor_harness::{Family, NODE_ASN, TOR_ASN, Tor, TorConfig, TorKind};
 use serde_json::{Value, json};
 
@@ -36,18 +34,6 @@ fn metallb_crd(kind: &str, plural: &str, versions: &[&str]) -> Value {
             "scope": "Namespaced",
             "names": {"kind": kind, "plural": plural},
             "versions": versions.iter().map(|v| json!({"name": v, "served": true, "storage": true})).collect::<Vec<_>>(),
-        },
-    })
-}
-
-fn kube_node(name: &str, address: &str) -> Value {
-    json!({
-        "apiVersion": "v1",
-        "kind": "Node",
-        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
-        "status": {
-            "addresses": [{"type": "InternalIP", "address": address}],
-            "conditions": [{"type": "Ready", "status": "True"}],
         },
     })
 }
@@ -80,15 +66,13 @@ async fn a_metallb_cluster_switches_to_herald_without_a_service_changing_address
     let dir = tempfile::tempdir().unwrap();
     let ipam = Ipam::start(dir.path(), &db.url, port()).await;
 
-    let kube = FakeKube::start().await.unwrap();
-    for ns in ["default", "metallb-system"] {
-        kube.create(NAMESPACES, json!({"metadata": {"name": ns}}))
-            .unwrap();
-    }
-    kube.create(NODES, kube_node("k01-worker", "127.0.0.10"))
-        .unwrap();
-    kube.create(NODES, kube_node("k01-worker2", "127.0.0.11"))
-        .unwrap();
+    let mut lab = KubeLab::builder(dir.path())
+        .namespace("metallb-system")
+        // MetalLB's Services name no load balancer class.
+        .watcher_args(&["--import", "metallb", "--default-class"])
+        .start()
+        .await;
+    let kube = &lab.kube;
     let pools: Resource = kube
         .register_crd(metallb_crd("IPAddressPool", "ipaddresspools", &["v1beta1"]))
         .unwrap()[0];
@@ -145,47 +129,10 @@ async fn a_metallb_cluster_switches_to_herald_without_a_service_changing_address
         .unwrap();
     }
 
-    let kubeconfig = dir.path().join("kubeconfig");
-    kube.write_kubeconfig(&kubeconfig, "default").unwrap();
-    let mut watcher = Command::new(workspace_binary("herald-cluster-watcher"));
-    watcher
-        .args([
-            "--ipam-endpoint",
-            &ipam.endpoint(),
-            "--cluster-id",
-            "lab",
-            "--identity",
-            "e2e",
-            "--import",
-            "metallb",
-            // MetalLB's Services name no load balancer class.
-            "--default-class",
-        ])
-        .env("KUBECONFIG", &kubeconfig)
-        .env("HOME", dir.path())
-        .env_remove("KUBERNETES_SERVICE_HOST");
-    let _watcher = ChildProcess::spawn("herald-cluster-watcher", watcher);
-    let mut registered = false;
-    for _ in 0..300 {
-        let nodes = ipam
-            .routing()
-            .await
-            .list_nodes(pb::ListNodesRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .nodes;
-        if nodes.len() == 2 && nodes.iter().all(|n| n.ready) {
-            registered = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(registered, "the watcher never registered both Nodes");
-    let _speakers = [
-        speaker("k01-worker", &ipam.endpoint()),
-        speaker("k01-worker2", &ipam.endpoint()),
-    ];
+    lab.start_watcher(&ipam.endpoint());
+    lab.wait_registered(&ipam, Duration::from_secs(30)).await;
+    lab.start_speakers(&ipam.endpoint());
+    let kube = &lab.kube;
 
     // The IPAM holds exactly what MetalLB handed out, for the same Services.
     let mut claimed: BTreeMap<String, String> = BTreeMap::new();
@@ -253,7 +200,7 @@ async fn a_metallb_cluster_switches_to_herald_without_a_service_changing_address
     }
     for (name, ip) in &held {
         assert_eq!(
-            ingress(&kube, name).as_ref(),
+            ingress(kube, name).as_ref(),
             Some(ip),
             "{name} kept its address"
         );

@@ -7,35 +7,21 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeSet, HashSet};
-use std::process::Command;
 use std::time::Duration;
 
 use herald_api::ipam::v1 as ipam_pb;
-use herald_api::routing::v1 as pb;
 use herald_e2e::{
-    CONVERGE, Ipam, LAB_PREFIX, allocate, expect_paths, lab_pool, node, port, speaker_with,
-    tor_policy,
+    CONVERGE, Ipam, KubeLab, LAB_PREFIX, allocate, expect_paths, lab_pool, node, port,
+    speaker_with, tor_policy,
 };
-use herald_fake_kube::{FakeKube, NAMESPACES, NODES, SERVICES};
-use herald_test_support::{ChildProcess, OtlpReceiver, ReceivedSpan, TestDb, workspace_binary};
+use herald_fake_kube::SERVICES;
+use herald_test_support::{OtlpReceiver, ReceivedSpan, TestDb};
 use herald_tor_harness::{Tor, TorConfig, TorKind};
 use serde_json::json;
 
 /// How long spans may take to reach the receiver: the exporters batch every 500 ms.
 const SPANS_ARRIVE: Duration = Duration::from_secs(20);
 const NODES_AT: [(&str, &str); 2] = [("k01-worker", "127.0.0.10"), ("k01-worker2", "127.0.0.11")];
-
-fn kube_node(name: &str, address: &str) -> serde_json::Value {
-    json!({
-        "apiVersion": "v1",
-        "kind": "Node",
-        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
-        "status": {
-            "addresses": [{"type": "InternalIP", "address": address}],
-            "conditions": [{"type": "Ready", "status": "True"}],
-        },
-    })
-}
 
 /// Every span of `trace_id`'s trace, and of every trace with a span that links into what
 /// is gathered so far (a group commit or recompute serving several changes), to a fixed
@@ -187,55 +173,18 @@ async fn a_service_traces_from_the_watcher_to_an_update_on_each_speaker_and_back
     policy.peers[0].node_selector = None;
     ipam.routing().await.set_bgp_policy(policy).await.unwrap();
 
-    let kube = FakeKube::start().await.unwrap();
-    kube.create(NAMESPACES, json!({"metadata": {"name": "default"}}))
-        .unwrap();
-    for (name, address) in NODES_AT {
-        kube.create(NODES, kube_node(name, address)).unwrap();
-    }
-    let kubeconfig = dir.path().join("kubeconfig");
-    kube.write_kubeconfig(&kubeconfig, "default").unwrap();
-    let mut watcher = Command::new(workspace_binary("herald-cluster-watcher"));
-    watcher
-        .args([
-            "--ipam-endpoint",
-            &ipam.endpoint(),
-            "--cluster-id",
-            "lab",
-            "--identity",
-            "e2e",
-        ])
+    let mut lab = KubeLab::builder(dir.path())
+        .nodes(&NODES_AT)
         // The standard variable, not the flag: both must work.
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &otlp)
-        .env("KUBECONFIG", &kubeconfig)
-        .env("HOME", dir.path())
-        .env_remove("KUBERNETES_SERVICE_HOST");
-    let _watcher = ChildProcess::spawn("herald-cluster-watcher", watcher);
-    let mut registered = false;
-    for _ in 0..100 {
-        let nodes = ipam
-            .routing()
-            .await
-            .list_nodes(pb::ListNodesRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .nodes;
-        if nodes.len() == 2 && nodes.iter().all(|n| n.ready) {
-            registered = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(registered, "the watcher never registered both Nodes");
-    let _speakers: Vec<_> = NODES_AT
-        .iter()
-        .map(|(name, _)| {
-            speaker_with(name, &ipam.endpoint(), |c| {
-                c.args(["--otlp-endpoint", &otlp]);
-            })
-        })
-        .collect();
+        .watcher_env("OTEL_EXPORTER_OTLP_ENDPOINT", &otlp)
+        .start()
+        .await;
+    lab.start_watcher(&ipam.endpoint());
+    lab.wait_registered(&ipam, Duration::from_secs(10)).await;
+    lab.start_speakers_with(&ipam.endpoint(), |_, c| {
+        c.args(["--otlp-endpoint", &otlp]);
+    });
+    let kube = &lab.kube;
     tor.wait_neighbors(CONVERGE, |n| {
         n.iter().filter(|n| n.established).count() == 2
     })
