@@ -381,10 +381,11 @@ impl Speaker {
             // The session's task outlives this snapshot: give it a span of its own
             // rather than the snapshot's.
             let span = tracing::info_span!(parent: None, "peer", node = %self.node, peer = %name);
-            // The session starts with the snapshot's routes: its first advertisement and
-            // End-of-RIB carry them all, so a graceful-restart ToR keeps no stale path
-            // of ours it should not drop, and drops none it should keep. Handed over
-            // after the spawn, they can come after an End-of-RIB of an empty set.
+            // The session starts with the snapshot's routes, so its first advertisement
+            // carries them all before its End-of-RIB. Handed over after the spawn, they
+            // could come after an End-of-RIB of an empty set (the session can be
+            // Established first), and a graceful-restart ToR would drop at that
+            // End-of-RIB every stale path of ours not yet re-sent.
             let converted = desired_routes.get(name);
             let routes = Arc::new(converted.map(|c| c.routes.clone()).unwrap_or_default());
             let links = converted
@@ -465,9 +466,9 @@ impl Speaker {
             if *session.routes == converted.routes {
                 continue;
             }
-            // A session started by this snapshot got its routes at the spawn and ends
-            // up above; a session still starting (not Established) takes the new set
-            // before its first advertisement, so nothing here precedes an End-of-RIB.
+            // A session started by this snapshot has these routes since its spawn (the
+            // equal sets are skipped above). One still connecting takes this set before
+            // its first advertisement.
             let mut changes = Vec::new();
             for p in &converted.provenance {
                 let changed = session.routes.get(&p.prefix) != converted.routes.get(&p.prefix);
