@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use herald_bench::benches::{self, Common};
+use herald_bench::benches::{self, Common, StoreKind};
 use herald_bench::insert_server::{self, InsertServerArgs};
 use herald_bench::speakers::EngineChildArgs;
 use herald_bench::{bgp, ipam, machine::Machine, pg, pipeline, replicas};
@@ -35,7 +35,9 @@ const DEFAULT_FULL_POOL: &str = "10.64.0.0/18";
 const DEFAULT_FULL_CLIENTS: usize = 8;
 const DEFAULT_BURST_SIZE: u64 = 100;
 const DEFAULT_BURST_BATCHES: u64 = 50;
-const DEFAULT_RESTART_ALLOCATIONS: u64 = 10_000;
+const DEFAULT_RESTART_ALLOCATIONS: u64 = 100_000;
+/// Large enough for the restart benchmark's 100,000 allocations (a /14 holds 262,142).
+const DEFAULT_RESTART_POOL: &str = "10.64.0.0/14";
 /// Bound on any one wait for a ToR to converge (100k routes take GoBGP ~12 s).
 const DEFAULT_BGP_TIMEOUT_S: u64 = 180;
 const DEFAULT_WITHDRAW_REPEATS: u32 = 50;
@@ -98,7 +100,8 @@ enum Bench {
     AllocFull(FullArgs),
     /// AllocateBatch allocations/s vs single-row INSERT tps at c = 1.
     AllocBurst(BurstArgs),
-    /// Time to SERVING after kill -9 with allocations persisted, and reassignments.
+    /// herald-ipam on Postgres and on SQLite: memory with N allocations, time to SERVING
+    /// after kill -9 with them persisted, and reassignments.
     Restart(RestartArgs),
     /// Allocate through two herald-ipam replicas on one Postgres vs one replica.
     Replicas(ReplicasArgs),
@@ -191,8 +194,11 @@ struct RestartArgs {
     /// Allocations persisted before the kill.
     #[arg(long, default_value_t = DEFAULT_RESTART_ALLOCATIONS)]
     allocations: u64,
-    #[arg(long, default_value = DEFAULT_ALLOC_POOL)]
+    #[arg(long, default_value = DEFAULT_RESTART_POOL)]
     pool: String,
+    /// Stores herald-ipam runs on, one after the other in the same run.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [StoreKind::Postgres, StoreKind::Sqlite])]
+    stores: Vec<StoreKind>,
 }
 
 #[derive(Debug, Args)]
@@ -323,7 +329,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         )?,
         Bench::Restart(a) => put(
             "restart",
-            json(benches::restart(&common, a.allocations, &a.pool).await),
+            json(benches::restart(&common, a.allocations, &a.pool, &a.stores).await),
         )?,
         Bench::Replicas(a) => put(
             "replicas",
@@ -404,8 +410,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             put(
                 "restart",
                 json(
-                    benches::restart(&common, DEFAULT_RESTART_ALLOCATIONS, DEFAULT_ALLOC_POOL)
-                        .await,
+                    benches::restart(
+                        &common,
+                        DEFAULT_RESTART_ALLOCATIONS,
+                        DEFAULT_RESTART_POOL,
+                        &[StoreKind::Postgres, StoreKind::Sqlite],
+                    )
+                    .await,
                 ),
             )?;
         }

@@ -88,6 +88,22 @@ fn database_url(admin_url: &str, name: &str) -> anyhow::Result<String> {
     })
 }
 
+/// The on-disk size of `tables` with their indexes and TOAST, in bytes.
+pub async fn relation_bytes(url: &str, tables: &[&str]) -> anyhow::Result<u64> {
+    let mut conn = connect(url).await?;
+    let mut total = 0u64;
+    for table in tables {
+        let bytes: i64 = sqlx::query_scalar("SELECT pg_total_relation_size($1::regclass)")
+            .bind(*table)
+            .fetch_one(&mut conn)
+            .await
+            .with_context(|| format!("size of table {table}"))?;
+        total += u64::try_from(bytes).unwrap_or(0);
+    }
+    let _ = conn.close().await;
+    Ok(total)
+}
+
 async fn connect(url: &str) -> anyhow::Result<PgConnection> {
     PgConnection::connect(url).await.with_context(|| {
         format!(

@@ -66,6 +66,26 @@ impl ApiError {
         Self::new(405, "MethodNotAllowed", message)
     }
 
+    /// 403, worded as the real server words an RBAC refusal.
+    pub fn forbidden(verb: crate::Verb, resource: Resource) -> Self {
+        let qualified = if resource.group.is_empty() {
+            resource.plural.to_string()
+        } else {
+            format!("{}.{}", resource.plural, resource.group)
+        };
+        Self::new(
+            403,
+            "Forbidden",
+            format!(
+                "{qualified} is forbidden: User \"system:serviceaccount:herald-system:herald\" \
+                 cannot {verb} resource \"{plural}\" in API group \"{group}\" at the cluster scope",
+                verb = verb.as_str(),
+                plural = resource.plural,
+                group = resource.group,
+            ),
+        )
+    }
+
     pub fn gone(message: impl Into<String>) -> Self {
         Self::new(410, "Expired", message)
     }

@@ -43,6 +43,8 @@ pub(crate) struct Shared {
     /// Bumped to end every open watch with 410 Gone.
     expire: watch::Sender<u64>,
     open_watches: AtomicUsize,
+    /// (verb, resource plural) pairs answered 403 Forbidden, as RBAC would.
+    denied: Mutex<std::collections::HashSet<(Verb, &'static str)>>,
 }
 
 impl Shared {
@@ -61,6 +63,13 @@ impl Shared {
 
     fn record(&self, record: RequestRecord) {
         self.requests().push(record);
+    }
+
+    pub(crate) fn denied(&self, verb: Verb, resource: Resource) -> bool {
+        self.denied
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(&(verb, resource.plural))
     }
 
     fn open_watch(&self) -> WatchGuard<'_> {
@@ -95,6 +104,7 @@ impl FakeKube {
             requests: Mutex::new(Vec::new()),
             expire,
             open_watches: AtomicUsize::new(0),
+            denied: Mutex::new(std::collections::HashSet::new()),
         });
         let app = axum::Router::new()
             .fallback(server::handle)
@@ -131,6 +141,29 @@ impl FakeKube {
             "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {url}\nusers:\n- name: fake\n  user: {{}}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: {namespace}\ncurrent-context: fake\n",
             url = self.url()
         )
+    }
+
+    /// Answers `verb` on `resource` with 403 Forbidden from now on, as the real server does
+    /// when RBAC grants no such permission; [`Self::allow`] undoes it.
+    pub fn deny(&self, verb: Verb, resource: Resource) {
+        self.set_denied(verb, resource, true);
+    }
+
+    pub fn allow(&self, verb: Verb, resource: Resource) {
+        self.set_denied(verb, resource, false);
+    }
+
+    fn set_denied(&self, verb: Verb, resource: Resource, denied: bool) {
+        let mut set = self
+            .shared
+            .denied
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if denied {
+            set.insert((verb, resource.plural));
+        } else {
+            set.remove(&(verb, resource.plural));
+        }
     }
 
     /// Writes [`Self::kubeconfig`] to `path`.

@@ -36,6 +36,21 @@ pub enum Verb {
     Delete,
 }
 
+impl Verb {
+    /// As RBAC spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::List => "list",
+            Self::Watch => "watch",
+            Self::Get => "get",
+            Self::Create => "create",
+            Self::Update => "update",
+            Self::Patch => "patch",
+            Self::Delete => "delete",
+        }
+    }
+}
+
 /// One request the server answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestRecord {
@@ -92,7 +107,9 @@ pub(crate) async fn handle(State(shared): State<Arc<Shared>>, request: Request) 
             )));
         }
     };
-    let response = if verb == Verb::Watch {
+    let response = if shared.denied(verb, target.resource) {
+        error_response(&ApiError::forbidden(verb, target.resource))
+    } else if verb == Verb::Watch {
         watch(&shared, &target, &query)
     } else {
         match serve(&shared, verb, &target, &query, &parts.headers, &body) {

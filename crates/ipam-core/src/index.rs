@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use herald_model::addr::{ip_to_u128, u128_to_ip};
 use herald_model::{AllocationRequest, FamilyPolicy, IpFamily, PoolName, PoolSpec, ServicePort};
@@ -64,6 +65,8 @@ pub struct Plan {
 
 #[derive(Debug)]
 struct PoolState {
+    /// The pool's name, which every claim of the pool shares rather than copies.
+    name: Arc<str>,
     spec: PoolSpec,
     generation: i64,
     free: [FreeSet; 2],
@@ -88,11 +91,75 @@ struct Spread {
     until: i64,
 }
 
+/// Who holds one address. Kept small, as there is one per allocation: the pool's name and
+/// the owners' uids are shared, not copied, and an owner's own tag is not spelt out.
 #[derive(Debug)]
 struct Claim {
-    tag: String,
-    pool: String,
-    owners: BTreeMap<String, Vec<ServicePort>>,
+    tag: ClaimTag,
+    pool: Arc<str>,
+    /// Sorted by uid; nearly always one.
+    owners: Vec<Holder>,
+}
+
+#[derive(Debug)]
+struct Holder {
+    uid: Arc<str>,
+    ports: Box<[ServicePort]>,
+}
+
+/// The tag an address is claimed under (see `AllocationRequest::claim_tag`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ClaimTag {
+    /// `o:<uid>`, an owner's own tag: the uid is the one its holder and the owner lookup
+    /// share.
+    Owner(Arc<str>),
+    /// Any other tag, a sharing key's `s:<key>|<policy>`.
+    Other(Box<str>),
+}
+
+impl ClaimTag {
+    /// `tag`, sharing the uid of an owner's own tag with `owners` when it is there.
+    fn new(tag: &str, owners: &HashMap<Arc<str>, u32>) -> Self {
+        match tag.strip_prefix("o:") {
+            Some(uid) => Self::Owner(intern(owners, uid)),
+            None => Self::Other(Box::from(tag)),
+        }
+    }
+
+    fn is(&self, tag: &str) -> bool {
+        match self {
+            Self::Owner(uid) => tag.strip_prefix("o:") == Some(&**uid),
+            Self::Other(own) => **own == *tag,
+        }
+    }
+
+    fn text(&self) -> String {
+        match self {
+            Self::Owner(uid) => format!("o:{uid}"),
+            Self::Other(tag) => tag.to_string(),
+        }
+    }
+
+    fn shared_key(&self) -> Option<&str> {
+        match self {
+            Self::Owner(_) => None,
+            Self::Other(tag) => shared_key(tag),
+        }
+    }
+}
+
+impl Claim {
+    fn holder(&self, uid: &str) -> Result<usize, usize> {
+        self.owners.binary_search_by(|h| (*h.uid).cmp(uid))
+    }
+
+    fn is_held_by(&self, uid: &str) -> bool {
+        self.holder(uid).is_ok()
+    }
+
+    fn uids(&self) -> impl ExactSizeIterator<Item = &str> {
+        self.owners.iter().map(|h| &*h.uid)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -103,8 +170,9 @@ pub struct PoolIndex {
     claims: HashMap<IpAddr, Claim>,
     /// Shared addresses by sharing key, to find the IP a new member of a group joins.
     shared: HashMap<String, BTreeSet<IpAddr>>,
-    /// Addresses by owner uid, so a repeated Allocate is recognised without the store.
-    owners: HashMap<String, BTreeSet<IpAddr>>,
+    /// How many addresses each owner holds, so a repeated Allocate is recognised without
+    /// the store. Which ones is in `claims`; the key is the uid the claims share.
+    owners: HashMap<Arc<str>, u32>,
     /// This replica's own writes, applied here when they were made, whose log entries the
     /// change feed may not have read yet: by address, the revision of the latest. A logged
     /// change to the address at or below it is older than what the index holds (an
@@ -180,6 +248,7 @@ impl PoolState {
             total[slot(family)] = total[slot(family)].saturating_add(size);
         }
         Self {
+            name: Arc::from(spec.name.as_str()),
             spec,
             generation,
             free,
@@ -252,6 +321,16 @@ impl PoolIndex {
 
     /// Replaces the whole picture: every pool with its generation, and every claim.
     pub fn load(pools: Vec<(PoolSpec, i64)>, claims: Vec<ClaimRecord>) -> Self {
+        let mut index = Self::with_pools(pools);
+        for claim in claims {
+            index.observe_assigned(claim);
+        }
+        index
+    }
+
+    /// Every pool with its generation and no claims yet: the claims can then be fed in
+    /// with [`PoolIndex::observe_assigned`] as they are read, without holding them all.
+    pub fn with_pools(pools: Vec<(PoolSpec, i64)>) -> Self {
         let mut index = Self::new();
         for (spec, generation) in pools {
             index
@@ -259,10 +338,13 @@ impl PoolIndex {
                 .insert(spec.name.to_string(), PoolState::new(spec, generation));
         }
         index.reorder();
-        for claim in claims {
-            index.observe_assigned(claim);
-        }
         index
+    }
+
+    /// Room for `claims` more claims, when their number is known before they are fed in.
+    pub fn reserve(&mut self, claims: usize) {
+        self.claims.reserve(claims);
+        self.owners.reserve(claims);
     }
 
     fn reorder(&mut self) {
@@ -310,7 +392,7 @@ impl PoolIndex {
         let name = spec.name.to_string();
         let mut state = PoolState::new(spec, generation);
         for (ip, claim) in &self.claims {
-            if claim.pool == name && keep(*ip) {
+            if *claim.pool == *name && keep(*ip) {
                 let family = IpFamily::of(*ip);
                 state.free[slot(family)].remove(ip_to_u128(*ip));
                 state.used[slot(family)] += 1;
@@ -367,13 +449,13 @@ impl PoolIndex {
             ports,
         } = claim;
         let family = IpFamily::of(ip);
-        self.owners.entry(owner_uid.clone()).or_default().insert(ip);
+        let ports = ports.into_boxed_slice();
         if let Some(existing) = self.claims.get_mut(&ip) {
             // In the store every holder of an address has its tag, so a different one here
             // is this replica's reservation, made for a plan that is about to lose the race
             // to the claim observed now: the observed tag is the true one.
-            if existing.tag != tag {
-                if let Some(key) = shared_key(&existing.tag)
+            if !existing.tag.is(&tag) {
+                if let Some(key) = existing.tag.shared_key()
                     && let Some(ips) = self.shared.get_mut(key)
                 {
                     ips.remove(&ip);
@@ -384,26 +466,37 @@ impl PoolIndex {
                 if let Some(key) = shared_key(&tag) {
                     self.shared.entry(key.to_string()).or_default().insert(ip);
                 }
-                existing.tag = tag;
+                existing.tag = ClaimTag::new(&tag, &self.owners);
             }
-            existing.owners.insert(owner_uid, ports);
+            match existing.holder(&owner_uid) {
+                Ok(at) => existing.owners[at].ports = ports,
+                Err(at) => {
+                    let uid = hold(&mut self.owners, &owner_uid);
+                    existing.owners.insert(at, Holder { uid, ports });
+                }
+            }
             return;
         }
-        if let Some(state) = self.pools.get_mut(&pool) {
-            // A Service that names a resting address may take it; it leaves quarantine.
-            state.unrest(family, ip_to_u128(ip));
-            state.free[slot(family)].remove(ip_to_u128(ip));
-            state.used[slot(family)] += 1;
-        }
+        let pool = match self.pools.get_mut(&pool) {
+            Some(state) => {
+                // A Service that names a resting address may take it; it leaves quarantine.
+                state.unrest(family, ip_to_u128(ip));
+                state.free[slot(family)].remove(ip_to_u128(ip));
+                state.used[slot(family)] += 1;
+                Arc::clone(&state.name)
+            }
+            None => Arc::from(pool),
+        };
         if let Some(key) = shared_key(&tag) {
             self.shared.entry(key.to_string()).or_default().insert(ip);
         }
+        let uid = hold(&mut self.owners, &owner_uid);
         self.claims.insert(
             ip,
             Claim {
-                tag,
+                tag: ClaimTag::new(&tag, &self.owners),
                 pool,
-                owners: BTreeMap::from([(owner_uid, ports)]),
+                owners: vec![Holder { uid, ports }],
             },
         );
     }
@@ -416,7 +509,7 @@ impl PoolIndex {
         if self
             .claims
             .get(&claim.ip)
-            .is_some_and(|c| c.owners.keys().all(|uid| *uid == claim.owner_uid))
+            .is_some_and(|c| c.uids().all(|uid| uid == claim.owner_uid))
         {
             self.retag(claim.ip, &claim.tag);
         }
@@ -436,10 +529,9 @@ impl PoolIndex {
             .claims
             .get(&ip)
             .map(|c| {
-                c.owners
-                    .keys()
-                    .filter(|uid| !holders.iter().any(|h| h.owner_uid == **uid))
-                    .cloned()
+                c.uids()
+                    .filter(|uid| !holders.iter().any(|h| h.owner_uid == *uid))
+                    .map(str::to_string)
                     .collect()
             })
             .unwrap_or_default();
@@ -465,11 +557,11 @@ impl PoolIndex {
         let Some(claim) = self.claims.get_mut(&ip) else {
             return;
         };
-        if claim.tag == tag {
+        if claim.tag.is(tag) {
             return;
         }
-        let old_key = shared_key(&claim.tag).map(str::to_string);
-        claim.tag = tag.to_string();
+        let old_key = claim.tag.shared_key().map(str::to_string);
+        claim.tag = ClaimTag::new(tag, &self.owners);
         if let Some(key) = old_key
             && let Some(ips) = self.shared.get_mut(&key)
         {
@@ -488,16 +580,18 @@ impl PoolIndex {
     /// a quarantine, rests until [`PoolIndex::expire_quarantine`] frees it. `None` gives
     /// back a reservation that was never committed, which no one can have seen. Idempotent.
     pub fn observe_released(&mut self, ip: IpAddr, owner_uid: &str, released_at: Option<i64>) {
-        if let Some(held) = self.owners.get_mut(owner_uid) {
-            held.remove(&ip);
-            if held.is_empty() {
-                self.owners.remove(owner_uid);
-            }
-        }
         let Some(claim) = self.claims.get_mut(&ip) else {
             return;
         };
-        claim.owners.remove(owner_uid);
+        if let Ok(at) = claim.holder(owner_uid) {
+            claim.owners.remove(at);
+            if let Some(held) = self.owners.get_mut(owner_uid) {
+                *held -= 1;
+                if *held == 0 {
+                    self.owners.remove(owner_uid);
+                }
+            }
+        }
         if !claim.owners.is_empty() {
             return;
         }
@@ -505,7 +599,7 @@ impl PoolIndex {
             return;
         };
         let family = IpFamily::of(ip);
-        if let Some(key) = shared_key(&claim.tag)
+        if let Some(key) = claim.tag.shared_key()
             && let Some(ips) = self.shared.get_mut(key)
         {
             ips.remove(&ip);
@@ -513,7 +607,7 @@ impl PoolIndex {
                 self.shared.remove(key);
             }
         }
-        if let Some(state) = self.pools.get_mut(&claim.pool) {
+        if let Some(state) = self.pools.get_mut(&*claim.pool) {
             state.used[slot(family)] = state.used[slot(family)].saturating_sub(1);
             if state.spec.contains(ip) && unassignable_reason(&state.spec, ip).is_none() {
                 match released_at {
@@ -639,8 +733,8 @@ impl PoolIndex {
     }
 
     /// Who holds `ip`, as a claim tag, if anyone.
-    pub fn holder(&self, ip: IpAddr) -> Option<&str> {
-        self.claims.get(&ip).map(|c| c.tag.as_str())
+    pub fn holder(&self, ip: IpAddr) -> Option<String> {
+        self.claims.get(&ip).map(|c| c.tag.text())
     }
 
     /// Chooses addresses for `req` and reserves them. The caller must commit the plan to
@@ -690,8 +784,8 @@ impl PoolIndex {
             let Some(claim) = self.claims.get(ip) else {
                 continue;
             };
-            if claim.tag != tag
-                && let Some(other) = claim.owners.keys().find(|uid| **uid != req.owner.uid)
+            if !claim.tag.is(&tag)
+                && let Some(other) = claim.uids().find(|uid| *uid != req.owner.uid)
             {
                 return Err(AllocError::SharingConflict {
                     key: req.sharing_key.clone(),
@@ -841,7 +935,7 @@ impl PoolIndex {
         }
         let joins_shared = match self.claims.get(&ip) {
             None => false,
-            Some(claim) if claim.owners.contains_key(&req.owner.uid) => false,
+            Some(claim) if claim.is_held_by(&req.owner.uid) => false,
             Some(claim) => {
                 self.check_can_join(req, ip, claim)?;
                 true
@@ -874,8 +968,8 @@ impl PoolIndex {
         let Some(tag) = req.sharing_tag() else {
             return Err(taken());
         };
-        if claim.tag != tag {
-            return Err(match shared_key(&claim.tag) {
+        if !claim.tag.is(&tag) {
+            return Err(match claim.tag.shared_key() {
                 Some(key) if key == req.sharing_key => AllocError::SharingConflict {
                     key: req.sharing_key.clone(),
                     why: format!(
@@ -906,19 +1000,19 @@ impl PoolIndex {
             let Some(claim) = self.claims.get(ip) else {
                 continue;
             };
-            let Some(state) = self.pools.get(&claim.pool) else {
+            let Some(state) = self.pools.get(&*claim.pool) else {
                 continue;
             };
             if req
                 .requested_pool
                 .as_ref()
-                .is_some_and(|p| p.as_str() != claim.pool)
+                .is_some_and(|p| p.as_str() != &*claim.pool)
             {
                 continue;
             }
             self.check_pool_serves(req, &state.spec)?;
             self.check_can_join(req, *ip, claim)?;
-            debug_assert_eq!(claim.tag, tag);
+            debug_assert!(claim.tag.is(tag));
             return Ok(Some(PlanItem {
                 ip: *ip,
                 family,
@@ -934,8 +1028,8 @@ impl PoolIndex {
 
 /// Refuses `req`'s ports if another owner of `claim` (on `ip`) uses one of them.
 fn check_ports_free(req: &AllocationRequest, ip: IpAddr, claim: &Claim) -> Result<(), AllocError> {
-    for (uid, ports) in &claim.owners {
-        if uid == &req.owner.uid {
+    for Holder { uid, ports } in &claim.owners {
+        if **uid == *req.owner.uid {
             continue;
         }
         if let Some(port) = ports.iter().find(|p| req.ports.contains(p)) {
@@ -953,7 +1047,7 @@ fn check_ports_free(req: &AllocationRequest, ip: IpAddr, claim: &Claim) -> Resul
 
 /// The first owner of a claim, for a message: " (uid x)", or " (uid x and 2 more)".
 fn describe_owners(claim: &Claim) -> String {
-    let mut uids = claim.owners.keys();
+    let mut uids = claim.uids();
     match (uids.next(), uids.len()) {
         (None, _) => String::new(),
         (Some(uid), 0) => format!(" (uid {uid})"),
@@ -970,13 +1064,27 @@ fn point_between(lowest: u128, highest: u128, point: u64) -> u128 {
 }
 
 fn describe_holder(claim: &Claim) -> String {
-    match claim.tag.strip_prefix("o:") {
-        Some(uid) => format!(" (uid {uid})"),
-        None => format!(
+    match &claim.tag {
+        ClaimTag::Owner(uid) => format!(" (uid {uid})"),
+        ClaimTag::Other(_) => format!(
             " (shared under key {:?})",
-            shared_key(&claim.tag).unwrap_or_default()
+            claim.tag.shared_key().unwrap_or_default()
         ),
     }
+}
+
+/// The uid `owners` already shares for `uid`, or a new one.
+fn intern(owners: &HashMap<Arc<str>, u32>, uid: &str) -> Arc<str> {
+    owners
+        .get_key_value(uid)
+        .map_or_else(|| Arc::from(uid), |(shared, _)| Arc::clone(shared))
+}
+
+/// Counts one more address held by `uid`, and gives the uid its claims share.
+fn hold(owners: &mut HashMap<Arc<str>, u32>, uid: &str) -> Arc<str> {
+    let shared = intern(owners, uid);
+    *owners.entry(Arc::clone(&shared)).or_insert(0) += 1;
+    shared
 }
 
 /// The sharing key inside a shared claim tag (`s:<key>|<policy>`).
@@ -1468,7 +1576,7 @@ mod tests {
         let local = sharer("a", "k", &[80], Local);
         index.check_update(&local, &[ip]).expect("a is alone");
         updated(&mut index, &local, ip);
-        assert_eq!(index.holder(ip), Some(local.claim_tag().as_str()));
+        assert_eq!(index.holder(ip), Some(local.claim_tag()));
         // The group now takes Local members only.
         assert!(matches!(
             index.plan(&sharer("c", "k", &[82], Cluster)),
@@ -1498,7 +1606,7 @@ mod tests {
                 ports: cluster.ports.clone(),
             }],
         );
-        assert_eq!(index.holder(ip), Some(cluster.claim_tag().as_str()));
+        assert_eq!(index.holder(ip), Some(cluster.claim_tag()));
         assert!(!index.holds("d"));
         assert_eq!(
             index
@@ -1543,6 +1651,36 @@ mod tests {
             ips(&index.plan(&require).expect("both")),
             ["10.0.0.2", "fd00::1"]
         );
+    }
+
+    #[test]
+    fn an_owner_is_known_until_its_last_address_is_released() {
+        let mut index = PoolIndex::with_pools(vec![pool("lab", &["172.16.0.240/28"], |_| {})]);
+        let claim = |at: &str, uid: &str, tag: &str| ClaimRecord {
+            ip: ip(at),
+            tag: tag.into(),
+            pool: "lab".into(),
+            owner_uid: uid.into(),
+            ports: vec![],
+        };
+        index.observe_assigned(claim("172.16.0.241", "x", "o:x"));
+        index.observe_assigned(claim("172.16.0.242", "x", "o:x"));
+        index.observe_assigned(claim("172.16.0.243", "x", "s:k|c"));
+        index.observe_assigned(claim("172.16.0.243", "y", "s:k|c"));
+        assert_eq!(index.holder(ip("172.16.0.241")).as_deref(), Some("o:x"));
+        assert_eq!(index.holder(ip("172.16.0.243")).as_deref(), Some("s:k|c"));
+        assert_eq!(index.shared_ips("k"), vec![ip("172.16.0.243")]);
+        index.observe_released(ip("172.16.0.241"), "x", None);
+        index.observe_released(ip("172.16.0.243"), "x", None);
+        assert!(index.holds("x"), "x still holds .242");
+        assert!(index.holds("y"));
+        assert_eq!(index.usage("lab")[0].used, 2);
+        index.observe_released(ip("172.16.0.242"), "x", None);
+        assert!(!index.holds("x"));
+        index.observe_released(ip("172.16.0.243"), "y", None);
+        assert!(!index.holds("y"));
+        assert!(index.shared_ips("k").is_empty());
+        assert_eq!(index.usage("lab")[0].used, 0);
     }
 
     #[test]
@@ -1732,7 +1870,7 @@ mod tests {
         assert_eq!(lost.items[0].ip, won.items[0].ip);
         learn(&mut b, &won);
         b.abort(&lost);
-        assert_eq!(b.holder(won.items[0].ip), Some("o:w"));
+        assert_eq!(b.holder(won.items[0].ip).as_deref(), Some("o:w"));
         assert!(b.holds("w") && !b.holds("c"));
         assert_eq!(b.usage("lab")[0].used, 3);
     }

@@ -21,6 +21,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures::TryStreamExt;
 use herald_ipam_core::{ClaimRecord, Plan, PlanItem};
 use herald_model::addr::ip_key;
 use herald_model::{
@@ -603,6 +604,30 @@ impl Store {
         rows.iter().map(rows::claim_from_row).collect()
     }
 
+    /// Hands every owner's hold on every address to `each` as the rows arrive, rather than
+    /// collecting them: a restart with 100,000 allocations never holds all their rows and
+    /// all their records at once beside the index they are fed into. Returns how many.
+    pub async fn each_claim(&self, mut each: impl FnMut(ClaimRecord)) -> Result<u64, StoreError> {
+        let mut rows = sqlx::query(
+            "SELECT a.ip, a.tag, c.pool, a.owner_uid, a.ports FROM allocations a JOIN ip_claims c ON c.ip = a.ip",
+        )
+        .fetch(&self.pool);
+        let mut count = 0;
+        while let Some(row) = rows.try_next().await? {
+            each(rows::claim_from_row(&row)?);
+            count += 1;
+        }
+        Ok(count)
+    }
+
+    /// How many owner holds there are: what [`Store::each_claim`] will hand over.
+    pub async fn claim_count(&self) -> Result<u64, StoreError> {
+        let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM allocations")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(u64::try_from(count).unwrap_or(0))
+    }
+
     /// Every owner's hold on `ip` (several when it is shared): what a replica that lost a
     /// race for the address learns of the winner, one indexed lookup instead of re-reading
     /// the pool's claims.
@@ -1085,11 +1110,19 @@ impl Store {
         after_uid: &str,
     ) -> Result<(Vec<Allocation>, Option<String>), StoreError> {
         let page_size = page_size.clamp(1, MAX_PAGE_SIZE);
+        // Without a pool filter the subquery is left out, not just short-circuited: a
+        // generic plan (Postgres) or SQLite still built its whole result for every page,
+        // and the route engine's load at start-up reads 100 pages for 100k allocations.
+        let by_pool = if filter.pool.is_empty() {
+            "$4 = ''"
+        } else {
+            "a.owner_uid IN (SELECT a2.owner_uid FROM allocations a2 JOIN ip_claims c2 ON c2.ip = a2.ip WHERE c2.pool = $4)"
+        };
         // Each owner has at most one row per family, so 2n + 2 rows hold the first n + 1
         // owners, of which the first n are complete.
         let rows = sqlx::query(AssertSqlSafe(format!(
             "{ALLOCATION_SELECT} WHERE a.owner_uid > $1 AND ($2 = '' OR a.namespace = $2) AND ($3 = '' OR a.cluster_id = $3)
-               AND ($4 = '' OR a.owner_uid IN (SELECT a2.owner_uid FROM allocations a2 JOIN ip_claims c2 ON c2.ip = a2.ip WHERE c2.pool = $4))
+               AND {by_pool}
              ORDER BY a.owner_uid, a.family LIMIT $5"
         )))
         .bind(after_uid)

@@ -1,17 +1,22 @@
-//! What the leader does: watch Services, EndpointSlices, Nodes and Namespaces into local
-//! caches, run the start-up barrier (claim the addresses already in Service status, then
-//! allocate for pending Services, then garbage-collect), and from then on handle every
-//! changed Service and Node by its key, reading the current state from the caches. It
-//! also follows herald-ipam's change stream, so a Service that waits for an address
-//! retries as soon as one can exist (a pool created or changed, an address released).
+//! What the leader does, on kube-runtime's [`Controller`]: Services are reconciled by key
+//! (an EndpointSlice maps to its Service, a Namespace to its Services), Nodes by name,
+//! each read from the caches the watch streams fill. Before any Service is reconciled the
+//! start-up barrier runs: claim the addresses already in Service status, then allocate
+//! for pending Services, then garbage-collect. The leader also follows herald-ipam's change
+//! stream, so a Service that waits for an address retries as soon as one can exist (a
+//! pool created or changed, an address released).
+//!
+//! A watch that the API server refuses with 403 Forbidden (a missing RBAC permission)
+//! makes the watcher not ready, naming the resource and verb, until the watch works.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Debug;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::hash::Hash;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use futures::{Stream, StreamExt, TryStreamExt, stream};
+use futures::{Stream, StreamExt, TryStreamExt, future, stream};
 use herald_api::ipam::v1 as ipam;
 use herald_api::ipam::v1::ipam_client::IpamClient;
 use herald_api::routing::v1 as routing;
@@ -22,20 +27,21 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
+use serde::de::DeserializeOwned;
 use serde_json::json;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 use tonic::transport::Channel;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::mapping::{
     self, AllocateErrorKind, ClassPolicy, FailureReason, Outcome, our_condition, status_ips,
 };
-use crate::queue::Queue;
 use crate::slice_index::SliceIndex;
 
 /// Shortest and longest wait before a Service whose handling failed is tried again.
@@ -47,6 +53,8 @@ const PENDING_COALESCE: Duration = Duration::from_millis(100);
 const LIST_PAGE: u32 = 1000;
 /// The component named on Events.
 const COMPONENT: &str = "herald-cluster-watcher";
+/// The resources the leader watches, as RBAC names them.
+const WATCHED: [&str; 4] = ["services", "endpointslices", "namespaces", "nodes"];
 /// Field manager for status writes.
 const FIELD_MANAGER: &str = "herald-cluster-watcher";
 
@@ -88,27 +96,27 @@ fn ipam_err(call: &'static str) -> impl FnOnce(tonic::Status) -> Error {
     }
 }
 
-/// What the leader's caches and queues hold, for the metrics endpoint.
+/// What the leader's caches and controllers hold, for the metrics endpoint.
 #[derive(Debug, Default)]
 pub(crate) struct Scrape {
     pub pending: HashMap<&'static str, usize>,
-    pub services_queue: usize,
-    pub nodes_queue: usize,
+    pub services_in_flight: usize,
+    pub nodes_in_flight: usize,
 }
 
 /// The running leader's context, while there is one; the metrics read it at scrape time.
 static LEADING: Mutex<Option<std::sync::Weak<Ctx>>> = Mutex::new(None);
 
-/// The leader's pending Services by reason and its queue depths; `None` on a standby and
-/// until the caches are synced.
+/// The leader's pending Services by reason and its reconciles in flight; `None` on a
+/// standby and until the caches are synced.
 pub(crate) fn scrape() -> Option<Scrape> {
     let ctx = lock(&LEADING).as_ref()?.upgrade()?;
-    if !ctx.started.load(Ordering::SeqCst) {
+    if !ctx.is_started() {
         return None;
     }
     let mut scrape = Scrape {
-        services_queue: ctx.service_queue.len(),
-        nodes_queue: ctx.node_queue.len(),
+        services_in_flight: ctx.services_in_flight.load(Ordering::SeqCst),
+        nodes_in_flight: ctx.nodes_in_flight.load(Ordering::SeqCst),
         ..Scrape::default()
     };
     for svc in ctx.services.state() {
@@ -161,7 +169,7 @@ struct Ctx {
     nodes: Store<Node>,
     namespaces: Store<Namespace>,
     /// Which uid holds an allocation under each Service name. Rebuilt from the IPAM
-    /// service at start; kept to release a deleted or re-created Service's address.
+    /// service at start; kept to release a re-created Service's old address.
     held: Mutex<HashMap<ServiceKey, String>>,
     /// What was last sent per owner uid / node, so unchanged facts are not sent again.
     sent_endpoints: Mutex<HashMap<String, (i32, Vec<String>)>>,
@@ -171,10 +179,21 @@ struct Ctx {
     /// The resourceVersion each Service had when its status was last patched, until the
     /// cache shows a newer one.
     written_over: Mutex<HashMap<ServiceKey, String>>,
-    service_queue: Arc<Queue<ServiceKey>>,
-    node_queue: Arc<Queue<String>>,
+    /// Consecutive failures per Service and per Node, for the retry backoff.
     failures: Mutex<HashMap<ServiceKey, u32>>,
-    started: AtomicBool,
+    node_failures: Mutex<HashMap<String, u32>>,
+    /// Services to reconcile again by name (waiting ones when addresses were freed, the
+    /// old Service of a slice that moved); the Service controller reads the other end.
+    requeue: mpsc::UnboundedSender<ObjectRef<Service>>,
+    /// The start-up barrier: false until every address in Service status is claimed.
+    started: tokio::sync::watch::Sender<bool>,
+    /// The watched resources whose first list is in the caches. (Not the stores' own
+    /// `wait_until_ready`: it wakes one waiter only, and the controllers wait on it too.)
+    listed: tokio::sync::watch::Sender<HashSet<&'static str>>,
+    /// Watched resources the API server refuses, with the verb refused.
+    forbidden: Mutex<BTreeMap<&'static str, &'static str>>,
+    services_in_flight: AtomicUsize,
+    nodes_in_flight: AtomicUsize,
     gc_wanted: Notify,
     node_sync_wanted: Notify,
     /// herald-ipam gained addresses (a pool created or changed, an address released by
@@ -200,6 +219,7 @@ pub async fn run(
     let (slices, slices_writer) = reflector::store::<EndpointSlice>();
     let (nodes, nodes_writer) = reflector::store::<Node>();
     let (namespaces, namespaces_writer) = reflector::store::<Namespace>();
+    let (requeue, requeued) = mpsc::unbounded_channel();
     let resources = crate::resources::Resources::new(
         client.clone(),
         channel.clone(),
@@ -221,130 +241,103 @@ pub async fn run(
         ipam: IpamClient::new(Inject::new(channel.clone())),
         routing: RoutingClient::new(Inject::new(channel)),
         settings,
-        services,
+        services: services.clone(),
         slices,
-        nodes,
+        nodes: nodes.clone(),
         namespaces,
         held: Mutex::new(HashMap::new()),
         sent_endpoints: Mutex::new(HashMap::new()),
         slice_index: Mutex::new(SliceIndex::default()),
         written_over: Mutex::new(HashMap::new()),
         sent_nodes: Mutex::new(HashMap::new()),
-        service_queue: Queue::new(),
-        node_queue: Queue::new(),
         failures: Mutex::new(HashMap::new()),
-        started: AtomicBool::new(false),
+        node_failures: Mutex::new(HashMap::new()),
+        requeue,
+        started: tokio::sync::watch::Sender::new(false),
+        listed: tokio::sync::watch::Sender::new(HashSet::new()),
+        forbidden: Mutex::new(BTreeMap::new()),
+        services_in_flight: AtomicUsize::new(0),
+        nodes_in_flight: AtomicUsize::new(0),
         gc_wanted: Notify::new(),
         node_sync_wanted: Notify::new(),
         pending_wanted: Notify::new(),
     });
 
+    let services_stream = watched(
+        WATCHED[0],
+        &ctx,
+        services_writer,
+        Api::<Service>::all(client.clone()),
+        |ctx, event| match event {
+            // A deleted Service has nothing left to reconcile: what it held is garbage.
+            watcher::Event::Delete(_) => ctx.gc_wanted.notify_one(),
+            watcher::Event::InitDone if ctx.is_started() => {
+                info!("services listed again; collecting garbage");
+                ctx.gc_wanted.notify_one();
+            }
+            _ => {}
+        },
+    );
+    let slices_stream = watched(
+        WATCHED[1],
+        &ctx,
+        slices_writer,
+        Api::<EndpointSlice>::all(client.clone()),
+        Ctx::index_slice,
+    );
+    let namespaces_stream = watched(
+        WATCHED[2],
+        &ctx,
+        namespaces_writer,
+        Api::<Namespace>::all(client.clone()),
+        |_, _| {},
+    );
+    let nodes_stream = watched(
+        WATCHED[3],
+        &ctx,
+        nodes_writer,
+        Api::<Node>::all(client),
+        |ctx, event| match event {
+            // A deleted Node cannot be reconciled by name: the sync removes it.
+            watcher::Event::Delete(_) => ctx.node_sync_wanted.notify_one(),
+            watcher::Event::InitDone if ctx.is_started() => ctx.node_sync_wanted.notify_one(),
+            _ => {}
+        },
+    );
+
+    let workers = u16::try_from(ctx.settings.workers.max(1)).unwrap_or(u16::MAX);
+    let services_in_namespace = services.clone();
+    let services_controller = Controller::for_stream(services_stream, services)
+        .with_config(controller::Config::default().concurrency(workers))
+        .watches_stream(slices_stream, |slice: EndpointSlice| {
+            mapping::slice_service(&slice)
+                .map(|(namespace, name)| ObjectRef::new(&name).within(&namespace))
+        })
+        // Namespace labels can make a pending Service servable.
+        .watches_stream(namespaces_stream, move |ns: Namespace| {
+            let namespace = ns.metadata.name.unwrap_or_default();
+            services_in_namespace
+                .state()
+                .iter()
+                .filter(|svc| svc.metadata.namespace.as_deref() == Some(namespace.as_str()))
+                .map(|svc| ObjectRef::from_obj(svc.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .reconcile_on(stream::unfold(requeued, |mut requeued| async move {
+            requeued.recv().await.map(|obj| (obj, requeued))
+        }))
+        .graceful_shutdown_on(cancel.clone().cancelled_owned())
+        .run(reconcile_service, service_error_policy, Arc::clone(&ctx))
+        .for_each(|result| async move { log_controller("Service", result) });
+    let nodes_controller = Controller::for_stream(nodes_stream, nodes)
+        .graceful_shutdown_on(cancel.clone().cancelled_owned())
+        .run(reconcile_node, node_error_policy, Arc::clone(&ctx))
+        .for_each(|result| async move { log_controller("Node", result) });
+
     // Every task dies with this set: losing the lease stops all work at once.
     let mut tasks = JoinSet::new();
-    let config = watcher::Config::default();
-    {
-        let ctx = Arc::clone(&ctx);
-        let stream = reflector::reflector(
-            services_writer,
-            watcher(Api::<Service>::all(client.clone()), config.clone()),
-        );
-        tasks.spawn(drive("services", stream, move |event| match event {
-            watcher::Event::Apply(s) | watcher::Event::InitApply(s) | watcher::Event::Delete(s) => {
-                if let Some(key) = ServiceKey::of(&s) {
-                    ctx.service_queue.push(key);
-                }
-            }
-            watcher::Event::InitDone => {
-                if ctx.started.load(Ordering::SeqCst) {
-                    info!("services listed again; collecting garbage");
-                    ctx.gc_wanted.notify_one();
-                }
-            }
-            watcher::Event::Init => {}
-        }));
-    }
-    {
-        let ctx = Arc::clone(&ctx);
-        let stream = reflector::reflector(
-            slices_writer,
-            watcher(Api::<EndpointSlice>::all(client.clone()), config.clone()),
-        );
-        tasks.spawn(drive("endpointslices", stream, move |event| {
-            let slice = match &event {
-                watcher::Event::Init => return lock(&ctx.slice_index).relist_started(),
-                watcher::Event::InitDone => return lock(&ctx.slice_index).relist_done(),
-                watcher::Event::Apply(s)
-                | watcher::Event::InitApply(s)
-                | watcher::Event::Delete(s) => s,
-            };
-            let (Some(namespace), Some(name)) = (
-                slice.metadata.namespace.as_deref(),
-                slice.metadata.name.as_deref(),
-            ) else {
-                return;
-            };
-            let service = mapping::slice_service(slice).map(|(_, service)| service);
-            let before = {
-                let mut index = lock(&ctx.slice_index);
-                match &event {
-                    watcher::Event::Delete(_) => index.delete(namespace, name),
-                    watcher::Event::InitApply(_) => {
-                        index.relisted(namespace, name, service.as_deref());
-                        None
-                    }
-                    _ => index.apply(namespace, name, service.as_deref()),
-                }
-            };
-            // A slice that moved to another Service changes the endpoints of both.
-            for (namespace, name) in before
-                .into_iter()
-                .chain(service.map(|service| (namespace.to_string(), service)))
-            {
-                ctx.service_queue.push(ServiceKey { namespace, name });
-            }
-        }));
-    }
-    {
-        let ctx = Arc::clone(&ctx);
-        let stream = reflector::reflector(
-            nodes_writer,
-            watcher(Api::<Node>::all(client.clone()), config.clone()),
-        );
-        tasks.spawn(drive("nodes", stream, move |event| match event {
-            watcher::Event::Apply(n) | watcher::Event::InitApply(n) | watcher::Event::Delete(n) => {
-                if let Some(name) = n.metadata.name {
-                    ctx.node_queue.push(name);
-                }
-            }
-            watcher::Event::InitDone => {
-                if ctx.started.load(Ordering::SeqCst) {
-                    ctx.node_sync_wanted.notify_one();
-                }
-            }
-            watcher::Event::Init => {}
-        }));
-    }
-    {
-        let ctx = Arc::clone(&ctx);
-        let stream = reflector::reflector(
-            namespaces_writer,
-            watcher(Api::<Namespace>::all(client), config),
-        );
-        tasks.spawn(drive("namespaces", stream, move |event| {
-            // Namespace labels can make a pending Service servable.
-            if let watcher::Event::Apply(ns) = event
-                && let Some(name) = ns.metadata.name
-            {
-                for svc in ctx.services.state() {
-                    if svc.metadata.namespace.as_deref() == Some(name.as_str())
-                        && let Some(key) = ServiceKey::of(&svc)
-                    {
-                        ctx.service_queue.push(key);
-                    }
-                }
-            }
-        }));
-    }
+    tasks.spawn(services_controller);
+    tasks.spawn(nodes_controller);
 
     tokio::select! {
         () = cancel.cancelled() => return Ok(()),
@@ -367,12 +360,7 @@ pub async fn run(
         () = cancel.cancelled() => return Ok(()),
         () = start_up(&ctx) => {}
     }
-    ctx.settings.readiness.set_ready();
 
-    for _ in 0..ctx.settings.workers.max(1) {
-        tasks.spawn(service_worker(Arc::clone(&ctx)));
-    }
-    tasks.spawn(node_worker(Arc::clone(&ctx)));
     tasks.spawn(gc_loop(Arc::clone(&ctx)));
     tasks.spawn(node_sync_loop(Arc::clone(&ctx)));
     tasks.spawn(resync_loop(Arc::clone(&ctx)));
@@ -382,34 +370,160 @@ pub async fn run(
     Ok(())
 }
 
-/// Feeds a watch stream into its cache and hands each event to `on_event`; the stream
-/// re-lists and re-watches on its own (410 Gone included), with backoff.
-async fn drive<K, S>(
-    what: &'static str,
-    stream: S,
-    mut on_event: impl FnMut(watcher::Event<K>) + Send,
-) where
-    K: Debug + Send,
-    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send,
+/// A watch of `api` into its cache (`writer`), re-listing and re-watching on its own (410
+/// Gone included) with backoff. Each event is shown to `on_event` once the cache holds it;
+/// a failure is logged and shown on the readiness, and not passed on, so one failing
+/// watch never holds up the controller's other triggers.
+fn watched<K>(
+    resource: &'static str,
+    ctx: &Arc<Ctx>,
+    writer: reflector::store::Writer<K>,
+    api: Api<K>,
+    mut on_event: impl FnMut(&Ctx, &watcher::Event<K>) + Send + 'static,
+) -> impl Stream<Item = Result<K, watcher::Error>> + Send + 'static
+where
+    K: kube::Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + Hash + Clone,
 {
-    let mut stream = std::pin::pin!(stream.default_backoff());
-    while let Some(event) = stream.next().await {
-        match event {
-            Ok(event) => on_event(event),
-            Err(e) => warn!(resource = what, error = %e, "watch failed; retrying"),
+    let ctx = Arc::clone(ctx);
+    watcher(api, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .inspect(move |event| match event {
+            Ok(event) => {
+                match event {
+                    // Announces a (re-)list before it is asked for: no sign it works.
+                    watcher::Event::Init => {}
+                    watcher::Event::InitDone => {
+                        ctx.listed.send_modify(|listed| {
+                            listed.insert(resource);
+                        });
+                        ctx.watch_works(resource);
+                    }
+                    _ => ctx.watch_works(resource),
+                }
+                on_event(&ctx, event);
+            }
+            Err(e) => ctx.watch_failed(resource, e),
+        })
+        .filter(|event| future::ready(event.is_ok()))
+        .touched_objects()
+}
+
+/// The RBAC verb a failed watch step needed.
+fn refused_verb(error: &watcher::Error) -> Option<&'static str> {
+    let (verb, source) = match error {
+        watcher::Error::InitialListFailed(e) => ("list", e),
+        watcher::Error::WatchStartFailed(e) | watcher::Error::WatchFailed(e) => ("watch", e),
+        watcher::Error::WatchError(status) => {
+            return status.is_forbidden().then_some("watch");
         }
+        watcher::Error::NoResourceVersion => return None,
+    };
+    match source {
+        kube::Error::Api(status) if status.is_forbidden() => Some(verb),
+        _ => None,
     }
 }
 
+fn log_controller<K, E1, E2>(
+    kind: &str,
+    result: Result<(ObjectRef<K>, Action), controller::Error<E1, E2>>,
+) where
+    K: kube::Resource,
+    E1: std::error::Error,
+    E2: std::error::Error,
+{
+    match result {
+        Ok(_) => {}
+        // A deleted object: nothing to reconcile (garbage collection and the node sync
+        // handle what it leaves behind).
+        Err(controller::Error::ObjectNotFound(obj)) => debug!(kind, object = %obj, "gone"),
+        // Logged by the error policy.
+        Err(controller::Error::ReconcilerFailed(..)) => {}
+        Err(e) => warn!(kind, error = %e, "controller"),
+    }
+}
+
+async fn reconcile_service(svc: Arc<Service>, ctx: Arc<Ctx>) -> Result<Action> {
+    let Some(key) = ServiceKey::of(&svc) else {
+        return Ok(Action::await_change());
+    };
+    ctx.services_in_flight.fetch_add(1, Ordering::SeqCst);
+    let _in_flight = InFlight(&ctx.services_in_flight);
+    // Nothing is allocated before every address already in Service status is claimed.
+    ctx.wait_started().await;
+    ctx.handle(&key, Phase::Normal).await?;
+    // Every Service is handled again this often, repairing anything a lost event or a
+    // failed write left behind (and retrying Services that failed for lack of addresses).
+    Ok(Action::requeue(ctx.settings.resync))
+}
+
+/// A failed Service is retried with backoff, per Service (the controller keeps one
+/// requeue per object, so a retry replaces the resync).
+fn service_error_policy(svc: Arc<Service>, error: &Error, ctx: Arc<Ctx>) -> Action {
+    let Some(key) = ServiceKey::of(&svc) else {
+        return Action::await_change();
+    };
+    let attempt = {
+        let mut failures = lock(&ctx.failures);
+        let n = failures.entry(key.clone()).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    };
+    let delay = retry_delay(attempt);
+    warn!(
+        k8s.namespace.name = %key.namespace,
+        k8s.service.name = %key.name,
+        error = %error,
+        retry_in = ?delay,
+        "handling the Service failed"
+    );
+    Action::requeue(delay)
+}
+
+async fn reconcile_node(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action> {
+    let Some(name) = node.metadata.name.clone() else {
+        return Ok(Action::await_change());
+    };
+    ctx.nodes_in_flight.fetch_add(1, Ordering::SeqCst);
+    let _in_flight = InFlight(&ctx.nodes_in_flight);
+    let span = info_span!("node", herald.node = %name);
+    ctx.reconcile_node(&name).instrument(span).await?;
+    lock(&ctx.node_failures).remove(&name);
+    Ok(Action::requeue(ctx.settings.resync))
+}
+
+fn node_error_policy(node: Arc<Node>, error: &Error, ctx: Arc<Ctx>) -> Action {
+    let name = node.metadata.name.clone().unwrap_or_default();
+    let attempt = {
+        let mut failures = lock(&ctx.node_failures);
+        let n = failures.entry(name.clone()).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    };
+    let delay = retry_delay(attempt);
+    warn!(herald.node = %name, error = %error, retry_in = ?delay, "node update failed");
+    Action::requeue(delay)
+}
+
+/// Counts a reconcile in flight until dropped (also when its future is cancelled).
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Until the four caches hold their first list.
 async fn wait_until_ready(ctx: &Ctx) -> Result<()> {
-    let ready = futures::future::try_join4(
-        ctx.services.wait_until_ready(),
-        ctx.slices.wait_until_ready(),
-        ctx.nodes.wait_until_ready(),
-        ctx.namespaces.wait_until_ready(),
-    )
-    .await;
-    ready.map(|_| ()).map_err(|_| Error::CachesStopped)
+    let mut listed = ctx.listed.subscribe();
+    listed
+        .wait_for(|listed| listed.len() == WATCHED.len())
+        .await
+        .map(|_| ())
+        .map_err(|_| Error::CachesStopped)
 }
 
 /// Applies the custom resources' pools and BGP policy, until the IPAM service answers.
@@ -430,10 +544,9 @@ async fn resources_start_up(ctx: &Arc<Ctx>) {
 
 /// The start-up barrier: every address already in a Service's status is claimed before
 /// any new one is handed out, so an existing Service never changes address and a pending
-/// one can never take it. Retries until the IPAM service answers.
+/// one can never take it. Retries until the IPAM service answers. The Service controller
+/// has queued every Service meanwhile; its reconciles wait for this.
 async fn start_up(ctx: &Arc<Ctx>) {
-    // Everything queued so far is in the caches, and this pass handles it all.
-    ctx.service_queue.clear();
     let mut attempt = 0;
     loop {
         match start_up_once(ctx).await {
@@ -446,7 +559,8 @@ async fn start_up(ctx: &Arc<Ctx>) {
             }
         }
     }
-    ctx.started.store(true, Ordering::SeqCst);
+    ctx.started.send_replace(true);
+    ctx.update_readiness();
     info!("start-up done; handling changes");
 }
 
@@ -501,7 +615,7 @@ async fn start_up_once(ctx: &Arc<Ctx>) -> Result<()> {
         .reconcile_all(keys.into_iter().collect(), Phase::Normal)
         .await
     {
-        // Retried by the workers like any other failure.
+        // The controller handles every Service again once the barrier lifts.
         warn!(error = %e, "a Service could not be handled at start; it will be retried");
     }
 
@@ -515,26 +629,6 @@ fn retry_delay(attempt: u32) -> Duration {
     MIN_RETRY
         .saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1).min(16)))
         .min(MAX_RETRY)
-}
-
-async fn service_worker(ctx: Arc<Ctx>) {
-    loop {
-        let key = ctx.service_queue.pop().await;
-        ctx.handle(&key, Phase::Normal).await.ok();
-        ctx.service_queue.done(&key);
-    }
-}
-
-async fn node_worker(ctx: Arc<Ctx>) {
-    loop {
-        let name = ctx.node_queue.pop().await;
-        let span = info_span!("node", herald.node = %name);
-        if let Err(e) = ctx.reconcile_node(&name).instrument(span.clone()).await {
-            span.in_scope(|| warn!(error = %e, "node update failed; retrying"));
-            ctx.node_queue.push_after(name.clone(), MAX_RETRY / 5);
-        }
-        ctx.node_queue.done(&name);
-    }
 }
 
 async fn gc_loop(ctx: Arc<Ctx>) {
@@ -625,18 +719,13 @@ async fn pending_loop(ctx: Arc<Ctx>) {
     }
 }
 
-/// Every so often every Service is handled again, which repairs anything a lost event or
-/// a failed write left behind (and retries Services that failed for lack of addresses).
+/// Every so often the garbage collection and the node sync run again, repairing anything
+/// a lost event left behind. (Each Service and Node is requeued by its own controller.)
 async fn resync_loop(ctx: Arc<Ctx>) {
     let mut tick = tokio::time::interval(ctx.settings.resync);
     tick.tick().await;
     loop {
         tick.tick().await;
-        for svc in ctx.services.state() {
-            if let Some(key) = ServiceKey::of(&svc) {
-                ctx.service_queue.push(key);
-            }
-        }
         ctx.gc_wanted.notify_one();
         ctx.node_sync_wanted.notify_one();
     }
@@ -656,7 +745,7 @@ impl Ctx {
             .await
     }
 
-    /// Handles one Service in its span; a failure is logged and the key retried later.
+    /// Handles one Service in its span; the controller's error policy retries a failure.
     async fn handle(self: &Arc<Self>, key: &ServiceKey, phase: Phase) -> Result<()> {
         let span = info_span!(
             "reconcile",
@@ -667,23 +756,8 @@ impl Ctx {
         let started = std::time::Instant::now();
         let result = self.reconcile(key, phase).instrument(span.clone()).await;
         crate::metrics::observe_reconcile(result.is_ok(), started.elapsed().as_secs_f64());
-        match &result {
-            Ok(()) => {
-                lock(&self.failures).remove(key);
-            }
-            Err(e) => {
-                let attempt = {
-                    let mut failures = lock(&self.failures);
-                    let n = failures.entry(key.clone()).or_insert(0);
-                    *n += 1;
-                    *n
-                };
-                let delay = retry_delay(attempt);
-                span.in_scope(
-                    || warn!(error = %e, retry_in = ?delay, "handling the Service failed"),
-                );
-                self.service_queue.push_after(key.clone(), delay);
-            }
+        if result.is_ok() {
+            lock(&self.failures).remove(key);
         }
         result
     }
@@ -1102,7 +1176,8 @@ impl Ctx {
         Ok(())
     }
 
-    /// Queues every Node, and every node the IPAM service knows that Kubernetes does not.
+    /// Deletes every node the IPAM service knows that Kubernetes does not (a deleted Node
+    /// leaves nothing for its controller to reconcile).
     async fn sync_nodes(&self) -> Result<()> {
         let known = self
             .routing
@@ -1113,11 +1188,9 @@ impl Ctx {
             .into_inner()
             .nodes;
         for node in known {
-            self.node_queue.push(node.name);
-        }
-        for node in self.nodes.state() {
-            if let Some(name) = &node.metadata.name {
-                self.node_queue.push(name.clone());
+            if self.nodes.get(&ObjectRef::new(&node.name)).is_none() {
+                let span = info_span!("node", herald.node = %node.name);
+                self.reconcile_node(&node.name).instrument(span).await?;
             }
         }
         Ok(())
@@ -1204,16 +1277,160 @@ impl Ctx {
 
     /// Addresses were freed: Services still waiting for one try again.
     fn requeue_pending(&self) {
-        if !self.started.load(Ordering::SeqCst) {
+        if !self.is_started() {
             return;
         }
         for svc in self.services.state() {
-            if self.settings.classes.serves(&svc)
-                && status_ips(&svc).is_empty()
-                && let Some(key) = ServiceKey::of(&svc)
-            {
-                self.service_queue.push(key);
+            if self.settings.classes.serves(&svc) && status_ips(&svc).is_empty() {
+                // The receiver lives as long as the controller; after it, nothing waits.
+                let _ = self.requeue.send(ObjectRef::from_obj(svc.as_ref()));
             }
         }
+    }
+
+    fn is_started(&self) -> bool {
+        *self.started.borrow()
+    }
+
+    async fn wait_started(&self) {
+        let mut started = self.started.subscribe();
+        // The sender lives in `self`, so the wait ends only when the barrier lifts.
+        let _ = started.wait_for(|started| *started).await;
+    }
+
+    /// Follows the EndpointSlice watch into the index of slices by Service; a slice that
+    /// moved to another Service changes the endpoints of the one it left too.
+    fn index_slice(&self, event: &watcher::Event<EndpointSlice>) {
+        let slice = match event {
+            watcher::Event::Init => return lock(&self.slice_index).relist_started(),
+            watcher::Event::InitDone => return lock(&self.slice_index).relist_done(),
+            watcher::Event::Apply(s) | watcher::Event::InitApply(s) | watcher::Event::Delete(s) => {
+                s
+            }
+        };
+        let (Some(namespace), Some(name)) = (
+            slice.metadata.namespace.as_deref(),
+            slice.metadata.name.as_deref(),
+        ) else {
+            return;
+        };
+        let service = mapping::slice_service(slice).map(|(_, service)| service);
+        let before = {
+            let mut index = lock(&self.slice_index);
+            match event {
+                watcher::Event::Delete(_) => index.delete(namespace, name),
+                watcher::Event::InitApply(_) => {
+                    index.relisted(namespace, name, service.as_deref());
+                    None
+                }
+                _ => index.apply(namespace, name, service.as_deref()),
+            }
+        };
+        // The Service it belongs to now is triggered by the controller's mapping.
+        if let Some((namespace, old)) = before
+            && service.as_deref() != Some(old.as_str())
+        {
+            let _ = self.requeue.send(ObjectRef::new(&old).within(&namespace));
+        }
+    }
+
+    fn watch_works(&self, resource: &'static str) {
+        let recovered = lock(&self.forbidden).remove(resource);
+        if let Some(verb) = recovered {
+            info!(resource, verb, "the API server allows the watch again");
+            self.update_readiness();
+        }
+    }
+
+    /// A refused permission is logged once, when it starts, and keeps the watcher not
+    /// ready; anything else is logged on each failure (the watch retries with backoff).
+    fn watch_failed(&self, resource: &'static str, e: &watcher::Error) {
+        let Some(verb) = refused_verb(e) else {
+            warn!(resource, error = %e, "watch failed; retrying");
+            return;
+        };
+        let first = lock(&self.forbidden).insert(resource, verb) != Some(verb);
+        if first {
+            error!(
+                resource,
+                verb,
+                error = %e,
+                "forbidden: the watcher's RBAC role must allow {verb} on {resource}; \
+                 not ready until it does (retrying with backoff)"
+            );
+            self.update_readiness();
+        }
+    }
+
+    /// Not ready while a watch is refused or the start-up barrier holds.
+    fn update_readiness(&self) {
+        let readiness = &self.settings.readiness;
+        let forbidden = lock(&self.forbidden);
+        if !forbidden.is_empty() {
+            let refused: Vec<String> = forbidden
+                .iter()
+                .map(|(resource, verb)| format!("{verb} {resource}"))
+                .collect();
+            readiness.set_not_ready(format!(
+                "forbidden by the API server (RBAC): {}",
+                refused.join(", ")
+            ));
+        } else if self.is_started() {
+            readiness.set_ready();
+        } else {
+            readiness.set_not_ready("leading: caches not synced yet");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::core::Status;
+
+    use super::*;
+
+    fn api(code: u16, reason: &str) -> kube::Error {
+        kube::Error::Api(Box::new(Status::failure("refused", reason).with_code(code)))
+    }
+
+    #[test]
+    fn a_refused_permission_names_the_verb_and_nothing_else_does() {
+        let forbidden = || api(403, "Forbidden");
+        assert_eq!(
+            refused_verb(&watcher::Error::InitialListFailed(forbidden())),
+            Some("list")
+        );
+        assert_eq!(
+            refused_verb(&watcher::Error::WatchStartFailed(forbidden())),
+            Some("watch")
+        );
+        assert_eq!(
+            refused_verb(&watcher::Error::WatchError(Box::new(
+                Status::failure("refused", "Forbidden").with_code(403)
+            ))),
+            Some("watch")
+        );
+        // 410 Gone, a server error or a lost connection are retried without a refusal.
+        assert_eq!(
+            refused_verb(&watcher::Error::WatchError(Box::new(
+                Status::failure("too old", "Expired").with_code(410)
+            ))),
+            None
+        );
+        assert_eq!(
+            refused_verb(&watcher::Error::InitialListFailed(api(
+                500,
+                "InternalError"
+            ))),
+            None
+        );
+        assert_eq!(refused_verb(&watcher::Error::NoResourceVersion), None);
+    }
+
+    #[test]
+    fn retries_back_off_to_a_ceiling() {
+        assert_eq!(retry_delay(1), MIN_RETRY);
+        assert_eq!(retry_delay(2), MIN_RETRY * 2);
+        assert_eq!(retry_delay(40), MAX_RETRY);
     }
 }

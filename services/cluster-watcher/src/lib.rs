@@ -12,7 +12,6 @@ pub mod crd;
 pub mod mapping;
 mod metrics;
 pub mod policy;
-mod queue;
 pub mod resources;
 mod slice_index;
 

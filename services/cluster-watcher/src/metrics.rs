@@ -1,6 +1,6 @@
 //! herald-cluster-watcher's metrics. Reconciles, the leader flag and IPAM errors are
-//! counted where they happen; the pending Services and the queue depths are read from
-//! the leader's caches and queues at scrape time ([`crate::controller::scrape`]).
+//! counted where they happen; the pending Services and the reconciles in flight are read
+//! from the leader's caches and controllers at scrape time ([`crate::controller::scrape`]).
 
 use std::sync::LazyLock;
 
@@ -115,11 +115,11 @@ struct ReasonLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct QueueLabel {
-    queue: &'static str,
+struct ControllerLabel {
+    controller: &'static str,
 }
 
-/// The pending Services and queue depths of the running leader; a standby (or a leader
+/// The pending Services and reconciles in flight of the running leader; a standby (or a leader
 /// whose caches are not synced yet) reports zeros, since it has nothing waiting.
 #[derive(Debug)]
 struct LeaderCollector;
@@ -145,16 +145,17 @@ impl Collector for LeaderCollector {
             ConstGauge::new(n as i64).encode(metric.encode_family(&ReasonLabel { reason })?)?;
         }
         let mut metric = encoder.encode_descriptor(
-            "herald_watcher_queue_depth",
-            "Keys waiting in the work queues (services, nodes)",
+            "herald_watcher_reconciles_in_flight",
+            "Reconciles running now, by controller (services, nodes)",
             None,
             MetricType::Gauge,
         )?;
-        for (queue, n) in [
-            ("services", scrape.services_queue),
-            ("nodes", scrape.nodes_queue),
+        for (controller, n) in [
+            ("services", scrape.services_in_flight),
+            ("nodes", scrape.nodes_in_flight),
         ] {
-            ConstGauge::new(n as i64).encode(metric.encode_family(&QueueLabel { queue })?)?;
+            ConstGauge::new(n as i64)
+                .encode(metric.encode_family(&ControllerLabel { controller })?)?;
         }
         Ok(())
     }

@@ -12,6 +12,7 @@ use herald_api::ipam::v1 as pb;
 use herald_api::routing::v1 as routing;
 use herald_api::routing::v1::routing_client::RoutingClient;
 use herald_fake_kube::{ENDPOINT_SLICES, LEASES, NODES, SERVICES, Verb};
+use herald_test_support::free_port;
 use serde_json::json;
 
 const LAB_POOL: &[&str] = &["172.16.0.240/28"];
@@ -736,4 +737,80 @@ async fn a_local_service_is_announced_by_the_nodes_its_endpoint_slices_name() {
         )
         .unwrap();
     wait_announcing(&mut routing, prefix, &["worker-1"]).await;
+}
+
+/// A missing RBAC permission on one watched resource (list EndpointSlices) shows as a
+/// failing /readyz naming the resource and verb, and as one log line however often the
+/// list is retried; nothing is allocated meanwhile. Once granted, the watcher carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forbidden_watch_fails_readiness_and_is_logged_once() {
+    const REFUSAL: &str = "forbidden: the watcher's RBAC role must allow list on endpointslices";
+    let lab = Lab::start(&[("lab", LAB_POOL)]).await;
+    lab.fake.deny(Verb::List, ENDPOINT_SLICES);
+    lab.fake.create(SERVICES, ours("default", "web")).unwrap();
+    let log_dir = tempfile::tempdir().unwrap();
+    let log_path = log_dir.path().join("watcher.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let _w = Watcher::start_with(
+        &lab.fake,
+        &lab.ipam.endpoint(),
+        "w1",
+        &["--admin-listen", &admin.to_string()],
+        |command| {
+            command
+                .env("NO_COLOR", "1")
+                .stdout(log.try_clone().unwrap())
+                .stderr(log);
+        },
+    );
+
+    let deadline = Instant::now() + WAIT;
+    let body = loop {
+        match http_get(admin, "/readyz").await {
+            Ok((503, body)) if body.contains("list endpointslices") => break body,
+            last => assert!(
+                Instant::now() < deadline,
+                "/readyz never named the refused list within {WAIT:?}: {last:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(body.contains("forbidden"), "{body}");
+
+    // Retried with backoff, not given up: several refused lists, one log line.
+    let retried = lab
+        .fake
+        .wait_for(WAIT, |f| {
+            let refused = f
+                .requests()
+                .iter()
+                .filter(|r| {
+                    r.verb == Verb::List && r.resource == "endpointslices" && r.status == 403
+                })
+                .count();
+            (refused >= 3).then_some(refused)
+        })
+        .await;
+    assert!(retried.is_some(), "the refused list was not retried");
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains(REFUSAL)).collect();
+    assert_eq!(lines.len(), 1, "one refusal line expected in:\n{text}");
+    assert!(lines[0].contains("ERROR"), "{}", lines[0]);
+    // The start-up barrier holds: nothing is allocated without the full picture.
+    assert!(lab.ipam.allocations().await.is_empty());
+
+    lab.fake.allow(Verb::List, ENDPOINT_SLICES);
+    wait_ingress(&lab.fake, "default", "web").await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Ok((200, _)) = http_get(admin, "/readyz").await {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not ready within {WAIT:?} of the grant"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

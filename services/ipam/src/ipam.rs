@@ -48,8 +48,8 @@ pub struct Ipam {
 }
 
 impl Ipam {
-    /// Loads every pool and claim into memory. With 100k allocations this is one query and
-    /// a few hundred milliseconds, which bounds the time to SERVING after a restart.
+    /// Loads every pool and claim into memory. With 100k allocations this is one streamed
+    /// query, which bounds the time to SERVING after a restart.
     pub async fn open(store: Store) -> Result<Arc<Self>, IpamError> {
         // Taken before the state is loaded, and once no transaction that could still add a
         // change below it is running: the feed follows from here and misses nothing.
@@ -567,8 +567,13 @@ async fn load_index(store: &Store) -> Result<PoolIndex, IpamError> {
         .into_iter()
         .map(|p| (p.spec, p.generation))
         .collect();
-    let claims = store.load_claims(None).await?;
-    let mut index = PoolIndex::load(pools, claims);
+    let mut index = PoolIndex::with_pools(pools);
+    // Sized once up front: growing the maps while loading would hold the old and the new
+    // tables at once, and the allocator keeps that peak after the load.
+    index.reserve(usize::try_from(store.claim_count().await?).unwrap_or(0));
+    store
+        .each_claim(|claim| index.observe_assigned(claim))
+        .await?;
     // Quarantines outlive restarts: the change log knows what was released recently.
     let longest = index.longest_quarantine();
     if longest > 0 {

@@ -154,6 +154,18 @@ pub struct Watcher {
 
 impl Watcher {
     pub fn start(fake: &FakeKube, ipam_endpoint: &str, identity: &str, extra: &[&str]) -> Self {
+        Self::start_with(fake, ipam_endpoint, identity, extra, |_| {})
+    }
+
+    /// As [`Self::start`], with `configure` applied to the command before it is spawned
+    /// (e.g. to send its log to a file).
+    pub fn start_with(
+        fake: &FakeKube,
+        ipam_endpoint: &str,
+        identity: &str,
+        extra: &[&str],
+        configure: impl FnOnce(&mut Command),
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let kubeconfig = dir.path().join("kubeconfig");
         fake.write_kubeconfig(&kubeconfig, "herald-system").unwrap();
@@ -176,12 +188,39 @@ impl Watcher {
                 "RUST_LOG",
                 std::env::var("WATCHER_LOG").unwrap_or_else(|_| "info,kube=warn".into()),
             );
+        configure(&mut command);
         Self {
             process: ChildProcess::spawn(&format!("herald-cluster-watcher {identity}"), command),
             identity: identity.to_string(),
             _dir: dir,
         }
     }
+}
+
+/// One plain HTTP/1.0 GET on loopback: the status code and the body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream =
+        tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+            .await
+            .map_err(|_| std::io::Error::other("connect timed out"))??;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = String::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response))
+        .await
+        .map_err(|_| std::io::Error::other("read timed out"))??;
+    let code = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no status line in {response:?}")))?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default();
+    Ok((code, body))
 }
 
 /// Everything a scenario needs, started in order.
