@@ -126,3 +126,8 @@ fn machine_ticks() -> Option<(u64, u64)> {
     let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
     Some((total - idle, total))
 }
+
+/// User + system CPU seconds `pid` has used so far.
+pub fn process_seconds(pid: u32) -> Option<f64> {
+    process_ticks(pid).map(|(_, ticks)| ticks as f64 / USER_HZ)
+}

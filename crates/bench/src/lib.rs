@@ -15,6 +15,7 @@ pub mod pipeline;
 pub mod replicas;
 pub mod report;
 pub mod runner;
+pub mod scale;
 pub mod speakers;
 pub mod stats;
 pub mod trace;

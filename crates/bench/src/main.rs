@@ -126,6 +126,37 @@ enum Bench {
     /// Diagnostic: raw INSERT vs the same INSERT behind a minimal gRPC server vs gRPC
     /// health check vs dry-run Allocate vs Allocate, with the CPU each costs per operation.
     Floor(AllocArgs),
+    /// The route engine at cluster scale: N nodes, M Services, a churn of single changes;
+    /// the incremental engine against `route_engine = "full"` in the same run.
+    Scale(ScaleCliArgs),
+}
+
+#[derive(Debug, Args)]
+struct ScaleCliArgs {
+    /// Nodes, all peering.
+    #[arg(long, default_value_t = 100)]
+    nodes: usize,
+    /// Services, half Local with endpoints on 3 nodes each.
+    #[arg(long, default_value_t = 1000)]
+    services: usize,
+    /// WatchNodeRoutes streams kept open (on the first nodes).
+    #[arg(long, default_value_t = 100)]
+    subscribers: usize,
+    /// Changes applied one at a time with the incremental engine.
+    #[arg(long, default_value_t = 220)]
+    changes: usize,
+    /// Changes for the full engine, which takes seconds per change at the large sizes.
+    #[arg(long, default_value_t = 220)]
+    full_changes: usize,
+    /// Weight of moves of a Local Service's endpoints in the change mix.
+    #[arg(long, default_value_t = 50)]
+    endpoint_moves: u32,
+    /// Weight of a Cluster Service allocated or released.
+    #[arg(long, default_value_t = 25)]
+    cluster_changes: u32,
+    /// Weight of a node turning not Ready or Ready again.
+    #[arg(long, default_value_t = 25)]
+    node_changes: u32,
 }
 
 #[derive(Debug, Args)]
@@ -369,6 +400,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 )?;
             }
         }
+        Bench::Scale(a) => put(
+            "scale",
+            json(
+                herald_bench::scale::scale(
+                    &common,
+                    &herald_bench::scale::ScaleArgs {
+                        nodes: a.nodes,
+                        services: a.services,
+                        subscribers: a.subscribers,
+                        changes: a.changes,
+                        full_changes: a.full_changes,
+                        endpoint_moves: a.endpoint_moves,
+                        cluster_changes: a.cluster_changes,
+                        node_changes: a.node_changes,
+                    },
+                )
+                .await,
+            ),
+        )?,
         Bench::Trace(a) => put(
             "trace",
             json(

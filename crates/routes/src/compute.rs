@@ -7,7 +7,7 @@ use std::fmt;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::net::{IpAddr, Ipv4Addr};
 
-use herald_model::{IpFamily, PoolName, PoolSpec, TrafficPolicy};
+use herald_model::{AssignedIp, IpFamily, PoolName, PoolSpec, TrafficPolicy};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
@@ -86,8 +86,13 @@ pub struct NodeRoutes {
     /// Sorted by name.
     pub peers: Vec<PeerSession>,
     /// One entry per session in `peers`, possibly empty (hold the session, announce nothing).
-    pub routes: BTreeMap<PeerName, BTreeMap<IpNet, RouteAttrs>>,
+    pub routes: BTreeMap<PeerName, PeerRoutes>,
 }
+
+/// One session's routes. A persistent map: a copy shares its structure with the original,
+/// so keeping the last published set and patching it costs the change, not the set, and
+/// comparing two versions ([`imbl::OrdMap::diff`]) skips what they share.
+pub type PeerRoutes = imbl::OrdMap<IpNet, RouteAttrs>;
 
 impl NodeRoutes {
     pub fn is_empty(&self) -> bool {
@@ -192,10 +197,11 @@ pub fn plan(
     pools: &[PoolSpec],
 ) -> Plan {
     let ctx = Ctx::new(policy, pools);
+    let services: Vec<&ServiceFacts> = services.iter().collect();
     let mut out = Plan::default();
     let mut node_problems = BTreeMap::new();
     for node in nodes {
-        let (routes, found) = ctx.node(node, services);
+        let (routes, found) = ctx.node(node, &services);
         node_problems.insert(node.name.clone(), found);
         out.nodes.insert(node.name.clone(), routes);
         out.eligibility
@@ -205,10 +211,22 @@ pub fn plan(
     // A Service that could be served but is announced nowhere is the classic Local +
     // selective peering trap (endpoints only on nodes that do not peer): say so.
     let announced: BTreeSet<IpNet> = out.nodes.values().flat_map(|n| n.prefixes()).collect();
-    for svc in services.iter().filter(|s| s.has_ready_endpoints()) {
+    problems.extend(not_announced(services.iter().copied(), &announced));
+    out.problems = problems.into_iter().collect();
+    out
+}
+
+/// [`Problem::NotAnnounced`] for every address of a Service with ready endpoints that no
+/// prefix in `announced` covers.
+pub(crate) fn not_announced<'s>(
+    services: impl Iterator<Item = &'s ServiceFacts>,
+    announced: &BTreeSet<IpNet>,
+) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    for svc in services.filter(|s| s.has_ready_endpoints()) {
         for assigned in &svc.ips {
-            if !is_covered(&announced, assigned.ip) {
-                problems.insert(Problem::NotAnnounced {
+            if !is_covered(announced, assigned.ip) {
+                problems.push(Problem::NotAnnounced {
                     service: svc.owner.uid.clone(),
                     ip: assigned.ip,
                     pool: assigned.pool.clone(),
@@ -216,8 +234,7 @@ pub fn plan(
             }
         }
     }
-    out.problems = problems.into_iter().collect();
-    out
+    problems
 }
 
 /// One node's routes and problems, equal to its entry in [`plan`], for recomputing only the
@@ -229,7 +246,8 @@ pub fn compute_node(
     policy: &BgpPolicy,
     pools: &[PoolSpec],
 ) -> (NodeRoutes, Vec<Problem>) {
-    Ctx::new(policy, pools).node(node, services)
+    let services: Vec<&ServiceFacts> = services.iter().collect();
+    Ctx::new(policy, pools).node(node, &services)
 }
 
 fn is_covered(announced: &BTreeSet<IpNet>, ip: IpAddr) -> bool {
@@ -243,12 +261,12 @@ fn is_covered(announced: &BTreeSet<IpNet>, ip: IpAddr) -> bool {
 
 /// A set of rule indices, as a bitmap: [`crate::policy::MAX_RULES`] bits, no allocation.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
-struct RuleSet([u64; RULE_WORDS]);
+pub(crate) struct RuleSet([u64; RULE_WORDS]);
 
 const RULE_WORDS: usize = MAX_RULES.div_ceil(64);
 
 impl RuleSet {
-    fn insert(&mut self, i: usize) {
+    pub(crate) fn insert(&mut self, i: usize) {
         if let Some(word) = self.0.get_mut(i / 64) {
             *word |= 1 << (i % 64);
         }
@@ -259,14 +277,14 @@ impl RuleSet {
     }
 }
 
-struct Ctx<'a> {
+pub(crate) struct Ctx<'a> {
     policy: &'a BgpPolicy,
     /// Pool-level aggregation lengths, used by rules that set none of their own.
     pool_aggregation: BTreeMap<&'a PoolName, (Option<u8>, Option<u8>)>,
 }
 
 impl<'a> Ctx<'a> {
-    fn new(policy: &'a BgpPolicy, pools: &'a [PoolSpec]) -> Self {
+    pub(crate) fn new(policy: &'a BgpPolicy, pools: &'a [PoolSpec]) -> Self {
         let pool_aggregation = pools
             .iter()
             .map(|p| (&p.name, (p.aggregation_length_v4, p.aggregation_length_v6)))
@@ -277,7 +295,7 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    fn aggregation(
+    pub(crate) fn aggregation(
         &self,
         rule: &AdvertisementRule,
         pool: &PoolName,
@@ -293,7 +311,29 @@ impl<'a> Ctx<'a> {
         })
     }
 
-    fn node(&self, node: &Node, services: &[ServiceFacts]) -> (NodeRoutes, Vec<Problem>) {
+    pub(crate) fn node(
+        &self,
+        node: &Node,
+        services: &[&ServiceFacts],
+    ) -> (NodeRoutes, Vec<Problem>) {
+        let (mut out, mut problems) = self.sessions(node);
+        let eligible = node.eligibility() == Eligibility::Eligible;
+        for session in &out.peers {
+            let routes = if eligible {
+                self.session_routes(node, session, services, &mut problems)
+            } else {
+                // Not Ready or excluded: keep the sessions and announce nothing, so the
+                // speaker withdraws with an UPDATE instead of closing the session (which,
+                // with graceful restart, would leave stale routes at the ToR).
+                PeerRoutes::new()
+            };
+            out.routes.insert(session.name.clone(), routes);
+        }
+        (out, problems)
+    }
+
+    /// The node's sessions (in `peers`, with no routes yet) and why any are missing.
+    pub(crate) fn sessions(&self, node: &Node) -> (NodeRoutes, Vec<Problem>) {
         let mut problems = Vec::new();
         let mut out = NodeRoutes::default();
         let mut peers: Vec<&Peer> = self
@@ -344,18 +384,6 @@ impl<'a> Ctx<'a> {
                 bfd: peer.bfd,
             });
         }
-        let eligible = node.eligibility() == Eligibility::Eligible;
-        for session in &out.peers {
-            let routes = if eligible {
-                self.session_routes(node, session, services, &mut problems)
-            } else {
-                // Not Ready or excluded: keep the sessions and announce nothing, so the
-                // speaker withdraws with an UPDATE instead of closing the session (which,
-                // with graceful restart, would leave stale routes at the ToR).
-                BTreeMap::new()
-            };
-            out.routes.insert(session.name.clone(), routes);
-        }
         (out, problems)
     }
 
@@ -363,84 +391,126 @@ impl<'a> Ctx<'a> {
         &self,
         node: &Node,
         session: &PeerSession,
-        services: &[ServiceFacts],
+        services: &[&ServiceFacts],
         problems: &mut Vec<Problem>,
-    ) -> BTreeMap<IpNet, RouteAttrs> {
-        let rules: Vec<(usize, &AdvertisementRule)> = self
-            .policy
-            .advertisements
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| r.node_selector.matches(&node.labels) && r.selects_peer(&session.name))
-            .collect();
+    ) -> PeerRoutes {
+        let rules = self.session_rules(node, session);
         // Prefix → the rules that put it there; attributes are derived from the rule set,
         // so they do not depend on the order of services.
         let mut wanted: BTreeMap<IpNet, RuleSet> = BTreeMap::new();
         if !rules.is_empty() {
             for svc in services {
-                let endpoints_here = svc.nodes_with_ready_endpoints.contains(&node.name);
                 for assigned in &svc.ips {
-                    let family = IpFamily::of(assigned.ip);
-                    if !session.families.contains(&family) {
+                    self.contributions(node, session, &rules, svc, assigned, &mut |prefix, i| {
+                        wanted.entry(prefix).or_default().insert(i);
+                    });
+                }
+            }
+        }
+        let mut routes = PeerRoutes::new();
+        // Most prefixes share a rule set; derive each set's attributes once.
+        let mut shared: BTreeMap<RuleSet, RouteAttrs> = BTreeMap::new();
+        for (prefix, rule_ids) in wanted {
+            match self.route(node, session, prefix, rule_ids, &mut shared) {
+                Ok(attrs) => {
+                    routes.insert(prefix, attrs);
+                }
+                Err(problem) => problems.push(problem),
+            }
+        }
+        routes
+    }
+
+    /// The advertisement rules (with their policy index) that apply to `session` on `node`.
+    pub(crate) fn session_rules(
+        &self,
+        node: &Node,
+        session: &PeerSession,
+    ) -> Vec<(usize, &'a AdvertisementRule)> {
+        self.policy
+            .advertisements
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.node_selector.matches(&node.labels) && r.selects_peer(&session.name))
+            .collect()
+    }
+
+    /// Calls `add(prefix, rule)` for every prefix that `assigned`, one address of `svc`,
+    /// puts on `session` of the eligible `node`, with each rule (of `rules`, from
+    /// [`Self::session_rules`]) that puts it there.
+    pub(crate) fn contributions(
+        &self,
+        node: &Node,
+        session: &PeerSession,
+        rules: &[(usize, &AdvertisementRule)],
+        svc: &ServiceFacts,
+        assigned: &AssignedIp,
+        add: &mut impl FnMut(IpNet, usize),
+    ) {
+        let family = IpFamily::of(assigned.ip);
+        if !session.families.contains(&family) {
+            return;
+        }
+        let endpoints_here = svc.nodes_with_ready_endpoints.contains(&node.name);
+        let host = IpNet::from(assigned.ip);
+        for (i, rule) in rules.iter().filter(|(_, r)| r.selects_pool(&assigned.pool)) {
+            let aggregation = self.aggregation(rule, &assigned.pool, family);
+            match svc.traffic_policy {
+                // The aggregation guard: a Local Service is announced only as a host
+                // route, and only from nodes with its endpoints, even when the rule asks
+                // for aggregates only. An aggregate means "any eligible node can take this
+                // traffic", which is false for Local.
+                TrafficPolicy::Local => {
+                    if endpoints_here && (rule.host_routes || aggregation.is_some()) {
+                        add(host, *i);
+                    }
+                }
+                TrafficPolicy::Cluster => {
+                    if rule.withdraw_without_endpoints && !svc.has_ready_endpoints() {
                         continue;
                     }
-                    let host = IpNet::from(assigned.ip);
-                    for (i, rule) in rules.iter().filter(|(_, r)| r.selects_pool(&assigned.pool)) {
-                        let aggregation = self.aggregation(rule, &assigned.pool, family);
-                        match svc.traffic_policy {
-                            // The aggregation guard: a Local Service is announced only as a
-                            // host route, and only from nodes with its endpoints, even when
-                            // the rule asks for aggregates only. An aggregate means "any
-                            // eligible node can take this traffic", which is false for Local.
-                            TrafficPolicy::Local => {
-                                if endpoints_here && (rule.host_routes || aggregation.is_some()) {
-                                    wanted.entry(host).or_default().insert(*i);
-                                }
-                            }
-                            TrafficPolicy::Cluster => {
-                                if rule.withdraw_without_endpoints && !svc.has_ready_endpoints() {
-                                    continue;
-                                }
-                                if rule.host_routes {
-                                    wanted.entry(host).or_default().insert(*i);
-                                }
-                                if let Some(len) = aggregation
-                                    && let Ok(net) = IpNet::new(assigned.ip, len)
-                                {
-                                    wanted.entry(net.trunc()).or_default().insert(*i);
-                                }
-                            }
-                        }
+                    if rule.host_routes {
+                        add(host, *i);
+                    }
+                    if let Some(len) = aggregation
+                        && let Ok(net) = IpNet::new(assigned.ip, len)
+                    {
+                        add(net.trunc(), *i);
                     }
                 }
             }
         }
-        let mut routes = BTreeMap::new();
-        // Most prefixes share a rule set; derive each set's attributes once.
-        let mut shared: BTreeMap<RuleSet, RouteAttrs> = BTreeMap::new();
-        for (prefix, rule_ids) in wanted {
-            let family = IpFamily::of(prefix.addr());
-            let next_hop = if family == IpFamily::of(session.source_address) {
-                Some(session.source_address)
-            } else {
-                node.first_address(family)
-            };
-            let Some(next_hop) = next_hop else {
-                problems.push(Problem::NoNextHop {
-                    node: node.name.clone(),
-                    peer: session.name.clone(),
-                    prefix,
-                });
-                continue;
-            };
-            let mut attrs = shared
-                .entry(rule_ids)
-                .or_insert_with(|| self.attrs(rule_ids, session.is_ebgp()))
-                .clone();
-            attrs.next_hop = next_hop;
-            routes.insert(prefix, attrs);
-        }
-        routes
+    }
+
+    /// The attributes of `prefix`, put on `session` by the rules `rule_ids`, or why it
+    /// cannot be announced there. `shared` caches attributes per rule set.
+    pub(crate) fn route(
+        &self,
+        node: &Node,
+        session: &PeerSession,
+        prefix: IpNet,
+        rule_ids: RuleSet,
+        shared: &mut BTreeMap<RuleSet, RouteAttrs>,
+    ) -> Result<RouteAttrs, Problem> {
+        let family = IpFamily::of(prefix.addr());
+        let next_hop = if family == IpFamily::of(session.source_address) {
+            Some(session.source_address)
+        } else {
+            node.first_address(family)
+        };
+        let Some(next_hop) = next_hop else {
+            return Err(Problem::NoNextHop {
+                node: node.name.clone(),
+                peer: session.name.clone(),
+                prefix,
+            });
+        };
+        let mut attrs = shared
+            .entry(rule_ids)
+            .or_insert_with(|| self.attrs(rule_ids, session.is_ebgp()))
+            .clone();
+        attrs.next_hop = next_hop;
+        Ok(attrs)
     }
 
     /// Communities are the union over the contributing rules; LOCAL_PREF and MED come from
@@ -562,7 +632,7 @@ pub fn diff(old: &NodeRoutes, new: &NodeRoutes) -> RoutesDiff {
         .filter(|n| !new_peers.contains_key(*n))
         .map(|n| (*n).to_string())
         .collect();
-    let empty = BTreeMap::new();
+    let empty = PeerRoutes::new();
     let names: BTreeSet<&PeerName> = old.routes.keys().chain(new.routes.keys()).collect();
     for name in names {
         let before = old.routes.get(name).unwrap_or(&empty);

@@ -42,14 +42,16 @@ pub mod community;
 pub mod compute;
 pub mod explain;
 pub mod facts;
+pub mod incremental;
 pub mod policy;
 
 pub use community::{Community, LargeCommunity};
 pub use compute::{
-    NodeRoutes, Origin, PeerRoutesDiff, PeerSession, Plan, Problem, RouteAttrs, RoutesDiff,
-    compute, compute_node, diff, node_digest, plan,
+    NodeRoutes, Origin, PeerRoutes, PeerRoutesDiff, PeerSession, Plan, Problem, RouteAttrs,
+    RoutesDiff, compute, compute_node, diff, node_digest, plan,
 };
 pub use facts::{EXCLUDE_FROM_LB_LABEL, Eligibility, Node, NodeName, ServiceFacts};
+pub use incremental::{NodeResult, RouteState};
 pub use policy::{
     AdvertisementInput, AdvertisementRule, BfdInput, BfdSettings, BgpPolicy, BgpPolicyInput,
     Password, Peer, PeerInput, PeerName, RouterIdRule, SourceAddressRule,

@@ -84,6 +84,40 @@ pub struct IpamEndpointArg {
     pub ipam_endpoint: Option<String>,
 }
 
+/// The mutual-TLS flags of the binaries that call herald-ipam.
+#[derive(Debug, Clone, clap::Args)]
+pub struct IpamTlsArgs {
+    /// This client's certificate chain (PEM); with --tls-key and --tls-ca it calls
+    /// herald-ipam over mutual TLS. Reloaded when the file changes
+    #[arg(long, env = "HERALD_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<String>,
+    /// The private key of --tls-cert (PEM)
+    #[arg(long, env = "HERALD_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<String>,
+    /// The CA bundle (PEM) herald-ipam's certificate must chain to
+    #[arg(long, env = "HERALD_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<String>,
+    /// The name herald-ipam's certificate must carry; by default the host of
+    /// --ipam-endpoint
+    #[arg(long, env = "HERALD_IPAM_SERVER_NAME", value_name = "NAME")]
+    pub ipam_server_name: Option<String>,
+}
+
+/// Mutual TLS needs all three files or none: the key of the first one missing when some
+/// are set.
+pub fn check_tls_trio(set: [(&'static str, bool); 3]) -> Result<(), Invalid> {
+    if set.iter().any(|(_, s)| *s)
+        && let Some((missing, _)) = set.iter().find(|(_, s)| !*s)
+    {
+        let names: Vec<&str> = set.iter().map(|(k, _)| *k).collect();
+        return Err(Invalid {
+            key: missing,
+            reason: format!("mutual TLS needs all three of {}", names.join(", ")),
+        });
+    }
+    Ok(())
+}
+
 /// Why the settings could not be read. Each names what was wrong and where it came from.
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {

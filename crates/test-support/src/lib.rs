@@ -4,6 +4,7 @@
 
 pub mod db;
 pub mod otlp;
+pub mod pki;
 pub mod process;
 pub mod run;
 

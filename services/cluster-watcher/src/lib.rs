@@ -41,6 +41,14 @@ pub const DEFAULT_WORKERS: usize = 32;
 /// Every Service is handled again this often, repairing anything a lost write left behind.
 pub const DEFAULT_RESYNC_SECONDS: u64 = 300;
 /// How long a stopping leader may take to hand its lease back.
+/// Bound on opening TCP (and the TLS handshake) to IPAM.
+const IPAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on one call to IPAM until its answer (or a stream's first headers): calls take
+/// milliseconds, so one that takes this long met a vanished IPAM, and the worker's retry
+/// with backoff has a better chance than waiting on.
+const IPAM_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+const IPAM_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const IPAM_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 const LEASE_RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The watcher's settings, one key each, read by [`herald_settings::load`]: built-in
@@ -50,6 +58,15 @@ const LEASE_RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Config {
     /// The herald-ipam gRPC endpoint (serves herald.ipam.v1.Ipam and herald.routing.v1.Routing).
     pub ipam_endpoint: HttpEndpoint,
+    /// This client's certificate (PEM); with `tls_key` and `tls_ca`, IPAM is called over
+    /// mutual TLS.
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The private key of `tls_cert` (PEM).
+    pub tls_key: Option<std::path::PathBuf>,
+    /// The CA bundle (PEM) IPAM's certificate must chain to.
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// The name IPAM's certificate must carry; by default the endpoint's host.
+    pub ipam_server_name: Option<String>,
     /// Names this cluster in the IPAM service; allocations are garbage-collected per cluster.
     pub cluster_id: String,
     /// The spec.loadBalancerClass served.
@@ -80,6 +97,10 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             ipam_endpoint: HttpEndpoint::default_ipam(),
+            tls_cert: None,
+            tls_key: None,
+            tls_ca: None,
+            ipam_server_name: None,
             cluster_id: DEFAULT_CLUSTER_ID.into(),
             load_balancer_class: DEFAULT_CLASS.into(),
             default_class: false,
@@ -100,8 +121,43 @@ impl Default for Config {
     }
 }
 
+impl Config {
+    /// The IPAM endpoint, over mutual TLS when the three files are set; the certificate
+    /// files are then reloaded when they change.
+    pub fn ipam_client(
+        &self,
+        connect_timeout: std::time::Duration,
+    ) -> Result<herald_tls::ClientEndpoint, herald_tls::TlsError> {
+        let reloading = match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
+            (Some(cert), Some(key), Some(ca)) => {
+                let reloading = herald_tls::Reloading::load(herald_tls::TlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    ca: ca.clone(),
+                })?;
+                // Ends when the last connection's configuration is dropped.
+                let _reload = reloading.watch();
+                Some(reloading)
+            }
+            _ => None,
+        };
+        herald_tls::ClientEndpoint::new(
+            self.ipam_endpoint.as_str(),
+            reloading
+                .as_ref()
+                .map(|r| (r, self.ipam_server_name.clone())),
+            connect_timeout,
+        )
+    }
+}
+
 impl herald_settings::Settings for Config {
     fn validate(&self) -> Result<(), Invalid> {
+        herald_settings::check_tls_trio([
+            ("tls_cert", self.tls_cert.is_some()),
+            ("tls_key", self.tls_key.is_some()),
+            ("tls_ca", self.tls_ca.is_some()),
+        ])?;
         let invalid = |key, reason: &str| {
             Err(Invalid {
                 key,
@@ -151,6 +207,8 @@ impl herald_settings::Settings for Config {
 pub struct Args {
     #[command(flatten)]
     pub ipam_endpoint: IpamEndpointArg,
+    #[command(flatten)]
+    pub ipam_tls: herald_settings::IpamTlsArgs,
     /// Names this cluster in the IPAM service; allocations are garbage-collected per
     /// cluster [default: default]
     #[arg(long, env = "HERALD_CLUSTER_ID", value_name = "ID")]
@@ -233,9 +291,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let client = kube::Client::try_default()
         .await
         .context("configure the Kubernetes client")?;
-    let channel = tonic::transport::Endpoint::from_shared(config.ipam_endpoint.to_string())
+    let channel = config
+        .ipam_client(IPAM_CONNECT_TIMEOUT)
         .with_context(|| format!("ipam_endpoint {:?}", config.ipam_endpoint.as_str()))?
-        .connect_timeout(Duration::from_secs(5))
+        .with(|e| {
+            // No worker hangs on a vanished IPAM: each call has a deadline, and HTTP/2
+            // pings notice a dead connection (host gone, no RST) within seconds.
+            e.timeout(IPAM_REQUEST_TIMEOUT)
+                .http2_keep_alive_interval(IPAM_KEEPALIVE_INTERVAL)
+                .keep_alive_timeout(IPAM_KEEPALIVE_TIMEOUT)
+                .keep_alive_while_idle(true)
+                .tcp_nodelay(true)
+        })
         .connect_lazy();
     let identity = config.identity.clone().unwrap_or_else(default_identity);
     let lease_namespace = config

@@ -1,6 +1,7 @@
 //! `herald-ipam`: the centre of Herald. It owns pools, allocations and their history, and
 //! serves them over gRPC (`herald.ipam.v1.Ipam`) with reflection and health.
 
+mod authz;
 mod changes;
 mod compaction;
 mod convert;
@@ -10,6 +11,7 @@ mod decode_refusal;
 mod error;
 mod feed;
 mod ipam;
+mod limits;
 mod metrics;
 mod page_token;
 mod routing;
@@ -18,6 +20,8 @@ mod supervise;
 mod writer;
 
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -78,11 +82,41 @@ pub struct Config {
     /// deletes them.
     #[serde(with = "herald_settings::duration")]
     pub events_retention: Duration,
+    /// How routes are recomputed on a change: `incremental` (only what the change touches)
+    /// or `full` (every node × every Service, the engine before it; kept as the benchmark's
+    /// comparator).
+    pub route_engine: routing::EngineKind,
     pub log_format: LogFormat,
     /// Address of the admin listener: `/metrics`, `/healthz`, `/readyz`.
     pub admin_listen: SocketAddr,
     /// OTLP/gRPC collector to export spans to; none: no export.
     pub otlp_endpoint: Option<HttpEndpoint>,
+    /// This server's certificate chain (PEM); with `tls_key` and `tls_client_ca` it turns
+    /// on mutual TLS.
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of `tls_cert` (PEM).
+    pub tls_key: Option<PathBuf>,
+    /// The CA bundle (PEM) client certificates must chain to.
+    pub tls_client_ca: Option<PathBuf>,
+    /// The SPIFFE trust domain (or DNS suffix) of the identities in client certificates.
+    pub trust_domain: String,
+    /// Serve plaintext on a non-loopback address (no certificates, no authorization).
+    pub allow_plaintext: bool,
+    /// Longest a call may take before it is cancelled (a client's shorter deadline wins).
+    #[serde(with = "herald_settings::duration")]
+    pub rpc_timeout: Duration,
+    /// Calls in flight across all connections; beyond it calls get RESOURCE_EXHAUSTED.
+    pub max_concurrent_rpcs: usize,
+    /// Open Watch and WatchNodeRoutes streams; beyond it they get RESOURCE_EXHAUSTED.
+    pub max_watch_streams: usize,
+    /// Allocate and AllocateBatch calls a second per mTLS identity.
+    pub allocate_rate: NonZeroU32,
+    /// HTTP/2 PING interval that detects dead clients.
+    #[serde(with = "herald_settings::duration")]
+    pub http2_keepalive_interval: Duration,
+    /// How long a PING may go unanswered before the connection is closed.
+    #[serde(with = "herald_settings::duration")]
+    pub http2_keepalive_timeout: Duration,
 }
 
 impl Default for Config {
@@ -93,12 +127,50 @@ impl Default for Config {
                 .unwrap_or_else(|_| unreachable!("DEFAULT_LISTEN is an address")),
             database_url: None,
             events_retention: compaction::DEFAULT_RETENTION,
+            route_engine: routing::EngineKind::default(),
             log_format: LogFormat::default(),
             admin_listen: herald_telemetry::admin::DEFAULT_IPAM_ADMIN_LISTEN
                 .parse()
                 .unwrap_or_else(|_| unreachable!("the default admin address is an address")),
             otlp_endpoint: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            trust_domain: herald_tls::DEFAULT_TRUST_DOMAIN.into(),
+            allow_plaintext: false,
+            rpc_timeout: DEFAULT_RPC_TIMEOUT,
+            max_concurrent_rpcs: DEFAULT_MAX_CONCURRENT_RPCS,
+            max_watch_streams: DEFAULT_MAX_WATCH_STREAMS,
+            allocate_rate: DEFAULT_ALLOCATE_RATE,
+            http2_keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL,
+            http2_keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
         }
+    }
+}
+
+/// Calls finish in milliseconds; one that takes this long is stuck (on a store that
+/// stopped answering), and its caller's retry has a better chance.
+const DEFAULT_RPC_TIMEOUT: Duration = Duration::from_secs(30);
+/// Far above what one watcher and a few hundred speakers need at once, far below what
+/// exhausts memory or the store's pool queue.
+const DEFAULT_MAX_CONCURRENT_RPCS: usize = 4096;
+/// One per speaker (one per node) and a few for watchers and tools.
+const DEFAULT_MAX_WATCH_STREAMS: usize = 2048;
+/// Well above the watcher's peak (a burst of new Services), well below draining a /16
+/// in a second.
+const DEFAULT_ALLOCATE_RATE: NonZeroU32 = NonZeroU32::new(2000).expect("non-zero");
+/// A dead client (its host gone, no RST) is noticed within interval + timeout.
+const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Config {
+    /// The certificate files, when all three are set.
+    fn tls_files(&self) -> Option<herald_tls::TlsFiles> {
+        Some(herald_tls::TlsFiles {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+            ca: self.tls_client_ca.clone()?,
+        })
     }
 }
 
@@ -115,6 +187,34 @@ impl herald_settings::Settings for Config {
                     feed::POLL_INTERVAL,
                 ),
             });
+        }
+        herald_settings::check_tls_trio([
+            ("tls_cert", self.tls_cert.is_some()),
+            ("tls_key", self.tls_key.is_some()),
+            ("tls_client_ca", self.tls_client_ca.is_some()),
+        ])?;
+        if self.tls_files().is_none() && !self.listen.ip().is_loopback() && !self.allow_plaintext {
+            return Err(Invalid {
+                key: "listen",
+                reason: "a non-loopback address needs mutual TLS (tls_cert, tls_key, tls_client_ca); plaintext there would let anyone who reaches the port rewrite pools and read BGP passwords. Set allow_plaintext = true to accept that".into(),
+            });
+        }
+        if self.trust_domain.is_empty() || self.trust_domain.contains('/') {
+            return Err(Invalid {
+                key: "trust_domain",
+                reason: "a domain name like herald.local".into(),
+            });
+        }
+        for (key, value) in [
+            ("max_concurrent_rpcs", self.max_concurrent_rpcs),
+            ("max_watch_streams", self.max_watch_streams),
+        ] {
+            if value == 0 {
+                return Err(Invalid {
+                    key,
+                    reason: "at least 1".into(),
+                });
+            }
         }
         Ok(())
     }
@@ -147,6 +247,46 @@ pub struct Args {
     /// compaction deletes them (`30s`, `5m`); at least 1s [default: 5m]
     #[arg(long, env = "HERALD_EVENTS_RETENTION", value_name = "DURATION")]
     pub events_retention: Option<String>,
+    /// This server's certificate chain (PEM); with --tls-key and --tls-client-ca it turns on
+    /// mutual TLS. Reloaded when the file changes
+    #[arg(long, env = "HERALD_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<String>,
+    /// The private key of --tls-cert (PEM)
+    #[arg(long, env = "HERALD_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<String>,
+    /// The CA bundle (PEM) client certificates must chain to
+    #[arg(long, env = "HERALD_TLS_CLIENT_CA", value_name = "FILE")]
+    pub tls_client_ca: Option<String>,
+    /// Trust domain of the identities in client certificates
+    /// (spiffe://DOMAIN/herald/ROLE) [default: herald.local]
+    #[arg(long, env = "HERALD_TRUST_DOMAIN", value_name = "DOMAIN")]
+    pub trust_domain: Option<String>,
+    /// Serve plaintext on a non-loopback address (`--allow-plaintext` alone means true)
+    /// [default: false]
+    #[arg(long, env = "HERALD_ALLOW_PLAINTEXT", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub allow_plaintext: Option<String>,
+    /// Longest a call may run before it is cancelled [default: 30s]
+    #[arg(long, env = "HERALD_RPC_TIMEOUT", value_name = "DURATION")]
+    pub rpc_timeout: Option<String>,
+    /// Calls in flight at once; more get RESOURCE_EXHAUSTED [default: 4096]
+    #[arg(long, env = "HERALD_MAX_CONCURRENT_RPCS", value_name = "N")]
+    pub max_concurrent_rpcs: Option<String>,
+    /// Open Watch and WatchNodeRoutes streams; more get RESOURCE_EXHAUSTED [default: 2048]
+    #[arg(long, env = "HERALD_MAX_WATCH_STREAMS", value_name = "N")]
+    pub max_watch_streams: Option<String>,
+    /// Allocate calls a second per mTLS identity [default: 2000]
+    #[arg(long, env = "HERALD_ALLOCATE_RATE", value_name = "N")]
+    pub allocate_rate: Option<String>,
+    /// HTTP/2 PING interval that detects dead clients [default: 20s]
+    #[arg(long, env = "HERALD_HTTP2_KEEPALIVE_INTERVAL", value_name = "DURATION")]
+    pub http2_keepalive_interval: Option<String>,
+    /// How long a PING may go unanswered [default: 10s]
+    #[arg(long, env = "HERALD_HTTP2_KEEPALIVE_TIMEOUT", value_name = "DURATION")]
+    pub http2_keepalive_timeout: Option<String>,
+    /// `incremental` recomputes only the routes a change touches; `full` recomputes every
+    /// node × every Service on each change [default: incremental]
+    #[arg(long, env = "HERALD_ROUTE_ENGINE", value_name = "ENGINE")]
+    pub route_engine: Option<String>,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -205,6 +345,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         let readiness = readiness.clone();
         let url = config.database_url.as_ref().map(|u| u.expose().to_string());
         let retention = config.events_retention;
+        let engine_kind = config.route_engine;
         let supervisor = supervisor.clone();
         supervisor.clone().spawn("startup and health", async move {
             // A store that can never open is the process's failure: the supervisor exits
@@ -224,7 +365,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 engine: Arc::clone(&engine),
             });
             supervisor.spawn("route engine", {
-                let engine = routing::run_engine(engine, Arc::clone(&ipam), shutdown.clone());
+                let engine = routing::run_engine(
+                    engine,
+                    Arc::clone(&ipam),
+                    engine_kind,
+                    shutdown.clone(),
+                );
                 async move {
                     engine.await;
                     Ok::<(), std::convert::Infallible>(())
@@ -252,26 +398,55 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         })
     };
 
-    info!(listen = %local, admin = %admin, "herald-ipam serving");
-    let server = tonic::transport::Server::builder()
+    let tls = match config.tls_files() {
+        Some(files) => {
+            let reloading = herald_tls::Reloading::load(files).context("mutual TLS")?;
+            let _reload = reloading.watch();
+            Some(reloading.server_config().context("mutual TLS")?)
+        }
+        None => None,
+    };
+    info!(listen = %local, admin = %admin, mtls = tls.is_some(), "herald-ipam serving");
+    let limits = limits::LimitsLayer::new(limits::Limits {
+        max_concurrent_rpcs: config.max_concurrent_rpcs,
+        max_watch_streams: config.max_watch_streams,
+        allocate_rate: config.allocate_rate,
+    });
+    let router = tonic::transport::Server::builder()
+        // tonic's own deadline (the client's `grpc-timeout` if shorter) and keepalive.
+        .timeout(config.rpc_timeout)
+        .http2_keepalive_interval(Some(config.http2_keepalive_interval))
+        .http2_keepalive_timeout(Some(config.http2_keepalive_timeout))
         // Outermost, so it counts the status the caller sees.
         .layer(metrics::RpcMetricsLayer)
         .layer(decode_refusal::layer())
         // Each RPC's server span, a child of the caller's span (W3C trace context).
         .layer(herald_telemetry::trace::ExtractLayer)
+        // Inside the span, so a refusal is traced and counted like any other answer.
+        .layer(authz::AuthzLayer::new(&config.trust_domain))
+        // After authorization: the Allocate rate is per identity.
+        .layer(limits)
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(IpamServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES))
         .add_service(
             RoutingServer::new(routing_service).max_decoding_message_size(MAX_REQUEST_BYTES),
-        )
+        );
+    let server: std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<(), tonic::transport::Error>> + Send>,
+    > = match tls {
+        Some(tls) => Box::pin(router.serve_with_incoming_shutdown(
+            herald_tls::incoming(listener, tls),
+            shutdown.clone().cancelled_owned(),
+        )),
         // TCP_NODELAY: a response goes out as several small HTTP/2 frames, and Nagle's
         // algorithm against the client's delayed ACK stalled them for 40 ms.
-        .serve_with_incoming_shutdown(
+        None => Box::pin(router.serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown.clone().cancelled_owned(),
-        );
+        )),
+    };
     let mut server = tokio::spawn(server);
     tokio::select! {
         result = &mut server => result.context("gRPC server task")?.context("gRPC server")?,

@@ -13,7 +13,7 @@ use futures::StreamExt;
 use herald_api::ipam::v1 as ipam_pb;
 use herald_api::routing::v1 as pb;
 use herald_api::routing::v1::routing_client::RoutingClient;
-use herald_test_support::TestDb;
+use herald_test_support::{TestDb, free_port};
 use tonic::Code;
 use tonic::Streaming;
 use tonic::transport::Channel;
@@ -102,9 +102,22 @@ async fn watch(client: &mut RoutingClient<Channel>, name: &str) -> Streaming<pb:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_node_snapshots_follow_labels_endpoints_and_readiness() {
+    per_node_snapshots("incremental").await;
+}
+
+/// The full engine stays selectable (it is the benchmark's comparator) and must agree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_full_engine_gives_the_same_snapshots() {
+    per_node_snapshots("full").await;
+}
+
+async fn per_node_snapshots(engine: &str) {
     let db = TestDb::postgres().await;
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path(), Some(&db.url)).await;
+    let server = Server::start_with(dir.path(), Some(&db.url), free_port(), |c| {
+        c.arg("--route-engine").arg(engine);
+    })
+    .await;
     let mut ipam = server.client().await;
     let mut routing = RoutingClient::new(server.channel().await.unwrap());
     create_pool(&mut ipam, pool("lab", &["172.16.0.240/28"])).await;
@@ -531,4 +544,97 @@ async fn changed_at_is_the_change_that_caused_the_update() {
         first.changed_at, changed.peers[0].routes[0].changed_at,
         "an untouched route keeps the time of its own change"
     );
+}
+
+/// A change one replica could not read when the feed delivered it (the store away for a
+/// moment, as around a Postgres crash) must still reach that replica's routes once the
+/// store answers, without a later change to carry it: chaos bug 2, where replica B kept
+/// announcing a Service switched to Local for minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_whose_read_failed_reaches_the_routes_once_the_store_answers() {
+    let db = TestDb::postgres().await;
+    let admin = sqlx::PgPool::connect(&db.url).await.unwrap();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Server::start(dir_a.path(), Some(&db.url)).await;
+    let mut ipam = a.client().await;
+    // Answered only once A has migrated the store, so the grants below cover every table.
+    create_pool(&mut ipam, pool("lab", &["172.16.0.240/28"])).await;
+    // Replica B logs in as a role of its own, so that the test can take one table away
+    // from it alone: its reads of that table then fail as reads fail while the store is
+    // away, while the change log it follows stays readable.
+    let database = db.url.rsplit('/').next().unwrap();
+    let role = format!("{database}_b");
+    let sql = |text: String| sqlx::raw_sql(sqlx::AssertSqlSafe(text));
+    sql(format!(
+        "CREATE ROLE {role} LOGIN PASSWORD '{role}';
+         GRANT USAGE, CREATE ON SCHEMA public TO {role};
+         GRANT ALL ON ALL TABLES IN SCHEMA public TO {role};
+         GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role};"
+    ))
+    .execute(&admin)
+    .await
+    .unwrap();
+    let (scheme, rest) = db.url.split_once("://").unwrap();
+    let server = rest.split_once('@').map_or(rest, |(_, server)| server);
+    let url_b = format!("{scheme}://{role}:{role}@{server}");
+    let log_b = dir_b.path().join("herald-ipam.log");
+    let b = Server::start_with(dir_b.path(), Some(&url_b), free_port(), |command| {
+        command
+            .env("RUST_LOG", "info")
+            .stderr(std::fs::File::create(&log_b).unwrap());
+    })
+    .await;
+
+    let mut routing_a = RoutingClient::new(a.channel().await.unwrap());
+    let mut routing_b = RoutingClient::new(b.channel().await.unwrap());
+    routing_a.set_bgp_policy(tor_policy()).await.unwrap();
+    routing_a
+        .upsert_node(node("n0", "127.0.0.10", &[("bgp-peer", "true")]))
+        .await
+        .unwrap();
+    allocate_ok(&mut ipam, allocate("lb")).await;
+    let mut on_b = watch(&mut routing_b, "n0").await;
+    until(&mut on_b, |s| !routes(s).is_empty()).await;
+
+    sql(format!("REVOKE SELECT ON allocations FROM {role}"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    // Local with no endpoints known: nobody announces it, as replica A shows.
+    allocate_ok(
+        &mut ipam,
+        ipam_pb::AllocateRequest {
+            traffic_policy: ipam_pb::TrafficPolicy::Local as i32,
+            ..allocate("lb")
+        },
+    )
+    .await;
+    let mut on_a = watch(&mut routing_a, "n0").await;
+    until(&mut on_a, |s| routes(s).is_empty()).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    // The read of the update failed, and so did the reload that follows at once.
+    let failed = |text: &str| {
+        text.contains("applying a routing change failed")
+            && text.contains("reloading routing inputs failed")
+    };
+    while !failed(&std::fs::read_to_string(&log_b).unwrap_or_default()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "replica B never failed to read the update and to reload"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sql(format!("GRANT SELECT ON allocations TO {role}"))
+        .execute(&admin)
+        .await
+        .unwrap();
+
+    // Nothing else changes: B must catch up by itself.
+    until(&mut on_b, |s| routes(s).is_empty()).await;
+
+    drop((a, b));
+    sql(format!("DROP OWNED BY {role}; DROP ROLE {role}"))
+        .execute(&admin)
+        .await
+        .unwrap();
 }

@@ -7,10 +7,10 @@ use std::time::Duration;
 use herald_api::routing::v1 as pb;
 use herald_api::routing::v1::routing_client::RoutingClient;
 use herald_telemetry::trace::Inject;
+use herald_tls::ClientEndpoint as Endpoint;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
-use tonic::transport::Endpoint;
 use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
@@ -26,14 +26,14 @@ pub const MAX_SNAPSHOT_BYTES: usize = 64 * 1024 * 1024;
 /// Bound on one report call.
 pub const REPORT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The gRPC endpoint for `url` with the speaker's timeouts.
-pub fn endpoint(url: &str) -> Result<Endpoint, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(url.to_string())?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-        .keep_alive_while_idle(true)
-        .tcp_nodelay(true))
+/// IPAM's endpoint from the settings (plaintext or mutual TLS) with the speaker's timeouts.
+pub fn endpoint(config: &crate::Config) -> Result<Endpoint, herald_tls::TlsError> {
+    Ok(config.ipam_client(CONNECT_TIMEOUT)?.with(|e| {
+        e.http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
+            .tcp_nodelay(true)
+    }))
 }
 
 /// Displays an error with its sources (tonic's transport errors say little on their own).

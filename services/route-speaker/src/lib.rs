@@ -72,6 +72,15 @@ pub struct Config {
     pub node_name: String,
     /// IPAM's gRPC endpoint.
     pub ipam_endpoint: HttpEndpoint,
+    /// This client's certificate (PEM); with `tls_key` and `tls_ca`, IPAM is called over
+    /// mutual TLS.
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The private key of `tls_cert` (PEM).
+    pub tls_key: Option<std::path::PathBuf>,
+    /// The CA bundle (PEM) IPAM's certificate must chain to.
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// The name IPAM's certificate must carry; by default the endpoint's host.
+    pub ipam_server_name: Option<String>,
     /// BGP identifier for every session, instead of the one in the snapshots.
     pub router_id: Option<Ipv4Addr>,
     /// Interval of the periodic state report.
@@ -98,6 +107,10 @@ impl Default for Config {
         Self {
             node_name: String::new(),
             ipam_endpoint: HttpEndpoint::default_ipam(),
+            tls_cert: None,
+            tls_key: None,
+            tls_ca: None,
+            ipam_server_name: None,
             router_id: None,
             report_interval: DEFAULT_REPORT_INTERVAL,
             shutdown_intent: ShutdownIntent::default(),
@@ -113,8 +126,43 @@ impl Default for Config {
     }
 }
 
+impl Config {
+    /// The IPAM endpoint, over mutual TLS when the three files are set; the certificate
+    /// files are then reloaded when they change.
+    pub fn ipam_client(
+        &self,
+        connect_timeout: std::time::Duration,
+    ) -> Result<herald_tls::ClientEndpoint, herald_tls::TlsError> {
+        let reloading = match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
+            (Some(cert), Some(key), Some(ca)) => {
+                let reloading = herald_tls::Reloading::load(herald_tls::TlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    ca: ca.clone(),
+                })?;
+                // Ends when the last connection's configuration is dropped.
+                let _reload = reloading.watch();
+                Some(reloading)
+            }
+            _ => None,
+        };
+        herald_tls::ClientEndpoint::new(
+            self.ipam_endpoint.as_str(),
+            reloading
+                .as_ref()
+                .map(|r| (r, self.ipam_server_name.clone())),
+            connect_timeout,
+        )
+    }
+}
+
 impl herald_settings::Settings for Config {
     fn validate(&self) -> Result<(), Invalid> {
+        herald_settings::check_tls_trio([
+            ("tls_cert", self.tls_cert.is_some()),
+            ("tls_key", self.tls_key.is_some()),
+            ("tls_ca", self.tls_ca.is_some()),
+        ])?;
         if self.node_name.trim().is_empty() {
             return Err(Invalid {
                 key: "node_name",
@@ -156,6 +204,8 @@ pub struct Args {
     pub node_name: Option<String>,
     #[command(flatten)]
     pub ipam_endpoint: IpamEndpointArg,
+    #[command(flatten)]
+    pub ipam_tls: herald_settings::IpamTlsArgs,
     /// BGP identifier (an IPv4 address) for every session, instead of the one in the
     /// route snapshots
     #[arg(long, env = "HERALD_ROUTER_ID", value_name = "IPV4")]
@@ -200,7 +250,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     if node.is_empty() {
         bail!("node_name (--node-name, HERALD_NODE_NAME) must not be empty");
     }
-    let endpoint = control::endpoint(config.ipam_endpoint.as_str())
+    let endpoint = control::endpoint(&config)
         .with_context(|| format!("ipam_endpoint {:?}", config.ipam_endpoint.as_str()))?;
     info!(
         node = %node,

@@ -1,21 +1,30 @@
 //! The route engine: it keeps the routing inputs (nodes, endpoint facts, the BGP policy,
-//! the allocations) in memory, follows the change feed, recomputes every node's route set
+//! the allocations) in memory, follows the change feed, computes every node's route set
 //! with `herald-routes`, and publishes a new snapshot to a node only when that node's set
 //! changed.
+//!
+//! Two engines, chosen by the `route_engine` setting:
+//! - `incremental` (the default): a dedicated thread owns a [`RouteState`] and applies each
+//!   burst of changes to it, recomputing only what they touch, then publishes the nodes
+//!   whose set changed. The async side only reads the changed documents and hands the
+//!   thread their facts, so no RPC ever waits behind a computation.
+//! - `full`: every burst recomputes [`herald_routes::plan`] over all nodes × all Services
+//!   on the async task, as Herald did before; kept as the benchmark's comparator.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use herald_ipam_store::{AllocationFilter, Document, Event, Store, StoreError};
 use herald_model::{AssignedIp, HistoryAction, Owner, PoolName, TrafficPolicy};
-use herald_routes::{BgpPolicy, Node, NodeRoutes, Plan, ServiceFacts};
+use herald_routes::{BgpPolicy, Node, NodeRoutes, Plan, RouteState, ServiceFacts};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::rollout::{REPORT_MAX_AGE_MICROS, Rollout, SessionView, Views};
 use crate::changes::{Changes, Subject};
@@ -25,6 +34,24 @@ use herald_telemetry::trace::SpanContext;
 /// Changes arriving this close together are computed as one: a burst of 1,000 Services
 /// costs a handful of recomputations, not 1,000.
 const COALESCE: Duration = Duration::from_millis(5);
+/// The first and the longest pause between attempts to reload the inputs after a change
+/// could not be applied: the store is usually back within seconds.
+const RELOAD_RETRY_MIN: Duration = Duration::from_millis(100);
+const RELOAD_RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// Which engine computes the routes (the `route_engine` setting).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// Recompute only what a change touches, on a dedicated thread.
+    #[default]
+    Incremental,
+    /// Recompute every node × every Service on each change.
+    Full,
+}
+
+/// Per prefix, (traceparent, changed_at) of the change that last touched it.
+pub type Provenance = imbl::OrdMap<IpNet, (String, i64)>;
 
 /// What the watcher tells us about one Service's endpoints.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,7 +117,7 @@ pub struct NodeSnapshot {
     pub published_at: i64,
     pub routes: NodeRoutes,
     /// prefix → (traceparent, changed_at) of the change that last touched it.
-    pub provenance: BTreeMap<IpNet, (String, i64)>,
+    pub provenance: Provenance,
     /// W3C traceparent of the publish span that made this snapshot (empty while tracing
     /// is off): the speaker's apply span is its child.
     pub trace: String,
@@ -133,6 +160,25 @@ impl Inputs {
         );
     }
 
+    /// What routes need to know about the Service `uid`, if it holds addresses.
+    fn facts(&self, uid: &str) -> Option<ServiceFacts> {
+        self.allocations
+            .get(uid)
+            .map(|held| self.facts_of(uid, held))
+    }
+
+    fn facts_of(&self, uid: &str, held: &Held) -> ServiceFacts {
+        let endpoints = self.endpoints.get(uid).map(|(e, _)| e);
+        ServiceFacts {
+            owner: held.owner.clone(),
+            traffic_policy: endpoints
+                .and_then(|e| e.traffic_policy)
+                .unwrap_or(held.traffic_policy),
+            nodes_with_ready_endpoints: endpoints.map(|e| e.nodes.clone()).unwrap_or_default(),
+            ips: held.ips.clone(),
+        }
+    }
+
     /// (traceparent, changed_at) of the change that last touched `prefix`: its owner's
     /// allocation or endpoints for a host route, the newest change for an aggregate.
     fn provenance(&self, prefix: &IpNet) -> (String, i64) {
@@ -154,6 +200,9 @@ pub struct RouteEngine {
     inputs: Mutex<Inputs>,
     published: Mutex<HashMap<String, watch::Sender<Option<Arc<NodeSnapshot>>>>>,
     last_plan: Mutex<Arc<Plan>>,
+    /// The incremental engine's state as of its last publication (a cheap copy: the maps
+    /// share structure); `None` with the full engine.
+    state: Mutex<Option<RouteState>>,
     /// The Services' facts of the last computation, for the status's reasons.
     last_services: Mutex<Arc<Vec<ServiceFacts>>>,
     reports: Mutex<BTreeMap<String, (SpeakerReport, i64)>>,
@@ -240,6 +289,7 @@ impl RouteEngine {
             inputs: Mutex::new(inputs),
             published: Mutex::new(HashMap::new()),
             last_plan: Mutex::new(Arc::new(Plan::default())),
+            state: Mutex::new(None),
             last_services: Mutex::new(Arc::new(Vec::new())),
             reports: Mutex::new(reports),
             streams: Arc::new(Mutex::new(HashMap::new())),
@@ -256,8 +306,14 @@ impl RouteEngine {
         lock(&self.inputs).policy.clone()
     }
 
+    /// The plan of the last computation. The incremental engine keeps no plan; it is
+    /// built from its state on demand (a copy of every node's set, for status queries).
     pub fn last_plan(&self) -> Arc<Plan> {
-        Arc::clone(&lock(&self.last_plan))
+        let state = lock(&self.state).clone();
+        match state {
+            Some(state) => Arc::new(state.plan()),
+            None => Arc::clone(&lock(&self.last_plan)),
+        }
     }
 
     pub fn reports(&self) -> BTreeMap<String, (SpeakerReport, i64)> {
@@ -316,7 +372,11 @@ impl RouteEngine {
     }
 
     pub fn last_services(&self) -> Arc<Vec<ServiceFacts>> {
-        Arc::clone(&lock(&self.last_services))
+        let state = lock(&self.state).clone();
+        match state {
+            Some(state) => Arc::new(state.services().cloned().collect()),
+            None => Arc::clone(&lock(&self.last_services)),
+        }
     }
 
     pub fn policy_and_nodes(&self) -> (Option<BgpPolicy>, BTreeMap<String, Node>) {
@@ -358,9 +418,11 @@ impl RouteEngine {
         store: &Store,
         changes: &Changes,
         event: &Event,
+        touched: &mut Touched,
     ) -> Result<Option<SpanContext>, StoreError> {
         let revision = event.revision();
         let mut cause = None;
+        touched.note(event);
         match event {
             Event::Assigned(entry, _) => {
                 cause = changes.get(&Subject::Owner(entry.owner.uid.clone()));
@@ -467,19 +529,7 @@ impl RouteEngine {
         let services: Vec<ServiceFacts> = inputs
             .allocations
             .iter()
-            .map(|(uid, held)| {
-                let endpoints = inputs.endpoints.get(uid).map(|(e, _)| e);
-                ServiceFacts {
-                    owner: held.owner.clone(),
-                    traffic_policy: endpoints
-                        .and_then(|e| e.traffic_policy)
-                        .unwrap_or(held.traffic_policy),
-                    nodes_with_ready_endpoints: endpoints
-                        .map(|e| e.nodes.clone())
-                        .unwrap_or_default(),
-                    ips: held.ips.clone(),
-                }
-            })
+            .map(|(uid, held)| inputs.facts_of(uid, held))
             .collect();
         let plan = match &inputs.policy {
             Some(policy) if !nodes.is_empty() => {
@@ -501,13 +551,13 @@ impl RouteEngine {
             let sender = published
                 .entry(name.clone())
                 .or_insert_with(|| watch::channel(None).0);
-            publish(sender, name, &inputs, routes);
+            publish(sender, name, &inputs, inputs.revision, routes);
         }
         // Nodes that are gone get an empty set: everything they announced is withdrawn.
         let gone = NodeRoutes::default();
         for (name, sender) in published.iter() {
             if !plan.nodes.contains_key(name) {
-                publish(sender, name, &inputs, &gone);
+                publish(sender, name, &inputs, inputs.revision, &gone);
             }
         }
         drop(published);
@@ -525,38 +575,30 @@ fn publish(
     sender: &watch::Sender<Option<Arc<NodeSnapshot>>>,
     node: &str,
     inputs: &Inputs,
+    revision: i64,
     routes: &NodeRoutes,
 ) {
     let previous = sender.borrow().clone();
     if previous.as_ref().is_some_and(|s| s.routes == *routes) {
         return;
     }
-    let provenance: BTreeMap<IpNet, (String, i64)> = routes
-        .prefixes()
-        .into_iter()
-        .map(|p| (p, change_of(previous.as_deref(), routes, inputs, p)))
-        .collect();
+    let provenance = provenance(previous.as_deref(), routes, inputs);
     // A child of the recompute (the current span); the snapshot carries it to the speaker.
     let trace = if herald_telemetry::trace::enabled() {
         let span = tracing::info_span!(
             "routes.publish",
             herald.node = node,
-            herald.revision = inputs.revision,
+            herald.revision = revision,
             herald.prefixes = provenance.len(),
         );
         herald_telemetry::trace::traceparent(&span)
     } else {
         String::new()
     };
-    debug!(
-        node,
-        revision = inputs.revision,
-        prefixes = routes.prefixes().len(),
-        "new route set"
-    );
+    debug!(node, revision, prefixes = provenance.len(), "new route set");
     crate::metrics::METRICS.snapshots_published.inc();
     sender.send_replace(Some(Arc::new(NodeSnapshot {
-        revision: inputs.revision,
+        revision,
         published_at: herald_ipam_store::now_micros(),
         routes: routes.clone(),
         provenance,
@@ -564,25 +606,51 @@ fn publish(
     })));
 }
 
-/// (traceparent, changed_at) of the change that put `prefix` into `routes` as it is: the
-/// previous snapshot's when the prefix is there unchanged on every session; its owner's
-/// change when that is newer than the previous snapshot; otherwise the newest change
-/// applied (a policy, node or pool change, which carry no trace), never an older
-/// allocation's time.
-fn change_of(
-    previous: Option<&NodeSnapshot>,
-    routes: &NodeRoutes,
-    inputs: &Inputs,
-    prefix: IpNet,
-) -> (String, i64) {
+/// The provenance of every prefix in `routes`: the previous snapshot's, patched for the
+/// prefixes that differ from it on some session. The route maps share structure with the
+/// previous snapshot's when the incremental engine patched them, so finding what differs
+/// costs the change, not the set.
+fn provenance(previous: Option<&NodeSnapshot>, routes: &NodeRoutes, inputs: &Inputs) -> Provenance {
     let Some(previous) = previous else {
-        return inputs.provenance(&prefix);
+        return routes
+            .prefixes()
+            .into_iter()
+            .map(|p| (p, inputs.provenance(&p)))
+            .collect();
     };
-    if on_sessions(&previous.routes, prefix) == on_sessions(routes, prefix)
-        && let Some(kept) = previous.provenance.get(&prefix)
-    {
-        return kept.clone();
+    let mut differing: BTreeSet<IpNet> = BTreeSet::new();
+    let empty = herald_routes::PeerRoutes::new();
+    let peers: BTreeSet<&String> = previous
+        .routes
+        .routes
+        .keys()
+        .chain(routes.routes.keys())
+        .collect();
+    for peer in peers {
+        let before = previous.routes.routes.get(peer).unwrap_or(&empty);
+        let after = routes.routes.get(peer).unwrap_or(&empty);
+        differing.extend(before.diff(after).map(|d| match d {
+            imbl::ordmap::DiffItem::Add(p, _)
+            | imbl::ordmap::DiffItem::Update { new: (p, _), .. }
+            | imbl::ordmap::DiffItem::Remove(p, _) => *p,
+        }));
     }
+    let mut out = previous.provenance.clone();
+    for prefix in differing {
+        if routes.routes.values().any(|set| set.contains_key(&prefix)) {
+            out.insert(prefix, change_of(previous, inputs, prefix));
+        } else {
+            out.remove(&prefix);
+        }
+    }
+    out
+}
+
+/// (traceparent, changed_at) of the change that put `prefix`, which differs from the
+/// `previous` snapshot on some session, where it is: its owner's change when that is newer
+/// than the previous snapshot; otherwise the newest change applied (a policy, node or pool
+/// change, which carry no trace), never an older allocation's time.
+fn change_of(previous: &NodeSnapshot, inputs: &Inputs, prefix: IpNet) -> (String, i64) {
     let (trace, at) = inputs.provenance(&prefix);
     if at > previous.published_at {
         (trace, at)
@@ -591,41 +659,259 @@ fn change_of(
     }
 }
 
-/// The sessions that carry `prefix`, with its attributes on each.
-fn on_sessions(routes: &NodeRoutes, prefix: IpNet) -> Vec<(&String, &herald_routes::RouteAttrs)> {
-    routes
-        .routes
-        .iter()
-        .filter_map(|(peer, set)| set.get(&prefix).map(|a| (peer, a)))
-        .collect()
+/// The subjects a burst of changes touched, for the incremental engine.
+#[derive(Debug, Default)]
+struct Touched {
+    services: BTreeSet<String>,
+    nodes: BTreeSet<String>,
+    policy: bool,
+    pools: bool,
 }
 
-/// Follows the feed until `shutdown`, recomputing after each burst of changes.
-pub async fn run(engine: Arc<RouteEngine>, ipam: Arc<Ipam>, shutdown: CancellationToken) {
+impl Touched {
+    fn note(&mut self, event: &Event) {
+        match event {
+            Event::Assigned(entry, _) | Event::Released(entry, _) | Event::Updated(entry, _) => {
+                self.services.insert(entry.owner.uid.clone());
+            }
+            Event::NodeChanged { node, .. } | Event::NodeDeleted { node, .. } => {
+                self.nodes.insert(node.clone());
+            }
+            Event::EndpointsChanged { owner_uid, .. } => {
+                self.services.insert(owner_uid.clone());
+            }
+            Event::PolicyChanged { .. } => self.policy = true,
+            Event::PoolChanged { .. } | Event::PoolDeleted { .. } => self.pools = true,
+        }
+    }
+}
+
+/// What the engine thread applies: the facts of what a burst touched, read from the
+/// inputs on the async side.
+enum Batch {
+    /// Everything, at start and after a reload.
+    All {
+        nodes: Vec<Node>,
+        services: Vec<ServiceFacts>,
+        policy: Option<BgpPolicy>,
+        pools: Vec<herald_model::PoolSpec>,
+    },
+    Changes {
+        /// By owner uid; `None`: it holds no address any more.
+        services: Vec<(String, Option<ServiceFacts>)>,
+        /// By name; `None`: deleted.
+        nodes: Vec<(String, Option<Node>)>,
+        policy: Option<Option<BgpPolicy>>,
+        pools: Option<Vec<herald_model::PoolSpec>>,
+    },
+}
+
+struct Job {
+    batch: Batch,
+    revision: i64,
+    /// The recompute span, entered on the thread so publish spans stay its children.
+    span: tracing::Span,
+}
+
+fn pools_of(ipam: &Ipam) -> Vec<herald_model::PoolSpec> {
+    ipam.index().pools().map(|(spec, _)| spec.clone()).collect()
+}
+
+impl RouteEngine {
+    fn batch_all(&self, ipam: &Ipam) -> (Batch, i64) {
+        let inputs = lock(&self.inputs);
+        let batch = Batch::All {
+            nodes: inputs.nodes.values().cloned().collect(),
+            services: inputs
+                .allocations
+                .iter()
+                .map(|(uid, held)| inputs.facts_of(uid, held))
+                .collect(),
+            policy: inputs.policy.clone(),
+            pools: pools_of(ipam),
+        };
+        (batch, inputs.revision)
+    }
+
+    fn batch_of(&self, ipam: &Ipam, touched: Touched) -> (Batch, i64) {
+        let inputs = lock(&self.inputs);
+        let batch = Batch::Changes {
+            services: touched
+                .services
+                .into_iter()
+                .map(|uid| {
+                    let facts = inputs.facts(&uid);
+                    (uid, facts)
+                })
+                .collect(),
+            nodes: touched
+                .nodes
+                .into_iter()
+                .map(|name| {
+                    let node = inputs.nodes.get(&name).cloned();
+                    (name, node)
+                })
+                .collect(),
+            policy: touched.policy.then(|| inputs.policy.clone()),
+            pools: touched.pools.then(|| pools_of(ipam)),
+        };
+        (batch, inputs.revision)
+    }
+
+    /// Applies one batch to `state` and publishes the nodes whose set changed. Runs on the
+    /// engine thread.
+    fn apply_batch(&self, state: &mut RouteState, batch: Batch, revision: i64) {
+        let started = std::time::Instant::now();
+        let changed: BTreeSet<String> = match batch {
+            Batch::All {
+                nodes,
+                services,
+                policy,
+                pools,
+            } => {
+                *state = RouteState::from_inputs(nodes, services, policy, pools);
+                // Every node known before or now: publish skips the unchanged ones.
+                let mut all: BTreeSet<String> = state.results().keys().cloned().collect();
+                all.extend(lock(&self.published).keys().cloned());
+                all
+            }
+            Batch::Changes {
+                services,
+                nodes,
+                policy,
+                pools,
+            } => {
+                debug!(
+                    services = services.len(),
+                    nodes = nodes.len(),
+                    policy = policy.is_some(),
+                    pools = pools.is_some(),
+                    "applying changes"
+                );
+                let mut changed = BTreeSet::new();
+                if let Some(pools) = pools {
+                    changed.extend(state.set_pools(pools));
+                }
+                if let Some(policy) = policy {
+                    changed.extend(state.set_policy(policy));
+                }
+                for (name, node) in nodes {
+                    changed.extend(match node {
+                        Some(node) => state.upsert_node(node),
+                        None => state.remove_node(&name),
+                    });
+                }
+                for (uid, facts) in services {
+                    changed.extend(match facts {
+                        Some(facts) => state.upsert_service(facts),
+                        None => state.remove_service(&uid),
+                    });
+                }
+                changed
+            }
+        };
+        debug!(revision, changed = changed.len(), "route state patched");
+        // Nodes that are gone get an empty set: everything they announced is withdrawn.
+        let gone = NodeRoutes::default();
+        for name in &changed {
+            let sender = lock(&self.published)
+                .entry(name.clone())
+                .or_insert_with(|| watch::channel(None).0)
+                .clone();
+            let routes = state.node_routes(name).map_or(&gone, |r| &**r);
+            // Held per node only, so the stream tasks reading the policy never wait long.
+            let inputs = lock(&self.inputs);
+            publish(&sender, name, &inputs, revision, routes);
+        }
+        *lock(&self.state) = Some(state.clone());
+        crate::metrics::METRICS
+            .publish_duration
+            .observe(started.elapsed().as_secs_f64());
+    }
+}
+
+/// Follows the feed until `shutdown`, recomputing after each burst of changes with the
+/// engine `kind` chooses.
+///
+/// Applying a change may need a read (the allocation an `updated` entry names, a node's
+/// document), and the store can be away right then, around a database crash say. The
+/// change is delivered only once, so a failed read leaves the inputs missing it until a
+/// reload succeeds: that reload is retried with backoff, without waiting for another
+/// change, because none may come for the Service that missed its update.
+pub async fn run(
+    engine: Arc<RouteEngine>,
+    ipam: Arc<Ipam>,
+    kind: EngineKind,
+    shutdown: CancellationToken,
+) {
     let mut events = ipam.feed().subscribe();
-    engine.recompute(&ipam);
+    // The incremental engine's thread; it ends when `jobs` is dropped.
+    let mut jobs: Option<mpsc::Sender<Job>> = None;
+    let mut thread = None;
+    match kind {
+        EngineKind::Full => engine.recompute(&ipam),
+        EngineKind::Incremental => {
+            let (tx, rx) = mpsc::channel::<Job>();
+            let worker = Arc::clone(&engine);
+            let spawned = std::thread::Builder::new()
+                .name("route-engine".into())
+                .spawn(move || {
+                    let mut state = RouteState::new();
+                    // Bounded by the sender: it ends when the feed loop drops it.
+                    while let Ok(job) = rx.recv() {
+                        job.span
+                            .in_scope(|| worker.apply_batch(&mut state, job.batch, job.revision));
+                    }
+                });
+            match spawned {
+                Ok(handle) => thread = Some(handle),
+                Err(e) => {
+                    warn!(error = %e, "cannot start the route engine thread");
+                    return;
+                }
+            }
+            let (batch, revision) = engine.batch_all(&ipam);
+            let job = Job {
+                batch,
+                revision,
+                span: tracing::Span::none(),
+            };
+            if tx.send(job).is_ok() {
+                jobs = Some(tx);
+            }
+        }
+    }
+    // `Some` while the inputs miss a change: the pauses before the next reload attempt.
+    let mut stale: Option<ExponentialBackoff> = None;
+    let mut retry_at = tokio::time::Instant::now();
     loop {
         let first = tokio::select! {
-            () = shutdown.cancelled() => return,
-            event = events.recv() => event,
+            () = shutdown.cancelled() => break,
+            event = events.recv() => Some(event),
+            () = tokio::time::sleep_until(retry_at), if stale.is_some() => None,
         };
-        let mut pending = vec![first];
+        let mut pending: Vec<_> = first.into_iter().collect();
         // Take whatever else arrives within the coalescing window, bounded in count.
         let deadline = tokio::time::Instant::now() + COALESCE;
-        while pending.len() < 10_000 {
+        while !pending.is_empty() && pending.len() < 10_000 {
             match tokio::time::timeout_at(deadline, events.recv()).await {
                 Ok(event) => pending.push(event),
                 Err(_) => break,
             }
         }
         let mut causes = Vec::new();
+        let mut touched = Touched::default();
+        let mut missed_change = false;
         for event in pending {
             match event {
-                Ok(event) => match engine.apply(ipam.store(), ipam.changes(), &event).await {
+                Ok(event) => match engine
+                    .apply(ipam.store(), ipam.changes(), &event, &mut touched)
+                    .await
+                {
                     Ok(cause) => causes.extend(cause),
                     Err(e) => {
-                        warn!(error = %e, "applying a routing change failed; reloading");
-                        reload(&engine, &ipam).await;
+                        warn!(error = %e, revision = event.revision(), "applying a routing change failed; reloading");
+                        missed_change = true;
                     }
                 },
                 Err(RecvError::Lagged(missed)) => {
@@ -633,12 +919,57 @@ pub async fn run(engine: Arc<RouteEngine>, ipam: Arc<Ipam>, shutdown: Cancellati
                         missed,
                         "route engine fell behind the change feed; reloading"
                     );
-                    reload(&engine, &ipam).await;
+                    missed_change = true;
                 }
-                Err(RecvError::Closed) => return,
+                Err(RecvError::Closed) => break,
             }
         }
-        recompute_span(&causes).in_scope(|| engine.recompute(&ipam));
+        // One reload after the burst covers every change in it: it reads what is
+        // committed now, which includes everything the feed has delivered.
+        let mut reloaded = false;
+        if missed_change || stale.is_some() {
+            if reload(&engine, &ipam).await {
+                reloaded = true;
+                if stale.take().is_some() {
+                    info!("routing inputs reloaded; the missed changes are applied");
+                }
+            } else {
+                let pauses = stale.get_or_insert_with(|| {
+                    ExponentialBuilder::default()
+                        .with_min_delay(RELOAD_RETRY_MIN)
+                        .with_max_delay(RELOAD_RETRY_MAX)
+                        .with_jitter()
+                        .without_max_times()
+                        .build()
+                });
+                retry_at = tokio::time::Instant::now() + pauses.next().unwrap_or(RELOAD_RETRY_MAX);
+            }
+        }
+        let span = recompute_span(&causes);
+        match &jobs {
+            None => span.in_scope(|| engine.recompute(&ipam)),
+            Some(tx) => {
+                let (batch, revision) = if reloaded {
+                    engine.batch_all(&ipam)
+                } else {
+                    engine.batch_of(&ipam, touched)
+                };
+                let job = Job {
+                    batch,
+                    revision,
+                    span,
+                };
+                if tx.send(job).is_err() {
+                    warn!("the route engine thread has stopped (its panic is logged above)");
+                    break;
+                }
+            }
+        }
+    }
+    drop(jobs);
+    if let Some(thread) = thread {
+        // The thread finishes the batch in hand, then sees the channel closed.
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
     }
 }
 
@@ -657,12 +988,17 @@ fn recompute_span(causes: &[SpanContext]) -> tracing::Span {
     span
 }
 
-async fn reload(engine: &RouteEngine, ipam: &Ipam) {
+/// Replaces the inputs with what the store holds now; whether that worked.
+async fn reload(engine: &RouteEngine, ipam: &Ipam) -> bool {
     match RouteEngine::load(ipam.store(), ipam.feed().delivered()).await {
         Ok(fresh) => {
             let fresh_inputs = std::mem::take(&mut *lock(&fresh.inputs));
             *lock(&engine.inputs) = fresh_inputs;
+            true
         }
-        Err(e) => warn!(error = %e, "reloading routing inputs failed"),
+        Err(e) => {
+            warn!(error = %e, "reloading routing inputs failed; retrying");
+            false
+        }
     }
 }

@@ -7,5 +7,5 @@ pub mod rollout;
 mod service;
 mod status;
 
-pub use engine::{RouteEngine, run as run_engine};
+pub use engine::{EngineKind, RouteEngine, run as run_engine};
 pub use service::{Ready, RoutingService};

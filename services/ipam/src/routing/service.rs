@@ -330,6 +330,7 @@ impl RoutingRpc for RoutingService {
         &self,
         request: Request<pb::WatchNodeRoutesRequest>,
     ) -> Result<Response<Self::WatchNodeRoutesStream>, Status> {
+        crate::authz::check_node(&request, &request.get_ref().node, "WatchNodeRoutes")?;
         let ready = self.ready()?;
         let pb::WatchNodeRoutesRequest { node } = request.into_inner();
         validate_node_name("node", &node).map_err(invalid)?;
@@ -392,6 +393,7 @@ impl RoutingRpc for RoutingService {
         &self,
         request: Request<pb::SpeakerState>,
     ) -> Result<Response<pb::ReportSpeakerStateResponse>, Status> {
+        crate::authz::check_node(&request, &request.get_ref().node, "ReportSpeakerState")?;
         let ready = self.ready()?;
         let (node, report) = report_from_pb(request.into_inner()).map_err(invalid)?;
         ready

@@ -1,0 +1,478 @@
+//! `herald-bench scale`: herald-ipam's route engine at cluster scale. N nodes all peering,
+//! M Services (half `Local` with endpoints on 3 nodes each), WatchNodeRoutes streams open
+//! on some nodes, then a churn of single changes (a `Local` Service's endpoints move, a
+//! `Cluster` Service is allocated or released, a node turns not Ready or Ready again), one
+//! at a time. Per engine: herald-ipam's CPU per change (from /proc), the delivery of each
+//! change to the streams whose node it changes, and herald-ipam's RSS after set-up and
+//! after the churn. The incremental engine and `route_engine = "full"` run back to back
+//! on the same Postgres, and the ratios are printed.
+
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use futures::StreamExt;
+use herald_api::ipam::v1 as ipam_pb;
+use herald_api::routing::v1 as pb;
+use herald_api::routing::v1::routing_client::RoutingClient;
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::benches::Common;
+use crate::cpu;
+use crate::ipam::{self, IpamServer};
+use crate::pg::BenchDb;
+use crate::speakers;
+use crate::stats::{Latencies, Summary};
+
+const POOL: &str = "10.64.0.0/14";
+/// Endpoint nodes of each `Local` Service.
+const ENDPOINTS_PER_LOCAL: usize = 3;
+/// Bound on a whole set-up step (allocations, endpoints, first snapshots, settling).
+const SETUP_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long the streams must stay quiet before the churn starts.
+const SETTLE_QUIET: Duration = Duration::from_millis(1500);
+/// Bound on one change reaching every stream it changes (the full engine at 1,000 ×
+/// 10,000 takes seconds per change).
+const CHANGE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Setup RPCs in flight at once.
+const SETUP_CONCURRENCY: usize = 16;
+/// AllocateBatch's limit.
+const BATCH: usize = 1000;
+
+/// The sizes and the change mix of one run.
+#[derive(Debug, Clone)]
+pub struct ScaleArgs {
+    pub nodes: usize,
+    pub services: usize,
+    pub subscribers: usize,
+    /// Changes the incremental engine gets.
+    pub changes: usize,
+    /// Changes the full engine gets (it takes seconds per change at the large sizes).
+    pub full_changes: usize,
+    /// Relative weights of the change kinds.
+    pub endpoint_moves: u32,
+    pub cluster_changes: u32,
+    pub node_changes: u32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EngineRow {
+    pub engine: String,
+    pub changes: usize,
+    pub ipam_cpu_ms_per_change: f64,
+    /// From the change RPC being sent to each stream it changes receiving a message.
+    pub delivery: Summary,
+    /// Changes some stream did not see within the timeout.
+    pub undelivered: u64,
+    pub rss_setup_kib: u64,
+    pub rss_after_kib: u64,
+    pub setup_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ScaleReport {
+    pub nodes: usize,
+    pub services: usize,
+    pub subscribers: usize,
+    pub incremental: EngineRow,
+    pub full: EngineRow,
+    pub cpu_ratio: f64,
+    pub delivery_p99_ratio: f64,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    EndpointMove,
+    Cluster,
+    Node,
+}
+
+/// The kind of the `i`-th change: the weights spread evenly over the sequence.
+fn kind_of(i: usize, args: &ScaleArgs) -> Kind {
+    let total = (args.endpoint_moves + args.cluster_changes + args.node_changes).max(1);
+    // A stride coprime with most totals walks the weights without long runs of one kind.
+    let slot = ((i as u64 * 37) % u64::from(total)) as u32;
+    if slot < args.endpoint_moves {
+        Kind::EndpointMove
+    } else if slot < args.endpoint_moves + args.cluster_changes {
+        Kind::Cluster
+    } else {
+        Kind::Node
+    }
+}
+
+fn node_name(i: usize) -> String {
+    format!("s{i:05}")
+}
+
+fn node_address(i: usize) -> String {
+    format!("127.2.{}.{}", i / 250, i % 250 + 1)
+}
+
+fn node(i: usize, ready: bool) -> pb::Node {
+    pb::Node {
+        name: node_name(i),
+        addresses: vec![node_address(i)],
+        ready,
+        ..Default::default()
+    }
+}
+
+fn policy() -> pb::BgpPolicy {
+    pb::BgpPolicy {
+        local_asn: herald_tor_harness::NODE_ASN,
+        peers: vec![pb::Peer {
+            name: "tor".into(),
+            address: "127.0.0.1".into(),
+            asn: herald_tor_harness::TOR_ASN,
+            port: 1790,
+            hold_time_seconds: 9,
+            connect_retry_seconds: 1,
+            ..Default::default()
+        }],
+        advertisements: vec![pb::Advertisement::default()],
+        ..Default::default()
+    }
+}
+
+/// Service `k` is `Local` when odd.
+fn is_local(k: usize) -> bool {
+    k % 2 == 1
+}
+
+/// The endpoint nodes of `Local` Service `k` after `moves` moves.
+fn endpoints(k: usize, moves: usize, nodes: usize) -> BTreeSet<usize> {
+    (0..ENDPOINTS_PER_LOCAL)
+        .map(|j| (k * 7 + moves * 13 + j * (nodes / ENDPOINTS_PER_LOCAL).max(1)) % nodes)
+        .collect()
+}
+
+fn endpoints_request(k: usize, nodes: &BTreeSet<usize>) -> pb::ServiceEndpoints {
+    pb::ServiceEndpoints {
+        owner_uid: ipam::uid("scale", k as u64),
+        traffic_policy: ipam_pb::TrafficPolicy::Local as i32,
+        endpoint_nodes: nodes.iter().map(|n| node_name(*n)).collect(),
+        traceparent: String::new(),
+    }
+}
+
+fn allocate_request(k: usize) -> ipam_pb::AllocateRequest {
+    let mut request = ipam::allocate_request("scale", k as u64, None);
+    request.traffic_policy = if is_local(k) {
+        ipam_pb::TrafficPolicy::Local as i32
+    } else {
+        ipam_pb::TrafficPolicy::Cluster as i32
+    };
+    request
+}
+
+/// Runs both engines at one size and prints the table.
+pub async fn scale(common: &Common, args: &ScaleArgs) -> anyhow::Result<ScaleReport> {
+    if args.nodes == 0 || args.services == 0 {
+        bail!("--nodes and --services must be at least 1");
+    }
+    let subscribers = args.subscribers.min(args.nodes);
+    common.print_header(&format!(
+        "scale: {} nodes, {} Services (half Local on {ENDPOINTS_PER_LOCAL} nodes each), {subscribers} WatchNodeRoutes streams; change mix endpoints:cluster:node = {}:{}:{}",
+        args.nodes, args.services, args.endpoint_moves, args.cluster_changes, args.node_changes
+    ));
+    let incremental = run_engine(common, args, "incremental", args.changes).await?;
+    print_row(&incremental);
+    let full = run_engine(common, args, "full", args.full_changes.min(args.changes)).await?;
+    print_row(&full);
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+    let cpu_ratio = ratio(
+        full.ipam_cpu_ms_per_change,
+        incremental.ipam_cpu_ms_per_change,
+    );
+    let delivery_p99_ratio = ratio(full.delivery.p99_ms, incremental.delivery.p99_ms);
+    println!(
+        "  full / incremental: ipam CPU per change {cpu_ratio:.1}x, delivery p99 {delivery_p99_ratio:.1}x"
+    );
+    Ok(ScaleReport {
+        nodes: args.nodes,
+        services: args.services,
+        subscribers,
+        incremental,
+        full,
+        cpu_ratio,
+        delivery_p99_ratio,
+    })
+}
+
+fn print_row(row: &EngineRow) {
+    println!(
+        "  {:<12} changes {:>4}  ipam CPU {:>9.2} ms/change  delivery p50 {:>8.1} ms  p99 {:>8.1} ms  ({} samples, {} late)  RSS {:.0} -> {:.0} MiB  (set-up {:.1} s)",
+        row.engine,
+        row.changes,
+        row.ipam_cpu_ms_per_change,
+        row.delivery.p50_ms,
+        row.delivery.p99_ms,
+        row.delivery.count,
+        row.undelivered,
+        row.rss_setup_kib as f64 / 1024.0,
+        row.rss_after_kib as f64 / 1024.0,
+        row.setup_s,
+    );
+}
+
+async fn run_engine(
+    common: &Common,
+    args: &ScaleArgs,
+    engine: &str,
+    changes: usize,
+) -> anyhow::Result<EngineRow> {
+    let setup_started = Instant::now();
+    let db = BenchDb::create(&common.admin_url).await?;
+    let mut command = Command::new(&common.ipam_bin);
+    command
+        .env_remove("HERALD_DATABASE_URL")
+        .env_remove("HERALD_LISTEN")
+        .env_remove("HERALD_ROUTE_ENGINE")
+        .arg("--route-engine")
+        .arg(engine)
+        .current_dir(&common.log_dir);
+    let (server, _) = IpamServer::launch(
+        &format!("herald-ipam-{engine}"),
+        command,
+        &db.url,
+        &common.log_dir,
+        common.poll,
+        "herald.ipam.v1.Ipam",
+    )
+    .await?;
+    let pid = server.process.pid();
+    let channel = server
+        .channels(1)
+        .await?
+        .pop()
+        .ok_or_else(|| anyhow!("no channel"))?;
+    let mut ipam_client = server.client().await?;
+    let mut routing = RoutingClient::new(channel.clone());
+    ipam::create_pool(&mut ipam_client, "scale", POOL, true).await?;
+    routing
+        .set_bgp_policy(policy())
+        .await
+        .context("SetBgpPolicy")?;
+    let upserts = futures::stream::iter(0..args.nodes).map(|i| {
+        let mut routing = routing.clone();
+        async move { routing.upsert_node(node(i, true)).await }
+    });
+    let results: Vec<_> = upserts.buffer_unordered(SETUP_CONCURRENCY).collect().await;
+    for r in results {
+        r.context("UpsertNode")?;
+    }
+    eprintln!(
+        "  [{engine}] nodes registered ({:.1} s)",
+        setup_started.elapsed().as_secs_f64()
+    );
+    for start in (0..args.services).step_by(BATCH) {
+        let requests = (start..(start + BATCH).min(args.services))
+            .map(allocate_request)
+            .collect();
+        let response = ipam_client
+            .allocate_batch(ipam_pb::AllocateBatchRequest { requests })
+            .await
+            .context("AllocateBatch")?
+            .into_inner();
+        if let Some(error) = response.results.iter().find_map(|r| match &r.result {
+            Some(ipam_pb::allocate_result::Result::Error(e)) => Some(e.message.clone()),
+            _ => None,
+        }) {
+            bail!("AllocateBatch: {error}");
+        }
+    }
+    eprintln!(
+        "  [{engine}] Services allocated ({:.1} s)",
+        setup_started.elapsed().as_secs_f64()
+    );
+    let sets = futures::stream::iter((0..args.services).filter(|k| is_local(*k))).map(|k| {
+        let mut routing = routing.clone();
+        let request = endpoints_request(k, &endpoints(k, 0, args.nodes));
+        async move { routing.set_service_endpoints(request).await }
+    });
+    let results: Vec<_> = sets.buffer_unordered(SETUP_CONCURRENCY).collect().await;
+    for r in results {
+        r.context("SetServiceEndpoints")?;
+    }
+
+    eprintln!(
+        "  [{engine}] endpoints set ({:.1} s)",
+        setup_started.elapsed().as_secs_f64()
+    );
+    // Streams: every message is reported as (stream, received at).
+    let subscribers = args.subscribers.min(args.nodes);
+    let (tx, mut rx) = mpsc::unbounded_channel::<(usize, Instant)>();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut tasks = Vec::new();
+    for i in 0..subscribers {
+        let mut client = RoutingClient::new(channel.clone());
+        let tx = tx.clone();
+        let mut stopped = stopped.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut stream = client
+                .watch_node_routes(pb::WatchNodeRoutesRequest { node: node_name(i) })
+                .await
+                .map_err(|e| format!("{}: {}", node_name(i), ipam::status_text(&e)))?
+                .into_inner();
+            loop {
+                tokio::select! {
+                    _ = stopped.changed() => return Ok(()),
+                    message = stream.message() => match message {
+                        Ok(Some(_)) => { let _ = tx.send((i, Instant::now())); }
+                        Ok(None) => return Ok(()),
+                        Err(e) => return Err(format!("{}: {}", node_name(i), ipam::status_text(&e))),
+                    },
+                }
+            }
+        }));
+    }
+    drop(tx);
+    let deadline = setup_started + SETUP_TIMEOUT;
+    let mut first: BTreeSet<usize> = BTreeSet::new();
+    while first.len() < subscribers {
+        match tokio::time::timeout_at(deadline.into(), rx.recv()).await {
+            Ok(Some((i, _))) => {
+                first.insert(i);
+            }
+            _ => bail!(
+                "{engine}: only {} of {subscribers} streams got a snapshot",
+                first.len()
+            ),
+        }
+    }
+    eprintln!(
+        "  [{engine}] first snapshots in ({:.1} s)",
+        setup_started.elapsed().as_secs_f64()
+    );
+    // Settled when the streams stay quiet: the engine has caught up with the set-up.
+    loop {
+        match tokio::time::timeout(SETTLE_QUIET, rx.recv()).await {
+            Err(_) => break,
+            Ok(None) => bail!("{engine}: every stream ended during set-up"),
+            Ok(Some(_)) if Instant::now() > deadline => {
+                bail!("{engine}: the streams never settled after set-up")
+            }
+            Ok(Some(_)) => {}
+        }
+    }
+    eprintln!(
+        "  [{engine}] settled ({:.1} s)",
+        setup_started.elapsed().as_secs_f64()
+    );
+    let setup_s = setup_started.elapsed().as_secs_f64();
+    let rss_setup_kib = speakers::rss(pid).rss_kib;
+
+    let mut moves = vec![0usize; args.services];
+    let mut cluster_held: Option<usize> = None;
+    let mut next_cluster = args.services;
+    let mut not_ready: Option<usize> = None;
+    let mut delivery = Latencies::new();
+    let mut undelivered = 0u64;
+    let cpu_before = cpu::process_seconds(pid).unwrap_or(0.0);
+    for i in 0..changes {
+        let sent = Instant::now();
+        // Which streams this change must reach.
+        let expected: BTreeSet<usize> = match kind_of(i, args) {
+            Kind::EndpointMove => {
+                let k = (i * 7919 % args.services) | 1;
+                let k = if k < args.services { k } else { 1 };
+                let before = endpoints(k, moves[k], args.nodes);
+                moves[k] += 1;
+                let after = endpoints(k, moves[k], args.nodes);
+                routing
+                    .set_service_endpoints(endpoints_request(k, &after))
+                    .await
+                    .context("SetServiceEndpoints")?;
+                before
+                    .symmetric_difference(&after)
+                    .copied()
+                    .filter(|n| *n < subscribers && Some(*n) != not_ready)
+                    .collect()
+            }
+            Kind::Cluster => {
+                match cluster_held.take() {
+                    Some(k) => {
+                        ipam_client
+                            .release(ipam_pb::ReleaseRequest {
+                                owner_uid: ipam::uid("scale", k as u64),
+                                reason: String::new(),
+                            })
+                            .await
+                            .context("Release")?;
+                    }
+                    None => {
+                        let k = next_cluster;
+                        next_cluster += 1;
+                        let mut request = allocate_request(k);
+                        request.traffic_policy = ipam_pb::TrafficPolicy::Cluster as i32;
+                        ipam_client.allocate(request).await.context("Allocate")?;
+                        cluster_held = Some(k);
+                    }
+                }
+                (0..subscribers).filter(|n| Some(*n) != not_ready).collect()
+            }
+            Kind::Node => {
+                let n = match not_ready.take() {
+                    Some(n) => {
+                        routing
+                            .upsert_node(node(n, true))
+                            .await
+                            .context("UpsertNode")?;
+                        n
+                    }
+                    None => {
+                        let n = i % subscribers.max(1);
+                        routing
+                            .upsert_node(node(n, false))
+                            .await
+                            .context("UpsertNode")?;
+                        not_ready = Some(n);
+                        n
+                    }
+                };
+                [n].into()
+            }
+        };
+        let mut waiting = expected;
+        let deadline = sent + CHANGE_TIMEOUT;
+        while !waiting.is_empty() {
+            match tokio::time::timeout_at(deadline.into(), rx.recv()).await {
+                Ok(Some((n, at))) => {
+                    if waiting.remove(&n) {
+                        delivery.record(at.saturating_duration_since(sent));
+                    }
+                }
+                _ => {
+                    eprintln!(
+                        "  [{engine}] change {i} ({:?}) not seen by streams {waiting:?} within {CHANGE_TIMEOUT:?}",
+                        kind_of(i, args)
+                    );
+                    undelivered += 1;
+                    break;
+                }
+            }
+        }
+    }
+    let cpu_after = cpu::process_seconds(pid).unwrap_or(0.0);
+    let rss_after_kib = speakers::rss(pid).rss_kib;
+    let _ = stop.send(true);
+    for task in tasks {
+        if let Ok(Err(e)) = task.await {
+            bail!("{engine}: stream failed: {e}");
+        }
+    }
+    drop(server);
+    Ok(EngineRow {
+        engine: engine.to_string(),
+        changes,
+        ipam_cpu_ms_per_change: (cpu_after - cpu_before) * 1000.0 / changes.max(1) as f64,
+        delivery: delivery.summary(),
+        undelivered,
+        rss_setup_kib,
+        rss_after_kib,
+        setup_s,
+    })
+}

@@ -1,0 +1,411 @@
+//! The incremental engine: the routing inputs and every node's computed set, kept in
+//! persistent maps and patched per change, so a change costs what it touches rather than
+//! nodes × Services.
+//!
+//! [`RouteState`] holds nodes, Services, policy and pools, and each node's [`NodeRoutes`]
+//! and problems. Each method applies one change and returns the nodes whose set changed:
+//! - a Service's upsert or removal recomputes only the prefixes its old and new addresses
+//!   make (host routes and the aggregates that cover them), and only on the nodes it can
+//!   announce from (every eligible node for `Cluster`, its endpoint nodes for `Local`);
+//! - a node's upsert recomputes that node, its removal drops it;
+//! - a policy or pool change recomputes every node (rare, and what it selects can be
+//!   anything).
+//!
+//! The result always equals [`crate::plan`] over the same inputs (property-tested). Cloning
+//! a `RouteState` is cheap (the maps are `imbl`'s and share structure), so a reader can
+//! keep a snapshot while the engine moves on.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::ops::Bound;
+use std::sync::Arc;
+
+use herald_model::{IpFamily, PoolSpec, TrafficPolicy};
+use imbl::{OrdMap, OrdSet};
+use ipnet::IpNet;
+
+use crate::compute::{Ctx, NodeRoutes, Plan, Problem, RouteAttrs, RuleSet, not_announced};
+use crate::facts::{Eligibility, Node, NodeName, ServiceFacts};
+use crate::policy::BgpPolicy;
+
+/// One node's computed set and the problems found computing it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeResult {
+    pub routes: Arc<NodeRoutes>,
+    /// Sorted, without repeats.
+    pub problems: Arc<BTreeSet<Problem>>,
+}
+
+/// The inputs and the per-node results, patched change by change.
+#[derive(Debug, Clone, Default)]
+pub struct RouteState {
+    nodes: OrdMap<NodeName, Arc<Node>>,
+    /// By owner uid.
+    services: OrdMap<String, Arc<ServiceFacts>>,
+    /// (address, owner uid) of every Service address, to find the Services under a prefix.
+    addresses: OrdSet<(IpAddr, String)>,
+    policy: Option<Arc<BgpPolicy>>,
+    pools: Arc<Vec<PoolSpec>>,
+    results: OrdMap<NodeName, NodeResult>,
+}
+
+impl RouteState {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A state holding these inputs, computed once for all (not change by change).
+    pub fn from_inputs(
+        nodes: Vec<Node>,
+        services: Vec<ServiceFacts>,
+        policy: Option<BgpPolicy>,
+        pools: Vec<PoolSpec>,
+    ) -> Self {
+        let mut state = Self {
+            pools: Arc::new(pools),
+            ..Self::default()
+        };
+        // Without a policy each of these is cheap; setting the policy last computes
+        // every node once.
+        for facts in services {
+            state.upsert_service(facts);
+        }
+        for node in nodes {
+            state.upsert_node(node);
+        }
+        state.set_policy(policy);
+        state
+    }
+
+    pub fn node_routes(&self, node: &str) -> Option<&Arc<NodeRoutes>> {
+        self.results.get(node).map(|r| &r.routes)
+    }
+
+    pub fn results(&self) -> &OrdMap<NodeName, NodeResult> {
+        &self.results
+    }
+
+    pub fn nodes(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.values().map(|n| &**n)
+    }
+
+    pub fn services(&self) -> impl Iterator<Item = &ServiceFacts> {
+        self.services.values().map(|s| &**s)
+    }
+
+    pub fn policy(&self) -> Option<&BgpPolicy> {
+        self.policy.as_deref()
+    }
+
+    /// The whole [`Plan`], as [`crate::plan`] gives it (with no policy: every node empty,
+    /// no eligibility, no problems). Costs a copy of every node's set: for status queries,
+    /// not for every change.
+    pub fn plan(&self) -> Plan {
+        let mut out = Plan {
+            nodes: self
+                .results
+                .iter()
+                .map(|(name, r)| (name.clone(), (*r.routes).clone()))
+                .collect(),
+            ..Plan::default()
+        };
+        if self.policy.is_none() {
+            return out;
+        }
+        out.eligibility = self
+            .nodes
+            .iter()
+            .map(|(name, n)| (name.clone(), n.eligibility()))
+            .collect();
+        let mut problems: BTreeSet<Problem> = self
+            .results
+            .values()
+            .flat_map(|r| r.problems.iter().cloned())
+            .collect();
+        let announced: BTreeSet<IpNet> = out.nodes.values().flat_map(|n| n.prefixes()).collect();
+        problems.extend(not_announced(self.services(), &announced));
+        out.problems = problems.into_iter().collect();
+        out
+    }
+
+    /// Adds or replaces the Service with this owner uid.
+    pub fn upsert_service(&mut self, facts: ServiceFacts) -> BTreeSet<NodeName> {
+        let uid = facts.owner.uid.clone();
+        let old = self.services.get(&uid).cloned();
+        if old.as_deref() == Some(&facts) {
+            return BTreeSet::new();
+        }
+        let new = Arc::new(facts);
+        if let Some(old) = &old {
+            self.forget_addresses(old);
+        }
+        for a in &new.ips {
+            self.addresses.insert((a.ip, uid.clone()));
+        }
+        self.services.insert(uid, Arc::clone(&new));
+        self.service_changed(old.as_deref(), Some(&new))
+    }
+
+    pub fn remove_service(&mut self, owner_uid: &str) -> BTreeSet<NodeName> {
+        let Some(old) = self.services.remove(owner_uid) else {
+            return BTreeSet::new();
+        };
+        self.forget_addresses(&old);
+        self.service_changed(Some(&old), None)
+    }
+
+    /// Adds or replaces the node with this name.
+    pub fn upsert_node(&mut self, node: Node) -> BTreeSet<NodeName> {
+        if self.nodes.get(&node.name).is_some_and(|n| **n == node) {
+            return BTreeSet::new();
+        }
+        let node = Arc::new(node);
+        self.nodes.insert(node.name.clone(), Arc::clone(&node));
+        let services = self.service_refs();
+        let result = self.compute_node(&node, &services);
+        self.set_result(&node.name, result)
+            .then(|| node.name.clone())
+            .into_iter()
+            .collect()
+    }
+
+    pub fn remove_node(&mut self, name: &str) -> BTreeSet<NodeName> {
+        self.nodes.remove(name);
+        self.results
+            .remove(name)
+            .map(|_| name.to_string())
+            .into_iter()
+            .collect()
+    }
+
+    pub fn set_policy(&mut self, policy: Option<BgpPolicy>) -> BTreeSet<NodeName> {
+        if self.policy.as_deref() == policy.as_ref() {
+            return BTreeSet::new();
+        }
+        self.policy = policy.map(Arc::new);
+        self.recompute_all()
+    }
+
+    /// The pools matter for their aggregation lengths.
+    pub fn set_pools(&mut self, pools: Vec<PoolSpec>) -> BTreeSet<NodeName> {
+        if *self.pools == pools {
+            return BTreeSet::new();
+        }
+        self.pools = Arc::new(pools);
+        self.recompute_all()
+    }
+
+    fn service_refs(&self) -> Vec<&ServiceFacts> {
+        self.services.values().map(|s| &**s).collect()
+    }
+
+    fn forget_addresses(&mut self, facts: &ServiceFacts) {
+        for a in &facts.ips {
+            self.addresses.remove(&(a.ip, facts.owner.uid.clone()));
+        }
+    }
+
+    fn compute_node(&self, node: &Node, services: &[&ServiceFacts]) -> NodeResult {
+        let (routes, problems) = match &self.policy {
+            Some(policy) => Ctx::new(policy, &self.pools).node(node, services),
+            None => (NodeRoutes::default(), Vec::new()),
+        };
+        NodeResult {
+            routes: Arc::new(routes),
+            problems: Arc::new(problems.into_iter().collect()),
+        }
+    }
+
+    /// Stores `node`'s result; true when it differs from the one it replaces.
+    fn set_result(&mut self, node: &str, result: NodeResult) -> bool {
+        match self.results.get(node) {
+            Some(old) if *old == result => false,
+            _ => {
+                self.results.insert(node.to_string(), result);
+                true
+            }
+        }
+    }
+
+    fn recompute_all(&mut self) -> BTreeSet<NodeName> {
+        let services = self.service_refs();
+        let results: Vec<(NodeName, NodeResult)> = self
+            .nodes
+            .values()
+            .map(|n| (n.name.clone(), self.compute_node(n, &services)))
+            .collect();
+        drop(services);
+        results
+            .into_iter()
+            .filter_map(|(name, r)| self.set_result(&name, r).then_some(name))
+            .collect()
+    }
+
+    /// Recomputes the prefixes `old` and `new` (the same Service before and after) make,
+    /// on the nodes either can announce from.
+    fn service_changed(
+        &mut self,
+        old: Option<&ServiceFacts>,
+        new: Option<&ServiceFacts>,
+    ) -> BTreeSet<NodeName> {
+        let Some(policy) = self.policy.clone() else {
+            return BTreeSet::new();
+        };
+        let pools = Arc::clone(&self.pools);
+        let ctx = Ctx::new(&policy, &pools);
+        let facts: Vec<&ServiceFacts> = old.into_iter().chain(new).collect();
+        let prefixes = touched_prefixes(&ctx, &policy, &facts);
+        if prefixes.is_empty() {
+            return BTreeSet::new();
+        }
+        // A Local Service can only announce from its endpoint nodes; a Cluster one from
+        // any eligible node.
+        let nodes: Vec<Arc<Node>> = if facts
+            .iter()
+            .all(|f| f.traffic_policy == TrafficPolicy::Local)
+        {
+            let names: BTreeSet<&NodeName> = facts
+                .iter()
+                .flat_map(|f| &f.nodes_with_ready_endpoints)
+                .collect();
+            names
+                .into_iter()
+                .filter_map(|n| self.nodes.get(n).cloned())
+                .collect()
+        } else {
+            self.nodes.values().cloned().collect()
+        };
+        let mut changed = BTreeSet::new();
+        for node in nodes {
+            if node.eligibility() != Eligibility::Eligible {
+                continue;
+            }
+            let Some(result) = self.results.get(&node.name) else {
+                continue;
+            };
+            if result.routes.peers.is_empty() {
+                continue;
+            }
+            let patched = self.patch(&ctx, &node, result, &prefixes);
+            if let Some(patched) = patched {
+                self.results.insert(node.name.clone(), patched);
+                changed.insert(node.name.clone());
+            }
+        }
+        changed
+    }
+
+    /// `result` with `prefixes` recomputed on every session of `node`; `None` when that
+    /// changes nothing.
+    fn patch(
+        &self,
+        ctx: &Ctx<'_>,
+        node: &Node,
+        result: &NodeResult,
+        prefixes: &BTreeSet<IpNet>,
+    ) -> Option<NodeResult> {
+        let mut routes: Option<NodeRoutes> = None;
+        let mut problems: Option<BTreeSet<Problem>> = None;
+        for session in &result.routes.peers {
+            // Per session: attributes depend on whether the session is eBGP.
+            let mut shared: BTreeMap<RuleSet, RouteAttrs> = BTreeMap::new();
+            let rules = ctx.session_rules(node, session);
+            for prefix in prefixes {
+                let mut rule_ids: Option<RuleSet> = None;
+                if !rules.is_empty() {
+                    for svc in self.services_under(prefix) {
+                        for assigned in svc.ips.iter().filter(|a| prefix.contains(&a.ip)) {
+                            ctx.contributions(node, session, &rules, svc, assigned, &mut |p, i| {
+                                if p == *prefix {
+                                    rule_ids.get_or_insert_default().insert(i);
+                                }
+                            });
+                        }
+                    }
+                }
+                let wanted =
+                    rule_ids.map(|ids| ctx.route(node, session, *prefix, ids, &mut shared));
+                let no_next_hop = Problem::NoNextHop {
+                    node: node.name.clone(),
+                    peer: session.name.clone(),
+                    prefix: *prefix,
+                };
+                let current = result
+                    .routes
+                    .routes
+                    .get(&session.name)
+                    .and_then(|set| set.get(prefix));
+                let had_problem = result.problems.contains(&no_next_hop);
+                let (want_route, want_problem) = match &wanted {
+                    None => (None, false),
+                    Some(Ok(attrs)) => (Some(attrs), false),
+                    Some(Err(_)) => (None, true),
+                };
+                if current != want_route {
+                    let set = routes
+                        .get_or_insert_with(|| (*result.routes).clone())
+                        .routes
+                        .entry(session.name.clone())
+                        .or_default();
+                    match want_route {
+                        Some(attrs) => set.insert(*prefix, attrs.clone()),
+                        None => set.remove(prefix),
+                    };
+                }
+                if had_problem != want_problem {
+                    let set = problems.get_or_insert_with(|| (*result.problems).clone());
+                    if want_problem {
+                        set.insert(no_next_hop);
+                    } else {
+                        set.remove(&no_next_hop);
+                    }
+                }
+            }
+        }
+        if routes.is_none() && problems.is_none() {
+            return None;
+        }
+        Some(NodeResult {
+            routes: routes.map_or_else(|| Arc::clone(&result.routes), Arc::new),
+            problems: problems.map_or_else(|| Arc::clone(&result.problems), Arc::new),
+        })
+    }
+
+    /// The Services with an address inside `prefix`.
+    fn services_under(&self, prefix: &IpNet) -> impl Iterator<Item = &ServiceFacts> {
+        let first = prefix.network();
+        let last = prefix.broadcast();
+        let uids: BTreeSet<&String> = self
+            .addresses
+            .range((Bound::Included((first, String::new())), Bound::Unbounded))
+            .take_while(move |(ip, _)| *ip <= last)
+            .map(|(_, uid)| uid)
+            .collect();
+        uids.into_iter()
+            .filter_map(|uid| self.services.get(uid).map(|s| &**s))
+    }
+}
+
+/// Every prefix the Services' addresses could make under `policy`: each address's host
+/// route and its aggregate at every aggregation length a rule or pool sets for its family.
+fn touched_prefixes(ctx: &Ctx<'_>, policy: &BgpPolicy, facts: &[&ServiceFacts]) -> BTreeSet<IpNet> {
+    let mut out = BTreeSet::new();
+    for svc in facts {
+        for assigned in &svc.ips {
+            let family = IpFamily::of(assigned.ip);
+            out.insert(IpNet::from(assigned.ip));
+            for rule in policy
+                .advertisements
+                .iter()
+                .filter(|r| r.selects_pool(&assigned.pool))
+            {
+                if let Some(len) = ctx.aggregation(rule, &assigned.pool, family)
+                    && let Ok(net) = IpNet::new(assigned.ip, len)
+                {
+                    out.insert(net.trunc());
+                }
+            }
+        }
+    }
+    out
+}
