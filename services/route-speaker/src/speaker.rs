@@ -127,6 +127,44 @@ fn update_spans(node: &str, peer: &str, cause: &Arc<Mutex<Cause>>) -> Option<Upd
     }))
 }
 
+/// The traces of the routes of `new` that differ from `old` (at most
+/// [`MAX_UPDATE_LINKS`]), for the UPDATE spans to link.
+fn changed_links(
+    provenance: &[convert::Provenance],
+    old: &Routes,
+    new: &Routes,
+) -> Vec<SpanContext> {
+    let mut links = Vec::new();
+    if !herald_telemetry::trace::enabled() {
+        return links;
+    }
+    for p in provenance {
+        if links.len() >= MAX_UPDATE_LINKS {
+            break;
+        }
+        if old.get(&p.prefix) != new.get(&p.prefix)
+            && let Some(sc) = herald_telemetry::trace::span_context(&p.traceparent)
+            && !links.contains(&sc)
+        {
+            links.push(sc);
+        }
+    }
+    links
+}
+
+/// The cause of the UPDATEs a route set handed over now brings: the current span (the
+/// snapshot's apply) as parent, `links` as links.
+fn current_cause(links: Vec<SpanContext>) -> Cause {
+    if !herald_telemetry::trace::enabled() {
+        return Cause::default();
+    }
+    let parent = herald_telemetry::trace::context_of(&tracing::Span::current());
+    Cause {
+        parent: parent.is_valid().then_some(parent),
+        links,
+    }
+}
+
 /// The node's sessions. [`Speaker::apply`] is idempotent: applying the same snapshot twice
 /// changes nothing on the wire, which is what lets a reconnect to IPAM (or a restarted
 /// IPAM) replay its snapshot without a flap.
@@ -343,14 +381,29 @@ impl Speaker {
             // The session's task outlives this snapshot: give it a span of its own
             // rather than the snapshot's.
             let span = tracing::info_span!(parent: None, "peer", node = %self.node, peer = %name);
-            let cause = Arc::new(Mutex::new(Cause::default()));
+            // The session starts with the snapshot's routes, so its first advertisement
+            // carries them all before its End-of-RIB. Handed over after the spawn, they
+            // could come after an End-of-RIB of an empty set (the session can be
+            // Established first), and a graceful-restart ToR would drop at that
+            // End-of-RIB every stale path of ours not yet re-sent.
+            let converted = desired_routes.get(name);
+            let routes = Arc::new(converted.map(|c| c.routes.clone()).unwrap_or_default());
+            let links = converted
+                .map(|c| changed_links(&c.provenance, &Routes::new(), &routes))
+                .unwrap_or_default();
+            let cause = Arc::new(Mutex::new(current_cause(links)));
             let observer = update_spans(&self.node, name, &cause);
             // A session we have just closed ourselves: the ToR may refuse the first
             // reconnects for a moment, which must not cost a backoff.
             let after_close = plan.stop.contains(name);
-            match PeerHandle::spawn_observed(config.clone(), observer, after_close)
-                .instrument(span)
-                .await
+            match PeerHandle::spawn_observed(
+                config.clone(),
+                Arc::clone(&routes),
+                observer,
+                after_close,
+            )
+            .instrument(span)
+            .await
             {
                 Ok(handle) => {
                     info!(peer = %name, address = %handle.peer(), "started BGP session");
@@ -362,7 +415,7 @@ impl Speaker {
                         Session {
                             config: config.clone(),
                             handle,
-                            routes: Arc::new(Routes::new()),
+                            routes,
                             reset_pending: false,
                             pending,
                             cause,
@@ -413,37 +466,24 @@ impl Speaker {
             if *session.routes == converted.routes {
                 continue;
             }
-            // A session just started sends everything: its first routes are not a change
-            // to time (their UPDATE spans still link the changes' traces).
-            let started = summary.started.contains(&name);
+            // A session started by this snapshot has these routes since its spawn (the
+            // equal sets are skipped above). One still connecting takes this set before
+            // its first advertisement.
             let mut changes = Vec::new();
-            let mut links = Vec::new();
             for p in &converted.provenance {
                 let changed = session.routes.get(&p.prefix) != converted.routes.get(&p.prefix);
-                if changed
-                    && !started
-                    && let Some(at) = p.changed_at
-                {
+                if changed && let Some(at) = p.changed_at {
                     newest_change = newest_change.max(Some(at));
                     changes.push(metrics::Change::new(at, &p.traceparent));
                 }
-                if changed
-                    && links.len() < MAX_UPDATE_LINKS
-                    && let Some(sc) = herald_telemetry::trace::span_context(&p.traceparent)
-                    && !links.contains(&sc)
-                {
-                    links.push(sc);
-                }
             }
             if herald_telemetry::trace::enabled() {
-                let parent = herald_telemetry::trace::context_of(&tracing::Span::current());
+                let links =
+                    changed_links(&converted.provenance, &session.routes, &converted.routes);
                 *session
                     .cause
                     .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Cause {
-                    parent: parent.is_valid().then_some(parent),
-                    links,
-                };
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = current_cause(links);
             }
             let routes = Arc::new(converted.routes);
             // Before the hand-over: the writer may report the set written at once.

@@ -215,29 +215,37 @@ impl PeerHandle {
     /// invalid config or when the listener cannot bind; connection problems
     /// show up in [`PeerStatus::last_error`] and are retried forever.
     pub async fn spawn(config: PeerConfig) -> Result<PeerHandle, SpawnError> {
-        Self::spawn_inner(config, false, None).await
+        Self::spawn_inner(config, Arc::default(), false, None).await
     }
 
     /// As [`Self::spawn`], for a session that replaces one we have just
     /// closed ourselves: the first reconnects do not back off
     /// ([`Session::reconnect_quickly`]).
     pub async fn spawn_after_close(config: PeerConfig) -> Result<PeerHandle, SpawnError> {
-        Self::spawn_inner(config, true, None).await
+        Self::spawn_inner(config, Arc::default(), true, None).await
     }
 
-    /// As [`Self::spawn`] (or, with `after_close`, [`Self::spawn_after_close`]), calling
-    /// `observer` for every UPDATE the session writes to its connection (from the
-    /// session's task: it must be quick and must not block).
+    /// As [`Self::spawn`] (or, with `after_close`, [`Self::spawn_after_close`]), with
+    /// `initial` as the desired set from the start, calling `observer` for every UPDATE
+    /// the session writes to its connection (from the session's task: it must be quick
+    /// and must not block).
+    ///
+    /// A session given its routes only after the spawn can reach Established first and
+    /// send End-of-RIB after a partial set; a graceful-restart helper then drops the
+    /// stale paths not yet re-sent (RFC 4724 §4.2). With `initial` the first
+    /// advertisement and its End-of-RIB carry the whole set.
     pub async fn spawn_observed(
         config: PeerConfig,
+        initial: Arc<Routes>,
         observer: Option<UpdateObserver>,
         after_close: bool,
     ) -> Result<PeerHandle, SpawnError> {
-        Self::spawn_inner(config, after_close, observer).await
+        Self::spawn_inner(config, initial, after_close, observer).await
     }
 
     async fn spawn_inner(
         config: PeerConfig,
+        initial: Arc<Routes>,
         quick: bool,
         observer: Option<UpdateObserver>,
     ) -> Result<PeerHandle, SpawnError> {
@@ -271,7 +279,7 @@ impl PeerHandle {
         if quick {
             session.reconnect_quickly();
         }
-        let (desired_tx, desired_rx) = watch::channel(Arc::new(Routes::new()));
+        let (desired_tx, desired_rx) = watch::channel(initial);
         let (status_tx, status_rx) = watch::channel(session.status().clone());
         let (synced_tx, synced_rx) = watch::channel(None);
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();

@@ -397,3 +397,63 @@ async fn advertised_waits_for_the_socket() {
     peer.shutdown(ShutdownMode::Graceful).await;
     drain.abort();
 }
+
+/// A session spawned with its routes announces all of them before its End-of-RIB, even
+/// against a peer that completes the handshake at once: a graceful-restart helper drops
+/// at End-of-RIB every stale path not re-sent by then (RFC 4724 §4.2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initial_routes_all_precede_end_of_rib() {
+    const N: u32 = 300;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut cfg = PeerConfig::new(lo(), 65001, 65010, Ipv4Addr::new(10, 0, 0, 2));
+    cfg.peer_port = listener.local_addr().unwrap().port();
+    cfg.connect_retry = Duration::from_millis(200);
+    let h = PeerHandle::spawn_observed(cfg, Arc::new(routes(N)), None, false)
+        .await
+        .unwrap();
+    let mut s = establish(&listener).await;
+    let mut announced = std::collections::BTreeSet::new();
+    let mut end_of_rib = false;
+    // Several messages arrive per read: keep what follows the one decoded.
+    let ctx = WireContext::default();
+    let mut buf = Vec::new();
+    let deadline = tokio::time::Instant::now() + T;
+    // Bounded: N routes fit in far fewer messages than this.
+    for _ in 0..1000 {
+        while !matches!(frame(&buf, &ctx), Ok(Some(_))) {
+            let mut chunk = [0u8; 4096];
+            let n = tokio::time::timeout_at(deadline, s.read(&mut chunk))
+                .await
+                .expect("End-of-RIB in time")
+                .unwrap();
+            assert!(n > 0, "connection closed before End-of-RIB");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        let Ok(Some(len)) = frame(&buf, &ctx) else {
+            unreachable!("framed above")
+        };
+        let message = decode_message(&buf[..len], &ctx).unwrap().message;
+        buf.drain(..len);
+        match message {
+            Message::Update(u) => {
+                let (a, w) = (u.announced(), u.withdrawn_all());
+                assert!(w.is_empty(), "withdrawals in the initial update: {w:?}");
+                if a.is_empty() {
+                    end_of_rib = true;
+                    break;
+                }
+                announced.extend(a);
+            }
+            Message::Keepalive => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(end_of_rib, "no End-of-RIB");
+    assert_eq!(
+        announced.len(),
+        N as usize,
+        "End-of-RIB after {} of {N} routes",
+        announced.len()
+    );
+    drop(h);
+}
