@@ -62,6 +62,18 @@ pub struct TlsFiles {
     pub ca: PathBuf,
 }
 
+impl TlsFiles {
+    /// The three files when all are set; `None` (plaintext) otherwise. The settings refuse
+    /// a configuration that sets only some of them, so `None` never hides a mistake.
+    pub fn all(cert: Option<&Path>, key: Option<&Path>, ca: Option<&Path>) -> Option<Self> {
+        Some(TlsFiles {
+            cert: cert?.to_path_buf(),
+            key: key?.to_path_buf(),
+            ca: ca?.to_path_buf(),
+        })
+    }
+}
+
 /// Why the TLS material could not be used. Each names the file and what was wrong with it;
 /// never any key material.
 #[derive(Debug, thiserror::Error)]
@@ -587,6 +599,30 @@ impl ClientEndpoint {
         };
         let endpoint = tonic::transport::Endpoint::from(uri).connect_timeout(connect_timeout);
         Ok(ClientEndpoint { endpoint, tls })
+    }
+
+    /// The endpoint for a client of herald-ipam configured by files: mutual TLS with
+    /// `files` (re-read when they change) when given, plaintext otherwise.
+    pub fn from_files(
+        url: &str,
+        files: Option<TlsFiles>,
+        server_name: Option<String>,
+        connect_timeout: Duration,
+    ) -> Result<Self, TlsError> {
+        let reloading = match files {
+            Some(files) => {
+                let reloading = Reloading::load(files)?;
+                // Ends when the last connection's configuration is dropped.
+                let _reload = reloading.watch();
+                Some(reloading)
+            }
+            None => None,
+        };
+        Self::new(
+            url,
+            reloading.as_ref().map(|r| (r, server_name)),
+            connect_timeout,
+        )
     }
 
     /// Applies more of tonic's settings (timeouts, keepalive) to the endpoint.

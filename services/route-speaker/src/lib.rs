@@ -133,24 +133,14 @@ impl Config {
         &self,
         connect_timeout: std::time::Duration,
     ) -> Result<herald_tls::ClientEndpoint, herald_tls::TlsError> {
-        let reloading = match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
-            (Some(cert), Some(key), Some(ca)) => {
-                let reloading = herald_tls::Reloading::load(herald_tls::TlsFiles {
-                    cert: cert.clone(),
-                    key: key.clone(),
-                    ca: ca.clone(),
-                })?;
-                // Ends when the last connection's configuration is dropped.
-                let _reload = reloading.watch();
-                Some(reloading)
-            }
-            _ => None,
-        };
-        herald_tls::ClientEndpoint::new(
+        herald_tls::ClientEndpoint::from_files(
             self.ipam_endpoint.as_str(),
-            reloading
-                .as_ref()
-                .map(|r| (r, self.ipam_server_name.clone())),
+            herald_tls::TlsFiles::all(
+                self.tls_cert.as_deref(),
+                self.tls_key.as_deref(),
+                self.tls_ca.as_deref(),
+            ),
+            self.ipam_server_name.clone(),
             connect_timeout,
         )
     }
