@@ -258,8 +258,12 @@ impl Speaker {
             local_asn,
             router_id,
             peers,
-            traceparent: _,
+            traceparent,
+            changed_at: snapshot_changed_at,
         } = snapshot;
+        // What a withdrawal is timed from: a withdrawn route is absent from the snapshot,
+        // so only the snapshot says when the change that removed it was made.
+        let withdrawn_at = snapshot_changed_at.and_then(|ts| SystemTime::try_from(ts).ok());
         if !node.is_empty() && *node != self.node {
             warn!(snapshot_node = %node, "snapshot names another node; applying it anyway");
         }
@@ -476,6 +480,15 @@ impl Speaker {
                     newest_change = newest_change.max(Some(at));
                     changes.push(metrics::Change::new(at, &p.traceparent));
                 }
+            }
+            if let Some(at) = withdrawn_at {
+                changes.extend(
+                    session
+                        .routes
+                        .keys()
+                        .filter(|prefix| !converted.routes.contains_key(prefix))
+                        .map(|_| metrics::Change::withdraw(at, traceparent)),
+                );
             }
             if herald_telemetry::trace::enabled() {
                 let links =
@@ -837,6 +850,9 @@ mod tests {
             local_asn: 65010,
             router_id: "127.0.0.10".into(),
             traceparent: String::new(),
+            changed_at: Some(prost_types::Timestamp::from(
+                SystemTime::now() - Duration::from_secs(1),
+            )),
             peers: vec![pb::PeerRoutes {
                 peer: Some(pb::Peer {
                     name: "tor".into(),
@@ -976,6 +992,38 @@ mod tests {
         );
         let (_, routes) = speaker.session("tor").unwrap_or_else(|| panic!("session"));
         assert_eq!(routes.len(), 2);
+
+        // A withdrawal waits for its UPDATE too, timed from the snapshot's change time
+        // (the withdrawn route is not in the snapshot to say).
+        let withdraw = snapshot(5, port, 9, &["172.16.0.241/32"]);
+        speaker.apply(&withdraw).await;
+        let at = withdraw
+            .changed_at
+            .and_then(|ts| SystemTime::try_from(ts).ok())
+            .unwrap_or_else(|| panic!("the snapshot's change time"));
+        let waiting: Vec<metrics::Change> = speaker
+            .sessions
+            .get("tor")
+            .and_then(|s| {
+                metrics::lock(&s.pending)
+                    .as_ref()
+                    .map(|p| p.changes.clone())
+            })
+            .unwrap_or_default();
+        let withdrawals: Vec<&metrics::Change> = waiting
+            .iter()
+            .filter(|c| c.kind == metrics::Kind::Withdraw)
+            .collect();
+        assert_eq!(withdrawals.len(), 1, "one route withdrawn: {waiting:?}");
+        assert_eq!(withdrawals[0].changed_at, at);
+        speaker
+            .apply(&snapshot(
+                5,
+                port,
+                9,
+                &["172.16.0.241/32", "172.16.0.242/32"],
+            ))
+            .await;
 
         // A broken entry for a running peer keeps that session as it is.
         let mut broken = snapshot(5, port, 9, &[]);
