@@ -715,6 +715,31 @@ mod tests {
     }
 
     #[test]
+    fn spans_reach_a_real_collector_with_no_runtime_on_the_calling_thread() {
+        let receiver = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap_or_else(|e| panic!("{e}"))
+            .block_on(herald_test_support::OtlpReceiver::start_counting());
+        // The export channel brings its own runtime: none here, none needed.
+        assert!(tokio::runtime::Handle::try_current().is_err());
+        let (provider, runtime) = provider(&receiver.endpoint(), "herald-test")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let tracer = provider.tracer("test");
+        for _ in 0..10 {
+            tracer.in_span("exported", |_| {});
+        }
+        let _ = provider.force_flush();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while receiver.count() < 10 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(receiver.count(), 10, "spans the collector received");
+        let _ = provider.shutdown();
+        let _ = runtime.send(());
+    }
+
+    #[test]
     fn a_traceparent_round_trips_and_a_bad_one_is_ignored() {
         set_enabled();
         let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
