@@ -723,8 +723,8 @@ mod tests {
             .block_on(herald_test_support::OtlpReceiver::start_counting());
         // The export channel brings its own runtime: none here, none needed.
         assert!(tokio::runtime::Handle::try_current().is_err());
-        let (provider, runtime) = provider(&receiver.endpoint(), "herald-test")
-            .unwrap_or_else(|e| panic!("{e}"));
+        let (provider, runtime) =
+            provider(&receiver.endpoint(), "herald-test").unwrap_or_else(|e| panic!("{e}"));
         let tracer = provider.tracer("test");
         for _ in 0..10 {
             tracer.in_span("exported", |_| {});
