@@ -86,7 +86,7 @@ fn ipam_us_per_op(ipam_pct: f64, per_sec: f64) -> f64 {
 /// Whether round `round` (from 0) runs export off first: the order alternates, so a
 /// drift in the machine's load across the run falls on both sides alike.
 fn off_first(round: usize) -> bool {
-    round % 2 == 0
+    round.is_multiple_of(2)
 }
 
 fn alloc_medians(phases: &[PhaseResult]) -> Medians {
