@@ -1023,8 +1023,7 @@ fn our_graceful_restart_capability_sets_the_f_bit_when_forwarding_is_preserved()
         );
         // On the wire (capability 64, length 2 + 4 per family): the flags octet after
         // each AFI/SAFI has 0x80 exactly when set.
-        let bytes =
-            encode_message(&Message::Open(open.clone()), &WireContext::default()).unwrap();
+        let bytes = encode_message(&Message::Open(open.clone()), &WireContext::default()).unwrap();
         let at = bytes
             .windows(2)
             .position(|w| w == [64, 10])
