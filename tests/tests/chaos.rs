@@ -900,6 +900,49 @@ async fn faults_under_churn_never_move_duplicate_leak_or_withdraw_an_address() {
         });
         restarting && !sent
     };
+    // What an unexplained withdrawal needs to be explained: the Service as the test made
+    // it, the address's history (a previous owner's path may still have been announced
+    // by a speaker cut off from IPAM), and every UPDATE about the prefix around it.
+    let explain = |svc: &Svc, ip: &str, at_ms: u128| -> String {
+        let history: Vec<String> = rows
+            .iter()
+            .filter(|r| r[1] == ip)
+            .map(|r| {
+                let mut at: u128 = r[4].parse().unwrap_or(0);
+                while at > 10_000_000_000_000 {
+                    at /= 1000;
+                }
+                format!(
+                    "{} {} at {} ms ({})",
+                    r[0],
+                    r[3],
+                    at.saturating_sub(start_ms),
+                    r[5]
+                )
+            })
+            .collect();
+        let prefix = format!("{ip}/32");
+        let updates: Vec<String> = adj_events
+            .iter()
+            .filter(|e| e.prefix == prefix && e.at_ms + 10_000 >= at_ms && e.at_ms <= at_ms + 5_000)
+            .map(|e| {
+                format!(
+                    "{} {} at {} ms",
+                    e.neighbor,
+                    if e.withdrawal {
+                        "withdrew"
+                    } else {
+                        "announced"
+                    },
+                    e.at_ms - start_ms
+                )
+            })
+            .collect();
+        format!(
+            "\n    {}: local={} node sets {:?}; history {history:?}; UPDATEs {updates:?}",
+            svc.name, svc.local, svc.node_sets
+        )
+    };
     let mut withdrawn_paths: Vec<String> = Vec::new();
     for svc in churn.services.iter().filter(|s| s.alive) {
         let Some(ip) = ips.get(&svc.name) else {
@@ -935,7 +978,7 @@ async fn faults_under_churn_never_move_duplicate_leak_or_withdraw_an_address() {
                     if dropped_at_restart(node, &prefix, e.at_ms, e.at_ms) {
                         violations.push(format!("{line}: dropped at its speaker's restart"));
                     } else {
-                        withdrawn_paths.push(line);
+                        withdrawn_paths.push(line + &explain(svc, ip, e.at_ms));
                     }
                 }
             }
@@ -981,7 +1024,7 @@ async fn faults_under_churn_never_move_duplicate_leak_or_withdraw_an_address() {
                         if dropped_at_restart(node, &prefix, since, *at_ms) {
                             violations.push(format!("{line}: dropped at its speaker's restart"));
                         } else {
-                            withdrawn_paths.push(line);
+                            withdrawn_paths.push(line + &explain(svc, ip, *at_ms));
                         }
                         break;
                     }
