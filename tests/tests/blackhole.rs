@@ -145,7 +145,7 @@ async fn watcher_workers_time_out_in_a_blackhole_and_every_service_is_addressed_
     }
     // Some answered, the rest on their way.
     let started = Instant::now();
-    while addressed(&lab, &before).len() < BEFORE / 4 {
+    while addressed(&lab, &before).is_empty() {
         assert!(started.elapsed() < CONVERGE, "the burst never got going");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
