@@ -881,11 +881,24 @@ impl Ctx {
             debug!(?outcome, "claim failed; the pending pass handles it");
             return Ok(());
         }
-        self.write_status(&svc, &outcome).await?;
-        if matches!(outcome, Outcome::Allocated { .. }) {
-            self.send_endpoints(key, &svc, &uid).await?;
-        }
-        Ok(())
+        let changed = self.write_status(&svc, &outcome).await?;
+        // The Event (best effort) and the endpoints go out together: a burst's Services
+        // each wait one round trip less.
+        let event = async {
+            if let Some(message) = changed {
+                self.record_event(&svc, outcome.event_type(), outcome.event_reason(), &message)
+                    .await;
+            }
+        };
+        let endpoints = async {
+            if matches!(outcome, Outcome::Allocated { .. }) {
+                self.send_endpoints(key, &svc, &uid).await
+            } else {
+                Ok(())
+            }
+        };
+        let ((), sent) = tokio::join!(event, endpoints);
+        sent
     }
 
     async fn allocate(
@@ -1050,8 +1063,8 @@ impl Ctx {
     }
 
     /// Writes the addresses and the condition, when they differ from what the Service
-    /// shows, and records an Event when the condition changes.
-    async fn write_status(&self, svc: &Service, outcome: &Outcome) -> Result<()> {
+    /// shows; when the condition changed, the message its Event is to carry.
+    async fn write_status(&self, svc: &Service, outcome: &Outcome) -> Result<Option<String>> {
         let previous = our_condition(svc);
         let condition = mapping::condition(
             outcome,
@@ -1063,10 +1076,10 @@ impl Ctx {
         if previous.is_some_and(|p| mapping::same_condition(p, &condition))
             && status_ips(svc) == want_ips
         {
-            return Ok(());
+            return Ok(None);
         }
         if self.already_written_over(svc) {
-            return Ok(());
+            return Ok(None);
         }
         let mut conditions: Vec<_> = svc
             .status
@@ -1092,7 +1105,7 @@ impl Ctx {
             "status": {"loadBalancer": {"ingress": ingress}, "conditions": conditions},
         });
         if !self.patch_status(svc, &patch).await? {
-            return Ok(());
+            return Ok(None);
         }
         self.remember_written_over(svc);
         let changed = previous.is_none_or(|p| {
@@ -1100,18 +1113,17 @@ impl Ctx {
                 || p.reason != condition.reason
                 || p.message != condition.message
         });
-        if changed {
-            let (_, _, message) = outcome.condition_parts();
-            match outcome {
-                Outcome::Allocated { .. } => info!(%message, "allocated"),
-                Outcome::Failed { reason, .. } => {
-                    warn!(reason = reason.as_str(), %message, "allocation failed")
-                }
-            }
-            self.record_event(svc, outcome.event_type(), outcome.event_reason(), &message)
-                .await;
+        if !changed {
+            return Ok(None);
         }
-        Ok(())
+        let (_, _, message) = outcome.condition_parts();
+        match outcome {
+            Outcome::Allocated { .. } => info!(%message, "allocated"),
+            Outcome::Failed { reason, .. } => {
+                warn!(reason = reason.as_str(), %message, "allocation failed")
+            }
+        }
+        Ok(Some(message))
     }
 
     /// Whether the watcher already patched the status over this very version of `svc`:

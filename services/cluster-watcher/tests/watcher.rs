@@ -344,12 +344,24 @@ async fn failures_are_reported_on_the_service_and_touch_nothing_else() {
     assert_eq!(cond["reason"], "PoolExhausted", "{cond}");
 
     for (name, reason) in [("b", "RequestedIPTaken"), ("d", "PoolExhausted")] {
-        let events = lab.fake.events_for("default", name);
+        // The Event follows the status write.
+        let failed = |events: &[serde_json::Value]| {
+            events.iter().any(|e| {
+                e["reason"] == "AllocationFailed"
+                    && e["type"] == "Warning"
+                    && e["note"].as_str().is_some()
+            })
+        };
+        let found = lab
+            .fake
+            .wait_for(WAIT, |f| {
+                failed(&f.events_for("default", name)).then_some(())
+            })
+            .await;
         assert!(
-            events.iter().any(|e| e["reason"] == "AllocationFailed"
-                && e["type"] == "Warning"
-                && e["note"].as_str().is_some()),
-            "{name}: no AllocationFailed event ({reason}): {events:?}"
+            found.is_some(),
+            "{name}: no AllocationFailed event ({reason}): {:?}",
+            lab.fake.events_for("default", name)
         );
     }
 
