@@ -877,6 +877,13 @@ impl Ctx {
             self.send_endpoints(key, &svc, &uid).await?;
         }
         let outcome = self.allocate(key, &svc, &uid, phase).await?;
+        // Deleted while its Allocate was on the way (queued for a batch, or in flight):
+        // the collection its deletion started may have listed the allocations before
+        // this one was committed, so it is collected again.
+        let live = self.services.get(&key.object_ref());
+        if live.as_ref().and_then(|s| s.metadata.uid.as_deref()) != Some(uid.as_str()) {
+            self.gc_wanted.notify_one();
+        }
         if phase == Phase::Import && matches!(outcome, Outcome::Failed { .. }) {
             debug!(?outcome, "claim failed; the pending pass handles it");
             return Ok(());
