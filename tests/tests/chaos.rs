@@ -1151,9 +1151,13 @@ async fn faults_under_churn_never_move_duplicate_leak_or_withdraw_an_address() {
     //    its first snapshot's routes; the session could reach Established first and send
     //    End-of-RIB after a partial set, and the ToR, as graceful-restart helper, dropped
     //    the stale paths not yet re-sent. Sessions now get their routes at the spawn.
-    // 2. When SetServiceEndpoints fails (IPAM down) after an Allocate, and the Service
-    //    is then switched to Local, IPAM applies the Local policy with no endpoints known
-    //    and withdraws the address until the watcher's retry sets them.
+    // 2. (Fixed in the watcher.) When SetServiceEndpoints failed (IPAM down) after an
+    //    Allocate and the Service was then switched to Local, the Allocate carrying the
+    //    Local policy reached IPAM before the endpoints, and IPAM withdrew the address
+    //    everywhere until the watcher's retry sent them. The watcher now sends a Service's
+    //    endpoints before its Allocate once it holds an address (checked by
+    //    services/cluster-watcher/tests/watcher.rs,
+    //    `a_service_flipped_to_local_keeps_its_route_on_its_endpoint_node_throughout`).
     // 3. (Explained, not Herald's: the test misread it.) "The ToR lost a path while a
     //    speaker or replica was down": every case was an address released and handed to
     //    a new Service within a fault (IPAM B down, the machine loaded), where a replica's

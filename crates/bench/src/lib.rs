@@ -9,6 +9,7 @@ pub mod bgp;
 pub mod cpu;
 pub mod insert_server;
 pub mod ipam;
+pub mod kube;
 pub mod machine;
 pub mod pg;
 pub mod pipeline;

@@ -117,6 +117,10 @@ enum Bench {
     E2e(E2eArgs),
     /// alloc and e2e with span export off and on (to an in-process OTLP receiver).
     Trace(TraceArgs),
+    /// The watcher at scale from the fake API server: a burst of Services, a cold start
+    /// with N pending, a restart and a migration with N holding addresses; Allocate
+    /// batching on vs off in the same run.
+    Kube(KubeArgs),
     /// Internal: one engine session driven over stdin (used by advertise/withdraw).
     #[command(hide = true)]
     EngineChild(EngineChildArgs),
@@ -274,6 +278,16 @@ struct FanoutArgs {
 }
 
 #[derive(Debug, Args)]
+struct KubeArgs {
+    /// Services created at once.
+    #[arg(long, default_value_t = 1000)]
+    burst: u64,
+    /// Services pending when the watcher starts cold.
+    #[arg(long, default_value_t = 10_000)]
+    cold: u64,
+}
+
+#[derive(Debug, Args)]
 struct E2eArgs {
     /// Services allocated one by one.
     #[arg(long, default_value_t = 1000)]
@@ -404,6 +418,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 )?;
             }
         }
+        Bench::Kube(a) => put(
+            "kube",
+            json(herald_bench::kube::kube(&common, a.burst, a.cold).await),
+        )?,
         Bench::Scale(a) => put(
             "scale",
             json(

@@ -53,7 +53,7 @@ const BURST_POLL: Duration = Duration::from_millis(10);
 const ESTABLISH_TIMEOUT: Duration = Duration::from_secs(30);
 /// The two simulated nodes of `e2e`.
 const E2E_NODES: [(&str, &str); 2] = [("n0", "127.0.0.10"), ("n1", "127.0.0.11")];
-const E2E_POOL: &str = "10.10.0.0/16";
+pub(crate) const E2E_POOL: &str = "10.10.0.0/16";
 const FANOUT_POOL: &str = "10.20.0.0/16";
 /// The fanout policy's peer: never contacted (no speaker runs).
 const FANOUT_PEER_PORT: u32 = 1790;
@@ -192,7 +192,7 @@ async fn wait_both_paths(tor: &Tor, prefix: IpNet, since: Instant) -> anyhow::Re
 }
 
 /// Prefixes the ToR accepted from each e2e node (its neighbor counters).
-async fn received_per_node(tor: &Tor) -> anyhow::Result<Vec<u64>> {
+pub(crate) async fn received_per_node(tor: &Tor) -> anyhow::Result<Vec<u64>> {
     let neighbors = tor.neighbors().await?;
     Ok(E2E_NODES
         .iter()
@@ -223,12 +223,12 @@ async fn wait_all_nodes(tor: &Tor, at_least: u64, since: Instant) -> anyhow::Res
 
 /// herald-ipam, a GoBGP ToR, the policy, the two nodes and their route speakers, all
 /// sessions Established.
-struct Pipeline {
-    tor: Tor,
+pub(crate) struct Pipeline {
+    pub(crate) tor: Tor,
     // Dropped before the server and the database.
     _speakers: Vec<ChildProcess>,
-    _watcher: Option<ChildProcess>,
-    server: IpamServer,
+    pub(crate) watcher: Option<ChildProcess>,
+    pub(crate) server: IpamServer,
     _db: BenchDb,
     ipam: IpamClient<Channel>,
 }
@@ -236,6 +236,15 @@ struct Pipeline {
 /// With `kube`, a herald-cluster-watcher on that fake API server registers the nodes
 /// (from Kubernetes Nodes) instead of UpsertNode calls.
 async fn start_pipeline(common: &Common, kube: Option<&FakeKube>) -> anyhow::Result<Pipeline> {
+    start_pipeline_with(common, kube, &[]).await
+}
+
+/// As [`start_pipeline`], the watcher started with `watcher_args` besides its own.
+pub(crate) async fn start_pipeline_with(
+    common: &Common,
+    kube: Option<&FakeKube>,
+    watcher_args: &[String],
+) -> anyhow::Result<Pipeline> {
     let speaker_bin = find_binary("herald-route-speaker")?;
     let watcher_bin = match kube {
         Some(_) => Some(find_binary("herald-cluster-watcher")?),
@@ -276,6 +285,7 @@ async fn start_pipeline(common: &Common, kube: Option<&FakeKube>) -> anyhow::Res
                 &server,
                 &common.log_dir,
                 otlp,
+                watcher_args,
             )?);
             wait_nodes_registered(&mut routing).await?;
         }
@@ -300,7 +310,7 @@ async fn start_pipeline(common: &Common, kube: Option<&FakeKube>) -> anyhow::Res
     Ok(Pipeline {
         tor,
         _speakers: speakers,
-        _watcher: watcher,
+        watcher,
         server,
         _db: db,
         ipam,
@@ -876,7 +886,7 @@ fn tokio_util_cancel() -> tokio::sync::watch::Sender<bool> {
 
 /// The Service class herald-cluster-watcher handles.
 const SERVICE_CLASS: &str = "herald.io/bgp";
-const KUBE_NAMESPACE: &str = "default";
+pub(crate) const KUBE_NAMESPACE: &str = "default";
 /// Bound on the watcher registering the Nodes.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -892,7 +902,7 @@ fn kube_node(name: &str, address: &str) -> Value {
     })
 }
 
-fn kube_service(name: &str) -> Value {
+pub(crate) fn kube_service(name: &str) -> Value {
     json!({
         "apiVersion": "v1",
         "kind": "Service",
@@ -906,12 +916,13 @@ fn kube_service(name: &str) -> Value {
     })
 }
 
-fn start_watcher(
+pub(crate) fn start_watcher(
     binary: &Path,
     fake: &FakeKube,
     ipam: &IpamServer,
     log_dir: &Path,
     otlp: Option<&str>,
+    extra: &[String],
 ) -> anyhow::Result<ChildProcess> {
     let home = log_dir.join("watcher-home");
     std::fs::create_dir_all(&home)?;
@@ -919,8 +930,12 @@ fn start_watcher(
     fake.write_kubeconfig(&kubeconfig, KUBE_NAMESPACE)
         .context("write the kubeconfig")?;
     let log = log_dir.join("herald-cluster-watcher.log");
-    let file = std::fs::File::create(&log)
-        .with_context(|| format!("create log file {}", log.display()))?;
+    // Appended to: a benchmark may start the watcher more than once.
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .with_context(|| format!("open log file {}", log.display()))?;
     let mut command = Command::new(binary);
     command
         .args([
@@ -931,6 +946,7 @@ fn start_watcher(
             "--identity",
             "bench",
         ])
+        .args(extra)
         .env("KUBECONFIG", &kubeconfig)
         .env("HOME", &home)
         .env("RUST_LOG", "warn")

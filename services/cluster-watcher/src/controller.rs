@@ -39,6 +39,7 @@ use tonic::Code;
 use tonic::transport::Channel;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
+use crate::batch::AllocateBatcher;
 use crate::mapping::{
     self, AllocateErrorKind, ClassPolicy, FailureReason, Outcome, our_condition, status_ips,
 };
@@ -63,6 +64,8 @@ pub struct Settings {
     pub cluster_id: String,
     pub classes: ClassPolicy,
     pub workers: usize,
+    /// Most Allocate requests per AllocateBatch call; 1: one Allocate per Service.
+    pub allocate_batch_max: usize,
     pub identity: String,
     pub resync: Duration,
     pub imports: crate::policy::Imports,
@@ -162,6 +165,8 @@ enum Phase {
 struct Ctx {
     client: kube::Client,
     ipam: IpamClient<Inject<Channel>>,
+    /// Allocate calls of concurrent reconciles, coalesced into AllocateBatch calls.
+    batcher: AllocateBatcher,
     routing: RoutingClient<Inject<Channel>>,
     settings: Settings,
     services: Store<Service>,
@@ -171,6 +176,10 @@ struct Ctx {
     /// Which uid holds an allocation under each Service name. Rebuilt from the IPAM
     /// service at start; kept to release a re-created Service's old address.
     held: Mutex<HashMap<ServiceKey, String>>,
+    /// The last Allocate answered per owner uid, so an unchanged request is not sent again
+    /// (the reconcile that follows the watcher's own status write, the start-up pass
+    /// after the claims, the controller's first pass after the barrier).
+    allocated: Mutex<AllocatedCache>,
     /// What was last sent per owner uid / node, so unchanged facts are not sent again.
     sent_endpoints: Mutex<HashMap<String, (i32, Vec<String>)>>,
     sent_nodes: Mutex<HashMap<String, routing::Node>>,
@@ -202,6 +211,42 @@ struct Ctx {
     /// The custom resources' reconcilers.
     resources: Arc<crate::resources::Resources>,
     recorder: kube::runtime::events::Recorder,
+}
+
+/// The last Allocate herald-ipam answered per owner uid, with its outcome. Any doubt
+/// empties it: an address released (by anyone: herald-ipam's change stream shows it), a
+/// pool changed, that stream reconnecting, and every resync period, so each Service is
+/// still checked against herald-ipam at least every second resync.
+#[derive(Debug, Default)]
+struct AllocatedCache {
+    by_uid: HashMap<String, (ipam::AllocateRequest, Outcome)>,
+    /// Bumped by every invalidation: the answer to a call sent before one is not kept.
+    epoch: u64,
+}
+
+impl AllocatedCache {
+    fn answered(&self, uid: &str, req: &ipam::AllocateRequest) -> Option<Outcome> {
+        self.by_uid
+            .get(uid)
+            .filter(|(asked, _)| asked == req)
+            .map(|(_, outcome)| outcome.clone())
+    }
+
+    fn keep(&mut self, epoch: u64, uid: &str, req: ipam::AllocateRequest, outcome: &Outcome) {
+        if epoch == self.epoch {
+            self.by_uid.insert(uid.to_string(), (req, outcome.clone()));
+        }
+    }
+
+    fn forget(&mut self, uid: &str) {
+        self.by_uid.remove(uid);
+        self.epoch += 1;
+    }
+
+    fn clear(&mut self) {
+        self.by_uid.clear();
+        self.epoch += 1;
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -239,6 +284,11 @@ pub async fn run(
         client: client.clone(),
         // Every call carries the reconcile's span as its W3C trace context.
         ipam: IpamClient::new(Inject::new(channel.clone())),
+        batcher: AllocateBatcher::new(
+            IpamClient::new(Inject::new(channel.clone())),
+            settings.allocate_batch_max,
+        ),
+        allocated: Mutex::new(AllocatedCache::default()),
         routing: RoutingClient::new(Inject::new(channel)),
         settings,
         services: services.clone(),
@@ -356,6 +406,9 @@ pub async fn run(
     }
     tasks.spawn(Arc::clone(&ctx.resources).run(cancel.child_token()));
     *lock(&LEADING) = Some(Arc::downgrade(&ctx));
+    // Followed from before the start-up pass: a release the pass does not make itself
+    // must reach the remembered Allocate answers.
+    tasks.spawn(follow_ipam(Arc::clone(&ctx)));
     tokio::select! {
         () = cancel.cancelled() => return Ok(()),
         () = start_up(&ctx) => {}
@@ -364,7 +417,6 @@ pub async fn run(
     tasks.spawn(gc_loop(Arc::clone(&ctx)));
     tasks.spawn(node_sync_loop(Arc::clone(&ctx)));
     tasks.spawn(resync_loop(Arc::clone(&ctx)));
-    tasks.spawn(follow_ipam(Arc::clone(&ctx)));
     tasks.spawn(pending_loop(Arc::clone(&ctx)));
     cancel.cancelled().await;
     Ok(())
@@ -668,6 +720,7 @@ async fn follow_ipam(ctx: Arc<Ctx>) {
                 // Not on the first connection: the start-up pass has just handled every
                 // waiting Service.
                 if reconnecting {
+                    lock(&ctx.allocated).clear();
                     ctx.pending_wanted.notify_one();
                 }
                 reconnecting = true;
@@ -676,6 +729,7 @@ async fn follow_ipam(ctx: Arc<Ctx>) {
                     match stream.next().await {
                         Some(Ok(change)) => {
                             ctx.resources.ipam_changed.notify_one();
+                            forget_changed(&ctx, &change);
                             if frees_addresses(&change) {
                                 ctx.pending_wanted.notify_one();
                             }
@@ -695,6 +749,22 @@ async fn follow_ipam(ctx: Arc<Ctx>) {
         }
         tokio::time::sleep(retry_delay(attempt)).await;
         attempt = attempt.saturating_add(1);
+    }
+}
+
+/// Forgets the remembered Allocate answers a change may have made stale: the released
+/// owner's, or all of them when a pool changed.
+fn forget_changed(ctx: &Ctx, change: &ipam::WatchResponse) {
+    use ipam::history_entry::Action;
+    use ipam::watch_response::Change;
+    match &change.change {
+        Some(Change::Allocation(entry)) if entry.action() == Action::Released => {
+            if let Some(owner) = &entry.owner {
+                lock(&ctx.allocated).forget(&owner.uid);
+            }
+        }
+        Some(Change::PoolChanged(_) | Change::PoolDeleted(_)) => lock(&ctx.allocated).clear(),
+        Some(Change::Allocation(_)) | None => {}
     }
 }
 
@@ -726,6 +796,7 @@ async fn resync_loop(ctx: Arc<Ctx>) {
     tick.tick().await;
     loop {
         tick.tick().await;
+        lock(&ctx.allocated).clear();
         ctx.gc_wanted.notify_one();
         ctx.node_sync_wanted.notify_one();
     }
@@ -797,16 +868,44 @@ impl Ctx {
         }
         let Some(uid) = live_uid else { return Ok(()) };
         tracing::Span::current().record("uid", uid.as_str());
+        // The Allocate carries the traffic policy, and herald-ipam routes a Local Service
+        // only from the nodes it knows to have endpoints: a Service that already holds
+        // its address (and so may be announced) has its endpoints sent first, or a flip to
+        // Local reaching herald-ipam before them would withdraw it everywhere until they
+        // came.
+        if lock(&self.held).get(key) == Some(&uid) {
+            self.send_endpoints(key, &svc, &uid).await?;
+        }
         let outcome = self.allocate(key, &svc, &uid, phase).await?;
+        // Deleted while its Allocate was on the way (queued for a batch, or in flight):
+        // the collection its deletion started may have listed the allocations before
+        // this one was committed, so it is collected again.
+        let live = self.services.get(&key.object_ref());
+        if live.as_ref().and_then(|s| s.metadata.uid.as_deref()) != Some(uid.as_str()) {
+            self.gc_wanted.notify_one();
+        }
         if phase == Phase::Import && matches!(outcome, Outcome::Failed { .. }) {
             debug!(?outcome, "claim failed; the pending pass handles it");
             return Ok(());
         }
-        self.write_status(&svc, &outcome).await?;
-        if matches!(outcome, Outcome::Allocated { .. }) {
-            self.send_endpoints(key, &svc, &uid).await?;
-        }
-        Ok(())
+        let changed = self.write_status(&svc, &outcome).await?;
+        // The Event (best effort) and the endpoints go out together: a burst's Services
+        // each wait one round trip less.
+        let event = async {
+            if let Some(message) = changed {
+                self.record_event(&svc, outcome.event_type(), outcome.event_reason(), &message)
+                    .await;
+            }
+        };
+        let endpoints = async {
+            if matches!(outcome, Outcome::Allocated { .. }) {
+                self.send_endpoints(key, &svc, &uid).await
+            } else {
+                Ok(())
+            }
+        };
+        let ((), sent) = tokio::join!(event, endpoints);
+        sent
     }
 
     async fn allocate(
@@ -853,9 +952,32 @@ impl Ctx {
             Ok(req) => req,
             Err(outcome) => return Ok(outcome),
         };
-        let first = self.ipam.clone().allocate(req).await;
+        if holds && let Some(outcome) = lock(&self.allocated).answered(uid, &req) {
+            debug!("Allocate unchanged since herald-ipam last answered it");
+            return Ok(outcome);
+        }
+        // A claim that herald-ipam granted as it stood is what the Service's own request
+        // would get too: that request is the one remembered, so the passes after start-up
+        // find it unchanged.
+        let remembered = if !claim.is_empty() && explicit.is_empty() {
+            request(&[]).ok()
+        } else {
+            None
+        };
+        let epoch = lock(&self.allocated).epoch;
+        let first = self.batcher.allocate(req.clone()).await;
         let status = match first {
-            Ok(resp) => return Ok(self.allocated(key, uid, resp.into_inner().allocation)),
+            Ok(allocation) => {
+                let outcome = self.allocated(key, uid, Some(allocation));
+                let granted_as_claimed = outcome.ingress_ips().iter().collect::<HashSet<_>>()
+                    == claim.iter().collect::<HashSet<_>>();
+                let req = match remembered {
+                    Some(own) if granted_as_claimed => own,
+                    _ => req,
+                };
+                lock(&self.allocated).keep(epoch, uid, req, &outcome);
+                return Ok(outcome);
+            }
             Err(status) => status,
         };
         let kind = mapping::classify(status.code(), status.message());
@@ -901,8 +1023,13 @@ impl Ctx {
             Ok(req) => req,
             Err(outcome) => return Ok(outcome),
         };
-        match self.ipam.clone().allocate(req).await {
-            Ok(resp) => Ok(self.allocated(key, uid, resp.into_inner().allocation)),
+        let epoch = lock(&self.allocated).epoch;
+        match self.batcher.allocate(req.clone()).await {
+            Ok(allocation) => {
+                let outcome = self.allocated(key, uid, Some(allocation));
+                lock(&self.allocated).keep(epoch, uid, req, &outcome);
+                Ok(outcome)
+            }
             Err(status) => match mapping::classify(status.code(), status.message()) {
                 AllocateErrorKind::Failed(reason) => Ok(Outcome::Failed {
                     reason,
@@ -930,6 +1057,7 @@ impl Ctx {
     }
 
     async fn release(&self, uid: &str, reason: &str) -> Result<()> {
+        lock(&self.allocated).forget(uid);
         let req = ipam::ReleaseRequest {
             owner_uid: uid.to_string(),
             reason: reason.to_string(),
@@ -942,8 +1070,8 @@ impl Ctx {
     }
 
     /// Writes the addresses and the condition, when they differ from what the Service
-    /// shows, and records an Event when the condition changes.
-    async fn write_status(&self, svc: &Service, outcome: &Outcome) -> Result<()> {
+    /// shows; when the condition changed, the message its Event is to carry.
+    async fn write_status(&self, svc: &Service, outcome: &Outcome) -> Result<Option<String>> {
         let previous = our_condition(svc);
         let condition = mapping::condition(
             outcome,
@@ -955,10 +1083,10 @@ impl Ctx {
         if previous.is_some_and(|p| mapping::same_condition(p, &condition))
             && status_ips(svc) == want_ips
         {
-            return Ok(());
+            return Ok(None);
         }
         if self.already_written_over(svc) {
-            return Ok(());
+            return Ok(None);
         }
         let mut conditions: Vec<_> = svc
             .status
@@ -984,7 +1112,7 @@ impl Ctx {
             "status": {"loadBalancer": {"ingress": ingress}, "conditions": conditions},
         });
         if !self.patch_status(svc, &patch).await? {
-            return Ok(());
+            return Ok(None);
         }
         self.remember_written_over(svc);
         let changed = previous.is_none_or(|p| {
@@ -992,18 +1120,17 @@ impl Ctx {
                 || p.reason != condition.reason
                 || p.message != condition.message
         });
-        if changed {
-            let (_, _, message) = outcome.condition_parts();
-            match outcome {
-                Outcome::Allocated { .. } => info!(%message, "allocated"),
-                Outcome::Failed { reason, .. } => {
-                    warn!(reason = reason.as_str(), %message, "allocation failed")
-                }
-            }
-            self.record_event(svc, outcome.event_type(), outcome.event_reason(), &message)
-                .await;
+        if !changed {
+            return Ok(None);
         }
-        Ok(())
+        let (_, _, message) = outcome.condition_parts();
+        match outcome {
+            Outcome::Allocated { .. } => info!(%message, "allocated"),
+            Outcome::Failed { reason, .. } => {
+                warn!(reason = reason.as_str(), %message, "allocation failed")
+            }
+        }
+        Ok(Some(message))
     }
 
     /// Whether the watcher already patched the status over this very version of `svc`:

@@ -7,6 +7,7 @@
 //! the addresses already in Service status, allocates for pending Services and releases
 //! allocations whose Service is gone.
 
+mod batch;
 pub mod controller;
 pub mod crd;
 pub mod mapping;
@@ -38,6 +39,10 @@ pub const DEFAULT_LEASE_DURATION_SECONDS: u64 = 15;
 pub const DEFAULT_LEASE_GRACE_SECONDS: u64 = 5;
 /// Services handled at once; IPAM calls are short, so a few dozen keep a burst moving.
 pub const DEFAULT_WORKERS: usize = 32;
+/// herald-ipam's largest AllocateBatch; in practice the reconciles in flight (`workers`)
+/// bound a batch first.
+pub const MAX_ALLOCATE_BATCH: usize = 1000;
+pub const DEFAULT_ALLOCATE_BATCH_MAX: usize = MAX_ALLOCATE_BATCH;
 /// Every Service is handled again this often, repairing anything a lost write left behind.
 pub const DEFAULT_RESYNC_SECONDS: u64 = 300;
 /// How long a stopping leader may take to hand its lease back.
@@ -82,6 +87,9 @@ pub struct Config {
     /// This replica's name in the Lease; by default POD_NAME or HOSTNAME plus a random suffix.
     pub identity: Option<String>,
     pub workers: usize,
+    /// Most Allocate requests of concurrent reconciles sent in one AllocateBatch call;
+    /// 1 sends one Allocate per Service.
+    pub allocate_batch_max: usize,
     pub resync_seconds: u64,
     /// Also read MetalLB's and/or Cilium's resources as Herald's: `metallb`, `cilium`,
     /// or both comma-separated; empty for none.
@@ -110,6 +118,7 @@ impl Default for Config {
             lease_grace_seconds: DEFAULT_LEASE_GRACE_SECONDS,
             identity: None,
             workers: DEFAULT_WORKERS,
+            allocate_batch_max: DEFAULT_ALLOCATE_BATCH_MAX,
             resync_seconds: DEFAULT_RESYNC_SECONDS,
             import: String::new(),
             log_format: LogFormat::default(),
@@ -165,6 +174,15 @@ impl herald_settings::Settings for Config {
         }
         if self.workers == 0 {
             return invalid("workers", "must be at least 1");
+        }
+        if !(1..=MAX_ALLOCATE_BATCH).contains(&self.allocate_batch_max) {
+            return invalid(
+                "allocate_batch_max",
+                &format!(
+                    "must be from 1 (one Allocate per Service) to {MAX_ALLOCATE_BATCH} \
+                     (herald-ipam's largest AllocateBatch)"
+                ),
+            );
         }
         if self.resync_seconds == 0 {
             return invalid("resync_seconds", "must be at least 1");
@@ -232,6 +250,10 @@ pub struct Args {
     /// Services handled at once [default: 32]
     #[arg(long, env = "HERALD_WORKERS", value_name = "N")]
     pub workers: Option<String>,
+    /// Most Allocate requests of concurrent reconciles sent in one AllocateBatch call; 1
+    /// sends one Allocate per Service [default: 1000]
+    #[arg(long, env = "HERALD_ALLOCATE_BATCH_MAX", value_name = "N")]
+    pub allocate_batch_max: Option<String>,
     /// Every Service is handled again this often, repairing anything a lost write left
     /// behind [default: 300]
     #[arg(long, env = "HERALD_RESYNC_SECONDS", value_name = "SECONDS")]
@@ -306,6 +328,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             default_class: config.default_class,
         },
         workers: config.workers,
+        allocate_batch_max: config.allocate_batch_max,
         identity: identity.clone(),
         resync: Duration::from_secs(config.resync_seconds.max(1)),
         // Checked when the settings were read.
@@ -342,8 +365,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             }
         }
         info!("holding the lease; starting work");
-        metrics::METRICS.leader.set(1);
+        // Not ready before the leader flag shows: whoever sees the flag sees the start-up
+        // pass in the readiness too.
         readiness.set_not_ready("leading: caches not synced yet");
+        metrics::METRICS.leader.set(1);
         let work = shutdown.child_token();
         let lost = async {
             loop {

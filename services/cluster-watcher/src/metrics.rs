@@ -32,6 +32,7 @@ pub struct Metrics {
     pub reconcile_duration: Family<ResultLabel, Histogram>,
     pub leader: Gauge,
     pub ipam_errors: Family<CallCode, Counter>,
+    pub allocate_batch_size: Histogram,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
@@ -39,7 +40,14 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     reconcile_duration: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
     leader: Gauge::default(),
     ipam_errors: Family::default(),
+    // 1 to 1,000 (herald-ipam's largest batch) in powers of 4.
+    allocate_batch_size: Histogram::new([1.0, 4.0, 16.0, 64.0, 256.0, 1000.0]),
 });
+
+/// Requests in one call to herald-ipam from the Allocate batcher (1: a plain Allocate).
+pub fn observe_allocate_batch(size: usize) {
+    METRICS.allocate_batch_size.observe(size as f64);
+}
 
 pub fn observe_reconcile(ok: bool, seconds: f64) {
     let label = ResultLabel {
@@ -104,6 +112,11 @@ pub fn registry() -> Registry {
         "herald_watcher_ipam_rpc_errors",
         "Calls to herald-ipam that failed, by call and gRPC code",
         m.ipam_errors.clone(),
+    );
+    r.register(
+        "herald_watcher_allocate_batch_size",
+        "Allocate requests per call to herald-ipam (1: a plain Allocate, more: one AllocateBatch)",
+        m.allocate_batch_size.clone(),
     );
     r.register_collector(Box::new(LeaderCollector));
     r
