@@ -42,7 +42,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::mapping::{
     self, AllocateErrorKind, ClassPolicy, FailureReason, Outcome, our_condition, status_ips,
 };
-use crate::rbac::Refusals;
+use crate::rbac::{Permission, Refusals};
 use crate::slice_index::SliceIndex;
 
 /// Shortest and longest wait before a Service whose handling failed is tried again.
@@ -78,14 +78,29 @@ pub enum Error {
         call: &'static str,
         status: tonic::Status,
     },
-    #[error("Kubernetes {what}: {source}")]
+    #[error("Kubernetes {verb} {resource}: {source}")]
     Kube {
-        what: &'static str,
+        verb: &'static str,
+        resource: &'static str,
         #[source]
         source: kube::Error,
     },
     #[error("the caches stopped before they were filled")]
     CachesStopped,
+}
+
+impl Error {
+    /// The permission the API server refused, if that is what failed.
+    fn refused(&self) -> Option<Permission> {
+        match self {
+            Self::Kube {
+                verb,
+                resource,
+                source,
+            } if crate::rbac::forbidden(source) => Some(Permission::new(verb, *resource)),
+            _ => None,
+        }
+    }
 }
 
 type Result<T, E = Error> = std::result::Result<T, E>;
@@ -746,8 +761,19 @@ impl Ctx {
         let started = std::time::Instant::now();
         let result = self.reconcile(key, phase).instrument(span.clone()).await;
         crate::metrics::observe_reconcile(result.is_ok(), started.elapsed().as_secs_f64());
-        if result.is_ok() {
-            lock(&self.failures).remove(key);
+        // A refused write (the status) keeps the watcher not ready until this Service's
+        // handling succeeds.
+        let holder = format!("Service/{}/{}", key.namespace, key.name);
+        match &result {
+            Ok(()) => {
+                lock(&self.failures).remove(key);
+                self.refusals.clear(&holder);
+            }
+            Err(e) => {
+                if let Some(permission) = e.refused() {
+                    self.refusals.refuse(permission, &holder, e);
+                }
+            }
         }
         result
     }
@@ -1068,7 +1094,8 @@ impl Ctx {
             Ok(_) => Ok(true),
             Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),
             Err(source) => Err(Error::Kube {
-                what: "status patch",
+                verb: "patch",
+                resource: "services/status",
                 source,
             }),
         }
