@@ -316,13 +316,25 @@ async fn failures_are_reported_on_the_service_and_touch_nothing_else() {
     let cond = wait_condition(&lab.fake, "default", "d", "False").await;
     assert_eq!(cond["reason"], "PoolExhausted", "{cond}");
 
+    // The Event is published after the condition is written: wait for it.
     for (name, reason) in [("b", "RequestedIPTaken"), ("d", "PoolExhausted")] {
-        let events = lab.fake.events_for("default", name);
+        let found = lab
+            .fake
+            .wait_for(WAIT, |f| {
+                f.events_for("default", name)
+                    .iter()
+                    .any(|e| {
+                        e["reason"] == "AllocationFailed"
+                            && e["type"] == "Warning"
+                            && e["note"].as_str().is_some()
+                    })
+                    .then_some(())
+            })
+            .await;
         assert!(
-            events.iter().any(|e| e["reason"] == "AllocationFailed"
-                && e["type"] == "Warning"
-                && e["note"].as_str().is_some()),
-            "{name}: no AllocationFailed event ({reason}): {events:?}"
+            found.is_some(),
+            "{name}: no AllocationFailed event ({reason}): {:?}",
+            lab.fake.events_for("default", name)
         );
     }
 
