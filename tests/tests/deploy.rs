@@ -27,7 +27,11 @@ fn chart_crds_and_compose_file_validate_offline() {
         "ci/default-values.yaml",
         "ci/embedded-values.yaml",
         "ci/full-values.yaml",
+        "ci/tls-off-values.yaml",
+        "ci/existing-secret-values.yaml",
+        "mutual TLS (certManager) holds together",
         "docker-compose.yml",
+        "docker-compose.mtls.yml",
     ] {
         assert!(
             stdout.contains(expected),

@@ -1,6 +1,10 @@
 //! Who a peer certificate names: one Herald identity, from a SPIFFE-style URI SAN
 //! (`spiffe://<trust-domain>/herald/<role>[/node/<name>]`) or, for CAs that cannot issue URI
 //! SANs, a DNS SAN (`<role>.<trust-domain>`, `<node>.speaker.<trust-domain>`).
+//!
+//! A speaker's certificate names its node where the PKI can issue one per node. Where it
+//! cannot (cert-manager gives a DaemonSet one certificate for all its pods), the speakers
+//! share `spiffe://<trust-domain>/herald/speaker` ([`Role::AnySpeaker`]).
 
 use std::fmt;
 
@@ -16,6 +20,8 @@ const MAX_ECHO: usize = 120;
 pub enum Role {
     /// The route speaker of one node.
     Speaker { node: String },
+    /// The route speakers of every node, sharing one certificate: may act for any node.
+    AnySpeaker,
     /// The cluster watcher.
     Watcher,
     /// A person or tool managing pools and the BGP policy.
@@ -28,7 +34,7 @@ impl Role {
     /// The role's name as written in a SAN.
     pub fn name(&self) -> &'static str {
         match self {
-            Role::Speaker { .. } => "speaker",
+            Role::Speaker { .. } | Role::AnySpeaker => "speaker",
             Role::Watcher => "watcher",
             Role::Operator => "operator",
             Role::Reader => "reader",
@@ -55,7 +61,7 @@ pub enum IdentityError {
     #[error("the client certificate cannot be parsed: {0}")]
     Unparsable(String),
     #[error(
-        "the client certificate names no Herald identity in trust domain `{trust_domain}` (its SANs: {sans}); want spiffe://{trust_domain}/herald/<speaker/node/NAME|watcher|operator|reader>"
+        "the client certificate names no Herald identity in trust domain `{trust_domain}` (its SANs: {sans}); want spiffe://{trust_domain}/herald/<speaker/node/NAME|speaker|watcher|operator|reader>"
     )]
     NoIdentity { trust_domain: String, sans: String },
 }
@@ -114,6 +120,7 @@ pub fn from_spiffe(uri: &str, trust_domain: &str) -> Option<Identity> {
         ["watcher"] => Role::Watcher,
         ["operator"] => Role::Operator,
         ["reader"] => Role::Reader,
+        ["speaker"] => Role::AnySpeaker,
         ["speaker", "node", node] if is_node_name(node) => Role::Speaker {
             node: (*node).to_string(),
         },
@@ -132,6 +139,7 @@ pub fn from_dns(name: &str, trust_domain: &str) -> Option<Identity> {
         "watcher" => Role::Watcher,
         "operator" => Role::Operator,
         "reader" => Role::Reader,
+        "speaker" => Role::AnySpeaker,
         _ => {
             let node = head.strip_suffix(".speaker")?;
             if !is_node_name(node) {
@@ -188,7 +196,11 @@ mod tests {
         assert_eq!(role("spiffe://example.org/herald/speaker/node/N_1"), None);
         assert_eq!(role("spiffe://example.org/herald/speaker/node/"), None);
         assert_eq!(role("spiffe://example.org/herald/operator/x"), None);
-        assert_eq!(role("spiffe://example.org/herald/speaker"), None);
+        assert_eq!(
+            role("spiffe://example.org/herald/speaker"),
+            Some(Role::AnySpeaker)
+        );
+        assert_eq!(role("spiffe://example.org/herald/speaker/node"), None);
     }
 
     #[test]
@@ -204,7 +216,8 @@ mod tests {
                 node: "node-1.rack2".into()
             })
         );
-        assert_eq!(role("speaker.herald.local"), None);
+        assert_eq!(role("speaker.herald.local"), Some(Role::AnySpeaker));
+        assert_eq!(role(".speaker.herald.local"), None);
         assert_eq!(role("xwatcher.herald.local"), None);
         assert_eq!(role("watcher.herald.localx"), None);
         assert_eq!(role("watcherherald.local"), None);

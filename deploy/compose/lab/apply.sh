@@ -5,7 +5,14 @@
 # idempotent, so the job can run again.
 set -eu
 ipam=ipam:50051
-call() { grpcurl -plaintext -d "$2" "$ipam" "$1"; }
+# With mutual TLS (docker-compose.mtls.yml mounts the certificates at /tls), the job calls
+# as the watcher, whose part it plays here; else in plaintext.
+if [ -f /tls/watcher.crt ]; then
+    call() { grpcurl -cacert /tls/ca.crt -cert /tls/watcher.crt -key /tls/watcher.key \
+        -servername ipam -d "$2" "$ipam" "$1"; }
+else
+    call() { grpcurl -plaintext -d "$2" "$ipam" "$1"; }
+fi
 
 # HeraldIPPool "lab". Creating it again reports that it exists; anything else is an error.
 if ! out=$(call herald.ipam.v1.Ipam/CreatePool \

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use futures::{Stream, StreamExt, TryStreamExt, future, stream};
+use futures::{Stream, StreamExt, TryStreamExt, stream};
 use herald_api::ipam::v1 as ipam;
 use herald_api::ipam::v1::ipam_client::IpamClient;
 use herald_api::routing::v1 as routing;
@@ -37,12 +37,13 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 use tonic::transport::Channel;
-use tracing::{Instrument, debug, error, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::batch::AllocateBatcher;
 use crate::mapping::{
     self, AllocateErrorKind, ClassPolicy, FailureReason, Outcome, our_condition, status_ips,
 };
+use crate::rbac::{Permission, Refusals};
 use crate::slice_index::SliceIndex;
 
 /// Shortest and longest wait before a Service whose handling failed is tried again.
@@ -80,14 +81,29 @@ pub enum Error {
         call: &'static str,
         status: tonic::Status,
     },
-    #[error("Kubernetes {what}: {source}")]
+    #[error("Kubernetes {verb} {resource}: {source}")]
     Kube {
-        what: &'static str,
+        verb: &'static str,
+        resource: &'static str,
         #[source]
         source: kube::Error,
     },
     #[error("the caches stopped before they were filled")]
     CachesStopped,
+}
+
+impl Error {
+    /// The permission the API server refused, if that is what failed.
+    fn refused(&self) -> Option<Permission> {
+        match self {
+            Self::Kube {
+                verb,
+                resource,
+                source,
+            } if crate::rbac::forbidden(source) => Some(Permission::new(verb, *resource)),
+            _ => None,
+        }
+    }
 }
 
 type Result<T, E = Error> = std::result::Result<T, E>;
@@ -199,8 +215,8 @@ struct Ctx {
     /// The watched resources whose first list is in the caches. (Not the stores' own
     /// `wait_until_ready`: it wakes one waiter only, and the controllers wait on it too.)
     listed: tokio::sync::watch::Sender<HashSet<&'static str>>,
-    /// Watched resources the API server refuses, with the verb refused.
-    forbidden: Mutex<BTreeMap<&'static str, &'static str>>,
+    /// Permissions the API server refuses; the readiness follows them.
+    refusals: Arc<Refusals>,
     services_in_flight: AtomicUsize,
     nodes_in_flight: AtomicUsize,
     gc_wanted: Notify,
@@ -265,11 +281,13 @@ pub async fn run(
     let (nodes, nodes_writer) = reflector::store::<Node>();
     let (namespaces, namespaces_writer) = reflector::store::<Namespace>();
     let (requeue, requeued) = mpsc::unbounded_channel();
+    let refusals = Refusals::new(settings.readiness.clone());
     let resources = crate::resources::Resources::new(
         client.clone(),
         channel.clone(),
         settings.imports,
         &settings.identity,
+        Arc::clone(&refusals),
     );
     let recorder = kube::runtime::events::Recorder::new(
         client.clone(),
@@ -305,7 +323,7 @@ pub async fn run(
         requeue,
         started: tokio::sync::watch::Sender::new(false),
         listed: tokio::sync::watch::Sender::new(HashSet::new()),
-        forbidden: Mutex::new(BTreeMap::new()),
+        refusals,
         services_in_flight: AtomicUsize::new(0),
         nodes_in_flight: AtomicUsize::new(0),
         gc_wanted: Notify::new(),
@@ -424,8 +442,8 @@ pub async fn run(
 
 /// A watch of `api` into its cache (`writer`), re-listing and re-watching on its own (410
 /// Gone included) with backoff. Each event is shown to `on_event` once the cache holds it;
-/// a failure is logged and shown on the readiness, and not passed on, so one failing
-/// watch never holds up the controller's other triggers.
+/// a failure is logged (a refused permission fails the readiness) and not passed on, so
+/// one failing watch never holds up the controller's other triggers.
 fn watched<K>(
     resource: &'static str,
     ctx: &Arc<Ctx>,
@@ -437,45 +455,22 @@ where
     K: kube::Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone,
 {
-    let ctx = Arc::clone(ctx);
-    watcher(api, watcher::Config::default())
+    let events = watcher(api, watcher::Config::default())
         .default_backoff()
-        .reflect(writer)
-        .inspect(move |event| match event {
-            Ok(event) => {
-                match event {
-                    // Announces a (re-)list before it is asked for: no sign it works.
-                    watcher::Event::Init => {}
-                    watcher::Event::InitDone => {
-                        ctx.listed.send_modify(|listed| {
-                            listed.insert(resource);
-                        });
-                        ctx.watch_works(resource);
-                    }
-                    _ => ctx.watch_works(resource),
-                }
-                on_event(&ctx, event);
+        .reflect(writer);
+    let ctx = Arc::clone(ctx);
+    ctx.refusals
+        .observe(resource.to_string(), events)
+        .inspect(move |event| {
+            if matches!(event, watcher::Event::InitDone) {
+                ctx.listed.send_modify(|listed| {
+                    listed.insert(resource);
+                });
             }
-            Err(e) => ctx.watch_failed(resource, e),
+            on_event(&ctx, event);
         })
-        .filter(|event| future::ready(event.is_ok()))
+        .map(Ok::<_, watcher::Error>)
         .touched_objects()
-}
-
-/// The RBAC verb a failed watch step needed.
-fn refused_verb(error: &watcher::Error) -> Option<&'static str> {
-    let (verb, source) = match error {
-        watcher::Error::InitialListFailed(e) => ("list", e),
-        watcher::Error::WatchStartFailed(e) | watcher::Error::WatchFailed(e) => ("watch", e),
-        watcher::Error::WatchError(status) => {
-            return status.is_forbidden().then_some("watch");
-        }
-        watcher::Error::NoResourceVersion => return None,
-    };
-    match source {
-        kube::Error::Api(status) if status.is_forbidden() => Some(verb),
-        _ => None,
-    }
 }
 
 fn log_controller<K, E1, E2>(
@@ -578,16 +573,26 @@ async fn wait_until_ready(ctx: &Ctx) -> Result<()> {
         .map_err(|_| Error::CachesStopped)
 }
 
-/// Applies the custom resources' pools and BGP policy, until the IPAM service answers.
+/// Applies the custom resources' pools and BGP policy, until the IPAM service answers and
+/// the API server lets them be read.
 async fn resources_start_up(ctx: &Arc<Ctx>) {
+    const HOLDER: &str = "start-up: the custom resources";
     let mut attempt = 0;
     loop {
         match ctx.resources.start_up().await {
-            Ok(()) => return,
+            Ok(()) => {
+                ctx.refusals.clear(HOLDER);
+                return;
+            }
             Err(e) => {
                 attempt += 1;
                 let delay = retry_delay(attempt);
-                warn!(error = %e, retry_in = ?delay, "applying the custom resources failed");
+                match e.refused() {
+                    Some(permission) => ctx.refusals.refuse(permission, HOLDER, &e),
+                    None => {
+                        warn!(error = %e, retry_in = ?delay, "applying the custom resources failed");
+                    }
+                }
                 tokio::time::sleep(delay).await;
             }
         }
@@ -612,7 +617,7 @@ async fn start_up(ctx: &Arc<Ctx>) {
         }
     }
     ctx.started.send_replace(true);
-    ctx.update_readiness();
+    ctx.refusals.started();
     info!("start-up done; handling changes");
 }
 
@@ -827,8 +832,19 @@ impl Ctx {
         let started = std::time::Instant::now();
         let result = self.reconcile(key, phase).instrument(span.clone()).await;
         crate::metrics::observe_reconcile(result.is_ok(), started.elapsed().as_secs_f64());
-        if result.is_ok() {
-            lock(&self.failures).remove(key);
+        // A refused write (the status) keeps the watcher not ready until this Service's
+        // handling succeeds.
+        let holder = format!("Service/{}/{}", key.namespace, key.name);
+        match &result {
+            Ok(()) => {
+                lock(&self.failures).remove(key);
+                self.refusals.clear(&holder);
+            }
+            Err(e) => {
+                if let Some(permission) = e.refused() {
+                    self.refusals.refuse(permission, &holder, e);
+                }
+            }
         }
         result
     }
@@ -1205,7 +1221,8 @@ impl Ctx {
             Ok(_) => Ok(true),
             Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),
             Err(source) => Err(Error::Kube {
-                what: "status patch",
+                verb: "patch",
+                resource: "services/status",
                 source,
             }),
         }
@@ -1460,99 +1477,11 @@ impl Ctx {
             let _ = self.requeue.send(ObjectRef::new(&old).within(&namespace));
         }
     }
-
-    fn watch_works(&self, resource: &'static str) {
-        let recovered = lock(&self.forbidden).remove(resource);
-        if let Some(verb) = recovered {
-            info!(resource, verb, "the API server allows the watch again");
-            self.update_readiness();
-        }
-    }
-
-    /// A refused permission is logged once, when it starts, and keeps the watcher not
-    /// ready; anything else is logged on each failure (the watch retries with backoff).
-    fn watch_failed(&self, resource: &'static str, e: &watcher::Error) {
-        let Some(verb) = refused_verb(e) else {
-            warn!(resource, error = %e, "watch failed; retrying");
-            return;
-        };
-        let first = lock(&self.forbidden).insert(resource, verb) != Some(verb);
-        if first {
-            error!(
-                resource,
-                verb,
-                error = %e,
-                "forbidden: the watcher's RBAC role must allow {verb} on {resource}; \
-                 not ready until it does (retrying with backoff)"
-            );
-            self.update_readiness();
-        }
-    }
-
-    /// Not ready while a watch is refused or the start-up barrier holds.
-    fn update_readiness(&self) {
-        let readiness = &self.settings.readiness;
-        let forbidden = lock(&self.forbidden);
-        if !forbidden.is_empty() {
-            let refused: Vec<String> = forbidden
-                .iter()
-                .map(|(resource, verb)| format!("{verb} {resource}"))
-                .collect();
-            readiness.set_not_ready(format!(
-                "forbidden by the API server (RBAC): {}",
-                refused.join(", ")
-            ));
-        } else if self.is_started() {
-            readiness.set_ready();
-        } else {
-            readiness.set_not_ready("leading: caches not synced yet");
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
-    use kube::core::Status;
-
     use super::*;
-
-    fn api(code: u16, reason: &str) -> kube::Error {
-        kube::Error::Api(Box::new(Status::failure("refused", reason).with_code(code)))
-    }
-
-    #[test]
-    fn a_refused_permission_names_the_verb_and_nothing_else_does() {
-        let forbidden = || api(403, "Forbidden");
-        assert_eq!(
-            refused_verb(&watcher::Error::InitialListFailed(forbidden())),
-            Some("list")
-        );
-        assert_eq!(
-            refused_verb(&watcher::Error::WatchStartFailed(forbidden())),
-            Some("watch")
-        );
-        assert_eq!(
-            refused_verb(&watcher::Error::WatchError(Box::new(
-                Status::failure("refused", "Forbidden").with_code(403)
-            ))),
-            Some("watch")
-        );
-        // 410 Gone, a server error or a lost connection are retried without a refusal.
-        assert_eq!(
-            refused_verb(&watcher::Error::WatchError(Box::new(
-                Status::failure("too old", "Expired").with_code(410)
-            ))),
-            None
-        );
-        assert_eq!(
-            refused_verb(&watcher::Error::InitialListFailed(api(
-                500,
-                "InternalError"
-            ))),
-            None
-        );
-        assert_eq!(refused_verb(&watcher::Error::NoResourceVersion), None);
-    }
 
     #[test]
     fn retries_back_off_to_a_ceiling() {

@@ -13,6 +13,7 @@ pub mod crd;
 pub mod mapping;
 mod metrics;
 pub mod policy;
+mod rbac;
 pub mod resources;
 mod slice_index;
 

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::{Stream, StreamExt};
+use futures::{Stream, StreamExt, future};
 use herald_api::ipam::v1 as ipam;
 use herald_api::ipam::v1::ipam_client::IpamClient;
 use herald_api::routing::v1 as routing;
@@ -24,9 +24,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
@@ -41,6 +42,7 @@ use crate::crd::{
     CONDITION_ACCEPTED, FINALIZER, IPPool, IPPoolSpec, SETTINGS_NAME,
 };
 use crate::policy::{self, Imports, PoolLabels};
+use crate::rbac::{Permission, Refusals};
 
 /// How often live figures (a pool's capacity, a peer's sessions) are read again when
 /// nothing else prompts it.
@@ -49,6 +51,8 @@ const FIGURES_PERIOD: Duration = Duration::from_secs(10);
 const MIN_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const FIELD_MANAGER: &str = "herald-cluster-watcher";
+/// What the BGP policy pass's refusals are held by.
+const POLICY_HOLDER: &str = "BGP policy";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -57,9 +61,10 @@ pub enum Error {
         call: &'static str,
         status: tonic::Status,
     },
-    #[error("Kubernetes {what}: {source}")]
+    #[error("Kubernetes {verb} {resource}: {source}")]
     Kube {
-        what: &'static str,
+        verb: &'static str,
+        resource: String,
         #[source]
         source: kube::Error,
     },
@@ -76,8 +81,43 @@ fn ipam_err(call: &'static str) -> impl FnOnce(tonic::Status) -> Error {
     move |status| Error::Ipam { call, status }
 }
 
-fn kube_err(what: &'static str) -> impl FnOnce(kube::Error) -> Error {
-    move |source| Error::Kube { what, source }
+impl Error {
+    /// The permission the API server refused, if that is what failed.
+    pub fn refused(&self) -> Option<Permission> {
+        match self {
+            Self::Kube {
+                verb,
+                resource,
+                source,
+            } if crate::rbac::forbidden(source) => Some(Permission::new(verb, resource.clone())),
+            _ => None,
+        }
+    }
+}
+
+/// A failed `verb` on `resource` (named as in RBAC, see [`rbac_name`]).
+fn kube_err(verb: &'static str, resource: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
+    let resource = resource.into();
+    move |source| Error::Kube {
+        verb,
+        resource,
+        source,
+    }
+}
+
+/// A kind of Herald's as an RBAC rule names it, with its group: `ippools.herald.io`.
+fn rbac_name<K: Resource<DynamicType = ()>>() -> String {
+    format!("{}.{}", K::plural(&()), K::group(&()))
+}
+
+/// An imported kind as an RBAC rule names it: `ipaddresspools.metallb.io`.
+fn rbac_name_of(ar: &ApiResource) -> String {
+    format!("{}.{}", ar.plural, ar.group)
+}
+
+/// What a failed reconcile of `name` holds (its backoff, any refusal): kinds may share names.
+fn holder(kind: &str, name: &str) -> String {
+    format!("{kind}/{name}")
 }
 
 /// An imported kind: where it is served, and how it reads as Herald's.
@@ -119,6 +159,7 @@ impl Import {
             match api.list(&ListParams::default().limit(1)).await {
                 Ok(_) => return Some(ar),
                 Err(kube::Error::Api(e)) if e.code == 404 => continue,
+                // Its watch reports a refusal (and fails the readiness) or retries.
                 Err(e) => {
                     warn!(kind = %ar.kind, version = %ar.version, error = %e, "cannot list an imported kind");
                     return Some(ar);
@@ -192,8 +233,10 @@ pub struct Resources {
     policy_wanted: Notify,
     /// herald-ipam changed (an allocation or pool): the figures in status may have.
     pub ipam_changed: Arc<Notify>,
-    /// Failed reconciles in a row, per object name, for the backoff.
+    /// Failed reconciles in a row, per object ([`holder`]), for the backoff.
     failures: Mutex<BTreeMap<String, u32>>,
+    /// Permissions the API server refuses; the readiness follows them.
+    refusals: Arc<Refusals>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -206,6 +249,7 @@ impl Resources {
         channel: Channel,
         imports: Imports,
         identity: &str,
+        refusals: Arc<Refusals>,
     ) -> Arc<Self> {
         let recorder = Recorder::new(
             client.clone(),
@@ -226,6 +270,7 @@ impl Resources {
             policy_wanted: Notify::new(),
             ipam_changed: Arc::new(Notify::new()),
             failures: Mutex::new(BTreeMap::new()),
+            refusals,
         })
     }
 
@@ -233,7 +278,7 @@ impl Resources {
     /// Service start-up barrier claims addresses from them. A refused pool or policy is
     /// not a failure here (its status says why); an IPAM that does not answer is.
     pub async fn start_up(&self) -> Result<()> {
-        let pools: Vec<IPPool> = list_all(&self.client, "list IPPools").await?;
+        let pools: Vec<IPPool> = list_all(&self.client).await?;
         let own: HashSet<String> = pools.iter().map(ResourceExt::name_any).collect();
         for p in &pools {
             if p.meta().deletion_timestamp.is_none()
@@ -251,7 +296,7 @@ impl Resources {
             let list = api
                 .list(&ListParams::default())
                 .await
-                .map_err(kube_err("list imported pools"))?;
+                .map_err(kube_err("list", rbac_name_of(&ar)))?;
             for o in &list.items {
                 let name = o.name_any();
                 if own.contains(&name) {
@@ -332,8 +377,10 @@ impl Resources {
 
     // ---- pools ------------------------------------------------------------------------
 
-    fn succeeded(&self, name: &str) {
-        lock(&self.failures).remove(name);
+    /// A reconcile of `holder` ([`holder`]) succeeded: no backoff, nothing refused.
+    fn succeeded(&self, holder: &str) {
+        lock(&self.failures).remove(holder);
+        self.refusals.clear(holder);
     }
 
     async fn reconcile_pool(pool: Arc<IPPool>, ctx: Arc<Self>) -> Result<Action> {
@@ -346,8 +393,8 @@ impl Resources {
             }
         })
         .await
-        .map_err(finalizer_error)?;
-        ctx.succeeded(&name);
+        .map_err(finalizer_error::<IPPool>)?;
+        ctx.succeeded(&holder(IPPool::kind(&()).as_ref(), &name));
         Ok(action)
     }
 
@@ -376,7 +423,10 @@ impl Resources {
                 &Patch::Merge(json!({"status": status})),
             )
             .await
-            .map_err(kube_err("write IPPool status"))?;
+            .map_err(kube_err(
+                "patch",
+                format!("{}/status", rbac_name::<IPPool>()),
+            ))?;
         }
         if changed && !accepted {
             self.event(
@@ -414,31 +464,16 @@ impl Resources {
                     "{}; set the annotation {ANNOTATION_FORCE_DELETE}: \"true\" to release them",
                     s.message()
                 );
-                let mut status = pool.status.clone().unwrap_or_default();
-                if set_condition_reason(
-                    &mut status.conditions,
-                    false,
-                    "InUse",
-                    &message,
-                    pool.meta().generation,
-                ) {
-                    let _ = api
-                        .patch_status(
-                            &name,
-                            &PatchParams::default(),
-                            &Patch::Merge(json!({"status": status})),
-                        )
-                        .await;
-                    self.event(
-                        &pool.object_ref(&()),
-                        EventType::Warning,
-                        "InUse",
+                let conditions = pool.status.as_ref().map(|s| &s.conditions[..]);
+                Err(self
+                    .refuse_deletion(
+                        api,
+                        pool,
+                        conditions.unwrap_or_default(),
                         "DeletePool",
-                        &message,
+                        message,
                     )
-                    .await;
-                }
-                Err(Error::InUse(message))
+                    .await)
             }
             Err(s) => Err(ipam_err("DeletePool")(s)),
         }
@@ -459,9 +494,10 @@ impl Resources {
         if Api::<IPPool>::all(this.client.clone())
             .get_opt(&name)
             .await
-            .map_err(kube_err("get IPPool"))?
+            .map_err(kube_err("get", rbac_name::<IPPool>()))?
             .is_some()
         {
+            this.succeeded(&holder(&ar.kind, &name));
             return Ok(Action::await_change());
         }
         let value = serde_json::to_value(&*object).unwrap_or_default();
@@ -480,7 +516,7 @@ impl Resources {
             )
             .await;
         }
-        this.succeeded(&name);
+        this.succeeded(&holder(&ar.kind, &name));
         Ok(Action::await_change())
     }
 
@@ -492,25 +528,24 @@ impl Resources {
         let settings = Api::<BGPSettings>::all(self.client.clone())
             .get_opt(SETTINGS_NAME)
             .await
-            .map_err(kube_err("get BGPSettings"))?;
+            .map_err(kube_err("get", rbac_name::<BGPSettings>()))?;
         let released = lock(&self.released_peers).clone();
         let mut peers: Vec<(String, BGPPeerSpec, Option<String>)> = Vec::new();
-        for p in list_all::<BGPPeer>(&self.client, "list BGPPeers").await? {
+        for p in list_all::<BGPPeer>(&self.client).await? {
             if p.uid().is_some_and(|u| released.contains(&u)) {
                 continue;
             }
             peers.push((p.name_any(), p.spec.clone(), None));
         }
         let mut advertisements = Vec::new();
-        for a in list_all::<BGPAdvertisement>(&self.client, "list BGPAdvertisements").await? {
+        for a in list_all::<BGPAdvertisement>(&self.client).await? {
             advertisements.push((a.name_any(), Ok(a.spec.clone())));
         }
-        let mut pools: Vec<(String, BTreeMap<String, String>)> =
-            list_all::<IPPool>(&self.client, "list IPPools")
-                .await?
-                .into_iter()
-                .map(|p| (p.name_any(), p.labels().clone()))
-                .collect();
+        let mut pools: Vec<(String, BTreeMap<String, String>)> = list_all::<IPPool>(&self.client)
+            .await?
+            .into_iter()
+            .map(|p| (p.name_any(), p.labels().clone()))
+            .collect();
         if self.imports.metallb {
             for (import, kind) in [
                 (metallb_peers(), 0),
@@ -524,7 +559,7 @@ impl Resources {
                 for o in api
                     .list(&lp)
                     .await
-                    .map_err(kube_err("list imported BGP resources"))?
+                    .map_err(kube_err("list", rbac_name_of(&ar)))?
                 {
                     let value = serde_json::to_value(&o).unwrap_or_default();
                     match kind {
@@ -553,7 +588,7 @@ impl Resources {
             let secret = Api::<Secret>::namespaced(self.client.clone(), &r.namespace)
                 .get_opt(&r.name)
                 .await
-                .map_err(kube_err("get a BGP password Secret"))?;
+                .map_err(kube_err("get", "secrets"))?;
             let key = r.key.clone().unwrap_or_else(|| "password".into());
             match secret.and_then(|s| s.data?.get(&key).cloned()) {
                 Some(bytes) => *password = Some(String::from_utf8_lossy(&bytes.0).into_owned()),
@@ -636,11 +671,15 @@ impl Resources {
             let wait = match outcome {
                 Ok(()) => {
                     attempt = 0;
+                    self.refusals.clear(POLICY_HOLDER);
                     FIGURES_PERIOD
                 }
                 Err(e) => {
                     attempt = attempt.saturating_add(1);
-                    warn!(error = %e, "BGP policy not applied; retrying");
+                    match e.refused() {
+                        Some(permission) => self.refusals.refuse(permission, POLICY_HOLDER, &e),
+                        None => warn!(error = %e, "BGP policy not applied; retrying"),
+                    }
                     backoff(attempt)
                 }
             };
@@ -654,11 +693,22 @@ impl Resources {
         }
     }
 
-    /// The Accepted condition of every advertisement and the settings.
+    /// The Accepted condition of every advertisement and the settings; a status the API
+    /// server refuses to let be written fails the readiness until it can be.
     async fn write_policy_statuses(&self) {
+        const HOLDER: &str = "BGP policy: status";
+        let mut refused = Vec::new();
+        let mut failed = |e: kube::Error, resource: String| {
+            let e = kube_err("patch", format!("{resource}/status"))(e);
+            match e.refused() {
+                Some(permission) => refused.push((permission, e)),
+                None => warn!(error = %e, "status not written"),
+            }
+        };
         let refusal = lock(&self.policy_refusal).clone();
         let (accepted, message) = (refusal.is_none(), refusal.unwrap_or_default());
         let adverts = Api::<BGPAdvertisement>::all(self.client.clone());
+        // A list the API server refuses is the policy pass's own refusal.
         if let Ok(list) = adverts.list(&ListParams::default()).await {
             for a in list {
                 let mut status = a.status.clone().unwrap_or_default();
@@ -678,7 +728,7 @@ impl Resources {
                         )
                         .await
                 {
-                    warn!(advertisement = %a.name_any(), error = %e, "status not written");
+                    failed(e, rbac_name::<BGPAdvertisement>());
                 }
             }
         }
@@ -701,8 +751,14 @@ impl Resources {
                     )
                     .await
             {
-                warn!(error = %e, "BGPSettings status not written");
+                failed(e, rbac_name::<BGPSettings>());
             }
+        }
+        if refused.is_empty() {
+            self.refusals.clear(HOLDER);
+        }
+        for (permission, e) in refused {
+            self.refusals.refuse(permission, HOLDER, &e);
         }
     }
 
@@ -719,8 +775,8 @@ impl Resources {
             }
         })
         .await
-        .map_err(finalizer_error)?;
-        ctx.succeeded(&name);
+        .map_err(finalizer_error::<BGPPeer>)?;
+        ctx.succeeded(&holder(BGPPeer::kind(&()).as_ref(), &name));
         Ok(action)
     }
 
@@ -752,7 +808,10 @@ impl Resources {
                 &Patch::Merge(json!({"status": status})),
             )
             .await
-            .map_err(kube_err("write BGPPeer status"))?;
+            .map_err(kube_err(
+                "patch",
+                format!("{}/status", rbac_name::<BGPPeer>()),
+            ))?;
         }
         if changed && let Some(message) = &refusal {
             self.event(
@@ -812,31 +871,16 @@ impl Resources {
                     holders[..shown].join(", "),
                     if holders.len() > shown { ", …" } else { "" }
                 );
-                let mut status = peer.status.clone().unwrap_or_default();
-                if set_condition_reason(
-                    &mut status.conditions,
-                    false,
-                    "InUse",
-                    &message,
-                    peer.meta().generation,
-                ) {
-                    let _ = api
-                        .patch_status(
-                            &name,
-                            &PatchParams::default(),
-                            &Patch::Merge(json!({"status": status})),
-                        )
-                        .await;
-                    self.event(
-                        &peer.object_ref(&()),
-                        EventType::Warning,
-                        "InUse",
+                let conditions = peer.status.as_ref().map(|s| &s.conditions[..]);
+                return Err(self
+                    .refuse_deletion(
+                        api,
+                        peer,
+                        conditions.unwrap_or_default(),
                         "DeletePeer",
-                        &message,
+                        message,
                     )
-                    .await;
-                }
-                return Err(Error::InUse(message));
+                    .await);
             }
             lock(&self.released_peers).insert(uid);
         }
@@ -852,6 +896,43 @@ impl Resources {
         }
         info!(peer = %name, "peer removed from the BGP policy");
         Ok(Action::await_change())
+    }
+
+    /// A deletion that waits because something still uses `object`: its Accepted
+    /// condition says so (reason InUse) and, when that is news, a Warning Event does too.
+    /// Answers the error the reconcile fails with (retried with backoff).
+    async fn refuse_deletion<K>(
+        &self,
+        api: &Api<K>,
+        object: &K,
+        conditions: &[Condition],
+        action: &str,
+        message: String,
+    ) -> Error
+    where
+        K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    {
+        let mut conditions = conditions.to_vec();
+        let generation = object.meta().generation;
+        if set_condition_reason(&mut conditions, false, "InUse", &message, generation) {
+            // Only the conditions: the figures beside them stay as the last apply wrote them.
+            let patch = Patch::Merge(json!({"status": {"conditions": conditions}}));
+            if let Err(e) = api
+                .patch_status(&object.name_any(), &PatchParams::default(), &patch)
+                .await
+            {
+                return kube_err("patch", format!("{}/status", rbac_name::<K>()))(e);
+            }
+            self.event(
+                &object.object_ref(&()),
+                EventType::Warning,
+                "InUse",
+                action,
+                &message,
+            )
+            .await;
+        }
+        Error::InUse(message)
     }
 
     async fn event(
@@ -883,24 +964,38 @@ impl Resources {
             info!("the herald.io custom resources are not installed; not reading them");
         }
         if own {
+            let (reader, writer) = reflector::store::<IPPool>();
+            let this = Arc::clone(&self);
             tasks.spawn(
-                Controller::new(
-                    Api::<IPPool>::all(self.client.clone()),
-                    watcher::Config::default(),
+                Controller::for_stream(
+                    self.watched(Api::all(self.client.clone()), writer, rbac_name::<IPPool>()),
+                    reader,
                 )
                 .reconcile_all_on(figures)
                 .graceful_shutdown_on(cancelled(cancel.clone()))
                 .run(Self::reconcile_pool, error_policy, Arc::clone(&self))
-                .for_each(|r| async move { log_result("IPPool", r) }),
+                .for_each(move |r| {
+                    log_result(&this.refusals, IPPool::kind(&()).as_ref(), r);
+                    future::ready(())
+                }),
             );
+            let (reader, writer) = reflector::store::<BGPPeer>();
+            let this = Arc::clone(&self);
             tasks.spawn(
-                Controller::new(
-                    Api::<BGPPeer>::all(self.client.clone()),
-                    watcher::Config::default(),
+                Controller::for_stream(
+                    self.watched(
+                        Api::all(self.client.clone()),
+                        writer,
+                        rbac_name::<BGPPeer>(),
+                    ),
+                    reader,
                 )
                 .graceful_shutdown_on(cancelled(cancel.clone()))
                 .run(Self::reconcile_peer, error_policy, Arc::clone(&self))
-                .for_each(|r| async move { log_result("BGPPeer", r) }),
+                .for_each(move |r| {
+                    log_result(&this.refusals, BGPPeer::kind(&()).as_ref(), r);
+                    future::ready(())
+                }),
             );
         }
         // Nothing to read: a policy set through the API is left alone.
@@ -914,23 +1009,23 @@ impl Resources {
         };
         if own {
             tasks.spawn(nudge(
-                watcher(
+                self.nudges(
                     Api::<BGPAdvertisement>::all(self.client.clone()),
-                    watcher::Config::default(),
+                    rbac_name::<BGPAdvertisement>(),
                 ),
                 wake.clone(),
             ));
             tasks.spawn(nudge(
-                watcher(
+                self.nudges(
                     Api::<BGPSettings>::all(self.client.clone()),
-                    watcher::Config::default(),
+                    rbac_name::<BGPSettings>(),
                 ),
                 wake.clone(),
             ));
             tasks.spawn(nudge(
-                watcher(
+                self.nudges(
                     Api::<IPPool>::all(self.client.clone()),
-                    watcher::Config::default(),
+                    rbac_name::<IPPool>(),
                 ),
                 wake.clone(),
             ));
@@ -939,10 +1034,7 @@ impl Resources {
             for import in [metallb_peers(), metallb_advertisements()] {
                 if let Some(ar) = import.served(&self.client).await {
                     let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &ar);
-                    tasks.spawn(nudge(
-                        watcher(api, watcher::Config::default()),
-                        wake.clone(),
-                    ));
+                    tasks.spawn(nudge(self.nudges(api, rbac_name_of(&ar)), wake.clone()));
                 }
             }
         }
@@ -952,24 +1044,64 @@ impl Resources {
                 continue;
             };
             let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &ar);
+            let resource = rbac_name_of(&ar);
+            let writer = reflector::store::Writer::new(ar.clone());
+            let reader = writer.as_reader();
             let kind = ar.kind.clone();
             let ctx = Arc::new(ImportedPools {
                 resources: Arc::clone(&self),
                 read,
                 resource: ar.clone(),
             });
+            let this = Arc::clone(&self);
             tasks.spawn(
-                Controller::new_with(api, watcher::Config::default(), ar)
+                Controller::for_stream_with(self.watched(api, writer, resource), reader, ar)
                     .graceful_shutdown_on(cancelled(cancel.clone()))
                     .run(Self::reconcile_imported_pool, error_policy_imported, ctx)
                     .for_each(move |r| {
-                        let kind = kind.clone();
-                        async move { log_result(&kind, r) }
+                        log_result(&this.refusals, &kind, r);
+                        future::ready(())
                     }),
             );
         }
         cancel.cancelled().await;
         tasks.abort_all();
+    }
+
+    /// A controller's watch of `api` into `writer`'s cache (re-listing with backoff, a
+    /// refusal reported): the objects it touches.
+    fn watched<K>(
+        &self,
+        api: Api<K>,
+        writer: reflector::store::Writer<K>,
+        resource: String,
+    ) -> impl Stream<Item = Result<K, watcher::Error>> + Send + 'static + use<K>
+    where
+        K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+        K::DynamicType: Eq + std::hash::Hash + Clone,
+    {
+        let events = watcher(api, watcher::Config::default())
+            .default_backoff()
+            .reflect(writer);
+        self.refusals
+            .observe(resource, events)
+            .map(Ok)
+            .touched_objects()
+    }
+
+    /// The events of a watch of `api` (re-listing with backoff, a refusal reported).
+    fn nudges<K>(
+        &self,
+        api: Api<K>,
+        resource: String,
+    ) -> impl Stream<Item = watcher::Event<K>> + Send + 'static + use<K>
+    where
+        K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+    {
+        self.refusals.observe(
+            resource,
+            watcher(api, watcher::Config::default()).default_backoff(),
+        )
     }
 }
 
@@ -1031,7 +1163,7 @@ impl PolicyInputs {
 
 /// Every object of a kind of Herald's; none when its definition is not installed (a
 /// cluster that does not use the custom resources).
-async fn list_all<K>(client: &kube::Client, what: &'static str) -> Result<Vec<K>>
+async fn list_all<K>(client: &kube::Client) -> Result<Vec<K>>
 where
     K: Resource<DynamicType = (), Scope = kube::core::ClusterResourceScope>
         + Clone
@@ -1044,7 +1176,7 @@ where
     {
         Ok(list) => Ok(list.items),
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(Vec::new()),
-        Err(e) => Err(kube_err(what)(e)),
+        Err(e) => Err(kube_err("list", rbac_name::<K>())(e)),
     }
 }
 
@@ -1071,10 +1203,14 @@ fn refusal(code: Code) -> bool {
     )
 }
 
-fn finalizer_error(e: kube::runtime::finalizer::Error<Error>) -> Error {
+/// The finalizer helper's failure; adding or removing the finalizer is a patch of `K`.
+fn finalizer_error<K: Resource<DynamicType = ()>>(
+    e: kube::runtime::finalizer::Error<Error>,
+) -> Error {
+    use kube::runtime::finalizer::Error as E;
     match e {
-        kube::runtime::finalizer::Error::ApplyFailed(e)
-        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        E::ApplyFailed(e) | E::CleanupFailed(e) => e,
+        E::AddFinalizer(e) | E::RemoveFinalizer(e) => kube_err("patch", rbac_name::<K>())(e),
         other => Error::Finalizer(other.to_string()),
     }
 }
@@ -1153,9 +1289,10 @@ fn backoff(attempt: u32) -> Duration {
 /// requeue per object, so a retry replaces the previous one).
 fn error_policy<K>(object: Arc<K>, error: &Error, ctx: Arc<Resources>) -> Action
 where
-    K: Resource,
+    K: Resource<DynamicType = ()>,
 {
-    retry_action(&ctx, object.meta().name.as_deref().unwrap_or(""), error)
+    let name = object.meta().name.as_deref().unwrap_or("");
+    retry_action(&ctx, &holder(K::kind(&()).as_ref(), name), error)
 }
 
 fn error_policy_imported(
@@ -1163,27 +1300,44 @@ fn error_policy_imported(
     error: &Error,
     ctx: Arc<ImportedPools>,
 ) -> Action {
-    retry_action(
-        &ctx.resources,
-        object.metadata.name.as_deref().unwrap_or(""),
-        error,
-    )
+    let name = object.metadata.name.as_deref().unwrap_or("");
+    retry_action(&ctx.resources, &holder(&ctx.resource.kind, name), error)
 }
 
-fn retry_action(ctx: &Resources, name: &str, error: &Error) -> Action {
+/// A refused permission fails the readiness until this object's reconcile succeeds (one
+/// ERROR line); anything else is a warning per attempt.
+fn retry_action(ctx: &Resources, holder: &str, error: &Error) -> Action {
     let attempt = {
         let mut failures = lock(&ctx.failures);
-        let n = failures.entry(name.to_string()).or_insert(0);
+        let n = failures.entry(holder.to_string()).or_insert(0);
         *n = n.saturating_add(1);
         *n
     };
-    warn!(object = name, error = %error, attempt, "reconcile failed; retrying");
+    match error.refused() {
+        Some(permission) => ctx.refusals.refuse(permission, holder, error),
+        None => warn!(object = holder, error = %error, attempt, "reconcile failed; retrying"),
+    }
     Action::requeue(backoff(attempt))
 }
 
-fn log_result<T, E: std::fmt::Display>(kind: &str, result: Result<T, E>) {
-    if let Err(e) = result {
-        warn!(kind, error = %e, "controller");
+/// Logs what a controller's run yields that its error policy has not seen.
+fn log_result<K>(
+    refusals: &Refusals,
+    kind: &str,
+    result: Result<(ObjectRef<K>, Action), controller::Error<Error, watcher::Error>>,
+) where
+    K: Resource,
+{
+    match result {
+        Ok(_) => {}
+        // Logged by the error policy.
+        Err(controller::Error::ReconcilerFailed(..)) => {}
+        // Deleted while it was waiting for a retry: whatever it was refused is not
+        // needed any more.
+        Err(controller::Error::ObjectNotFound(obj)) => {
+            refusals.clear(&holder(kind, &obj.name));
+        }
+        Err(e) => warn!(kind, error = %e, "controller"),
     }
 }
 
@@ -1201,18 +1355,16 @@ fn notified_stream(notify: Arc<Notify>) -> impl Stream<Item = ()> + Send + 'stat
     })
 }
 
-/// Calls `wake` on every event of a watch (which re-lists on its own, with backoff).
+/// Calls `wake` on every event of a watch but the (re-)list's own objects.
 async fn nudge<K, S>(stream: S, wake: impl Fn() + Send)
 where
     K: Send,
-    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send,
+    S: Stream<Item = watcher::Event<K>> + Send,
 {
-    let mut stream = std::pin::pin!(stream.default_backoff());
+    let mut stream = std::pin::pin!(stream);
     while let Some(event) = stream.next().await {
-        match event {
-            Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
-            Ok(_) => wake(),
-            Err(e) => warn!(error = %e, "watch failed; retrying"),
+        if !matches!(event, watcher::Event::Init | watcher::Event::InitApply(_)) {
+            wake();
         }
     }
 }

@@ -343,6 +343,7 @@ async fn failures_are_reported_on_the_service_and_touch_nothing_else() {
     let cond = wait_condition(&lab.fake, "default", "d", "False").await;
     assert_eq!(cond["reason"], "PoolExhausted", "{cond}");
 
+    // The Event is published after the condition is written: wait for it.
     for (name, reason) in [("b", "RequestedIPTaken"), ("d", "PoolExhausted")] {
         // The Event follows the status write.
         let failed = |events: &[serde_json::Value]| {
@@ -976,4 +977,80 @@ async fn a_service_flipped_to_local_keeps_its_route_on_its_endpoint_node_through
         "worker-1 was sent route sets without {prefix} during the flip to Local (revisions \
          {lost:?} of {seen:?})"
     );
+}
+
+/// A refused write, not only a refused watch: without patch on Services' status the
+/// watcher cannot give a Service its address, which shows as a failing /readyz naming
+/// the verb and resource and as one ERROR line; once granted, the address is written and
+/// the watcher is ready again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forbidden_status_write_fails_readiness_until_granted() {
+    const REFUSAL: &str = "forbidden: the watcher's RBAC role must allow patch on services/status";
+    let lab = Lab::start(&[("lab", LAB_POOL)]).await;
+    lab.fake.deny(Verb::Patch, SERVICES);
+    lab.fake.create(SERVICES, ours("default", "web")).unwrap();
+    let log_dir = tempfile::tempdir().unwrap();
+    let log_path = log_dir.path().join("watcher.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let _w = Watcher::start_with(
+        &lab.fake,
+        &lab.ipam.endpoint(),
+        "w1",
+        &["--admin-listen", &admin.to_string()],
+        |command| {
+            command
+                .env("NO_COLOR", "1")
+                .stdout(log.try_clone().unwrap())
+                .stderr(log);
+        },
+    );
+
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match http_get(admin, "/readyz").await {
+            Ok((503, body)) if body.contains("patch services/status") => break,
+            last => assert!(
+                Instant::now() < deadline,
+                "/readyz never named the refused status patch within {WAIT:?}: {last:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let retried = lab
+        .fake
+        .wait_for(WAIT, |f| {
+            let refused = f
+                .requests()
+                .iter()
+                .filter(|r| r.verb == Verb::Patch && r.resource == "services" && r.status == 403)
+                .count();
+            (refused >= 3).then_some(refused)
+        })
+        .await;
+    assert!(
+        retried.is_some(),
+        "the refused status patch was not retried"
+    );
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains(REFUSAL)).collect();
+    assert_eq!(lines.len(), 1, "one refusal line expected in:\n{text}");
+    assert!(lines[0].contains("ERROR"), "{}", lines[0]);
+
+    lab.fake.allow(Verb::Patch, SERVICES);
+    assert_eq!(
+        wait_ingress(&lab.fake, "default", "web").await,
+        vec!["172.16.0.241"]
+    );
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Ok((200, _)) = http_get(admin, "/readyz").await {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not ready within {WAIT:?} of the grant"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -27,7 +27,7 @@ pub enum Caller {
 /// What each role may call, by gRPC path (`/package.Service/Method`). Health and
 /// reflection are open to every authenticated caller; a method not listed is refused.
 pub fn allowed(role: &Role, path: &str) -> bool {
-    use Role::{Operator, Reader, Speaker, Watcher};
+    use Role::{AnySpeaker, Operator, Reader, Speaker, Watcher};
     let Some((service, method)) = path.trim_start_matches('/').split_once('/') else {
         return false;
     };
@@ -37,9 +37,10 @@ pub fn allowed(role: &Role, path: &str) -> bool {
         | "grpc.reflection.v1.ServerReflection"
         | "grpc.reflection.v1alpha.ServerReflection" => true,
         "herald.ipam.v1.Ipam" => match method {
-            // The watcher mirrors the IPAddressPool custom resources into pools.
-            "CreatePool" => matches!(role, Operator | Watcher),
-            "UpdatePool" | "DeletePool" => matches!(role, Operator),
+            // The watcher mirrors the IPPool custom resources (and imported MetalLB and
+            // Cilium pools) into pools: it creates and updates them, and deletes one when
+            // its resource is deleted (forced only by the resource's annotation).
+            "CreatePool" | "UpdatePool" | "DeletePool" => matches!(role, Operator | Watcher),
             "Allocate" | "AllocateBatch" | "Release" => matches!(role, Watcher),
             "GetPool" | "ListPools" | "GetAllocation" | "ListAllocations" | "History" | "Watch" => {
                 reads
@@ -52,18 +53,20 @@ pub fn allowed(role: &Role, path: &str) -> bool {
             "SetBgpPolicy" => matches!(role, Operator | Watcher),
             "GetBgpPolicy" | "ListNodes" | "GetAdvertisementStatus" => reads,
             // Which node's is checked by the handler (`check_node`).
-            "WatchNodeRoutes" | "ReportSpeakerState" => matches!(role, Speaker { .. }),
+            "WatchNodeRoutes" | "ReportSpeakerState" => matches!(role, Speaker { .. } | AnySpeaker),
             _ => false,
         },
         _ => false,
     }
 }
 
-/// A speaker may only watch and report for its own node. Plaintext callers pass.
+/// A speaker may only watch and report for its own node; the speakers' shared identity
+/// names none, so it may for any. Plaintext callers pass.
 pub fn check_node<T>(request: &tonic::Request<T>, node: &str, method: &str) -> Result<(), Status> {
     match request.extensions().get::<Caller>() {
         Some(Caller::Tls(identity)) => match &identity.role {
             Role::Speaker { node: own } if own == node => Ok(()),
+            Role::AnySpeaker => Ok(()),
             Role::Speaker { node: own } => Err(Status::permission_denied(format!(
                 "{identity} may not call {method} for node `{}`: a speaker may only call it for its own node `{own}`",
                 herald_model::shorten(node, 80)
@@ -166,7 +169,13 @@ mod tests {
     #[test]
     fn each_role_reaches_only_its_methods() {
         let speaker = Role::Speaker { node: "n1".into() };
-        let all = [Role::Watcher, Role::Operator, Role::Reader, speaker.clone()];
+        let all = [
+            Role::Watcher,
+            Role::Operator,
+            Role::Reader,
+            speaker.clone(),
+            Role::AnySpeaker,
+        ];
         let only = |path: &str, who: &[Role]| {
             for role in &all {
                 assert_eq!(
@@ -178,8 +187,14 @@ mod tests {
         };
         only("/herald.ipam.v1.Ipam/Allocate", &[Role::Watcher]);
         only("/herald.ipam.v1.Ipam/Release", &[Role::Watcher]);
-        only("/herald.ipam.v1.Ipam/DeletePool", &[Role::Operator]);
-        only("/herald.ipam.v1.Ipam/UpdatePool", &[Role::Operator]);
+        only(
+            "/herald.ipam.v1.Ipam/DeletePool",
+            &[Role::Operator, Role::Watcher],
+        );
+        only(
+            "/herald.ipam.v1.Ipam/UpdatePool",
+            &[Role::Operator, Role::Watcher],
+        );
         only(
             "/herald.ipam.v1.Ipam/CreatePool",
             &[Role::Operator, Role::Watcher],
@@ -199,11 +214,11 @@ mod tests {
         only("/herald.routing.v1.Routing/UpsertNode", &[Role::Watcher]);
         only(
             "/herald.routing.v1.Routing/WatchNodeRoutes",
-            std::slice::from_ref(&speaker),
+            &[speaker.clone(), Role::AnySpeaker],
         );
         only(
             "/herald.routing.v1.Routing/ReportSpeakerState",
-            std::slice::from_ref(&speaker),
+            &[speaker.clone(), Role::AnySpeaker],
         );
         only("/grpc.health.v1.Health/Check", &all);
         only("/herald.ipam.v1.Ipam/NoSuchMethod", &[]);

@@ -131,6 +131,7 @@ async fn each_role_reaches_only_its_methods() {
     let reader = server.channel("reader2", &["spiffe://herald.test/herald/reader"]);
     let n1 = server.channel("n1", &["spiffe://herald.test/herald/speaker/node/n1"]);
     let n2 = server.channel("n2", &["n2.speaker.herald.test"]);
+    let fleet = server.channel("fleet", &["spiffe://herald.test/herald/speaker"]);
     let stranger = server.channel("stranger", &["spiffe://other.test/herald/operator"]);
 
     // Operator: pools and the BGP policy; not allocations or nodes.
@@ -159,7 +160,8 @@ async fn each_role_reaches_only_its_methods() {
         "herald.routing.v1.Routing/UpsertNode",
     );
 
-    // Watcher: allocate, release, nodes, endpoints, reads; not deleting pools.
+    // Watcher: allocate, release, nodes, endpoints, reads, and the pools it mirrors from
+    // IPPool resources; not a speaker's stream.
     let mut ipam = IpamClient::new(watcher.clone());
     ipam.allocate(allocate("a1")).await.unwrap();
     ipam.release(ipam_pb::ReleaseRequest {
@@ -174,15 +176,23 @@ async fn each_role_reaches_only_its_methods() {
     ipam.list_pools(ipam_pb::ListPoolsRequest::default())
         .await
         .unwrap();
-    denied(
-        ipam.delete_pool(ipam_pb::DeletePoolRequest {
-            name: "lab".into(),
-            ..Default::default()
-        })
-        .await,
-        "spiffe://herald.test/herald/watcher",
-        "herald.ipam.v1.Ipam/DeletePool",
-    );
+    ipam.create_pool(ipam_pb::CreatePoolRequest {
+        pool: Some(pool("mirrored", &["172.16.2.0/28"])),
+    })
+    .await
+    .unwrap();
+    ipam.update_pool(ipam_pb::UpdatePoolRequest {
+        pool: Some(pool("mirrored", &["172.16.2.0/27"])),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    ipam.delete_pool(ipam_pb::DeletePoolRequest {
+        name: "mirrored".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     denied(
         routing
             .watch_node_routes(pb::WatchNodeRoutesRequest { node: "n1".into() })
@@ -270,6 +280,36 @@ async fn each_role_reaches_only_its_methods() {
             .await,
         "dns:n2.speaker.herald.test",
         "WatchNodeRoutes",
+    );
+
+    // The speakers' shared certificate (one for a whole DaemonSet) names no node: it may
+    // watch and report for any, and still nothing else.
+    for node in ["n1", "n2"] {
+        RoutingClient::new(fleet.clone())
+            .watch_node_routes(pb::WatchNodeRoutesRequest { node: node.into() })
+            .await
+            .unwrap();
+        RoutingClient::new(fleet.clone())
+            .report_speaker_state(pb::SpeakerState {
+                node: node.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    denied(
+        IpamClient::new(fleet.clone())
+            .list_pools(ipam_pb::ListPoolsRequest::default())
+            .await,
+        "spiffe://herald.test/herald/speaker",
+        "herald.ipam.v1.Ipam/ListPools",
+    );
+    denied(
+        RoutingClient::new(fleet)
+            .upsert_node(node("n3", "127.0.0.12"))
+            .await,
+        "spiffe://herald.test/herald/speaker",
+        "herald.routing.v1.Routing/UpsertNode",
     );
 
     // A certificate of this CA naming another trust domain has no identity here.
