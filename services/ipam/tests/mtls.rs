@@ -185,7 +185,10 @@ async fn each_role_reaches_only_its_methods() {
     );
     denied(
         routing
-            .watch_node_routes(pb::WatchNodeRoutesRequest { node: "n1".into() })
+            .watch_node_routes(pb::WatchNodeRoutesRequest {
+                node: "n1".into(),
+                deltas: false,
+            })
             .await,
         "spiffe://herald.test/herald/watcher",
         "herald.routing.v1.Routing/WatchNodeRoutes",
@@ -218,7 +221,10 @@ async fn each_role_reaches_only_its_methods() {
 
     // Speakers: their own node's routes and reports, nothing else.
     let mut own = RoutingClient::new(n1.clone())
-        .watch_node_routes(pb::WatchNodeRoutesRequest { node: "n1".into() })
+        .watch_node_routes(pb::WatchNodeRoutesRequest {
+            node: "n1".into(),
+            deltas: false,
+        })
         .await
         .unwrap()
         .into_inner();
@@ -237,7 +243,10 @@ async fn each_role_reaches_only_its_methods() {
         .unwrap();
     denied(
         RoutingClient::new(n1.clone())
-            .watch_node_routes(pb::WatchNodeRoutesRequest { node: "n2".into() })
+            .watch_node_routes(pb::WatchNodeRoutesRequest {
+                node: "n2".into(),
+                deltas: false,
+            })
             .await,
         "spiffe://herald.test/herald/speaker/node/n1",
         "WatchNodeRoutes",
@@ -261,12 +270,18 @@ async fn each_role_reaches_only_its_methods() {
     );
     // A DNS SAN names a speaker too.
     RoutingClient::new(n2.clone())
-        .watch_node_routes(pb::WatchNodeRoutesRequest { node: "n2".into() })
+        .watch_node_routes(pb::WatchNodeRoutesRequest {
+            node: "n2".into(),
+            deltas: false,
+        })
         .await
         .unwrap();
     denied(
         RoutingClient::new(n2.clone())
-            .watch_node_routes(pb::WatchNodeRoutesRequest { node: "n1".into() })
+            .watch_node_routes(pb::WatchNodeRoutesRequest {
+                node: "n1".into(),
+                deltas: false,
+            })
             .await,
         "dns:n2.speaker.herald.test",
         "WatchNodeRoutes",
