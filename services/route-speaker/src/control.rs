@@ -1,14 +1,16 @@
-//! The speaker's side of the gRPC link to IPAM: the node's snapshot stream turned into a
-//! `watch` channel (with reconnects, so nothing downstream sees gRPC), and the reporter.
+//! The speaker's side of the gRPC link to IPAM: the node's route stream (a snapshot, then
+//! deltas) turned into a channel of messages in order (with reconnects, so nothing
+//! downstream sees gRPC), and the reporter.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use herald_api::routing::v1 as pb;
 use herald_api::routing::v1::routing_client::RoutingClient;
 use herald_telemetry::trace::Inject;
 use herald_tls::ClientEndpoint as Endpoint;
-use tokio::sync::watch;
+use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 use tracing::{debug, info, warn};
@@ -61,6 +63,10 @@ pub enum WatchError {
     Status(tonic::Status),
     #[error("IPAM ended the stream")]
     Ended,
+    #[error("a route delta did not follow the revision applied; subscribing again for a snapshot")]
+    Gap,
+    #[error("the speaker stopped taking route messages")]
+    Closed,
 }
 
 impl From<tonic::Status> for WatchError {
@@ -69,23 +75,38 @@ impl From<tonic::Status> for WatchError {
     }
 }
 
-/// Subscribes to `node`'s snapshots until `shutdown`, publishing each into `snapshots`.
-/// On any failure it waits (exponential backoff with jitter) and subscribes again; it
-/// never clears `snapshots`, so the speaker keeps its last state while IPAM is away.
+/// Subscribes to `node`'s routes until `shutdown`, passing every message, in order, to
+/// `messages`: a full snapshot first, then deltas. When `resync` is notified (the speaker
+/// found a delta that does not follow what it applied) it subscribes again at once, for
+/// a fresh snapshot. On any failure it waits (exponential backoff with jitter) and
+/// subscribes again; the speaker keeps its last state while IPAM is away. `messages` is
+/// bounded: a speaker slow to apply stops this task reading, and IPAM, finding the
+/// stream behind, sends a snapshot instead of the deltas it missed.
 pub async fn watch_node_routes(
     endpoint: Endpoint,
     node: String,
-    snapshots: watch::Sender<Option<Arc<pb::NodeRoutes>>>,
+    messages: mpsc::Sender<pb::NodeRoutes>,
+    resync: Arc<Notify>,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Backoff::default();
     loop {
         let result = tokio::select! {
             () = shutdown.cancelled() => return,
-            r = subscribe(&endpoint, &node, &snapshots, &mut backoff) => r,
+            r = subscribe(&endpoint, &node, &messages, &resync, &mut backoff) => r,
         };
+        if matches!(result, WatchError::Closed) {
+            return;
+        }
         let delay = backoff.next_delay();
         match &result {
+            // After a snapshot the backoff starts again from its shortest pause, so a
+            // gap is answered in a moment; a server that sends only deltas that do not
+            // follow is not hammered.
+            WatchError::Gap => {
+                crate::metrics::METRICS.stream_resyncs.inc();
+                warn!(node = %node, retry_in = ?delay, "{result}");
+            }
             WatchError::Status(status) if status.code() == Code::NotFound => warn!(
                 node = %node,
                 status = %status.message(),
@@ -109,7 +130,8 @@ pub async fn watch_node_routes(
 async fn subscribe(
     endpoint: &Endpoint,
     node: &str,
-    snapshots: &watch::Sender<Option<Arc<pb::NodeRoutes>>>,
+    messages: &mpsc::Sender<pb::NodeRoutes>,
+    resync: &Notify,
     backoff: &mut Backoff,
 ) -> WatchError {
     let result: Result<(), WatchError> = async {
@@ -119,24 +141,36 @@ async fn subscribe(
         let mut stream = client
             .watch_node_routes(pb::WatchNodeRoutesRequest {
                 node: node.to_string(),
+                deltas: true,
             })
             .await?
             .into_inner();
         crate::metrics::METRICS.stream_connected.set(1);
         let mut first = true;
-        while let Some(snapshot) = stream.message().await? {
+        // A gap noticed on an earlier stream is answered by this one's snapshot.
+        let _ = resync.notified().now_or_never();
+        loop {
+            let message = tokio::select! {
+                m = stream.message() => m?,
+                () = resync.notified() => return Err(WatchError::Gap),
+            };
+            let Some(message) = message else { break };
             // A snapshot arrived, so the link works: the next failure starts the backoff
             // from the beginning.
-            backoff.reset();
+            if message.from_revision == 0 {
+                backoff.reset();
+            }
             if first {
                 first = false;
-                info!(%node, revision = snapshot.revision, "subscribed to IPAM: first snapshot");
+                info!(%node, revision = message.revision, "subscribed to IPAM: first snapshot");
             } else {
-                debug!(%node, revision = snapshot.revision, "snapshot received");
+                debug!(%node, revision = message.revision, from_revision = message.from_revision, "routes received");
             }
             crate::metrics::METRICS.snapshots_received.inc();
             crate::metrics::METRICS.snapshot_age.mark();
-            snapshots.send_replace(Some(Arc::new(snapshot)));
+            if messages.send(message).await.is_err() {
+                return Err(WatchError::Closed);
+            }
         }
         Ok(())
     }

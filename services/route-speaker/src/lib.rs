@@ -17,6 +17,7 @@
 pub mod backoff;
 pub mod control;
 pub mod convert;
+pub mod desired;
 pub mod metrics;
 pub mod plan;
 pub mod speaker;
@@ -40,6 +41,9 @@ pub use convert::{
 pub use plan::{PeerPlan, plan_peers};
 pub use speaker::{ApplySummary, Shutdown, ShutdownIntent, Speaker};
 
+/// Route messages queued between the stream and the sessions: a speaker further behind
+/// stops reading, and IPAM sends it a snapshot once its own queue for it is full.
+const ROUTE_MESSAGES: usize = 32;
 /// Where IPAM listens unless told otherwise (its own default).
 pub const DEFAULT_IPAM_ENDPOINT: &str = herald_settings::DEFAULT_IPAM_ENDPOINT;
 /// How often the state is reported even when nothing changed, so IPAM notices a speaker
@@ -264,13 +268,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     )
     .await?;
 
-    let (snapshot_tx, mut snapshots) = watch::channel(None::<Arc<pb::NodeRoutes>>);
+    let (message_tx, mut messages) = tokio::sync::mpsc::channel(ROUTE_MESSAGES);
+    let resync = Arc::new(tokio::sync::Notify::new());
     let (state_tx, state_rx) = watch::channel(None::<pb::SpeakerState>);
     let tasks = shutdown.child_token();
     let watcher = tokio::spawn(control::watch_node_routes(
         endpoint.clone(),
         node.clone(),
-        snapshot_tx,
+        message_tx,
+        Arc::clone(&resync),
         tasks.clone(),
     ));
     let reporter = tokio::spawn(control::report_state(
@@ -300,14 +306,25 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
-            changed = snapshots.changed(), if stream_open => {
-                if changed.is_err() {
+            received = messages.recv(), if stream_open => {
+                let Some(first) = received else {
                     stream_open = false;
                     continue;
+                };
+                // What else is waiting is applied with it: one hand-over to the sessions.
+                let mut batch = vec![first];
+                while batch.len() < ROUTE_MESSAGES {
+                    match messages.try_recv() {
+                        Ok(next) => batch.push(next),
+                        Err(_) => break,
+                    }
                 }
-                let snapshot = snapshots.borrow_and_update().clone();
-                if let Some(snapshot) = snapshot {
-                    speaker.apply(&snapshot).await;
+                let summary = speaker.apply_all(&batch).await;
+                if let Some(gap) = summary.gap {
+                    warn!(error = %gap, "route delta out of order; asking IPAM for a snapshot");
+                    resync.notify_one();
+                }
+                if speaker.applied_revision().is_some() {
                     readiness.set_ready();
                     state_tx.send_replace(report(&speaker));
                     report_at = None;
