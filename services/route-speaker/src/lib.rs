@@ -1,16 +1,18 @@
-//! `herald-route-speaker`: one per node. It subscribes to the node's route snapshots from
-//! IPAM (`herald.routing.v1.Routing/WatchNodeRoutes`), holds the node's BGP sessions to
-//! the ToRs with `herald-bgp`, hands each session its full desired route set, and reports
-//! what the sessions actually announce (`ReportSpeakerState`).
+//! `herald-route-speaker`: one per node. It subscribes to the node's routes from IPAM
+//! (`herald.routing.v1.Routing/WatchNodeRoutes`: a full snapshot, then deltas), holds the
+//! node's BGP sessions to the ToRs with `herald-bgp`, hands each session its full desired
+//! route set, and reports what the sessions actually announce (`ReportSpeakerState`).
 //!
 //! - [`convert`]: protobuf → engine types ([`convert::peer_from_pb`],
 //!   [`convert::routes_from_pb`]); malformed entries are skipped, never fatal.
+//! - [`desired`]: the desired sets, replaced by a snapshot and patched by a delta; a
+//!   delta that does not follow the revision applied is a gap.
 //! - [`plan`]: which sessions to keep, start and stop ([`plan::plan_peers`]).
 //! - [`speaker`]: [`Speaker`], the sessions and their report; no gRPC inside.
-//! - [`control`]: the stream from IPAM as a `watch` channel with reconnects, and the
-//!   reporter.
+//! - [`control`]: the stream from IPAM as a bounded channel of messages in order, with
+//!   reconnects (and a fresh subscription after a gap), and the reporter.
 //!
-//! Fail-static: only a snapshot changes what is announced. When IPAM is unreachable the
+//! Fail-static: only a message from IPAM changes what is announced. When IPAM is unreachable the
 //! speaker keeps every session and route as last applied, and a reconnect replays a
 //! snapshot that [`Speaker::apply`] turns into no BGP traffic when nothing changed.
 
