@@ -19,19 +19,25 @@ use crate::backoff::Backoff;
 
 /// Bound on opening the TCP + HTTP/2 connection to IPAM.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-/// HTTP/2 pings on the idle stream: a vanished IPAM (host gone, no RST) is noticed within
-/// interval + timeout instead of the TCP timeout of minutes.
+/// Bound on one call until IPAM's answer, or a stream's response headers (tonic's
+/// per-request timeout ends there, so the long-lived WatchNodeRoutes stream itself has
+/// none: keepalive watches it). IPAM answers in milliseconds; a call that waits this long
+/// met a vanished or blackholed IPAM, and a new attempt has a better chance.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// HTTP/2 pings on the stream: a vanished IPAM (host gone, no RST, or a path that drops
+/// every packet) is noticed within interval + timeout instead of the TCP timeout of
+/// minutes; the subscription is then made again with backoff while every route stays
+/// announced (fail-static).
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest snapshot accepted: ~100k routes with attributes, with room to spare.
 pub const MAX_SNAPSHOT_BYTES: usize = 64 * 1024 * 1024;
-/// Bound on one report call.
-pub const REPORT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// IPAM's endpoint from the settings (plaintext or mutual TLS) with the speaker's timeouts.
 pub fn endpoint(config: &crate::Config) -> Result<Endpoint, herald_tls::TlsError> {
     Ok(config.ipam_client(CONNECT_TIMEOUT)?.with(|e| {
-        e.http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        e.timeout(REQUEST_TIMEOUT)
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true)
             .tcp_nodelay(true)
@@ -53,13 +59,28 @@ impl std::fmt::Display for ErrorChain<'_> {
     }
 }
 
+/// The sources under a status, each after ": ".
+struct Causes<'a>(&'a tonic::Status);
+
+impl std::fmt::Display for Causes<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut source = std::error::Error::source(self.0);
+        while let Some(e) = source {
+            write!(f, ": {e}")?;
+            source = e.source();
+        }
+        Ok(())
+    }
+}
+
 /// How one subscription ended.
 #[derive(Debug, thiserror::Error)]
 pub enum WatchError {
     #[error("cannot connect to IPAM")]
     Connect(#[from] tonic::transport::Error),
-    // Not a `source`: the code and message say it all.
-    #[error("IPAM answered {}: {}", .0.code(), .0.message())]
+    // Not a `source` (the status's own Display repeats code and message), but what broke
+    // under it is said: a keepalive that timed out on a silent connection, a reset.
+    #[error("IPAM answered {}: {}{}", .0.code(), .0.message(), Causes(.0))]
     Status(tonic::Status),
     #[error("IPAM ended the stream")]
     Ended,
@@ -77,11 +98,12 @@ impl From<tonic::Status> for WatchError {
 
 /// Subscribes to `node`'s routes until `shutdown`, passing every message, in order, to
 /// `messages`: a full snapshot first, then deltas. When `resync` is notified (the speaker
-/// found a delta that does not follow what it applied) it subscribes again at once, for
-/// a fresh snapshot. On any failure it waits (exponential backoff with jitter) and
-/// subscribes again; the speaker keeps its last state while IPAM is away. `messages` is
-/// bounded: a speaker slow to apply stops this task reading, and IPAM, finding the
-/// stream behind, sends a snapshot instead of the deltas it missed.
+/// found a delta that does not follow what it applied) it subscribes again after the
+/// shortest pause, for a fresh snapshot. On any failure it waits (exponential backoff with
+/// jitter, from the first step again after a healthy subscription) and subscribes again;
+/// the speaker keeps its last state while IPAM is away. `messages` is bounded: a speaker
+/// slow to apply stops this task reading, and IPAM, finding the stream behind, sends a
+/// snapshot instead of the deltas it missed.
 pub async fn watch_node_routes(
     endpoint: Endpoint,
     node: String,
@@ -91,18 +113,15 @@ pub async fn watch_node_routes(
 ) {
     let mut backoff = Backoff::default();
     loop {
-        let result = tokio::select! {
+        let (result, healthy_for) = tokio::select! {
             () = shutdown.cancelled() => return,
-            r = subscribe(&endpoint, &node, &messages, &resync, &mut backoff) => r,
+            r = subscribe(&endpoint, &node, &messages, &resync) => r,
         };
         if matches!(result, WatchError::Closed) {
             return;
         }
-        let delay = backoff.next_delay();
+        let delay = backoff.after_failure(healthy_for);
         match &result {
-            // After a snapshot the backoff starts again from its shortest pause, so a
-            // gap is answered in a moment; a server that sends only deltas that do not
-            // follow is not hammered.
             WatchError::Gap => {
                 crate::metrics::METRICS.stream_resyncs.inc();
                 warn!(node = %node, retry_in = ?delay, "{result}");
@@ -127,13 +146,15 @@ pub async fn watch_node_routes(
     }
 }
 
+/// One subscription, until it fails: how, and for how long it delivered messages (from
+/// its first snapshot; `None` if none came).
 async fn subscribe(
     endpoint: &Endpoint,
     node: &str,
     messages: &mpsc::Sender<pb::NodeRoutes>,
     resync: &Notify,
-    backoff: &mut Backoff,
-) -> WatchError {
+) -> (WatchError, Option<Duration>) {
+    let mut first_at: Option<tokio::time::Instant> = None;
     let result: Result<(), WatchError> = async {
         let channel = endpoint.connect().await?;
         let mut client =
@@ -146,7 +167,6 @@ async fn subscribe(
             .await?
             .into_inner();
         crate::metrics::METRICS.stream_connected.set(1);
-        let mut first = true;
         // A gap noticed on an earlier stream is answered by this one's snapshot.
         let _ = resync.notified().now_or_never();
         loop {
@@ -155,13 +175,10 @@ async fn subscribe(
                 () = resync.notified() => return Err(WatchError::Gap),
             };
             let Some(message) = message else { break };
-            // A snapshot arrived, so the link works: the next failure starts the backoff
-            // from the beginning.
-            if message.from_revision == 0 {
-                backoff.reset();
-            }
-            if first {
-                first = false;
+            // Healthy from its first snapshot: a server that sends only deltas that do
+            // not follow is not hammered.
+            if first_at.is_none() && message.from_revision == 0 {
+                first_at = Some(tokio::time::Instant::now());
                 info!(%node, revision = message.revision, "subscribed to IPAM: first snapshot");
             } else {
                 debug!(%node, revision = message.revision, from_revision = message.from_revision, "routes received");
@@ -176,10 +193,11 @@ async fn subscribe(
     }
     .await;
     crate::metrics::METRICS.stream_connected.set(0);
-    match result {
+    let error = match result {
         Ok(()) => WatchError::Ended,
         Err(e) => e,
-    }
+    };
+    (error, first_at.map(|at| at.elapsed()))
 }
 
 /// Bound on the last report at shutdown: it must not hold up closing the sessions.
@@ -228,16 +246,13 @@ pub async fn report_state(
         };
         let revision = state.applied_revision;
         let sessions = state.sessions.len();
-        match tokio::time::timeout(REPORT_TIMEOUT, client.report_speaker_state(state)).await {
-            Ok(Ok(_)) => debug!(revision, sessions, "state reported"),
-            Ok(Err(status)) => warn!(
+        // Bounded by the endpoint's REQUEST_TIMEOUT (CANCELLED "Timeout expired").
+        match client.report_speaker_state(state).await {
+            Ok(_) => debug!(revision, sessions, "state reported"),
+            Err(status) => warn!(
                 code = %status.code(),
                 error = %status.message(),
                 "reporting state to IPAM failed; retrying on the next change or tick"
-            ),
-            Err(_) => warn!(
-                timeout = ?REPORT_TIMEOUT,
-                "reporting state to IPAM timed out; retrying on the next change or tick"
             ),
         }
         // The next periodic report is a full interval after this one.

@@ -14,7 +14,7 @@ use herald_bgp::{
 use herald_telemetry::trace::SpanContext;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
-use tracing::{Instrument, error, info, warn};
+use tracing::{Instrument, debug, error, info, warn};
 
 use crate::convert::{self, BfdSpec, PeerSpec, SessionDefaults};
 use crate::desired::{Desired, Gap, PeerChange};
@@ -537,6 +537,22 @@ impl Speaker {
                     .cause
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner) = current_cause(links);
+            }
+            if tracing::enabled!(tracing::Level::DEBUG) {
+                // Which prefixes a message took away or added: what explains a path that
+                // came and went at the ToR (bounded, a full snapshot can be 100k routes).
+                let gone: Vec<&ipnet::IpNet> = session
+                    .routes
+                    .keys()
+                    .filter(|p| !routes.contains_key(*p))
+                    .take(32)
+                    .collect();
+                let new: Vec<&ipnet::IpNet> = routes
+                    .keys()
+                    .filter(|p| !session.routes.contains_key(*p))
+                    .take(32)
+                    .collect();
+                debug!(peer = %name, withdrawn = ?gone, announced = ?new, "desired set changed");
             }
             // Before the hand-over: the writer may report the set written at once.
             metrics::hand_over(&session.pending, &routes, changes);
