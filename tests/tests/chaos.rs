@@ -553,7 +553,10 @@ async fn desired_prefixes(ipam: &Ipam, node: &str) -> BTreeSet<String> {
     let mut stream = ipam
         .routing()
         .await
-        .watch_node_routes(herald_api::routing::v1::WatchNodeRoutesRequest { node: node.into() })
+        .watch_node_routes(herald_api::routing::v1::WatchNodeRoutesRequest {
+            node: node.into(),
+            deltas: false,
+        })
         .await
         .unwrap()
         .into_inner();

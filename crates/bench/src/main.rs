@@ -115,6 +115,8 @@ enum Bench {
     Fanout(FanoutArgs),
     /// Allocate (or a Kubernetes Service) until a GoBGP ToR holds the route from both nodes.
     E2e(E2eArgs),
+    /// herald-route-speaker's memory holding N /32s at a GoBGP ToR, against BIRD's.
+    SpeakerMemory(SpeakerMemoryArgs),
     /// alloc and e2e with span export off and on (to an in-process OTLP receiver).
     Trace(TraceArgs),
     /// The watcher at scale from the fake API server: a burst of Services, a cold start
@@ -288,6 +290,13 @@ struct KubeArgs {
 }
 
 #[derive(Debug, Args)]
+struct SpeakerMemoryArgs {
+    /// Routes (Services, one /32 each) the speakers hold.
+    #[arg(long, default_value_t = 100_000)]
+    routes: u64,
+}
+
+#[derive(Debug, Args)]
 struct E2eArgs {
     /// Services allocated one by one.
     #[arg(long, default_value_t = 1000)]
@@ -406,6 +415,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             json(
                 pipeline::fanout(&common, a.subscribers, a.channels, a.rate, common.duration).await,
             ),
+        )?,
+        Bench::SpeakerMemory(a) => put(
+            "speaker-memory",
+            json(pipeline::speaker_memory(&common, a.routes).await),
         )?,
         Bench::E2e(a) => {
             if !a.kube_only {

@@ -630,7 +630,10 @@ pub async fn fanout(
         tasks.push(tokio::spawn(async move {
             let mut seen: Vec<(Duration, u64)> = Vec::with_capacity(2048);
             let mut stream = match client
-                .watch_node_routes(pb::WatchNodeRoutesRequest { node: name.clone() })
+                .watch_node_routes(pb::WatchNodeRoutesRequest {
+                    node: name.clone(),
+                    deltas: false,
+                })
                 .await
             {
                 Ok(s) => s.into_inner(),
@@ -1136,4 +1139,189 @@ pub async fn e2e_kube(common: &Common, count: u64, burst: u64) -> anyhow::Result
         reference: E2E_REFERENCE,
         targets,
     })
+}
+
+/// Pool of `speaker-memory`: room for a million /32s.
+const MEMORY_POOL: &str = "10.64.0.0/12";
+/// A node started after the routes exist, and BIRD as the comparator speaker.
+const LATE_NODE: (&str, &str) = ("n2", "127.0.0.12");
+const BIRD_SPEAKER: &str = "127.0.0.13";
+/// Bound on the ToR receiving every route from one speaker.
+const MEMORY_ROUTE_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// One speaker's memory holding the routes.
+#[derive(Debug, Clone, Serialize)]
+pub struct SpeakerMemoryRow {
+    pub speaker: String,
+    pub rss_kib: u64,
+    pub hwm_kib: u64,
+    /// Seconds from the routes' allocation (or the speaker's start) to the ToR holding all.
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SpeakerMemoryReport {
+    pub routes: u64,
+    pub rows: Vec<SpeakerMemoryRow>,
+    /// Herald's speaker started before the routes over BIRD's RSS.
+    pub ratio_during: f64,
+    /// Herald's speaker started after them over BIRD's RSS.
+    pub ratio_after: f64,
+}
+
+/// Prefixes the ToR holds from `address`.
+async fn received_from(tor: &Tor, address: &str) -> anyhow::Result<u64> {
+    Ok(tor
+        .neighbors()
+        .await?
+        .iter()
+        .find(|n| n.address.to_string() == address)
+        .map_or(0, |n| n.prefixes_received))
+}
+
+async fn wait_received(tor: &Tor, address: &str, count: u64) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    loop {
+        let got = received_from(tor, address).await?;
+        if got >= count {
+            return Ok(started.elapsed().as_secs_f64());
+        }
+        if started.elapsed() >= MEMORY_ROUTE_TIMEOUT {
+            bail!("the ToR holds {got} of {count} routes from {address}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// `speaker-memory`: herald-route-speaker's RSS holding `routes` /32s at a GoBGP ToR, for a
+/// speaker that followed their allocation (a snapshot, then deltas) and one started after
+/// them (one snapshot), against BIRD as the speaker announcing the same /32s (static
+/// routes, exported over BGP; no kernel routes) in the same run.
+pub async fn speaker_memory(common: &Common, routes: u64) -> anyhow::Result<SpeakerMemoryReport> {
+    common.print_header(&format!(
+        "speaker-memory: {routes} /32s from herald-ipam through herald-route-speaker to a GoBGP ToR, against BIRD announcing them"
+    ));
+    let mut p = start_pipeline(common, None).await?;
+    let during_pid = p._speakers[0].pid();
+    ipam::create_pool(&mut p.ipam, "mem", MEMORY_POOL, false).await?;
+    let started = Instant::now();
+    let mut prefixes = Vec::with_capacity(usize::try_from(routes).unwrap_or(0));
+    for start in (0..routes).step_by(1000) {
+        let requests = (start..(start + 1000).min(routes))
+            .map(|seq| ipam::allocate_request("mem", seq, Some("mem")))
+            .collect();
+        let response = p
+            .ipam
+            .allocate_batch(ipam_pb::AllocateBatchRequest { requests })
+            .await
+            .context("AllocateBatch")?
+            .into_inner();
+        for r in response.results {
+            match r.result {
+                Some(ipam_pb::allocate_result::Result::Allocation(a)) => {
+                    prefixes.push(ipam::only_ip(Some(a)).map_err(|e| anyhow!(e))?);
+                }
+                other => bail!("AllocateBatch: {other:?}"),
+            }
+        }
+    }
+    let mut rows = Vec::new();
+    wait_received(&p.tor, E2E_NODES[0].1, routes).await?;
+    let rss = speakers::rss(during_pid);
+    rows.push(SpeakerMemoryRow {
+        speaker: "herald (during)".into(),
+        rss_kib: rss.rss_kib,
+        hwm_kib: rss.hwm_kib,
+        seconds: started.elapsed().as_secs_f64(),
+    });
+
+    let mut routing = routing_client(&p.server).await?;
+    routing
+        .upsert_node(node(LATE_NODE.0, LATE_NODE.1, &[("bgp-peer", "true")]))
+        .await
+        .context("UpsertNode")?;
+    let speaker_bin = find_binary("herald-route-speaker")?;
+    let late = start_speaker(&speaker_bin, LATE_NODE.0, &p.server, &common.log_dir, None)?;
+    let seconds = wait_received(&p.tor, LATE_NODE.1, routes).await?;
+    // Settled: the report that follows the load, then a quiet moment.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss = speakers::rss(late.pid());
+    rows.push(SpeakerMemoryRow {
+        speaker: "herald (after)".into(),
+        rss_kib: rss.rss_kib,
+        hwm_kib: rss.hwm_kib,
+        seconds,
+    });
+    drop(late);
+
+    let bird = start_bird_speaker(common, &prefixes, p.tor.bgp_port())?;
+    let seconds = wait_received(&p.tor, BIRD_SPEAKER, routes).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss = speakers::rss(bird.pid());
+    rows.push(SpeakerMemoryRow {
+        speaker: "BIRD".into(),
+        rss_kib: rss.rss_kib,
+        hwm_kib: rss.hwm_kib,
+        seconds,
+    });
+    drop(bird);
+    let mib = |k: u64| k as f64 / 1024.0;
+    for row in &rows {
+        println!(
+            "  {:<16} RSS {:>7.1} MiB (peak {:>7.1} MiB)  all {routes} routes at the ToR in {:.1} s",
+            row.speaker,
+            mib(row.rss_kib),
+            mib(row.hwm_kib),
+            row.seconds
+        );
+    }
+    let bird_kib = rows[2].rss_kib.max(1) as f64;
+    let report = SpeakerMemoryReport {
+        routes,
+        ratio_during: rows[0].rss_kib as f64 / bird_kib,
+        ratio_after: rows[1].rss_kib as f64 / bird_kib,
+        rows,
+    };
+    println!(
+        "  herald / BIRD RSS: {:.2}x (started before the routes), {:.2}x (started after); target <= 1.5x",
+        report.ratio_during, report.ratio_after
+    );
+    Ok(report)
+}
+
+/// BIRD announcing `prefixes` as static routes (in BIRD's table only: no kernel protocol)
+/// to the ToR, from its own loopback address.
+fn start_bird_speaker(
+    common: &Common,
+    prefixes: &[String],
+    tor_port: u16,
+) -> anyhow::Result<ChildProcess> {
+    use std::fmt::Write as _;
+    let dir = common.log_dir.join("bird-speaker");
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let mut config = format!(
+        "router id {BIRD_SPEAKER};\nprotocol device {{}}\nprotocol static herald {{\n  ipv4;\n"
+    );
+    for p in prefixes {
+        let _ = writeln!(config, "  route {p}/32 blackhole;");
+    }
+    let _ = write!(
+        config,
+        "}}\nprotocol bgp tor {{\n  local {BIRD_SPEAKER} as {};\n  neighbor 127.0.0.1 port {tor_port} as {};\n  multihop;\n  ipv4 {{ import none; export all; next hop self; }};\n}}\n",
+        herald_tor_harness::NODE_ASN,
+        herald_tor_harness::TOR_ASN,
+    );
+    let conf = dir.join("bird.conf");
+    std::fs::write(&conf, config).with_context(|| format!("write {}", conf.display()))?;
+    let log = std::fs::File::create(dir.join("bird.log"))?;
+    let mut command = Command::new("bird");
+    command
+        .arg("-f")
+        .arg("-c")
+        .arg(&conf)
+        .arg("-s")
+        .arg(dir.join("bird.ctl"))
+        .stdout(Stdio::from(log.try_clone()?))
+        .stderr(Stdio::from(log));
+    Ok(ChildProcess::spawn("bird (speaker)", command))
 }

@@ -4,8 +4,11 @@
 //! `Cluster` Service is allocated or released, a node turns not Ready or Ready again), one
 //! at a time. Per engine: herald-ipam's CPU per change (from /proc), the delivery of each
 //! change to the streams whose node it changes, and herald-ipam's RSS after set-up and
-//! after the churn. The incremental engine and `route_engine = "full"` run back to back
-//! on the same Postgres, and the ratios are printed.
+//! after the churn. The incremental engine runs its churn twice on one set-up: with
+//! streams that ask for deltas (a snapshot, then only what changed), then with streams of
+//! full snapshots (as older speakers get). `route_engine = "full"` (with full snapshots,
+//! as Herald was before both) runs after them on the same Postgres, and the ratios are
+//! printed.
 
 use std::collections::BTreeSet;
 use std::process::Command;
@@ -16,6 +19,7 @@ use futures::StreamExt;
 use herald_api::ipam::v1 as ipam_pb;
 use herald_api::routing::v1 as pb;
 use herald_api::routing::v1::routing_client::RoutingClient;
+use prost::Message;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
@@ -60,6 +64,8 @@ pub struct ScaleArgs {
 #[derive(Debug, Clone, Serialize)]
 pub struct EngineRow {
     pub engine: String,
+    /// `deltas` or `snapshots`: what the streams asked for.
+    pub streams: String,
     pub changes: usize,
     pub ipam_cpu_ms_per_change: f64,
     /// From the change RPC being sent to each stream it changes receiving a message.
@@ -69,6 +75,12 @@ pub struct EngineRow {
     pub rss_setup_kib: u64,
     pub rss_after_kib: u64,
     pub setup_s: f64,
+    /// Bytes of route messages the streams received per change (protobuf encoding).
+    pub wire_bytes_per_change: f64,
+    /// Full snapshots after the first on a delta stream (it fell behind).
+    pub resyncs: u64,
+    /// Deltas that did not follow the revision before them (must be 0).
+    pub gaps: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -77,9 +89,14 @@ pub struct ScaleReport {
     pub services: usize,
     pub subscribers: usize,
     pub incremental: EngineRow,
+    /// The incremental engine with full snapshots on the streams.
+    pub snapshots: EngineRow,
     pub full: EngineRow,
     pub cpu_ratio: f64,
     pub delivery_p99_ratio: f64,
+    /// Snapshot streams over delta streams, both with the incremental engine.
+    pub snapshots_cpu_ratio: f64,
+    pub snapshots_delivery_p99_ratio: f64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -178,52 +195,86 @@ pub async fn scale(common: &Common, args: &ScaleArgs) -> anyhow::Result<ScaleRep
         "scale: {} nodes, {} Services (half Local on {ENDPOINTS_PER_LOCAL} nodes each), {subscribers} WatchNodeRoutes streams; change mix endpoints:cluster:node = {}:{}:{}",
         args.nodes, args.services, args.endpoint_moves, args.cluster_changes, args.node_changes
     ));
-    let incremental = run_engine(common, args, "incremental", args.changes).await?;
-    print_row(&incremental);
-    let full = run_engine(common, args, "full", args.full_changes.min(args.changes)).await?;
-    print_row(&full);
+    let mut rows = run_engine(common, args, "incremental", &[true, false], args.changes).await?;
+    let snapshots = rows
+        .pop()
+        .ok_or_else(|| anyhow!("no snapshot-stream row"))?;
+    let incremental = rows.pop().ok_or_else(|| anyhow!("no delta-stream row"))?;
+    let full = run_engine(
+        common,
+        args,
+        "full",
+        &[false],
+        args.full_changes.min(args.changes),
+    )
+    .await?
+    .pop()
+    .ok_or_else(|| anyhow!("no full-engine row"))?;
     let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
     let cpu_ratio = ratio(
         full.ipam_cpu_ms_per_change,
         incremental.ipam_cpu_ms_per_change,
     );
     let delivery_p99_ratio = ratio(full.delivery.p99_ms, incremental.delivery.p99_ms);
+    let snapshots_cpu_ratio = ratio(
+        snapshots.ipam_cpu_ms_per_change,
+        incremental.ipam_cpu_ms_per_change,
+    );
+    let snapshots_delivery_p99_ratio =
+        ratio(snapshots.delivery.p99_ms, incremental.delivery.p99_ms);
     println!(
-        "  full / incremental: ipam CPU per change {cpu_ratio:.1}x, delivery p99 {delivery_p99_ratio:.1}x"
+        "  full engine / incremental with deltas: ipam CPU per change {cpu_ratio:.1}x, delivery p99 {delivery_p99_ratio:.1}x"
+    );
+    println!(
+        "  snapshot streams / delta streams (incremental engine): ipam CPU per change {snapshots_cpu_ratio:.1}x, delivery p99 {snapshots_delivery_p99_ratio:.1}x, bytes per change {:.1}x",
+        ratio(
+            snapshots.wire_bytes_per_change,
+            incremental.wire_bytes_per_change
+        )
     );
     Ok(ScaleReport {
         nodes: args.nodes,
         services: args.services,
         subscribers,
         incremental,
+        snapshots,
         full,
         cpu_ratio,
         delivery_p99_ratio,
+        snapshots_cpu_ratio,
+        snapshots_delivery_p99_ratio,
     })
 }
 
 fn print_row(row: &EngineRow) {
     println!(
-        "  {:<12} changes {:>4}  ipam CPU {:>9.2} ms/change  delivery p50 {:>8.1} ms  p99 {:>8.1} ms  ({} samples, {} late)  RSS {:.0} -> {:.0} MiB  (set-up {:.1} s)",
+        "  {:<12} {:<9} changes {:>4}  ipam CPU {:>9.2} ms/change  delivery p50 {:>8.1} ms  p99 {:>8.1} ms  ({} samples, {} late)  {:>9.1} KiB/change on the streams ({} resyncs, {} gaps)  RSS {:.0} -> {:.0} MiB  (set-up {:.1} s)",
         row.engine,
+        row.streams,
         row.changes,
         row.ipam_cpu_ms_per_change,
         row.delivery.p50_ms,
         row.delivery.p99_ms,
         row.delivery.count,
         row.undelivered,
+        row.wire_bytes_per_change / 1024.0,
+        row.resyncs,
+        row.gaps,
         row.rss_setup_kib as f64 / 1024.0,
         row.rss_after_kib as f64 / 1024.0,
         row.setup_s,
     );
 }
 
+/// One set-up with `engine`, then a churn of `changes` per entry of `phases` (streams
+/// asking for deltas when true), one row each, printed as it ends.
 async fn run_engine(
     common: &Common,
     args: &ScaleArgs,
     engine: &str,
+    phases: &[bool],
     changes: usize,
-) -> anyhow::Result<EngineRow> {
+) -> anyhow::Result<Vec<EngineRow>> {
     let setup_started = Instant::now();
     let db = BenchDb::create(&common.admin_url).await?;
     let mut command = Command::new(&common.ipam_bin);
@@ -302,9 +353,69 @@ async fn run_engine(
         "  [{engine}] endpoints set ({:.1} s)",
         setup_started.elapsed().as_secs_f64()
     );
-    // Streams: every message is reported as (stream, received at).
+    let setup_s = setup_started.elapsed().as_secs_f64();
+    let mut churn = Churn {
+        moves: vec![0usize; args.services],
+        cluster_held: None,
+        next_cluster: args.services,
+        not_ready: None,
+        done: 0,
+    };
+    let mut rows = Vec::new();
+    for &deltas in phases {
+        let mut row = run_phase(
+            args,
+            engine,
+            deltas,
+            changes,
+            &channel,
+            &mut routing,
+            &mut ipam_client,
+            &mut churn,
+            pid,
+            setup_started,
+        )
+        .await?;
+        row.setup_s = setup_s;
+        print_row(&row);
+        rows.push(row);
+    }
+    drop(server);
+    Ok(rows)
+}
+
+/// Where the churn stands, carried from one phase to the next on the same set-up.
+struct Churn {
+    moves: Vec<usize>,
+    cluster_held: Option<usize>,
+    next_cluster: usize,
+    not_ready: Option<usize>,
+    /// Changes made so far (the index of the next one).
+    done: usize,
+}
+
+/// What one stream saw: (stream, received at, encoded bytes).
+type Seen = (usize, Instant, usize);
+
+#[allow(clippy::too_many_arguments)]
+async fn run_phase(
+    args: &ScaleArgs,
+    engine: &str,
+    deltas: bool,
+    changes: usize,
+    channel: &tonic::transport::Channel,
+    routing: &mut RoutingClient<tonic::transport::Channel>,
+    ipam_client: &mut ipam_pb::ipam_client::IpamClient<tonic::transport::Channel>,
+    churn: &mut Churn,
+    pid: u32,
+    started: Instant,
+) -> anyhow::Result<EngineRow> {
+    let streams = if deltas { "deltas" } else { "snapshots" };
+    let tag = format!("{engine}/{streams}");
+    // Streams: every message is reported as (stream, received at, bytes). A delta stream
+    // checks that each delta follows the revision before it, as a speaker does.
     let subscribers = args.subscribers.min(args.nodes);
-    let (tx, mut rx) = mpsc::unbounded_channel::<(usize, Instant)>();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Seen>();
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
     for i in 0..subscribers {
@@ -313,16 +424,28 @@ async fn run_engine(
         let mut stopped = stopped.clone();
         tasks.push(tokio::spawn(async move {
             let mut stream = client
-                .watch_node_routes(pb::WatchNodeRoutesRequest { node: node_name(i) })
+                .watch_node_routes(pb::WatchNodeRoutesRequest {
+                    node: node_name(i),
+                    deltas,
+                })
                 .await
                 .map_err(|e| format!("{}: {}", node_name(i), ipam::status_text(&e)))?
                 .into_inner();
+            let (mut revision, mut resyncs, mut gaps) = (None::<u64>, 0u64, 0u64);
             loop {
                 tokio::select! {
-                    _ = stopped.changed() => return Ok(()),
+                    _ = stopped.changed() => return Ok((resyncs, gaps)),
                     message = stream.message() => match message {
-                        Ok(Some(_)) => { let _ = tx.send((i, Instant::now())); }
-                        Ok(None) => return Ok(()),
+                        Ok(Some(m)) => {
+                            let _ = tx.send((i, Instant::now(), m.encoded_len()));
+                            if m.from_revision == 0 {
+                                resyncs += u64::from(revision.is_some());
+                            } else if revision != Some(m.from_revision) && revision != Some(m.revision) {
+                                gaps += 1;
+                            }
+                            revision = Some(m.revision);
+                        }
+                        Ok(None) => return Ok((resyncs, gaps)),
                         Err(e) => return Err(format!("{}: {}", node_name(i), ipam::status_text(&e))),
                     },
                 }
@@ -330,58 +453,56 @@ async fn run_engine(
         }));
     }
     drop(tx);
-    let deadline = setup_started + SETUP_TIMEOUT;
+    let deadline = started.max(Instant::now()) + SETUP_TIMEOUT;
     let mut first: BTreeSet<usize> = BTreeSet::new();
     while first.len() < subscribers {
         match tokio::time::timeout_at(deadline.into(), rx.recv()).await {
-            Ok(Some((i, _))) => {
+            Ok(Some((i, _, _))) => {
                 first.insert(i);
             }
             _ => bail!(
-                "{engine}: only {} of {subscribers} streams got a snapshot",
+                "{tag}: only {} of {subscribers} streams got a snapshot",
                 first.len()
             ),
         }
     }
     eprintln!(
-        "  [{engine}] first snapshots in ({:.1} s)",
-        setup_started.elapsed().as_secs_f64()
+        "  [{tag}] first snapshots in ({:.1} s)",
+        started.elapsed().as_secs_f64()
     );
     // Settled when the streams stay quiet: the engine has caught up with the set-up.
     loop {
         match tokio::time::timeout(SETTLE_QUIET, rx.recv()).await {
             Err(_) => break,
-            Ok(None) => bail!("{engine}: every stream ended during set-up"),
+            Ok(None) => bail!("{tag}: every stream ended during set-up"),
             Ok(Some(_)) if Instant::now() > deadline => {
-                bail!("{engine}: the streams never settled after set-up")
+                bail!("{tag}: the streams never settled after set-up")
             }
             Ok(Some(_)) => {}
         }
     }
     eprintln!(
-        "  [{engine}] settled ({:.1} s)",
-        setup_started.elapsed().as_secs_f64()
+        "  [{tag}] settled ({:.1} s)",
+        started.elapsed().as_secs_f64()
     );
-    let setup_s = setup_started.elapsed().as_secs_f64();
     let rss_setup_kib = speakers::rss(pid).rss_kib;
 
-    let mut moves = vec![0usize; args.services];
-    let mut cluster_held: Option<usize> = None;
-    let mut next_cluster = args.services;
-    let mut not_ready: Option<usize> = None;
     let mut delivery = Latencies::new();
     let mut undelivered = 0u64;
+    let mut wire_bytes = 0usize;
     let cpu_before = cpu::process_seconds(pid).unwrap_or(0.0);
-    for i in 0..changes {
+    for _ in 0..changes {
+        let i = churn.done;
+        churn.done += 1;
         let sent = Instant::now();
         // Which streams this change must reach.
         let expected: BTreeSet<usize> = match kind_of(i, args) {
             Kind::EndpointMove => {
                 let k = (i * 7919 % args.services) | 1;
                 let k = if k < args.services { k } else { 1 };
-                let before = endpoints(k, moves[k], args.nodes);
-                moves[k] += 1;
-                let after = endpoints(k, moves[k], args.nodes);
+                let before = endpoints(k, churn.moves[k], args.nodes);
+                churn.moves[k] += 1;
+                let after = endpoints(k, churn.moves[k], args.nodes);
                 routing
                     .set_service_endpoints(endpoints_request(k, &after))
                     .await
@@ -389,11 +510,11 @@ async fn run_engine(
                 before
                     .symmetric_difference(&after)
                     .copied()
-                    .filter(|n| *n < subscribers && Some(*n) != not_ready)
+                    .filter(|n| *n < subscribers && Some(*n) != churn.not_ready)
                     .collect()
             }
             Kind::Cluster => {
-                match cluster_held.take() {
+                match churn.cluster_held.take() {
                     Some(k) => {
                         ipam_client
                             .release(ipam_pb::ReleaseRequest {
@@ -404,18 +525,20 @@ async fn run_engine(
                             .context("Release")?;
                     }
                     None => {
-                        let k = next_cluster;
-                        next_cluster += 1;
+                        let k = churn.next_cluster;
+                        churn.next_cluster += 1;
                         let mut request = allocate_request(k);
                         request.traffic_policy = ipam_pb::TrafficPolicy::Cluster as i32;
                         ipam_client.allocate(request).await.context("Allocate")?;
-                        cluster_held = Some(k);
+                        churn.cluster_held = Some(k);
                     }
                 }
-                (0..subscribers).filter(|n| Some(*n) != not_ready).collect()
+                (0..subscribers)
+                    .filter(|n| Some(*n) != churn.not_ready)
+                    .collect()
             }
             Kind::Node => {
-                let n = match not_ready.take() {
+                let n = match churn.not_ready.take() {
                     Some(n) => {
                         routing
                             .upsert_node(node(n, true))
@@ -429,7 +552,7 @@ async fn run_engine(
                             .upsert_node(node(n, false))
                             .await
                             .context("UpsertNode")?;
-                        not_ready = Some(n);
+                        churn.not_ready = Some(n);
                         n
                     }
                 };
@@ -440,14 +563,15 @@ async fn run_engine(
         let deadline = sent + CHANGE_TIMEOUT;
         while !waiting.is_empty() {
             match tokio::time::timeout_at(deadline.into(), rx.recv()).await {
-                Ok(Some((n, at))) => {
+                Ok(Some((n, at, bytes))) => {
+                    wire_bytes += bytes;
                     if waiting.remove(&n) {
                         delivery.record(at.saturating_duration_since(sent));
                     }
                 }
                 _ => {
                     eprintln!(
-                        "  [{engine}] change {i} ({:?}) not seen by streams {waiting:?} within {CHANGE_TIMEOUT:?}",
+                        "  [{tag}] change {i} ({:?}) not seen by streams {waiting:?} within {CHANGE_TIMEOUT:?}",
                         kind_of(i, args)
                     );
                     undelivered += 1;
@@ -459,20 +583,33 @@ async fn run_engine(
     let cpu_after = cpu::process_seconds(pid).unwrap_or(0.0);
     let rss_after_kib = speakers::rss(pid).rss_kib;
     let _ = stop.send(true);
+    let (mut resyncs, mut gaps) = (0, 0);
     for task in tasks {
-        if let Ok(Err(e)) = task.await {
-            bail!("{engine}: stream failed: {e}");
+        match task.await {
+            Ok(Ok((r, g))) => {
+                resyncs += r;
+                gaps += g;
+            }
+            Ok(Err(e)) => bail!("{tag}: stream failed: {e}"),
+            Err(e) => bail!("{tag}: stream task: {e}"),
         }
     }
-    drop(server);
+    // Messages still arriving after the last change counted.
+    while let Ok((_, _, bytes)) = rx.try_recv() {
+        wire_bytes += bytes;
+    }
     Ok(EngineRow {
         engine: engine.to_string(),
+        streams: streams.to_string(),
         changes,
         ipam_cpu_ms_per_change: (cpu_after - cpu_before) * 1000.0 / changes.max(1) as f64,
         delivery: delivery.summary(),
         undelivered,
         rss_setup_kib,
         rss_after_kib,
-        setup_s,
+        setup_s: 0.0,
+        wire_bytes_per_change: wire_bytes as f64 / changes.max(1) as f64,
+        resyncs,
+        gaps,
     })
 }

@@ -1265,7 +1265,7 @@ impl Session {
                     .collect(),
             )
         };
-        let (diff, errors) = self.rib.diff(&desired, &policy);
+        let (diff, errors) = self.rib.diff_shared(&desired, &policy);
         if let Some((p, e)) = errors.first() {
             self.status.last_error = Some(format!("cannot advertise {p}: {e}"));
         }

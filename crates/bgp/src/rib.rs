@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 
@@ -98,7 +99,19 @@ pub struct RibDiff {
 /// What has been sent to one peer on the current connection.
 #[derive(Debug, Clone, Default)]
 pub struct AdjRibOut {
-    sent: BTreeMap<IpNet, RouteAttributes>,
+    /// Shared with the desired set it was last brought in line with when every route of
+    /// it could be encoded (nearly always), so a session holds its routes once, not twice.
+    sent: Arc<Routes>,
+}
+
+/// The UPDATEs that take the peer from what was sent to a desired set, and the changes
+/// they make to what was sent (those that could be encoded).
+struct Plan {
+    diff: RibDiff,
+    errors: Vec<(IpNet, EncodeError)>,
+    withdrawn: Vec<IpNet>,
+    /// Prefixes announced, with the desired set's attributes.
+    announced: Vec<IpNet>,
 }
 
 impl AdjRibOut {
@@ -108,7 +121,7 @@ impl AdjRibOut {
 
     /// Forgets everything (the connection dropped, so the peer forgot too).
     pub fn clear(&mut self) {
-        self.sent.clear();
+        self.sent = Arc::default();
     }
 
     /// Number of prefixes currently advertised.
@@ -134,6 +147,44 @@ impl AdjRibOut {
         desired: &Routes,
         policy: &ExportPolicy,
     ) -> (RibDiff, Vec<(IpNet, EncodeError)>) {
+        let plan = self.plan(desired, policy);
+        self.record(&plan, desired);
+        (plan.diff, plan.errors)
+    }
+
+    /// As [`Self::diff`], keeping `desired` itself as what was sent when every route was
+    /// encoded, instead of a copy.
+    pub fn diff_shared(
+        &mut self,
+        desired: &Arc<Routes>,
+        policy: &ExportPolicy,
+    ) -> (RibDiff, Vec<(IpNet, EncodeError)>) {
+        let plan = self.plan(desired, policy);
+        if plan.errors.is_empty() {
+            // Everything withdrawn and announced: what was sent is now exactly `desired`.
+            self.sent = Arc::clone(desired);
+        } else {
+            self.record(&plan, desired);
+        }
+        (plan.diff, plan.errors)
+    }
+
+    fn record(&mut self, plan: &Plan, desired: &Routes) {
+        if plan.withdrawn.is_empty() && plan.announced.is_empty() {
+            return;
+        }
+        let sent = Arc::make_mut(&mut self.sent);
+        for p in &plan.withdrawn {
+            sent.remove(p);
+        }
+        for p in &plan.announced {
+            if let Some(a) = desired.get(p) {
+                sent.insert(*p, a.clone());
+            }
+        }
+    }
+
+    fn plan(&self, desired: &Routes, policy: &ExportPolicy) -> Plan {
         let withdraw: Vec<IpNet> = self
             .sent
             .keys()
@@ -147,40 +198,40 @@ impl AdjRibOut {
                 groups.entry(a).or_default().push(*p);
             }
         }
-        let mut out = RibDiff::default();
-        let mut errors = Vec::new();
+        let mut out = Plan {
+            diff: RibDiff::default(),
+            errors: Vec::new(),
+            withdrawn: Vec::new(),
+            announced: Vec::new(),
+        };
         if !withdraw.is_empty() {
             match build_withdrawals(&withdraw, &policy.build) {
                 Ok(u) => {
-                    out.updates.extend(u);
-                    out.withdrawn = withdraw.len();
-                    for p in &withdraw {
-                        self.sent.remove(p);
-                    }
+                    out.diff.updates.extend(u);
+                    out.diff.withdrawn = withdraw.len();
+                    out.withdrawn = withdraw;
                 }
-                Err(e) => errors.extend(withdraw.iter().map(|p| (*p, e.clone()))),
+                Err(e) => out.errors.extend(withdraw.iter().map(|p| (*p, e.clone()))),
             }
         }
         for (attrs, prefixes) in groups {
             let (wire_attrs, next_hop) = policy.attributes(attrs);
             match build_announcements(&wire_attrs, next_hop, &prefixes, &policy.build) {
                 Ok(u) => {
-                    out.updates.extend(u);
-                    out.announced += prefixes.len();
-                    for p in prefixes {
-                        self.sent.insert(p, attrs.clone());
-                    }
+                    out.diff.updates.extend(u);
+                    out.diff.announced += prefixes.len();
+                    out.announced.extend(prefixes);
                 }
-                Err(e) => errors.extend(prefixes.iter().map(|p| (*p, e.clone()))),
+                Err(e) => out.errors.extend(prefixes.iter().map(|p| (*p, e.clone()))),
             }
         }
-        (out, errors)
+        out
     }
 
     /// Every UPDATE needed to announce all of `sent` again (ROUTE-REFRESH).
     pub fn full(&self, policy: &ExportPolicy) -> Vec<Update> {
         let mut groups: BTreeMap<&RouteAttributes, Vec<IpNet>> = BTreeMap::new();
-        for (p, a) in &self.sent {
+        for (p, a) in self.sent.iter() {
             groups.entry(a).or_default().push(*p);
         }
         let mut out = Vec::new();
@@ -250,6 +301,47 @@ mod tests {
             assert_eq!(total, 10_000);
             assert!(rib.is_empty());
         }
+    }
+
+    /// The session keeps the desired set itself as what was sent (one copy of its routes),
+    /// and a copy with only what was encoded when a route could not be.
+    #[test]
+    fn what_was_sent_is_the_desired_set_itself_unless_a_route_failed() {
+        let p = policy(true, Ipv4NlriEncoding::Classic);
+        let desired: Arc<Routes> = Arc::new(
+            (0..3)
+                .map(|i| (host(i), RouteAttributes::default()))
+                .collect(),
+        );
+        let mut rib = AdjRibOut::new();
+        let (d, errors) = rib.diff_shared(&desired, &p);
+        assert!(errors.is_empty());
+        assert_eq!(d.announced, 3);
+        assert!(std::ptr::eq(rib.sent(), &*desired));
+        // An IPv4 route with an IPv6 next hop cannot go in classic NLRI.
+        let mut next = (*desired).clone();
+        next.remove(&host(0));
+        next.insert(
+            host(7),
+            RouteAttributes {
+                next_hop: Some("fd00::1".parse().unwrap()),
+                ..RouteAttributes::default()
+            },
+        );
+        let next = Arc::new(next);
+        let (d, errors) = rib.diff_shared(&next, &p);
+        assert_eq!(errors.len(), 1);
+        assert_eq!((d.withdrawn, d.announced), (1, 0));
+        assert!(!std::ptr::eq(rib.sent(), &*next));
+        assert_eq!(
+            rib.sent().keys().copied().collect::<Vec<_>>(),
+            vec![host(1), host(2)]
+        );
+        // The plain diff keeps its own copy and agrees.
+        let mut copy = AdjRibOut::new();
+        copy.diff(&desired, &p);
+        copy.diff(&next, &p);
+        assert_eq!(copy.sent(), rib.sent());
     }
 
     #[test]

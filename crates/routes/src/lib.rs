@@ -40,6 +40,7 @@
 
 pub mod community;
 pub mod compute;
+pub mod delta;
 pub mod explain;
 pub mod facts;
 pub mod incremental;
@@ -50,6 +51,7 @@ pub use compute::{
     NodeRoutes, Origin, PeerRoutes, PeerRoutesDiff, PeerSession, Plan, Problem, RouteAttrs,
     RoutesDiff, compute, compute_node, diff, node_digest, plan,
 };
+pub use delta::{PeerDelta, RoutesDelta, delta};
 pub use facts::{EXCLUDE_FROM_LB_LABEL, Eligibility, Node, NodeName, ServiceFacts};
 pub use incremental::{NodeResult, RouteState};
 pub use policy::{

@@ -1623,6 +1623,112 @@ mod incremental {
         }
     }
 
+    /// Deltas a subscriber may have queued before it counts as fallen behind.
+    const QUEUE: usize = 3;
+
+    /// One node's subscriber: the set it holds, the deltas on their way to it, and
+    /// whether it fell behind (a delta did not fit), so it takes the current set whole.
+    #[derive(Default)]
+    struct Subscriber {
+        held: Option<NodeRoutes>,
+        queue: Vec<(RoutesDelta, Vec<PeerSession>)>,
+        behind: bool,
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// A subscriber that takes a node's first set whole and then applies, in order,
+        /// the delta made between each published set and the next holds the full plan's
+        /// set whenever its queue is delivered; one whose queue overflows takes the
+        /// current set whole instead (a resync) and holds it too. Applying each delta
+        /// twice changes nothing (idempotence).
+        #[test]
+        fn snapshot_then_deltas_equals_a_full_plan(
+            changes in prop::collection::vec((change(), any::<bool>()), 1..40)
+        ) {
+            let mut state = RouteState::new();
+            let mut model = Model {
+                nodes: BTreeMap::new(),
+                services: BTreeMap::new(),
+                policy: None,
+                pools: vec![],
+            };
+            let mut published: BTreeMap<String, NodeRoutes> = BTreeMap::new();
+            let mut subscribers: BTreeMap<String, Subscriber> = BTreeMap::new();
+            for (change, stalled) in &changes {
+                for name in apply(&mut state, &mut model, change) {
+                    let sub = subscribers.entry(name.clone()).or_default();
+                    let Some(new) = state.node_routes(&name).map(|r| (**r).clone()) else {
+                        // Gone: the stream would send an empty set.
+                        published.remove(&name);
+                        subscribers.remove(&name);
+                        continue;
+                    };
+                    match published.get(&name) {
+                        Some(old) if sub.held.is_some() => {
+                            if sub.queue.len() == QUEUE {
+                                sub.behind = true;
+                                sub.queue.clear();
+                            } else if !sub.behind {
+                                sub.queue.push((delta(old, &new), new.peers.clone()));
+                            }
+                        }
+                        _ => sub.held = Some(new.clone()),
+                    }
+                    published.insert(name, new);
+                }
+                if *stalled {
+                    continue;
+                }
+                let full = model.full();
+                for (name, sub) in &mut subscribers {
+                    if sub.behind {
+                        sub.held = published.get(name).cloned();
+                        sub.behind = false;
+                    }
+                    let Some(held) = sub.held.as_mut() else { continue };
+                    for (d, sessions) in sub.queue.drain(..) {
+                        d.apply(held, &sessions);
+                        let once = held.clone();
+                        d.apply(held, &sessions);
+                        prop_assert_eq!(&*held, &once, "a delta applied twice");
+                    }
+                    prop_assert_eq!(Some(&*held), full.nodes.get(name), "node {} after {:?}", name, change);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_delta_holds_only_what_the_change_touched() {
+        let mut state = RouteState::new();
+        state.set_policy(policy_variant(1));
+        state.upsert_node(node("n0").label("bgp-peer", "true").ipv4("10.0.0.1"));
+        for i in 0..12u8 {
+            state.upsert_service(service(&format!("u{i}")).ip(&format!("172.16.0.{i}"), "lab"));
+        }
+        let before = (**state.node_routes("n0").unwrap()).clone();
+        state.upsert_service(service("u12").ip("172.16.0.12", "lab"));
+        state.remove_service("u3");
+        let after = (**state.node_routes("n0").unwrap()).clone();
+        let d = delta(&before, &after);
+        let tor = &d.peers["tor"];
+        assert_eq!(
+            tor.set.keys().copied().collect::<Vec<_>>(),
+            vec!["172.16.0.12/32".parse::<IpNet>().unwrap()]
+        );
+        assert_eq!(
+            tor.withdrawn,
+            vec!["172.16.0.3/32".parse::<IpNet>().unwrap()]
+        );
+        assert_eq!(d.len(), 2);
+        assert!(delta(&after, &after).is_empty());
+        let mut held = before.clone();
+        d.apply(&mut held, &after.peers);
+        assert_eq!(held, after);
+    }
+
     #[test]
     fn a_local_service_change_touches_only_its_endpoint_nodes() {
         let mut state = RouteState::new();

@@ -934,6 +934,7 @@ async fn a_service_flipped_to_local_keeps_its_route_on_its_endpoint_node_through
     let mut stream = routing
         .watch_node_routes(routing::WatchNodeRoutesRequest {
             node: "worker-1".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

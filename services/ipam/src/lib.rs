@@ -86,6 +86,9 @@ pub struct Config {
     /// or `full` (every node × every Service, the engine before it; kept as the benchmark's
     /// comparator).
     pub route_engine: routing::EngineKind,
+    /// Route changes a WatchNodeRoutes stream that applies deltas may fall behind by; a
+    /// stream further behind is sent a fresh full snapshot instead.
+    pub route_stream_buffer: usize,
     pub log_format: LogFormat,
     /// Address of the admin listener: `/metrics`, `/healthz`, `/readyz`.
     pub admin_listen: SocketAddr,
@@ -128,6 +131,7 @@ impl Default for Config {
             database_url: None,
             events_retention: compaction::DEFAULT_RETENTION,
             route_engine: routing::EngineKind::default(),
+            route_stream_buffer: DEFAULT_ROUTE_STREAM_BUFFER,
             log_format: LogFormat::default(),
             admin_listen: herald_telemetry::admin::DEFAULT_IPAM_ADMIN_LISTEN
                 .parse()
@@ -156,6 +160,10 @@ const DEFAULT_RPC_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_MAX_CONCURRENT_RPCS: usize = 4096;
 /// One per speaker (one per node) and a few for watchers and tools.
 const DEFAULT_MAX_WATCH_STREAMS: usize = 2048;
+/// A speaker applies a delta in well under a millisecond, so 64 queued changes mean it is
+/// stuck or its link is; one snapshot then costs less than the deltas, and the queues of
+/// a thousand nodes stay small.
+const DEFAULT_ROUTE_STREAM_BUFFER: usize = 64;
 /// Well above the watcher's peak (a burst of new Services), well below draining a /16
 /// in a second.
 const DEFAULT_ALLOCATE_RATE: NonZeroU32 = NonZeroU32::new(2000).expect("non-zero");
@@ -208,6 +216,7 @@ impl herald_settings::Settings for Config {
         for (key, value) in [
             ("max_concurrent_rpcs", self.max_concurrent_rpcs),
             ("max_watch_streams", self.max_watch_streams),
+            ("route_stream_buffer", self.route_stream_buffer),
         ] {
             if value == 0 {
                 return Err(Invalid {
@@ -287,6 +296,10 @@ pub struct Args {
     /// node × every Service on each change [default: incremental]
     #[arg(long, env = "HERALD_ROUTE_ENGINE", value_name = "ENGINE")]
     pub route_engine: Option<String>,
+    /// Route changes a WatchNodeRoutes stream sending deltas may fall behind by before it
+    /// is sent a fresh full snapshot [default: 64]
+    #[arg(long, env = "HERALD_ROUTE_STREAM_BUFFER", value_name = "N")]
+    pub route_stream_buffer: Option<String>,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -327,7 +340,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     .await?;
     let service = IpamService::new(Arc::clone(&slot), shutdown.clone());
     let routing_slot: Arc<OnceLock<routing::Ready>> = Arc::new(OnceLock::new());
-    let routing_service = routing::RoutingService::new(Arc::clone(&routing_slot), shutdown.clone());
+    let routing_service = routing::RoutingService::new(
+        Arc::clone(&routing_slot),
+        shutdown.clone(),
+        config.route_stream_buffer,
+    );
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(herald_api::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

@@ -55,6 +55,7 @@ pub struct Metrics {
     pub subscribers: Family<StreamLabel, Gauge>,
     pub publish_duration: Histogram,
     pub snapshots_published: Counter,
+    pub stream_resyncs: Counter,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
@@ -68,6 +69,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     subscribers: Family::default(),
     publish_duration: Histogram::new(latency_buckets()),
     snapshots_published: Counter::default(),
+    stream_resyncs: Counter::default(),
 });
 
 /// The registry `/metrics` serves: [`METRICS`] and the scrape-time figures of the index
@@ -122,6 +124,11 @@ pub fn registry(slot: Arc<OnceLock<Arc<Ipam>>>) -> Registry {
         "herald_ipam_route_snapshots_published",
         "Node route snapshots published to speakers (only changed sets are published)",
         m.snapshots_published.clone(),
+    );
+    r.register(
+        "herald_ipam_route_stream_resyncs",
+        "WatchNodeRoutes streams sent a fresh full snapshot because they fell behind the deltas",
+        m.stream_resyncs.clone(),
     );
     r.register_collector(Box::new(IndexCollector { slot }));
     r

@@ -91,7 +91,10 @@ async fn settles_to(
     predicate: impl Fn(&BTreeMap<String, String>) -> bool,
 ) -> BTreeMap<String, String> {
     let mut stream: Streaming<pb::NodeRoutes> = routing
-        .watch_node_routes(pb::WatchNodeRoutesRequest { node: node.into() })
+        .watch_node_routes(pb::WatchNodeRoutesRequest {
+            node: node.into(),
+            deltas: false,
+        })
         .await
         .unwrap()
         .into_inner();

@@ -195,7 +195,10 @@ async fn each_role_reaches_only_its_methods() {
     .unwrap();
     denied(
         routing
-            .watch_node_routes(pb::WatchNodeRoutesRequest { node: "n1".into() })
+            .watch_node_routes(pb::WatchNodeRoutesRequest {
+                node: "n1".into(),
+                deltas: false,
+            })
             .await,
         "spiffe://herald.test/herald/watcher",
         "herald.routing.v1.Routing/WatchNodeRoutes",
@@ -228,7 +231,10 @@ async fn each_role_reaches_only_its_methods() {
 
     // Speakers: their own node's routes and reports, nothing else.
     let mut own = RoutingClient::new(n1.clone())
-        .watch_node_routes(pb::WatchNodeRoutesRequest { node: "n1".into() })
+        .watch_node_routes(pb::WatchNodeRoutesRequest {
+            node: "n1".into(),
+            deltas: false,
+        })
         .await
         .unwrap()
         .into_inner();
@@ -247,7 +253,10 @@ async fn each_role_reaches_only_its_methods() {
         .unwrap();
     denied(
         RoutingClient::new(n1.clone())
-            .watch_node_routes(pb::WatchNodeRoutesRequest { node: "n2".into() })
+            .watch_node_routes(pb::WatchNodeRoutesRequest {
+                node: "n2".into(),
+                deltas: false,
+            })
             .await,
         "spiffe://herald.test/herald/speaker/node/n1",
         "WatchNodeRoutes",
@@ -271,12 +280,18 @@ async fn each_role_reaches_only_its_methods() {
     );
     // A DNS SAN names a speaker too.
     RoutingClient::new(n2.clone())
-        .watch_node_routes(pb::WatchNodeRoutesRequest { node: "n2".into() })
+        .watch_node_routes(pb::WatchNodeRoutesRequest {
+            node: "n2".into(),
+            deltas: false,
+        })
         .await
         .unwrap();
     denied(
         RoutingClient::new(n2.clone())
-            .watch_node_routes(pb::WatchNodeRoutesRequest { node: "n1".into() })
+            .watch_node_routes(pb::WatchNodeRoutesRequest {
+                node: "n1".into(),
+                deltas: false,
+            })
             .await,
         "dns:n2.speaker.herald.test",
         "WatchNodeRoutes",
@@ -286,7 +301,10 @@ async fn each_role_reaches_only_its_methods() {
     // watch and report for any, and still nothing else.
     for node in ["n1", "n2"] {
         RoutingClient::new(fleet.clone())
-            .watch_node_routes(pb::WatchNodeRoutesRequest { node: node.into() })
+            .watch_node_routes(pb::WatchNodeRoutesRequest {
+                node: node.into(),
+                ..Default::default()
+            })
             .await
             .unwrap();
         RoutingClient::new(fleet.clone())

@@ -94,7 +94,10 @@ async fn until(
 
 async fn watch(client: &mut RoutingClient<Channel>, name: &str) -> Streaming<pb::NodeRoutes> {
     client
-        .watch_node_routes(pb::WatchNodeRoutesRequest { node: name.into() })
+        .watch_node_routes(pb::WatchNodeRoutesRequest {
+            node: name.into(),
+            deltas: false,
+        })
         .await
         .unwrap()
         .into_inner()
@@ -280,6 +283,7 @@ async fn bad_routing_input_is_refused_precisely() {
     let status = routing
         .watch_node_routes(pb::WatchNodeRoutesRequest {
             node: "ghost".into(),
+            deltas: false,
         })
         .await
         .unwrap_err();
@@ -633,4 +637,176 @@ async fn a_change_whose_read_failed_reaches_the_routes_once_the_store_answers() 
 
     drop((a, b));
     role_b.drop_role().await;
+}
+
+/// What a client applying the stream holds: per peer, prefix → route.
+#[derive(Debug, Default, Clone, PartialEq)]
+struct Held {
+    revision: u64,
+    peers: BTreeMap<String, BTreeMap<String, pb::Route>>,
+}
+
+impl Held {
+    /// Applies one message as a speaker does; false for a delta that does not follow.
+    fn apply(&mut self, m: &pb::NodeRoutes) -> bool {
+        let delta = m.from_revision != 0;
+        if delta && m.from_revision != self.revision {
+            return false;
+        }
+        let mut peers = BTreeMap::new();
+        for pr in &m.peers {
+            let name = pr.peer.as_ref().unwrap().name.clone();
+            let mut routes = if delta {
+                self.peers.remove(&name).unwrap_or_default()
+            } else {
+                BTreeMap::new()
+            };
+            for w in &pr.withdrawn {
+                routes.remove(w);
+            }
+            for r in &pr.routes {
+                // Provenance says when the route changed, not what it is.
+                let route = pb::Route {
+                    traceparent: String::new(),
+                    changed_at: None,
+                    ..r.clone()
+                };
+                routes.insert(r.prefix.clone(), route);
+            }
+            peers.insert(name, routes);
+        }
+        self.peers = peers;
+        self.revision = m.revision;
+        true
+    }
+
+    fn prefixes(&self) -> usize {
+        self.peers.values().map(BTreeMap::len).sum()
+    }
+}
+
+async fn watch_deltas(
+    client: &mut RoutingClient<Channel>,
+    name: &str,
+) -> Streaming<pb::NodeRoutes> {
+    client
+        .watch_node_routes(pb::WatchNodeRoutesRequest {
+            node: name.into(),
+            deltas: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// A stream that asks for deltas gets the snapshot once, then only what changed, each
+/// message moving from the revision before it; a stream that stops reading falls behind
+/// its bounded queue and is sent a fresh snapshot, after which it holds what a client that
+/// kept up holds, and what a new subscriber's snapshot says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deltas_follow_the_snapshot_and_a_lagging_stream_is_resynced() {
+    const SERVICES: usize = 40;
+    let db = TestDb::postgres().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(dir.path(), Some(&db.url), free_port(), |c| {
+        c.arg("--route-stream-buffer").arg("4");
+    })
+    .await;
+    let mut ipam = server.client().await;
+    let mut routing = RoutingClient::new(server.channel().await.unwrap());
+    create_pool(&mut ipam, pool("lab", &["172.16.0.0/24"])).await;
+    routing.set_bgp_policy(tor_policy()).await.unwrap();
+    routing
+        .upsert_node(node("n0", "127.0.0.10", &[("bgp-peer", "true")]))
+        .await
+        .unwrap();
+    let mut keeping_up = watch_deltas(&mut routing, "n0").await;
+    // The lagging client reads nothing for a while: a 1 KiB HTTP/2 window stops the
+    // server's writes after a few messages, and its queue then overflows.
+    let slow_channel = tonic::transport::Endpoint::from_shared(server.endpoint())
+        .unwrap()
+        .initial_stream_window_size(Some(1024))
+        .connect()
+        .await
+        .unwrap();
+    let mut lagging = watch_deltas(&mut RoutingClient::new(slow_channel), "n0").await;
+    let mut held = Held::default();
+    let first = next(&mut keeping_up).await;
+    assert_eq!(first.from_revision, 0, "the first message is a snapshot");
+    assert!(held.apply(&first));
+    let mut lagging_held = Held::default();
+    assert!(lagging_held.apply(&next(&mut lagging).await));
+
+    // One change at a time, each seen before the next: every message is one delta.
+    let mut deltas = 0;
+    for i in 0..SERVICES + 5 {
+        if i < SERVICES {
+            allocate_ok(&mut ipam, allocate(&format!("lb{i}"))).await;
+        } else {
+            ipam.release(ipam_pb::ReleaseRequest {
+                owner_uid: format!("lb{}", i - SERVICES),
+                reason: "deleted".into(),
+            })
+            .await
+            .unwrap();
+        }
+        let want = if i < SERVICES {
+            i + 1
+        } else {
+            SERVICES - (i + 1 - SERVICES)
+        };
+        for _ in 0..5 {
+            if held.prefixes() == want {
+                break;
+            }
+            let m = next(&mut keeping_up).await;
+            assert_ne!(m.from_revision, 0, "after the first, only deltas");
+            assert_eq!(
+                m.from_revision, held.revision,
+                "a delta moves from the last revision"
+            );
+            assert!(m.revision > m.from_revision);
+            let carried: usize = m
+                .peers
+                .iter()
+                .map(|p| p.routes.len() + p.withdrawn.len())
+                .sum();
+            assert_eq!(carried, 1, "a delta carries only the change: {m:?}");
+            assert_eq!(m.peers.len(), 1, "every session, with its parameters");
+            assert!(held.apply(&m));
+            // Idempotent: the same delta again changes nothing.
+            let once = held.clone();
+            let mut again = held.clone();
+            again.revision = m.from_revision;
+            assert!(again.apply(&m));
+            assert_eq!(again, once);
+            deltas += 1;
+        }
+        assert_eq!(held.prefixes(), want, "change {i}");
+    }
+    assert!(deltas >= SERVICES + 5);
+
+    // The lagging stream catches up: a fresh snapshot among its messages, and then the
+    // same state as the one that kept up.
+    let mut resynced = false;
+    for _ in 0..SERVICES * 2 {
+        if lagging_held == held {
+            break;
+        }
+        let m = next(&mut lagging).await;
+        if m.from_revision == 0 {
+            resynced = true;
+        }
+        assert!(
+            lagging_held.apply(&m),
+            "every message follows the one before"
+        );
+    }
+    assert!(resynced, "a stream that fell behind gets a full snapshot");
+    assert_eq!(lagging_held, held);
+
+    // A snapshot after the deltas gives the same state.
+    let mut fresh = Held::default();
+    assert!(fresh.apply(&next(&mut watch(&mut routing, "n0").await).await));
+    assert_eq!(fresh.peers, held.peers);
 }

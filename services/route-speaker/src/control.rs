@@ -1,14 +1,16 @@
-//! The speaker's side of the gRPC link to IPAM: the node's snapshot stream turned into a
-//! `watch` channel (with reconnects, so nothing downstream sees gRPC), and the reporter.
+//! The speaker's side of the gRPC link to IPAM: the node's route stream (a snapshot, then
+//! deltas) turned into a channel of messages in order (with reconnects, so nothing
+//! downstream sees gRPC), and the reporter.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use herald_api::routing::v1 as pb;
 use herald_api::routing::v1::routing_client::RoutingClient;
 use herald_telemetry::trace::Inject;
 use herald_tls::ClientEndpoint as Endpoint;
-use tokio::sync::watch;
+use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 use tracing::{debug, info, warn};
@@ -82,6 +84,10 @@ pub enum WatchError {
     Status(tonic::Status),
     #[error("IPAM ended the stream")]
     Ended,
+    #[error("a route delta did not follow the revision applied; subscribing again for a snapshot")]
+    Gap,
+    #[error("the speaker stopped taking route messages")]
+    Closed,
 }
 
 impl From<tonic::Status> for WatchError {
@@ -90,24 +96,36 @@ impl From<tonic::Status> for WatchError {
     }
 }
 
-/// Subscribes to `node`'s snapshots until `shutdown`, publishing each into `snapshots`.
-/// On any failure it waits (exponential backoff with jitter, from the first step again
-/// after a healthy subscription) and subscribes again; it never clears `snapshots`, so
-/// the speaker keeps its last state while IPAM is away.
+/// Subscribes to `node`'s routes until `shutdown`, passing every message, in order, to
+/// `messages`: a full snapshot first, then deltas. When `resync` is notified (the speaker
+/// found a delta that does not follow what it applied) it subscribes again after the
+/// shortest pause, for a fresh snapshot. On any failure it waits (exponential backoff with
+/// jitter, from the first step again after a healthy subscription) and subscribes again;
+/// the speaker keeps its last state while IPAM is away. `messages` is bounded: a speaker
+/// slow to apply stops this task reading, and IPAM, finding the stream behind, sends a
+/// snapshot instead of the deltas it missed.
 pub async fn watch_node_routes(
     endpoint: Endpoint,
     node: String,
-    snapshots: watch::Sender<Option<Arc<pb::NodeRoutes>>>,
+    messages: mpsc::Sender<pb::NodeRoutes>,
+    resync: Arc<Notify>,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Backoff::default();
     loop {
         let (result, healthy_for) = tokio::select! {
             () = shutdown.cancelled() => return,
-            r = subscribe(&endpoint, &node, &snapshots) => r,
+            r = subscribe(&endpoint, &node, &messages, &resync) => r,
         };
+        if matches!(result, WatchError::Closed) {
+            return;
+        }
         let delay = backoff.after_failure(healthy_for);
         match &result {
+            WatchError::Gap => {
+                crate::metrics::METRICS.stream_resyncs.inc();
+                warn!(node = %node, retry_in = ?delay, "{result}");
+            }
             WatchError::Status(status) if status.code() == Code::NotFound => warn!(
                 node = %node,
                 status = %status.message(),
@@ -128,12 +146,13 @@ pub async fn watch_node_routes(
     }
 }
 
-/// One subscription, until it fails: how, and for how long it delivered snapshots (from
-/// the first; `None` if none came).
+/// One subscription, until it fails: how, and for how long it delivered messages (from
+/// its first snapshot; `None` if none came).
 async fn subscribe(
     endpoint: &Endpoint,
     node: &str,
-    snapshots: &watch::Sender<Option<Arc<pb::NodeRoutes>>>,
+    messages: &mpsc::Sender<pb::NodeRoutes>,
+    resync: &Notify,
 ) -> (WatchError, Option<Duration>) {
     let mut first_at: Option<tokio::time::Instant> = None;
     let result: Result<(), WatchError> = async {
@@ -143,20 +162,32 @@ async fn subscribe(
         let mut stream = client
             .watch_node_routes(pb::WatchNodeRoutesRequest {
                 node: node.to_string(),
+                deltas: true,
             })
             .await?
             .into_inner();
         crate::metrics::METRICS.stream_connected.set(1);
-        while let Some(snapshot) = stream.message().await? {
-            if first_at.is_none() {
+        // A gap noticed on an earlier stream is answered by this one's snapshot.
+        let _ = resync.notified().now_or_never();
+        loop {
+            let message = tokio::select! {
+                m = stream.message() => m?,
+                () = resync.notified() => return Err(WatchError::Gap),
+            };
+            let Some(message) = message else { break };
+            // Healthy from its first snapshot: a server that sends only deltas that do
+            // not follow is not hammered.
+            if first_at.is_none() && message.from_revision == 0 {
                 first_at = Some(tokio::time::Instant::now());
-                info!(%node, revision = snapshot.revision, "subscribed to IPAM: first snapshot");
+                info!(%node, revision = message.revision, "subscribed to IPAM: first snapshot");
             } else {
-                debug!(%node, revision = snapshot.revision, "snapshot received");
+                debug!(%node, revision = message.revision, from_revision = message.from_revision, "routes received");
             }
             crate::metrics::METRICS.snapshots_received.inc();
             crate::metrics::METRICS.snapshot_age.mark();
-            snapshots.send_replace(Some(Arc::new(snapshot)));
+            if messages.send(message).await.is_err() {
+                return Err(WatchError::Closed);
+            }
         }
         Ok(())
     }

@@ -140,7 +140,9 @@ pub fn peer_from_pb(pr: &pb::PeerRoutes, defaults: SessionDefaults) -> Result<Pe
     let pb::PeerRoutes {
         peer,
         source_address,
+        // The routes are `crate::desired`'s.
         routes: _,
+        withdrawn: _,
         // The speaker's plan reads it: it decides when, not how, the session runs.
         defer_reset: _,
     } = pr;
@@ -447,21 +449,24 @@ pub fn routes_from_pb(pr: &pb::PeerRoutes) -> ConvertedRoutes {
                     continue;
                 }
                 out.routes.insert(prefix, attrs);
-                let changed_at = route
-                    .changed_at
-                    .and_then(|ts| SystemTime::try_from(ts).ok());
-                if changed_at.is_some() || !route.traceparent.is_empty() {
-                    out.provenance.push(Provenance {
-                        prefix,
-                        changed_at,
-                        traceparent: route.traceparent.clone(),
-                    });
-                }
+                out.provenance.extend(provenance_of(prefix, route));
             }
             Err(e) => out.skipped.push(e),
         }
     }
     out
+}
+
+/// Where `route` (converted to `prefix`) came from, when it says.
+pub fn provenance_of(prefix: IpNet, route: &pb::Route) -> Option<Provenance> {
+    let changed_at = route
+        .changed_at
+        .and_then(|ts| SystemTime::try_from(ts).ok());
+    (changed_at.is_some() || !route.traceparent.is_empty()).then(|| Provenance {
+        prefix,
+        changed_at,
+        traceparent: route.traceparent.clone(),
+    })
 }
 
 /// `router_id` as the snapshot spells it: empty means "none".
@@ -503,6 +508,7 @@ mod tests {
             source_address: "127.0.0.10".into(),
             routes,
             defer_reset: false,
+            withdrawn: vec![],
         }
     }
 

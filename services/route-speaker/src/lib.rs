@@ -1,22 +1,25 @@
-//! `herald-route-speaker`: one per node. It subscribes to the node's route snapshots from
-//! IPAM (`herald.routing.v1.Routing/WatchNodeRoutes`), holds the node's BGP sessions to
-//! the ToRs with `herald-bgp`, hands each session its full desired route set, and reports
-//! what the sessions actually announce (`ReportSpeakerState`).
+//! `herald-route-speaker`: one per node. It subscribes to the node's routes from IPAM
+//! (`herald.routing.v1.Routing/WatchNodeRoutes`: a full snapshot, then deltas), holds the
+//! node's BGP sessions to the ToRs with `herald-bgp`, hands each session its full desired
+//! route set, and reports what the sessions actually announce (`ReportSpeakerState`).
 //!
 //! - [`convert`]: protobuf → engine types ([`convert::peer_from_pb`],
 //!   [`convert::routes_from_pb`]); malformed entries are skipped, never fatal.
+//! - [`desired`]: the desired sets, replaced by a snapshot and patched by a delta; a
+//!   delta that does not follow the revision applied is a gap.
 //! - [`plan`]: which sessions to keep, start and stop ([`plan::plan_peers`]).
 //! - [`speaker`]: [`Speaker`], the sessions and their report; no gRPC inside.
-//! - [`control`]: the stream from IPAM as a `watch` channel with reconnects, and the
-//!   reporter.
+//! - [`control`]: the stream from IPAM as a bounded channel of messages in order, with
+//!   reconnects (and a fresh subscription after a gap), and the reporter.
 //!
-//! Fail-static: only a snapshot changes what is announced. When IPAM is unreachable the
+//! Fail-static: only a message from IPAM changes what is announced. When IPAM is unreachable the
 //! speaker keeps every session and route as last applied, and a reconnect replays a
 //! snapshot that [`Speaker::apply`] turns into no BGP traffic when nothing changed.
 
 pub mod backoff;
 pub mod control;
 pub mod convert;
+pub mod desired;
 pub mod metrics;
 pub mod plan;
 pub mod speaker;
@@ -40,6 +43,9 @@ pub use convert::{
 pub use plan::{PeerPlan, plan_peers};
 pub use speaker::{ApplySummary, Shutdown, ShutdownIntent, Speaker};
 
+/// Route messages queued between the stream and the sessions: a speaker further behind
+/// stops reading, and IPAM sends it a snapshot once its own queue for it is full.
+const ROUTE_MESSAGES: usize = 32;
 /// Where IPAM listens unless told otherwise (its own default).
 pub const DEFAULT_IPAM_ENDPOINT: &str = herald_settings::DEFAULT_IPAM_ENDPOINT;
 /// How often the state is reported even when nothing changed, so IPAM notices a speaker
@@ -264,13 +270,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     )
     .await?;
 
-    let (snapshot_tx, mut snapshots) = watch::channel(None::<Arc<pb::NodeRoutes>>);
+    let (message_tx, mut messages) = tokio::sync::mpsc::channel(ROUTE_MESSAGES);
+    let resync = Arc::new(tokio::sync::Notify::new());
     let (state_tx, state_rx) = watch::channel(None::<pb::SpeakerState>);
     let tasks = shutdown.child_token();
     let watcher = tokio::spawn(control::watch_node_routes(
         endpoint.clone(),
         node.clone(),
-        snapshot_tx,
+        message_tx,
+        Arc::clone(&resync),
         tasks.clone(),
     ));
     let reporter = tokio::spawn(control::report_state(
@@ -300,14 +308,25 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
-            changed = snapshots.changed(), if stream_open => {
-                if changed.is_err() {
+            received = messages.recv(), if stream_open => {
+                let Some(first) = received else {
                     stream_open = false;
                     continue;
+                };
+                // What else is waiting is applied with it: one hand-over to the sessions.
+                let mut batch = vec![first];
+                while batch.len() < ROUTE_MESSAGES {
+                    match messages.try_recv() {
+                        Ok(next) => batch.push(next),
+                        Err(_) => break,
+                    }
                 }
-                let snapshot = snapshots.borrow_and_update().clone();
-                if let Some(snapshot) = snapshot {
-                    speaker.apply(&snapshot).await;
+                let summary = speaker.apply_all(&batch).await;
+                if let Some(gap) = summary.gap {
+                    warn!(error = %gap, "route delta out of order; asking IPAM for a snapshot");
+                    resync.notify_one();
+                }
+                if speaker.applied_revision().is_some() {
                     readiness.set_ready();
                     state_tx.send_replace(report(&speaker));
                     report_at = None;

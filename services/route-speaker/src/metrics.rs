@@ -58,6 +58,7 @@ pub struct Metrics {
     pub stream_connected: Gauge,
     pub snapshot_age: Age,
     pub snapshots_received: Counter,
+    pub stream_resyncs: Counter,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
@@ -68,6 +69,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     stream_connected: Gauge::default(),
     snapshot_age: Age::default(),
     snapshots_received: Counter::default(),
+    stream_resyncs: Counter::default(),
 });
 
 /// Most route changes waiting for their UPDATE to leave, per session: past it (a session
@@ -195,8 +197,13 @@ pub fn registry(sessions: SessionsView, exemplars: bool) -> Registry {
     );
     r.register(
         "herald_speaker_snapshots_received",
-        "Route snapshots received from herald-ipam",
+        "Route messages (full snapshots and deltas) received from herald-ipam",
         m.snapshots_received.clone(),
+    );
+    r.register(
+        "herald_speaker_route_stream_resyncs",
+        "Route streams opened again for a full snapshot because a delta did not follow the revision applied",
+        m.stream_resyncs.clone(),
     );
     r.register_collector(Box::new(SessionsCollector { sessions }));
     r

@@ -16,7 +16,8 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tracing::{Instrument, debug, error, info, warn};
 
-use crate::convert::{self, BfdSpec, ConvertedRoutes, PeerSpec, SessionDefaults};
+use crate::convert::{self, BfdSpec, PeerSpec, SessionDefaults};
+use crate::desired::{Desired, Gap, PeerChange};
 use crate::metrics;
 use crate::plan::plan_peers;
 
@@ -49,6 +50,9 @@ pub struct ApplySummary {
     /// snapshot (the speaker's first one, a new peer) loads its routes, which is no
     /// change to measure.
     pub change_to_apply: Option<Duration>,
+    /// A delta did not follow the revision applied: the messages from it on were not
+    /// applied, and the stream must be opened again for a snapshot.
+    pub gap: Option<Gap>,
 }
 
 /// Stops a task when dropped.
@@ -173,6 +177,8 @@ pub struct Speaker {
     node: String,
     router_id: Option<Ipv4Addr>,
     sessions: BTreeMap<String, Session>,
+    /// The desired routes as of `applied_revision`, built from the stream's messages.
+    desired: Desired,
     applied_revision: Option<u64>,
     changes: Arc<Notify>,
     clock: Clock,
@@ -187,6 +193,7 @@ impl Speaker {
             node: node.into(),
             router_id,
             sessions: BTreeMap::new(),
+            desired: Desired::new(),
             applied_revision: None,
             changes: Arc::new(Notify::new()),
             clock: Clock::now(),
@@ -234,24 +241,83 @@ impl Speaker {
             .map(|s| (s.handle.status(), Arc::clone(&s.routes)))
     }
 
-    /// Brings the sessions in line with `snapshot`: starts new peers, restarts changed
-    /// ones, stops removed ones and hands every session its full route set.
-    pub async fn apply(&mut self, snapshot: &pb::NodeRoutes) -> ApplySummary {
-        let route_count: usize = snapshot.peers.iter().map(|p| p.routes.len()).sum();
+    /// Brings the sessions in line with `message` (a snapshot or a delta): starts new
+    /// peers, restarts changed ones, stops removed ones and hands every session whose
+    /// routes changed its new set.
+    pub async fn apply(&mut self, message: &pb::NodeRoutes) -> ApplySummary {
+        self.apply_all(std::slice::from_ref(message)).await
+    }
+
+    /// Applies `messages` in order as one change: the route sets take each in turn, the
+    /// sessions get the result once (a run of deltas costs one hand-over). A delta that
+    /// does not follow ends the run there ([`ApplySummary::gap`]).
+    pub async fn apply_all(&mut self, messages: &[pb::NodeRoutes]) -> ApplySummary {
+        let Some(last) = messages.last() else {
+            return ApplySummary::default();
+        };
+        let route_count: usize = messages
+            .iter()
+            .flat_map(|m| &m.peers)
+            .map(|p| p.routes.len() + p.withdrawn.len())
+            .sum();
         let span = tracing::info_span!(
             "snapshot",
             otel.name = "speaker.apply",
             herald.node = %self.node,
-            revision = snapshot.revision,
-            peers = snapshot.peers.len(),
+            revision = last.revision,
+            from_revision = messages[0].from_revision,
+            messages = messages.len(),
+            peers = last.peers.len(),
             routes = route_count,
         );
         // A child of IPAM's publish of this snapshot: the trace of the change goes on here.
-        herald_telemetry::trace::set_parent(&span, &snapshot.traceparent);
-        self.apply_inner(snapshot).instrument(span).await
+        herald_telemetry::trace::set_parent(&span, &last.traceparent);
+        let mut changes: BTreeMap<String, PeerChange> = BTreeMap::new();
+        let mut gap = None;
+        let mut applied = None;
+        // What a withdrawal is timed from: a withdrawn route is absent from the routes a
+        // message carries, so only the message says when the change that removed it was
+        // made; over a run, the oldest, so that coalescing never shortens a latency.
+        let mut withdrawn_at: Option<SystemTime> = None;
+        for message in messages {
+            match self.desired.apply(message, &mut changes) {
+                Ok(()) => {
+                    let at = message
+                        .changed_at
+                        .and_then(|ts| SystemTime::try_from(ts).ok());
+                    withdrawn_at = match (withdrawn_at, at) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                    applied = Some(message);
+                }
+                Err(e) => {
+                    gap = Some(e);
+                    break;
+                }
+            }
+        }
+        let Some(snapshot) = applied else {
+            return ApplySummary {
+                gap,
+                ..ApplySummary::default()
+            };
+        };
+        let mut summary = self
+            .apply_inner(snapshot, changes, withdrawn_at)
+            .instrument(span)
+            .await;
+        summary.gap = gap;
+        summary
     }
 
-    async fn apply_inner(&mut self, snapshot: &pb::NodeRoutes) -> ApplySummary {
+    /// `snapshot` gives the sessions and their parameters; the routes are `self.desired`'s.
+    async fn apply_inner(
+        &mut self,
+        snapshot: &pb::NodeRoutes,
+        mut changes: BTreeMap<String, PeerChange>,
+        withdrawn_at: Option<SystemTime>,
+    ) -> ApplySummary {
         let pb::NodeRoutes {
             revision,
             node,
@@ -259,11 +325,9 @@ impl Speaker {
             router_id,
             peers,
             traceparent,
-            changed_at: snapshot_changed_at,
+            changed_at: _,
+            from_revision: _,
         } = snapshot;
-        // What a withdrawal is timed from: a withdrawn route is absent from the snapshot,
-        // so only the snapshot says when the change that removed it was made.
-        let withdrawn_at = snapshot_changed_at.and_then(|ts| SystemTime::try_from(ts).ok());
         if !node.is_empty() && *node != self.node {
             warn!(snapshot_node = %node, "snapshot names another node; applying it anyway");
         }
@@ -285,7 +349,8 @@ impl Speaker {
         let mut desired: BTreeMap<String, PeerConfig> = BTreeMap::new();
         let mut deferred: BTreeSet<String> = BTreeSet::new();
         let mut desired_bfd: BTreeMap<String, Option<BfdSpec>> = BTreeMap::new();
-        let mut desired_routes: BTreeMap<String, ConvertedRoutes> = BTreeMap::new();
+        let mut desired_routes: BTreeMap<String, (Arc<Routes>, Vec<convert::Provenance>)> =
+            BTreeMap::new();
         for pr in peers {
             match convert::peer_from_pb(pr, defaults) {
                 Ok(PeerSpec { name, config, bfd }) => {
@@ -294,11 +359,13 @@ impl Speaker {
                         summary.invalid_peers += 1;
                         continue;
                     }
-                    let converted = convert::routes_from_pb(pr);
-                    for e in &converted.skipped {
+                    let change = changes.remove(&name).unwrap_or_default();
+                    for e in &change.skipped {
                         error!(peer = %name, error = %e, "skipping route");
                     }
-                    summary.skipped_routes += converted.skipped.len();
+                    summary.skipped_routes += change.skipped.len();
+                    let routes = self.desired.routes(&name).cloned().unwrap_or_default();
+                    let converted = (routes, change.provenance);
                     // A session that is not Established has no paths at the ToR to
                     // protect: its reset waits for nobody (a fixed port or address
                     // must not queue behind other nodes).
@@ -391,9 +458,9 @@ impl Speaker {
             // Established first), and a graceful-restart ToR would drop at that
             // End-of-RIB every stale path of ours not yet re-sent.
             let converted = desired_routes.get(name);
-            let routes = Arc::new(converted.map(|c| c.routes.clone()).unwrap_or_default());
+            let routes = converted.map(|c| Arc::clone(&c.0)).unwrap_or_default();
             let links = converted
-                .map(|c| changed_links(&c.provenance, &Routes::new(), &routes))
+                .map(|c| changed_links(&c.1, &Routes::new(), &routes))
                 .unwrap_or_default();
             let cause = Arc::new(Mutex::new(current_cause(links)));
             let observer = update_spans(&self.node, name, &cause);
@@ -462,20 +529,21 @@ impl Speaker {
         // Hand every session its full set; the engine works out the UPDATEs.
         let now = SystemTime::now();
         let mut newest_change: Option<SystemTime> = None;
-        for (name, converted) in desired_routes {
+        for (name, (routes, provenance)) in desired_routes {
             let Some(session) = self.sessions.get_mut(&name) else {
                 continue;
             };
-            summary.routes += converted.routes.len();
-            if *session.routes == converted.routes {
+            summary.routes += routes.len();
+            // The same set (a delta that left this session alone) is the same Arc.
+            if Arc::ptr_eq(&session.routes, &routes) || *session.routes == *routes {
                 continue;
             }
             // A session started by this snapshot has these routes since its spawn (the
             // equal sets are skipped above). One still connecting takes this set before
             // its first advertisement.
             let mut changes = Vec::new();
-            for p in &converted.provenance {
-                let changed = session.routes.get(&p.prefix) != converted.routes.get(&p.prefix);
+            for p in &provenance {
+                let changed = session.routes.get(&p.prefix) != routes.get(&p.prefix);
                 if changed && let Some(at) = p.changed_at {
                     newest_change = newest_change.max(Some(at));
                     changes.push(metrics::Change::new(at, &p.traceparent));
@@ -486,36 +554,33 @@ impl Speaker {
                     session
                         .routes
                         .keys()
-                        .filter(|prefix| !converted.routes.contains_key(prefix))
+                        .filter(|prefix| !routes.contains_key(prefix))
                         .map(|_| metrics::Change::withdraw(at, traceparent)),
                 );
             }
             if herald_telemetry::trace::enabled() {
-                let links =
-                    changed_links(&converted.provenance, &session.routes, &converted.routes);
+                let links = changed_links(&provenance, &session.routes, &routes);
                 *session
                     .cause
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner) = current_cause(links);
             }
             if tracing::enabled!(tracing::Level::DEBUG) {
-                // Which prefixes a snapshot took away or added: what explains a path that
+                // Which prefixes a message took away or added: what explains a path that
                 // came and went at the ToR (bounded, a full snapshot can be 100k routes).
                 let gone: Vec<&ipnet::IpNet> = session
                     .routes
                     .keys()
-                    .filter(|p| !converted.routes.contains_key(*p))
+                    .filter(|p| !routes.contains_key(*p))
                     .take(32)
                     .collect();
-                let new: Vec<&ipnet::IpNet> = converted
-                    .routes
+                let new: Vec<&ipnet::IpNet> = routes
                     .keys()
                     .filter(|p| !session.routes.contains_key(*p))
                     .take(32)
                     .collect();
                 debug!(peer = %name, withdrawn = ?gone, announced = ?new, "desired set changed");
             }
-            let routes = Arc::new(converted.routes);
             // Before the hand-over: the writer may report the set written at once.
             metrics::hand_over(&session.pending, &routes, changes);
             session.handle.set_desired_arc(Arc::clone(&routes));
@@ -893,7 +958,9 @@ mod tests {
                     })
                     .collect(),
                 defer_reset: false,
+                withdrawn: vec![],
             }],
+            from_revision: 0,
         }
     }
 

@@ -363,3 +363,84 @@ async fn unknown_node_is_retried_with_backoff() -> Result<()> {
     );
     Ok(())
 }
+
+/// A delta as IPAM sends it: `snapshot`'s session, with only `set` as routes and
+/// `withdrawn`, moving from revision `from` to `revision`.
+fn delta(
+    from: u64,
+    revision: u64,
+    port: u16,
+    set: &[&str],
+    withdrawn: &[&str],
+) -> herald_api::routing::v1::NodeRoutes {
+    let mut m = snapshot("node-a", revision, NODE_A, port, false, set);
+    m.from_revision = from;
+    m.peers[0].withdrawn = withdrawn.iter().map(ToString::to_string).collect();
+    m
+}
+
+/// The speaker applies deltas to what it holds (the ToR gets the added route and loses the
+/// withdrawn one), and a delta that does not follow its revision is not applied: it
+/// subscribes again, and the snapshot it then gets puts the ToR right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deltas_reach_the_tor_and_a_gap_resubscribes() -> Result<()> {
+    const B: &str = "172.16.0.242/32";
+    const C: &str = "172.16.0.243/32";
+    let tor = Tor::start(TorConfig::new(TorKind::Gobgp)).await?;
+    let port = tor.bgp_port();
+    let fake = FakeRouting::start(0, FakeState::new());
+    fake.state
+        .set(snapshot("node-a", 1, NODE_A, port, false, &[PREFIX]));
+    let mut a = speaker("node-a", &fake.endpoint());
+    let has = |want: &'static [&'static str]| {
+        move |rib: &Rib| {
+            let mut got: Vec<String> = rib.keys().map(ToString::to_string).collect();
+            got.sort();
+            got == want
+        }
+    };
+    tor.wait_until(Family::Ipv4, CONVERGE, has(&[PREFIX]))
+        .await?;
+
+    fake.state.set(delta(1, 2, port, &[B], &[]));
+    tor.wait_until(Family::Ipv4, CONVERGE, has(&[PREFIX, B]))
+        .await?;
+    fake.state.set(delta(2, 3, port, &[], &[PREFIX]));
+    tor.wait_until(Family::Ipv4, CONVERGE, has(&[B])).await?;
+    fake.state
+        .wait_report("node-a", REPORT, |r| announced(r, 3, &[B]))
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let calls = fake.state.watch_calls("node-a");
+    ensure!(calls == 1, "{calls} subscriptions before any gap");
+
+    // Revisions 4 to 6 never arrive: the speaker subscribes again rather than apply it.
+    fake.state.set(delta(7, 8, port, &[C], &[]));
+    let deadline = Instant::now() + CONVERGE;
+    while fake.state.watch_calls("node-a") < 2 {
+        ensure!(Instant::now() < deadline, "no new subscription after a gap");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_path_count(&tor, &[B]).await?;
+    fake.state
+        .set(snapshot("node-a", 9, NODE_A, port, false, &[PREFIX, C]));
+    tor.wait_until(Family::Ipv4, CONVERGE, has(&[PREFIX, C]))
+        .await?;
+    fake.state
+        .wait_report("node-a", REPORT, |r| announced(r, 9, &[PREFIX, C]))
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let status = a.terminate(Duration::from_secs(10));
+    ensure!(status.is_some_and(|s| s.success()), "exit: {status:?}");
+    tor.stop().await;
+    Ok(())
+}
+
+/// The ToR holds exactly `want` (a gap must not have changed what is announced).
+async fn assert_path_count(tor: &Tor, want: &[&str]) -> Result<()> {
+    let rib = tor.routes(Family::Ipv4).await?;
+    let mut got: Vec<String> = rib.keys().map(ToString::to_string).collect();
+    got.sort();
+    ensure!(got == want, "the ToR holds {got:?}, not {want:?}");
+    Ok(())
+}

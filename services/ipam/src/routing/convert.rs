@@ -9,7 +9,7 @@ use herald_api::routing::v1 as pb;
 use herald_model::{FieldError, IpFamily, TrafficPolicy};
 use herald_routes::{
     AdvertisementInput, BfdInput, BfdSettings, BgpPolicy, BgpPolicyInput, Node, NodeRoutes,
-    PeerInput, PeerSession, RouteAttrs, RouterIdRule, SourceAddressRule,
+    PeerInput, PeerSession, RouteAttrs, RouterIdRule, RoutesDelta, SourceAddressRule,
 };
 
 use crate::convert::{family_to_pb, parse_ip, selector_from_pb, selector_to_pb, timestamp};
@@ -407,8 +407,79 @@ pub fn node_routes_to_pb<'a>(
     routes: &NodeRoutes,
     meta: impl Fn(&ipnet::IpNet) -> RouteMeta<'a>,
 ) -> pb::NodeRoutes {
-    let router_id = routes
-        .peers
+    let mut message = message_of(
+        node,
+        0,
+        revision,
+        traceparent,
+        changed_at,
+        local_asn,
+        &routes.peers,
+    );
+    for (session, peer) in routes.peers.iter().zip(&mut message.peers) {
+        peer.routes = routes
+            .routes
+            .get(&session.name)
+            .into_iter()
+            .flatten()
+            .map(|(prefix, attrs)| route_to_pb(prefix, attrs, meta(prefix)))
+            .collect();
+    }
+    message
+}
+
+/// A delta from revision `from` to `revision` ([`pb::NodeRoutes::from_revision`]): every
+/// session of `sessions` with its parameters, and per session only the routes `delta`
+/// sets and the prefixes it withdraws (nothing without a delta).
+#[allow(clippy::too_many_arguments)]
+pub fn node_delta_to_pb<'a>(
+    node: &str,
+    from: i64,
+    revision: i64,
+    traceparent: &str,
+    changed_at: i64,
+    local_asn: u32,
+    sessions: &[PeerSession],
+    delta: Option<&RoutesDelta>,
+    meta: impl Fn(&ipnet::IpNet) -> RouteMeta<'a>,
+) -> pb::NodeRoutes {
+    let mut message = message_of(
+        node,
+        from,
+        revision,
+        traceparent,
+        changed_at,
+        local_asn,
+        sessions,
+    );
+    let Some(delta) = delta else {
+        return message;
+    };
+    for (session, peer) in sessions.iter().zip(&mut message.peers) {
+        let Some(d) = delta.peers.get(&session.name) else {
+            continue;
+        };
+        peer.routes = d
+            .set
+            .iter()
+            .map(|(prefix, attrs)| route_to_pb(prefix, attrs, meta(prefix)))
+            .collect();
+        peer.withdrawn = d.withdrawn.iter().map(ToString::to_string).collect();
+    }
+    message
+}
+
+/// The message's frame: every session with no routes.
+fn message_of(
+    node: &str,
+    from: i64,
+    revision: i64,
+    traceparent: &str,
+    changed_at: i64,
+    local_asn: u32,
+    sessions: &[PeerSession],
+) -> pb::NodeRoutes {
+    let router_id = sessions
         .first()
         .map(|p| p.router_id.to_string())
         .unwrap_or_default();
@@ -419,21 +490,16 @@ pub fn node_routes_to_pb<'a>(
         router_id,
         traceparent: traceparent.to_string(),
         changed_at: Some(timestamp(changed_at)),
-        peers: routes
-            .peers
+        from_revision: u64::try_from(from).unwrap_or(0),
+        peers: sessions
             .iter()
             .map(|session| pb::PeerRoutes {
                 peer: Some(session_to_pb(session)),
                 source_address: session.source_address.to_string(),
-                routes: routes
-                    .routes
-                    .get(&session.name)
-                    .into_iter()
-                    .flatten()
-                    .map(|(prefix, attrs)| route_to_pb(prefix, attrs, meta(prefix)))
-                    .collect(),
+                routes: Vec::new(),
                 // The stream clears it for the node whose turn it is.
                 defer_reset: true,
+                withdrawn: Vec::new(),
             })
             .collect(),
     }

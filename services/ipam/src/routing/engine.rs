@@ -12,13 +12,14 @@
 //!   on the async task, as Herald did before; kept as the benchmark's comparator.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use herald_ipam_store::{AllocationFilter, Document, Event, Store, StoreError};
 use herald_model::{AssignedIp, HistoryAction, Owner, PoolName, TrafficPolicy};
-use herald_routes::{BgpPolicy, Node, NodeRoutes, Plan, RouteState, ServiceFacts};
+use herald_routes::{BgpPolicy, Node, NodeRoutes, Plan, RouteState, RoutesDelta, ServiceFacts};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast::error::RecvError;
@@ -139,6 +140,61 @@ pub struct NodeSnapshot {
     /// the speaker times a withdrawal from, since a withdrawn prefix carries no
     /// provenance of its own.
     pub changed_at: i64,
+    /// What changed since the node's previous snapshot (`None` for its first), made once
+    /// here for every stream that sends deltas.
+    pub delta: Option<Delta>,
+}
+
+/// The change from one snapshot of a node to the next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delta {
+    /// The previous snapshot's revision.
+    pub from: i64,
+    pub routes: RoutesDelta,
+}
+
+/// One node's published snapshots: the current one, and the queues of the streams that
+/// send deltas, each bounded so a stream that falls behind costs a resync, not memory.
+#[derive(Default)]
+struct NodeChannel {
+    current: Option<watch::Sender<Option<Arc<NodeSnapshot>>>>,
+    queues: Vec<QueueSender>,
+}
+
+impl NodeChannel {
+    fn current(&mut self) -> &watch::Sender<Option<Arc<NodeSnapshot>>> {
+        self.current.get_or_insert_with(|| watch::channel(None).0)
+    }
+}
+
+struct QueueSender {
+    tx: tokio::sync::mpsc::Sender<Arc<NodeSnapshot>>,
+    overflowed: Arc<AtomicBool>,
+}
+
+/// A stream's queue of the snapshots published after it subscribed, each carrying its
+/// delta; see [`RouteEngine::subscribe_deltas`].
+pub struct DeltaQueue {
+    rx: tokio::sync::mpsc::Receiver<Arc<NodeSnapshot>>,
+    overflowed: Arc<AtomicBool>,
+}
+
+impl DeltaQueue {
+    /// The next snapshot published; `None` once the engine is gone.
+    pub async fn recv(&mut self) -> Option<Arc<NodeSnapshot>> {
+        self.rx.recv().await
+    }
+
+    /// Whether a snapshot was dropped because the queue was full since the last call:
+    /// the stream's client must then be sent the current snapshot whole.
+    pub fn take_overflow(&self) -> bool {
+        self.overflowed.swap(false, Ordering::AcqRel)
+    }
+
+    /// Drops what is queued (made stale by sending a whole snapshot).
+    pub fn clear(&mut self) {
+        while self.rx.try_recv().is_ok() {}
+    }
 }
 
 #[derive(Default)]
@@ -216,7 +272,7 @@ impl Inputs {
 
 pub struct RouteEngine {
     inputs: Mutex<Inputs>,
-    published: Mutex<HashMap<String, watch::Sender<Option<Arc<NodeSnapshot>>>>>,
+    published: Mutex<HashMap<String, NodeChannel>>,
     last_plan: Mutex<Arc<Plan>>,
     /// The incremental engine's state as of its last publication (a cheap copy: the maps
     /// share structure); `None` with the full engine.
@@ -424,8 +480,30 @@ impl RouteEngine {
         let mut published = lock(&self.published);
         published
             .entry(node.to_string())
-            .or_insert_with(|| watch::channel(None).0)
+            .or_default()
+            .current()
             .subscribe()
+    }
+
+    /// As [`Self::subscribe`], plus a queue of every snapshot published from now on, each
+    /// with its delta, holding at most `buffer`: one that does not fit is dropped and the
+    /// queue marked overflowed. Both are taken under one lock, so no snapshot falls
+    /// between the current one and the queue.
+    pub fn subscribe_deltas(
+        &self,
+        node: &str,
+        buffer: usize,
+    ) -> (watch::Receiver<Option<Arc<NodeSnapshot>>>, DeltaQueue) {
+        let mut published = lock(&self.published);
+        let channel = published.entry(node.to_string()).or_default();
+        let current = channel.current().subscribe();
+        let (tx, rx) = tokio::sync::mpsc::channel(buffer.max(1));
+        let overflowed = Arc::new(AtomicBool::new(false));
+        channel.queues.push(QueueSender {
+            tx,
+            overflowed: Arc::clone(&overflowed),
+        });
+        (current, DeltaQueue { rx, overflowed })
     }
 
     /// Applies one change from the feed. Documents are re-read from the store, so applying
@@ -575,16 +653,14 @@ impl RouteEngine {
         };
         let mut published = lock(&self.published);
         for (name, routes) in &plan.nodes {
-            let sender = published
-                .entry(name.clone())
-                .or_insert_with(|| watch::channel(None).0);
-            publish(sender, name, &inputs, inputs.revision, changed_at, routes);
+            let channel = published.entry(name.clone()).or_default();
+            publish(channel, name, &inputs, inputs.revision, changed_at, routes);
         }
         // Nodes that are gone get an empty set: everything they announced is withdrawn.
         let gone = NodeRoutes::default();
-        for (name, sender) in published.iter() {
+        for (name, channel) in published.iter_mut() {
             if !plan.nodes.contains_key(name) {
-                publish(sender, name, &inputs, inputs.revision, changed_at, &gone);
+                publish(channel, name, &inputs, inputs.revision, changed_at, &gone);
             }
         }
         drop(published);
@@ -597,19 +673,31 @@ impl RouteEngine {
     }
 }
 
-/// Sends `routes` to `node`'s subscribers unless it is what they already have.
+/// Sends `routes` to `node`'s subscribers unless it is what they already have: the new
+/// snapshot becomes the current one, and every delta queue gets it with its delta.
 fn publish(
-    sender: &watch::Sender<Option<Arc<NodeSnapshot>>>,
+    channel: &mut NodeChannel,
     node: &str,
     inputs: &Inputs,
     revision: i64,
     changed_at: i64,
     routes: &NodeRoutes,
 ) {
+    let sender = channel.current();
     let previous = sender.borrow().clone();
     if previous.as_ref().is_some_and(|s| s.routes == *routes) {
         return;
     }
+    // Strictly increasing per node, so a delta always moves to a revision its client has
+    // not seen (a reload can publish a changed set at the revision already published),
+    // and at least 1, so a delta's from_revision is never 0 (which marks a snapshot).
+    let revision = previous
+        .as_ref()
+        .map_or(revision.max(1), |p| revision.max(p.revision + 1));
+    let delta = previous.as_ref().map(|p| Delta {
+        from: p.revision,
+        routes: herald_routes::delta(&p.routes, routes),
+    });
     let provenance = provenance(previous.as_deref(), routes, inputs);
     // A child of the recompute (the current span); the snapshot carries it to the speaker.
     let trace = if herald_telemetry::trace::enabled() {
@@ -625,14 +713,29 @@ fn publish(
     };
     debug!(node, revision, prefixes = provenance.len(), "new route set");
     crate::metrics::METRICS.snapshots_published.inc();
-    sender.send_replace(Some(Arc::new(NodeSnapshot {
+    let snapshot = Arc::new(NodeSnapshot {
         revision,
         published_at: herald_ipam_store::now_micros(),
         routes: routes.clone(),
         provenance,
         trace,
         changed_at,
-    })));
+        delta,
+    });
+    // The current snapshot first: a stream that resyncs from it then skips the queued
+    // deltas it already covers.
+    sender.send_replace(Some(Arc::clone(&snapshot)));
+    channel.queues.retain(|q| {
+        match q.tx.try_send(Arc::clone(&snapshot)) {
+            Ok(()) => true,
+            Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
+                q.overflowed.store(true, Ordering::Release);
+                true
+            }
+            // The stream has ended.
+            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    });
 }
 
 /// The provenance of every prefix in `routes`: the previous snapshot's, patched for the
@@ -859,14 +962,13 @@ impl RouteEngine {
         // Nodes that are gone get an empty set: everything they announced is withdrawn.
         let gone = NodeRoutes::default();
         for name in &changed {
-            let sender = lock(&self.published)
-                .entry(name.clone())
-                .or_insert_with(|| watch::channel(None).0)
-                .clone();
             let routes = state.node_routes(name).map_or(&gone, |r| &**r);
-            // Held per node only, so the stream tasks reading the policy never wait long.
+            // Held per node only, so the stream tasks reading the policy never wait long
+            // (always the inputs before the published channels).
             let inputs = lock(&self.inputs);
-            publish(&sender, name, &inputs, revision, changed_at, routes);
+            let mut published = lock(&self.published);
+            let channel = published.entry(name.clone()).or_default();
+            publish(channel, name, &inputs, revision, changed_at, routes);
         }
         *lock(&self.state) = Some(state.clone());
         crate::metrics::METRICS

@@ -13,6 +13,7 @@ use herald_model::alloc::validate_uid;
 use herald_routes::facts::validate_node_name;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
+use tracing::debug;
 
 use super::convert::{self, RouteMeta};
 use super::engine::{Endpoints, NodeSnapshot, RouteEngine, SessionReport, SpeakerReport};
@@ -130,6 +131,8 @@ pub struct Ready {
 pub struct RoutingService {
     ready: Arc<OnceLock<Ready>>,
     shutdown: CancellationToken,
+    /// Deltas a WatchNodeRoutes stream may fall behind by before it is resynced.
+    stream_buffer: usize,
 }
 
 fn invalid(err: FieldError) -> Status {
@@ -156,8 +159,16 @@ async fn stored_policy(ready: &Ready) -> Result<Option<herald_routes::BgpPolicy>
 type NodeRoutesStream = Pin<Box<dyn Stream<Item = Result<pb::NodeRoutes, Status>> + Send>>;
 
 impl RoutingService {
-    pub fn new(ready: Arc<OnceLock<Ready>>, shutdown: CancellationToken) -> Self {
-        Self { ready, shutdown }
+    pub fn new(
+        ready: Arc<OnceLock<Ready>>,
+        shutdown: CancellationToken,
+        stream_buffer: usize,
+    ) -> Self {
+        Self {
+            ready,
+            shutdown,
+            stream_buffer,
+        }
     }
 
     /// The engine, or UNAVAILABLE at once while the store is not open or known to be away.
@@ -175,6 +186,19 @@ impl RoutingService {
     }
 }
 
+/// Where a route of `snapshot` came from, for its message.
+fn meta_of<'a>(snapshot: &'a NodeSnapshot, prefix: &ipnet::IpNet) -> RouteMeta<'a> {
+    let (trace, at) = snapshot
+        .provenance
+        .get(prefix)
+        .map(|(t, a)| (t.as_str(), *a))
+        .unwrap_or(("", 0));
+    RouteMeta {
+        traceparent: trace,
+        changed_at: at,
+    }
+}
+
 fn snapshot_to_pb(node: &str, local_asn: u32, snapshot: &NodeSnapshot) -> pb::NodeRoutes {
     convert::node_routes_to_pb(
         node,
@@ -183,18 +207,125 @@ fn snapshot_to_pb(node: &str, local_asn: u32, snapshot: &NodeSnapshot) -> pb::No
         snapshot.changed_at,
         local_asn,
         &snapshot.routes,
-        |prefix| {
-            let (trace, at) = snapshot
-                .provenance
-                .get(prefix)
-                .map(|(t, a)| (t.as_str(), *a))
-                .unwrap_or(("", 0));
-            RouteMeta {
-                traceparent: trace,
-                changed_at: at,
-            }
-        },
+        |prefix| meta_of(snapshot, prefix),
     )
+}
+
+/// The message taking a client from revision `from` to `snapshot`: every session with its
+/// parameters, and only the routes of `delta` (none for a message that only changes
+/// session flags, where `from` is the snapshot's own revision).
+fn delta_to_pb(
+    node: &str,
+    local_asn: u32,
+    snapshot: &NodeSnapshot,
+    from: i64,
+    delta: Option<&herald_routes::RoutesDelta>,
+) -> pb::NodeRoutes {
+    convert::node_delta_to_pb(
+        node,
+        from,
+        snapshot.revision,
+        &snapshot.trace,
+        snapshot.changed_at,
+        local_asn,
+        &snapshot.routes.peers,
+        delta,
+        |prefix| meta_of(snapshot, prefix),
+    )
+}
+
+/// Marks each peer's `defer_reset` unless it is this node's turn (see `rollout`).
+fn mark_deferred(message: &mut pb::NodeRoutes, granted: &BTreeSet<String>) {
+    for peer in &mut message.peers {
+        let name = peer.peer.as_ref().map(|p| p.name.as_str()).unwrap_or("");
+        peer.defer_reset = !granted.contains(name);
+    }
+}
+
+/// A delta stream: the current snapshot whole, then each published snapshot as the delta
+/// from the one before, until the client falls behind (its queue overflowed) or a delta
+/// does not follow what it holds; then the current snapshot whole again.
+async fn stream_deltas(
+    node: String,
+    engine: Arc<RouteEngine>,
+    mut current: tokio::sync::watch::Receiver<Option<Arc<NodeSnapshot>>>,
+    mut queue: super::engine::DeltaQueue,
+    mut grants: tokio::sync::watch::Receiver<BTreeSet<String>>,
+    tx: tokio::sync::mpsc::Sender<Result<pb::NodeRoutes, Status>>,
+    shutdown: CancellationToken,
+) {
+    // The snapshot whose state the client holds.
+    let mut held: Option<Arc<NodeSnapshot>> = None;
+    let mut granted = grants.borrow_and_update().clone();
+    let first = current.borrow_and_update().clone();
+    // Bounded by the stream: each turn waits for a publish, a grant or the end.
+    let mut next = first;
+    loop {
+        if let Some(snapshot) = next.take() {
+            let local_asn = engine.policy().map(|p| p.local_asn).unwrap_or(0);
+            let overflowed = queue.take_overflow();
+            let follows = match (&held, &snapshot.delta) {
+                (Some(h), Some(d)) => !overflowed && d.from == h.revision,
+                _ => false,
+            };
+            let mut message = match &snapshot.delta {
+                Some(d) if follows => {
+                    let message = delta_to_pb(&node, local_asn, &snapshot, d.from, Some(&d.routes));
+                    held = Some(Arc::clone(&snapshot));
+                    message
+                }
+                _ => {
+                    // Out of step (the first message, or a snapshot dropped from a full
+                    // queue): the current snapshot whole, which covers what is queued.
+                    queue.clear();
+                    let latest = current
+                        .borrow_and_update()
+                        .clone()
+                        .unwrap_or_else(|| Arc::clone(&snapshot));
+                    if held.is_some() {
+                        crate::metrics::METRICS.stream_resyncs.inc();
+                        debug!(
+                            node,
+                            revision = latest.revision,
+                            "route stream fell behind: sending a full snapshot"
+                        );
+                    }
+                    let message = snapshot_to_pb(&node, local_asn, &latest);
+                    held = Some(latest);
+                    message
+                }
+            };
+            mark_deferred(&mut message, &granted);
+            if tx.send(Ok(message)).await.is_err() {
+                return;
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tx.closed() => return,
+            published = queue.recv() => match published {
+                // Already covered by the snapshot the client holds.
+                Some(s) if held.as_ref().is_some_and(|h| s.revision <= h.revision) => {}
+                Some(s) => next = Some(s),
+                None => return,
+            },
+            changed = grants.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                granted = grants.borrow_and_update().clone();
+                // Only the flags change: a message from the held revision to itself.
+                if let Some(h) = &held {
+                    let local_asn = engine.policy().map(|p| p.local_asn).unwrap_or(0);
+                    let mut message = delta_to_pb(&node, local_asn, h, h.revision, None);
+                    mark_deferred(&mut message, &granted);
+                    if tx.send(Ok(message)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -333,7 +464,7 @@ impl RoutingRpc for RoutingService {
     ) -> Result<Response<Self::WatchNodeRoutesStream>, Status> {
         crate::authz::check_node(&request, &request.get_ref().node, "WatchNodeRoutes")?;
         let ready = self.ready()?;
-        let pb::WatchNodeRoutesRequest { node } = request.into_inner();
+        let pb::WatchNodeRoutesRequest { node, deltas } = request.into_inner();
         validate_node_name("node", &node).map_err(invalid)?;
         // The engine may not have seen a node registered a moment ago (possibly through
         // another replica): the store decides whether it exists.
@@ -350,13 +481,24 @@ impl RoutingRpc for RoutingService {
                 "node {node:?} is not registered; UpsertNode it first"
             )));
         }
-        let mut snapshots = ready.engine.subscribe(&node);
         let mut grants = ready.engine.subscribe_grants(&node);
         let engine = Arc::clone(&ready.engine);
         let shutdown = self.shutdown.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         // The status reads an ended stream as a speaker gone (a kill -9 ends it at once).
         let stream = ready.engine.stream_opened(&node);
+        if deltas {
+            let (current, queue) = ready.engine.subscribe_deltas(&node, self.stream_buffer);
+            tokio::spawn(async move {
+                let _stream = stream;
+                let _subscribed = crate::metrics::Subscribed::new("WatchNodeRoutes");
+                stream_deltas(node, engine, current, queue, grants, tx, shutdown).await;
+            });
+            return Ok(Response::new(Box::pin(
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+            )));
+        }
+        let mut snapshots = ready.engine.subscribe(&node);
         tokio::spawn(async move {
             let _stream = stream;
             let _subscribed = crate::metrics::Subscribed::new("WatchNodeRoutes");
@@ -369,10 +511,7 @@ impl RoutingRpc for RoutingService {
                     let local_asn = engine.policy().map(|p| p.local_asn).unwrap_or(0);
                     let mut message = snapshot_to_pb(&node, local_asn, &snapshot);
                     // Resets wait for this node's turn (see `rollout`).
-                    for peer in &mut message.peers {
-                        let name = peer.peer.as_ref().map(|p| p.name.as_str()).unwrap_or("");
-                        peer.defer_reset = !granted.contains(name);
-                    }
+                    mark_deferred(&mut message, &granted);
                     if tx.send(Ok(message)).await.is_err() {
                         return;
                     }

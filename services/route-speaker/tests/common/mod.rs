@@ -332,7 +332,9 @@ pub fn snapshot(
             source_address: source.to_string(),
             routes: prefixes.iter().map(|p| route(p, source)).collect(),
             defer_reset: false,
+            withdrawn: vec![],
         }],
+        from_revision: 0,
     }
 }
 
