@@ -10,6 +10,7 @@ pub mod cpu;
 pub mod insert_server;
 pub mod ipam;
 pub mod machine;
+pub mod mtls;
 pub mod pg;
 pub mod pipeline;
 pub mod replicas;

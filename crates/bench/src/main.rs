@@ -117,6 +117,8 @@ enum Bench {
     E2e(E2eArgs),
     /// alloc and e2e with span export off and on (to an in-process OTLP receiver).
     Trace(TraceArgs),
+    /// alloc and e2e in plaintext and over mutual TLS (certificates made for the run).
+    Tls(TraceArgs),
     /// Internal: one engine session driven over stdin (used by advertise/withdraw).
     #[command(hide = true)]
     EngineChild(EngineChildArgs),
@@ -334,6 +336,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         machine: machine.clone(),
         pg_detail: global.pg_detail,
         otlp_endpoint: global.otlp_endpoint.clone(),
+        mtls: None,
     };
 
     let mut figures = Map::new();
@@ -423,6 +426,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             "trace",
             json(
                 herald_bench::trace::trace_overhead(&common, a.clients, &a.pool, a.count, a.burst)
+                    .await,
+            ),
+        )?,
+        Bench::Tls(a) => put(
+            "tls",
+            json(
+                herald_bench::mtls::tls_overhead(&common, a.clients, &a.pool, a.count, a.burst)
                     .await,
             ),
         )?,

@@ -140,9 +140,9 @@ fn start_speaker(
     binary: &Path,
     name: &str,
     ipam: &IpamServer,
-    log_dir: &Path,
-    otlp: Option<&str>,
+    common: &Common,
 ) -> anyhow::Result<ChildProcess> {
+    let log_dir = common.log_dir.as_path();
     let log = log_dir.join(format!("herald-route-speaker-{name}.log"));
     let file = std::fs::File::create(&log)
         .with_context(|| format!("create log file {}", log.display()))?;
@@ -152,7 +152,7 @@ fn start_speaker(
             "--node-name",
             name,
             "--ipam-endpoint",
-            &format!("http://{}", ipam.addr),
+            &ipam.url(),
             "--report-interval",
             "1s",
         ])
@@ -161,7 +161,10 @@ fn start_speaker(
         .current_dir(log_dir)
         .stdout(Stdio::from(file.try_clone()?))
         .stderr(Stdio::from(file));
-    ipam::otlp_env(&mut command, otlp);
+    ipam::otlp_env(&mut command, common.otlp_endpoint.as_deref());
+    if let Some(pki) = &common.mtls {
+        pki.speaker_args(&mut command, name);
+    }
     Ok(ChildProcess::spawn(
         &format!("herald-route-speaker {name}"),
         command,
@@ -244,12 +247,13 @@ async fn start_pipeline(common: &Common, kube: Option<&FakeKube>) -> anyhow::Res
     let tor = Tor::start(TorConfig::new(TorKind::Gobgp)).await?;
     let db = BenchDb::create(&common.admin_url).await?;
     let otlp = common.otlp_endpoint.as_deref();
-    let (server, _) = IpamServer::start_traced(
+    let (server, _) = IpamServer::start_with(
         &common.ipam_bin,
         &db.url,
         &common.log_dir,
         common.poll,
         otlp,
+        common.mtls.as_deref(),
     )
     .await?;
     let mut ipam = server.client().await?;
@@ -270,13 +274,7 @@ async fn start_pipeline(common: &Common, kube: Option<&FakeKube>) -> anyhow::Res
                 fake.create(NODES, kube_node(name, address))
                     .map_err(|e| anyhow!("create Node {name}: {e:?}"))?;
             }
-            watcher = Some(start_watcher(
-                &binary,
-                fake,
-                &server,
-                &common.log_dir,
-                otlp,
-            )?);
+            watcher = Some(start_watcher(&binary, fake, &server, common)?);
             wait_nodes_registered(&mut routing).await?;
         }
         _ => {
@@ -290,7 +288,7 @@ async fn start_pipeline(common: &Common, kube: Option<&FakeKube>) -> anyhow::Res
     }
     let speakers = E2E_NODES
         .iter()
-        .map(|(name, _)| start_speaker(&speaker_bin, name, &server, &common.log_dir, otlp))
+        .map(|(name, _)| start_speaker(&speaker_bin, name, &server, common))
         .collect::<anyhow::Result<Vec<_>>>()?;
     tor.wait_neighbors(ESTABLISH_TIMEOUT, |n| {
         n.iter().filter(|n| n.established).count() == E2E_NODES.len()
@@ -910,9 +908,9 @@ fn start_watcher(
     binary: &Path,
     fake: &FakeKube,
     ipam: &IpamServer,
-    log_dir: &Path,
-    otlp: Option<&str>,
+    common: &Common,
 ) -> anyhow::Result<ChildProcess> {
+    let log_dir = common.log_dir.as_path();
     let home = log_dir.join("watcher-home");
     std::fs::create_dir_all(&home)?;
     let kubeconfig = home.join("kubeconfig");
@@ -925,7 +923,7 @@ fn start_watcher(
     command
         .args([
             "--ipam-endpoint",
-            &format!("http://{}", ipam.addr),
+            &ipam.url(),
             "--cluster-id",
             "bench",
             "--identity",
@@ -938,7 +936,10 @@ fn start_watcher(
         .current_dir(log_dir)
         .stdout(Stdio::from(file.try_clone()?))
         .stderr(Stdio::from(file));
-    ipam::otlp_env(&mut command, otlp);
+    ipam::otlp_env(&mut command, common.otlp_endpoint.as_deref());
+    if let Some(pki) = &common.mtls {
+        pki.watcher_args(&mut command);
+    }
     Ok(ChildProcess::spawn("herald-cluster-watcher", command))
 }
 

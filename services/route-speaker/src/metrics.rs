@@ -27,6 +27,9 @@ pub struct Metrics {
     pub stream_connected: Gauge,
     pub snapshot_age: Age,
     pub snapshots_received: Counter,
+    /// Peers of the last snapshot whose TCP-MD5 password herald-ipam withheld (this
+    /// speaker reaches it in plaintext), so no session runs with them.
+    pub password_withheld: Gauge,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
@@ -35,6 +38,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     stream_connected: Gauge::default(),
     snapshot_age: Age::default(),
     snapshots_received: Counter::default(),
+    password_withheld: Gauge::default(),
 });
 
 /// Most route changes waiting for their UPDATE to leave, per session: past it (a session
@@ -148,6 +152,11 @@ pub fn registry(sessions: SessionsView, exemplars: bool) -> Registry {
         "herald_speaker_snapshots_received",
         "Route snapshots received from herald-ipam",
         m.snapshots_received.clone(),
+    );
+    r.register(
+        "herald_speaker_peers_password_withheld",
+        "Peers of the last snapshot whose TCP-MD5 password herald-ipam withheld because this speaker reaches it in plaintext; they get no session until it uses mutual TLS",
+        m.password_withheld.clone(),
     );
     r.register_collector(Box::new(SessionsCollector { sessions }));
     r

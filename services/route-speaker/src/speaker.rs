@@ -282,6 +282,10 @@ impl Speaker {
         let mut deferred: BTreeSet<String> = BTreeSet::new();
         let mut desired_bfd: BTreeMap<String, Option<BfdSpec>> = BTreeMap::new();
         let mut desired_routes: BTreeMap<String, ConvertedRoutes> = BTreeMap::new();
+        let withheld = peers.iter().filter(|p| p.md5_password_withheld).count();
+        metrics::METRICS
+            .password_withheld
+            .set(i64::try_from(withheld).unwrap_or(i64::MAX));
         for pr in peers {
             match convert::peer_from_pb(pr, defaults) {
                 Ok(PeerSpec { name, config, bfd }) => {
@@ -860,6 +864,7 @@ mod tests {
                     })
                     .collect(),
                 defer_reset: false,
+                md5_password_withheld: false,
             }],
         }
     }

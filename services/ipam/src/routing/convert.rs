@@ -432,6 +432,8 @@ pub fn node_routes_to_pb<'a>(
                     .collect(),
                 // The stream clears it for the node whose turn it is.
                 defer_reset: true,
+                // The stream sets it when its caller may not have the password.
+                md5_password_withheld: false,
             })
             .collect(),
     }

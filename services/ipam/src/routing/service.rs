@@ -13,6 +13,7 @@ use herald_model::alloc::validate_uid;
 use herald_routes::facts::validate_node_name;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
+use tracing::warn;
 
 use super::convert::{self, RouteMeta};
 use super::engine::{Endpoints, NodeSnapshot, RouteEngine, SessionReport, SpeakerReport};
@@ -175,6 +176,17 @@ impl RoutingService {
     }
 }
 
+/// Takes the peer's TCP-MD5 password out of a snapshot bound for a caller that may not
+/// have it, and says so, so the speaker can tell "no password" from "not sent".
+fn withhold_password(peer: &mut pb::PeerRoutes) {
+    if let Some(p) = peer.peer.as_mut()
+        && !p.md5_password.is_empty()
+    {
+        p.md5_password = String::new();
+        peer.md5_password_withheld = true;
+    }
+}
+
 fn snapshot_to_pb(node: &str, local_asn: u32, snapshot: &NodeSnapshot) -> pb::NodeRoutes {
     convert::node_routes_to_pb(
         node,
@@ -332,8 +344,17 @@ impl RoutingRpc for RoutingService {
     ) -> Result<Response<Self::WatchNodeRoutesStream>, Status> {
         crate::authz::check_node(&request, &request.get_ref().node, "WatchNodeRoutes")?;
         let ready = self.ready()?;
+        let secrets = crate::authz::may_receive_secrets(&request);
+        let remote = request.remote_addr();
         let pb::WatchNodeRoutesRequest { node } = request.into_inner();
         validate_node_name("node", &node).map_err(invalid)?;
+        if !secrets {
+            warn!(
+                node = %node,
+                remote = ?remote,
+                "WatchNodeRoutes over plaintext from a non-loopback address: TCP-MD5 passwords are withheld from this stream (configure mutual TLS)"
+            );
+        }
         // The engine may not have seen a node registered a moment ago (possibly through
         // another replica): the store decides whether it exists.
         if !ready.engine.knows_node(&node)
@@ -371,6 +392,9 @@ impl RoutingRpc for RoutingService {
                     for peer in &mut message.peers {
                         let name = peer.peer.as_ref().map(|p| p.name.as_str()).unwrap_or("");
                         peer.defer_reset = !granted.contains(name);
+                        if !secrets {
+                            withhold_password(peer);
+                        }
                     }
                     if tx.send(Ok(message)).await.is_err() {
                         return;
@@ -478,5 +502,30 @@ impl RoutingRpc for RoutingService {
                 .unwrap_or_default(),
             differences,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_withheld_password_leaves_the_snapshot_and_is_marked() {
+        let entry = |password: &str| pb::PeerRoutes {
+            peer: Some(pb::Peer {
+                name: "tor".into(),
+                md5_password: password.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mut guarded = entry("s3cret");
+        withhold_password(&mut guarded);
+        assert_eq!(guarded.peer.as_ref().unwrap().md5_password, "");
+        assert!(guarded.md5_password_withheld);
+        // A peer without a password has nothing withheld.
+        let mut open = entry("");
+        withhold_password(&mut open);
+        assert!(!open.md5_password_withheld);
     }
 }

@@ -331,6 +331,7 @@ pub fn snapshot(
             source_address: source.to_string(),
             routes: prefixes.iter().map(|p| route(p, source)).collect(),
             defer_reset: false,
+            md5_password_withheld: false,
         }],
     }
 }
