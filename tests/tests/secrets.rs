@@ -20,8 +20,8 @@ use herald_api::ipam::v1 as ipam_pb;
 use herald_api::routing::v1 as pb;
 use herald_e2e::{Ipam, KubeLab, next_hops, port};
 use herald_fake_kube::{
-    CONFIG_MAPS, ENDPOINT_SLICES, EVENTS, EVENTS_V1, FakeKube, LEASES, NAMESPACES, NODES,
-    Resource, SECRETS, SERVICES,
+    CONFIG_MAPS, ENDPOINT_SLICES, EVENTS, EVENTS_V1, FakeKube, LEASES, NAMESPACES, NODES, Resource,
+    SECRETS, SERVICES,
 };
 use herald_test_support::{ChildProcess, OtlpReceiver, TestDb};
 use herald_tor_harness::{Family, NODE_ASN, TOR_ASN, Tor, TorConfig, TorKind};
@@ -102,8 +102,10 @@ impl Scan {
                     .lines()
                     .find(|l| l.contains(needle.as_str()))
                     .unwrap_or(text);
-                self.findings
-                    .push(format!("{place}: {}", line.chars().take(400).collect::<String>()));
+                self.findings.push(format!(
+                    "{place}: {}",
+                    line.chars().take(400).collect::<String>()
+                ));
             }
         }
     }
@@ -124,11 +126,11 @@ fn api_objects(kube: &FakeKube, more: &[Resource]) -> Vec<(String, Value)> {
     .iter()
     .chain(more)
     .flat_map(|r| {
-            kube.list(*r, None)
-                .into_iter()
-                .map(|o| (r.plural.to_string(), o))
-        })
-        .collect()
+        kube.list(*r, None)
+            .into_iter()
+            .map(|o| (r.plural.to_string(), o))
+    })
+    .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -372,7 +374,12 @@ async fn no_log_span_metric_or_read_api_shows_a_bgp_password() {
     }
 
     // Every admin endpoint's body.
-    for addr in [ipam_admin, watcher_admin, speaker_admin[0], speaker_admin[1]] {
+    for addr in [
+        ipam_admin,
+        watcher_admin,
+        speaker_admin[0],
+        speaker_admin[1],
+    ] {
         for path in ["/metrics", "/healthz", "/readyz"] {
             let body = http_get(addr, path).await;
             assert!(body.starts_with("HTTP/"), "{addr}{path}: {body}");
@@ -410,7 +417,12 @@ async fn no_log_span_metric_or_read_api_shows_a_bgp_password() {
                 .then(|| spans.to_vec())
         })
         .await
-        .unwrap_or_else(|spans| panic!("spans from all three binaries never arrived: {} spans", spans.len()));
+        .unwrap_or_else(|spans| {
+            panic!(
+                "spans from all three binaries never arrived: {} spans",
+                spans.len()
+            )
+        });
     for span in &spans {
         scan.check(
             &format!("span {} {}", span.service, span.name),

@@ -191,13 +191,23 @@ mod tests {
     #[test]
     fn secrets_go_over_mutual_tls_or_to_loopback_only() {
         // Addresses here are data: nothing connects to them.
-        for loopback in ["127.0.0.1:40000", "127.9.9.9:1", "[::1]:2", "[::ffff:127.0.0.1]:3"] {
+        for loopback in [
+            "127.0.0.1:40000",
+            "127.9.9.9:1",
+            "[::1]:2",
+            "[::ffff:127.0.0.1]:3",
+        ] {
             assert!(
                 may_receive_secrets(&plaintext_from(loopback)),
                 "{loopback} is this host"
             );
         }
-        for remote in ["10.0.0.7:40000", "192.0.2.1:1", "[2001:db8::1]:2", "[::ffff:10.0.0.7]:3"] {
+        for remote in [
+            "10.0.0.7:40000",
+            "192.0.2.1:1",
+            "[2001:db8::1]:2",
+            "[::ffff:10.0.0.7]:3",
+        ] {
             assert!(
                 !may_receive_secrets(&plaintext_from(remote)),
                 "plaintext to {remote} must not carry secrets"
@@ -245,7 +255,10 @@ mod tests {
             ("herald.routing.v1.Routing/ListNodes", W | O | R),
             ("herald.routing.v1.Routing/SetBgpPolicy", W | O),
             ("herald.routing.v1.Routing/GetBgpPolicy", W | O | R),
-            ("herald.routing.v1.Routing/GetAdvertisementStatus", W | O | R),
+            (
+                "herald.routing.v1.Routing/GetAdvertisementStatus",
+                W | O | R,
+            ),
             ("herald.routing.v1.Routing/WatchNodeRoutes", S),
             ("herald.routing.v1.Routing/ReportSpeakerState", S),
         ]
@@ -277,7 +290,11 @@ mod tests {
                 }
             }
         }
-        assert_eq!(seen, table.len(), "the table names an RPC that does not exist");
+        assert_eq!(
+            seen,
+            table.len(),
+            "the table names an RPC that does not exist"
+        );
     }
 
     #[test]
