@@ -127,8 +127,11 @@ fn signal(pid: i32, sig: Signal) {
 
 /// The path of a workspace binary (e.g. `herald-ipam`) for tests of *other* packages,
 /// which Cargo gives no `CARGO_BIN_EXE_` for. It lives beside the test executable's
-/// `deps/` folder; when it is not there yet (a `-p`-scoped test run), it is built first.
+/// `deps/` folder. It is (re)built first when it is missing (a `-p`-scoped test run) or
+/// older than a workspace source file: a test that ran yesterday's binary against today's
+/// code would prove nothing. Checked once per binary per test process.
 pub fn workspace_binary(name: &str) -> std::path::PathBuf {
+    static CHECKED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
     let exe = std::env::current_exe().expect("the test executable's path");
     // target/<profile>/deps/<test> → target/<profile>/<name>
     let profile_dir = exe
@@ -136,7 +139,16 @@ pub fn workspace_binary(name: &str) -> std::path::PathBuf {
         .and_then(std::path::Path::parent)
         .expect("a target/<profile>/deps layout");
     let path = profile_dir.join(name);
-    if !path.exists() {
+    // Held across the build so that concurrent tests wait for one build, not start several.
+    let mut checked = CHECKED
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if checked.iter().any(|n| n == name) {
+        return path;
+    }
+    let built_at = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+    let stale = built_at.is_none_or(|built| newest_source_change().is_some_and(|src| src > built));
+    if stale {
         let release = profile_dir.file_name().is_some_and(|p| p == "release");
         let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
         cargo.args(["build", "--bin", name]);
@@ -151,5 +163,51 @@ pub fn workspace_binary(name: &str) -> std::path::PathBuf {
             .unwrap_or_else(|e| panic!("run cargo build --bin {name}: {e}"));
         assert!(status.success(), "cargo build --bin {name} failed");
     }
+    checked.push(name.to_string());
     path
+}
+
+/// The newest modification time among the workspace's build inputs (Rust sources,
+/// manifests, protos, migrations), or `None` when the tree cannot be read.
+fn newest_source_change() -> Option<std::time::SystemTime> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut newest = std::fs::metadata(root.join("Cargo.lock"))
+        .and_then(|m| m.modified())
+        .ok();
+    let mut pending: Vec<std::path::PathBuf> = ["crates", "services", "proto", "migrations"]
+        .iter()
+        .map(|d| root.join(d))
+        .collect();
+    // Bounded: a source tree of a few thousand entries, never the target directory.
+    let mut visited = 0usize;
+    while let Some(dir) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            visited += 1;
+            if visited > 100_000 {
+                return newest;
+            }
+            let path = entry.path();
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_dir() {
+                if !matches!(
+                    path.file_name().and_then(|n| n.to_str()),
+                    Some("target" | ".git" | "node_modules")
+                ) {
+                    pending.push(path);
+                }
+                continue;
+            }
+            let input = matches!(
+                path.extension().and_then(|e| e.to_str()),
+                Some("rs" | "proto" | "sql" | "toml")
+            );
+            if input && let Ok(modified) = meta.modified() {
+                newest = Some(newest.map_or(modified, |n| n.max(modified)));
+            }
+        }
+    }
+    newest
 }

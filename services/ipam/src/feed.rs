@@ -185,20 +185,27 @@ pub async fn follow(ipam: Arc<Ipam>, shutdown: CancellationToken) -> Result<(), 
                     break;
                 }
             };
-            let full = events.len() == READ_BATCH as usize;
-            let read_through = if full {
+            let mut full = events.len() == READ_BATCH as usize;
+            let mut read_through = if full {
                 events.last().map(Event::revision)
             } else {
                 Some(i64::MAX)
             };
             for event in events {
-                after = after.max(event.revision());
-                if let std::collections::btree_map::Entry::Vacant(slot) =
-                    waiting.entry(event.revision())
-                {
-                    apply(&ipam, &event).await;
+                let revision = event.revision();
+                if let std::collections::btree_map::Entry::Vacant(slot) = waiting.entry(revision) {
+                    // A change that could not be applied is read again next turn, and what
+                    // follows it waits: skipping it would leave this replica's index
+                    // disagreeing with the store until the next change to the same pool.
+                    if let Err(e) = apply(&ipam, &event).await {
+                        warn!(revision, error = %e, "applying a logged change failed; retrying");
+                        full = false;
+                        read_through = Some(revision - 1);
+                        break;
+                    }
                     slot.insert(event);
                 }
+                after = after.max(revision);
             }
             // A gap counts as read, and so as known to be missing, only up to where this
             // turn has read the log, after `settled` was established.
@@ -360,7 +367,7 @@ fn report(feed: &Feed, waiting: &BTreeMap<i64, Event>, hole: Option<&mut Hole>) 
 /// and skipped once a later local change did (an allocation's `assigned` read after its
 /// own release was applied would count the address used again until the `released`
 /// entry followed).
-async fn apply(ipam: &Ipam, event: &Event) {
+async fn apply(ipam: &Ipam, event: &Event) -> Result<(), StoreError> {
     let revision = event.revision();
     match event {
         Event::Assigned(entry, tag) => {
@@ -398,10 +405,9 @@ async fn apply(ipam: &Ipam, event: &Event) {
             }
         }
         Event::PoolChanged { pool, .. } | Event::PoolDeleted { pool, .. } => {
-            match ipam.store().load_pool(pool).await {
-                Ok(Some(stored)) => ipam.index().upsert_pool(stored.spec, stored.generation),
-                Ok(None) => ipam.index().remove_pool(pool),
-                Err(e) => warn!(%pool, error = %e, "reloading a changed pool failed"),
+            match ipam.store().load_pool(pool).await? {
+                Some(stored) => ipam.index().upsert_pool(stored.spec, stored.generation),
+                None => ipam.index().remove_pool(pool),
             }
         }
         // Routing inputs: the route engine follows them through the same feed.
@@ -410,6 +416,7 @@ async fn apply(ipam: &Ipam, event: &Event) {
         | Event::EndpointsChanged { .. }
         | Event::PolicyChanged { .. } => {}
     }
+    Ok(())
 }
 
 /// The ports `owner_uid` holds on a shared address (claim `tag`), which the index checks

@@ -8,11 +8,12 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Server, allocate, allocate_ok, create_pool, ips, pool};
+use common::{RestrictedRole, Server, allocate, allocate_ok, create_pool, ips, pool};
 use futures::StreamExt;
 use herald_api::ipam::v1 as pb;
 use herald_api::ipam::v1::ipam_client::IpamClient;
 use herald_test_support::TestDb;
+use herald_test_support::free_port;
 use sqlx::{Any, AnyPool, Transaction};
 use tonic::transport::Channel;
 
@@ -255,6 +256,87 @@ async fn a_change_feed_that_cannot_go_on_takes_the_process_down() {
         "took {:?}",
         started.elapsed()
     );
+}
+
+/// A pool change a replica could not read when its feed reached it (the store away for a
+/// moment) must still reach that replica's index once the store answers. It used to be
+/// logged and skipped, so the replica allocated from the old addresses until the pool
+/// changed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_change_whose_read_failed_is_applied_once_the_store_answers() {
+    let db = TestDb::postgres().await;
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Server::start(dir_a.path(), Some(&db.url)).await;
+    let mut on_a = a.client().await;
+    create_pool(&mut on_a, pool("grow", &["10.73.0.0/30"])).await;
+    let role_b = RestrictedRole::create(&db.url, "b").await;
+    let log_b = dir_b.path().join("herald-ipam.log");
+    let b = Server::start_with(dir_b.path(), Some(&role_b.url), free_port(), |command| {
+        command
+            .env("RUST_LOG", "info")
+            .stderr(std::fs::File::create(&log_b).unwrap());
+    })
+    .await;
+    let mut on_b = b.client().await;
+    // Fill the pool, so that B can only allocate once it knows the pool grew.
+    let mut filled = 0;
+    loop {
+        assert!(filled < 8, "a /30 took more than 8 allocations");
+        match on_a
+            .allocate(in_pool(&format!("fill-{filled}"), "grow"))
+            .await
+        {
+            Ok(_) => filled += 1,
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+                break;
+            }
+        }
+    }
+
+    role_b.revoke_select("pools").await;
+    on_a.update_pool(pb::UpdatePoolRequest {
+        pool: Some(pool("grow", &["10.73.0.0/29"])),
+        force: false,
+        dry_run: false,
+    })
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&log_b)
+        .unwrap_or_default()
+        .contains("permission denied")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "replica B never tried and failed to read the grown pool"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    role_b.grant_select("pools").await;
+
+    // Nothing else changes: B must catch up by itself.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let allocated = loop {
+        match on_b.allocate(in_pool("after-growth", "grow")).await {
+            Ok(answer) => break answer.into_inner().allocation.unwrap(),
+            Err(status) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "replica B still refuses from the old addresses: {status:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    assert!(
+        ips(&allocated)[0].starts_with("10.73.0."),
+        "{:?}",
+        ips(&allocated)
+    );
+
+    drop((a, b));
+    role_b.drop_role().await;
 }
 
 /// The feed reads this replica's own log entries after it applied them. An allocation's

@@ -218,6 +218,16 @@ fn a_bad_value_is_refused_naming_key_value_origin_and_reason() {
     assert!(!output.status.success(), "{message}");
     assert!(message.contains("`database_url`"), "{message}");
     assert!(message.contains("HERALD_DATABASE_URL"), "{message}");
+    // A value outside a closed set is told the values it may take.
+    let message = refused(dir.path(), &["--route-engine", "bogus"]);
+    for part in [
+        "`route_engine`",
+        "\"bogus\"",
+        "--route-engine",
+        "`incremental` or `full`",
+    ] {
+        assert!(message.contains(part), "{part:?} not in {message}");
+    }
     // A long value is cut, not echoed whole.
     let long = "x".repeat(100_000);
     let message = refused(dir.path(), &["--listen", &long]);

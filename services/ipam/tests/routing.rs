@@ -8,7 +8,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{Server, allocate, allocate_ok, create_pool, pool};
+use common::{RestrictedRole, Server, allocate, allocate_ok, create_pool, pool};
 use futures::StreamExt;
 use herald_api::ipam::v1 as ipam_pb;
 use herald_api::routing::v1 as pb;
@@ -553,30 +553,13 @@ async fn changed_at_is_the_change_that_caused_the_update() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_whose_read_failed_reaches_the_routes_once_the_store_answers() {
     let db = TestDb::postgres().await;
-    let admin = sqlx::PgPool::connect(&db.url).await.unwrap();
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let a = Server::start(dir_a.path(), Some(&db.url)).await;
     let mut ipam = a.client().await;
-    // Answered only once A has migrated the store, so the grants below cover every table.
+    // Answered only once A has migrated the store, so the role's grants cover every table.
     create_pool(&mut ipam, pool("lab", &["172.16.0.240/28"])).await;
-    // Replica B logs in as a role of its own, so that the test can take one table away
-    // from it alone: its reads of that table then fail as reads fail while the store is
-    // away, while the change log it follows stays readable.
-    let database = db.url.rsplit('/').next().unwrap();
-    let role = format!("{database}_b");
-    let sql = |text: String| sqlx::raw_sql(sqlx::AssertSqlSafe(text));
-    sql(format!(
-        "CREATE ROLE {role} LOGIN PASSWORD '{role}';
-         GRANT USAGE, CREATE ON SCHEMA public TO {role};
-         GRANT ALL ON ALL TABLES IN SCHEMA public TO {role};
-         GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role};"
-    ))
-    .execute(&admin)
-    .await
-    .unwrap();
-    let (scheme, rest) = db.url.split_once("://").unwrap();
-    let server = rest.split_once('@').map_or(rest, |(_, server)| server);
-    let url_b = format!("{scheme}://{role}:{role}@{server}");
+    let role_b = RestrictedRole::create(&db.url, "b").await;
+    let url_b = role_b.url.clone();
     let log_b = dir_b.path().join("herald-ipam.log");
     let b = Server::start_with(dir_b.path(), Some(&url_b), free_port(), |command| {
         command
@@ -596,10 +579,7 @@ async fn a_change_whose_read_failed_reaches_the_routes_once_the_store_answers() 
     let mut on_b = watch(&mut routing_b, "n0").await;
     until(&mut on_b, |s| !routes(s).is_empty()).await;
 
-    sql(format!("REVOKE SELECT ON allocations FROM {role}"))
-        .execute(&admin)
-        .await
-        .unwrap();
+    role_b.revoke_select("allocations").await;
     // Local with no endpoints known: nobody announces it, as replica A shows.
     allocate_ok(
         &mut ipam,
@@ -624,17 +604,11 @@ async fn a_change_whose_read_failed_reaches_the_routes_once_the_store_answers() 
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    sql(format!("GRANT SELECT ON allocations TO {role}"))
-        .execute(&admin)
-        .await
-        .unwrap();
+    role_b.grant_select("allocations").await;
 
     // Nothing else changes: B must catch up by itself.
     until(&mut on_b, |s| routes(s).is_empty()).await;
 
     drop((a, b));
-    sql(format!("DROP OWNED BY {role}; DROP ROLE {role}"))
-        .execute(&admin)
-        .await
-        .unwrap();
+    role_b.drop_role().await;
 }

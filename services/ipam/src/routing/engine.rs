@@ -41,13 +41,27 @@ const RELOAD_RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// Which engine computes the routes (the `route_engine` setting).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "lowercase", try_from = "String")]
 pub enum EngineKind {
     /// Recompute only what a change touches, on a dedicated thread.
     #[default]
     Incremental,
     /// Recompute every node × every Service on each change.
     Full,
+}
+
+impl TryFrom<String> for EngineKind {
+    type Error = String;
+
+    /// Through a string rather than serde's enum access, so that a wrong value is told the
+    /// values it may take (the `config` crate's enum error names neither).
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        match value.as_str() {
+            "incremental" => Ok(Self::Incremental),
+            "full" => Ok(Self::Full),
+            _ => Err("expected `incremental` or `full`".to_string()),
+        }
+    }
 }
 
 /// Per prefix, (traceparent, changed_at) of the change that last touched it.

@@ -183,3 +183,63 @@ pub async fn all_allocations(client: &mut IpamClient<Channel>) -> Vec<pb::Alloca
     }
     panic!("pagination did not end");
 }
+
+/// A Postgres login of its own for one replica, so that a test can take a table away from
+/// that replica alone: its reads of the table then fail as reads fail while the store is
+/// away, while everything else (the change log it follows included) stays readable.
+/// Create it once the first replica has migrated the store, so the grants cover every table.
+pub struct RestrictedRole {
+    admin: sqlx::PgPool,
+    role: String,
+    /// The database URL that logs in as this role.
+    pub url: String,
+}
+
+impl RestrictedRole {
+    pub async fn create(database_url: &str, suffix: &str) -> Self {
+        let admin = sqlx::PgPool::connect(database_url).await.unwrap();
+        let database = database_url.rsplit('/').next().unwrap();
+        let role = format!("{database}_{suffix}");
+        let this = Self {
+            admin,
+            url: {
+                let (scheme, rest) = database_url.split_once("://").unwrap();
+                let server = rest.split_once('@').map_or(rest, |(_, server)| server);
+                format!("{scheme}://{role}:{role}@{server}")
+            },
+            role,
+        };
+        this.sql(format!(
+            "CREATE ROLE {role} LOGIN PASSWORD '{role}';
+             GRANT USAGE, CREATE ON SCHEMA public TO {role};
+             GRANT ALL ON ALL TABLES IN SCHEMA public TO {role};
+             GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role};",
+            role = this.role
+        ))
+        .await;
+        this
+    }
+
+    pub async fn revoke_select(&self, table: &str) {
+        self.sql(format!("REVOKE SELECT ON {table} FROM {}", self.role))
+            .await;
+    }
+
+    pub async fn grant_select(&self, table: &str) {
+        self.sql(format!("GRANT SELECT ON {table} TO {}", self.role))
+            .await;
+    }
+
+    /// Drops the role; call once the replica using it has stopped.
+    pub async fn drop_role(self) {
+        self.sql(format!("DROP OWNED BY {0}; DROP ROLE {0}", self.role))
+            .await;
+    }
+
+    async fn sql(&self, text: String) {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(text))
+            .execute(&self.admin)
+            .await
+            .unwrap();
+    }
+}
