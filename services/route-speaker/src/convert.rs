@@ -521,7 +521,9 @@ mod tests {
     fn a_peer_whose_password_was_withheld_is_refused_saying_why() {
         let mut entry = peer_routes(pb_peer("guarded"), vec![]);
         entry.md5_password_withheld = true;
-        let e = peer_from_pb(&entry, DEFAULTS).unwrap_err();
+        let Err(e) = peer_from_pb(&entry, DEFAULTS) else {
+            panic!("a peer without its withheld password was accepted");
+        };
         assert_eq!(
             e,
             PeerError::PasswordWithheld {
