@@ -151,7 +151,11 @@ pub fn workspace_binary(name: &str) -> std::path::PathBuf {
     if stale {
         let release = profile_dir.file_name().is_some_and(|p| p == "release");
         let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        cargo.args(["build", "--bin", name]);
+        // From the workspace root: in a member's directory (where `cargo test` runs a
+        // test) cargo looks for the binary in that member only.
+        cargo
+            .current_dir(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."))
+            .args(["build", "--bin", name]);
         if release {
             cargo.arg("--release");
         }
