@@ -5,7 +5,9 @@
 #![allow(clippy::unwrap_used)]
 
 mod postgres;
+mod relay;
 pub use postgres::PrivatePostgres;
+pub use relay::Relay;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -350,7 +350,7 @@ async fn prometheus_finds_every_series_the_dashboards_and_alerts_query() {
     }
     assert!(missing.is_empty(), "series never scraped: {missing:?}");
 
-    let checks: [(&str, f64); 10] = [
+    let checks: [(&str, f64); 11] = [
         (
             "sum(herald_watcher_ipam_rpc_errors_total{call=\"Allocate\"})",
             1.0,
@@ -367,7 +367,12 @@ async fn prometheus_finds_every_series_the_dashboards_and_alerts_query() {
         ("sum(herald_watcher_reconciles_total{result=\"ok\"})", 3.0),
         ("count(herald_speaker_updates_sent_total > 0)", 2.0),
         (
-            "count(herald_speaker_route_change_to_update_seconds_count > 0)",
+            "count(herald_speaker_route_change_to_update_seconds_count{kind=\"announce\"} > 0)",
+            2.0,
+        ),
+        // The deleted Service's route withdrawn by both speakers, timed too.
+        (
+            "count(herald_speaker_route_change_to_update_seconds_count{kind=\"withdraw\"} > 0)",
             2.0,
         ),
         (

@@ -174,6 +174,10 @@ struct TraceArgs {
     /// e2e Services allocated at once, per phase.
     #[arg(long, default_value_t = 100)]
     burst: u64,
+    /// Rounds of (export off, export on), alternating which goes first; each side's
+    /// median over them is compared. Odd, so the median is one round's figure.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
 }
 
 #[derive(Debug, Args)]
@@ -425,8 +429,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Bench::Trace(a) => put(
             "trace",
             json(
-                herald_bench::trace::trace_overhead(&common, a.clients, &a.pool, a.count, a.burst)
-                    .await,
+                herald_bench::trace::trace_overhead(
+                    &common, a.clients, &a.pool, a.count, a.burst, a.rounds,
+                )
+                .await,
             ),
         )?,
         Bench::Tls(a) => put(

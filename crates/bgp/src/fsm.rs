@@ -93,6 +93,13 @@ pub struct GracefulRestartConfig {
     /// Set the R bit in the first OPEN: this speaker has just restarted and
     /// the peer is holding our routes as stale.
     pub restarting: bool,
+    /// Set the F bit of every family (RFC 4724 §3): the forwarding state for
+    /// the routes we advertise outlives this BGP speaker, so across its restart
+    /// traffic the peer keeps sending along our stale routes is still
+    /// forwarded. A peer that reads F = 0 on the new session drops our stale
+    /// routes at once (§4.2) instead of at our End-of-RIB, leaving a gap. Set it
+    /// only when true: the peer then keeps sending traffic our way until then.
+    pub forwarding_preserved: bool,
 }
 
 impl Default for GracefulRestartConfig {
@@ -100,6 +107,7 @@ impl Default for GracefulRestartConfig {
         Self {
             restart_time: DEFAULT_RESTART_TIME,
             restarting: false,
+            forwarding_preserved: false,
         }
     }
 }
@@ -906,14 +914,13 @@ impl Session {
                 // our routes (Hard Reset or not).
                 notification: true,
                 restart_time: gr.restart_time.min(0x0fff),
-                // We keep no forwarding state (we do not forward), so F = 0.
                 families: self
                     .config
                     .families
                     .iter()
                     .map(|f| GracefulRestartFamily {
                         family: *f,
-                        forwarding_preserved: false,
+                        forwarding_preserved: gr.forwarding_preserved,
                     })
                     .collect(),
             }));

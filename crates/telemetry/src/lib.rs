@@ -72,9 +72,9 @@ pub fn init(
             .boxed(),
     };
     let (otel, exporter, failed) = match otlp_endpoint.map(|e| trace::provider(e, service_name)) {
-        Some(Ok(provider)) => (
+        Some(Ok((provider, runtime))) => (
             Some(trace::layer(&provider)),
-            Some(trace::Exporter::new(provider)),
+            Some(trace::Exporter::new(provider, runtime)),
             None,
         ),
         Some(Err(e)) => (None, None, Some(e)),

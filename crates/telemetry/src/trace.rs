@@ -89,18 +89,26 @@ pub fn spans_dropped() -> u64 {
 #[derive(Debug)]
 pub struct Exporter {
     provider: SdkTracerProvider,
+    /// Ends the export runtime's thread (see [`provider`]) once the provider has flushed.
+    runtime: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Exporter {
-    pub(crate) fn new(provider: SdkTracerProvider) -> Self {
-        Self { provider }
+    pub(crate) fn new(
+        provider: SdkTracerProvider,
+        runtime: tokio::sync::oneshot::Sender<()>,
+    ) -> Self {
+        Self {
+            provider,
+            runtime: Some(runtime),
+        }
     }
 
     /// Sends what is queued, waiting at most [`FLUSH_TIMEOUT`] (plus a little for the
     /// exporter thread to notice). The SDK's shutdown blocks, so it runs on a blocking
     /// thread; a collector that does not answer cannot hold the process.
-    pub async fn shutdown(self) {
-        let provider = self.provider;
+    pub async fn shutdown(mut self) {
+        let provider = self.provider.clone();
         let flush =
             tokio::task::spawn_blocking(move || provider.shutdown_with_timeout(FLUSH_TIMEOUT));
         match tokio::time::timeout(FLUSH_TIMEOUT + Duration::from_millis(500), flush).await {
@@ -110,6 +118,9 @@ impl Exporter {
             Err(_) => {
                 tracing::warn!(timeout = ?FLUSH_TIMEOUT, "flushing spans at shutdown timed out")
             }
+        }
+        if let Some(runtime) = self.runtime.take() {
+            let _ = runtime.send(());
         }
         ENABLED.store(false, Ordering::Relaxed);
         tracing::info!(dropped = spans_dropped(), "span export stopped");
@@ -124,30 +135,71 @@ pub struct ExportError {
     reason: String,
 }
 
-/// Builds the tracer provider exporting to `endpoint` (needs a tokio runtime: the gRPC
-/// channel is opened lazily on it). `default_service_name` applies when neither
-/// `OTEL_SERVICE_NAME` nor `OTEL_RESOURCE_ATTRIBUTES` names the service.
+/// Builds the tracer provider exporting to `endpoint`, and the sender that ends its
+/// export runtime. `default_service_name` applies when neither `OTEL_SERVICE_NAME` nor
+/// `OTEL_RESOURCE_ATTRIBUTES` names the service.
+///
+/// The batch processor runs on a thread of its own; the gRPC channel it exports through
+/// is built on a single-threaded tokio runtime on another thread of its own, so the
+/// connection's work (encoding each batch, HTTP/2 framing, the socket writes) is never
+/// queued among the requests on the binary's runtime.
 pub(crate) fn provider(
     endpoint: &str,
     default_service_name: &'static str,
-) -> Result<SdkTracerProvider, ExportError> {
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_tonic()
-        .with_endpoint(endpoint)
-        .with_timeout(EXPORT_TIMEOUT)
-        .build()
-        .map_err(|e| ExportError {
-            endpoint: endpoint.to_string(),
-            reason: e.to_string(),
-        })?;
+) -> Result<(SdkTracerProvider, tokio::sync::oneshot::Sender<()>), ExportError> {
+    let failed = |reason: String| ExportError {
+        endpoint: endpoint.to_string(),
+        reason,
+    };
+    let (built, exporter) = std::sync::mpsc::channel();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let target = endpoint.to_string();
+    let run = move || {
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(runtime) => runtime,
+            Err(e) => {
+                let _ = built.send(Err(format!("no runtime for the exporter: {e}")));
+                return;
+            }
+        };
+        // Built inside the runtime: the channel's tasks are spawned on it.
+        let exporter = runtime.block_on(async {
+            opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(target)
+                .with_timeout(EXPORT_TIMEOUT)
+                .build()
+                .map_err(|e| e.to_string())
+        });
+        let ok = exporter.is_ok();
+        let _ = built.send(exporter);
+        if ok {
+            // Drives the channel until the exporter is shut down or dropped.
+            runtime.block_on(async {
+                let _ = stopped.await;
+            });
+        }
+    };
+    std::thread::Builder::new()
+        .name("otlp-export".into())
+        .spawn(run)
+        .map_err(|e| failed(format!("cannot start the export thread: {e}")))?;
+    let exporter = exporter
+        .recv()
+        .map_err(|_| failed("the export thread ended".into()))?
+        .map_err(failed)?;
     let mut resource = Resource::builder();
     if !names_service() {
         resource = resource.with_service_name(default_service_name);
     }
-    Ok(SdkTracerProvider::builder()
+    let provider = SdkTracerProvider::builder()
         .with_span_processor(bounded_batch(exporter))
         .with_resource(resource.build())
-        .build())
+        .build();
+    Ok((provider, stop))
 }
 
 /// The batch processor over `exporter`, bounded at [`MAX_QUEUED_SPANS`] and counting drops.
@@ -660,6 +712,31 @@ mod tests {
         let keys: Vec<&str> = parent.attributes.iter().map(|kv| kv.key.as_str()).collect();
         assert_eq!(keys, ["herald.pool"], "only the span's own fields");
         let _ = provider.shutdown();
+    }
+
+    #[test]
+    fn spans_reach_a_real_collector_with_no_runtime_on_the_calling_thread() {
+        let receiver = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap_or_else(|e| panic!("{e}"))
+            .block_on(herald_test_support::OtlpReceiver::start_counting());
+        // The export channel brings its own runtime: none here, none needed.
+        assert!(tokio::runtime::Handle::try_current().is_err());
+        let (provider, runtime) =
+            provider(&receiver.endpoint(), "herald-test").unwrap_or_else(|e| panic!("{e}"));
+        let tracer = provider.tracer("test");
+        for _ in 0..10 {
+            tracer.in_span("exported", |_| {});
+        }
+        let _ = provider.force_flush();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while receiver.count() < 10 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(receiver.count(), 10, "spans the collector received");
+        let _ = provider.shutdown();
+        let _ = runtime.send(());
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,7 +15,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
-use tokio::task::JoinHandle;
+use tokio::sync::oneshot;
 
 /// One received span, flattened for assertions. Ids are lowercase hex.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,41 +48,84 @@ impl ReceivedSpan {
 #[derive(Debug, Default)]
 struct Shared {
     spans: Mutex<Vec<ReceivedSpan>>,
+    /// Spans received, kept or not.
+    count: AtomicUsize,
+    /// Keep each span for [`OtlpReceiver::spans`]; otherwise only count them.
+    keep: bool,
     refusing: AtomicBool,
 }
 
-/// The receiver, serving until dropped or [`OtlpReceiver::stop`]ped.
+/// The receiver, serving on a thread and runtime of its own (as a collector is a process
+/// of its own: decoding batches never holds up the caller's tasks) until dropped or
+/// [`OtlpReceiver::stop`]ped.
 pub struct OtlpReceiver {
     addr: SocketAddr,
     shared: Arc<Shared>,
-    task: Option<JoinHandle<()>>,
+    stop: Option<oneshot::Sender<()>>,
 }
 
 impl OtlpReceiver {
-    /// Serves on a free loopback port.
+    /// Serves on a free loopback port, keeping every span for [`Self::spans`].
     pub async fn start() -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
+        Self::serve(true)
+    }
+
+    /// Serves on a free loopback port, decoding every batch but only counting its spans
+    /// ([`Self::count`]): for a benchmark, where keeping millions of flattened spans
+    /// would measure the receiver rather than the exporters.
+    pub async fn start_counting() -> Self {
+        Self::serve(false)
+    }
+
+    fn serve(keep: bool) -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap_or_else(|e| panic!("bind the OTLP receiver: {e}"));
+        listener
+            .set_nonblocking(true)
+            .unwrap_or_else(|e| panic!("the OTLP receiver's socket: {e}"));
         let addr = listener
             .local_addr()
             .unwrap_or_else(|e| panic!("the OTLP receiver's address: {e}"));
-        let shared = Arc::new(Shared::default());
-        let service = TraceServiceServer::new(Receiver(Arc::clone(&shared)));
-        let task = tokio::spawn(async move {
-            let incoming = tonic::transport::server::TcpIncoming::from(listener);
-            if let Err(e) = tonic::transport::Server::builder()
-                .add_service(service)
-                .serve_with_incoming(incoming)
-                .await
-            {
-                eprintln!("OTLP receiver: {e}");
-            }
+        let shared = Arc::new(Shared {
+            keep,
+            ..Shared::default()
         });
+        let service = TraceServiceServer::new(Receiver(Arc::clone(&shared)));
+        let (stop, stopped) = oneshot::channel::<()>();
+        let serve = move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(e) => return eprintln!("OTLP receiver: no runtime: {e}"),
+            };
+            runtime.block_on(async move {
+                let listener = match tokio::net::TcpListener::from_std(listener) {
+                    Ok(listener) => listener,
+                    Err(e) => return eprintln!("OTLP receiver: {e}"),
+                };
+                let incoming = tonic::transport::server::TcpIncoming::from(listener);
+                let server = tonic::transport::Server::builder()
+                    .add_service(service)
+                    .serve_with_incoming(incoming);
+                tokio::select! {
+                    result = server => if let Err(e) = result {
+                        eprintln!("OTLP receiver: {e}");
+                    },
+                    _ = stopped => {}
+                }
+            });
+            // Dropping the runtime closes the connections the exporters hold.
+        };
+        std::thread::Builder::new()
+            .name("otlp-receiver".into())
+            .spawn(serve)
+            .unwrap_or_else(|e| panic!("start the OTLP receiver's thread: {e}"));
         Self {
             addr,
             shared,
-            task: Some(task),
+            stop: Some(stop),
         }
     }
 
@@ -91,9 +134,14 @@ impl OtlpReceiver {
         format!("http://{}", self.addr)
     }
 
-    /// Every span received so far.
+    /// Every span received so far (none from a receiver that only counts).
     pub fn spans(&self) -> Vec<ReceivedSpan> {
         lock(&self.shared.spans).clone()
+    }
+
+    /// How many spans were received so far.
+    pub fn count(&self) -> usize {
+        self.shared.count.load(Ordering::Relaxed)
     }
 
     /// Polls every 100 ms until `check` returns `Some`, for at most `timeout`; the last
@@ -116,12 +164,12 @@ impl OtlpReceiver {
         }
     }
 
-    /// Stops taking spans, as a collector that went away: new connections are refused,
-    /// and a connection the exporter already holds gets UNAVAILABLE for every export.
+    /// Stops taking spans, as a collector that went away: every export from now on gets
+    /// UNAVAILABLE, and the receiver's runtime ends, closing its port and connections.
     pub fn stop(&mut self) {
         self.shared.refusing.store(true, Ordering::Relaxed);
-        if let Some(task) = self.task.take() {
-            task.abort();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
         }
     }
 }
@@ -143,8 +191,21 @@ impl TraceService for Receiver {
         if self.0.refusing.load(Ordering::Relaxed) {
             return Err(tonic::Status::unavailable("the collector is stopped"));
         }
+        let request = request.into_inner();
+        let n: usize = request
+            .resource_spans
+            .iter()
+            .flat_map(|rs| &rs.scope_spans)
+            .map(|ss| ss.spans.len())
+            .sum();
+        self.0.count.fetch_add(n, Ordering::Relaxed);
+        if !self.0.keep {
+            return Ok(tonic::Response::new(ExportTraceServiceResponse {
+                partial_success: None,
+            }));
+        }
         let mut received = Vec::new();
-        for rs in request.into_inner().resource_spans {
+        for rs in request.resource_spans {
             let resource = rs
                 .resource
                 .map(|r| strings(&r.attributes))

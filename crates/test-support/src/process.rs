@@ -151,8 +151,8 @@ pub fn workspace_binary(name: &str) -> std::path::PathBuf {
     if stale {
         let release = profile_dir.file_name().is_some_and(|p| p == "release");
         let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        // From the workspace root: in a member's directory (where `cargo test` runs a
-        // test) cargo looks for the binary in that member only.
+        // From the workspace's root: a test runs in its own package's directory, where
+        // `--bin` finds only that package's binaries.
         cargo
             .current_dir(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."))
             .args(["build", "--bin", name]);

@@ -544,6 +544,28 @@ async fn changed_at_is_the_change_that_caused_the_update() {
         first.changed_at, changed.peers[0].routes[0].changed_at,
         "an untouched route keeps the time of its own change"
     );
+
+    // A withdrawal has no route to carry its time: the snapshot's says when the release
+    // was made, not when an earlier change was.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before_release = std::time::SystemTime::now();
+    ipam.release(ipam_pb::ReleaseRequest {
+        owner_uid: "lb2".into(),
+        reason: "deleted".into(),
+    })
+    .await
+    .unwrap();
+    let released = until(&mut n0, |s| routes(s).len() == 1).await;
+    let at = std::time::SystemTime::try_from(
+        released
+            .changed_at
+            .expect("a snapshot says when its change was made"),
+    )
+    .unwrap();
+    assert!(
+        at + Duration::from_millis(100) >= before_release && at <= std::time::SystemTime::now(),
+        "the withdrawing snapshot's changed_at {at:?} is not the release's (at {before_release:?})"
+    );
 }
 
 /// A change one replica could not read when the feed delivered it (the store away for a

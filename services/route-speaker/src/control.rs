@@ -17,19 +17,25 @@ use crate::backoff::Backoff;
 
 /// Bound on opening the TCP + HTTP/2 connection to IPAM.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-/// HTTP/2 pings on the idle stream: a vanished IPAM (host gone, no RST) is noticed within
-/// interval + timeout instead of the TCP timeout of minutes.
+/// Bound on one call until IPAM's answer, or a stream's response headers (tonic's
+/// per-request timeout ends there, so the long-lived WatchNodeRoutes stream itself has
+/// none: keepalive watches it). IPAM answers in milliseconds; a call that waits this long
+/// met a vanished or blackholed IPAM, and a new attempt has a better chance.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// HTTP/2 pings on the stream: a vanished IPAM (host gone, no RST, or a path that drops
+/// every packet) is noticed within interval + timeout instead of the TCP timeout of
+/// minutes; the subscription is then made again with backoff while every route stays
+/// announced (fail-static).
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest snapshot accepted: ~100k routes with attributes, with room to spare.
 pub const MAX_SNAPSHOT_BYTES: usize = 64 * 1024 * 1024;
-/// Bound on one report call.
-pub const REPORT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// IPAM's endpoint from the settings (plaintext or mutual TLS) with the speaker's timeouts.
 pub fn endpoint(config: &crate::Config) -> Result<Endpoint, herald_tls::TlsError> {
     Ok(config.ipam_client(CONNECT_TIMEOUT)?.with(|e| {
-        e.http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        e.timeout(REQUEST_TIMEOUT)
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true)
             .tcp_nodelay(true)
@@ -51,13 +57,28 @@ impl std::fmt::Display for ErrorChain<'_> {
     }
 }
 
+/// The sources under a status, each after ": ".
+struct Causes<'a>(&'a tonic::Status);
+
+impl std::fmt::Display for Causes<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut source = std::error::Error::source(self.0);
+        while let Some(e) = source {
+            write!(f, ": {e}")?;
+            source = e.source();
+        }
+        Ok(())
+    }
+}
+
 /// How one subscription ended.
 #[derive(Debug, thiserror::Error)]
 pub enum WatchError {
     #[error("cannot connect to IPAM")]
     Connect(#[from] tonic::transport::Error),
-    // Not a `source`: the code and message say it all.
-    #[error("IPAM answered {}: {}", .0.code(), .0.message())]
+    // Not a `source` (the status's own Display repeats code and message), but what broke
+    // under it is said: a keepalive that timed out on a silent connection, a reset.
+    #[error("IPAM answered {}: {}{}", .0.code(), .0.message(), Causes(.0))]
     Status(tonic::Status),
     #[error("IPAM ended the stream")]
     Ended,
@@ -70,8 +91,9 @@ impl From<tonic::Status> for WatchError {
 }
 
 /// Subscribes to `node`'s snapshots until `shutdown`, publishing each into `snapshots`.
-/// On any failure it waits (exponential backoff with jitter) and subscribes again; it
-/// never clears `snapshots`, so the speaker keeps its last state while IPAM is away.
+/// On any failure it waits (exponential backoff with jitter, from the first step again
+/// after a healthy subscription) and subscribes again; it never clears `snapshots`, so
+/// the speaker keeps its last state while IPAM is away.
 pub async fn watch_node_routes(
     endpoint: Endpoint,
     node: String,
@@ -80,11 +102,11 @@ pub async fn watch_node_routes(
 ) {
     let mut backoff = Backoff::default();
     loop {
-        let result = tokio::select! {
+        let (result, healthy_for) = tokio::select! {
             () = shutdown.cancelled() => return,
-            r = subscribe(&endpoint, &node, &snapshots, &mut backoff) => r,
+            r = subscribe(&endpoint, &node, &snapshots) => r,
         };
-        let delay = backoff.next_delay();
+        let delay = backoff.after_failure(healthy_for);
         match &result {
             WatchError::Status(status) if status.code() == Code::NotFound => warn!(
                 node = %node,
@@ -106,12 +128,14 @@ pub async fn watch_node_routes(
     }
 }
 
+/// One subscription, until it fails: how, and for how long it delivered snapshots (from
+/// the first; `None` if none came).
 async fn subscribe(
     endpoint: &Endpoint,
     node: &str,
     snapshots: &watch::Sender<Option<Arc<pb::NodeRoutes>>>,
-    backoff: &mut Backoff,
-) -> WatchError {
+) -> (WatchError, Option<Duration>) {
+    let mut first_at: Option<tokio::time::Instant> = None;
     let result: Result<(), WatchError> = async {
         let channel = endpoint.connect().await?;
         let mut client =
@@ -123,13 +147,9 @@ async fn subscribe(
             .await?
             .into_inner();
         crate::metrics::METRICS.stream_connected.set(1);
-        let mut first = true;
         while let Some(snapshot) = stream.message().await? {
-            // A snapshot arrived, so the link works: the next failure starts the backoff
-            // from the beginning.
-            backoff.reset();
-            if first {
-                first = false;
+            if first_at.is_none() {
+                first_at = Some(tokio::time::Instant::now());
                 info!(%node, revision = snapshot.revision, "subscribed to IPAM: first snapshot");
             } else {
                 debug!(%node, revision = snapshot.revision, "snapshot received");
@@ -142,10 +162,11 @@ async fn subscribe(
     }
     .await;
     crate::metrics::METRICS.stream_connected.set(0);
-    match result {
+    let error = match result {
         Ok(()) => WatchError::Ended,
         Err(e) => e,
-    }
+    };
+    (error, first_at.map(|at| at.elapsed()))
 }
 
 /// Bound on the last report at shutdown: it must not hold up closing the sessions.
@@ -194,16 +215,13 @@ pub async fn report_state(
         };
         let revision = state.applied_revision;
         let sessions = state.sessions.len();
-        match tokio::time::timeout(REPORT_TIMEOUT, client.report_speaker_state(state)).await {
-            Ok(Ok(_)) => debug!(revision, sessions, "state reported"),
-            Ok(Err(status)) => warn!(
+        // Bounded by the endpoint's REQUEST_TIMEOUT (CANCELLED "Timeout expired").
+        match client.report_speaker_state(state).await {
+            Ok(_) => debug!(revision, sessions, "state reported"),
+            Err(status) => warn!(
                 code = %status.code(),
                 error = %status.message(),
                 "reporting state to IPAM failed; retrying on the next change or tick"
-            ),
-            Err(_) => warn!(
-                timeout = ?REPORT_TIMEOUT,
-                "reporting state to IPAM timed out; retrying on the next change or tick"
             ),
         }
         // The next periodic report is a full interval after this one.

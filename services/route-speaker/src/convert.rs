@@ -281,6 +281,10 @@ pub fn peer_from_pb(pr: &pb::PeerRoutes, defaults: SessionDefaults) -> Result<Pe
         Some(GracefulRestartConfig {
             restart_time,
             restarting: false,
+            // The node forwards to its Services whether or not this process runs
+            // (kube-proxy or the CNI does): what the ToR keeps sending along our
+            // stale routes while we restart still arrives.
+            forwarding_preserved: true,
         })
     } else {
         None
@@ -710,7 +714,8 @@ mod tests {
             c.graceful_restart,
             Some(GracefulRestartConfig {
                 restart_time: DEFAULT_RESTART_TIME,
-                restarting: false
+                restarting: false,
+                forwarding_preserved: true,
             })
         );
         assert_eq!(c.local_asn, 65020);

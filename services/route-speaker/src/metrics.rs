@@ -1,8 +1,8 @@
 //! herald-route-speaker's metrics. The sessions' figures (state, establishments, prefixes
 //! desired and announced, UPDATEs and bytes sent) are read from the sessions' own status at
-//! scrape time through [`SessionsView`]; the latency from a route's change to its UPDATE
-//! leaving the socket is observed when the writer reports the set written, with the
-//! route's trace id as the exemplar.
+//! scrape time through [`SessionsView`]; the latency from a route's change to the UPDATE
+//! announcing or withdrawing it leaving the socket is observed when the writer reports the
+//! set written, by `kind`, with the change's trace id as the exemplar.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
@@ -15,15 +15,46 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetri
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::exemplar::HistogramWithExemplars;
+use prometheus_client::metrics::family::Family as Labelled;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 use tokio::sync::watch;
 
+/// Whether an UPDATE announced a route or withdrew it: the `kind` label.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum Kind {
+    Announce,
+    Withdraw,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    kind: &'static str,
+}
+
+impl From<Kind> for KindLabel {
+    fn from(kind: Kind) -> Self {
+        Self {
+            kind: match kind {
+                Kind::Announce => "announce",
+                Kind::Withdraw => "withdraw",
+            },
+        }
+    }
+}
+
+type Latency = Labelled<
+    KindLabel,
+    HistogramWithExemplars<TraceLabel>,
+    fn() -> HistogramWithExemplars<TraceLabel>,
+>;
+type PlainLatency = Labelled<KindLabel, Histogram, fn() -> Histogram>;
+
 pub struct Metrics {
-    pub change_to_update: HistogramWithExemplars<TraceLabel>,
+    pub change_to_update: Latency,
     /// The same observations without exemplars, for clients that do not read OpenMetrics.
-    pub change_to_update_plain: Histogram,
+    pub change_to_update_plain: PlainLatency,
     pub stream_connected: Gauge,
     pub snapshot_age: Age,
     pub snapshots_received: Counter,
@@ -33,8 +64,10 @@ pub struct Metrics {
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
-    change_to_update: HistogramWithExemplars::new(latency_buckets()),
-    change_to_update_plain: Histogram::new(latency_buckets()),
+    change_to_update: Labelled::new_with_constructor(|| {
+        HistogramWithExemplars::new(latency_buckets())
+    }),
+    change_to_update_plain: Labelled::new_with_constructor(|| Histogram::new(latency_buckets())),
     stream_connected: Gauge::default(),
     snapshot_age: Age::default(),
     snapshots_received: Counter::default(),
@@ -45,18 +78,30 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
 /// down through a storm of changes) the newest are not timed.
 const MAX_PENDING_CHANGES: usize = 100_000;
 
-/// One route change waiting for its UPDATE: when IPAM says it changed, and its trace.
+/// One route change waiting for its UPDATE: an announcement (or a changed route) or a
+/// withdrawal, when IPAM says it changed, and its trace.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Change {
+    pub kind: Kind,
     pub changed_at: SystemTime,
     pub trace_id: Option<String>,
 }
 
 impl Change {
+    /// A route announced or changed at `changed_at` (its own `changed_at`).
     pub fn new(changed_at: SystemTime, traceparent: &str) -> Self {
         Self {
+            kind: Kind::Announce,
             changed_at,
             trace_id: trace_id_of(traceparent),
+        }
+    }
+
+    /// A route withdrawn by a snapshot of changes made at `changed_at` (the snapshot's).
+    pub fn withdraw(changed_at: SystemTime, traceparent: &str) -> Self {
+        Self {
+            kind: Kind::Withdraw,
+            ..Self::new(changed_at, traceparent)
         }
     }
 }
@@ -107,8 +152,12 @@ pub fn written(slot: &PendingSlot, routes: &Arc<Routes>, at: SystemTime) {
         let seconds = at
             .duration_since(change.changed_at)
             .map_or(0.0, |d| d.as_secs_f64());
-        METRICS.change_to_update_plain.observe(seconds);
-        METRICS.change_to_update.observe(
+        let kind = KindLabel::from(change.kind);
+        METRICS
+            .change_to_update_plain
+            .get_or_create(&kind)
+            .observe(seconds);
+        METRICS.change_to_update.get_or_create(&kind).observe(
             seconds,
             change.trace_id.map(|trace_id| TraceLabel { trace_id }),
             None,
@@ -131,7 +180,7 @@ pub fn registry(sessions: SessionsView, exemplars: bool) -> Registry {
     let m = &*METRICS;
     let mut r = herald_telemetry::metrics::registry();
     let name = "herald_speaker_route_change_to_update";
-    let help = "From a route's change in IPAM (its changed_at) to the UPDATE carrying it leaving the socket; exemplars carry the change's trace id";
+    let help = "From a route's change in IPAM to the UPDATE announcing (kind=announce: the route's changed_at) or withdrawing it (kind=withdraw: the snapshot's changed_at) leaving the socket; exemplars carry the change's trace id";
     if exemplars {
         r.register_with_unit(name, help, Unit::Seconds, m.change_to_update.clone());
     } else {
@@ -346,7 +395,9 @@ mod tests {
         let bucket = text
             .lines()
             .find(|l| {
-                l.starts_with("herald_speaker_route_change_to_update_seconds_bucket{le=\"0.25\"}")
+                l.starts_with(
+                    "herald_speaker_route_change_to_update_seconds_bucket{le=\"0.25\",kind=\"announce\"}",
+                )
             })
             .unwrap_or_else(|| panic!("no 0.25 s bucket in\n{text}"));
         assert!(
@@ -368,5 +419,29 @@ mod tests {
         assert!(Arc::ptr_eq(&pending.routes, &second));
         assert_eq!(pending.changes.len(), 2);
         assert_eq!(pending.changes[0].trace_id, None);
+    }
+
+    #[test]
+    fn a_withdrawal_is_timed_under_its_own_kind() {
+        let slot: PendingSlot = Arc::default();
+        let routes = Arc::new(Routes::new());
+        let changed_at = SystemTime::now() - Duration::from_secs(3);
+        hand_over(&slot, &routes, vec![Change::withdraw(changed_at, "")]);
+        written(&slot, &routes, changed_at + Duration::from_secs(3));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry(Arc::default(), false))
+            .unwrap();
+        let bucket = text
+            .lines()
+            .find(|l| {
+                l.starts_with(
+                    "herald_speaker_route_change_to_update_seconds_bucket{le=\"5.0\",kind=\"withdraw\"}",
+                )
+            })
+            .unwrap_or_else(|| panic!("no withdrawal bucket in\n{text}"));
+        assert!(
+            !bucket.ends_with(" 0"),
+            "the withdrawal was not counted: {bucket}"
+        );
     }
 }

@@ -14,7 +14,7 @@ use herald_bgp::{
 use herald_telemetry::trace::SpanContext;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
-use tracing::{Instrument, error, info, warn};
+use tracing::{Instrument, debug, error, info, warn};
 
 use crate::convert::{self, BfdSpec, ConvertedRoutes, PeerSpec, SessionDefaults};
 use crate::metrics;
@@ -258,8 +258,12 @@ impl Speaker {
             local_asn,
             router_id,
             peers,
-            traceparent: _,
+            traceparent,
+            changed_at: snapshot_changed_at,
         } = snapshot;
+        // What a withdrawal is timed from: a withdrawn route is absent from the snapshot,
+        // so only the snapshot says when the change that removed it was made.
+        let withdrawn_at = snapshot_changed_at.and_then(|ts| SystemTime::try_from(ts).ok());
         if !node.is_empty() && *node != self.node {
             warn!(snapshot_node = %node, "snapshot names another node; applying it anyway");
         }
@@ -481,6 +485,15 @@ impl Speaker {
                     changes.push(metrics::Change::new(at, &p.traceparent));
                 }
             }
+            if let Some(at) = withdrawn_at {
+                changes.extend(
+                    session
+                        .routes
+                        .keys()
+                        .filter(|prefix| !converted.routes.contains_key(prefix))
+                        .map(|_| metrics::Change::withdraw(at, traceparent)),
+                );
+            }
             if herald_telemetry::trace::enabled() {
                 let links =
                     changed_links(&converted.provenance, &session.routes, &converted.routes);
@@ -488,6 +501,23 @@ impl Speaker {
                     .cause
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner) = current_cause(links);
+            }
+            if tracing::enabled!(tracing::Level::DEBUG) {
+                // Which prefixes a snapshot took away or added: what explains a path that
+                // came and went at the ToR (bounded, a full snapshot can be 100k routes).
+                let gone: Vec<&ipnet::IpNet> = session
+                    .routes
+                    .keys()
+                    .filter(|p| !converted.routes.contains_key(*p))
+                    .take(32)
+                    .collect();
+                let new: Vec<&ipnet::IpNet> = converted
+                    .routes
+                    .keys()
+                    .filter(|p| !session.routes.contains_key(*p))
+                    .take(32)
+                    .collect();
+                debug!(peer = %name, withdrawn = ?gone, announced = ?new, "desired set changed");
             }
             let routes = Arc::new(converted.routes);
             // Before the hand-over: the writer may report the set written at once.
@@ -841,6 +871,9 @@ mod tests {
             local_asn: 65010,
             router_id: "127.0.0.10".into(),
             traceparent: String::new(),
+            changed_at: Some(prost_types::Timestamp::from(
+                SystemTime::now() - Duration::from_secs(1),
+            )),
             peers: vec![pb::PeerRoutes {
                 peer: Some(pb::Peer {
                     name: "tor".into(),
@@ -981,6 +1014,38 @@ mod tests {
         );
         let (_, routes) = speaker.session("tor").unwrap_or_else(|| panic!("session"));
         assert_eq!(routes.len(), 2);
+
+        // A withdrawal waits for its UPDATE too, timed from the snapshot's change time
+        // (the withdrawn route is not in the snapshot to say).
+        let withdraw = snapshot(5, port, 9, &["172.16.0.241/32"]);
+        speaker.apply(&withdraw).await;
+        let at = withdraw
+            .changed_at
+            .and_then(|ts| SystemTime::try_from(ts).ok())
+            .unwrap_or_else(|| panic!("the snapshot's change time"));
+        let waiting: Vec<metrics::Change> = speaker
+            .sessions
+            .get("tor")
+            .and_then(|s| {
+                metrics::lock(&s.pending)
+                    .as_ref()
+                    .map(|p| p.changes.clone())
+            })
+            .unwrap_or_default();
+        let withdrawals: Vec<&metrics::Change> = waiting
+            .iter()
+            .filter(|c| c.kind == metrics::Kind::Withdraw)
+            .collect();
+        assert_eq!(withdrawals.len(), 1, "one route withdrawn: {waiting:?}");
+        assert_eq!(withdrawals[0].changed_at, at);
+        speaker
+            .apply(&snapshot(
+                5,
+                port,
+                9,
+                &["172.16.0.241/32", "172.16.0.242/32"],
+            ))
+            .await;
 
         // A broken entry for a running peer keeps that session as it is.
         let mut broken = snapshot(5, port, 9, &[]);

@@ -210,6 +210,7 @@ fn our_open_carries_capabilities_and_restart_flag_once() {
     c.graceful_restart = Some(GracefulRestartConfig {
         restart_time: 120,
         restarting: true,
+        forwarding_preserved: false,
     });
     let mut s = Session::new(c);
     let open = s.local_open();
@@ -993,4 +994,46 @@ fn bfd_down_before_the_peer_is_reached_changes_nothing() {
     let mut idle = Session::new(cfg());
     assert!(idle.handle(now, Event::BfdDown).is_empty());
     assert_eq!(idle.state(), State::Idle);
+}
+
+/// RFC 4724 §3/§4.2: the F bit of each family says whether our forwarding
+/// state survived our restart; a helper that reads it clear drops our stale
+/// routes at once. It is set on every family exactly when configured, and
+/// survives encoding.
+#[test]
+fn our_graceful_restart_capability_sets_the_f_bit_when_forwarding_is_preserved() {
+    for preserved in [true, false] {
+        let mut c = cfg();
+        c.families = vec![Family::Ipv4Unicast, Family::Ipv6Unicast];
+        c.graceful_restart = Some(GracefulRestartConfig {
+            forwarding_preserved: preserved,
+            ..GracefulRestartConfig::default()
+        });
+        let open = Session::new(c).local_open();
+        let gr = open.graceful_restart().unwrap();
+        assert_eq!(
+            gr.families
+                .iter()
+                .map(|f| (f.family, f.forwarding_preserved))
+                .collect::<Vec<_>>(),
+            vec![
+                (Family::Ipv4Unicast, preserved),
+                (Family::Ipv6Unicast, preserved)
+            ]
+        );
+        // On the wire (capability 64, length 2 + 4 per family): the flags octet after
+        // each AFI/SAFI has 0x80 exactly when set.
+        let bytes = encode_message(&Message::Open(open.clone()), &WireContext::default()).unwrap();
+        let at = bytes
+            .windows(2)
+            .position(|w| w == [64, 10])
+            .expect("a graceful restart capability for two families");
+        let flags: Vec<u8> = [at + 7, at + 11].iter().map(|i| bytes[*i]).collect();
+        let want = if preserved { 0x80 } else { 0 };
+        assert_eq!(flags, vec![want, want], "{bytes:02x?}");
+        let decoded = decode_message(&bytes, &WireContext::default())
+            .unwrap()
+            .message;
+        assert_eq!(decoded, Message::Open(open));
+    }
 }

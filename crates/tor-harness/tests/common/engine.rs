@@ -329,6 +329,7 @@ pub async fn graceful_restart(kind: TorKind) -> Result<()> {
         Some(GracefulRestartConfig {
             restart_time: 60,
             restarting,
+            forwarding_preserved: true,
         })
     };
     let mut config = peer_config(&tor, NODE_A);

@@ -402,6 +402,7 @@ pub fn node_routes_to_pb<'a>(
     node: &str,
     revision: i64,
     traceparent: &str,
+    changed_at: i64,
     local_asn: u32,
     routes: &NodeRoutes,
     meta: impl Fn(&ipnet::IpNet) -> RouteMeta<'a>,
@@ -417,6 +418,7 @@ pub fn node_routes_to_pb<'a>(
         local_asn,
         router_id,
         traceparent: traceparent.to_string(),
+        changed_at: Some(timestamp(changed_at)),
         peers: routes
             .peers
             .iter()

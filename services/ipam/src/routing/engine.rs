@@ -135,6 +135,10 @@ pub struct NodeSnapshot {
     /// W3C traceparent of the publish span that made this snapshot (empty while tracing
     /// is off): the speaker's apply span is its child.
     pub trace: String,
+    /// When the oldest change this snapshot was published for was made (unix µs): what
+    /// the speaker times a withdrawal from, since a withdrawn prefix carries no
+    /// provenance of its own.
+    pub changed_at: i64,
 }
 
 #[derive(Default)]
@@ -437,8 +441,12 @@ impl RouteEngine {
         let revision = event.revision();
         let mut cause = None;
         touched.note(event);
+        // When the change was made: an allocation's history entry and an endpoints
+        // document say; a node, policy or pool change is timed from now, when it arrived.
+        let mut made_at = herald_ipam_store::now_micros();
         match event {
             Event::Assigned(entry, _) => {
+                made_at = entry.at;
                 cause = changes.get(&Subject::Owner(entry.owner.uid.clone()));
                 let trace = cause
                     .as_ref()
@@ -468,6 +476,7 @@ impl RouteEngine {
             }
             Event::Released(entry, _) => {
                 debug_assert_eq!(entry.action, HistoryAction::Released);
+                made_at = entry.at;
                 cause = changes.get(&Subject::Owner(entry.owner.uid.clone()));
                 let mut inputs = lock(&self.inputs);
                 if let Some(held) = inputs.allocations.get_mut(&entry.owner.uid) {
@@ -483,6 +492,7 @@ impl RouteEngine {
             }
             // Its addresses stay; its traffic policy may have changed.
             Event::Updated(entry, _) => {
+                made_at = entry.at;
                 cause = changes.get(&Subject::Owner(entry.owner.uid.clone()));
                 let held = store.get_allocation(&entry.owner.uid).await?;
                 let mut inputs = lock(&self.inputs);
@@ -508,6 +518,7 @@ impl RouteEngine {
                 let mut inputs = lock(&self.inputs);
                 match doc {
                     Some(doc) => {
+                        made_at = doc.updated_at;
                         let endpoints: Endpoints = decode(&doc)?;
                         // Made through another replica: the watcher's own context.
                         if cause.is_none() {
@@ -531,11 +542,13 @@ impl RouteEngine {
         let mut inputs = lock(&self.inputs);
         inputs.revision = inputs.revision.max(revision);
         inputs.last_change_at = inputs.last_change_at.max(herald_ipam_store::now_micros());
+        touched.made_at(made_at);
         Ok(cause)
     }
 
-    /// Recomputes every node and publishes the ones whose set changed.
-    fn recompute(&self, ipam: &Ipam) {
+    /// Recomputes every node and publishes the ones whose set changed, for changes made
+    /// at `changed_at` (unix µs) and since.
+    fn recompute(&self, ipam: &Ipam, changed_at: i64) {
         let started = std::time::Instant::now();
         let inputs = lock(&self.inputs);
         let nodes: Vec<Node> = inputs.nodes.values().cloned().collect();
@@ -565,13 +578,13 @@ impl RouteEngine {
             let sender = published
                 .entry(name.clone())
                 .or_insert_with(|| watch::channel(None).0);
-            publish(sender, name, &inputs, inputs.revision, routes);
+            publish(sender, name, &inputs, inputs.revision, changed_at, routes);
         }
         // Nodes that are gone get an empty set: everything they announced is withdrawn.
         let gone = NodeRoutes::default();
         for (name, sender) in published.iter() {
             if !plan.nodes.contains_key(name) {
-                publish(sender, name, &inputs, inputs.revision, &gone);
+                publish(sender, name, &inputs, inputs.revision, changed_at, &gone);
             }
         }
         drop(published);
@@ -590,6 +603,7 @@ fn publish(
     node: &str,
     inputs: &Inputs,
     revision: i64,
+    changed_at: i64,
     routes: &NodeRoutes,
 ) {
     let previous = sender.borrow().clone();
@@ -617,6 +631,7 @@ fn publish(
         routes: routes.clone(),
         provenance,
         trace,
+        changed_at,
     })));
 }
 
@@ -680,6 +695,9 @@ struct Touched {
     nodes: BTreeSet<String>,
     policy: bool,
     pools: bool,
+    /// When the oldest change of the burst was made (unix µs): the snapshots it publishes
+    /// are timed from it, so coalescing never shortens a measured latency.
+    oldest_at: Option<i64>,
 }
 
 impl Touched {
@@ -697,6 +715,11 @@ impl Touched {
             Event::PolicyChanged { .. } => self.policy = true,
             Event::PoolChanged { .. } | Event::PoolDeleted { .. } => self.pools = true,
         }
+    }
+
+    /// Notes a change of the burst made at `at` (unix µs).
+    fn made_at(&mut self, at: i64) {
+        self.oldest_at = Some(self.oldest_at.map_or(at, |oldest| oldest.min(at)));
     }
 }
 
@@ -723,6 +746,8 @@ enum Batch {
 struct Job {
     batch: Batch,
     revision: i64,
+    /// When the oldest change of the batch was made (unix µs).
+    changed_at: i64,
     /// The recompute span, entered on the thread so publish spans stay its children.
     span: tracing::Span,
 }
@@ -774,7 +799,13 @@ impl RouteEngine {
 
     /// Applies one batch to `state` and publishes the nodes whose set changed. Runs on the
     /// engine thread.
-    fn apply_batch(&self, state: &mut RouteState, batch: Batch, revision: i64) {
+    fn apply_batch(&self, state: &mut RouteState, job: Job) {
+        let Job {
+            batch,
+            revision,
+            changed_at,
+            span: _,
+        } = job;
         let started = std::time::Instant::now();
         let changed: BTreeSet<String> = match batch {
             Batch::All {
@@ -835,7 +866,7 @@ impl RouteEngine {
             let routes = state.node_routes(name).map_or(&gone, |r| &**r);
             // Held per node only, so the stream tasks reading the policy never wait long.
             let inputs = lock(&self.inputs);
-            publish(&sender, name, &inputs, revision, routes);
+            publish(&sender, name, &inputs, revision, changed_at, routes);
         }
         *lock(&self.state) = Some(state.clone());
         crate::metrics::METRICS
@@ -863,7 +894,7 @@ pub async fn run(
     let mut jobs: Option<mpsc::Sender<Job>> = None;
     let mut thread = None;
     match kind {
-        EngineKind::Full => engine.recompute(&ipam),
+        EngineKind::Full => engine.recompute(&ipam, herald_ipam_store::now_micros()),
         EngineKind::Incremental => {
             let (tx, rx) = mpsc::channel::<Job>();
             let worker = Arc::clone(&engine);
@@ -873,8 +904,8 @@ pub async fn run(
                     let mut state = RouteState::new();
                     // Bounded by the sender: it ends when the feed loop drops it.
                     while let Ok(job) = rx.recv() {
-                        job.span
-                            .in_scope(|| worker.apply_batch(&mut state, job.batch, job.revision));
+                        let span = job.span.clone();
+                        span.in_scope(|| worker.apply_batch(&mut state, job));
                     }
                 });
             match spawned {
@@ -888,6 +919,7 @@ pub async fn run(
             let job = Job {
                 batch,
                 revision,
+                changed_at: herald_ipam_store::now_micros(),
                 span: tracing::Span::none(),
             };
             if tx.send(job).is_ok() {
@@ -960,8 +992,12 @@ pub async fn run(
             }
         }
         let span = recompute_span(&causes);
+        // A reload after a failed read has no change time of its own: now.
+        let changed_at = touched
+            .oldest_at
+            .unwrap_or_else(herald_ipam_store::now_micros);
         match &jobs {
-            None => span.in_scope(|| engine.recompute(&ipam)),
+            None => span.in_scope(|| engine.recompute(&ipam, changed_at)),
             Some(tx) => {
                 let (batch, revision) = if reloaded {
                     engine.batch_all(&ipam)
@@ -971,6 +1007,7 @@ pub async fn run(
                 let job = Job {
                     batch,
                     revision,
+                    changed_at,
                     span,
                 };
                 if tx.send(job).is_err() {

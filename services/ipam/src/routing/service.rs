@@ -192,6 +192,7 @@ fn snapshot_to_pb(node: &str, local_asn: u32, snapshot: &NodeSnapshot) -> pb::No
         node,
         snapshot.revision,
         &snapshot.trace,
+        snapshot.changed_at,
         local_asn,
         &snapshot.routes,
         |prefix| {

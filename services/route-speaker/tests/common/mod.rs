@@ -316,6 +316,7 @@ pub fn snapshot(
         local_asn: NODE_ASN,
         router_id: source.to_string(),
         traceparent: String::new(),
+        changed_at: None,
         peers: vec![pb::PeerRoutes {
             peer: Some(pb::Peer {
                 name: "tor".into(),
