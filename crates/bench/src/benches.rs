@@ -16,6 +16,7 @@ use crate::cpu::{self, CpuUse};
 use crate::insert_server::{self, InsertMode, InsertRpcOp};
 use crate::ipam::{self, Audit, IpamServer, StartTimes};
 use crate::machine::Machine;
+use crate::mtls::BenchPki;
 use crate::pg::{self, BenchDb, CeilingResult};
 use crate::report::{self, Target};
 use crate::runner::{self, Limits, Op, Outcome, Stop};
@@ -61,6 +62,9 @@ pub struct Common {
     pub pg_detail: bool,
     /// The OTLP/gRPC collector the started binaries export spans to; none: no export.
     pub otlp_endpoint: Option<String>,
+    /// Mutual TLS between herald-ipam and every client (the bench's, the speakers', the
+    /// watcher's) with these certificates; none: plaintext.
+    pub mtls: Option<Arc<BenchPki>>,
 }
 
 impl Common {
@@ -87,12 +91,13 @@ impl Common {
     }
 
     async fn start_ipam_at(&self, url: &str) -> anyhow::Result<(IpamServer, StartTimes)> {
-        IpamServer::start_traced(
+        IpamServer::start_with(
             &self.ipam_bin,
             url,
             &self.log_dir,
             self.poll,
             self.otlp_endpoint.as_deref(),
+            self.mtls.as_deref(),
         )
         .await
     }

@@ -4,17 +4,21 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use herald_api::ipam::v1 as pb;
 use herald_api::ipam::v1::ipam_client::IpamClient;
 use herald_test_support::{ChildProcess, free_port};
+use herald_tls::{ClientEndpoint, Reloading};
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
+
+use crate::mtls::{self, BenchPki};
 
 /// How long a start may take before the bench gives up: far above the < 1 s target, so a
 /// slow start is measured rather than cut off.
@@ -55,6 +59,8 @@ pub struct IpamServer {
     pub addr: SocketAddr,
     pub process: ChildProcess,
     log: PathBuf,
+    /// The bench's own client identity when the server requires mutual TLS.
+    client_tls: Option<Arc<Reloading>>,
 }
 
 /// How long a start took, from exec.
@@ -87,19 +93,36 @@ impl IpamServer {
         poll: Duration,
         otlp: Option<&str>,
     ) -> anyhow::Result<(Self, StartTimes)> {
+        Self::start_with(binary, database_url, log_dir, poll, otlp, None).await
+    }
+
+    /// As [`Self::start_traced`], requiring mutual TLS with `mtls`'s certificates when
+    /// given; the bench's own clients then connect with its watcher identity.
+    pub async fn start_with(
+        binary: &Path,
+        database_url: &str,
+        log_dir: &Path,
+        poll: Duration,
+        otlp: Option<&str>,
+        mtls: Option<&BenchPki>,
+    ) -> anyhow::Result<(Self, StartTimes)> {
         let mut command = Command::new(binary);
         command
             .env_remove("HERALD_DATABASE_URL")
             .env_remove("HERALD_LISTEN")
             .current_dir(log_dir);
         otlp_env(&mut command, otlp);
-        Self::launch(
+        if let Some(pki) = mtls {
+            pki.server_args(&mut command);
+        }
+        Self::launch_with(
             "herald-ipam",
             command,
             database_url,
             log_dir,
             poll,
             IPAM_SERVICE,
+            mtls.map(|pki| Arc::clone(pki.client())),
         )
         .await
     }
@@ -109,11 +132,25 @@ impl IpamServer {
     /// for `service`. Any gRPC server the benches start goes through here.
     pub(crate) async fn launch(
         name: &str,
+        command: Command,
+        database_url: &str,
+        log_dir: &Path,
+        poll: Duration,
+        service: &str,
+    ) -> anyhow::Result<(Self, StartTimes)> {
+        Self::launch_with(name, command, database_url, log_dir, poll, service, None).await
+    }
+
+    /// As [`Self::launch`]; with `client_tls` the bench's clients (the health polls
+    /// included) connect over mutual TLS with that identity.
+    async fn launch_with(
+        name: &str,
         mut command: Command,
         database_url: &str,
         log_dir: &Path,
         poll: Duration,
         service: &str,
+        client_tls: Option<Arc<Reloading>>,
     ) -> anyhow::Result<(Self, StartTimes)> {
         let addr: SocketAddr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let log = log_dir.join(format!("{}-{}.log", name.replace(' ', "-"), addr.port()));
@@ -131,15 +168,34 @@ impl IpamServer {
             addr,
             process: ChildProcess::spawn(name, command),
             log,
+            client_tls,
         };
         let times = server.wait_serving(exec, poll, service).await?;
         Ok((server, times))
     }
 
-    fn endpoint(&self) -> anyhow::Result<Endpoint> {
-        Ok(Endpoint::from_shared(format!("http://{}", self.addr))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true))
+    /// Plaintext, or mutual TLS with the bench's identity when the server requires it
+    /// (its certificate names `localhost`).
+    fn endpoint(&self) -> anyhow::Result<ClientEndpoint> {
+        let endpoint = match &self.client_tls {
+            Some(identity) => ClientEndpoint::new(
+                &format!("https://{}", self.addr),
+                Some((identity, Some(mtls::SERVER_NAME.to_string()))),
+                CONNECT_TIMEOUT,
+            )?,
+            None => ClientEndpoint::new(&format!("http://{}", self.addr), None, CONNECT_TIMEOUT)?,
+        };
+        Ok(endpoint.with(|e| e.tcp_nodelay(true)))
+    }
+
+    /// The `http://` or `https://` URL a started client (a speaker, the watcher) is given.
+    pub fn url(&self) -> String {
+        let scheme = if self.client_tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Polls the health service until it says SERVING for `service`.

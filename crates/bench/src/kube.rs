@@ -301,8 +301,7 @@ fn start_watcher(
         &binary,
         fake,
         server,
-        &common.log_dir,
-        common.otlp_endpoint.as_deref(),
+        common,
         &setup.args,
     )
 }

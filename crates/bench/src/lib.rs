@@ -11,6 +11,7 @@ pub mod insert_server;
 pub mod ipam;
 pub mod kube;
 pub mod machine;
+pub mod mtls;
 pub mod pg;
 pub mod pipeline;
 pub mod replicas;

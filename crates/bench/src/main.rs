@@ -123,6 +123,8 @@ enum Bench {
     /// with N pending, a restart and a migration with N holding addresses; Allocate
     /// batching on vs off in the same run.
     Kube(KubeArgs),
+    /// alloc and e2e in plaintext and over mutual TLS (certificates made for the run).
+    Tls(TraceArgs),
     /// Internal: one engine session driven over stdin (used by advertise/withdraw).
     #[command(hide = true)]
     EngineChild(EngineChildArgs),
@@ -361,6 +363,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         machine: machine.clone(),
         pg_detail: global.pg_detail,
         otlp_endpoint: global.otlp_endpoint.clone(),
+        mtls: None,
     };
 
     let mut figures = Map::new();
@@ -461,6 +464,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     &common, a.clients, &a.pool, a.count, a.burst, a.rounds,
                 )
                 .await,
+            ),
+        )?,
+        Bench::Tls(a) => put(
+            "tls",
+            json(
+                herald_bench::mtls::tls_overhead(&common, a.clients, &a.pool, a.count, a.burst)
+                    .await,
             ),
         )?,
         Bench::EngineChild(_) | Bench::InsertServer(_) => {}

@@ -140,9 +140,9 @@ fn start_speaker(
     binary: &Path,
     name: &str,
     ipam: &IpamServer,
-    log_dir: &Path,
-    otlp: Option<&str>,
+    common: &Common,
 ) -> anyhow::Result<ChildProcess> {
+    let log_dir = common.log_dir.as_path();
     let log = log_dir.join(format!("herald-route-speaker-{name}.log"));
     let file = std::fs::File::create(&log)
         .with_context(|| format!("create log file {}", log.display()))?;
@@ -152,7 +152,7 @@ fn start_speaker(
             "--node-name",
             name,
             "--ipam-endpoint",
-            &format!("http://{}", ipam.addr),
+            &ipam.url(),
             "--report-interval",
             "1s",
         ])
@@ -161,7 +161,10 @@ fn start_speaker(
         .current_dir(log_dir)
         .stdout(Stdio::from(file.try_clone()?))
         .stderr(Stdio::from(file));
-    ipam::otlp_env(&mut command, otlp);
+    ipam::otlp_env(&mut command, common.otlp_endpoint.as_deref());
+    if let Some(pki) = &common.mtls {
+        pki.speaker_args(&mut command, name);
+    }
     Ok(ChildProcess::spawn(
         &format!("herald-route-speaker {name}"),
         command,
@@ -253,12 +256,13 @@ pub(crate) async fn start_pipeline_with(
     let tor = Tor::start(TorConfig::new(TorKind::Gobgp)).await?;
     let db = BenchDb::create(&common.admin_url).await?;
     let otlp = common.otlp_endpoint.as_deref();
-    let (server, _) = IpamServer::start_traced(
+    let (server, _) = IpamServer::start_with(
         &common.ipam_bin,
         &db.url,
         &common.log_dir,
         common.poll,
         otlp,
+        common.mtls.as_deref(),
     )
     .await?;
     let mut ipam = server.client().await?;
@@ -283,8 +287,7 @@ pub(crate) async fn start_pipeline_with(
                 &binary,
                 fake,
                 &server,
-                &common.log_dir,
-                otlp,
+                common,
                 watcher_args,
             )?);
             wait_nodes_registered(&mut routing).await?;
@@ -300,7 +303,7 @@ pub(crate) async fn start_pipeline_with(
     }
     let speakers = E2E_NODES
         .iter()
-        .map(|(name, _)| start_speaker(&speaker_bin, name, &server, &common.log_dir, otlp))
+        .map(|(name, _)| start_speaker(&speaker_bin, name, &server, common))
         .collect::<anyhow::Result<Vec<_>>>()?;
     tor.wait_neighbors(ESTABLISH_TIMEOUT, |n| {
         n.iter().filter(|n| n.established).count() == E2E_NODES.len()
@@ -923,10 +926,10 @@ pub(crate) fn start_watcher(
     binary: &Path,
     fake: &FakeKube,
     ipam: &IpamServer,
-    log_dir: &Path,
-    otlp: Option<&str>,
+    common: &Common,
     extra: &[String],
 ) -> anyhow::Result<ChildProcess> {
+    let log_dir = common.log_dir.as_path();
     let home = log_dir.join("watcher-home");
     std::fs::create_dir_all(&home)?;
     let kubeconfig = home.join("kubeconfig");
@@ -943,7 +946,7 @@ pub(crate) fn start_watcher(
     command
         .args([
             "--ipam-endpoint",
-            &format!("http://{}", ipam.addr),
+            &ipam.url(),
             "--cluster-id",
             "bench",
             "--identity",
@@ -957,7 +960,10 @@ pub(crate) fn start_watcher(
         .current_dir(log_dir)
         .stdout(Stdio::from(file.try_clone()?))
         .stderr(Stdio::from(file));
-    ipam::otlp_env(&mut command, otlp);
+    ipam::otlp_env(&mut command, common.otlp_endpoint.as_deref());
+    if let Some(pki) = &common.mtls {
+        pki.watcher_args(&mut command);
+    }
     Ok(ChildProcess::spawn("herald-cluster-watcher", command))
 }
 

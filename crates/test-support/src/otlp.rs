@@ -33,6 +33,10 @@ pub struct ReceivedSpan {
     pub links: Vec<(String, String)>,
     /// The resource's attributes, values as strings.
     pub resource: BTreeMap<String, String>,
+    /// The span's events (a `tracing` event inside the span): name and attributes.
+    pub events: Vec<(String, BTreeMap<String, String>)>,
+    /// The span's status message (empty unless it ended in error).
+    pub status_message: String,
 }
 
 impl ReceivedSpan {
@@ -209,6 +213,16 @@ impl TraceService for Receiver {
             let service = resource.get("service.name").cloned().unwrap_or_default();
             for ss in rs.scope_spans {
                 for span in ss.spans {
+                    let status_message = span
+                        .status
+                        .as_ref()
+                        .map(|s| s.message.clone())
+                        .unwrap_or_default();
+                    let events = span
+                        .events
+                        .iter()
+                        .map(|e| (e.name.clone(), strings(&e.attributes)))
+                        .collect();
                     received.push(ReceivedSpan {
                         service: service.clone(),
                         name: span.name,
@@ -222,6 +236,8 @@ impl TraceService for Receiver {
                             .map(|l| (hex(&l.trace_id), hex(&l.span_id)))
                             .collect(),
                         resource: resource.clone(),
+                        events,
+                        status_message,
                     });
                 }
             }

@@ -80,6 +80,21 @@ pub fn check_node<T>(request: &tonic::Request<T>, node: &str, method: &str) -> R
     }
 }
 
+/// Whether secrets (BGP MD5 passwords) may go to the caller of `request`: over mutual
+/// TLS, or in plaintext only to a loopback peer (this host: tests and the local
+/// walkthrough). Plaintext from anywhere else crosses a network where anyone on the path
+/// reads it, and anyone who reaches the port could ask for any node's peers.
+pub fn may_receive_secrets<T>(request: &tonic::Request<T>) -> bool {
+    match request.extensions().get::<Caller>() {
+        Some(Caller::Tls(_)) => true,
+        // An IPv4 client of a dual-stack listener shows as ::ffff:a.b.c.d, which
+        // `is_loopback` alone would not count.
+        Some(Caller::Plaintext) | None => request
+            .remote_addr()
+            .is_some_and(|addr| addr.ip().to_canonical().is_loopback()),
+    }
+}
+
 /// The layer for `Server::builder().layer(..)`.
 #[derive(Debug, Clone)]
 pub struct AuthzLayer {
@@ -165,6 +180,125 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn plaintext_from(addr: &str) -> tonic::Request<()> {
+        let mut request = tonic::Request::new(());
+        request.extensions_mut().insert(TcpConnectInfo {
+            local_addr: "127.0.0.1:50051".parse().ok(),
+            remote_addr: addr.parse().ok(),
+        });
+        request.extensions_mut().insert(Caller::Plaintext);
+        request
+    }
+
+    #[test]
+    fn secrets_go_over_mutual_tls_or_to_loopback_only() {
+        // Addresses here are data: nothing connects to them.
+        for loopback in [
+            "127.0.0.1:40000",
+            "127.9.9.9:1",
+            "[::1]:2",
+            "[::ffff:127.0.0.1]:3",
+        ] {
+            assert!(
+                may_receive_secrets(&plaintext_from(loopback)),
+                "{loopback} is this host"
+            );
+        }
+        for remote in [
+            "10.0.0.7:40000",
+            "192.0.2.1:1",
+            "[2001:db8::1]:2",
+            "[::ffff:10.0.0.7]:3",
+        ] {
+            assert!(
+                !may_receive_secrets(&plaintext_from(remote)),
+                "plaintext to {remote} must not carry secrets"
+            );
+        }
+        // No address known: not to be trusted either.
+        let mut unknown = tonic::Request::new(());
+        unknown.extensions_mut().insert(Caller::Plaintext);
+        assert!(!may_receive_secrets(&unknown));
+
+        let mut tls = plaintext_from("10.0.0.7:40000");
+        tls.extensions_mut().insert(Caller::Tls(Identity {
+            role: Role::Speaker { node: "n1".into() },
+            san: "spiffe://herald.local/herald/speaker/node/n1".into(),
+        }));
+        assert!(may_receive_secrets(&tls));
+    }
+
+    /// README's table, method by method: every RPC of both services, read from the
+    /// descriptors (so a new RPC fails here until it is given its roles), and exactly the
+    /// roles that may call it.
+    #[test]
+    fn every_rpc_has_exactly_the_roles_the_readme_gives_it() {
+        use prost::Message;
+        const W: u8 = 1;
+        const O: u8 = 2;
+        const R: u8 = 4;
+        const S: u8 = 8;
+        let table: std::collections::BTreeMap<&str, u8> = [
+            ("herald.ipam.v1.Ipam/CreatePool", W | O),
+            ("herald.ipam.v1.Ipam/UpdatePool", O),
+            ("herald.ipam.v1.Ipam/DeletePool", O),
+            ("herald.ipam.v1.Ipam/GetPool", W | O | R),
+            ("herald.ipam.v1.Ipam/ListPools", W | O | R),
+            ("herald.ipam.v1.Ipam/Allocate", W),
+            ("herald.ipam.v1.Ipam/AllocateBatch", W),
+            ("herald.ipam.v1.Ipam/Release", W),
+            ("herald.ipam.v1.Ipam/GetAllocation", W | O | R),
+            ("herald.ipam.v1.Ipam/ListAllocations", W | O | R),
+            ("herald.ipam.v1.Ipam/History", W | O | R),
+            ("herald.ipam.v1.Ipam/Watch", W | O | R),
+            ("herald.routing.v1.Routing/UpsertNode", W),
+            ("herald.routing.v1.Routing/DeleteNode", W),
+            ("herald.routing.v1.Routing/SetServiceEndpoints", W),
+            ("herald.routing.v1.Routing/ListNodes", W | O | R),
+            ("herald.routing.v1.Routing/SetBgpPolicy", W | O),
+            ("herald.routing.v1.Routing/GetBgpPolicy", W | O | R),
+            (
+                "herald.routing.v1.Routing/GetAdvertisementStatus",
+                W | O | R,
+            ),
+            ("herald.routing.v1.Routing/WatchNodeRoutes", S),
+            ("herald.routing.v1.Routing/ReportSpeakerState", S),
+        ]
+        .into();
+        let roles = [
+            (W, Role::Watcher),
+            (O, Role::Operator),
+            (R, Role::Reader),
+            (S, Role::Speaker { node: "n1".into() }),
+        ];
+        let set = prost_types::FileDescriptorSet::decode(herald_api::FILE_DESCRIPTOR_SET)
+            .expect("the descriptor set decodes");
+        let mut seen = 0;
+        for file in &set.file {
+            for service in &file.service {
+                for method in &service.method {
+                    let path = format!("{}.{}/{}", file.package(), service.name(), method.name());
+                    let Some(&who) = table.get(path.as_str()) else {
+                        panic!("{path} is not in the table: decide which roles may call it");
+                    };
+                    seen += 1;
+                    for (bit, role) in &roles {
+                        assert_eq!(
+                            allowed(role, &format!("/{path}")),
+                            who & bit != 0,
+                            "{role:?} on {path}"
+                        );
+                    }
+                }
+            }
+        }
+        assert_eq!(
+            seen,
+            table.len(),
+            "the table names an RPC that does not exist"
+        );
+    }
 
     #[test]
     fn each_role_reaches_only_its_methods() {

@@ -52,6 +52,12 @@ pub enum PeerError {
         reason: &'static str,
     },
     #[error(
+        "peer {peer:?} needs its TCP-MD5 password, which herald-ipam sends only over mutual TLS \
+         (or to a client on its own host), and this speaker reaches it in plaintext; set \
+         tls_cert, tls_key and tls_ca"
+    )]
+    PasswordWithheld { peer: String },
+    #[error(
         "peer {peer:?}: no router id (the snapshot has none, no --router-id was given and the \
          source address is not IPv4)"
     )]
@@ -145,8 +151,16 @@ pub fn peer_from_pb(pr: &pb::PeerRoutes, defaults: SessionDefaults) -> Result<Pe
         withdrawn: _,
         // The speaker's plan reads it: it decides when, not how, the session runs.
         defer_reset: _,
+        md5_password_withheld,
     } = pr;
     let peer = peer.as_ref().ok_or(PeerError::Missing)?;
+    // Without the password the ToR drops every connection attempt (or, worse, accepts a
+    // session the operator asked to protect): no session is better than that.
+    if *md5_password_withheld {
+        return Err(PeerError::PasswordWithheld {
+            peer: peer.name.clone(),
+        });
+    }
     let pb::Peer {
         name,
         address,
@@ -509,7 +523,28 @@ mod tests {
             routes,
             defer_reset: false,
             withdrawn: vec![],
+            md5_password_withheld: false,
         }
+    }
+
+    #[test]
+    fn a_peer_whose_password_was_withheld_is_refused_saying_why() {
+        let mut entry = peer_routes(pb_peer("guarded"), vec![]);
+        entry.md5_password_withheld = true;
+        let Err(e) = peer_from_pb(&entry, DEFAULTS) else {
+            panic!("a peer without its withheld password was accepted");
+        };
+        assert_eq!(
+            e,
+            PeerError::PasswordWithheld {
+                peer: "guarded".into()
+            }
+        );
+        let text = e.to_string();
+        assert!(
+            text.contains("guarded") && text.contains("mutual TLS") && text.contains("tls_cert"),
+            "{text}"
+        );
     }
 
     const DEFAULTS: SessionDefaults = SessionDefaults {

@@ -59,6 +59,9 @@ pub struct Metrics {
     pub snapshot_age: Age,
     pub snapshots_received: Counter,
     pub stream_resyncs: Counter,
+    /// Peers of the last snapshot whose TCP-MD5 password herald-ipam withheld (this
+    /// speaker reaches it in plaintext), so no session runs with them.
+    pub password_withheld: Gauge,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
@@ -70,6 +73,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     snapshot_age: Age::default(),
     snapshots_received: Counter::default(),
     stream_resyncs: Counter::default(),
+    password_withheld: Gauge::default(),
 });
 
 /// Most route changes waiting for their UPDATE to leave, per session: past it (a session
@@ -204,6 +208,11 @@ pub fn registry(sessions: SessionsView, exemplars: bool) -> Registry {
         "herald_speaker_route_stream_resyncs",
         "Route streams opened again for a full snapshot because a delta did not follow the revision applied",
         m.stream_resyncs.clone(),
+    );
+    r.register(
+        "herald_speaker_peers_password_withheld",
+        "Peers of the last snapshot whose TCP-MD5 password herald-ipam withheld because this speaker reaches it in plaintext; they get no session until it uses mutual TLS",
+        m.password_withheld.clone(),
     );
     r.register_collector(Box::new(SessionsCollector { sessions }));
     r

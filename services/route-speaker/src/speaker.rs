@@ -351,6 +351,10 @@ impl Speaker {
         let mut desired_bfd: BTreeMap<String, Option<BfdSpec>> = BTreeMap::new();
         let mut desired_routes: BTreeMap<String, (Arc<Routes>, Vec<convert::Provenance>)> =
             BTreeMap::new();
+        let withheld = peers.iter().filter(|p| p.md5_password_withheld).count();
+        metrics::METRICS
+            .password_withheld
+            .set(i64::try_from(withheld).unwrap_or(i64::MAX));
         for pr in peers {
             match convert::peer_from_pb(pr, defaults) {
                 Ok(PeerSpec { name, config, bfd }) => {
@@ -959,6 +963,7 @@ mod tests {
                     .collect(),
                 defer_reset: false,
                 withdrawn: vec![],
+                md5_password_withheld: false,
             }],
             from_revision: 0,
         }

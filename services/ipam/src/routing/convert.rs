@@ -500,6 +500,8 @@ fn message_of(
                 // The stream clears it for the node whose turn it is.
                 defer_reset: true,
                 withdrawn: Vec::new(),
+                // The stream sets it when its caller may not have the password.
+                md5_password_withheld: false,
             })
             .collect(),
     }

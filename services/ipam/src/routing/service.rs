@@ -13,7 +13,7 @@ use herald_model::alloc::validate_uid;
 use herald_routes::facts::validate_node_name;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::convert::{self, RouteMeta};
 use super::engine::{Endpoints, NodeSnapshot, RouteEngine, SessionReport, SpeakerReport};
@@ -199,6 +199,17 @@ fn meta_of<'a>(snapshot: &'a NodeSnapshot, prefix: &ipnet::IpNet) -> RouteMeta<'
     }
 }
 
+/// Takes the peer's TCP-MD5 password out of a snapshot bound for a caller that may not
+/// have it, and says so, so the speaker can tell "no password" from "not sent".
+fn withhold_password(peer: &mut pb::PeerRoutes) {
+    if let Some(p) = peer.peer.as_mut()
+        && !p.md5_password.is_empty()
+    {
+        p.md5_password = String::new();
+        peer.md5_password_withheld = true;
+    }
+}
+
 fn snapshot_to_pb(node: &str, local_asn: u32, snapshot: &NodeSnapshot) -> pb::NodeRoutes {
     convert::node_routes_to_pb(
         node,
@@ -234,11 +245,15 @@ fn delta_to_pb(
     )
 }
 
-/// Marks each peer's `defer_reset` unless it is this node's turn (see `rollout`).
-fn mark_deferred(message: &mut pb::NodeRoutes, granted: &BTreeSet<String>) {
+/// Marks each peer's `defer_reset` unless it is this node's turn (see `rollout`), and
+/// withholds the peers' passwords from a caller that may not have them (`secrets` false).
+fn mark_deferred(message: &mut pb::NodeRoutes, granted: &BTreeSet<String>, secrets: bool) {
     for peer in &mut message.peers {
         let name = peer.peer.as_ref().map(|p| p.name.as_str()).unwrap_or("");
         peer.defer_reset = !granted.contains(name);
+        if !secrets {
+            withhold_password(peer);
+        }
     }
 }
 
@@ -253,6 +268,7 @@ async fn stream_deltas(
     mut grants: tokio::sync::watch::Receiver<BTreeSet<String>>,
     tx: tokio::sync::mpsc::Sender<Result<pb::NodeRoutes, Status>>,
     shutdown: CancellationToken,
+    secrets: bool,
 ) {
     // The snapshot whose state the client holds.
     let mut held: Option<Arc<NodeSnapshot>> = None;
@@ -295,7 +311,7 @@ async fn stream_deltas(
                     message
                 }
             };
-            mark_deferred(&mut message, &granted);
+            mark_deferred(&mut message, &granted, secrets);
             if tx.send(Ok(message)).await.is_err() {
                 return;
             }
@@ -318,7 +334,7 @@ async fn stream_deltas(
                 if let Some(h) = &held {
                     let local_asn = engine.policy().map(|p| p.local_asn).unwrap_or(0);
                     let mut message = delta_to_pb(&node, local_asn, h, h.revision, None);
-                    mark_deferred(&mut message, &granted);
+                    mark_deferred(&mut message, &granted, secrets);
                     if tx.send(Ok(message)).await.is_err() {
                         return;
                     }
@@ -464,8 +480,17 @@ impl RoutingRpc for RoutingService {
     ) -> Result<Response<Self::WatchNodeRoutesStream>, Status> {
         crate::authz::check_node(&request, &request.get_ref().node, "WatchNodeRoutes")?;
         let ready = self.ready()?;
+        let secrets = crate::authz::may_receive_secrets(&request);
+        let remote = request.remote_addr();
         let pb::WatchNodeRoutesRequest { node, deltas } = request.into_inner();
         validate_node_name("node", &node).map_err(invalid)?;
+        if !secrets {
+            warn!(
+                node = %node,
+                remote = ?remote,
+                "WatchNodeRoutes over plaintext from a non-loopback address: TCP-MD5 passwords are withheld from this stream (configure mutual TLS)"
+            );
+        }
         // The engine may not have seen a node registered a moment ago (possibly through
         // another replica): the store decides whether it exists.
         if !ready.engine.knows_node(&node)
@@ -492,7 +517,7 @@ impl RoutingRpc for RoutingService {
             tokio::spawn(async move {
                 let _stream = stream;
                 let _subscribed = crate::metrics::Subscribed::new("WatchNodeRoutes");
-                stream_deltas(node, engine, current, queue, grants, tx, shutdown).await;
+                stream_deltas(node, engine, current, queue, grants, tx, shutdown, secrets).await;
             });
             return Ok(Response::new(Box::pin(
                 tokio_stream::wrappers::ReceiverStream::new(rx),
@@ -511,7 +536,7 @@ impl RoutingRpc for RoutingService {
                     let local_asn = engine.policy().map(|p| p.local_asn).unwrap_or(0);
                     let mut message = snapshot_to_pb(&node, local_asn, &snapshot);
                     // Resets wait for this node's turn (see `rollout`).
-                    mark_deferred(&mut message, &granted);
+                    mark_deferred(&mut message, &granted, secrets);
                     if tx.send(Ok(message)).await.is_err() {
                         return;
                     }
@@ -618,5 +643,33 @@ impl RoutingRpc for RoutingService {
                 .unwrap_or_default(),
             differences,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_withheld_password_leaves_the_snapshot_and_is_marked() {
+        let entry = |password: &str| pb::PeerRoutes {
+            peer: Some(pb::Peer {
+                name: "tor".into(),
+                md5_password: password.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mut guarded = entry("s3cret");
+        withhold_password(&mut guarded);
+        assert_eq!(
+            guarded.peer.as_ref().map(|p| p.md5_password.as_str()),
+            Some("")
+        );
+        assert!(guarded.md5_password_withheld);
+        // A peer without a password has nothing withheld.
+        let mut open = entry("");
+        withhold_password(&mut open);
+        assert!(!open.md5_password_withheld);
     }
 }

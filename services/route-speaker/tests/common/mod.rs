@@ -333,6 +333,7 @@ pub fn snapshot(
             routes: prefixes.iter().map(|p| route(p, source)).collect(),
             defer_reset: false,
             withdrawn: vec![],
+            md5_password_withheld: false,
         }],
         from_revision: 0,
     }
