@@ -297,13 +297,7 @@ fn start_watcher(
     setup: &WatcherSetup,
 ) -> anyhow::Result<ChildProcess> {
     let binary = pipeline::find_binary("herald-cluster-watcher")?;
-    pipeline::start_watcher(
-        &binary,
-        fake,
-        server,
-        common,
-        &setup.args,
-    )
+    pipeline::start_watcher(&binary, fake, server, common, &setup.args)
 }
 
 /// SIGTERM: the watcher hands its Lease back, so the next one leads at once.

@@ -283,13 +283,7 @@ pub(crate) async fn start_pipeline_with(
                 fake.create(NODES, kube_node(name, address))
                     .map_err(|e| anyhow!("create Node {name}: {e:?}"))?;
             }
-            watcher = Some(start_watcher(
-                &binary,
-                fake,
-                &server,
-                common,
-                watcher_args,
-            )?);
+            watcher = Some(start_watcher(&binary, fake, &server, common, watcher_args)?);
             wait_nodes_registered(&mut routing).await?;
         }
         _ => {
@@ -1247,7 +1241,7 @@ pub async fn speaker_memory(common: &Common, routes: u64) -> anyhow::Result<Spea
         .await
         .context("UpsertNode")?;
     let speaker_bin = find_binary("herald-route-speaker")?;
-    let late = start_speaker(&speaker_bin, LATE_NODE.0, &p.server, &common.log_dir, None)?;
+    let late = start_speaker(&speaker_bin, LATE_NODE.0, &p.server, common)?;
     let seconds = wait_received(&p.tor, LATE_NODE.1, routes).await?;
     // Settled: the report that follows the load, then a quiet moment.
     tokio::time::sleep(Duration::from_secs(2)).await;
