@@ -260,16 +260,29 @@ fn mark_deferred(message: &mut pb::NodeRoutes, granted: &BTreeSet<String>, secre
 /// A delta stream: the current snapshot whole, then each published snapshot as the delta
 /// from the one before, until the client falls behind (its queue overflowed) or a delta
 /// does not follow what it holds; then the current snapshot whole again.
-async fn stream_deltas(
+struct DeltaStream {
     node: String,
     engine: Arc<RouteEngine>,
-    mut current: tokio::sync::watch::Receiver<Option<Arc<NodeSnapshot>>>,
-    mut queue: super::engine::DeltaQueue,
-    mut grants: tokio::sync::watch::Receiver<BTreeSet<String>>,
+    current: tokio::sync::watch::Receiver<Option<Arc<NodeSnapshot>>>,
+    queue: super::engine::DeltaQueue,
+    grants: tokio::sync::watch::Receiver<BTreeSet<String>>,
     tx: tokio::sync::mpsc::Sender<Result<pb::NodeRoutes, Status>>,
     shutdown: CancellationToken,
+    /// Whether the caller may receive the peers' MD5 passwords.
     secrets: bool,
-) {
+}
+
+async fn stream_deltas(stream: DeltaStream) {
+    let DeltaStream {
+        node,
+        engine,
+        mut current,
+        mut queue,
+        mut grants,
+        tx,
+        shutdown,
+        secrets,
+    } = stream;
     // The snapshot whose state the client holds.
     let mut held: Option<Arc<NodeSnapshot>> = None;
     let mut granted = grants.borrow_and_update().clone();
@@ -517,7 +530,17 @@ impl RoutingRpc for RoutingService {
             tokio::spawn(async move {
                 let _stream = stream;
                 let _subscribed = crate::metrics::Subscribed::new("WatchNodeRoutes");
-                stream_deltas(node, engine, current, queue, grants, tx, shutdown, secrets).await;
+                stream_deltas(DeltaStream {
+                    node,
+                    engine,
+                    current,
+                    queue,
+                    grants,
+                    tx,
+                    shutdown,
+                    secrets,
+                })
+                .await;
             });
             return Ok(Response::new(Box::pin(
                 tokio_stream::wrappers::ReceiverStream::new(rx),
