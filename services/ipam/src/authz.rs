@@ -241,8 +241,8 @@ mod tests {
         const S: u8 = 8;
         let table: std::collections::BTreeMap<&str, u8> = [
             ("herald.ipam.v1.Ipam/CreatePool", W | O),
-            ("herald.ipam.v1.Ipam/UpdatePool", O),
-            ("herald.ipam.v1.Ipam/DeletePool", O),
+            ("herald.ipam.v1.Ipam/UpdatePool", W | O),
+            ("herald.ipam.v1.Ipam/DeletePool", W | O),
             ("herald.ipam.v1.Ipam/GetPool", W | O | R),
             ("herald.ipam.v1.Ipam/ListPools", W | O | R),
             ("herald.ipam.v1.Ipam/Allocate", W),
