@@ -706,10 +706,9 @@ async fn wait_announcing(
     }
 }
 
-/// With externalTrafficPolicy Local only nodes with an endpoint announce: the watcher
-/// follows every EndpointSlice of the Service as it is created, changed and deleted.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_local_service_is_announced_by_the_nodes_its_endpoint_slices_name() {
+/// A ToR peer for every node, two Ready nodes, a watcher, and the Local Service
+/// `default/web` whose one slice names worker-1.
+async fn local_service_lab() -> (Lab, RoutingClient<tonic::transport::Channel>, Watcher) {
     let lab = Lab::start(&[("lab", LAB_POOL)]).await;
     let mut routing = RoutingClient::connect(lab.ipam.endpoint()).await.unwrap();
     routing
@@ -730,7 +729,7 @@ async fn a_local_service_is_announced_by_the_nodes_its_endpoint_slices_name() {
     for (name, ip) in [("worker-1", "127.0.0.21"), ("worker-2", "127.0.0.22")] {
         lab.fake.create(NODES, node(name, ip, true)).unwrap();
     }
-    let _w = lab.watcher("w1");
+    let watcher = lab.watcher("w1");
     let mut svc = ours("default", "web");
     svc["spec"]["externalTrafficPolicy"] = json!("Local");
     lab.fake.create(SERVICES, svc).unwrap();
@@ -740,6 +739,14 @@ async fn a_local_service_is_announced_by_the_nodes_its_endpoint_slices_name() {
             endpoint_slice("web", "web-a", &["worker-1"]),
         )
         .unwrap();
+    (lab, routing, watcher)
+}
+
+/// With externalTrafficPolicy Local only nodes with an endpoint announce: the watcher
+/// follows every EndpointSlice of the Service as it is created, changed and deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_service_is_announced_by_the_nodes_its_endpoint_slices_name() {
+    let (lab, mut routing, _w) = local_service_lab().await;
     // A slice of another Service says nothing about this one.
     lab.fake
         .create(
@@ -871,36 +878,7 @@ fn prefixes(routes: &routing::NodeRoutes) -> std::collections::BTreeSet<String> 
 /// suite, known issue: the Local Allocate first withdrew the address everywhere.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_flipped_to_local_keeps_its_route_on_its_endpoint_node_throughout() {
-    let lab = Lab::start(&[("lab", LAB_POOL)]).await;
-    let mut routing = RoutingClient::connect(lab.ipam.endpoint()).await.unwrap();
-    routing
-        .set_bgp_policy(routing::BgpPolicy {
-            local_asn: 65010,
-            peers: vec![routing::Peer {
-                name: "tor".into(),
-                address: "127.0.0.1".into(),
-                asn: 65001,
-                port: 1790,
-                ..Default::default()
-            }],
-            advertisements: vec![routing::Advertisement::default()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    for (name, ip) in [("worker-1", "127.0.0.21"), ("worker-2", "127.0.0.22")] {
-        lab.fake.create(NODES, node(name, ip, true)).unwrap();
-    }
-    let _w = lab.watcher("w1");
-    let mut svc = ours("default", "web");
-    svc["spec"]["externalTrafficPolicy"] = json!("Local");
-    lab.fake.create(SERVICES, svc).unwrap();
-    lab.fake
-        .create(
-            ENDPOINT_SLICES,
-            endpoint_slice("web", "web-a", &["worker-1"]),
-        )
-        .unwrap();
+    let (lab, mut routing, _w) = local_service_lab().await;
     assert_eq!(
         wait_ingress(&lab.fake, "default", "web").await,
         vec!["172.16.0.241"]
