@@ -639,6 +639,97 @@ async fn a_change_whose_read_failed_reaches_the_routes_once_the_store_answers() 
     role_b.drop_role().await;
 }
 
+/// A Service allocated `Local` is announced only from nodes with its endpoints, so from
+/// none until its endpoints are known; a replica that follows the allocation as it happens
+/// computes what a replica started afterwards loads. Replicas once took a newly assigned
+/// address's owner for `Cluster` until an update or its endpoints said otherwise: the
+/// running one announced such a Service from every node while a restarted one announced it
+/// from none, and the chaos suite saw a speaker withdraw it from its endpoint node when it
+/// moved from the one to the other (a kill -9 between the Allocate and the endpoints).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_service_without_endpoints_is_announced_nowhere_by_a_running_or_a_new_replica() {
+    for engine in ["incremental", "full"] {
+        local_without_endpoints(engine).await;
+    }
+}
+
+async fn local_without_endpoints(engine: &str) {
+    let db = TestDb::postgres().await;
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let with_engine = |c: &mut std::process::Command| {
+        c.arg("--route-engine").arg(engine);
+    };
+    let a = Server::start_with(dir_a.path(), Some(&db.url), free_port(), with_engine).await;
+    let mut ipam = a.client().await;
+    let mut routing_a = RoutingClient::new(a.channel().await.unwrap());
+    create_pool(&mut ipam, pool("lab", &["172.16.0.240/28"])).await;
+    routing_a.set_bgp_policy(tor_policy()).await.unwrap();
+    for (name, address) in [("n0", "127.0.0.10"), ("n1", "127.0.0.11")] {
+        routing_a
+            .upsert_node(node(name, address, &[("bgp-peer", "true")]))
+            .await
+            .unwrap();
+    }
+    let mut n0_a = watch(&mut routing_a, "n0").await;
+    until(&mut n0_a, |s| s.peers.len() == 1).await;
+
+    let local = allocate_ok(
+        &mut ipam,
+        ipam_pb::AllocateRequest {
+            traffic_policy: ipam_pb::TrafficPolicy::Local as i32,
+            ..allocate("local")
+        },
+    )
+    .await;
+    let local = format!("{}/32", local.ips[0].ip);
+    // A Cluster Service allocated after it: once n0 announces this one, replica A has
+    // applied the Local Service's assignment too.
+    let marker = allocate_ok(&mut ipam, allocate("marker")).await;
+    let marker = format!("{}/32", marker.ips[0].ip);
+    for _ in 0..20 {
+        let snapshot = next(&mut n0_a).await;
+        assert!(
+            !routes(&snapshot).contains_key(&local),
+            "{engine}: replica A announces the Local Service without endpoints from n0: {snapshot:?}"
+        );
+        if routes(&snapshot).contains_key(&marker) {
+            break;
+        }
+    }
+
+    // A replica started now loads the same and computes the same.
+    let b = Server::start_with(dir_b.path(), Some(&db.url), free_port(), with_engine).await;
+    let mut routing_b = RoutingClient::new(b.channel().await.unwrap());
+    let mut n0_b = watch(&mut routing_b, "n0").await;
+    let on_b = until(&mut n0_b, |s| routes(s).contains_key(&marker)).await;
+    assert_eq!(
+        routes(&on_b).into_keys().collect::<Vec<_>>(),
+        [marker.clone()],
+        "{engine}: replica B"
+    );
+
+    // Its endpoints on n0: n0 announces it, on both replicas, and n1 does not.
+    routing_a
+        .set_service_endpoints(pb::ServiceEndpoints {
+            owner_uid: "local".into(),
+            traffic_policy: ipam_pb::TrafficPolicy::Local as i32,
+            endpoint_nodes: vec!["n0".into()],
+            traceparent: String::new(),
+        })
+        .await
+        .unwrap();
+    until(&mut n0_a, |s| routes(s).contains_key(&local)).await;
+    until(&mut n0_b, |s| routes(s).contains_key(&local)).await;
+    for routing in [&mut routing_a, &mut routing_b] {
+        let n1 = next(&mut watch(routing, "n1").await).await;
+        assert_eq!(
+            routes(&n1).into_keys().collect::<Vec<_>>(),
+            [marker.clone()],
+            "{engine}: n1"
+        );
+    }
+}
+
 /// What a client applying the stream holds: per peer, prefix → route.
 #[derive(Debug, Default, Clone, PartialEq)]
 struct Held {

@@ -530,27 +530,52 @@ impl RouteEngine {
                     .as_ref()
                     .map(herald_telemetry::trace::traceparent_of)
                     .unwrap_or_default();
-                let mut inputs = lock(&self.inputs);
-                let held = inputs
+                // The log entry does not carry the owner's traffic policy, and taking a new
+                // owner for Cluster announced a Local Service from every node until its
+                // endpoints came, where a replica loading it announced it from none: a
+                // speaker moving between the two withdrew it from its endpoint node. The
+                // store says (its current value, at least as new as this entry).
+                let held_already = lock(&self.inputs)
                     .allocations
-                    .entry(entry.owner.uid.clone())
-                    .or_insert_with(|| Held {
-                        owner: entry.owner.clone(),
-                        ips: Vec::new(),
-                        traffic_policy: TrafficPolicy::Cluster,
-                        at: entry.at,
-                        trace: String::new(),
-                    });
-                held.trace = trace;
-                if !held.ips.iter().any(|a| a.ip == entry.ip)
-                    && let Ok(pool) = PoolName::parse("pool", &entry.pool)
-                {
-                    held.ips.push(AssignedIp { ip: entry.ip, pool });
+                    .contains_key(&entry.owner.uid);
+                let new_owner_policy = if held_already {
+                    None
+                } else {
+                    Some(
+                        store
+                            .get_allocation(&entry.owner.uid)
+                            .await?
+                            .map(|a| a.traffic_policy),
+                    )
+                };
+                let mut inputs = lock(&self.inputs);
+                match new_owner_policy {
+                    // Released since: its `released` entry follows, and holding the address
+                    // until then would announce what nobody owns.
+                    Some(None) => {}
+                    policy => {
+                        let held = inputs
+                            .allocations
+                            .entry(entry.owner.uid.clone())
+                            .or_insert_with(|| Held {
+                                owner: entry.owner.clone(),
+                                ips: Vec::new(),
+                                traffic_policy: policy.flatten().unwrap_or(TrafficPolicy::Cluster),
+                                at: entry.at,
+                                trace: String::new(),
+                            });
+                        held.trace = trace;
+                        if !held.ips.iter().any(|a| a.ip == entry.ip)
+                            && let Ok(pool) = PoolName::parse("pool", &entry.pool)
+                        {
+                            held.ips.push(AssignedIp { ip: entry.ip, pool });
+                        }
+                        held.at = held.at.max(entry.at);
+                        inputs
+                            .owner_of
+                            .insert(IpNet::from(entry.ip), entry.owner.uid.clone());
+                    }
                 }
-                held.at = held.at.max(entry.at);
-                inputs
-                    .owner_of
-                    .insert(IpNet::from(entry.ip), entry.owner.uid.clone());
             }
             Event::Released(entry, _) => {
                 debug_assert_eq!(entry.action, HistoryAction::Released);
