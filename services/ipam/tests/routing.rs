@@ -704,7 +704,7 @@ async fn local_without_endpoints(engine: &str) {
     let on_b = until(&mut n0_b, |s| routes(s).contains_key(&marker)).await;
     assert_eq!(
         routes(&on_b).into_keys().collect::<Vec<_>>(),
-        [marker.clone()],
+        std::slice::from_ref(&marker),
         "{engine}: replica B"
     );
 
@@ -724,7 +724,7 @@ async fn local_without_endpoints(engine: &str) {
         let n1 = next(&mut watch(routing, "n1").await).await;
         assert_eq!(
             routes(&n1).into_keys().collect::<Vec<_>>(),
-            [marker.clone()],
+            std::slice::from_ref(&marker),
             "{engine}: n1"
         );
     }
