@@ -1233,6 +1233,8 @@ async fn reload(engine: &RouteEngine, ipam: &Ipam) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
     use herald_api::routing::v1 as pb;
     use herald_model::Owner;
