@@ -43,8 +43,9 @@ const STALL_WARN: Duration = Duration::from_secs(1);
 /// How often a stall that goes on is logged again.
 const STALL_REPEAT: Duration = Duration::from_secs(5);
 
-/// After a local write wakes the feed it waits this long before reading, so that under
-/// load one read picks up many commits instead of one read per commit.
+/// Reads woken by local writes start at least this far apart, so that under load one
+/// read picks up many commits instead of one read per commit. A wake after a quiet spell
+/// reads at once: a lone change never waits for company ([`woken_read_at`]).
 pub const WAKE_COALESCE: Duration = Duration::from_millis(3);
 /// Log rows read per query.
 const READ_BATCH: u32 = 1000;
@@ -148,6 +149,8 @@ pub async fn follow(ipam: Arc<Ipam>, shutdown: CancellationToken) -> Result<(), 
     let feed = ipam.feed();
     let mut waiting: BTreeMap<i64, Event> = BTreeMap::new();
     let mut hole: Option<Hole> = None;
+    // When the last read a local write woke began.
+    let mut last_woken: Option<tokio::time::Instant> = None;
     loop {
         // A hole is usually a commit a few milliseconds away: look again soon. One that
         // lasts is a long transaction; each turn re-reads what waits behind it, so it is
@@ -162,7 +165,11 @@ pub async fn follow(ipam: Arc<Ipam>, shutdown: CancellationToken) -> Result<(), 
         };
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
-            () = feed.wake.notified(), if !stalled => tokio::time::sleep(WAKE_COALESCE).await,
+            () = feed.wake.notified(), if !stalled => {
+                let at = woken_read_at(last_woken, tokio::time::Instant::now());
+                tokio::time::sleep_until(at).await;
+                last_woken = Some(at);
+            }
             () = tokio::time::sleep(poll) => {}
         }
         // With a hole pending, ask whether the transactions that could fill it have all
@@ -239,6 +246,16 @@ pub async fn follow(ipam: Arc<Ipam>, shutdown: CancellationToken) -> Result<(), 
         }
         report(feed, &waiting, hole.as_mut());
     }
+}
+
+/// When a read that a local write woke at `now` starts: at once, unless the last woken
+/// read began less than [`WAKE_COALESCE`] ago; then when that much has passed, so that
+/// the commits of a busy moment share a read while a lone one is read without delay.
+fn woken_read_at(
+    last: Option<tokio::time::Instant>,
+    now: tokio::time::Instant,
+) -> tokio::time::Instant {
+    last.map_or(now, |last| now.max(last + WAKE_COALESCE))
 }
 
 /// A gap in the revisions that holds later changes back.
@@ -545,6 +562,19 @@ mod tests {
             turn(&feed, &mut waiting, &mut hole, true, &[3]),
             [] as [i64; 0]
         );
+    }
+
+    #[test]
+    fn a_wake_after_a_quiet_spell_reads_at_once_and_a_busy_one_waits_its_turn() {
+        let now = tokio::time::Instant::now();
+        // The first wake, and one long after the last woken read: no wait.
+        assert_eq!(woken_read_at(None, now), now);
+        assert_eq!(woken_read_at(Some(now - WAKE_COALESCE * 10), now), now);
+        assert_eq!(woken_read_at(Some(now - WAKE_COALESCE), now), now);
+        // Woken again 1 ms after a read began: this read waits until WAKE_COALESCE after
+        // it, and the commits of those milliseconds share it.
+        let last = now - Duration::from_millis(1);
+        assert_eq!(woken_read_at(Some(last), now), last + WAKE_COALESCE);
     }
 
     #[test]

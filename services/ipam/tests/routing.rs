@@ -901,3 +901,52 @@ async fn deltas_follow_the_snapshot_and_a_lagging_stream_is_resynced() {
     assert!(fresh.apply(&next(&mut watch(&mut routing, "n0").await).await));
     assert_eq!(fresh.peers, held.peers);
 }
+
+/// A burst of changes committed together reaches a stream in a few messages, not one per
+/// change: the route engine takes every change the feed has delivered in one turn. (That a
+/// lone change is taken at once, without waiting for company, is the engine's unit test
+/// on tokio's paused clock.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_changes_reaches_a_stream_in_a_few_messages() {
+    const BURST: usize = 200;
+    let db = TestDb::postgres().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), Some(&db.url)).await;
+    let mut ipam = server.client().await;
+    let mut routing = RoutingClient::new(server.channel().await.unwrap());
+    create_pool(&mut ipam, pool("lab", &["172.16.0.0/24"])).await;
+    routing.set_bgp_policy(tor_policy()).await.unwrap();
+    routing
+        .upsert_node(node("n0", "127.0.0.10", &[("bgp-peer", "true")]))
+        .await
+        .unwrap();
+    let mut stream = watch_deltas(&mut routing, "n0").await;
+    let mut held = Held::default();
+    assert!(held.apply(&next(&mut stream).await));
+
+    let requests = (0..BURST).map(|i| allocate(&format!("b{i}"))).collect();
+    let answer = ipam
+        .allocate_batch(ipam_pb::AllocateBatchRequest { requests })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.results.len(), BURST);
+    let mut messages = 0;
+    while held.prefixes() < BURST && messages < BURST {
+        assert!(held.apply(&next(&mut stream).await));
+        messages += 1;
+    }
+    assert_eq!(held.prefixes(), BURST);
+    assert!(
+        messages <= 4,
+        "{BURST} changes committed together took {messages} messages"
+    );
+
+    // A lone change afterwards: one message, with just it.
+    allocate_ok(&mut ipam, allocate("lone")).await;
+    let m = next(&mut stream).await;
+    assert!(held.apply(&m));
+    assert_eq!(held.prefixes(), BURST + 1);
+    let carried: usize = m.peers.iter().map(|p| p.routes.len()).sum();
+    assert_eq!(carried, 1, "the lone change alone: {m:?}");
+}

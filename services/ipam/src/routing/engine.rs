@@ -22,7 +22,8 @@ use herald_model::{AssignedIp, HistoryAction, Owner, PoolName, TrafficPolicy};
 use herald_routes::{BgpPolicy, Node, NodeRoutes, Plan, RouteState, RoutesDelta, ServiceFacts};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -32,9 +33,12 @@ use crate::changes::{Changes, Subject};
 use crate::ipam::Ipam;
 use herald_telemetry::trace::SpanContext;
 
-/// Changes arriving this close together are computed as one: a burst of 1,000 Services
-/// costs a handful of recomputations, not 1,000.
-const COALESCE: Duration = Duration::from_millis(5);
+/// The most changes one turn of the engine takes. A turn takes what the feed has already
+/// delivered and never waits for more: a lone change is computed at once, and a burst
+/// (the changes delivered while the previous turn ran) is computed as one.
+const EVENTS_PER_TURN: usize = 10_000;
+/// The most jobs the engine thread publishes as one, when it has fallen behind.
+const JOBS_PER_TURN: usize = 64;
 /// The first and the longest pause between attempts to reload the inputs after a change
 /// could not be applied: the store is usually back within seconds.
 const RELOAD_RETRY_MIN: Duration = Duration::from_millis(100);
@@ -359,7 +363,11 @@ impl RouteEngine {
         for doc in store.load_speaker_states().await? {
             reports.insert(doc.key.clone(), (decode(&doc)?, doc.updated_at));
         }
-        Ok(Arc::new(Self {
+        Ok(Self::new(inputs, reports))
+    }
+
+    fn new(inputs: Inputs, reports: BTreeMap<String, (SpeakerReport, i64)>) -> Arc<Self> {
+        Arc::new(Self {
             inputs: Mutex::new(inputs),
             published: Mutex::new(HashMap::new()),
             last_plan: Mutex::new(Arc::new(Plan::default())),
@@ -369,7 +377,7 @@ impl RouteEngine {
             streams: Arc::new(Mutex::new(HashMap::new())),
             rollout: Mutex::new(Rollout::default()),
             grants: Mutex::new(HashMap::new()),
-        }))
+        })
     }
 
     pub fn knows_node(&self, name: &str) -> bool {
@@ -925,17 +933,34 @@ impl RouteEngine {
         (batch, inputs.revision)
     }
 
-    /// Applies one batch to `state` and publishes the nodes whose set changed. Runs on the
-    /// engine thread.
-    fn apply_batch(&self, state: &mut RouteState, job: Job) {
-        let Job {
-            batch,
-            revision,
-            changed_at,
-            span: _,
-        } = job;
+    /// Applies the jobs queued together to `state`, in order, and publishes each node
+    /// whose set changed once for all of them. Runs on the engine thread.
+    fn apply_jobs(&self, state: &mut RouteState, jobs: Vec<Job>) {
         let started = std::time::Instant::now();
-        let changed: BTreeSet<String> = match batch {
+        let mut changed = BTreeSet::new();
+        let mut revision = 0;
+        // The oldest change of them: coalescing never shortens a measured latency.
+        let mut changed_at = i64::MAX;
+        let mut first_span = None;
+        for job in jobs {
+            revision = revision.max(job.revision);
+            changed_at = changed_at.min(job.changed_at);
+            job.span
+                .in_scope(|| changed.extend(self.patch(state, job.batch)));
+            first_span.get_or_insert(job.span);
+        }
+        // The publish spans are children of the first job's recompute span, whose change
+        // is the oldest they carry.
+        let span = first_span.unwrap_or_else(tracing::Span::none);
+        span.in_scope(|| self.publish_changed(state, &changed, revision, changed_at));
+        crate::metrics::METRICS
+            .publish_duration
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Applies one batch to `state`; the nodes whose set may have changed.
+    fn patch(&self, state: &mut RouteState, batch: Batch) -> BTreeSet<String> {
+        match batch {
             Batch::All {
                 nodes,
                 services,
@@ -982,11 +1007,21 @@ impl RouteEngine {
                 }
                 changed
             }
-        };
+        }
+    }
+
+    /// Publishes the nodes of `changed` whose set differs from their last snapshot.
+    fn publish_changed(
+        &self,
+        state: &RouteState,
+        changed: &BTreeSet<String>,
+        revision: i64,
+        changed_at: i64,
+    ) {
         debug!(revision, changed = changed.len(), "route state patched");
         // Nodes that are gone get an empty set: everything they announced is withdrawn.
         let gone = NodeRoutes::default();
-        for name in &changed {
+        for name in changed {
             let routes = state.node_routes(name).map_or(&gone, |r| &**r);
             // Held per node only, so the stream tasks reading the policy never wait long
             // (always the inputs before the published channels).
@@ -996,9 +1031,6 @@ impl RouteEngine {
             publish(channel, name, &inputs, revision, changed_at, routes);
         }
         *lock(&self.state) = Some(state.clone());
-        crate::metrics::METRICS
-            .publish_duration
-            .observe(started.elapsed().as_secs_f64());
     }
 }
 
@@ -1031,8 +1063,10 @@ pub async fn run(
                     let mut state = RouteState::new();
                     // Bounded by the sender: it ends when the feed loop drops it.
                     while let Ok(job) = rx.recv() {
-                        let span = job.span.clone();
-                        span.in_scope(|| worker.apply_batch(&mut state, job));
+                        // The jobs sent while the last turn computed are one turn: a
+                        // thread that falls behind catches up in one publication.
+                        let jobs = take_queued(job, || rx.try_recv().ok(), JOBS_PER_TURN);
+                        worker.apply_jobs(&mut state, jobs);
                     }
                 });
             match spawned {
@@ -1058,20 +1092,10 @@ pub async fn run(
     let mut stale: Option<ExponentialBackoff> = None;
     let mut retry_at = tokio::time::Instant::now();
     loop {
-        let first = tokio::select! {
-            () = shutdown.cancelled() => break,
-            event = events.recv() => Some(event),
-            () = tokio::time::sleep_until(retry_at), if stale.is_some() => None,
+        let retry = stale.is_some().then_some(retry_at);
+        let Some(pending) = next_turn(&mut events, &shutdown, retry).await else {
+            break;
         };
-        let mut pending: Vec<_> = first.into_iter().collect();
-        // Take whatever else arrives within the coalescing window, bounded in count.
-        let deadline = tokio::time::Instant::now() + COALESCE;
-        while !pending.is_empty() && pending.len() < 10_000 {
-            match tokio::time::timeout_at(deadline, events.recv()).await {
-                Ok(event) => pending.push(event),
-                Err(_) => break,
-            }
-        }
         let mut causes = Vec::new();
         let mut touched = Touched::default();
         let mut missed_change = false;
@@ -1151,6 +1175,57 @@ pub async fn run(
     }
 }
 
+/// The changes of the engine's next turn: the first to arrive, and with it whatever the
+/// feed has already delivered, and no more. A lone change goes at once; the changes that
+/// arrive while a turn runs make the next turn together. Empty when `retry` (a reload's
+/// next attempt) comes first; `None` on shutdown.
+async fn next_turn(
+    events: &mut broadcast::Receiver<Arc<Event>>,
+    shutdown: &CancellationToken,
+    retry: Option<tokio::time::Instant>,
+) -> Option<Vec<Result<Arc<Event>, RecvError>>> {
+    let first = tokio::select! {
+        () = shutdown.cancelled() => return None,
+        event = events.recv() => event,
+        () = sleep_until(retry) => return Some(Vec::new()),
+    };
+    Some(take_queued(first, || next_queued(events), EVENTS_PER_TURN))
+}
+
+/// Sleeps until `at`; never without one.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// `first` and what `next` has queued behind it, at most `max` in all. Never waits: what
+/// is not queued yet belongs to the next turn.
+fn take_queued<T>(first: T, mut next: impl FnMut() -> Option<T>, max: usize) -> Vec<T> {
+    let mut taken = vec![first];
+    while taken.len() < max {
+        match next() {
+            Some(item) => taken.push(item),
+            None => break,
+        }
+    }
+    taken
+}
+
+/// The next change the feed has already delivered, if any. A lag is handed on like a
+/// change (the turn then reloads); a closed feed ends the turn, and the next `recv`
+/// sees it closed.
+fn next_queued(
+    events: &mut broadcast::Receiver<Arc<Event>>,
+) -> Option<Result<Arc<Event>, RecvError>> {
+    match events.try_recv() {
+        Ok(event) => Some(Ok(event)),
+        Err(TryRecvError::Lagged(missed)) => Some(Err(RecvError::Lagged(missed))),
+        Err(TryRecvError::Empty | TryRecvError::Closed) => None,
+    }
+}
+
 /// The span of one recomputation: a child of the first change it serves, linked to every
 /// one (a burst of changes is computed once, and each change's trace still reaches the
 /// snapshots it made). A disabled span while tracing is off.
@@ -1178,5 +1253,203 @@ async fn reload(engine: &RouteEngine, ipam: &Ipam) -> bool {
             warn!(error = %e, "reloading routing inputs failed; retrying");
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use herald_api::routing::v1 as pb;
+    use herald_model::Owner;
+
+    fn change(revision: i64) -> Arc<Event> {
+        Arc::new(Event::PoolChanged {
+            revision,
+            pool: "lab".into(),
+        })
+    }
+
+    fn revisions(turn: Option<Vec<Result<Arc<Event>, RecvError>>>) -> Vec<i64> {
+        turn.expect("a turn, not shutdown")
+            .into_iter()
+            .map(|e| e.expect("a change").revision())
+            .collect()
+    }
+
+    /// On tokio's paused clock, which moves only while every task waits on a timer: a turn
+    /// that waited for more changes would show it as time passed.
+    #[tokio::test(start_paused = true)]
+    async fn a_lone_change_makes_its_turn_at_once_and_queued_changes_make_one_turn() {
+        let (tx, mut events) = broadcast::channel(64);
+        let shutdown = CancellationToken::new();
+        let start = tokio::time::Instant::now();
+        tx.send(change(1)).unwrap();
+        assert_eq!(
+            revisions(next_turn(&mut events, &shutdown, None).await),
+            [1]
+        );
+        assert_eq!(tokio::time::Instant::now(), start, "waited for company");
+
+        // Delivered while the last turn ran: all of them in the next one.
+        for revision in 2..=40 {
+            tx.send(change(revision)).unwrap();
+        }
+        let turn = revisions(next_turn(&mut events, &shutdown, None).await);
+        assert_eq!(turn, (2..=40).collect::<Vec<_>>());
+        assert_eq!(tokio::time::Instant::now(), start);
+
+        // A change that comes while the engine waits starts a turn alone; the one a
+        // millisecond after it is the next turn's.
+        let sender = tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            sender.send(change(41)).unwrap();
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            sender.send(change(42)).unwrap();
+        });
+        assert_eq!(
+            revisions(next_turn(&mut events, &shutdown, None).await),
+            [41]
+        );
+        assert_eq!(tokio::time::Instant::now(), start + Duration::from_secs(1));
+        assert_eq!(
+            revisions(next_turn(&mut events, &shutdown, None).await),
+            [42]
+        );
+
+        // A reload's retry comes as an empty turn; shutdown ends the turns.
+        let retry = tokio::time::Instant::now() + Duration::from_millis(100);
+        assert_eq!(
+            revisions(next_turn(&mut events, &shutdown, Some(retry)).await),
+            [] as [i64; 0]
+        );
+        shutdown.cancel();
+        assert!(next_turn(&mut events, &shutdown, None).await.is_none());
+    }
+
+    #[test]
+    fn a_turn_is_bounded_and_passes_a_lag_on() {
+        let (tx, mut events) = broadcast::channel(4);
+        for revision in 1..=6 {
+            tx.send(change(revision)).unwrap();
+        }
+        // The receiver missed 1 and 2: the turn starts with the lag (the engine reloads).
+        let first = events.try_recv();
+        assert!(matches!(first, Err(TryRecvError::Lagged(2))));
+        let turn = take_queued(Err(RecvError::Lagged(2)), || next_queued(&mut events), 3);
+        assert_eq!(turn.len(), 3, "at most the bound");
+        assert!(matches!(turn[0], Err(RecvError::Lagged(2))));
+        let rest = take_queued(Ok(change(0)), || next_queued(&mut events), 100);
+        assert_eq!(rest.len(), 3, "the rest is the next turn's");
+    }
+
+    fn node(name: &str, address: &str) -> Node {
+        crate::routing::convert::node_from_pb(pb::Node {
+            name: name.into(),
+            labels: Default::default(),
+            addresses: vec![address.into()],
+            ready: true,
+        })
+        .unwrap()
+    }
+
+    fn policy() -> BgpPolicy {
+        let policy = pb::BgpPolicy {
+            local_asn: 65010,
+            peers: vec![pb::Peer {
+                name: "tor".into(),
+                address: "127.0.0.1".into(),
+                asn: 65001,
+                port: 1790,
+                ..Default::default()
+            }],
+            advertisements: vec![pb::Advertisement::default()],
+            ..Default::default()
+        };
+        crate::routing::convert::policy_from_pb(policy, &[], None).unwrap()
+    }
+
+    fn service(i: u8) -> (String, Option<ServiceFacts>) {
+        let uid = format!("u{i}");
+        let facts = ServiceFacts {
+            owner: Owner {
+                cluster_id: "c".into(),
+                namespace: "ns".into(),
+                name: format!("s{i}"),
+                uid: uid.clone(),
+            },
+            traffic_policy: TrafficPolicy::Cluster,
+            nodes_with_ready_endpoints: BTreeSet::new(),
+            ips: vec![AssignedIp {
+                ip: std::net::IpAddr::from([172, 16, 0, i]),
+                pool: PoolName::parse("pool", "lab").unwrap(),
+            }],
+        };
+        (uid, Some(facts))
+    }
+
+    fn job(batch: Batch, revision: i64) -> Job {
+        Job {
+            batch,
+            revision,
+            changed_at: revision,
+            span: tracing::Span::none(),
+        }
+    }
+
+    fn adding(i: u8) -> Job {
+        let batch = Batch::Changes {
+            services: vec![service(i)],
+            nodes: Vec::new(),
+            policy: None,
+            pools: None,
+        };
+        job(batch, i64::from(i) + 1)
+    }
+
+    /// What the node's delta queue holds: (revision, prefixes, changed_at) per snapshot.
+    fn published(queue: &mut DeltaQueue) -> Vec<(i64, usize, i64)> {
+        std::iter::from_fn(|| queue.rx.try_recv().ok())
+            .map(|s| (s.revision, s.routes.prefixes().len(), s.changed_at))
+            .collect()
+    }
+
+    #[test]
+    fn jobs_queued_together_publish_each_node_once() {
+        let engine = RouteEngine::new(Inputs::default(), BTreeMap::new());
+        let (_current, mut queue) = engine.subscribe_deltas("n0", 64);
+        let mut state = RouteState::new();
+        let start = Batch::All {
+            nodes: vec![node("n0", "127.0.0.10")],
+            services: Vec::new(),
+            policy: Some(policy()),
+            pools: Vec::new(),
+        };
+        engine.apply_jobs(&mut state, vec![job(start, 1)]);
+        assert_eq!(published(&mut queue), [(1, 0, 1)]);
+
+        // A lone job: one snapshot with its change.
+        engine.apply_jobs(&mut state, vec![adding(1)]);
+        assert_eq!(published(&mut queue), [(2, 1, 2)]);
+
+        // Three jobs the thread found queued: one snapshot with all three changes, at the
+        // newest revision, timed from the oldest change.
+        engine.apply_jobs(&mut state, vec![adding(2), adding(3), adding(4)]);
+        assert_eq!(published(&mut queue), [(5, 4, 3)]);
+
+        // Jobs that cancel out publish nothing.
+        let removing = |i: u8, revision| {
+            let batch = Batch::Changes {
+                services: vec![(format!("u{i}"), None)],
+                nodes: Vec::new(),
+                policy: None,
+                pools: None,
+            };
+            job(batch, revision)
+        };
+        engine.apply_jobs(&mut state, vec![adding(9), removing(9, 11)]);
+        assert_eq!(published(&mut queue), []);
     }
 }
