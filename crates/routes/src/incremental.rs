@@ -30,6 +30,9 @@ use crate::compute::{
 use crate::facts::{Eligibility, Node, NodeName, ServiceFacts};
 use crate::policy::BgpPolicy;
 
+/// A prefix a change touches, with the Service addresses inside it.
+type PrefixAddresses = (IpNet, Vec<(Arc<ServiceFacts>, AssignedIp)>);
+
 /// One node's computed set and the problems found computing it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NodeResult {
@@ -279,7 +282,7 @@ impl RouteState {
         };
         // What each prefix is made of is the same on every node: the Service addresses
         // under it, found once per change rather than once per node.
-        let under: Vec<(IpNet, Vec<(Arc<ServiceFacts>, AssignedIp)>)> = prefixes
+        let under: Vec<PrefixAddresses> = prefixes
             .iter()
             .map(|prefix| (*prefix, self.addresses_under(prefix)))
             .collect();
@@ -332,7 +335,7 @@ fn patch(
     ctx: &Ctx<'_>,
     node: &Node,
     result: &NodeResult,
-    under: &[(IpNet, Vec<(Arc<ServiceFacts>, AssignedIp)>)],
+    under: &[PrefixAddresses],
 ) -> Option<NodeResult> {
     let mut routes: Option<NodeRoutes> = None;
     let mut problems: Option<BTreeSet<Problem>> = None;

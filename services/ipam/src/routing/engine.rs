@@ -1220,7 +1220,7 @@ mod tests {
     }
 
     fn net(p: &str) -> IpNet {
-        p.parse().unwrap()
+        p.parse().expect("a prefix")
     }
 
     /// The provenance is patched from the delta: a prefix set anew takes the newest
