@@ -37,6 +37,9 @@ const ENDPOINTS_PER_LOCAL: usize = 3;
 const SETUP_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long the streams must stay quiet before the churn starts.
 const SETTLE_QUIET: Duration = Duration::from_millis(1500);
+/// herald-ipam's CPU (cores) over a quiet window below which it has caught up: its idle
+/// work (the feed's poll of the change log, HTTP/2 keepalives) stays far under it.
+const SETTLE_CPU: f64 = 0.05;
 /// Bound on one change reaching every stream it changes (the full engine at 1,000 ×
 /// 10,000 takes seconds per change).
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -470,15 +473,44 @@ async fn run_phase(
         "  [{tag}] first snapshots in ({:.1} s)",
         started.elapsed().as_secs_f64()
     );
-    // Settled when the streams stay quiet: the engine has caught up with the set-up.
+    // Settled when the streams stay quiet and herald-ipam's CPU does too: the streams
+    // see only the nodes they follow, and the engine can still be applying the set-up's
+    // changes to the other nodes (a churn measured then would pay for them).
+    let mut cpu_mark = cpu::process_seconds(pid).unwrap_or(0.0);
+    // When the streams were first quiet, and the CPU herald-ipam spent after it.
+    let mut streams_quiet: Option<(Instant, f64)> = None;
     loop {
         match tokio::time::timeout(SETTLE_QUIET, rx.recv()).await {
-            Err(_) => break,
+            Err(_) => {
+                let now = cpu::process_seconds(pid).unwrap_or(0.0);
+                let busy = (now - cpu_mark) / SETTLE_QUIET.as_secs_f64();
+                let (quiet_at, cpu_at_quiet) =
+                    *streams_quiet.get_or_insert((Instant::now() - SETTLE_QUIET, cpu_mark));
+                cpu_mark = now;
+                if busy <= SETTLE_CPU {
+                    eprintln!(
+                        "  [{tag}] streams quiet at {:.1} s; herald-ipam busy {:.1} s more ({:.1} s CPU)",
+                        (quiet_at - started).as_secs_f64(),
+                        quiet_at
+                            .elapsed()
+                            .saturating_sub(SETTLE_QUIET)
+                            .as_secs_f64(),
+                        now - cpu_at_quiet,
+                    );
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("{tag}: herald-ipam stayed busy ({busy:.2} CPU) after set-up");
+                }
+            }
             Ok(None) => bail!("{tag}: every stream ended during set-up"),
             Ok(Some(_)) if Instant::now() > deadline => {
                 bail!("{tag}: the streams never settled after set-up")
             }
-            Ok(Some(_)) => {}
+            Ok(Some(_)) => {
+                streams_quiet = None;
+                cpu_mark = cpu::process_seconds(pid).unwrap_or(0.0);
+            }
         }
     }
     eprintln!(

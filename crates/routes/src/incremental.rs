@@ -20,13 +20,18 @@ use std::net::IpAddr;
 use std::ops::Bound;
 use std::sync::Arc;
 
-use herald_model::{IpFamily, PoolSpec, TrafficPolicy};
+use herald_model::{AssignedIp, IpFamily, PoolSpec, TrafficPolicy};
 use imbl::{OrdMap, OrdSet};
 use ipnet::IpNet;
 
-use crate::compute::{Ctx, NodeRoutes, Plan, Problem, RouteAttrs, RuleSet, not_announced};
+use crate::compute::{
+    Ctx, NodeRoutes, PeerSession, Plan, Problem, RouteAttrs, RuleSet, not_announced,
+};
 use crate::facts::{Eligibility, Node, NodeName, ServiceFacts};
 use crate::policy::BgpPolicy;
+
+/// A prefix a change touches, with the Service addresses inside it.
+type PrefixAddresses = (IpNet, Vec<(Arc<ServiceFacts>, AssignedIp)>);
 
 /// One node's computed set and the problems found computing it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -275,7 +280,13 @@ impl RouteState {
         } else {
             self.nodes.values().cloned().collect()
         };
-        let mut changed = BTreeSet::new();
+        // What each prefix is made of is the same on every node: the Service addresses
+        // under it, found once per change rather than once per node.
+        let under: Vec<PrefixAddresses> = prefixes
+            .iter()
+            .map(|prefix| (*prefix, self.addresses_under(prefix)))
+            .collect();
+        let mut patched = Vec::new();
         for node in nodes {
             if node.eligibility() != Eligibility::Eligible {
                 continue;
@@ -286,93 +297,20 @@ impl RouteState {
             if result.routes.peers.is_empty() {
                 continue;
             }
-            let patched = self.patch(&ctx, &node, result, &prefixes);
-            if let Some(patched) = patched {
-                self.results.insert(node.name.clone(), patched);
-                changed.insert(node.name.clone());
+            if let Some(result) = patch(&ctx, &node, result, &under) {
+                patched.push((node.name.clone(), result));
             }
+        }
+        let mut changed = BTreeSet::new();
+        for (name, result) in patched {
+            self.results.insert(name.clone(), result);
+            changed.insert(name);
         }
         changed
     }
 
-    /// `result` with `prefixes` recomputed on every session of `node`; `None` when that
-    /// changes nothing.
-    fn patch(
-        &self,
-        ctx: &Ctx<'_>,
-        node: &Node,
-        result: &NodeResult,
-        prefixes: &BTreeSet<IpNet>,
-    ) -> Option<NodeResult> {
-        let mut routes: Option<NodeRoutes> = None;
-        let mut problems: Option<BTreeSet<Problem>> = None;
-        for session in &result.routes.peers {
-            // Per session: attributes depend on whether the session is eBGP.
-            let mut shared: BTreeMap<RuleSet, RouteAttrs> = BTreeMap::new();
-            let rules = ctx.session_rules(node, session);
-            for prefix in prefixes {
-                let mut rule_ids: Option<RuleSet> = None;
-                if !rules.is_empty() {
-                    for svc in self.services_under(prefix) {
-                        for assigned in svc.ips.iter().filter(|a| prefix.contains(&a.ip)) {
-                            ctx.contributions(node, session, &rules, svc, assigned, &mut |p, i| {
-                                if p == *prefix {
-                                    rule_ids.get_or_insert_default().insert(i);
-                                }
-                            });
-                        }
-                    }
-                }
-                let wanted =
-                    rule_ids.map(|ids| ctx.route(node, session, *prefix, ids, &mut shared));
-                let no_next_hop = Problem::NoNextHop {
-                    node: node.name.clone(),
-                    peer: session.name.clone(),
-                    prefix: *prefix,
-                };
-                let current = result
-                    .routes
-                    .routes
-                    .get(&session.name)
-                    .and_then(|set| set.get(prefix));
-                let had_problem = result.problems.contains(&no_next_hop);
-                let (want_route, want_problem) = match &wanted {
-                    None => (None, false),
-                    Some(Ok(attrs)) => (Some(attrs), false),
-                    Some(Err(_)) => (None, true),
-                };
-                if current != want_route {
-                    let set = routes
-                        .get_or_insert_with(|| (*result.routes).clone())
-                        .routes
-                        .entry(session.name.clone())
-                        .or_default();
-                    match want_route {
-                        Some(attrs) => set.insert(*prefix, attrs.clone()),
-                        None => set.remove(prefix),
-                    };
-                }
-                if had_problem != want_problem {
-                    let set = problems.get_or_insert_with(|| (*result.problems).clone());
-                    if want_problem {
-                        set.insert(no_next_hop);
-                    } else {
-                        set.remove(&no_next_hop);
-                    }
-                }
-            }
-        }
-        if routes.is_none() && problems.is_none() {
-            return None;
-        }
-        Some(NodeResult {
-            routes: routes.map_or_else(|| Arc::clone(&result.routes), Arc::new),
-            problems: problems.map_or_else(|| Arc::clone(&result.problems), Arc::new),
-        })
-    }
-
-    /// The Services with an address inside `prefix`.
-    fn services_under(&self, prefix: &IpNet) -> impl Iterator<Item = &ServiceFacts> {
+    /// The Service addresses inside `prefix`, with their Services.
+    fn addresses_under(&self, prefix: &IpNet) -> Vec<(Arc<ServiceFacts>, AssignedIp)> {
         let first = prefix.network();
         let last = prefix.broadcast();
         let uids: BTreeSet<&String> = self
@@ -381,9 +319,86 @@ impl RouteState {
             .take_while(move |(ip, _)| *ip <= last)
             .map(|(_, uid)| uid)
             .collect();
-        uids.into_iter()
-            .filter_map(|uid| self.services.get(uid).map(|s| &**s))
+        let mut out = Vec::new();
+        for svc in uids.into_iter().filter_map(|uid| self.services.get(uid)) {
+            for assigned in svc.ips.iter().filter(|a| prefix.contains(&a.ip)) {
+                out.push((Arc::clone(svc), assigned.clone()));
+            }
+        }
+        out
     }
+}
+
+/// `result` with the prefixes of `under` (each with the Service addresses inside it)
+/// recomputed on every session of `node`; `None` when that changes nothing.
+fn patch(
+    ctx: &Ctx<'_>,
+    node: &Node,
+    result: &NodeResult,
+    under: &[PrefixAddresses],
+) -> Option<NodeResult> {
+    let mut routes: Option<NodeRoutes> = None;
+    let mut problems: Option<BTreeSet<Problem>> = None;
+    let no_next_hop = |session: &PeerSession, prefix: IpNet| Problem::NoNextHop {
+        node: node.name.clone(),
+        peer: session.name.clone(),
+        prefix,
+    };
+    for session in &result.routes.peers {
+        // Per session: attributes depend on whether the session is eBGP.
+        let mut shared: BTreeMap<RuleSet, RouteAttrs> = BTreeMap::new();
+        let rules = ctx.session_rules(node, session);
+        let current_set = result.routes.routes.get(&session.name);
+        for (prefix, addresses) in under {
+            let mut rule_ids: Option<RuleSet> = None;
+            if !rules.is_empty() {
+                for (svc, assigned) in addresses {
+                    ctx.contributions(node, session, &rules, svc, assigned, &mut |p, i| {
+                        if p == *prefix {
+                            rule_ids.get_or_insert_default().insert(i);
+                        }
+                    });
+                }
+            }
+            let wanted = rule_ids.map(|ids| ctx.route(node, session, *prefix, ids, &mut shared));
+            let current = current_set.and_then(|set| set.get(prefix));
+            let (want_route, want_problem) = match &wanted {
+                None => (None, false),
+                Some(Ok(attrs)) => (Some(attrs), false),
+                Some(Err(_)) => (None, true),
+            };
+            if current != want_route {
+                let set = routes
+                    .get_or_insert_with(|| (*result.routes).clone())
+                    .routes
+                    .entry(session.name.clone())
+                    .or_default();
+                match want_route {
+                    Some(attrs) => set.insert(*prefix, attrs.clone()),
+                    None => set.remove(prefix),
+                };
+            }
+            // The problem's key names the node and the session: made only when a problem
+            // can be there (almost never), not for every prefix of every node.
+            let had_problem = !result.problems.is_empty()
+                && result.problems.contains(&no_next_hop(session, *prefix));
+            if had_problem != want_problem {
+                let set = problems.get_or_insert_with(|| (*result.problems).clone());
+                if want_problem {
+                    set.insert(no_next_hop(session, *prefix));
+                } else {
+                    set.remove(&no_next_hop(session, *prefix));
+                }
+            }
+        }
+    }
+    if routes.is_none() && problems.is_none() {
+        return None;
+    }
+    Some(NodeResult {
+        routes: routes.map_or_else(|| Arc::clone(&result.routes), Arc::new),
+        problems: problems.map_or_else(|| Arc::clone(&result.problems), Arc::new),
+    })
 }
 
 /// Every prefix the Services' addresses could make under `policy`: each address's host

@@ -134,7 +134,8 @@ pub struct NodeSnapshot {
     pub revision: i64,
     /// When it was published (unix µs).
     pub published_at: i64,
-    pub routes: NodeRoutes,
+    /// Shared with the engine's state: publishing copies no route set.
+    pub routes: Arc<NodeRoutes>,
     /// prefix → (traceparent, changed_at) of the change that last touched it.
     pub provenance: Provenance,
     /// W3C traceparent of the publish span that made this snapshot (empty while tracing
@@ -384,8 +385,13 @@ impl RouteEngine {
         lock(&self.inputs).nodes.contains_key(name)
     }
 
-    pub fn policy(&self) -> Option<BgpPolicy> {
-        lock(&self.inputs).policy.clone()
+    /// The policy's local ASN (0 without a policy), for every message of a route stream:
+    /// without copying the policy.
+    pub fn local_asn(&self) -> u32 {
+        lock(&self.inputs)
+            .policy
+            .as_ref()
+            .map_or(0, |p| p.local_asn)
     }
 
     /// The plan of the last computation. The incremental engine keeps no plan; it is
@@ -687,10 +693,11 @@ impl RouteEngine {
         let mut published = lock(&self.published);
         for (name, routes) in &plan.nodes {
             let channel = published.entry(name.clone()).or_default();
-            publish(channel, name, &inputs, inputs.revision, changed_at, routes);
+            let routes = Arc::new(routes.clone());
+            publish(channel, name, &inputs, inputs.revision, changed_at, &routes);
         }
         // Nodes that are gone get an empty set: everything they announced is withdrawn.
-        let gone = NodeRoutes::default();
+        let gone = Arc::new(NodeRoutes::default());
         for (name, channel) in published.iter_mut() {
             if !plan.nodes.contains_key(name) {
                 publish(channel, name, &inputs, inputs.revision, changed_at, &gone);
@@ -714,11 +721,14 @@ fn publish(
     inputs: &Inputs,
     revision: i64,
     changed_at: i64,
-    routes: &NodeRoutes,
+    routes: &Arc<NodeRoutes>,
 ) {
     let sender = channel.current();
     let previous = sender.borrow().clone();
-    if previous.as_ref().is_some_and(|s| s.routes == *routes) {
+    if previous
+        .as_ref()
+        .is_some_and(|s| Arc::ptr_eq(&s.routes, routes) || s.routes == *routes)
+    {
         return;
     }
     // Strictly increasing per node, so a delta always moves to a revision its client has
@@ -731,7 +741,12 @@ fn publish(
         from: p.revision,
         routes: herald_routes::delta(&p.routes, routes),
     });
-    let provenance = provenance(previous.as_deref(), routes, inputs);
+    let provenance = provenance(
+        previous.as_deref(),
+        routes,
+        delta.as_ref().map(|d| &d.routes),
+        inputs,
+    );
     // A child of the recompute (the current span); the snapshot carries it to the speaker.
     let trace = if herald_telemetry::trace::enabled() {
         let span = tracing::info_span!(
@@ -749,7 +764,7 @@ fn publish(
     let snapshot = Arc::new(NodeSnapshot {
         revision,
         published_at: herald_ipam_store::now_micros(),
-        routes: routes.clone(),
+        routes: Arc::clone(routes),
         provenance,
         trace,
         changed_at,
@@ -772,33 +787,27 @@ fn publish(
 }
 
 /// The provenance of every prefix in `routes`: the previous snapshot's, patched for the
-/// prefixes that differ from it on some session. The route maps share structure with the
-/// previous snapshot's when the incremental engine patched them, so finding what differs
-/// costs the change, not the set.
-fn provenance(previous: Option<&NodeSnapshot>, routes: &NodeRoutes, inputs: &Inputs) -> Provenance {
-    let Some(previous) = previous else {
+/// prefixes that differ from it on some session. Those are the prefixes `delta` (from the
+/// previous snapshot to `routes`) sets or withdraws, plus the routes of sessions that are
+/// gone (rare: the policy changed), so finding them costs the change, not the set.
+fn provenance(
+    previous: Option<&NodeSnapshot>,
+    routes: &NodeRoutes,
+    delta: Option<&RoutesDelta>,
+    inputs: &Inputs,
+) -> Provenance {
+    let (Some(previous), Some(delta)) = (previous, delta) else {
         return routes
             .prefixes()
             .into_iter()
             .map(|p| (p, inputs.provenance(&p)))
             .collect();
     };
-    let mut differing: BTreeSet<IpNet> = BTreeSet::new();
-    let empty = herald_routes::PeerRoutes::new();
-    let peers: BTreeSet<&String> = previous
-        .routes
-        .routes
-        .keys()
-        .chain(routes.routes.keys())
-        .collect();
-    for peer in peers {
-        let before = previous.routes.routes.get(peer).unwrap_or(&empty);
-        let after = routes.routes.get(peer).unwrap_or(&empty);
-        differing.extend(before.diff(after).map(|d| match d {
-            imbl::ordmap::DiffItem::Add(p, _)
-            | imbl::ordmap::DiffItem::Update { new: (p, _), .. }
-            | imbl::ordmap::DiffItem::Remove(p, _) => *p,
-        }));
+    let mut differing: BTreeSet<IpNet> = delta.prefixes().collect();
+    for (peer, set) in &previous.routes.routes {
+        if !routes.routes.contains_key(peer) {
+            differing.extend(set.keys().copied());
+        }
     }
     let mut out = previous.provenance.clone();
     for prefix in differing {
@@ -1020,9 +1029,9 @@ impl RouteEngine {
     ) {
         debug!(revision, changed = changed.len(), "route state patched");
         // Nodes that are gone get an empty set: everything they announced is withdrawn.
-        let gone = NodeRoutes::default();
+        let gone = Arc::new(NodeRoutes::default());
         for name in changed {
-            let routes = state.node_routes(name).map_or(&gone, |r| &**r);
+            let routes = state.node_routes(name).unwrap_or(&gone);
             // Held per node only, so the stream tasks reading the policy never wait long
             // (always the inputs before the published channels).
             let inputs = lock(&self.inputs);
@@ -1451,5 +1460,102 @@ mod tests {
         };
         engine.apply_jobs(&mut state, vec![adding(9), removing(9, 11)]);
         assert_eq!(published(&mut queue), []);
+    }
+}
+
+/// The provenance patched from a delta.
+#[cfg(test)]
+mod provenance_tests {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use herald_model::IpFamily;
+    use herald_routes::{Origin, PeerRoutes, PeerSession, RouteAttrs};
+
+    use super::*;
+
+    fn session(name: &str) -> PeerSession {
+        PeerSession {
+            name: name.to_string(),
+            address: IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)),
+            port: 179,
+            peer_asn: 65000,
+            local_asn: 65001,
+            router_id: Ipv4Addr::new(127, 0, 0, 2),
+            source_address: IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)),
+            families: vec![IpFamily::V4],
+            hold_time: 9,
+            keepalive: 3,
+            connect_retry: 1,
+            md5_password: None,
+            multihop_ttl: None,
+            graceful_restart: false,
+            restart_time: 0,
+            passive: false,
+            max_prefixes: None,
+            bfd: None,
+        }
+    }
+
+    fn routes(sessions: &[(&str, &[&str])]) -> NodeRoutes {
+        let attrs = RouteAttrs {
+            next_hop: IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)),
+            origin: Origin::Igp,
+            med: None,
+            local_pref: None,
+            communities: Vec::new(),
+            large_communities: Vec::new(),
+        };
+        NodeRoutes {
+            peers: sessions.iter().map(|(name, _)| session(name)).collect(),
+            routes: sessions
+                .iter()
+                .map(|(name, prefixes)| {
+                    let set: PeerRoutes =
+                        prefixes.iter().map(|p| (net(p), attrs.clone())).collect();
+                    (name.to_string(), set)
+                })
+                .collect(),
+        }
+    }
+
+    fn net(p: &str) -> IpNet {
+        p.parse().expect("a prefix")
+    }
+
+    /// The provenance is patched from the delta: a prefix set anew takes the newest
+    /// change, a withdrawn one and one whose session is gone (a session is never in a
+    /// delta) lose theirs, and an untouched one keeps its own.
+    #[test]
+    fn provenance_is_patched_from_the_delta_and_the_sessions_gone() {
+        let inputs = Inputs {
+            last_change_at: 500,
+            ..Inputs::default()
+        };
+        let old = routes(&[
+            ("a", &["10.0.0.1/32", "10.0.0.2/32"]),
+            ("b", &["10.0.0.3/32"]),
+        ]);
+        let new = routes(&[("a", &["10.0.0.1/32", "10.0.0.4/32"])]);
+        let previous = NodeSnapshot {
+            revision: 1,
+            published_at: 100,
+            routes: Arc::new(old.clone()),
+            provenance: ["10.0.0.1/32", "10.0.0.2/32", "10.0.0.3/32"]
+                .into_iter()
+                .map(|p| (net(p), (format!("trace {p}"), 10)))
+                .collect(),
+            trace: String::new(),
+            changed_at: 10,
+            delta: None,
+        };
+        let delta = herald_routes::delta(&old, &new);
+        let got = provenance(Some(&previous), &new, Some(&delta), &inputs);
+        let want: Provenance = [
+            (net("10.0.0.1/32"), ("trace 10.0.0.1/32".to_string(), 10)),
+            (net("10.0.0.4/32"), (String::new(), 500)),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(got, want);
     }
 }

@@ -291,7 +291,7 @@ async fn stream_deltas(stream: DeltaStream) {
     let mut next = first;
     loop {
         if let Some(snapshot) = next.take() {
-            let local_asn = engine.policy().map(|p| p.local_asn).unwrap_or(0);
+            let local_asn = engine.local_asn();
             let overflowed = queue.take_overflow();
             let follows = match (&held, &snapshot.delta) {
                 (Some(h), Some(d)) => !overflowed && d.from == h.revision,
@@ -345,7 +345,7 @@ async fn stream_deltas(stream: DeltaStream) {
                 granted = grants.borrow_and_update().clone();
                 // Only the flags change: a message from the held revision to itself.
                 if let Some(h) = &held {
-                    let local_asn = engine.policy().map(|p| p.local_asn).unwrap_or(0);
+                    let local_asn = engine.local_asn();
                     let mut message = delta_to_pb(&node, local_asn, h, h.revision, None);
                     mark_deferred(&mut message, &granted, secrets);
                     if tx.send(Ok(message)).await.is_err() {
@@ -556,7 +556,7 @@ impl RoutingRpc for RoutingService {
                 let current = snapshots.borrow_and_update().clone();
                 let granted = grants.borrow_and_update().clone();
                 if let Some(snapshot) = current {
-                    let local_asn = engine.policy().map(|p| p.local_asn).unwrap_or(0);
+                    let local_asn = engine.local_asn();
                     let mut message = snapshot_to_pb(&node, local_asn, &snapshot);
                     // Resets wait for this node's turn (see `rollout`).
                     mark_deferred(&mut message, &granted, secrets);
