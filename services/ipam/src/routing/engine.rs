@@ -76,10 +76,12 @@ pub struct Endpoints {
     pub traceparent: String,
 }
 
+/// What the inputs keep of one Service's allocation. The owner and the addresses are the
+/// ones its [`ServiceFacts`] share with the route state: one copy per Service.
 #[derive(Debug, Clone)]
 struct Held {
-    owner: Owner,
-    ips: Vec<AssignedIp>,
+    owner: Arc<Owner>,
+    ips: Arc<[AssignedIp]>,
     traffic_policy: TrafficPolicy,
     at: i64,
     /// W3C traceparent of the change that last touched it, when this replica made it.
@@ -198,13 +200,17 @@ impl DeltaQueue {
 }
 
 #[derive(Default)]
-struct Inputs {
+pub struct Inputs {
     nodes: BTreeMap<String, Node>,
     endpoints: BTreeMap<String, (Endpoints, i64)>,
     policy: Option<BgpPolicy>,
-    allocations: BTreeMap<String, Held>,
+    /// By owner uid; the key is the uid `owner_of` shares.
+    allocations: BTreeMap<Arc<str>, Held>,
     /// Host prefix → owner uid, to find where a route came from without a scan.
-    owner_of: HashMap<IpNet, String>,
+    owner_of: HashMap<IpNet, Arc<str>>,
+    /// Every pool name an address was seen in, held once: each address's [`AssignedIp`]
+    /// shares its pool's rather than carrying a copy.
+    pool_names: BTreeSet<PoolName>,
     /// When the newest applied change was made (unix µs): the provenance of aggregates.
     last_change_at: i64,
     revision: i64,
@@ -219,19 +225,43 @@ impl Inputs {
         at: i64,
         trace: String,
     ) {
+        let uid = self.uid_key(&owner.uid);
+        let ips: Vec<AssignedIp> = ips.into_iter().map(|a| self.shared_pool(a)).collect();
         for a in &ips {
-            self.owner_of.insert(IpNet::from(a.ip), owner.uid.clone());
+            self.owner_of.insert(IpNet::from(a.ip), Arc::clone(&uid));
         }
         self.allocations.insert(
-            owner.uid.clone(),
+            uid,
             Held {
-                owner,
-                ips,
+                owner: Arc::new(owner),
+                ips: ips.into(),
                 traffic_policy,
                 at,
                 trace,
             },
         );
+    }
+
+    /// The key `uid` already has in `allocations`, or a new one.
+    fn uid_key(&self, uid: &str) -> Arc<str> {
+        self.allocations
+            .get_key_value(uid)
+            .map_or_else(|| Arc::from(uid), |(key, _)| Arc::clone(key))
+    }
+
+    /// `assigned` with the pool name every address of its pool shares.
+    fn shared_pool(&mut self, assigned: AssignedIp) -> AssignedIp {
+        let pool = match self.pool_names.get(&assigned.pool) {
+            Some(shared) => shared.clone(),
+            None => {
+                self.pool_names.insert(assigned.pool.clone());
+                assigned.pool
+            }
+        };
+        AssignedIp {
+            ip: assigned.ip,
+            pool,
+        }
     }
 
     /// What routes need to know about the Service `uid`, if it holds addresses.
@@ -244,12 +274,12 @@ impl Inputs {
     fn facts_of(&self, uid: &str, held: &Held) -> ServiceFacts {
         let endpoints = self.endpoints.get(uid).map(|(e, _)| e);
         ServiceFacts {
-            owner: held.owner.clone(),
+            owner: Arc::clone(&held.owner),
             traffic_policy: endpoints
                 .and_then(|e| e.traffic_policy)
                 .unwrap_or(held.traffic_policy),
             nodes_with_ready_endpoints: endpoints.map(|e| e.nodes.clone()).unwrap_or_default(),
-            ips: held.ips.clone(),
+            ips: Arc::clone(&held.ips),
         }
     }
 
@@ -259,9 +289,9 @@ impl Inputs {
         let held = self
             .owner_of
             .get(prefix)
-            .and_then(|uid| self.allocations.get(uid).map(|h| (uid, h)));
+            .and_then(|uid| self.allocations.get(&**uid).map(|h| (uid, h)));
         match held {
-            Some((uid, held)) => match self.endpoints.get(uid) {
+            Some((uid, held)) => match self.endpoints.get(&**uid) {
                 Some((e, at)) if *at >= held.at => (e.traceparent.clone(), *at),
                 _ => (held.trace.clone(), held.at),
             },
@@ -531,40 +561,53 @@ impl RouteEngine {
                     .map(herald_telemetry::trace::traceparent_of)
                     .unwrap_or_default();
                 let mut inputs = lock(&self.inputs);
+                let uid = inputs.uid_key(&entry.owner.uid);
+                let assigned = PoolName::parse("pool", &entry.pool)
+                    .ok()
+                    .map(|pool| inputs.shared_pool(AssignedIp { ip: entry.ip, pool }));
                 let held = inputs
                     .allocations
-                    .entry(entry.owner.uid.clone())
+                    .entry(Arc::clone(&uid))
                     .or_insert_with(|| Held {
-                        owner: entry.owner.clone(),
-                        ips: Vec::new(),
+                        owner: Arc::new(entry.owner.clone()),
+                        ips: Arc::new([]),
                         traffic_policy: TrafficPolicy::Cluster,
                         at: entry.at,
                         trace: String::new(),
                     });
                 held.trace = trace;
                 if !held.ips.iter().any(|a| a.ip == entry.ip)
-                    && let Ok(pool) = PoolName::parse("pool", &entry.pool)
+                    && let Some(assigned) = assigned
                 {
-                    held.ips.push(AssignedIp { ip: entry.ip, pool });
+                    let mut ips = held.ips.to_vec();
+                    ips.push(assigned);
+                    held.ips = ips.into();
                 }
                 held.at = held.at.max(entry.at);
-                inputs
-                    .owner_of
-                    .insert(IpNet::from(entry.ip), entry.owner.uid.clone());
+                inputs.owner_of.insert(IpNet::from(entry.ip), uid);
             }
             Event::Released(entry, _) => {
                 debug_assert_eq!(entry.action, HistoryAction::Released);
                 made_at = entry.at;
                 cause = changes.get(&Subject::Owner(entry.owner.uid.clone()));
                 let mut inputs = lock(&self.inputs);
-                if let Some(held) = inputs.allocations.get_mut(&entry.owner.uid) {
-                    held.ips.retain(|a| a.ip != entry.ip);
+                if let Some(held) = inputs.allocations.get_mut(entry.owner.uid.as_str()) {
+                    held.ips = held
+                        .ips
+                        .iter()
+                        .filter(|a| a.ip != entry.ip)
+                        .cloned()
+                        .collect();
                     if held.ips.is_empty() {
-                        inputs.allocations.remove(&entry.owner.uid);
+                        inputs.allocations.remove(entry.owner.uid.as_str());
                     }
                 }
                 let prefix = IpNet::from(entry.ip);
-                if inputs.owner_of.get(&prefix) == Some(&entry.owner.uid) {
+                if inputs
+                    .owner_of
+                    .get(&prefix)
+                    .is_some_and(|uid| **uid == *entry.owner.uid)
+                {
                     inputs.owner_of.remove(&prefix);
                 }
             }
@@ -575,7 +618,7 @@ impl RouteEngine {
                 let held = store.get_allocation(&entry.owner.uid).await?;
                 let mut inputs = lock(&self.inputs);
                 if let (Some(held), Some(known)) =
-                    (held, inputs.allocations.get_mut(&entry.owner.uid))
+                    (held, inputs.allocations.get_mut(entry.owner.uid.as_str()))
                 {
                     known.traffic_policy = held.traffic_policy;
                     known.at = known.at.max(entry.at);
@@ -1153,5 +1196,52 @@ async fn reload(engine: &RouteEngine, ipam: &Ipam) -> bool {
             warn!(error = %e, "reloading routing inputs failed; retrying");
             false
         }
+    }
+}
+
+/// Builds the engine's structures the way a start-up does, so a test can weigh them
+/// (`tests/memory.rs`); nothing in the service calls it.
+#[doc(hidden)]
+pub mod memory_probe {
+    use std::net::IpAddr;
+
+    use herald_model::{AssignedIp, Owner, PoolName, PoolSpec, TrafficPolicy};
+    use herald_routes::RouteState;
+
+    use super::Inputs;
+
+    /// The inputs of `n` Services holding one address each, as `RouteEngine::load` makes
+    /// them from the store's allocations.
+    pub fn inputs(n: u32, uid: impl Fn(u32) -> String, ip: impl Fn(u32) -> IpAddr) -> Inputs {
+        let mut inputs = Inputs::default();
+        let pool = PoolName::parse("pool", "bench").expect("a pool name");
+        for i in 0..n {
+            let owner = Owner {
+                cluster_id: "bench".into(),
+                namespace: "bench".into(),
+                name: format!("svc-restart-{i}"),
+                uid: uid(i),
+            };
+            let ips = vec![AssignedIp {
+                ip: ip(i),
+                pool: pool.clone(),
+            }];
+            inputs.hold(owner, ips, TrafficPolicy::Cluster, 1, String::new());
+        }
+        inputs
+    }
+
+    /// The incremental engine's state over `inputs`, as its first batch builds it.
+    pub fn state(inputs: &Inputs, pools: Vec<PoolSpec>) -> RouteState {
+        let services = inputs
+            .allocations
+            .iter()
+            .map(|(uid, held)| inputs.facts_of(uid, held))
+            .collect();
+        RouteState::from_inputs(Vec::new(), services, None, pools)
+    }
+
+    pub fn services(state: &RouteState) -> usize {
+        state.services().count()
     }
 }
