@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -15,7 +16,8 @@ pub const MAX_POOL_ADDRESSES: usize = 256;
 pub const MAX_POOL_NAMESPACES: usize = 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct PoolName(String);
+/// The name is shared, not copied, by its clones: every address of a pool carries it.
+pub struct PoolName(Arc<str>);
 
 impl PoolName {
     /// Pool names are DNS labels, like the Kubernetes objects they replace.
@@ -33,7 +35,7 @@ impl PoolName {
                 "must be lowercase letters, digits and '-', starting and ending with a letter or digit",
             ));
         }
-        Ok(Self(name.to_string()))
+        Ok(Self(Arc::from(name)))
     }
 
     pub fn as_str(&self) -> &str {

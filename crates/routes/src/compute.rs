@@ -224,7 +224,7 @@ pub(crate) fn not_announced<'s>(
 ) -> Vec<Problem> {
     let mut problems = Vec::new();
     for svc in services.filter(|s| s.has_ready_endpoints()) {
-        for assigned in &svc.ips {
+        for assigned in svc.ips.iter() {
             if !is_covered(announced, assigned.ip) {
                 problems.push(Problem::NotAnnounced {
                     service: svc.owner.uid.clone(),
@@ -400,7 +400,7 @@ impl<'a> Ctx<'a> {
         let mut wanted: BTreeMap<IpNet, RuleSet> = BTreeMap::new();
         if !rules.is_empty() {
             for svc in services {
-                for assigned in &svc.ips {
+                for assigned in svc.ips.iter() {
                     self.contributions(node, session, &rules, svc, assigned, &mut |prefix, i| {
                         wanted.entry(prefix).or_default().insert(i);
                     });

@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 
 use herald_model::selector::{is_dns_label, validate_label_key, validate_label_value};
 use herald_model::{Allocation, AssignedIp, FieldError, IpFamily, Owner, TrafficPolicy};
@@ -104,15 +105,17 @@ pub fn validate_node_name(field: &str, name: &str) -> Result<(), FieldError> {
     Ok(())
 }
 
-/// What routes need to know about one allocated Service.
+/// What routes need to know about one allocated Service. The owner and the addresses are
+/// shared (`Arc`) with whoever keeps them beside these facts (the route engine's inputs),
+/// not copied: there is one of these per Service.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceFacts {
-    pub owner: Owner,
+    pub owner: Arc<Owner>,
     pub traffic_policy: TrafficPolicy,
     /// Nodes with at least one endpoint that is ready, or serving while terminating
     /// (EndpointSlice `conditions.serving`), so a rolling update does not blackhole.
     pub nodes_with_ready_endpoints: BTreeSet<NodeName>,
-    pub ips: Vec<AssignedIp>,
+    pub ips: Arc<[AssignedIp]>,
 }
 
 impl ServiceFacts {
@@ -123,10 +126,10 @@ impl ServiceFacts {
         nodes_with_ready_endpoints: BTreeSet<NodeName>,
     ) -> Self {
         Self {
-            owner: allocation.owner.clone(),
+            owner: Arc::new(allocation.owner.clone()),
             traffic_policy: allocation.traffic_policy,
             nodes_with_ready_endpoints,
-            ips: allocation.ips.clone(),
+            ips: allocation.ips.as_slice().into(),
         }
     }
 

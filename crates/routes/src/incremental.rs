@@ -45,10 +45,10 @@ pub struct NodeResult {
 #[derive(Debug, Clone, Default)]
 pub struct RouteState {
     nodes: OrdMap<NodeName, Arc<Node>>,
-    /// By owner uid.
-    services: OrdMap<String, Arc<ServiceFacts>>,
+    /// By owner uid. The key is shared with `addresses`: one uid per Service.
+    services: OrdMap<Arc<str>, Arc<ServiceFacts>>,
     /// (address, owner uid) of every Service address, to find the Services under a prefix.
-    addresses: OrdSet<(IpAddr, String)>,
+    addresses: OrdSet<(IpAddr, Arc<str>)>,
     policy: Option<Arc<BgpPolicy>>,
     pools: Arc<Vec<PoolSpec>>,
     results: OrdMap<NodeName, NodeResult>,
@@ -135,27 +135,29 @@ impl RouteState {
 
     /// Adds or replaces the Service with this owner uid.
     pub fn upsert_service(&mut self, facts: ServiceFacts) -> BTreeSet<NodeName> {
-        let uid = facts.owner.uid.clone();
-        let old = self.services.get(&uid).cloned();
+        let (uid, old) = match self.services.get_key_value(facts.owner.uid.as_str()) {
+            Some((uid, old)) => (Arc::clone(uid), Some(Arc::clone(old))),
+            None => (Arc::from(facts.owner.uid.as_str()), None),
+        };
         if old.as_deref() == Some(&facts) {
             return BTreeSet::new();
         }
         let new = Arc::new(facts);
         if let Some(old) = &old {
-            self.forget_addresses(old);
+            self.forget_addresses(old, &uid);
         }
-        for a in &new.ips {
-            self.addresses.insert((a.ip, uid.clone()));
+        for a in new.ips.iter() {
+            self.addresses.insert((a.ip, Arc::clone(&uid)));
         }
         self.services.insert(uid, Arc::clone(&new));
         self.service_changed(old.as_deref(), Some(&new))
     }
 
     pub fn remove_service(&mut self, owner_uid: &str) -> BTreeSet<NodeName> {
-        let Some(old) = self.services.remove(owner_uid) else {
+        let Some((uid, old)) = self.services.remove_with_key(owner_uid) else {
             return BTreeSet::new();
         };
-        self.forget_addresses(&old);
+        self.forget_addresses(&old, &uid);
         self.service_changed(Some(&old), None)
     }
 
@@ -204,9 +206,10 @@ impl RouteState {
         self.services.values().map(|s| &**s).collect()
     }
 
-    fn forget_addresses(&mut self, facts: &ServiceFacts) {
-        for a in &facts.ips {
-            self.addresses.remove(&(a.ip, facts.owner.uid.clone()));
+    /// Drops the addresses of `facts`, the Service `uid`.
+    fn forget_addresses(&mut self, facts: &ServiceFacts, uid: &Arc<str>) {
+        for a in facts.ips.iter() {
+            self.addresses.remove(&(a.ip, Arc::clone(uid)));
         }
     }
 
@@ -313,14 +316,14 @@ impl RouteState {
     fn addresses_under(&self, prefix: &IpNet) -> Vec<(Arc<ServiceFacts>, AssignedIp)> {
         let first = prefix.network();
         let last = prefix.broadcast();
-        let uids: BTreeSet<&String> = self
+        let uids: BTreeSet<&Arc<str>> = self
             .addresses
-            .range((Bound::Included((first, String::new())), Bound::Unbounded))
+            .range((Bound::Included((first, Arc::from(""))), Bound::Unbounded))
             .take_while(move |(ip, _)| *ip <= last)
             .map(|(_, uid)| uid)
             .collect();
         let mut out = Vec::new();
-        for svc in uids.into_iter().filter_map(|uid| self.services.get(uid)) {
+        for svc in uids.into_iter().filter_map(|uid| self.services.get(&**uid)) {
             for assigned in svc.ips.iter().filter(|a| prefix.contains(&a.ip)) {
                 out.push((Arc::clone(svc), assigned.clone()));
             }
@@ -406,7 +409,7 @@ fn patch(
 fn touched_prefixes(ctx: &Ctx<'_>, policy: &BgpPolicy, facts: &[&ServiceFacts]) -> BTreeSet<IpNet> {
     let mut out = BTreeSet::new();
     for svc in facts {
-        for assigned in &svc.ips {
+        for assigned in svc.ips.iter() {
             let family = IpFamily::of(assigned.ip);
             out.insert(IpNet::from(assigned.ip));
             for rule in policy

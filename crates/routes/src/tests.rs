@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use herald_model::pool::PoolInput;
 use herald_model::{AssignedIp, IpFamily, LabelSelector, Owner, PoolName, PoolSpec, TrafficPolicy};
@@ -56,15 +57,15 @@ impl NodeExt for Node {
 
 fn service(uid: &str) -> ServiceFacts {
     ServiceFacts {
-        owner: Owner {
+        owner: Arc::new(Owner {
             cluster_id: "lab".into(),
             namespace: "default".into(),
             name: format!("svc-{uid}"),
             uid: uid.into(),
-        },
+        }),
         traffic_policy: TrafficPolicy::Cluster,
         nodes_with_ready_endpoints: BTreeSet::new(),
-        ips: vec![],
+        ips: Arc::new([]),
     }
 }
 
@@ -84,10 +85,12 @@ impl ServiceExt for ServiceFacts {
         self
     }
     fn ip(mut self, ip: &str, pool: &str) -> Self {
-        self.ips.push(AssignedIp {
+        let mut ips = self.ips.to_vec();
+        ips.push(AssignedIp {
             ip: ip.parse().unwrap(),
             pool: PoolName::parse("pool", pool).unwrap(),
         });
+        self.ips = ips.into();
         self
     }
 }

@@ -54,7 +54,20 @@ impl Ipam {
         // Taken before the state is loaded, and once no transaction that could still add a
         // change below it is running: the feed follows from here and misses nothing.
         let last_revision = crate::feed::settled_revision(&store).await?;
+        Self::open_at(store, last_revision).await
+    }
+
+    /// As [`Ipam::open`], from `last_revision`, a [`crate::feed::settled_revision`] taken
+    /// before: whatever else loads the store's state after it (the route engine's inputs)
+    /// may do so at the same time.
+    pub(crate) async fn open_at(store: Store, last_revision: i64) -> Result<Arc<Self>, IpamError> {
+        let started = std::time::Instant::now();
         let index = load_index(&store).await?;
+        tracing::info!(
+            claims = index.claim_count(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "allocation index loaded"
+        );
         Ok(Arc::new(Self {
             writer: Writer::start(store.clone()),
             store,

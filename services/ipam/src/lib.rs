@@ -15,6 +15,8 @@ mod limits;
 mod metrics;
 mod page_token;
 mod routing;
+#[doc(hidden)]
+pub use routing::memory_probe;
 mod service;
 mod supervise;
 mod writer;
@@ -370,12 +372,35 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             let Some(store) = open_store(url.as_deref(), &shutdown).await? else {
                 return Ok(());
             };
-            let ipam = Ipam::open(store)
+            let started = std::time::Instant::now();
+            // Both load from one settled revision, which the feed then follows from: the
+            // allocation index and the route engine's inputs are read at the same time, on
+            // two connections, rather than one after the other.
+            let revision = feed::settled_revision(&store)
                 .await
-                .context("loading pools and allocations")?;
-            let engine = routing::RouteEngine::load(ipam.store(), ipam.feed().delivered())
-                .await
-                .context("loading routing inputs")?;
+                .context("reading the change log's revision")?;
+            let (ipam, engine) = tokio::try_join!(
+                async {
+                    Ipam::open_at(store.clone(), revision)
+                        .await
+                        .context("loading pools and allocations")
+                },
+                async {
+                    let loading = std::time::Instant::now();
+                    let engine = routing::RouteEngine::load(&store, revision)
+                        .await
+                        .context("loading routing inputs")?;
+                    info!(
+                        elapsed_ms = loading.elapsed().as_millis() as u64,
+                        "routing inputs loaded"
+                    );
+                    Ok::<_, anyhow::Error>(engine)
+                },
+            )?;
+            info!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "state loaded; serving once the store answers a probe"
+            );
             let _ = slot.set(Arc::clone(&ipam));
             let _ = routing_slot.set(routing::Ready {
                 ipam: Arc::clone(&ipam),

@@ -80,10 +80,12 @@ pub struct Endpoints {
     pub traceparent: String,
 }
 
+/// What the inputs keep of one Service's allocation. The owner and the addresses are the
+/// ones its [`ServiceFacts`] share with the route state: one copy per Service.
 #[derive(Debug, Clone)]
 struct Held {
-    owner: Owner,
-    ips: Vec<AssignedIp>,
+    owner: Arc<Owner>,
+    ips: Arc<[AssignedIp]>,
     traffic_policy: TrafficPolicy,
     at: i64,
     /// W3C traceparent of the change that last touched it, when this replica made it.
@@ -203,40 +205,76 @@ impl DeltaQueue {
 }
 
 #[derive(Default)]
-struct Inputs {
+pub struct Inputs {
     nodes: BTreeMap<String, Node>,
     endpoints: BTreeMap<String, (Endpoints, i64)>,
     policy: Option<BgpPolicy>,
-    allocations: BTreeMap<String, Held>,
+    /// By owner uid; the key is the uid `owner_of` shares.
+    allocations: BTreeMap<Arc<str>, Held>,
     /// Host prefix → owner uid, to find where a route came from without a scan.
-    owner_of: HashMap<IpNet, String>,
+    owner_of: HashMap<IpNet, Arc<str>>,
+    /// Every pool name an address was seen in, held once: each address's [`AssignedIp`]
+    /// shares its pool's rather than carrying a copy.
+    pool_names: BTreeSet<PoolName>,
     /// When the newest applied change was made (unix µs): the provenance of aggregates.
     last_change_at: i64,
     revision: i64,
 }
 
 impl Inputs {
-    fn hold(
+    /// The entry an allocation gets in `allocations`, its addresses already entered in
+    /// `owner_of`: a load collects them and builds `allocations` from them at once.
+    fn held(
         &mut self,
         owner: Owner,
         ips: Vec<AssignedIp>,
         traffic_policy: TrafficPolicy,
         at: i64,
         trace: String,
-    ) {
+    ) -> (Arc<str>, Held) {
+        let uid = self.uid_key(&owner.uid);
+        let ips: Vec<AssignedIp> = ips.into_iter().map(|a| self.shared_pool(a)).collect();
         for a in &ips {
-            self.owner_of.insert(IpNet::from(a.ip), owner.uid.clone());
+            self.owner_of.insert(IpNet::from(a.ip), Arc::clone(&uid));
         }
-        self.allocations.insert(
-            owner.uid.clone(),
-            Held {
-                owner,
-                ips,
-                traffic_policy,
-                at,
-                trace,
-            },
-        );
+        let held = Held {
+            owner: Arc::new(owner),
+            ips: ips.into(),
+            traffic_policy,
+            at,
+            trace,
+        };
+        (uid, held)
+    }
+
+    /// Sets `allocations`, empty until now, to `held`. Built at once from the entries
+    /// sorted, the B-tree's nodes come out full; inserted one by one in order, as the pages
+    /// arrive, each would be left half empty (about 70 bytes more per Service).
+    fn hold_all(&mut self, held: Vec<(Arc<str>, Held)>) {
+        debug_assert!(self.allocations.is_empty());
+        self.allocations = held.into_iter().collect();
+    }
+
+    /// The key `uid` already has in `allocations`, or a new one.
+    fn uid_key(&self, uid: &str) -> Arc<str> {
+        self.allocations
+            .get_key_value(uid)
+            .map_or_else(|| Arc::from(uid), |(key, _)| Arc::clone(key))
+    }
+
+    /// `assigned` with the pool name every address of its pool shares.
+    fn shared_pool(&mut self, assigned: AssignedIp) -> AssignedIp {
+        let pool = match self.pool_names.get(&assigned.pool) {
+            Some(shared) => shared.clone(),
+            None => {
+                self.pool_names.insert(assigned.pool.clone());
+                assigned.pool
+            }
+        };
+        AssignedIp {
+            ip: assigned.ip,
+            pool,
+        }
     }
 
     /// What routes need to know about the Service `uid`, if it holds addresses.
@@ -249,12 +287,12 @@ impl Inputs {
     fn facts_of(&self, uid: &str, held: &Held) -> ServiceFacts {
         let endpoints = self.endpoints.get(uid).map(|(e, _)| e);
         ServiceFacts {
-            owner: held.owner.clone(),
+            owner: Arc::clone(&held.owner),
             traffic_policy: endpoints
                 .and_then(|e| e.traffic_policy)
                 .unwrap_or(held.traffic_policy),
             nodes_with_ready_endpoints: endpoints.map(|e| e.nodes.clone()).unwrap_or_default(),
-            ips: held.ips.clone(),
+            ips: Arc::clone(&held.ips),
         }
     }
 
@@ -264,9 +302,9 @@ impl Inputs {
         let held = self
             .owner_of
             .get(prefix)
-            .and_then(|uid| self.allocations.get(uid).map(|h| (uid, h)));
+            .and_then(|uid| self.allocations.get(&**uid).map(|h| (uid, h)));
         match held {
-            Some((uid, held)) => match self.endpoints.get(uid) {
+            Some((uid, held)) => match self.endpoints.get(&**uid) {
                 Some((e, at)) if *at >= held.at => (e.traceparent.clone(), *at),
                 _ => (held.trace.clone(), held.at),
             },
@@ -337,6 +375,8 @@ impl RouteEngine {
             inputs.policy = Some(decode(&doc)?);
         }
         let mut token = String::new();
+        // One entry per owner, so the address count is room enough.
+        let mut held = Vec::with_capacity(usize::try_from(store.claim_count().await?).unwrap_or(0));
         // Bounded by the number of allocations: every page advances the token.
         loop {
             let (page, next) = store
@@ -347,19 +387,20 @@ impl RouteEngine {
                 )
                 .await?;
             for a in page {
-                inputs.hold(
+                held.push(inputs.held(
                     a.owner,
                     a.ips,
                     a.traffic_policy,
                     a.created_at,
                     String::new(),
-                );
+                ));
             }
             match next {
                 Some(next) => token = next,
                 None => break,
             }
         }
+        inputs.hold_all(held);
         let mut reports = BTreeMap::new();
         for doc in store.load_speaker_states().await? {
             reports.insert(doc.key.clone(), (decode(&doc)?, doc.updated_at));
@@ -551,7 +592,7 @@ impl RouteEngine {
                 // store says (its current value, at least as new as this entry).
                 let held_already = lock(&self.inputs)
                     .allocations
-                    .contains_key(&entry.owner.uid);
+                    .contains_key(entry.owner.uid.as_str());
                 let new_owner_policy = if held_already {
                     None
                 } else {
@@ -568,26 +609,33 @@ impl RouteEngine {
                     // until then would announce what nobody owns.
                     Some(None) => {}
                     policy => {
-                        let held = inputs
-                            .allocations
-                            .entry(entry.owner.uid.clone())
-                            .or_insert_with(|| Held {
-                                owner: entry.owner.clone(),
-                                ips: Vec::new(),
-                                traffic_policy: policy.flatten().unwrap_or(TrafficPolicy::Cluster),
-                                at: entry.at,
-                                trace: String::new(),
-                            });
+                        let uid = inputs.uid_key(&entry.owner.uid);
+                        let assigned = PoolName::parse("pool", &entry.pool)
+                            .ok()
+                            .map(|pool| inputs.shared_pool(AssignedIp { ip: entry.ip, pool }));
+                        let held =
+                            inputs
+                                .allocations
+                                .entry(Arc::clone(&uid))
+                                .or_insert_with(|| Held {
+                                    owner: Arc::new(entry.owner.clone()),
+                                    ips: Arc::new([]),
+                                    traffic_policy: policy
+                                        .flatten()
+                                        .unwrap_or(TrafficPolicy::Cluster),
+                                    at: entry.at,
+                                    trace: String::new(),
+                                });
                         held.trace = trace;
                         if !held.ips.iter().any(|a| a.ip == entry.ip)
-                            && let Ok(pool) = PoolName::parse("pool", &entry.pool)
+                            && let Some(assigned) = assigned
                         {
-                            held.ips.push(AssignedIp { ip: entry.ip, pool });
+                            let mut ips = held.ips.to_vec();
+                            ips.push(assigned);
+                            held.ips = ips.into();
                         }
                         held.at = held.at.max(entry.at);
-                        inputs
-                            .owner_of
-                            .insert(IpNet::from(entry.ip), entry.owner.uid.clone());
+                        inputs.owner_of.insert(IpNet::from(entry.ip), uid);
                     }
                 }
             }
@@ -596,14 +644,23 @@ impl RouteEngine {
                 made_at = entry.at;
                 cause = changes.get(&Subject::Owner(entry.owner.uid.clone()));
                 let mut inputs = lock(&self.inputs);
-                if let Some(held) = inputs.allocations.get_mut(&entry.owner.uid) {
-                    held.ips.retain(|a| a.ip != entry.ip);
+                if let Some(held) = inputs.allocations.get_mut(entry.owner.uid.as_str()) {
+                    held.ips = held
+                        .ips
+                        .iter()
+                        .filter(|a| a.ip != entry.ip)
+                        .cloned()
+                        .collect();
                     if held.ips.is_empty() {
-                        inputs.allocations.remove(&entry.owner.uid);
+                        inputs.allocations.remove(entry.owner.uid.as_str());
                     }
                 }
                 let prefix = IpNet::from(entry.ip);
-                if inputs.owner_of.get(&prefix) == Some(&entry.owner.uid) {
+                if inputs
+                    .owner_of
+                    .get(&prefix)
+                    .is_some_and(|uid| **uid == *entry.owner.uid)
+                {
                     inputs.owner_of.remove(&prefix);
                 }
             }
@@ -614,7 +671,7 @@ impl RouteEngine {
                 let held = store.get_allocation(&entry.owner.uid).await?;
                 let mut inputs = lock(&self.inputs);
                 if let (Some(held), Some(known)) =
-                    (held, inputs.allocations.get_mut(&entry.owner.uid))
+                    (held, inputs.allocations.get_mut(entry.owner.uid.as_str()))
                 {
                     known.traffic_policy = held.traffic_policy;
                     known.at = known.at.max(entry.at);
@@ -1383,18 +1440,18 @@ mod tests {
     fn service(i: u8) -> (String, Option<ServiceFacts>) {
         let uid = format!("u{i}");
         let facts = ServiceFacts {
-            owner: Owner {
+            owner: Arc::new(Owner {
                 cluster_id: "c".into(),
                 namespace: "ns".into(),
                 name: format!("s{i}"),
                 uid: uid.clone(),
-            },
+            }),
             traffic_policy: TrafficPolicy::Cluster,
             nodes_with_ready_endpoints: BTreeSet::new(),
-            ips: vec![AssignedIp {
+            ips: Arc::new([AssignedIp {
                 ip: std::net::IpAddr::from([172, 16, 0, i]),
                 pool: PoolName::parse("pool", "lab").unwrap(),
-            }],
+            }]),
         };
         (uid, Some(facts))
     }
@@ -1557,5 +1614,54 @@ mod provenance_tests {
         .into_iter()
         .collect();
         assert_eq!(got, want);
+    }
+}
+
+/// Builds the engine's structures the way a start-up does, so a test can weigh them
+/// (`tests/memory.rs`); nothing in the service calls it.
+#[doc(hidden)]
+pub mod memory_probe {
+    use std::net::IpAddr;
+
+    use herald_model::{AssignedIp, Owner, PoolName, PoolSpec, TrafficPolicy};
+    use herald_routes::RouteState;
+
+    use super::Inputs;
+
+    /// The inputs of `n` Services holding one address each, made as `RouteEngine::load`
+    /// makes them from the store's allocations.
+    pub fn inputs(n: u32, uid: impl Fn(u32) -> String, ip: impl Fn(u32) -> IpAddr) -> Inputs {
+        let mut inputs = Inputs::default();
+        let pool = PoolName::parse("pool", "bench").expect("a pool name");
+        let mut held = Vec::with_capacity(n as usize);
+        for i in 0..n {
+            let owner = Owner {
+                cluster_id: "bench".into(),
+                namespace: "bench".into(),
+                name: format!("svc-restart-{i}"),
+                uid: uid(i),
+            };
+            let ips = vec![AssignedIp {
+                ip: ip(i),
+                pool: pool.clone(),
+            }];
+            held.push(inputs.held(owner, ips, TrafficPolicy::Cluster, 1, String::new()));
+        }
+        inputs.hold_all(held);
+        inputs
+    }
+
+    /// The incremental engine's state over `inputs`, as its first batch builds it.
+    pub fn state(inputs: &Inputs, pools: Vec<PoolSpec>) -> RouteState {
+        let services = inputs
+            .allocations
+            .iter()
+            .map(|(uid, held)| inputs.facts_of(uid, held))
+            .collect();
+        RouteState::from_inputs(Vec::new(), services, None, pools)
+    }
+
+    pub fn services(state: &RouteState) -> usize {
+        state.services().count()
     }
 }

@@ -129,7 +129,7 @@ fn owner_key(e: &pb::AdvertisementEntry) -> (&str, &str, &str, &str) {
 pub fn entries(inputs: &Inputs<'_>, filter: &Filter) -> Vec<pb::AdvertisementEntry> {
     let mut owners: HashMap<IpNet, &ServiceFacts> = HashMap::new();
     for s in inputs.services {
-        for a in &s.ips {
+        for a in s.ips.iter() {
             owners.insert(IpNet::from(a.ip), s);
         }
     }
@@ -233,7 +233,7 @@ pub fn entries(inputs: &Inputs<'_>, filter: &Filter) -> Vec<pb::AdvertisementEnt
     let nodes: Vec<&Node> = inputs.nodes.values().collect();
     let mut reasons: HashMap<IpAddr, String> = HashMap::new();
     for svc in inputs.services.iter().filter(|s| wanted_service(Some(s))) {
-        for assigned in &svc.ips {
+        for assigned in svc.ips.iter() {
             if explain::covers(live_announced.iter(), assigned.ip) {
                 continue;
             }
@@ -266,7 +266,7 @@ pub fn entries(inputs: &Inputs<'_>, filter: &Filter) -> Vec<pb::AdvertisementEnt
     }
     if filter.node.is_empty() && filter.peer.is_empty() {
         for svc in inputs.services.iter().filter(|s| wanted_service(Some(s))) {
-            for assigned in &svc.ips {
+            for assigned in svc.ips.iter() {
                 let Some(reason) = reasons.get(&assigned.ip) else {
                     continue;
                 };
