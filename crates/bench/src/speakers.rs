@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use clap::Args;
-use herald_bgp::{PeerConfig, PeerHandle, RouteAttributes, Routes};
+use herald_bgp::{PeerConfig, PeerHandle, RouteAttributes, Routes, SharedAttributes};
 use herald_tor_harness::{Family, Tor};
 use ipnet::{IpNet, Ipv4Net};
 use nix::sys::signal::{Signal, kill};
@@ -135,10 +135,12 @@ pub async fn engine_child(args: EngineChildArgs) -> anyhow::Result<()> {
         let reply = match words.as_slice() {
             ["set", base, count] => match (base.parse::<Ipv4Addr>(), count.parse::<u32>()) {
                 (Ok(base), Ok(count)) => {
+                    // Every route shares one attribute set, as a node's routes do.
+                    let attrs: SharedAttributes = Arc::new(RouteAttributes::default());
                     desired = Arc::new(
                         host_prefixes(base, count)
                             .into_iter()
-                            .map(|p| (IpNet::V4(p), RouteAttributes::default()))
+                            .map(|p| (IpNet::V4(p), Arc::clone(&attrs)))
                             .collect(),
                     );
                     peer.set_desired_arc(Arc::clone(&desired));
@@ -150,7 +152,7 @@ pub async fn engine_child(args: EngineChildArgs) -> anyhow::Result<()> {
                 Ok(prefix) => {
                     let routes = Arc::make_mut(&mut desired);
                     if words[0] == "add" {
-                        routes.insert(prefix, RouteAttributes::default());
+                        routes.insert(prefix, RouteAttributes::default().into());
                     } else {
                         routes.remove(&prefix);
                     }

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use herald_api::routing::v1 as pb;
-use herald_bgp::Routes;
+use herald_bgp::{AttributeInterner, Routes, SharedAttributes};
 use ipnet::IpNet;
 
 use crate::convert::{self, Provenance, RouteError};
@@ -81,6 +81,14 @@ impl Desired {
             });
         }
         let mut peers: BTreeMap<String, Arc<Routes>> = BTreeMap::new();
+        // One copy of each distinct attribute set across the message's sessions; a delta
+        // reuses the copies its sets already hold.
+        let mut interner = AttributeInterner::new();
+        if delta {
+            for routes in self.peers.values() {
+                adopt_attributes(routes, &mut interner);
+            }
+        }
         for pr in &message.peers {
             let Some(name) = pr.peer.as_ref().map(|p| p.name.as_str()) else {
                 continue;
@@ -95,7 +103,7 @@ impl Desired {
                 _ => Arc::new(Routes::new()),
             };
             if !pr.routes.is_empty() || !pr.withdrawn.is_empty() {
-                patch(Arc::make_mut(&mut routes), pr, change);
+                patch(Arc::make_mut(&mut routes), pr, change, &mut interner);
             }
             peers.insert(name.to_string(), routes);
         }
@@ -105,9 +113,28 @@ impl Desired {
     }
 }
 
-/// Removes `pr`'s withdrawn prefixes from `routes` and sets its routes. A malformed entry
-/// is skipped and named, never fatal; a prefix set twice keeps its first route.
-fn patch(routes: &mut Routes, pr: &pb::PeerRoutes, change: &mut PeerChange) {
+/// Lets `interner` hand out the attribute sets `routes` holds. Distinct sets are few
+/// and usually neighbours, so this looks at each run of routes sharing one `Arc` once.
+fn adopt_attributes(routes: &Routes, interner: &mut AttributeInterner) {
+    let mut last: Option<&SharedAttributes> = None;
+    for attrs in routes.values() {
+        if last.is_some_and(|l| Arc::ptr_eq(l, attrs)) {
+            continue;
+        }
+        interner.adopt(attrs);
+        last = Some(attrs);
+    }
+}
+
+/// Removes `pr`'s withdrawn prefixes from `routes` and sets its routes, their
+/// attributes shared through `interner`. A malformed entry is skipped and named, never
+/// fatal; a prefix set twice keeps its first route.
+fn patch(
+    routes: &mut Routes,
+    pr: &pb::PeerRoutes,
+    change: &mut PeerChange,
+    interner: &mut AttributeInterner,
+) {
     for prefix in &pr.withdrawn {
         match prefix.trim().parse::<IpNet>() {
             Ok(net) => {
@@ -127,7 +154,7 @@ fn patch(routes: &mut Routes, pr: &pb::PeerRoutes, change: &mut PeerChange) {
                     change.skipped.push(RouteError::Duplicate { prefix });
                     continue;
                 }
-                routes.insert(prefix, attrs);
+                routes.insert(prefix, interner.intern(attrs));
                 if let Some(p) = convert::provenance_of(prefix, route) {
                     change.provenance.push(p);
                 }
@@ -276,6 +303,44 @@ mod tests {
                 prop_assert_eq!(held(&desired), fresh(next));
             }
         }
+    }
+
+    /// Routes with equal attributes hold one copy of them, across sessions and across a
+    /// snapshot and the deltas after it.
+    #[test]
+    fn equal_attributes_are_held_once() {
+        let mut state: State = BTreeMap::new();
+        state.insert(0, (0..10).map(|r| (r, r32(r))).collect());
+        state.insert(1, (0..4).map(|r| (r, 0)).collect());
+        let mut desired = Desired::new();
+        desired
+            .apply(&snapshot(1, &state), &mut BTreeMap::new())
+            .unwrap();
+        let distinct = |d: &Desired| {
+            let mut seen: Vec<SharedAttributes> = Vec::new();
+            for routes in d.peers().values() {
+                for a in routes.values() {
+                    if !seen.iter().any(|s| Arc::ptr_eq(s, a)) {
+                        seen.push(Arc::clone(a));
+                    }
+                }
+            }
+            seen.len()
+        };
+        // MEDs 0 and 1 on tor0, 0 on tor1.
+        assert_eq!(distinct(&desired), 2);
+        let mut next = state.clone();
+        next.get_mut(&0).unwrap().insert(12, 1);
+        next.get_mut(&1).unwrap().insert(12, 0);
+        desired
+            .apply(&delta(1, 2, &state, &next), &mut BTreeMap::new())
+            .unwrap();
+        assert_eq!(desired.routes("tor0").unwrap().len(), 11);
+        assert_eq!(distinct(&desired), 2);
+    }
+
+    fn r32(r: u8) -> u32 {
+        u32::from(r % 2)
     }
 
     #[test]
