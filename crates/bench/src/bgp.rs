@@ -29,6 +29,12 @@ const BULK_POLL: Duration = Duration::from_millis(10);
 const FINE_POLL: Duration = Duration::from_millis(1);
 /// Engine prefixes/s over GoBGP's.
 const ADVERTISE_RATIO_TARGET: f64 = 3.0;
+/// Engine prefixes/s over BIRD's, both into a BIRD ToR (issue 18).
+const ADVERTISE_BIRD_RATIO_TARGET: f64 = 1.0;
+/// Engine RSS holding the routes over BIRD's holding the same (issue 18).
+const ADVERTISE_BIRD_RSS_TARGET: f64 = 1.5;
+/// BIRD as a speaker connects a few seconds after its start.
+const BIRD_ESTABLISH: Duration = Duration::from_secs(30);
 /// /32s per UPDATE the engine must at least pack.
 const PREFIXES_PER_UPDATE: u64 = 500;
 /// Explicit withdraws: until gone at the ToR.
@@ -56,6 +62,10 @@ fn engine_source(i: usize) -> Ipv4Addr {
 
 fn gobgp_source(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(127, 0, 0, 40 + (i % 10) as u8)
+}
+
+fn bird_source(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, 0, 50 + (i % 10) as u8)
 }
 
 async fn gobgp_speaker(tor: &Tor, source: Ipv4Addr) -> anyhow::Result<GobgpSpeaker> {
@@ -98,6 +108,8 @@ fn ratio(a: f64, b: f64) -> f64 {
 #[derive(Debug, Clone, Serialize)]
 pub struct AdvertiseRow {
     pub speaker: &'static str,
+    /// The ToR's implementation.
+    pub tor: &'static str,
     pub prefixes: u32,
     /// From handing the routes over to the ToR holding all of them.
     pub to_tor_ms: f64,
@@ -107,7 +119,8 @@ pub struct AdvertiseRow {
     pub prefixes_per_sec: f64,
     /// UPDATEs the speaker counted (engine) — GoBGP does not expose its own count.
     pub updates_sent: Option<u64>,
-    /// UPDATEs the ToR counted from this neighbor.
+    /// UPDATEs the ToR counted from this neighbor (GoBGP ToR), or the relay in front of
+    /// the ToR counted on their way (BIRD ToR, which does not count them).
     pub updates_at_tor: Option<u64>,
     pub rss_before: Rss,
     pub rss_after: Rss,
@@ -126,7 +139,7 @@ pub async fn advertise(
     timeout: Duration,
 ) -> anyhow::Result<AdvertiseReport> {
     common.print_header(
-        "advertise: N /32s to a fresh GoBGP ToR; Herald engine (child process) vs GoBGP speaker (AddPathStream), same run",
+        "advertise: N /32s to a fresh GoBGP ToR, Herald engine (child process) vs GoBGP speaker (AddPathStream); and to a fresh BIRD ToR through a counting relay, Herald engine vs BIRD speaker (static routes enabled); same run",
     );
     let mut rows = Vec::new();
     let mut targets = Vec::new();
@@ -154,6 +167,7 @@ pub async fn advertise(
         let tor_after = speakers::tor_updates_received(&tor_e, source).await;
         let engine_row = AdvertiseRow {
             speaker: "herald",
+            tor: "gobgp",
             prefixes: n,
             to_tor_ms: arrived.as_secs_f64() * 1000.0,
             handed_over_ms: handed_over.as_secs_f64() * 1000.0,
@@ -184,6 +198,7 @@ pub async fn advertise(
         let tor_after = speakers::tor_updates_received(&tor_g, source).await;
         let gobgp_row = AdvertiseRow {
             speaker: "gobgp",
+            tor: "gobgp",
             prefixes: n,
             to_tor_ms: arrived.as_secs_f64() * 1000.0,
             handed_over_ms: handed_over.as_secs_f64() * 1000.0,
@@ -217,11 +232,49 @@ pub async fn advertise(
         ));
         rows.push(engine_row);
         rows.push(gobgp_row);
+
+        let (engine_bird, bird) = advertise_bird(common, i, n, timeout)
+            .await
+            .with_context(|| format!("advertise {n} into a BIRD ToR"))?;
+        let speedup = ratio(engine_bird.prefixes_per_sec, bird.prefixes_per_sec);
+        targets.push(Target::new(
+            format!("advertise {n} prefixes/s (BIRD ToR)"),
+            format!("{speedup:.2}x BIRD"),
+            format!(">= {ADVERTISE_BIRD_RATIO_TARGET}x"),
+            speedup >= ADVERTISE_BIRD_RATIO_TARGET,
+        ));
+        let updates = engine_bird
+            .updates_at_tor
+            .or(engine_bird.updates_sent)
+            .unwrap_or(u64::MAX);
+        targets.push(Target::new(
+            format!("advertise {n} UPDATEs (BIRD ToR)"),
+            format!("{updates} (BIRD {})", opt(bird.updates_at_tor)),
+            format!("<= {limit}"),
+            updates <= limit,
+        ));
+        let rss = ratio(
+            engine_bird.rss_after.rss_kib as f64,
+            bird.rss_after.rss_kib as f64,
+        );
+        targets.push(Target::new(
+            format!("advertise {n} RSS holding the routes"),
+            format!(
+                "{rss:.2}x BIRD ({:.1} / {:.1} MiB)",
+                mib(engine_bird.rss_after.rss_kib),
+                mib(bird.rss_after.rss_kib)
+            ),
+            format!("<= {ADVERTISE_BIRD_RSS_TARGET}x"),
+            rss <= ADVERTISE_BIRD_RSS_TARGET,
+        ));
+        rows.push(engine_bird);
+        rows.push(bird);
     }
 
     println!(
-        "  {:<7} {:>7} {:>10} {:>10} {:>12} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "  {:<7} {:<6} {:>7} {:>10} {:>10} {:>12} {:>9} {:>9} {:>9} {:>9} {:>9}",
         "speaker",
+        "ToR",
         "N",
         "handed ms",
         "ToR ms",
@@ -234,8 +287,9 @@ pub async fn advertise(
     );
     for row in &rows {
         println!(
-            "  {:<7} {:>7} {:>10.1} {:>10.1} {:>12.0} {:>9} {:>9} {:>9.1} {:>9.1} {:>9.1}",
+            "  {:<7} {:<6} {:>7} {:>10.1} {:>10.1} {:>12.0} {:>9} {:>9} {:>9.1} {:>9.1} {:>9.1}",
             row.speaker,
+            row.tor,
             row.prefixes,
             row.handed_over_ms,
             row.to_tor_ms,
@@ -250,10 +304,97 @@ pub async fn advertise(
     println!(
         "  RSS: VmRSS of the speaker process before the announcement (session up, no routes) and \
          after the ToR holds N; peak = VmHWM. Herald's engine runs alone in a \
-         `herald-bench engine-child` process (its RSS includes that small driver)."
+         `herald-bench engine-child` process (its RSS includes that small driver). \
+         Into the BIRD ToR both speakers go through a relay that counts their UPDATEs \
+         (UPD @ToR); BIRD's RSS0 already holds its configuration, the N static routes \
+         included (disabled until the timed `birdc enable`)."
     );
     crate::report::print_targets(&targets);
     Ok(AdvertiseReport { rows, targets })
+}
+
+/// Herald's engine and then BIRD, each as the speaker to a fresh BIRD ToR of its own
+/// through a relay that counts the UPDATEs on their way. BIRD's routes are static routes
+/// of a protocol that starts disabled; `birdc enable` hands them over.
+async fn advertise_bird(
+    common: &Common,
+    i: usize,
+    n: u32,
+    timeout: Duration,
+) -> anyhow::Result<(AdvertiseRow, AdvertiseRow)> {
+    // Engine.
+    let tor = Tor::start(TorConfig::new(TorKind::Bird)).await?;
+    let source = engine_source(i);
+    let relay = speakers::relay_to(&tor, source).await?;
+    let mut engine = EngineChild::start_via(&tor, &relay, source, &common.log_dir).await?;
+    let rss_before = speakers::rss(engine.pid());
+    let status_before = engine.status().await?;
+    let relayed_before = relay.updates_upstream();
+    let started = Instant::now();
+    engine.set(ADVERTISE_BASE, n).await?;
+    let handed_over = started.elapsed();
+    let (arrived, polls) =
+        speakers::wait_count(&tor, started, BULK_POLL, timeout, |c| c >= n as usize)
+            .await
+            .context("engine: routes at the BIRD ToR")?;
+    let status_after = engine.status().await?;
+    let engine_row = AdvertiseRow {
+        speaker: "herald",
+        tor: "bird",
+        prefixes: n,
+        to_tor_ms: arrived.as_secs_f64() * 1000.0,
+        handed_over_ms: handed_over.as_secs_f64() * 1000.0,
+        prefixes_per_sec: f64::from(n) / arrived.as_secs_f64(),
+        updates_sent: Some(status_after.updates_sent - status_before.updates_sent),
+        updates_at_tor: Some(relay.updates_upstream() - relayed_before),
+        rss_before,
+        rss_after: speakers::rss(engine.pid()),
+        polls,
+    };
+    drop(engine);
+    drop(relay);
+    tor.stop().await;
+
+    // BIRD.
+    let tor = Tor::start(TorConfig::new(TorKind::Bird)).await?;
+    let source = bird_source(i);
+    let relay = speakers::relay_to(&tor, source).await?;
+    let prefixes = speakers::host_prefixes(ADVERTISE_BASE, n);
+    let dir = common.log_dir.join(format!("bird-speaker-advertise-{n}"));
+    let bird =
+        speakers::BirdSpeaker::start(&dir, source, &prefixes, relay.local_addr(), None, false)?;
+    bird.wait_established(BIRD_ESTABLISH).await?;
+    tor.wait_established(
+        std::net::IpAddr::V4(speakers::relay_source(source)),
+        BIRD_ESTABLISH,
+    )
+    .await?;
+    let rss_before = speakers::rss(bird.pid());
+    let relayed_before = relay.updates_upstream();
+    let started = Instant::now();
+    bird.announce().await?;
+    let handed_over = started.elapsed();
+    let (arrived, polls) =
+        speakers::wait_count(&tor, started, BULK_POLL, timeout, |c| c >= n as usize)
+            .await
+            .context("BIRD: routes at the BIRD ToR")?;
+    let bird_row = AdvertiseRow {
+        speaker: "bird",
+        tor: "bird",
+        prefixes: n,
+        to_tor_ms: arrived.as_secs_f64() * 1000.0,
+        handed_over_ms: handed_over.as_secs_f64() * 1000.0,
+        prefixes_per_sec: f64::from(n) / arrived.as_secs_f64(),
+        updates_sent: None,
+        updates_at_tor: Some(relay.updates_upstream() - relayed_before),
+        rss_before,
+        rss_after: speakers::rss(bird.pid()),
+        polls,
+    };
+    drop(bird);
+    drop(relay);
+    tor.stop().await;
+    Ok((engine_row, bird_row))
 }
 
 fn opt(v: Option<u64>) -> String {

@@ -1386,7 +1386,25 @@ pub async fn speaker_memory(common: &Common, routes: u64) -> anyhow::Result<Spea
     });
     drop(late);
 
-    let bird = start_bird_speaker(common, &prefixes, p.tor.bgp_port())?;
+    let prefixes: Vec<ipnet::Ipv4Net> = prefixes
+        .iter()
+        .map(|p| format!("{p}/32").parse())
+        .collect::<Result<_, _>>()
+        .context("an allocated address as a /32")?;
+    let bird_source: std::net::Ipv4Addr = BIRD_SPEAKER.parse()?;
+    let tor_addr =
+        std::net::SocketAddr::new(IpAddr::V4(p.tor.config().listen_addr), p.tor.bgp_port());
+    // The GoBGP ToR takes a classic NEXT_HOP in 127/8 for a withdraw: BIRD announces the
+    // TEST-NET-1 twin of its address instead (an attribute only).
+    let next_hop = std::net::Ipv4Addr::new(192, 0, 2, bird_source.octets()[3]);
+    let bird = speakers::BirdSpeaker::start(
+        &common.log_dir.join("bird-speaker"),
+        bird_source,
+        &prefixes,
+        tor_addr,
+        Some(next_hop),
+        true,
+    )?;
     let seconds = wait_received(&p.tor, BIRD_SPEAKER, routes).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss = speakers::rss(bird.pid());
@@ -1419,41 +1437,4 @@ pub async fn speaker_memory(common: &Common, routes: u64) -> anyhow::Result<Spea
         report.ratio_during, report.ratio_after
     );
     Ok(report)
-}
-
-/// BIRD announcing `prefixes` as static routes (in BIRD's table only: no kernel protocol)
-/// to the ToR, from its own loopback address.
-fn start_bird_speaker(
-    common: &Common,
-    prefixes: &[String],
-    tor_port: u16,
-) -> anyhow::Result<ChildProcess> {
-    use std::fmt::Write as _;
-    let dir = common.log_dir.join("bird-speaker");
-    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-    let mut config = format!(
-        "router id {BIRD_SPEAKER};\nprotocol device {{}}\nprotocol static herald {{\n  ipv4;\n"
-    );
-    for p in prefixes {
-        let _ = writeln!(config, "  route {p}/32 blackhole;");
-    }
-    let _ = write!(
-        config,
-        "}}\nprotocol bgp tor {{\n  local {BIRD_SPEAKER} as {};\n  neighbor 127.0.0.1 port {tor_port} as {};\n  multihop;\n  ipv4 {{ import none; export all; next hop self; }};\n}}\n",
-        herald_tor_harness::NODE_ASN,
-        herald_tor_harness::TOR_ASN,
-    );
-    let conf = dir.join("bird.conf");
-    std::fs::write(&conf, config).with_context(|| format!("write {}", conf.display()))?;
-    let log = std::fs::File::create(dir.join("bird.log"))?;
-    let mut command = Command::new("bird");
-    command
-        .arg("-f")
-        .arg("-c")
-        .arg(&conf)
-        .arg("-s")
-        .arg(dir.join("bird.ctl"))
-        .stdout(Stdio::from(log.try_clone()?))
-        .stderr(Stdio::from(log));
-    Ok(ChildProcess::spawn("bird (speaker)", command))
 }

@@ -8,7 +8,7 @@
 //! Also here: the GoBGP ToR's own per-neighbor message counters, so both speakers' UPDATE
 //! counts are also read from the receiving side.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -16,8 +16,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use clap::Args;
-use herald_bgp::{PeerConfig, PeerHandle, RouteAttributes, Routes};
-use herald_tor_harness::{Family, Tor};
+use herald_bgp::{PeerConfig, PeerHandle, RouteAttributes, Routes, SharedAttributes};
+use herald_test_support::ChildProcess;
+use herald_tor_harness::{Family, TcpRelay, Tor};
 use ipnet::{IpNet, Ipv4Net};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -135,10 +136,12 @@ pub async fn engine_child(args: EngineChildArgs) -> anyhow::Result<()> {
         let reply = match words.as_slice() {
             ["set", base, count] => match (base.parse::<Ipv4Addr>(), count.parse::<u32>()) {
                 (Ok(base), Ok(count)) => {
+                    // Every route shares one attribute set, as a node's routes do.
+                    let attrs: SharedAttributes = Arc::new(RouteAttributes::default());
                     desired = Arc::new(
                         host_prefixes(base, count)
                             .into_iter()
-                            .map(|p| (IpNet::V4(p), RouteAttributes::default()))
+                            .map(|p| (IpNet::V4(p), Arc::clone(&attrs)))
                             .collect(),
                     );
                     peer.set_desired_arc(Arc::clone(&desired));
@@ -150,7 +153,7 @@ pub async fn engine_child(args: EngineChildArgs) -> anyhow::Result<()> {
                 Ok(prefix) => {
                     let routes = Arc::make_mut(&mut desired);
                     if words[0] == "add" {
-                        routes.insert(prefix, RouteAttributes::default());
+                        routes.insert(prefix, RouteAttributes::default().into());
                     } else {
                         routes.remove(&prefix);
                     }
@@ -210,8 +213,43 @@ impl EngineChild {
         bfd_ms: Option<u32>,
         log_dir: &Path,
     ) -> anyhow::Result<Self> {
+        let peer = SocketAddr::new(IpAddr::V4(tor.config().listen_addr), tor.bgp_port());
+        Self::start_to(tor, peer, source, source, hold_time, bfd_ms, log_dir).await
+    }
+
+    /// As [`Self::start`], through `relay` (a [`TcpRelay`] to `tor`), which the ToR sees
+    /// as the neighbor.
+    pub async fn start_via(
+        tor: &Tor,
+        relay: &TcpRelay,
+        source: Ipv4Addr,
+        log_dir: &Path,
+    ) -> anyhow::Result<Self> {
+        let hold = tor.config().hold_time;
+        let seen_as = relay_source(source);
+        Self::start_to(
+            tor,
+            relay.local_addr(),
+            source,
+            seen_as,
+            hold,
+            None,
+            log_dir,
+        )
+        .await
+    }
+
+    async fn start_to(
+        tor: &Tor,
+        peer: SocketAddr,
+        source: Ipv4Addr,
+        seen_as: Ipv4Addr,
+        hold_time: u16,
+        bfd_ms: Option<u32>,
+        log_dir: &Path,
+    ) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("locate the herald-bench executable")?;
-        let log = log_dir.join(format!("engine-child-{source}-{}.log", tor.bgp_port()));
+        let log = log_dir.join(format!("engine-child-{source}-{}.log", peer.port()));
         let file = std::fs::File::create(&log)
             .with_context(|| format!("create log file {}", log.display()))?;
         let mut command = tokio::process::Command::new(exe);
@@ -225,9 +263,9 @@ impl EngineChild {
         }
         let mut child = command
             .arg("--peer-addr")
-            .arg(tor.config().listen_addr.to_string())
+            .arg(peer.ip().to_string())
             .arg("--peer-port")
-            .arg(tor.bgp_port().to_string())
+            .arg(peer.port().to_string())
             .arg("--peer-asn")
             .arg(tor.config().local_asn.to_string())
             .arg("--local-asn")
@@ -263,7 +301,7 @@ impl EngineChild {
                 log_file_tail(&log)
             );
         }
-        tor.wait_established(IpAddr::V4(source), ENGINE_ESTABLISH)
+        tor.wait_established(IpAddr::V4(seen_as), ENGINE_ESTABLISH)
             .await?;
         Ok(engine)
     }
@@ -437,5 +475,126 @@ pub async fn wait_count(
             bail!("ToR route count still {count} after {timeout:?}");
         }
         tokio::time::sleep(poll).await;
+    }
+}
+
+/// The address a relay for a speaker at `source` connects to the ToR from: its host
+/// number plus 100, still in the ToR's neighbor range (127.0.0.0/24), so every relayed
+/// speaker is a neighbor of its own.
+pub fn relay_source(source: Ipv4Addr) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, 0, source.octets()[3].wrapping_add(100))
+}
+
+/// A relay towards `tor` for the speaker at `source`: it counts the speaker's UPDATEs on
+/// the way, for speakers and ToRs that do not count them (BIRD).
+pub async fn relay_to(tor: &Tor, source: Ipv4Addr) -> anyhow::Result<TcpRelay> {
+    let upstream = SocketAddr::new(IpAddr::V4(tor.config().listen_addr), tor.bgp_port());
+    TcpRelay::start(Ipv4Addr::LOCALHOST, upstream, relay_source(source)).await
+}
+
+/// BIRD as a speaker: `prefixes` as static routes (in BIRD's own table only: there is no
+/// kernel protocol, so nothing reaches the kernel), exported over eBGP to `peer`, from
+/// `source`. The static protocol starts disabled unless `enabled`: [`BirdSpeaker::announce`]
+/// then hands the routes over at a moment of the caller's choosing. Stopped by PID when
+/// dropped.
+pub struct BirdSpeaker {
+    process: ChildProcess,
+    ctl: PathBuf,
+}
+
+impl BirdSpeaker {
+    pub fn start(
+        dir: &Path,
+        source: Ipv4Addr,
+        prefixes: &[Ipv4Net],
+        peer: SocketAddr,
+        next_hop: Option<Ipv4Addr>,
+        enabled: bool,
+    ) -> anyhow::Result<Self> {
+        use std::fmt::Write as _;
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        let mut config = format!(
+            "router id {source};\nprotocol device {{}}\nprotocol static herald {{\n  ipv4;\n{}",
+            if enabled { "" } else { "  disabled;\n" }
+        );
+        for p in prefixes {
+            let _ = writeln!(config, "  route {p} blackhole;");
+        }
+        // A GoBGP 3.10 ToR takes a classic NEXT_HOP in 127/8 for a withdraw, so the
+        // caller may name another one (only an attribute: nothing routes through it).
+        let next_hop = next_hop.map_or_else(
+            || "next hop self".to_string(),
+            |a| format!("next hop address {a}"),
+        );
+        let _ = write!(
+            config,
+            "}}\nprotocol bgp tor {{\n  local {source} as {};\n  neighbor {} port {} as {};\n  multihop;\n  connect delay time 1;\n  ipv4 {{ import none; export all; {next_hop}; }};\n}}\n",
+            herald_tor_harness::NODE_ASN,
+            peer.ip(),
+            peer.port(),
+            herald_tor_harness::TOR_ASN,
+        );
+        let conf = dir.join("bird.conf");
+        std::fs::write(&conf, config).with_context(|| format!("write {}", conf.display()))?;
+        let log = std::fs::File::create(dir.join("bird.log"))?;
+        let ctl = dir.join("bird.ctl");
+        let mut command = std::process::Command::new("bird");
+        command
+            .arg("-f")
+            .arg("-c")
+            .arg(&conf)
+            .arg("-s")
+            .arg(&ctl)
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log));
+        Ok(Self {
+            process: ChildProcess::spawn("bird (speaker)", command),
+            ctl,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    async fn birdc(&self, command: &str) -> anyhow::Result<String> {
+        let output = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::process::Command::new("birdc")
+                .arg("-s")
+                .arg(&self.ctl)
+                .arg(command)
+                .stdin(Stdio::null())
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .map_err(|_| anyhow!("birdc {command}: no answer in 10 s"))?
+        .with_context(|| format!("birdc {command}"))?;
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// Waits until its session to the ToR is Established.
+    pub async fn wait_established(&self, timeout: Duration) -> anyhow::Result<()> {
+        let started = Instant::now();
+        loop {
+            let text = self.birdc("show protocols tor").await.unwrap_or_default();
+            if text.contains("Established") {
+                return Ok(());
+            }
+            if started.elapsed() >= timeout {
+                bail!("BIRD speaker not Established after {timeout:?}: {text}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Enables the static routes: BIRD exports them to the ToR.
+    pub async fn announce(&self) -> anyhow::Result<()> {
+        let text = self.birdc("enable herald").await?;
+        if !text.contains("enabled") {
+            bail!("birdc enable herald: {text}");
+        }
+        Ok(())
     }
 }

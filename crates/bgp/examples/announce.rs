@@ -27,12 +27,12 @@ async fn main() {
         let a = std::net::Ipv4Addr::from(0x0a00_0000 + i);
         routes.insert(
             ipnet::IpNet::V4(ipnet::Ipv4Net::new(a, 32).unwrap()),
-            RouteAttributes::default(),
+            RouteAttributes::default().into(),
         );
     }
     routes.insert(
         "2001:db8::1/128".parse().unwrap(),
-        RouteAttributes::default(),
+        RouteAttributes::default().into(),
     );
     let t = Instant::now();
     h.set_desired(routes);

@@ -24,7 +24,7 @@
 //!   [`collision_keeps_inbound`], then sends [`Event::OpenCollisionDump`] to
 //!   the loser.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -317,10 +317,11 @@ pub struct PeerStatus {
     pub negotiated: Option<Negotiated>,
     /// Prefixes currently advertised to the peer.
     pub prefixes_sent: usize,
-    /// The prefixes the Adj-RIB-Out has encoded for the peer on this connection (announced
+    /// The routes the Adj-RIB-Out has encoded for the peer on this connection (announced
     /// and not since withdrawn). The driver reports them in [`PeerStatus::advertised`]
-    /// only once the bytes are written to the socket.
-    pub advertised: Arc<BTreeSet<IpNet>>,
+    /// only once the bytes are written to the socket. Nearly always the very set handed
+    /// to the session (the same `Arc`), so reporting them costs no copy.
+    pub advertised: Arc<Routes>,
     /// Prefixes the peer currently advertises to us (accepted and ignored). Exact when the
     /// set is kept ([`SessionConfig::keep_received`] or a prefix limit); otherwise NLRI
     /// announced minus NLRI withdrawn on this connection, which over-counts a prefix the
@@ -354,7 +355,7 @@ impl PeerStatus {
             established_at: None,
             negotiated: None,
             prefixes_sent: 0,
-            advertised: Arc::new(BTreeSet::new()),
+            advertised: Arc::default(),
             prefixes_sent_ipv6: 0,
             prefixes_received: 0,
             nlri_received: 0,
@@ -1150,7 +1151,7 @@ impl Session {
         self.rib.clear();
         self.received.clear();
         self.status.prefixes_sent = 0;
-        self.status.advertised = Arc::new(BTreeSet::new());
+        self.status.advertised = Arc::default();
         self.status.prefixes_sent_ipv6 = 0;
         self.status.prefixes_received = 0;
         self.status.nlri_received = 0;
@@ -1261,7 +1262,7 @@ impl Session {
                 self.desired
                     .iter()
                     .filter(|(p, _)| families.contains(&Family::of(p)))
-                    .map(|(p, a)| (*p, a.clone()))
+                    .map(|(p, a)| (*p, Arc::clone(a)))
                     .collect(),
             )
         };
@@ -1278,8 +1279,10 @@ impl Session {
             .keys()
             .filter(|p| p.addr().is_ipv6())
             .count();
-        if changed {
-            self.status.advertised = Arc::new(self.rib.sent().keys().copied().collect());
+        // Point at what the Adj-RIB-Out holds now, even when nothing changed on the wire:
+        // an older, equal set kept here would be a second copy of every route.
+        if changed || !Arc::ptr_eq(&self.status.advertised, self.rib.sent()) {
+            self.status.advertised = Arc::clone(self.rib.sent());
         }
     }
 

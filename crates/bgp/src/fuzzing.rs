@@ -106,7 +106,7 @@ fn routes(script: &mut Script<'_>) -> Routes {
                 communities: vec![u32::from(b) << 16; usize::from(b % 3)],
                 ..RouteAttributes::default()
             };
-            (prefix, attributes)
+            (prefix, attributes.into())
         })
         .collect()
 }

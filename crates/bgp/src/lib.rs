@@ -19,7 +19,7 @@
 //! cfg.source_addr = Some("127.0.0.10".parse()?);
 //! let peer = PeerHandle::spawn(cfg).await?;
 //! let mut routes = Routes::new();
-//! routes.insert("10.0.0.1/32".parse()?, RouteAttributes::default());
+//! routes.insert("10.0.0.1/32".parse()?, RouteAttributes::default().into());
 //! peer.set_desired(routes);
 //! peer.wait_established(std::time::Duration::from_secs(5)).await.ok();
 //! println!("{:?}", peer.status());
@@ -38,5 +38,5 @@ pub use fsm::{
     GracefulRestartConfig, Ipv4NlriPolicy, Negotiated, PeerStatus, SentUpdate, Session,
     SessionConfig, ShutdownMode, State,
 };
-pub use rib::{RouteAttributes, Routes};
+pub use rib::{AttributeInterner, RouteAttributes, Routes, SharedAttributes};
 pub use wire::{Family, LargeCommunity, Notification, Origin};

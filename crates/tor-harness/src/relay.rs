@@ -5,8 +5,14 @@
 //! that drops everything), put this relay in the path and call [`TcpRelay::blackhole`]:
 //! it stops moving bytes in both directions but keeps both connections open, so only the
 //! ToR's hold timer can detect it.
+//!
+//! It also counts the BGP UPDATE messages it carries towards the ToR, which is how a
+//! benchmark counts the UPDATEs of a speaker that does not count them itself (BIRD) at a
+//! ToR that does not either (BIRD).
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -22,6 +28,7 @@ pub struct TcpRelay {
     local: SocketAddr,
     mode: watch::Sender<Mode>,
     task: JoinHandle<()>,
+    updates: Arc<AtomicU64>,
 }
 
 /// What the relay does now. Connections remember the `cuts` count they started under and
@@ -51,8 +58,25 @@ impl TcpRelay {
             blackhole: false,
             cuts: 0,
         });
-        let task = tokio::spawn(accept_loop(listener, upstream, source, watch_mode));
-        Ok(TcpRelay { local, mode, task })
+        let updates = Arc::new(AtomicU64::new(0));
+        let task = tokio::spawn(accept_loop(
+            listener,
+            upstream,
+            source,
+            watch_mode,
+            Arc::clone(&updates),
+        ));
+        Ok(TcpRelay {
+            local,
+            mode,
+            task,
+            updates,
+        })
+    }
+
+    /// BGP UPDATE messages relayed towards `upstream` so far, on every connection.
+    pub fn updates_upstream(&self) -> u64 {
+        self.updates.load(Ordering::Relaxed)
     }
 
     /// The address speakers connect to.
@@ -92,6 +116,7 @@ async fn accept_loop(
     upstream: SocketAddr,
     source: Ipv4Addr,
     mode: watch::Receiver<Mode>,
+    updates: Arc<AtomicU64>,
 ) {
     loop {
         let Ok((inbound, _)) = listener.accept().await else {
@@ -99,9 +124,10 @@ async fn accept_loop(
         };
         let mode = mode.clone();
         let cuts = mode.borrow().cuts;
+        let updates = Arc::clone(&updates);
         tokio::spawn(async move {
             match connect_from(source, upstream).await {
-                Ok(outbound) => relay(inbound, outbound, mode, cuts).await,
+                Ok(outbound) => relay(inbound, outbound, mode, cuts, updates).await,
                 Err(error) => tracing::debug!(%error, "relay: upstream connect failed"),
             }
         });
@@ -114,13 +140,77 @@ async fn connect_from(source: Ipv4Addr, upstream: SocketAddr) -> std::io::Result
     socket.connect(upstream).await
 }
 
-async fn relay(inbound: TcpStream, outbound: TcpStream, mode: watch::Receiver<Mode>, cuts: u64) {
+async fn relay(
+    inbound: TcpStream,
+    outbound: TcpStream,
+    mode: watch::Receiver<Mode>,
+    cuts: u64,
+    updates: Arc<AtomicU64>,
+) {
     let (in_read, in_write) = inbound.into_split();
     let (out_read, out_write) = outbound.into_split();
     // Either direction ending (EOF, error or Cut) ends both: the halves drop together.
     tokio::select! {
-        () = pump(in_read, out_write, mode.clone(), cuts) => {}
-        () = pump(out_read, in_write, mode, cuts) => {}
+        () = pump(in_read, out_write, mode.clone(), cuts, Some(updates)) => {}
+        () = pump(out_read, in_write, mode, cuts, None) => {}
+    }
+}
+
+/// Counts the BGP messages of one type in a byte stream cut anywhere: only the fixed
+/// 19-octet headers (RFC 4271 §4.1) are read, each message's body is skipped by its
+/// length. A length below the header's own ends the counting (not BGP).
+#[derive(Debug)]
+struct MessageCounter {
+    wanted: u8,
+    header: [u8; HEADER_LEN],
+    have: usize,
+    skip: usize,
+    broken: bool,
+}
+
+const HEADER_LEN: usize = 19;
+/// RFC 4271 §4.3.
+const UPDATE: u8 = 2;
+
+impl MessageCounter {
+    fn new(wanted: u8) -> Self {
+        MessageCounter {
+            wanted,
+            header: [0; HEADER_LEN],
+            have: 0,
+            skip: 0,
+            broken: false,
+        }
+    }
+
+    /// Messages of the wanted type whose header ends in `bytes`.
+    fn feed(&mut self, mut bytes: &[u8]) -> u64 {
+        let mut found = 0;
+        while !bytes.is_empty() && !self.broken {
+            if self.skip > 0 {
+                let n = self.skip.min(bytes.len());
+                self.skip -= n;
+                bytes = &bytes[n..];
+                continue;
+            }
+            let n = (HEADER_LEN - self.have).min(bytes.len());
+            self.header[self.have..self.have + n].copy_from_slice(&bytes[..n]);
+            self.have += n;
+            bytes = &bytes[n..];
+            if self.have == HEADER_LEN {
+                let len = usize::from(u16::from_be_bytes([self.header[16], self.header[17]]));
+                if len < HEADER_LEN {
+                    self.broken = true;
+                    break;
+                }
+                if self.header[18] == self.wanted {
+                    found += 1;
+                }
+                self.skip = len - HEADER_LEN;
+                self.have = 0;
+            }
+        }
+        found
     }
 }
 
@@ -129,7 +219,9 @@ async fn pump(
     mut to: OwnedWriteHalf,
     mut mode: watch::Receiver<Mode>,
     cuts: u64,
+    updates: Option<Arc<AtomicU64>>,
 ) {
+    let mut counter = MessageCounter::new(UPDATE);
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         // Wait while blackholed; leave once cut.
@@ -151,6 +243,9 @@ async fn pump(
                     Ok(0) | Err(_) => return,
                     Ok(n) => n,
                 };
+                if let Some(updates) = &updates {
+                    updates.fetch_add(counter.feed(&buf[..n]), Ordering::Relaxed);
+                }
                 if mode.borrow().cuts != cuts || to.write_all(&buf[..n]).await.is_err() {
                     return;
                 }
@@ -168,6 +263,32 @@ async fn pump(
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    /// Three messages (KEEPALIVE, UPDATE, UPDATE) fed in every possible two-piece cut.
+    #[test]
+    fn counts_updates_across_any_cut() {
+        let message = |kind: u8, body: usize| {
+            let mut m = vec![0xff; 16];
+            m.extend_from_slice(&u16::try_from(HEADER_LEN + body).unwrap_or(0).to_be_bytes());
+            m.push(kind);
+            m.extend(std::iter::repeat_n(2u8, body));
+            m
+        };
+        let mut stream = message(4, 0);
+        stream.extend(message(UPDATE, 30));
+        stream.extend(message(UPDATE, 0));
+        for cut in 0..=stream.len() {
+            let mut counter = MessageCounter::new(UPDATE);
+            let (a, b) = stream.split_at(cut);
+            assert_eq!(counter.feed(a) + counter.feed(b), 2, "cut at {cut}");
+        }
+        // Not BGP: a length shorter than the header stops the count.
+        let mut counter = MessageCounter::new(UPDATE);
+        let mut bad = vec![0xff; 16];
+        bad.extend_from_slice(&[0, 3, UPDATE]);
+        bad.extend(message(UPDATE, 0));
+        assert_eq!(counter.feed(&bad), 0);
+    }
 
     #[tokio::test]
     async fn forwards_blackholes_and_cuts() -> Result<()> {

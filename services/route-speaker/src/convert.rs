@@ -9,7 +9,8 @@ use herald_api::ipam::v1::IpFamily;
 use herald_api::routing::v1 as pb;
 use herald_bgp::driver::BGP_PORT;
 use herald_bgp::{
-    Family, GracefulRestartConfig, LargeCommunity, PeerConfig, RouteAttributes, Routes,
+    AttributeInterner, Family, GracefulRestartConfig, LargeCommunity, PeerConfig, RouteAttributes,
+    Routes,
 };
 use ipnet::IpNet;
 
@@ -455,6 +456,7 @@ pub fn route_from_pb(route: &pb::Route) -> Result<(IpNet, RouteAttributes), Rout
 /// other routes down.
 pub fn routes_from_pb(pr: &pb::PeerRoutes) -> ConvertedRoutes {
     let mut out = ConvertedRoutes::default();
+    let mut interner = AttributeInterner::new();
     for route in &pr.routes {
         match route_from_pb(route) {
             Ok((prefix, attrs)) => {
@@ -462,7 +464,7 @@ pub fn routes_from_pb(pr: &pb::PeerRoutes) -> ConvertedRoutes {
                     out.skipped.push(RouteError::Duplicate { prefix });
                     continue;
                 }
-                out.routes.insert(prefix, attrs);
+                out.routes.insert(prefix, interner.intern(attrs));
                 out.provenance.extend(provenance_of(prefix, route));
             }
             Err(e) => out.skipped.push(e),

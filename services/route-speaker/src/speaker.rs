@@ -732,10 +732,12 @@ fn graceful_restart_negotiated(s: &Session) -> bool {
 /// our AS on eBGP.
 pub fn drained(routes: &Routes, config: &PeerConfig, shutdown: &Shutdown) -> Routes {
     let ebgp = config.local_asn != config.peer_asn;
+    // The drained routes share their attributes as the routes they come from do.
+    let mut interner = herald_bgp::AttributeInterner::new();
     routes
         .iter()
         .map(|(prefix, attrs)| {
-            let mut a: RouteAttributes = attrs.clone();
+            let mut a = RouteAttributes::clone(attrs);
             if !a.communities.contains(&GRACEFUL_SHUTDOWN) {
                 a.communities.push(GRACEFUL_SHUTDOWN);
             }
@@ -746,7 +748,7 @@ pub fn drained(routes: &Routes, config: &PeerConfig, shutdown: &Shutdown) -> Rou
             } else {
                 a.local_pref = Some(shutdown.local_pref);
             }
-            (*prefix, a)
+            (*prefix, interner.intern(a))
         })
         .collect()
 }
@@ -770,7 +772,7 @@ pub fn session_state(
             .established_at
             .filter(|_| established)
             .map(|at| clock.timestamp(at)),
-        announced_prefixes: status.advertised.iter().map(ToString::to_string).collect(),
+        announced_prefixes: status.advertised.keys().map(ToString::to_string).collect(),
         updates_sent: status.updates_sent,
         last_error: status.last_error.clone().unwrap_or_default(),
         // Set by the speaker, which knows what the snapshot wants.
@@ -792,7 +794,7 @@ fn all_written(status: &PeerStatus, routes: &Routes) -> bool {
     let mut count = 0;
     let all = sent.all(|p| {
         count += 1;
-        status.advertised.contains(p)
+        status.advertised.contains_key(p)
     });
     all && count == status.advertised.len()
 }

@@ -25,7 +25,6 @@ use crate::fsm::{Event, Output, SentUpdate, Session, SessionConfig};
 pub use crate::fsm::{GracefulRestartConfig, Ipv4NlriPolicy, PeerStatus, ShutdownMode, State};
 use crate::rib::Routes;
 use crate::wire::{self, Family, Message, Notification, WireContext};
-use ipnet::IpNet;
 
 /// The BGP port (RFC 4271 §8.2.1).
 pub const BGP_PORT: u16 = 179;
@@ -294,7 +293,7 @@ impl PeerHandle {
                 connecting: None,
                 next_conn_id: 0,
                 status: status_tx,
-                written_advertised: Arc::new(std::collections::BTreeSet::new()),
+                written_advertised: Arc::default(),
                 in_flight: std::collections::VecDeque::new(),
                 written: None,
                 writers: Vec::new(),
@@ -450,7 +449,7 @@ struct Conn {
 }
 
 /// The advertised set as of `offset` bytes queued on the connection.
-type Advertised = Arc<std::collections::BTreeSet<IpNet>>;
+type Advertised = Arc<Routes>;
 
 struct PeerTask {
     config: PeerConfig,

@@ -18,7 +18,7 @@ fn routes(n: u32) -> Routes {
     (0..n)
         .map(|i| {
             let p = IpNet::V4(ipnet::Ipv4Net::new(Ipv4Addr::from(0x0a00_0000 + i), 32).unwrap());
-            (p, RouteAttributes::default())
+            (p, RouteAttributes::default().into())
         })
         .collect()
 }
@@ -60,7 +60,7 @@ async fn two_drivers_peer_over_loopback() {
     let mut set = routes(2000);
     set.insert(
         "2001:db8::1/128".parse().unwrap(),
-        RouteAttributes::default(),
+        RouteAttributes::default().into(),
     );
     client.set_desired(set);
     let st = server
@@ -362,7 +362,7 @@ async fn advertised_waits_for_the_socket() {
                 communities: (0..64).collect(),
                 ..RouteAttributes::default()
             };
-            (p, attrs)
+            (p, attrs.into())
         })
         .collect();
     peer.set_desired(set);

@@ -352,10 +352,13 @@ fn open_confirm_keepalive_goes_established_and_advertises() {
     let now = Instant::now();
     let mut s = in_open_confirm(now);
     let mut routes = Routes::new();
-    routes.insert("10.0.0.1/32".parse().unwrap(), RouteAttributes::default());
+    routes.insert(
+        "10.0.0.1/32".parse().unwrap(),
+        RouteAttributes::default().into(),
+    );
     routes.insert(
         "2001:db8::1/128".parse().unwrap(),
-        RouteAttributes::default(),
+        RouteAttributes::default().into(),
     );
     s.handle(now, Event::SetDesired(Arc::new(routes)));
     let out = s.handle(now, Event::KeepAliveMsg);
@@ -470,7 +473,10 @@ fn established_set_desired_sends_only_the_diff() {
     let now = Instant::now();
     let mut s = established(now);
     let mut routes = Routes::new();
-    routes.insert("10.0.0.1/32".parse().unwrap(), RouteAttributes::default());
+    routes.insert(
+        "10.0.0.1/32".parse().unwrap(),
+        RouteAttributes::default().into(),
+    );
     let out = s.handle(now, Event::SetDesired(Arc::new(routes.clone())));
     assert_eq!(sent(&out).len(), 1);
     assert!(
@@ -492,7 +498,10 @@ fn established_route_refresh_resends_everything() {
     let now = Instant::now();
     let mut s = established(now);
     let mut routes = Routes::new();
-    routes.insert("10.0.0.1/32".parse().unwrap(), RouteAttributes::default());
+    routes.insert(
+        "10.0.0.1/32".parse().unwrap(),
+        RouteAttributes::default().into(),
+    );
     s.handle(now, Event::SetDesired(Arc::new(routes)));
     let out = s.handle(now, Event::RouteRefreshMsg);
     let msgs = sent(&out);
@@ -504,7 +513,10 @@ fn established_manual_stop_withdraws_then_cease_6_2() {
     let now = Instant::now();
     let mut s = established(now);
     let mut routes = Routes::new();
-    routes.insert("10.0.0.1/32".parse().unwrap(), RouteAttributes::default());
+    routes.insert(
+        "10.0.0.1/32".parse().unwrap(),
+        RouteAttributes::default().into(),
+    );
     s.handle(now, Event::SetDesired(Arc::new(routes)));
     let out = s.handle(
         now,
@@ -542,7 +554,10 @@ fn established_tcp_fails_restarts_and_resends_after_reconnect() {
     let now = Instant::now();
     let mut s = established(now);
     let mut routes = Routes::new();
-    routes.insert("10.0.0.1/32".parse().unwrap(), RouteAttributes::default());
+    routes.insert(
+        "10.0.0.1/32".parse().unwrap(),
+        RouteAttributes::default().into(),
+    );
     s.handle(now, Event::SetDesired(Arc::new(routes)));
     s.handle(
         now,
@@ -719,17 +734,18 @@ fn advertised_is_what_was_encoded_not_what_was_asked() {
     let good: IpNet = "10.0.0.1/32".parse().unwrap();
     let refused: IpNet = "10.0.0.2/32".parse().unwrap();
     let mut routes = Routes::new();
-    routes.insert(good, RouteAttributes::default());
+    routes.insert(good, RouteAttributes::default().into());
     routes.insert(
         refused,
         RouteAttributes {
             next_hop: Some("2001:db8::1".parse().unwrap()),
             ..RouteAttributes::default()
-        },
+        }
+        .into(),
     );
     s.handle(now, Event::SetDesired(Arc::new(routes)));
     assert_eq!(
-        s.status().advertised.iter().copied().collect::<Vec<_>>(),
+        s.status().advertised.keys().copied().collect::<Vec<_>>(),
         vec![good]
     );
     assert!(
@@ -771,7 +787,10 @@ fn established_with_gr(now: Instant, peer_n_bit: bool) -> Session {
     s.handle(now, Event::KeepAliveMsg);
     assert_eq!(s.state(), State::Established);
     let mut routes = Routes::new();
-    routes.insert("10.0.0.1/32".parse().unwrap(), RouteAttributes::default());
+    routes.insert(
+        "10.0.0.1/32".parse().unwrap(),
+        RouteAttributes::default().into(),
+    );
     s.handle(now, Event::SetDesired(Arc::new(routes)));
     s
 }

@@ -65,7 +65,7 @@ async fn tor_with_two_engines(kind: TorKind) -> Result<(Tor, PeerHandle, PeerHan
 fn host_routes(base: Ipv4Addr, count: u32) -> Routes {
     prefixes(base, count)
         .into_iter()
-        .map(|p| (IpNet::V4(p), RouteAttributes::default()))
+        .map(|p| (IpNet::V4(p), RouteAttributes::default().into()))
         .collect()
 }
 
@@ -251,7 +251,8 @@ pub async fn ipv6_host_route(kind: TorKind) -> Result<()> {
         RouteAttributes {
             next_hop: Some(next_hop),
             ..RouteAttributes::default()
-        },
+        }
+        .into(),
     );
     peer.set_desired(routes);
     let rib = tor
@@ -569,7 +570,7 @@ pub async fn classic_ipv4_peer(kind: TorKind) -> Result<()> {
     ensure!(
         status.advertised.len() == 3,
         "the engine reports what it wrote: {:?}",
-        status.advertised
+        status.advertised.keys().collect::<Vec<_>>()
     );
     peer.set_desired(Routes::new());
     tor.wait_until(Family::Ipv4, CONVERGE, |rib| rib.is_empty())
