@@ -301,6 +301,7 @@ fn brief_samples(samples: &[f64]) -> String {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
