@@ -29,6 +29,9 @@ use tonic_health::pb::health_client::HealthClient;
 pub const LAB_PREFIX: &str = "172.16.0.241/32";
 /// How long any single expectation about the ToR may take to come true.
 pub const CONVERGE: Duration = Duration::from_secs(15);
+/// Bound on one admin-endpoint GET: they answer in milliseconds, and one that has not
+/// answered in this long on a loaded machine counts as hung.
+pub const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct Ipam {
     pub addr: SocketAddr,
@@ -105,6 +108,102 @@ impl Ipam {
         }
         panic!("herald-ipam on {} not SERVING within 30 s", self.addr);
     }
+}
+
+/// herald-ipam on a fresh Postgres database, serving the lab pool, with a client of each
+/// API: where most scenarios start. The policy is the scenario's (usually
+/// [`tor_policy`]). Fields drop in order: herald-ipam stops before its database goes.
+pub struct IpamLab {
+    pub ipam: Ipam,
+    pub alloc: IpamClient<Channel>,
+    pub routing: RoutingClient<Channel>,
+    /// herald-ipam's working directory, for the scenario's logs and kubeconfigs too.
+    pub dir: tempfile::TempDir,
+    pub db: herald_test_support::TestDb,
+}
+
+impl IpamLab {
+    pub async fn start() -> Self {
+        Self::start_with(|_, _| {}).await
+    }
+
+    /// As [`Self::start`], with `customize` given herald-ipam's command and its directory
+    /// (for flags, environment or a log file).
+    pub async fn start_with(customize: impl FnOnce(&mut Command, &Path)) -> Self {
+        let db = herald_test_support::TestDb::postgres().await;
+        let dir = tempfile::tempdir().unwrap();
+        let ipam =
+            Ipam::start_with(dir.path(), &db.url, port(), |c| customize(c, dir.path())).await;
+        let mut alloc = ipam.ipam().await;
+        let routing = ipam.routing().await;
+        alloc
+            .create_pool(ipam_pb::CreatePoolRequest {
+                pool: Some(lab_pool()),
+            })
+            .await
+            .unwrap();
+        IpamLab {
+            ipam,
+            alloc,
+            routing,
+            dir,
+            db,
+        }
+    }
+}
+
+/// The whole answer (headers and body) of one HTTP/1.0 GET on loopback, or why there is
+/// none; bounded by a few seconds.
+pub async fn http_get_raw(addr: SocketAddr, path: &str) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let get = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await?;
+        let mut out = String::new();
+        stream.read_to_string(&mut out).await?;
+        Ok::<_, std::io::Error>(out)
+    };
+    tokio::time::timeout(HTTP_TIMEOUT, get)
+        .await
+        .map_err(|_| format!("{addr}{path} did not answer within {HTTP_TIMEOUT:?}"))?
+        .map_err(|e| format!("{addr}{path}: {e}"))
+}
+
+/// One HTTP/1.0 GET on loopback: (status, body), or why there is none (status 0 when
+/// the answer has no status line).
+pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    let out = http_get_raw(addr, path).await?;
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    Ok((status, body))
+}
+
+/// MetalLB's definition of `kind`, as far as the fake API server needs it: namespaced,
+/// served in `versions`.
+pub fn metallb_crd(kind: &str, plural: &str, versions: &[&str]) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": format!("{plural}.metallb.io")},
+        "spec": {
+            "group": "metallb.io",
+            "scope": "Namespaced",
+            "names": {"kind": kind, "plural": plural},
+            "versions": versions
+                .iter()
+                .map(|v| serde_json::json!({"name": v, "served": true, "storage": true}))
+                .collect::<Vec<_>>(),
+        },
+    })
 }
 
 /// A route speaker for node `name`, talking to `ipam`.

@@ -20,13 +20,12 @@ use std::time::{Duration, Instant};
 
 use herald_api::ipam::v1 as ipam_pb;
 use herald_e2e::{
-    CONVERGE, Ipam, KubeLab, LAB_PREFIX, Relay, allocate, expect_paths, ingress_ip, lab_pool,
-    lb_service, next_hops, node, port, speaker_with, tor_policy,
+    CONVERGE, Ipam, IpamLab, KubeLab, LAB_PREFIX, Relay, allocate, expect_paths, http_get,
+    ingress_ip, lb_service, next_hops, node, port, speaker_with, tor_policy,
 };
 use herald_fake_kube::SERVICES;
 use herald_test_support::{TestDb, free_port};
 use herald_tor_harness::{Family, Tor, TorConfig, TorKind};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Services created before the relay turns into a blackhole, and while it is one.
 const BEFORE: usize = 20;
@@ -39,33 +38,6 @@ const WORKERS_GIVE_UP: Duration = Duration::from_secs(30);
 const RECOVER: Duration = Duration::from_secs(45);
 /// The speaker's keepalive: a ping after 10 s of silence, answered within 5 s.
 const KEEPALIVE_NOTICES: Duration = Duration::from_secs(40);
-
-/// One HTTP/1.0 GET on loopback, bounded: (status, body), or why not.
-async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
-    let get = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await?;
-        stream
-            .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-            .await?;
-        let mut out = String::new();
-        stream.read_to_string(&mut out).await?;
-        Ok::<_, std::io::Error>(out)
-    };
-    let out = tokio::time::timeout(Duration::from_secs(2), get)
-        .await
-        .map_err(|_| format!("{addr}{path} did not answer within 2 s"))?
-        .map_err(|e| format!("{addr}{path}: {e}"))?;
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = out
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_string();
-    Ok((status, body))
-}
 
 /// The sum of a metric's samples whose line contains every one of `parts` (name and
 /// label matchers).
@@ -245,34 +217,24 @@ async fn watcher_workers_time_out_in_a_blackhole_and_every_service_is_addressed_
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_speaker_whose_ipam_stream_goes_silent_keeps_its_routes_and_resubscribes() {
     let tor = Tor::start(TorConfig::new(TorKind::Gobgp)).await.unwrap();
-    let db = TestDb::postgres().await;
-    let dir = tempfile::tempdir().unwrap();
-    let ipam = Ipam::start(dir.path(), &db.url, port()).await;
-    let mut alloc = ipam.ipam().await;
-    let mut routing = ipam.routing().await;
-    alloc
-        .create_pool(ipam_pb::CreatePoolRequest {
-            pool: Some(lab_pool()),
-        })
-        .await
-        .unwrap();
+    let mut lab = IpamLab::start().await;
     let mut policy = tor_policy(&tor, 9);
     policy.peers[0].node_selector = None;
-    routing.set_bgp_policy(policy).await.unwrap();
-    routing
+    lab.routing.set_bgp_policy(policy).await.unwrap();
+    lab.routing
         .upsert_node(node("n0", "127.0.0.10", &[], true))
         .await
         .unwrap();
 
-    let relay = Relay::start(ipam.addr).await;
+    let relay = Relay::start(lab.ipam.addr).await;
     let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let mut log = None;
     let mut speaker = speaker_with("n0", &relay.endpoint(), |c| {
         c.args(["--admin-listen", &admin.to_string()]);
-        log = Some(log_to(dir.path(), "herald-route-speaker", c));
+        log = Some(log_to(lab.dir.path(), "herald-route-speaker", c));
     });
     let log = log.unwrap();
-    alloc
+    lab.alloc
         .allocate(allocate("default", "first", "first"))
         .await
         .unwrap();
@@ -283,7 +245,8 @@ async fn a_speaker_whose_ipam_stream_goes_silent_keeps_its_routes_and_resubscrib
     relay.blackhole();
     let blackholed_at = Instant::now();
     // A change the speaker cannot hear of while the relay drops everything.
-    let second = alloc
+    let second = lab
+        .alloc
         .allocate(allocate("default", "second", "second"))
         .await
         .unwrap()

@@ -10,10 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use herald_api::ipam::v1 as ipam_pb;
 use herald_api::routing::v1 as pb;
-use herald_e2e::{CONVERGE, Ipam, LAB_PREFIX, allocate, expect_paths, lab_pool, node, port};
-use herald_test_support::{ChildProcess, TestDb, workspace_binary};
+use herald_e2e::{CONVERGE, IpamLab, LAB_PREFIX, allocate, expect_paths, node};
+use herald_test_support::{ChildProcess, workspace_binary};
 use herald_tor_harness::{Family, Tor, TorConfig, TorKind, TorPath};
 
 /// A route speaker for node `name` with extra flags, its log (stderr) in `log`.
@@ -71,28 +70,11 @@ async fn lab_paths(tor: &Tor) -> Vec<TorPath> {
 }
 
 /// IPAM on Postgres with the lab pool, `nodes` (all peering) and the lab Service.
-struct Lab {
-    _db: TestDb,
-    dir: tempfile::TempDir,
-    ipam: Ipam,
-    routing: herald_api::routing::v1::routing_client::RoutingClient<tonic::transport::Channel>,
-}
-
-async fn lab(addresses: &[&str], policy: pb::BgpPolicy) -> Lab {
-    let db = TestDb::postgres().await;
-    let dir = tempfile::tempdir().unwrap();
-    let ipam = Ipam::start(dir.path(), &db.url, port()).await;
-    let mut alloc = ipam.ipam().await;
-    let mut routing = ipam.routing().await;
-    alloc
-        .create_pool(ipam_pb::CreatePoolRequest {
-            pool: Some(lab_pool()),
-        })
-        .await
-        .unwrap();
-    routing.set_bgp_policy(policy).await.unwrap();
+async fn lab(addresses: &[&str], policy: pb::BgpPolicy) -> IpamLab {
+    let mut lab = IpamLab::start().await;
+    lab.routing.set_bgp_policy(policy).await.unwrap();
     for (i, address) in addresses.iter().enumerate() {
-        routing
+        lab.routing
             .upsert_node(node(
                 &format!("n{i}"),
                 address,
@@ -102,19 +84,14 @@ async fn lab(addresses: &[&str], policy: pb::BgpPolicy) -> Lab {
             .await
             .unwrap();
     }
-    alloc
+    lab.alloc
         .allocate(allocate("default", "lb-nginx-service", "lb"))
         .await
         .unwrap();
-    Lab {
-        _db: db,
-        dir,
-        ipam,
-        routing,
-    }
+    lab
 }
 
-fn log_path(lab: &Lab, name: &str) -> PathBuf {
+fn log_path(lab: &IpamLab, name: &str) -> PathBuf {
     lab.dir.path().join(format!("{name}.log"))
 }
 

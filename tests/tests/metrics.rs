@@ -15,47 +15,19 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use herald_api::ipam::v1 as ipam_pb;
-use herald_e2e::{CONVERGE, Ipam, KubeLab, expect_paths, lab_pool, lb_service, port};
+use herald_e2e::{CONVERGE, Ipam, KubeLab, expect_paths, http_get, lab_pool, lb_service, port};
 use herald_fake_kube::SERVICES;
 use herald_test_support::{ChildProcess, TestDb};
 use herald_tor_harness::{Tor, TorConfig, TorKind};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const REPO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
-
-/// One HTTP/1.0 GET on loopback: (status, body).
-async fn http_get(addr: SocketAddr, path_and_query: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(format!("GET {path_and_query} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = out
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_string();
-    (status, body)
-}
 
 /// Waits until `GET path` answers `status`.
 async fn wait_status(addr: SocketAddr, path: &str, status: u16) -> String {
     let deadline = Instant::now() + CONVERGE;
     loop {
-        let got = match tokio::net::TcpStream::connect(addr).await {
-            Ok(_) => Some(http_get(addr, path).await),
-            Err(_) => None,
-        };
+        let got = http_get(addr, path).await.ok();
         if let Some((s, body)) = &got
             && *s == status
         {
@@ -146,7 +118,7 @@ async fn prometheus_api(
     let query: String = form_urlencoded::Serializer::new(String::new())
         .append_pair(param, value)
         .finish();
-    let (status, body) = http_get(addr, &format!("{path}?{query}")).await;
+    let (status, body) = http_get(addr, &format!("{path}?{query}")).await.unwrap();
     assert_eq!(status, 200, "{path} {value}: {body}");
     serde_json::from_str(&body).unwrap()
 }
@@ -221,7 +193,7 @@ async fn prometheus_finds_every_series_the_dashboards_and_alerts_query() {
     })
     .await;
     wait_status(ipam_admin, "/readyz", 200).await;
-    assert_eq!(http_get(ipam_admin, "/healthz").await.0, 200);
+    assert_eq!(http_get(ipam_admin, "/healthz").await.unwrap().0, 200);
     ipam.ipam()
         .await
         .create_pool(ipam_pb::CreatePoolRequest {
@@ -276,7 +248,7 @@ async fn prometheus_finds_every_series_the_dashboards_and_alerts_query() {
     for a in speaker_admin {
         let body = wait_status(a, "/readyz", 503).await;
         assert!(body.contains("no route snapshot"), "{body}");
-        assert_eq!(http_get(a, "/healthz").await.0, 200);
+        assert_eq!(http_get(a, "/healthz").await.unwrap().0, 200);
     }
 
     lab.start_watcher(&ipam.endpoint());
@@ -322,7 +294,7 @@ async fn prometheus_finds_every_series_the_dashboards_and_alerts_query() {
         speaker_admin[0],
         speaker_admin[1],
     ] {
-        let (status, text) = http_get(a, "/metrics").await;
+        let (status, text) = http_get(a, "/metrics").await.unwrap();
         assert_eq!(status, 200);
         let (ok, out) = promtool(&["check", "metrics"], Some(&text));
         assert!(

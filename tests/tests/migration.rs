@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use herald_api::ipam::v1 as ipam_pb;
-use herald_e2e::{Ipam, KubeLab, next_hops, port};
+use herald_e2e::{Ipam, KubeLab, metallb_crd, next_hops, port};
 use herald_fake_kube::{FakeKube, Resource, SERVICES};
 use herald_test_support::TestDb;
 use herald_tor_harness::{Family, NODE_ASN, TOR_ASN, Tor, TorConfig, TorKind};
@@ -21,22 +21,6 @@ const SERVICES_HELD: usize = 200;
 const PENDING: usize = 5;
 /// 200 routes from two speakers on a loaded machine.
 const ROUTES_CONVERGE: Duration = Duration::from_secs(90);
-
-/// MetalLB's definitions, as far as the fake needs them: namespaced, in the versions
-/// MetalLB serves.
-fn metallb_crd(kind: &str, plural: &str, versions: &[&str]) -> Value {
-    json!({
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {"name": format!("{plural}.metallb.io")},
-        "spec": {
-            "group": "metallb.io",
-            "scope": "Namespaced",
-            "names": {"kind": kind, "plural": plural},
-            "versions": versions.iter().map(|v| json!({"name": v, "served": true, "storage": true})).collect::<Vec<_>>(),
-        },
-    })
-}
 
 /// A Service as MetalLB left it: no class, its address in status.
 fn metallb_service(i: usize, ip: &str) -> Value {

@@ -8,39 +8,30 @@ use std::time::Duration;
 use herald_api::ipam::v1 as ipam_pb;
 use herald_api::routing::v1 as pb;
 use herald_e2e::{
-    CONVERGE, Ipam, LAB_PREFIX, allocate, expect_paths, lab_pool, node, observe, port, speaker,
-    tor_policy,
+    CONVERGE, Ipam, IpamLab, LAB_PREFIX, allocate, expect_paths, node, observe, speaker, tor_policy,
 };
-use herald_test_support::TestDb;
 use herald_tor_harness::{Tor, TorConfig, TorKind};
 
 /// The labs of the seeds, end to end: selective peering, ECMP, Local Services following
 /// their endpoints, NotReady nodes and release.
 async fn lab(kind: TorKind) {
     let tor = Tor::start(TorConfig::new(kind)).await.unwrap();
-    let db = TestDb::postgres().await;
-    let dir = tempfile::tempdir().unwrap();
-    let ipam = Ipam::start(dir.path(), &db.url, port()).await;
-    let mut alloc = ipam.ipam().await;
-    let mut routing = ipam.routing().await;
-    alloc
-        .create_pool(ipam_pb::CreatePoolRequest {
-            pool: Some(lab_pool()),
-        })
+    let mut lab = IpamLab::start().await;
+    lab.routing
+        .set_bgp_policy(tor_policy(&tor, 9))
         .await
         .unwrap();
-    routing.set_bgp_policy(tor_policy(&tor, 9)).await.unwrap();
     // Four nodes; two carry bgp-peer=true (the Calico selective-peering lesson).
     let addresses = ["127.0.0.10", "127.0.0.11", "127.0.0.12", "127.0.0.13"];
     for (i, address) in addresses.iter().enumerate() {
         let labels: &[(&str, &str)] = if i < 2 { &[("bgp-peer", "true")] } else { &[] };
-        routing
+        lab.routing
             .upsert_node(node(&format!("n{i}"), address, labels, true))
             .await
             .unwrap();
     }
     let _speakers: Vec<_> = (0..4)
-        .map(|i| speaker(&format!("n{i}"), &ipam.endpoint()))
+        .map(|i| speaker(&format!("n{i}"), &lab.ipam.endpoint()))
         .collect();
     let two = tor
         .wait_neighbors(CONVERGE, |n| {
@@ -61,7 +52,8 @@ async fn lab(kind: TorKind) {
     );
 
     // The lab Service: 172.16.0.241 with one path per peering node.
-    let allocated = alloc
+    let allocated = lab
+        .alloc
         .allocate(allocate("default", "lb-nginx-service", "lb"))
         .await
         .unwrap()
@@ -70,7 +62,7 @@ async fn lab(kind: TorKind) {
     expect_paths(&tor, LAB_PREFIX, &["127.0.0.10", "127.0.0.11"]).await;
 
     // Relabelling adds the node's session and path; unlabelling removes them.
-    routing
+    lab.routing
         .upsert_node(node("n2", "127.0.0.12", &[("bgp-peer", "true")], true))
         .await
         .unwrap();
@@ -80,7 +72,7 @@ async fn lab(kind: TorKind) {
         &["127.0.0.10", "127.0.0.11", "127.0.0.12"],
     )
     .await;
-    routing
+    lab.routing
         .upsert_node(node("n2", "127.0.0.12", &[], true))
         .await
         .unwrap();
@@ -93,13 +85,19 @@ async fn lab(kind: TorKind) {
         endpoint_nodes: nodes.iter().map(|s| s.to_string()).collect(),
         traceparent: String::new(),
     };
-    routing.set_service_endpoints(local(&["n1"])).await.unwrap();
+    lab.routing
+        .set_service_endpoints(local(&["n1"]))
+        .await
+        .unwrap();
     expect_paths(&tor, LAB_PREFIX, &["127.0.0.11"]).await;
-    routing.set_service_endpoints(local(&["n0"])).await.unwrap();
+    lab.routing
+        .set_service_endpoints(local(&["n0"]))
+        .await
+        .unwrap();
     expect_paths(&tor, LAB_PREFIX, &["127.0.0.10"]).await;
 
     // Back to Cluster; a node going NotReady withdraws its path.
-    routing
+    lab.routing
         .set_service_endpoints(pb::ServiceEndpoints {
             traffic_policy: ipam_pb::TrafficPolicy::Cluster as i32,
             ..local(&["n0"])
@@ -107,7 +105,7 @@ async fn lab(kind: TorKind) {
         .await
         .unwrap();
     expect_paths(&tor, LAB_PREFIX, &["127.0.0.10", "127.0.0.11"]).await;
-    routing
+    lab.routing
         .upsert_node(node("n0", "127.0.0.10", &[("bgp-peer", "true")], false))
         .await
         .unwrap();
@@ -116,7 +114,8 @@ async fn lab(kind: TorKind) {
     // Desired and actual agree once the speakers have reported.
     let mut agreed = false;
     for _ in 0..50 {
-        let status = routing
+        let status = lab
+            .routing
             .get_advertisement_status(pb::GetAdvertisementStatusRequest::default())
             .await
             .unwrap()
@@ -143,7 +142,7 @@ async fn lab(kind: TorKind) {
     );
 
     // Release: the route is gone at the ToR.
-    alloc
+    lab.alloc
         .release(ipam_pb::ReleaseRequest {
             owner_uid: "lb".into(),
             reason: "service deleted".into(),
@@ -168,22 +167,15 @@ async fn lab_pipeline_with_gobgp() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ipam_crash_is_invisible_at_the_tor_and_a_dead_speaker_ages_out() {
     let tor = Tor::start(TorConfig::new(TorKind::Frr)).await.unwrap();
-    let db = TestDb::postgres().await;
-    let dir = tempfile::tempdir().unwrap();
-    let ipam_port = port();
-    let mut ipam = Ipam::start(dir.path(), &db.url, ipam_port).await;
-    let mut alloc = ipam.ipam().await;
-    let mut routing = ipam.routing().await;
-    alloc
-        .create_pool(ipam_pb::CreatePoolRequest {
-            pool: Some(lab_pool()),
-        })
+    let mut lab = IpamLab::start().await;
+    let ipam_port = lab.ipam.addr.port();
+    // A short hold time so a dead speaker ages out quickly: 3 s is the RFC minimum.
+    lab.routing
+        .set_bgp_policy(tor_policy(&tor, 3))
         .await
         .unwrap();
-    // A short hold time so a dead speaker ages out quickly: 3 s is the RFC minimum.
-    routing.set_bgp_policy(tor_policy(&tor, 3)).await.unwrap();
     for (i, address) in ["127.0.0.20", "127.0.0.21"].iter().enumerate() {
-        routing
+        lab.routing
             .upsert_node(node(
                 &format!("m{i}"),
                 address,
@@ -194,17 +186,17 @@ async fn ipam_crash_is_invisible_at_the_tor_and_a_dead_speaker_ages_out() {
             .unwrap();
     }
     let mut speakers: Vec<_> = (0..2)
-        .map(|i| speaker(&format!("m{i}"), &ipam.endpoint()))
+        .map(|i| speaker(&format!("m{i}"), &lab.ipam.endpoint()))
         .collect();
-    alloc
+    lab.alloc
         .allocate(allocate("default", "lb-nginx-service", "lb"))
         .await
         .unwrap();
     expect_paths(&tor, LAB_PREFIX, &["127.0.0.20", "127.0.0.21"]).await;
 
-    ipam.process.kill9();
+    lab.ipam.process.kill9();
     let during = observe(&tor, LAB_PREFIX, Duration::from_secs(3)).await;
-    let ipam = Ipam::start(dir.path(), &db.url, ipam_port).await;
+    lab.ipam = Ipam::start(lab.dir.path(), &lab.db.url, ipam_port).await;
     let after = observe(&tor, LAB_PREFIX, Duration::from_secs(3)).await;
     let both = vec!["127.0.0.20".to_string(), "127.0.0.21".to_string()];
     assert_eq!(
@@ -217,7 +209,7 @@ async fn ipam_crash_is_invisible_at_the_tor_and_a_dead_speaker_ages_out() {
         [both],
         "the ToR saw a change when the IPAM service came back"
     );
-    drop(ipam);
+    drop(lab.ipam);
 
     speakers[0].kill9();
     let started = std::time::Instant::now();

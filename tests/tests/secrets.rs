@@ -18,7 +18,7 @@ use std::time::Duration;
 use base64::Engine;
 use herald_api::ipam::v1 as ipam_pb;
 use herald_api::routing::v1 as pb;
-use herald_e2e::{Ipam, KubeLab, next_hops, port};
+use herald_e2e::{Ipam, KubeLab, http_get_raw, metallb_crd, next_hops, port};
 use herald_fake_kube::{
     CONFIG_MAPS, ENDPOINT_SLICES, EVENTS, EVENTS_V1, FakeKube, LEASES, NAMESPACES, NODES, Resource,
     SECRETS, SERVICES,
@@ -26,7 +26,6 @@ use herald_fake_kube::{
 use herald_test_support::{ChildProcess, OtlpReceiver, TestDb};
 use herald_tor_harness::{Family, NODE_ASN, TOR_ASN, Tor, TorConfig, TorKind};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Distinctive, so that no other text contains it by chance.
 const SECRET: &str = "Md5-pw-7QvXk2Zr";
@@ -36,35 +35,6 @@ const LOG_LEVELS: &str =
     "trace,h2=debug,hyper=debug,hyper_util=debug,tower=debug,rustls=debug,sqlx=debug";
 const SPANS_ARRIVE: Duration = Duration::from_secs(20);
 const CONVERGE: Duration = Duration::from_secs(60);
-
-fn metallb_crd(kind: &str, plural: &str, version: &str) -> Value {
-    json!({
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {"name": format!("{plural}.metallb.io")},
-        "spec": {
-            "group": "metallb.io",
-            "scope": "Namespaced",
-            "names": {"kind": kind, "plural": plural},
-            "versions": [{"name": version, "served": true, "storage": true}],
-        },
-    })
-}
-
-/// One HTTP/1.0 GET on loopback: the whole answer, headers included.
-async fn http_get(addr: SocketAddr, path: &str) -> String {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
-    out
-}
 
 /// Sends the process's output (both streams) to `<dir>/<name>.log`.
 fn log_to(command: &mut std::process::Command, dir: &Path, name: &str) -> PathBuf {
@@ -171,9 +141,9 @@ async fn no_log_span_metric_or_read_api_shows_a_bgp_password() {
         .await;
     let kube = &lab.kube;
     let crds = [
-        metallb_crd("IPAddressPool", "ipaddresspools", "v1beta1"),
-        metallb_crd("BGPPeer", "bgppeers", "v1beta2"),
-        metallb_crd("BGPAdvertisement", "bgpadvertisements", "v1beta1"),
+        metallb_crd("IPAddressPool", "ipaddresspools", &["v1beta1"]),
+        metallb_crd("BGPPeer", "bgppeers", &["v1beta2"]),
+        metallb_crd("BGPAdvertisement", "bgpadvertisements", &["v1beta1"]),
     ];
     let kinds: Vec<Resource> = crds
         .into_iter()
@@ -381,7 +351,7 @@ async fn no_log_span_metric_or_read_api_shows_a_bgp_password() {
         speaker_admin[1],
     ] {
         for path in ["/metrics", "/healthz", "/readyz"] {
-            let body = http_get(addr, path).await;
+            let body = http_get_raw(addr, path).await.unwrap();
             assert!(body.starts_with("HTTP/"), "{addr}{path}: {body}");
             scan.check(&format!("{addr}{path}"), &body);
         }

@@ -9,10 +9,7 @@ use std::time::{Duration, Instant};
 use herald_api::ipam::v1 as ipam_pb;
 use herald_api::routing::v1 as pb;
 use herald_api::routing::v1::routing_client::RoutingClient;
-use herald_e2e::{
-    CONVERGE, Ipam, allocate, expect_paths, lab_pool, node, port, speaker, tor_policy,
-};
-use herald_test_support::TestDb;
+use herald_e2e::{CONVERGE, IpamLab, allocate, expect_paths, node, speaker, tor_policy};
 use herald_tor_harness::{Tor, TorConfig, TorKind};
 use tonic::transport::Channel;
 
@@ -72,42 +69,35 @@ fn agrees(s: &pb::AdvertisementStatus, prefix: &str, node: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn status_tells_the_truth_with_frr() {
     let tor = Tor::start(TorConfig::new(TorKind::Frr)).await.unwrap();
-    let db = TestDb::postgres().await;
-    let dir = tempfile::tempdir().unwrap();
-    let ipam = Ipam::start(dir.path(), &db.url, port()).await;
-    let mut alloc = ipam.ipam().await;
-    let mut routing = ipam.routing().await;
-    alloc
-        .create_pool(ipam_pb::CreatePoolRequest {
-            pool: Some(lab_pool()),
-        })
+    let mut lab = IpamLab::start().await;
+    lab.routing
+        .set_bgp_policy(tor_policy(&tor, 9))
         .await
         .unwrap();
-    routing.set_bgp_policy(tor_policy(&tor, 9)).await.unwrap();
     // s0 and s1 peer with the ToR; s2 does not (no bgp-peer label).
     let addresses = ["127.0.0.30", "127.0.0.31", "127.0.0.32"];
     for (i, address) in addresses.iter().enumerate() {
         let labels: &[(&str, &str)] = if i < 2 { &[("bgp-peer", "true")] } else { &[] };
-        routing
+        lab.routing
             .upsert_node(node(&format!("s{i}"), address, labels, true))
             .await
             .unwrap();
     }
     let mut speakers: Vec<_> = (0..3)
-        .map(|i| speaker(&format!("s{i}"), &ipam.endpoint()))
+        .map(|i| speaker(&format!("s{i}"), &lab.ipam.endpoint()))
         .collect();
 
     // A Cluster Service, announced by both peering nodes; a Local one whose only
     // endpoints are on s2, which peers with nobody.
-    alloc
+    lab.alloc
         .allocate(allocate("default", "web", "web"))
         .await
         .unwrap();
-    alloc
+    lab.alloc
         .allocate(allocate("default", "local-only", "loc"))
         .await
         .unwrap();
-    routing
+    lab.routing
         .set_service_endpoints(pb::ServiceEndpoints {
             owner_uid: "loc".into(),
             traffic_policy: ipam_pb::TrafficPolicy::Local as i32,
@@ -119,7 +109,7 @@ async fn status_tells_the_truth_with_frr() {
     expect_paths(&tor, WEB, &["127.0.0.30", "127.0.0.31"]).await;
     // The Local Service was announced for a moment before its endpoints were known; the
     // status converges once its withdrawal is written and reported.
-    let s = until(&mut routing, CONVERGE, "both nodes agree on web", |s| {
+    let s = until(&mut lab.routing, CONVERGE, "both nodes agree on web", |s| {
         agrees(s, WEB, "s0") && agrees(s, WEB, "s1") && s.differences == 0
     })
     .await;
@@ -148,7 +138,7 @@ async fn status_tells_the_truth_with_frr() {
 
     // Filters.
     let by_node = status(
-        &mut routing,
+        &mut lab.routing,
         pb::GetAdvertisementStatusRequest {
             node: "s0".into(),
             ..Default::default()
@@ -161,7 +151,7 @@ async fn status_tells_the_truth_with_frr() {
         "{by_node:#?}"
     );
     let by_service = status(
-        &mut routing,
+        &mut lab.routing,
         pb::GetAdvertisementStatusRequest {
             service: "default/local-only".into(),
             ..Default::default()
@@ -171,7 +161,7 @@ async fn status_tells_the_truth_with_frr() {
     assert_eq!(by_service.entries.len(), 1, "{by_service:#?}");
     assert_eq!(by_service.entries[0].owner_uid, "loc");
     let by_peer = status(
-        &mut routing,
+        &mut lab.routing,
         pb::GetAdvertisementStatusRequest {
             peer: "tor".into(),
             owner_uid: "web".into(),
@@ -183,7 +173,7 @@ async fn status_tells_the_truth_with_frr() {
     nodes.sort();
     assert_eq!(nodes, ["s0", "s1"]);
     let none = status(
-        &mut routing,
+        &mut lab.routing,
         pb::GetAdvertisementStatusRequest {
             peer: "no-such-peer".into(),
             ..Default::default()
@@ -193,13 +183,17 @@ async fn status_tells_the_truth_with_frr() {
     assert!(none.entries.is_empty(), "{none:#?}");
 
     // Pages of one entry walk the whole status in order, each entry once.
-    let full = status(&mut routing, pb::GetAdvertisementStatusRequest::default()).await;
+    let full = status(
+        &mut lab.routing,
+        pb::GetAdvertisementStatusRequest::default(),
+    )
+    .await;
     assert!(full.next_page_token.is_empty());
     let mut walked = Vec::new();
     let mut token = String::new();
     for _ in 0..=full.entries.len() {
         let page = status(
-            &mut routing,
+            &mut lab.routing,
             pb::GetAdvertisementStatusRequest {
                 page_size: 1,
                 page_token: token.clone(),
@@ -224,7 +218,8 @@ async fn status_tells_the_truth_with_frr() {
         .map(|e| (e.prefix.clone(), e.node.clone()))
         .collect();
     assert_eq!(walked, expected);
-    let bad = routing
+    let bad = lab
+        .routing
         .get_advertisement_status(pb::GetAdvertisementStatusRequest {
             page_token: "xyz".into(),
             ..Default::default()
@@ -239,7 +234,7 @@ async fn status_tells_the_truth_with_frr() {
     let killed = Instant::now();
     speakers[1].kill9();
     let s = until(
-        &mut routing,
+        &mut lab.routing,
         Duration::from_secs(5),
         "s1 shown stale after kill -9",
         |s| {
@@ -258,7 +253,11 @@ async fn status_tells_the_truth_with_frr() {
 
     // SIGTERM of s0: its final report says so before its sessions close.
     speakers[0].terminate(Duration::from_secs(15));
-    let s = status(&mut routing, pb::GetAdvertisementStatusRequest::default()).await;
+    let s = status(
+        &mut lab.routing,
+        pb::GetAdvertisementStatusRequest::default(),
+    )
+    .await;
     let e = entry(&s, WEB, "s0").unwrap_or_else(|| panic!("{s:#?}"));
     assert_eq!(
         e.speaker,

@@ -9,13 +9,11 @@
 use std::collections::{BTreeSet, HashSet};
 use std::time::Duration;
 
-use herald_api::ipam::v1 as ipam_pb;
 use herald_e2e::{
-    CONVERGE, Ipam, KubeLab, LAB_PREFIX, allocate, expect_paths, lab_pool, node, port,
-    speaker_with, tor_policy,
+    CONVERGE, IpamLab, KubeLab, LAB_PREFIX, allocate, expect_paths, node, speaker_with, tor_policy,
 };
 use herald_fake_kube::SERVICES;
-use herald_test_support::{OtlpReceiver, ReceivedSpan, TestDb};
+use herald_test_support::{OtlpReceiver, ReceivedSpan};
 use herald_tor_harness::{Tor, TorConfig, TorKind};
 use serde_json::json;
 
@@ -156,32 +154,24 @@ async fn a_service_traces_from_the_watcher_to_an_update_on_each_speaker_and_back
     let receiver = OtlpReceiver::start().await;
     let otlp = receiver.endpoint();
     let tor = Tor::start(TorConfig::new(TorKind::Frr)).await.unwrap();
-    let db = TestDb::postgres().await;
-    let dir = tempfile::tempdir().unwrap();
-    let ipam = Ipam::start_with(dir.path(), &db.url, port(), |c| {
+    let mut ipam_lab = IpamLab::start_with(|c, _| {
         c.args(["--otlp-endpoint", &otlp]);
     })
     .await;
-    ipam.ipam()
-        .await
-        .create_pool(ipam_pb::CreatePoolRequest {
-            pool: Some(lab_pool()),
-        })
-        .await
-        .unwrap();
     let mut policy = tor_policy(&tor, 9);
     policy.peers[0].node_selector = None;
-    ipam.routing().await.set_bgp_policy(policy).await.unwrap();
+    ipam_lab.routing.set_bgp_policy(policy).await.unwrap();
 
-    let mut lab = KubeLab::builder(dir.path())
+    let mut lab = KubeLab::builder(ipam_lab.dir.path())
         .nodes(&NODES_AT)
         // The standard variable, not the flag: both must work.
         .watcher_env("OTEL_EXPORTER_OTLP_ENDPOINT", &otlp)
         .start()
         .await;
-    lab.start_watcher(&ipam.endpoint());
-    lab.wait_registered(&ipam, Duration::from_secs(10)).await;
-    lab.start_speakers_with(&ipam.endpoint(), |_, c| {
+    lab.start_watcher(&ipam_lab.ipam.endpoint());
+    lab.wait_registered(&ipam_lab.ipam, Duration::from_secs(10))
+        .await;
+    lab.start_speakers_with(&ipam_lab.ipam.endpoint(), |_, c| {
         c.args(["--otlp-endpoint", &otlp]);
     });
     let kube = &lab.kube;
@@ -301,31 +291,27 @@ async fn with_the_collector_gone_allocations_and_routes_carry_on_and_drops_are_c
     let mut receiver = OtlpReceiver::start().await;
     let otlp = receiver.endpoint();
     let tor = Tor::start(TorConfig::new(TorKind::Frr)).await.unwrap();
-    let db = TestDb::postgres().await;
-    let dir = tempfile::tempdir().unwrap();
-    let log_path = dir.path().join("herald-ipam.log");
-    let log = std::fs::File::create(&log_path).unwrap();
-    let mut ipam = Ipam::start_with(dir.path(), &db.url, port(), |c| {
-        c.args(["--otlp-endpoint", &otlp]).stderr(log);
+    let mut log_path = None;
+    let mut lab = IpamLab::start_with(|c, dir| {
+        let path = dir.join("herald-ipam.log");
+        c.args(["--otlp-endpoint", &otlp])
+            .stderr(std::fs::File::create(&path).unwrap());
+        log_path = Some(path);
     })
     .await;
-    let mut alloc = ipam.ipam().await;
-    let mut routing = ipam.routing().await;
-    alloc
-        .create_pool(ipam_pb::CreatePoolRequest {
-            pool: Some(lab_pool()),
-        })
+    let log_path = log_path.unwrap();
+    lab.routing
+        .set_bgp_policy(tor_policy(&tor, 9))
         .await
         .unwrap();
-    routing.set_bgp_policy(tor_policy(&tor, 9)).await.unwrap();
-    routing
+    lab.routing
         .upsert_node(node("n0", "127.0.0.10", &[("bgp-peer", "true")], true))
         .await
         .unwrap();
-    let _speaker = speaker_with("n0", &ipam.endpoint(), |c| {
+    let _speaker = speaker_with("n0", &lab.ipam.endpoint(), |c| {
         c.args(["--otlp-endpoint", &otlp]);
     });
-    alloc
+    lab.alloc
         .allocate(allocate("default", "first", "first"))
         .await
         .unwrap();
@@ -345,7 +331,8 @@ async fn with_the_collector_gone_allocations_and_routes_carry_on_and_drops_are_c
     for i in 0..8 {
         let uid = format!("after-{i}");
         let started = std::time::Instant::now();
-        let allocated = alloc
+        let allocated = lab
+            .alloc
             .allocate(allocate("default", &uid, &uid))
             .await
             .unwrap()
@@ -360,7 +347,7 @@ async fn with_the_collector_gone_allocations_and_routes_carry_on_and_drops_are_c
     }
     // The exporter tries its batch (every 500 ms) and fails: give it a few rounds.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let status = ipam.process.terminate(Duration::from_secs(15)).unwrap();
+    let status = lab.ipam.process.terminate(Duration::from_secs(15)).unwrap();
     assert!(status.success(), "herald-ipam exited with {status}");
     let text = std::fs::read_to_string(&log_path).unwrap();
     let dropped = dropped_in(&text)

@@ -16,6 +16,7 @@ pub mod pg;
 pub mod pipeline;
 pub mod replicas;
 pub mod report;
+pub mod rounds;
 pub mod runner;
 pub mod scale;
 pub mod speakers;

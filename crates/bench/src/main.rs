@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use herald_bench::benches::{self, Common, StoreKind};
 use herald_bench::insert_server::{self, InsertServerArgs};
+use herald_bench::rounds::Workload;
 use herald_bench::speakers::EngineChildArgs;
 use herald_bench::{bgp, ipam, machine::Machine, pg, pipeline, replicas};
 use serde_json::{Map, Value};
@@ -117,14 +118,16 @@ enum Bench {
     E2e(E2eArgs),
     /// herald-route-speaker's memory holding N /32s at a GoBGP ToR, against BIRD's.
     SpeakerMemory(SpeakerMemoryArgs),
-    /// alloc and e2e with span export off and on (to an in-process OTLP receiver).
-    Trace(TraceArgs),
+    /// alloc and e2e with span export off and on (to an in-process OTLP receiver), in
+    /// alternating rounds.
+    Trace(RoundsArgs),
     /// The watcher at scale from the fake API server: a burst of Services, a cold start
     /// with N pending, a restart and a migration with N holding addresses; Allocate
     /// batching on vs off in the same run.
     Kube(KubeArgs),
-    /// alloc and e2e in plaintext and over mutual TLS (certificates made for the run).
-    Tls(TraceArgs),
+    /// alloc and e2e in plaintext and over mutual TLS (certificates made for the run), in
+    /// alternating rounds.
+    Tls(RoundsArgs),
     /// Internal: one engine session driven over stdin (used by advertise/withdraw).
     #[command(hide = true)]
     EngineChild(EngineChildArgs),
@@ -167,8 +170,9 @@ struct ScaleCliArgs {
     node_changes: u32,
 }
 
+/// The `trace` and `tls` comparisons: the workloads and how many alternating rounds.
 #[derive(Debug, Args)]
-struct TraceArgs {
+struct RoundsArgs {
     /// Allocate clients.
     #[arg(long, default_value_t = 8)]
     clients: usize,
@@ -177,13 +181,29 @@ struct TraceArgs {
     /// e2e Services allocated one by one, per phase.
     #[arg(long, default_value_t = 200)]
     count: u64,
-    /// e2e Services allocated at once, per phase.
+    /// e2e Services allocated at once, per burst.
     #[arg(long, default_value_t = 100)]
     burst: u64,
-    /// Rounds of (export off, export on), alternating which goes first; each side's
-    /// median over them is compared. Odd, so the median is one round's figure.
+    /// e2e bursts per phase; the phase's burst figure is their median (one burst of 100
+    /// is a single 30-50 ms sample).
+    #[arg(long, default_value_t = 5)]
+    bursts: u64,
+    /// Rounds of (off, on), alternating which goes first; each side's median over them
+    /// is compared. Odd, so the median is one round's figure.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+}
+
+impl RoundsArgs {
+    fn workload(&self) -> Workload<'_> {
+        Workload {
+            clients: self.clients,
+            cidr: &self.pool,
+            count: self.count,
+            burst: self.burst,
+            bursts: self.bursts,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -425,7 +445,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         )?,
         Bench::E2e(a) => {
             if !a.kube_only {
-                put("e2e", json(pipeline::e2e(&common, a.count, a.burst).await))?;
+                put(
+                    "e2e",
+                    json(pipeline::e2e(&common, a.count, a.burst, 1).await),
+                )?;
             }
             if a.kube || a.kube_only {
                 put(
@@ -459,19 +482,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         )?,
         Bench::Trace(a) => put(
             "trace",
-            json(
-                herald_bench::trace::trace_overhead(
-                    &common, a.clients, &a.pool, a.count, a.burst, a.rounds,
-                )
-                .await,
-            ),
+            json(herald_bench::trace::trace_overhead(&common, a.workload(), a.rounds).await),
         )?,
         Bench::Tls(a) => put(
             "tls",
-            json(
-                herald_bench::mtls::tls_overhead(&common, a.clients, &a.pool, a.count, a.burst)
-                    .await,
-            ),
+            json(herald_bench::mtls::tls_overhead(&common, a.workload(), a.rounds).await),
         )?,
         Bench::EngineChild(_) | Bench::InsertServer(_) => {}
         Bench::Floor(a) => put(

@@ -1,7 +1,8 @@
 //! `herald-bench tls`: what mutual TLS costs. `alloc` at one client count and the `e2e`
-//! pipeline each run twice in one run, plaintext and over mutual TLS (herald-ipam requiring
-//! client certificates, the bench's clients and both route speakers presenting theirs),
-//! and the ratios printed. The certificates are made for the run by a throwaway CA.
+//! pipeline each run plaintext and over mutual TLS (herald-ipam requiring client
+//! certificates, the bench's clients and both route speakers presenting theirs) in rounds
+//! that alternate which side goes first ([`crate::rounds`] says why), and the ratios of
+//! each side's median printed. The certificates are made for the run by a throwaway CA.
 
 use std::process::Command;
 use std::sync::Arc;
@@ -11,9 +12,10 @@ use herald_test_support::pki::TestCa;
 use herald_tls::{Reloading, TlsFiles};
 use serde::Serialize;
 
-use crate::benches::{self, Common, PhaseResult};
-use crate::pipeline::{self, E2ePhases};
+use crate::benches::{Common, PhaseResult};
+use crate::pipeline::E2ePhases;
 use crate::report::{self, Target};
+use crate::rounds::{self, Comparison, Sides, Workload};
 
 /// The trust domain of the run's identities.
 pub const TRUST_DOMAIN: &str = "herald.bench";
@@ -111,33 +113,20 @@ impl BenchPki {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct TlsReport {
-    pub alloc_off: PhaseResult,
-    pub alloc_on: PhaseResult,
-    pub alloc_throughput_ratio: f64,
-    pub alloc_p99_ratio: f64,
-    pub e2e_off: E2ePhases,
-    pub e2e_on: E2ePhases,
-    /// Services per second one by one (1 / mean latency), on / off.
-    pub e2e_throughput_ratio: f64,
-    pub e2e_p99_ratio: f64,
-    /// Burst prefixes per second, on / off.
-    pub e2e_burst_ratio: f64,
+    #[serde(flatten)]
+    pub comparison: Comparison,
     pub targets: Vec<Target>,
-}
-
-fn ratio(a: f64, b: f64) -> f64 {
-    if b > 0.0 { a / b } else { 0.0 }
 }
 
 pub async fn tls_overhead(
     common: &Common,
-    clients: usize,
-    cidr: &str,
-    count: u64,
-    burst: u64,
+    work: Workload<'_>,
+    rounds: usize,
 ) -> anyhow::Result<TlsReport> {
+    let rounds = rounds.max(1);
     common.print_header(&format!(
-        "tls: plaintext vs mutual TLS 1.3 (client certificates, per-identity authorization), same run; alloc c={clients}, e2e {count} one by one + {burst} at once"
+        "tls: plaintext vs mutual TLS 1.3 (client certificates, per-identity authorization), same run, {rounds} rounds alternating which goes first; alloc c={}, e2e {} one by one + {} bursts of {}",
+        work.clients, work.count, work.bursts, work.burst
     ));
     let pki = Arc::new(BenchPki::new()?);
     let off = Common {
@@ -148,61 +137,13 @@ pub async fn tls_overhead(
         mtls: Some(Arc::clone(&pki)),
         ..common.clone()
     };
-
-    let alloc_off = benches::alloc_phase(&off, clients, cidr)
-        .await
-        .context("alloc, plaintext")?;
-    let alloc_on = benches::alloc_phase(&on, clients, cidr)
-        .await
-        .context("alloc, mTLS")?;
-    report::throughput_header("c");
-    for (name, phase) in [("plaintext", &alloc_off), ("mTLS", &alloc_on)] {
-        report::throughput_row(
-            &clients.to_string(),
-            name,
-            phase.ops_per_sec,
-            &phase.latency,
-            phase.errors,
-            &phase.cpu,
-        );
-        if let Some(e) = &phase.first_error {
-            println!("        first Allocate error: {e}");
-        }
-    }
-    let alloc_throughput_ratio = ratio(alloc_on.ops_per_sec, alloc_off.ops_per_sec);
-    let alloc_p99_ratio = ratio(alloc_on.latency.p99_ms, alloc_off.latency.p99_ms);
-    println!(
-        "  alloc: throughput mTLS/plaintext {alloc_throughput_ratio:.3}, p99 mTLS/plaintext {alloc_p99_ratio:.3}"
-    );
-
-    let e2e_off = pipeline::e2e(&off, count, burst)
-        .await
-        .context("e2e, plaintext")?
-        .allocate;
-    let e2e_on = pipeline::e2e(&on, count, burst)
-        .await
-        .context("e2e, mTLS")?
-        .allocate;
-    let e2e_throughput_ratio = ratio(e2e_off.one_by_one.mean_ms, e2e_on.one_by_one.mean_ms);
-    let e2e_p99_ratio = ratio(e2e_on.one_by_one.p99_ms, e2e_off.one_by_one.p99_ms);
-    let e2e_burst_ratio = ratio(e2e_off.burst_ms, e2e_on.burst_ms);
-    println!();
-    println!(
-        "  e2e one by one: mean {:.2} ms plaintext, {:.2} ms mTLS (throughput mTLS/plaintext {e2e_throughput_ratio:.3}); p99 {:.2} ms plaintext, {:.2} ms mTLS (mTLS/plaintext {e2e_p99_ratio:.3})",
-        e2e_off.one_by_one.mean_ms,
-        e2e_on.one_by_one.mean_ms,
-        e2e_off.one_by_one.p99_ms,
-        e2e_on.one_by_one.p99_ms
-    );
-    println!(
-        "  e2e burst of {burst}: {:.1} ms plaintext, {:.1} ms mTLS (throughput mTLS/plaintext {e2e_burst_ratio:.3})",
-        e2e_off.burst_ms, e2e_on.burst_ms
-    );
-    for (name, phases) in [("plaintext", &e2e_off), ("mTLS", &e2e_on)] {
-        if let Some(e) = &phases.first_error {
-            println!("  e2e {name}: {} errors, first: {e}", phases.errors);
-        }
-    }
+    let sides = Sides {
+        off: &off,
+        on: &on,
+        off_label: "plaintext",
+        on_label: "mTLS",
+    };
+    let comparison = rounds::compare(&sides, work, rounds).await?;
 
     let throughput = |name: &str, r: f64| {
         Target::new(
@@ -220,24 +161,23 @@ pub async fn tls_overhead(
             off == 0 && on == 0,
         )
     };
+    let c = &comparison;
+    let alloc_errors = |phases: &[PhaseResult]| phases.iter().map(|p| p.errors).sum::<u64>();
+    let e2e_errors = |phases: &[E2ePhases]| phases.iter().map(|p| p.errors).sum::<u64>();
     let targets = vec![
-        throughput("alloc throughput mTLS/plaintext", alloc_throughput_ratio),
-        throughput("e2e throughput mTLS/plaintext", e2e_throughput_ratio),
-        throughput("e2e burst mTLS/plaintext", e2e_burst_ratio),
-        clean("alloc errors", alloc_off.errors, alloc_on.errors),
-        clean("e2e errors", e2e_off.errors, e2e_on.errors),
+        throughput("alloc throughput mTLS/plaintext", c.alloc_throughput_ratio),
+        throughput("e2e throughput mTLS/plaintext", c.e2e_throughput_ratio),
+        throughput("e2e burst mTLS/plaintext", c.e2e_burst_ratio),
+        clean(
+            "alloc errors",
+            alloc_errors(&c.alloc_off),
+            alloc_errors(&c.alloc_on),
+        ),
+        clean("e2e errors", e2e_errors(&c.e2e_off), e2e_errors(&c.e2e_on)),
     ];
     report::print_targets(&targets);
     Ok(TlsReport {
-        alloc_off,
-        alloc_on,
-        alloc_throughput_ratio,
-        alloc_p99_ratio,
-        e2e_off,
-        e2e_on,
-        e2e_throughput_ratio,
-        e2e_p99_ratio,
-        e2e_burst_ratio,
+        comparison,
         targets,
     })
 }

@@ -29,6 +29,7 @@ use crate::cpu::{self, CpuUse};
 use crate::ipam::{self, IpamServer};
 use crate::pg::BenchDb;
 use crate::report::{self, Target};
+use crate::rounds::median;
 use crate::speakers;
 use crate::stats::{Latencies, Summary};
 
@@ -394,10 +395,13 @@ pub struct E2ePhases {
     pub split: Option<E2eSplit>,
     pub one_by_one_cpu: CpuUse,
     pub burst_size: u64,
-    /// The batch RPC (or the creates) alone.
+    /// The batch RPC (or the creates) alone; the median over the bursts.
     pub burst_call_ms: f64,
-    /// Until the ToR holds every burst prefix from both nodes.
+    /// Until the ToR holds every burst prefix from both nodes; the median over the bursts.
     pub burst_ms: f64,
+    /// Each burst's time until the ToR held it, in order.
+    pub burst_samples_ms: Vec<f64>,
+    /// Over all the bursts.
     pub burst_cpu: CpuUse,
     pub errors: u64,
     pub first_error: Option<String>,
@@ -424,9 +428,16 @@ pub struct E2eReport {
     pub targets: Vec<Target>,
 }
 
-pub async fn e2e(common: &Common, count: u64, burst: u64) -> anyhow::Result<E2eReport> {
+/// `count` Services one by one, then `bursts` times `burst` at once (one AllocateBatch).
+pub async fn e2e(
+    common: &Common,
+    count: u64,
+    burst: u64,
+    bursts: u64,
+) -> anyhow::Result<E2eReport> {
+    let bursts = bursts.max(1);
     common.print_header(&format!(
-        "e2e (a): Allocate -> herald-ipam -> 2 route speakers -> GoBGP ToR; {count} one by one, then {burst} at once"
+        "e2e (a): Allocate -> herald-ipam -> 2 route speakers -> GoBGP ToR; {count} one by one, then {bursts} x {burst} at once"
     ));
     let mut p = start_pipeline(common, None).await?;
     let pid = Some(p.server.process.pid());
@@ -503,42 +514,52 @@ pub async fn e2e(common: &Common, count: u64, burst: u64) -> anyhow::Result<E2eR
     let after = cpu::sample(pid);
     let one_by_one_cpu = cpu::between(&before, &after);
 
-    // The burst: one AllocateBatch, then until every node's count at the ToR grew by it.
-    let baseline = received_per_node(&p.tor)
-        .await?
-        .into_iter()
-        .min()
-        .unwrap_or(0);
-    let requests = (0..burst)
-        .map(|seq| ipam_pb::AllocateRequest {
-            owner: Some(owner("burst", seq)),
-            ..Default::default()
-        })
-        .collect();
+    // The bursts: each one AllocateBatch, then until every node's count at the ToR grew
+    // by it. One burst is a single 30-50 ms sample; several give a median.
+    let mut burst_samples_ms = Vec::with_capacity(bursts as usize);
+    let mut burst_call_samples_ms = Vec::with_capacity(bursts as usize);
     let before = cpu::sample(pid);
-    let started = Instant::now();
-    let response = p
-        .ipam
-        .allocate_batch(ipam_pb::AllocateBatchRequest { requests })
-        .await
-        .context("AllocateBatch")?
-        .into_inner();
-    let burst_call = started.elapsed();
-    let allocated = response
-        .results
-        .iter()
-        .filter(|r| {
-            matches!(
-                r.result,
-                Some(ipam_pb::allocate_result::Result::Allocation(_))
-            )
-        })
-        .count() as u64;
-    if allocated != burst {
-        errors += burst - allocated;
-        first_error.get_or_insert_with(|| format!("burst: {allocated} of {burst} allocated"));
+    for round in 0..bursts {
+        let baseline = received_per_node(&p.tor)
+            .await?
+            .into_iter()
+            .min()
+            .unwrap_or(0);
+        let label = format!("burst{round}");
+        let requests = (0..burst)
+            .map(|seq| ipam_pb::AllocateRequest {
+                owner: Some(owner(&label, seq)),
+                ..Default::default()
+            })
+            .collect();
+        let started = Instant::now();
+        let response = p
+            .ipam
+            .allocate_batch(ipam_pb::AllocateBatchRequest { requests })
+            .await
+            .with_context(|| format!("AllocateBatch of burst {}", round + 1))?
+            .into_inner();
+        let burst_call = started.elapsed();
+        let allocated = response
+            .results
+            .iter()
+            .filter(|r| {
+                matches!(
+                    r.result,
+                    Some(ipam_pb::allocate_result::Result::Allocation(_))
+                )
+            })
+            .count() as u64;
+        if allocated != burst {
+            errors += burst - allocated;
+            first_error.get_or_insert_with(|| {
+                format!("burst {}: {allocated} of {burst} allocated", round + 1)
+            });
+        }
+        let burst_done = wait_all_nodes(&p.tor, baseline + allocated, started).await?;
+        burst_call_samples_ms.push(burst_call.as_secs_f64() * 1000.0);
+        burst_samples_ms.push(burst_done.as_secs_f64() * 1000.0);
     }
-    let burst_done = wait_all_nodes(&p.tor, baseline + allocated, started).await?;
     let after = cpu::sample(pid);
     drop(arrivals);
     let phases = E2ePhases {
@@ -552,8 +573,9 @@ pub async fn e2e(common: &Common, count: u64, burst: u64) -> anyhow::Result<E2eR
         }),
         one_by_one_cpu,
         burst_size: burst,
-        burst_call_ms: burst_call.as_secs_f64() * 1000.0,
-        burst_ms: burst_done.as_secs_f64() * 1000.0,
+        burst_call_ms: median(burst_call_samples_ms),
+        burst_ms: median(burst_samples_ms.clone()),
+        burst_samples_ms,
         burst_cpu: cpu::between(&before, &after),
         errors,
         first_error,
@@ -607,6 +629,19 @@ fn print_e2e_phases(driver: &str, phases: &E2ePhases) {
         phases.burst_ms,
         phases.burst_call_ms
     );
+    if phases.burst_samples_ms.len() > 1 {
+        let samples: Vec<String> = phases
+            .burst_samples_ms
+            .iter()
+            .map(|ms| format!("{ms:.1}"))
+            .collect();
+        println!(
+            "  {:<22} the median of {} bursts: {} ms",
+            "",
+            samples.len(),
+            samples.join(", ")
+        );
+    }
     println!("  cpu one by one: {}", phases.one_by_one_cpu.brief());
     println!("  cpu burst:      {}", phases.burst_cpu.brief());
     println!(
@@ -1253,6 +1288,7 @@ pub async fn e2e_kube(common: &Common, count: u64, burst: u64) -> anyhow::Result
         burst_size: burst,
         burst_call_ms: burst_call.as_secs_f64() * 1000.0,
         burst_ms: burst_done.as_secs_f64() * 1000.0,
+        burst_samples_ms: vec![burst_done.as_secs_f64() * 1000.0],
         burst_cpu: cpu::between(&before, &after),
         errors,
         first_error,

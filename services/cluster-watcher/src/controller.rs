@@ -44,6 +44,7 @@ use crate::mapping::{
     self, AllocateErrorKind, ClassPolicy, FailureReason, Outcome, our_condition, status_ips,
 };
 use crate::rbac::{Permission, Refusals};
+use crate::retry::{Backoff, PerObject};
 use crate::slice_index::SliceIndex;
 
 /// Shortest and longest wait before a Service whose handling failed is tried again.
@@ -204,9 +205,9 @@ struct Ctx {
     /// The resourceVersion each Service had when its status was last patched, until the
     /// cache shows a newer one.
     written_over: Mutex<HashMap<ServiceKey, String>>,
-    /// Consecutive failures per Service and per Node, for the retry backoff.
-    failures: Mutex<HashMap<ServiceKey, u32>>,
-    node_failures: Mutex<HashMap<String, u32>>,
+    /// The retry backoff of each Service and each Node failing in a row.
+    service_retries: PerObject<ServiceKey>,
+    node_retries: PerObject<String>,
     /// Services to reconcile again by name (waiting ones when addresses were freed, the
     /// old Service of a slice that moved); the Service controller reads the other end.
     requeue: mpsc::UnboundedSender<ObjectRef<Service>>,
@@ -318,8 +319,8 @@ pub async fn run(
         slice_index: Mutex::new(SliceIndex::default()),
         written_over: Mutex::new(HashMap::new()),
         sent_nodes: Mutex::new(HashMap::new()),
-        failures: Mutex::new(HashMap::new()),
-        node_failures: Mutex::new(HashMap::new()),
+        service_retries: PerObject::new(MIN_RETRY, MAX_RETRY),
+        node_retries: PerObject::new(MIN_RETRY, MAX_RETRY),
         requeue,
         started: tokio::sync::watch::Sender::new(false),
         listed: tokio::sync::watch::Sender::new(HashSet::new()),
@@ -512,13 +513,7 @@ fn service_error_policy(svc: Arc<Service>, error: &Error, ctx: Arc<Ctx>) -> Acti
     let Some(key) = ServiceKey::of(&svc) else {
         return Action::await_change();
     };
-    let attempt = {
-        let mut failures = lock(&ctx.failures);
-        let n = failures.entry(key.clone()).or_insert(0);
-        *n = n.saturating_add(1);
-        *n
-    };
-    let delay = retry_delay(attempt);
+    let delay = ctx.service_retries.failed(&key);
     warn!(
         k8s.namespace.name = %key.namespace,
         k8s.service.name = %key.name,
@@ -537,19 +532,13 @@ async fn reconcile_node(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action> {
     let _in_flight = InFlight(&ctx.nodes_in_flight);
     let span = info_span!("node", herald.node = %name);
     ctx.reconcile_node(&name).instrument(span).await?;
-    lock(&ctx.node_failures).remove(&name);
+    ctx.node_retries.succeeded(&name);
     Ok(Action::requeue(ctx.settings.resync))
 }
 
 fn node_error_policy(node: Arc<Node>, error: &Error, ctx: Arc<Ctx>) -> Action {
     let name = node.metadata.name.clone().unwrap_or_default();
-    let attempt = {
-        let mut failures = lock(&ctx.node_failures);
-        let n = failures.entry(name.clone()).or_insert(0);
-        *n = n.saturating_add(1);
-        *n
-    };
-    let delay = retry_delay(attempt);
+    let delay = ctx.node_retries.failed(&name);
     warn!(herald.node = %name, error = %error, retry_in = ?delay, "node update failed");
     Action::requeue(delay)
 }
@@ -577,7 +566,7 @@ async fn wait_until_ready(ctx: &Ctx) -> Result<()> {
 /// the API server lets them be read.
 async fn resources_start_up(ctx: &Arc<Ctx>) {
     const HOLDER: &str = "start-up: the custom resources";
-    let mut attempt = 0;
+    let mut backoff = Backoff::new(MIN_RETRY, MAX_RETRY);
     loop {
         match ctx.resources.start_up().await {
             Ok(()) => {
@@ -585,8 +574,7 @@ async fn resources_start_up(ctx: &Arc<Ctx>) {
                 return;
             }
             Err(e) => {
-                attempt += 1;
-                let delay = retry_delay(attempt);
+                let delay = backoff.next_delay();
                 match e.refused() {
                     Some(permission) => ctx.refusals.refuse(permission, HOLDER, &e),
                     None => {
@@ -604,13 +592,12 @@ async fn resources_start_up(ctx: &Arc<Ctx>) {
 /// one can never take it. Retries until the IPAM service answers. The Service controller
 /// has queued every Service meanwhile; its reconciles wait for this.
 async fn start_up(ctx: &Arc<Ctx>) {
-    let mut attempt = 0;
+    let mut backoff = Backoff::new(MIN_RETRY, MAX_RETRY);
     loop {
         match start_up_once(ctx).await {
             Ok(()) => break,
             Err(e) => {
-                attempt += 1;
-                let delay = retry_delay(attempt);
+                let delay = backoff.next_delay();
                 warn!(error = %e, retry_in = ?delay, "start-up pass failed");
                 tokio::time::sleep(delay).await;
             }
@@ -682,12 +669,6 @@ async fn start_up_once(ctx: &Arc<Ctx>) -> Result<()> {
     Ok(())
 }
 
-fn retry_delay(attempt: u32) -> Duration {
-    MIN_RETRY
-        .saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1).min(16)))
-        .min(MAX_RETRY)
-}
-
 async fn gc_loop(ctx: Arc<Ctx>) {
     loop {
         ctx.gc_wanted.notified().await;
@@ -710,7 +691,7 @@ async fn node_sync_loop(ctx: Arc<Ctx>) {
 /// created or changed (through any client), or an address released (by another cluster or
 /// watcher). Without it such a Service would wait for the next resync.
 async fn follow_ipam(ctx: Arc<Ctx>) {
-    let mut attempt = 0;
+    let mut backoff = Backoff::new(MIN_RETRY, MAX_RETRY);
     let mut reconnecting = false;
     // Ends with the task set, at shutdown; every turn either streams or waits a backoff.
     loop {
@@ -720,7 +701,7 @@ async fn follow_ipam(ctx: Arc<Ctx>) {
         // reconnecting below already covers whatever the stream missed.
         match client.watch(ipam::WatchRequest { after_revision: 0 }).await {
             Ok(stream) => {
-                attempt = 0;
+                backoff.reset();
                 // Whatever changed while the stream was down is not replayed: look once.
                 // Not on the first connection: the start-up pass has just handled every
                 // waiting Service.
@@ -752,8 +733,7 @@ async fn follow_ipam(ctx: Arc<Ctx>) {
             }
             Err(status) => warn!(error = %status, "IPAM Watch failed; retrying"),
         }
-        tokio::time::sleep(retry_delay(attempt)).await;
-        attempt = attempt.saturating_add(1);
+        tokio::time::sleep(backoff.next_delay()).await;
     }
 }
 
@@ -837,7 +817,7 @@ impl Ctx {
         let holder = format!("Service/{}/{}", key.namespace, key.name);
         match &result {
             Ok(()) => {
-                lock(&self.failures).remove(key);
+                self.service_retries.succeeded(key);
                 self.refusals.clear(&holder);
             }
             Err(e) => {
@@ -1476,17 +1456,5 @@ impl Ctx {
         {
             let _ = self.requeue.send(ObjectRef::new(&old).within(&namespace));
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn retries_back_off_to_a_ceiling() {
-        assert_eq!(retry_delay(1), MIN_RETRY);
-        assert_eq!(retry_delay(2), MIN_RETRY * 2);
-        assert_eq!(retry_delay(40), MAX_RETRY);
     }
 }

@@ -15,6 +15,7 @@ mod metrics;
 pub mod policy;
 mod rbac;
 pub mod resources;
+mod retry;
 mod slice_index;
 
 use std::net::SocketAddr;

@@ -43,6 +43,7 @@ use crate::crd::{
 };
 use crate::policy::{self, Imports, PoolLabels};
 use crate::rbac::{Permission, Refusals};
+use crate::retry::{Backoff, PerObject};
 
 /// How often live figures (a pool's capacity, a peer's sessions) are read again when
 /// nothing else prompts it.
@@ -233,8 +234,8 @@ pub struct Resources {
     policy_wanted: Notify,
     /// herald-ipam changed (an allocation or pool): the figures in status may have.
     pub ipam_changed: Arc<Notify>,
-    /// Failed reconciles in a row, per object ([`holder`]), for the backoff.
-    failures: Mutex<BTreeMap<String, u32>>,
+    /// The retry backoff of each object ([`holder`]) failing in a row.
+    retries: PerObject<String>,
     /// Permissions the API server refuses; the readiness follows them.
     refusals: Arc<Refusals>,
 }
@@ -269,7 +270,7 @@ impl Resources {
             released_peers: Mutex::new(HashSet::new()),
             policy_wanted: Notify::new(),
             ipam_changed: Arc::new(Notify::new()),
-            failures: Mutex::new(BTreeMap::new()),
+            retries: PerObject::new(MIN_BACKOFF, MAX_BACKOFF),
             refusals,
         })
     }
@@ -379,7 +380,7 @@ impl Resources {
 
     /// A reconcile of `holder` ([`holder`]) succeeded: no backoff, nothing refused.
     fn succeeded(&self, holder: &str) {
-        lock(&self.failures).remove(holder);
+        self.retries.succeeded(&holder.to_string());
         self.refusals.clear(holder);
     }
 
@@ -656,7 +657,7 @@ impl Resources {
     /// Keeps the policy in step with its inputs: on every change of them, and every
     /// [`FIGURES_PERIOD`] (a Secret's password is read, not watched).
     async fn policy_loop(self: Arc<Self>) {
-        let mut attempt = 0u32;
+        let mut backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF);
         loop {
             let outcome = match self.policy_inputs().await {
                 Ok(inputs) => {
@@ -670,17 +671,16 @@ impl Resources {
             };
             let wait = match outcome {
                 Ok(()) => {
-                    attempt = 0;
+                    backoff.reset();
                     self.refusals.clear(POLICY_HOLDER);
                     FIGURES_PERIOD
                 }
                 Err(e) => {
-                    attempt = attempt.saturating_add(1);
                     match e.refused() {
                         Some(permission) => self.refusals.refuse(permission, POLICY_HOLDER, &e),
                         None => warn!(error = %e, "BGP policy not applied; retrying"),
                     }
-                    backoff(attempt)
+                    backoff.next_delay()
                 }
             };
             tokio::select! {
@@ -1279,12 +1279,6 @@ fn set_condition_reason(
     }
 }
 
-fn backoff(attempt: u32) -> Duration {
-    MIN_BACKOFF
-        .saturating_mul(2u32.saturating_pow(attempt.min(8)))
-        .min(MAX_BACKOFF)
-}
-
 /// Failed reconciles are retried with backoff, per object (kube-runtime keeps one
 /// requeue per object, so a retry replaces the previous one).
 fn error_policy<K>(object: Arc<K>, error: &Error, ctx: Arc<Resources>) -> Action
@@ -1307,17 +1301,14 @@ fn error_policy_imported(
 /// A refused permission fails the readiness until this object's reconcile succeeds (one
 /// ERROR line); anything else is a warning per attempt.
 fn retry_action(ctx: &Resources, holder: &str, error: &Error) -> Action {
-    let attempt = {
-        let mut failures = lock(&ctx.failures);
-        let n = failures.entry(holder.to_string()).or_insert(0);
-        *n = n.saturating_add(1);
-        *n
-    };
+    let delay = ctx.retries.failed(&holder.to_string());
     match error.refused() {
         Some(permission) => ctx.refusals.refuse(permission, holder, error),
-        None => warn!(object = holder, error = %error, attempt, "reconcile failed; retrying"),
+        None => {
+            warn!(object = holder, error = %error, retry_in = ?delay, "reconcile failed; retrying")
+        }
     }
-    Action::requeue(backoff(attempt))
+    Action::requeue(delay)
 }
 
 /// Logs what a controller's run yields that its error policy has not seen.

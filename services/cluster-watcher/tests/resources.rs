@@ -12,7 +12,6 @@ use herald_api::ipam::v1 as pb;
 use herald_api::routing::v1 as routing;
 use herald_api::routing::v1::routing_client::RoutingClient;
 use herald_fake_kube::{FakeKube, Resource, SECRETS, SERVICES, Verb};
-use herald_test_support::free_port;
 use serde_json::{Value, json};
 
 /// Registers every definition committed under deploy/helm/herald/crds; answers (pools, peers,
@@ -386,46 +385,6 @@ async fn a_cilium_pool_is_imported_from_the_version_the_cluster_serves() {
     assert_eq!(pool.service_selector.unwrap().match_labels["color"], "blue");
 }
 
-/// `/readyz` until `check` accepts its answer; panics naming the last answer after WAIT.
-async fn wait_readyz(
-    admin: std::net::SocketAddr,
-    what: &str,
-    check: impl Fn(u16, &str) -> bool,
-) -> String {
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let last = http_get(admin, "/readyz").await;
-        if let Ok((code, body)) = &last
-            && check(*code, body)
-        {
-            return body.clone();
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "/readyz: {what} not seen within {WAIT:?}; last {last:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Requests for `verb` on `resource` answered 403, once at least `n` were.
-async fn wait_refused(fake: &FakeKube, verb: Verb, resource: &str, n: usize) {
-    let refused = fake
-        .wait_for(WAIT, |f| {
-            let count = f
-                .requests()
-                .iter()
-                .filter(|r| r.verb == verb && r.resource == resource && r.status == 403)
-                .count();
-            (count >= n).then_some(count)
-        })
-        .await;
-    assert!(
-        refused.is_some(),
-        "{verb:?} {resource} was not retried {n} times"
-    );
-}
-
 /// A permission the watcher's RBAC role lacks on its own custom resources (list IPPools;
 /// patch BGPPeers, which adding the finalizer needs) fails /readyz naming verb and
 /// resource, with one ERROR line however often it is retried; once granted, the work is
@@ -441,40 +400,12 @@ async fn a_refused_permission_on_a_custom_resource_fails_readiness_until_granted
         )
         .unwrap();
     lab.fake.deny(Verb::List, pools);
-    let log_dir = tempfile::tempdir().unwrap();
-    let log_path = log_dir.path().join("watcher.log");
-    let log = std::fs::File::create(&log_path).unwrap();
-    let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let _w = Watcher::start_with(
-        &lab.fake,
-        &lab.ipam.endpoint(),
-        "w1",
-        &["--admin-listen", &admin.to_string()],
-        |command| {
-            command
-                .env("NO_COLOR", "1")
-                .stdout(log.try_clone().unwrap())
-                .stderr(log);
-        },
-    );
-    let refusal_lines = |needle: &str| -> Vec<String> {
-        std::fs::read_to_string(&log_path)
-            .unwrap()
-            .lines()
-            .filter(|l| l.contains(needle))
-            .map(str::to_string)
-            .collect()
-    };
+    let w = Watcher::start_logged(&lab.fake, &lab.ipam.endpoint(), "w1");
 
-    let body = wait_readyz(admin, "the refused list of IPPools", |code, body| {
-        code == 503 && body.contains("list ippools.herald.io")
-    })
-    .await;
+    let body = w.wait_not_ready("list ippools.herald.io").await;
     assert!(body.contains("forbidden"), "{body}");
     wait_refused(&lab.fake, Verb::List, "ippools", 3).await;
-    let lines = refusal_lines("RBAC role must allow list on ippools.herald.io");
-    assert_eq!(lines.len(), 1, "one refusal line expected: {lines:#?}");
-    assert!(lines[0].contains("ERROR"), "{}", lines[0]);
+    w.assert_logged_once_as_error("RBAC role must allow list on ippools.herald.io");
     assert!(
         ipam_pool(&lab, "lab").await.is_none(),
         "a pool it cannot list is not applied"
@@ -485,7 +416,7 @@ async fn a_refused_permission_on_a_custom_resource_fails_readiness_until_granted
         accepted(o).is_some_and(|(s, _)| s == "True")
     })
     .await;
-    wait_readyz(admin, "ready after the grant", |code, _| code == 200).await;
+    w.wait_ready().await;
 
     // A write refused in a reconcile: the peer's finalizer cannot be added.
     lab.fake.deny(Verb::Patch, peers);
@@ -495,19 +426,14 @@ async fn a_refused_permission_on_a_custom_resource_fails_readiness_until_granted
             json!({"metadata": {"name": "tor"}, "spec": {"peerASN": 65000, "peerAddress": "127.0.0.1"}}),
         )
         .unwrap();
-    wait_readyz(admin, "the refused patch of BGPPeers", |code, body| {
-        code == 503 && body.contains("patch bgppeers.herald.io")
-    })
-    .await;
+    w.wait_not_ready("patch bgppeers.herald.io").await;
     wait_refused(&lab.fake, Verb::Patch, "bgppeers", 3).await;
-    let lines = refusal_lines("RBAC role must allow patch on bgppeers.herald.io");
-    assert_eq!(lines.len(), 1, "one refusal line expected: {lines:#?}");
-    assert!(lines[0].contains("ERROR"), "{}", lines[0]);
+    w.assert_logged_once_as_error("RBAC role must allow patch on bgppeers.herald.io");
 
     lab.fake.allow(Verb::Patch, peers);
     wait_object(&lab.fake, peers, "tor", "holding the finalizer", |o| {
         o["metadata"]["finalizers"] == json!(["herald.io/in-use"])
     })
     .await;
-    wait_readyz(admin, "ready after the grant", |code, _| code == 200).await;
+    w.wait_ready().await;
 }

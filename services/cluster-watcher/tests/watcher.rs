@@ -795,71 +795,19 @@ async fn a_forbidden_watch_fails_readiness_and_is_logged_once() {
     let lab = Lab::start(&[("lab", LAB_POOL)]).await;
     lab.fake.deny(Verb::List, ENDPOINT_SLICES);
     lab.fake.create(SERVICES, ours("default", "web")).unwrap();
-    let log_dir = tempfile::tempdir().unwrap();
-    let log_path = log_dir.path().join("watcher.log");
-    let log = std::fs::File::create(&log_path).unwrap();
-    let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let _w = Watcher::start_with(
-        &lab.fake,
-        &lab.ipam.endpoint(),
-        "w1",
-        &["--admin-listen", &admin.to_string()],
-        |command| {
-            command
-                .env("NO_COLOR", "1")
-                .stdout(log.try_clone().unwrap())
-                .stderr(log);
-        },
-    );
+    let w = Watcher::start_logged(&lab.fake, &lab.ipam.endpoint(), "w1");
 
-    let deadline = Instant::now() + WAIT;
-    let body = loop {
-        match http_get(admin, "/readyz").await {
-            Ok((503, body)) if body.contains("list endpointslices") => break body,
-            last => assert!(
-                Instant::now() < deadline,
-                "/readyz never named the refused list within {WAIT:?}: {last:?}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let body = w.wait_not_ready("list endpointslices").await;
     assert!(body.contains("forbidden"), "{body}");
-
     // Retried with backoff, not given up: several refused lists, one log line.
-    let retried = lab
-        .fake
-        .wait_for(WAIT, |f| {
-            let refused = f
-                .requests()
-                .iter()
-                .filter(|r| {
-                    r.verb == Verb::List && r.resource == "endpointslices" && r.status == 403
-                })
-                .count();
-            (refused >= 3).then_some(refused)
-        })
-        .await;
-    assert!(retried.is_some(), "the refused list was not retried");
-    let text = std::fs::read_to_string(&log_path).unwrap();
-    let lines: Vec<&str> = text.lines().filter(|l| l.contains(REFUSAL)).collect();
-    assert_eq!(lines.len(), 1, "one refusal line expected in:\n{text}");
-    assert!(lines[0].contains("ERROR"), "{}", lines[0]);
+    wait_refused(&lab.fake, Verb::List, "endpointslices", 3).await;
+    w.assert_logged_once_as_error(REFUSAL);
     // The start-up barrier holds: nothing is allocated without the full picture.
     assert!(lab.ipam.allocations().await.is_empty());
 
     lab.fake.allow(Verb::List, ENDPOINT_SLICES);
     wait_ingress(&lab.fake, "default", "web").await;
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Ok((200, _)) = http_get(admin, "/readyz").await {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not ready within {WAIT:?} of the grant"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    w.wait_ready().await;
 }
 
 /// The prefixes in one WatchNodeRoutes message, over all its peers.
@@ -968,68 +916,16 @@ async fn a_forbidden_status_write_fails_readiness_until_granted() {
     let lab = Lab::start(&[("lab", LAB_POOL)]).await;
     lab.fake.deny(Verb::Patch, SERVICES);
     lab.fake.create(SERVICES, ours("default", "web")).unwrap();
-    let log_dir = tempfile::tempdir().unwrap();
-    let log_path = log_dir.path().join("watcher.log");
-    let log = std::fs::File::create(&log_path).unwrap();
-    let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let _w = Watcher::start_with(
-        &lab.fake,
-        &lab.ipam.endpoint(),
-        "w1",
-        &["--admin-listen", &admin.to_string()],
-        |command| {
-            command
-                .env("NO_COLOR", "1")
-                .stdout(log.try_clone().unwrap())
-                .stderr(log);
-        },
-    );
+    let w = Watcher::start_logged(&lab.fake, &lab.ipam.endpoint(), "w1");
 
-    let deadline = Instant::now() + WAIT;
-    loop {
-        match http_get(admin, "/readyz").await {
-            Ok((503, body)) if body.contains("patch services/status") => break,
-            last => assert!(
-                Instant::now() < deadline,
-                "/readyz never named the refused status patch within {WAIT:?}: {last:?}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let retried = lab
-        .fake
-        .wait_for(WAIT, |f| {
-            let refused = f
-                .requests()
-                .iter()
-                .filter(|r| r.verb == Verb::Patch && r.resource == "services" && r.status == 403)
-                .count();
-            (refused >= 3).then_some(refused)
-        })
-        .await;
-    assert!(
-        retried.is_some(),
-        "the refused status patch was not retried"
-    );
-    let text = std::fs::read_to_string(&log_path).unwrap();
-    let lines: Vec<&str> = text.lines().filter(|l| l.contains(REFUSAL)).collect();
-    assert_eq!(lines.len(), 1, "one refusal line expected in:\n{text}");
-    assert!(lines[0].contains("ERROR"), "{}", lines[0]);
+    w.wait_not_ready("patch services/status").await;
+    wait_refused(&lab.fake, Verb::Patch, "services", 3).await;
+    w.assert_logged_once_as_error(REFUSAL);
 
     lab.fake.allow(Verb::Patch, SERVICES);
     assert_eq!(
         wait_ingress(&lab.fake, "default", "web").await,
         vec!["172.16.0.241"]
     );
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Ok((200, _)) = http_get(admin, "/readyz").await {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not ready within {WAIT:?} of the grant"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    w.wait_ready().await;
 }

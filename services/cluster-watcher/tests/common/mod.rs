@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use herald_api::ipam::v1 as pb;
 use herald_api::ipam::v1::ipam_client::IpamClient;
-use herald_fake_kube::{FakeKube, NAMESPACES, SERVICES};
+use herald_fake_kube::{FakeKube, NAMESPACES, SERVICES, Verb};
 use herald_test_support::{ChildProcess, TestDb, free_port, workspace_binary};
 use serde_json::{Value, json};
 use tonic::transport::Channel;
@@ -195,6 +195,116 @@ impl Watcher {
             _dir: dir,
         }
     }
+}
+
+/// A watcher whose log goes to a file (without colours) and whose admin server (/readyz)
+/// listens on a free loopback port: for the tests that read both.
+pub struct LoggedWatcher {
+    pub watcher: Watcher,
+    pub admin: SocketAddr,
+    log_path: std::path::PathBuf,
+    _log_dir: tempfile::TempDir,
+}
+
+impl Watcher {
+    pub fn start_logged(fake: &FakeKube, ipam_endpoint: &str, identity: &str) -> LoggedWatcher {
+        let log_dir = tempfile::tempdir().unwrap();
+        let log_path = log_dir.path().join("watcher.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let watcher = Watcher::start_with(
+            fake,
+            ipam_endpoint,
+            identity,
+            &["--admin-listen", &admin.to_string()],
+            |command| {
+                command
+                    .env("NO_COLOR", "1")
+                    .stdout(log.try_clone().unwrap())
+                    .stderr(log);
+            },
+        );
+        LoggedWatcher {
+            watcher,
+            admin,
+            log_path,
+            _log_dir: log_dir,
+        }
+    }
+}
+
+impl LoggedWatcher {
+    /// The log lines so far that contain `needle`.
+    pub fn log_lines(&self, needle: &str) -> Vec<String> {
+        std::fs::read_to_string(&self.log_path)
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Asserts the log holds exactly one line with `needle`, at ERROR: a refusal is
+    /// logged once however often it is retried.
+    pub fn assert_logged_once_as_error(&self, needle: &str) {
+        let lines = self.log_lines(needle);
+        assert_eq!(
+            lines.len(),
+            1,
+            "one line with {needle:?} expected: {lines:#?}"
+        );
+        assert!(lines[0].contains("ERROR"), "{}", lines[0]);
+    }
+
+    /// Until /readyz answers as `check` wants (`what` names it in the failure): its body.
+    pub async fn wait_readyz(&self, what: &str, check: impl Fn(u16, &str) -> bool) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let last = http_get(self.admin, "/readyz").await;
+            if let Ok((code, body)) = &last
+                && check(*code, body)
+            {
+                return body.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "/readyz: {what} not seen within {WAIT:?}; last {last:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Until /readyz fails naming `refused` (e.g. "list endpointslices"): its body.
+    pub async fn wait_not_ready(&self, refused: &str) -> String {
+        self.wait_readyz(&format!("a 503 naming {refused:?}"), |code, body| {
+            code == 503 && body.contains(refused)
+        })
+        .await
+    }
+
+    /// Until /readyz answers 200.
+    pub async fn wait_ready(&self) {
+        self.wait_readyz("ready", |code, _| code == 200).await;
+    }
+}
+
+/// Requests for `verb` on `resource` answered 403, once at least `n` were: a refusal
+/// retried, not given up.
+pub async fn wait_refused(fake: &FakeKube, verb: Verb, resource: &str, n: usize) {
+    let refused = fake
+        .wait_for(WAIT, |f| {
+            let count = f
+                .requests()
+                .iter()
+                .filter(|r| r.verb == verb && r.resource == resource && r.status == 403)
+                .count();
+            (count >= n).then_some(count)
+        })
+        .await;
+    assert!(
+        refused.is_some(),
+        "{verb:?} {resource} was not refused {n} times within {WAIT:?}"
+    );
 }
 
 /// One plain HTTP/1.0 GET on loopback: the status code and the body.
