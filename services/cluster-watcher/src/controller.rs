@@ -39,7 +39,7 @@ use tonic::Code;
 use tonic::transport::Channel;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::batch::AllocateBatcher;
+use crate::batch::{AllocateCall, Batcher, EndpointsCall};
 use crate::mapping::{
     self, AllocateErrorKind, ClassPolicy, FailureReason, Outcome, our_condition, status_ips,
 };
@@ -67,6 +67,8 @@ pub struct Settings {
     pub workers: usize,
     /// Most Allocate requests per AllocateBatch call; 1: one Allocate per Service.
     pub allocate_batch_max: usize,
+    /// Most Services per SetServiceEndpointsBatch call; 1: one SetServiceEndpoints each.
+    pub endpoints_batch_max: usize,
     pub identity: String,
     pub resync: Duration,
     pub imports: crate::policy::Imports,
@@ -182,7 +184,9 @@ struct Ctx {
     client: kube::Client,
     ipam: IpamClient<Inject<Channel>>,
     /// Allocate calls of concurrent reconciles, coalesced into AllocateBatch calls.
-    batcher: AllocateBatcher,
+    batcher: Batcher<AllocateCall>,
+    /// Their SetServiceEndpoints calls, coalesced into SetServiceEndpointsBatch calls.
+    endpoints: Batcher<EndpointsCall>,
     routing: RoutingClient<Inject<Channel>>,
     settings: Settings,
     services: Store<Service>,
@@ -302,9 +306,13 @@ pub async fn run(
         client: client.clone(),
         // Every call carries the reconcile's span as its W3C trace context.
         ipam: IpamClient::new(Inject::new(channel.clone())),
-        batcher: AllocateBatcher::new(
-            IpamClient::new(Inject::new(channel.clone())),
+        batcher: Batcher::new(
+            AllocateCall(IpamClient::new(Inject::new(channel.clone()))),
             settings.allocate_batch_max,
+        ),
+        endpoints: Batcher::new(
+            EndpointsCall(RoutingClient::new(Inject::new(channel.clone()))),
+            settings.endpoints_batch_max,
         ),
         allocated: Mutex::new(AllocatedCache::default()),
         routing: RoutingClient::new(Inject::new(channel)),
@@ -682,6 +690,14 @@ async fn start_up_once(ctx: &Arc<Ctx>) -> Result<()> {
     Ok(())
 }
 
+/// `work`, its time counted as a reconcile step (where the reconciles' time goes).
+async fn timed<T>(step: &'static str, work: impl std::future::Future<Output = T>) -> T {
+    let started = std::time::Instant::now();
+    let out = work.await;
+    crate::metrics::observe_step(step, started.elapsed().as_secs_f64());
+    out
+}
+
 fn retry_delay(attempt: u32) -> Duration {
     MIN_RETRY
         .saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1).min(16)))
@@ -981,7 +997,7 @@ impl Ctx {
             None
         };
         let epoch = lock(&self.allocated).epoch;
-        let first = self.batcher.allocate(req.clone()).await;
+        let first = timed("allocate", self.batcher.submit(req.clone())).await;
         let status = match first {
             Ok(allocation) => {
                 let outcome = self.allocated(key, uid, Some(allocation));
@@ -1040,7 +1056,7 @@ impl Ctx {
             Err(outcome) => return Ok(outcome),
         };
         let epoch = lock(&self.allocated).epoch;
-        match self.batcher.allocate(req.clone()).await {
+        match timed("allocate", self.batcher.submit(req.clone())).await {
             Ok(allocation) => {
                 let outcome = self.allocated(key, uid, Some(allocation));
                 lock(&self.allocated).keep(epoch, uid, req, &outcome);
@@ -1127,7 +1143,7 @@ impl Ctx {
             "metadata": {"resourceVersion": svc.metadata.resource_version},
             "status": {"loadBalancer": {"ingress": ingress}, "conditions": conditions},
         });
-        if !self.patch_status(svc, &patch).await? {
+        if !timed("status", self.patch_status(svc, &patch)).await? {
             return Ok(None);
         }
         self.remember_written_over(svc);
@@ -1244,7 +1260,7 @@ impl Ctx {
             action: "Allocate".into(),
             secondary: None,
         };
-        if let Err(e) = self.recorder.publish(&event, &svc.object_ref(&())).await {
+        if let Err(e) = timed("event", self.recorder.publish(&event, &svc.object_ref(&()))).await {
             warn!(error = %e, reason, "could not record an Event");
         }
     }
@@ -1280,9 +1296,7 @@ impl Ctx {
             // The routes these endpoints make join this reconcile's trace.
             traceparent: herald_telemetry::trace::traceparent(&tracing::Span::current()),
         };
-        self.routing
-            .clone()
-            .set_service_endpoints(req)
+        timed("endpoints", self.endpoints.submit(req))
             .await
             .map_err(ipam_err("SetServiceEndpoints"))?;
         debug!(nodes = ?facts.1, "endpoints sent");
