@@ -13,9 +13,10 @@
 //!    database: until the watcher is ready, with every address claimed as it was.
 //!
 //! After 3 and 4 every Service's address is checked against what it was, and against
-//! herald-ipam's allocations. The arms are the watcher with its Allocate batching
-//! (`allocate_batch_max` at its default) and without it (`allocate_batch_max = 1`), in
-//! the same run. The fake API server runs in this process, so this process's CPU is
+//! herald-ipam's allocations. The arms are the watcher with its Allocate and endpoints
+//! batching (`allocate_batch_max`, `endpoints_batch_max` at their defaults) and without
+//! them (both 1), in the same run. Each phase also shows how long a reconcile waited on
+//! each step on average (the watcher's step histogram), to show where the time goes. The fake API server runs in this process, so this process's CPU is
 //! mostly the API server's: it is printed per phase to show whether it was the limit.
 
 use std::collections::BTreeMap;
@@ -61,6 +62,11 @@ pub struct Phase {
     /// Calls to herald-ipam's Allocate/AllocateBatch and the Allocate requests in them.
     pub allocate_calls: u64,
     pub allocate_requests: u64,
+    /// Calls to SetServiceEndpoints/SetServiceEndpointsBatch and the Services in them.
+    pub endpoints_calls: u64,
+    pub endpoints_requests: u64,
+    /// Per reconcile step that waits on another system: (step, times, mean ms).
+    pub steps: Vec<(String, u64, f64)>,
     /// CPU seconds of the watcher over the phase.
     pub watcher_cpu_s: f64,
     /// This process (mostly the fake API server), herald-ipam, Postgres, the machine.
@@ -87,7 +93,7 @@ pub async fn kube(common: &Common, burst: u64, cold: u64) -> anyhow::Result<Kube
     common.print_header(&format!(
         "kube: herald-fake-kube -> herald-cluster-watcher -> herald-ipam -> 2 route speakers -> GoBGP ToR; \
          a burst of {burst} Services, a cold start with {cold} pending, a restart and a migration with all holding addresses; \
-         Allocate batching on vs off (allocate_batch_max = 1)"
+         Allocate and endpoints batching on vs off (allocate_batch_max = endpoints_batch_max = 1)"
     ));
     let mut arms = Vec::new();
     for (name, max) in [("batched", BATCH_ON), ("unbatched", 1)] {
@@ -129,6 +135,8 @@ async fn run_arm(
         admin,
         args: vec![
             "--allocate-batch-max".into(),
+            max.to_string(),
+            "--endpoints-batch-max".into(),
             max.to_string(),
             "--admin-listen".into(),
             admin.to_string(),
@@ -268,22 +276,36 @@ async fn measure(
     work: impl std::future::Future<Output = anyhow::Result<Figures>>,
 ) -> anyhow::Result<Phase> {
     // A watcher that has just started has no metrics yet: it counts from zero.
-    let (calls_before, requests_before) = allocate_calls(setup.admin).await.unwrap_or((0, 0));
+    let before_figures = watcher_figures(setup.admin).await.unwrap_or_default();
     let watcher_before = cpu::process_seconds(watcher_pid).unwrap_or(0.0);
     let before = cpu::sample(Some(server.process.pid()));
     let (status, tor, ready, kept) = work.await.with_context(|| format!("phase {name}"))?;
     let after = cpu::sample(Some(server.process.pid()));
     let watcher_after = cpu::process_seconds(watcher_pid).unwrap_or(0.0);
-    let (calls, requests) = allocate_calls(setup.admin).await?;
+    let figures = watcher_figures(setup.admin).await?;
     let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
+    let delta = |name: &str| {
+        figures.get(name).copied().unwrap_or(0.0) - before_figures.get(name).copied().unwrap_or(0.0)
+    };
+    let steps = STEPS
+        .iter()
+        .filter_map(|step| {
+            let count = delta(&format!("{STEP_SERIES}_count{{step=\"{step}\"}}"));
+            let sum = delta(&format!("{STEP_SERIES}_sum{{step=\"{step}\"}}"));
+            (count >= 1.0).then(|| (step.to_string(), count as u64, sum * 1000.0 / count))
+        })
+        .collect();
     Ok(Phase {
         name,
         services,
         status_ms: ms(status),
         tor_ms: ms(tor),
         ready_ms: ms(ready),
-        allocate_calls: calls.saturating_sub(calls_before),
-        allocate_requests: requests.saturating_sub(requests_before),
+        allocate_calls: delta("herald_watcher_allocate_batch_size_count") as u64,
+        allocate_requests: delta("herald_watcher_allocate_batch_size_sum") as u64,
+        endpoints_calls: delta("herald_watcher_endpoints_batch_size_count") as u64,
+        endpoints_requests: delta("herald_watcher_endpoints_batch_size_sum") as u64,
+        steps,
         watcher_cpu_s: watcher_after - watcher_before,
         cpu: cpu::between(&before, &after),
         kept,
@@ -451,17 +473,24 @@ async fn check_kept(
     Ok((kept, before.len()))
 }
 
-/// (calls, requests) of the watcher's Allocate batcher so far.
-async fn allocate_calls(admin: SocketAddr) -> anyhow::Result<(u64, u64)> {
+/// The reconcile steps the watcher times, and their series.
+const STEPS: [&str; 4] = ["allocate", "status", "event", "endpoints"];
+const STEP_SERIES: &str = "herald_watcher_reconcile_step_duration_seconds";
+
+/// Every sample of the watcher's /metrics, by series name with its labels as written.
+async fn watcher_figures(admin: SocketAddr) -> anyhow::Result<BTreeMap<String, f64>> {
     let (code, body) = http_get(admin, "/metrics").await?;
     if code != 200 {
         bail!("the watcher's /metrics answered {code}");
     }
-    let get = |name| figure(&body, name).map_or(0, |v| v as u64);
-    Ok((
-        get("herald_watcher_allocate_batch_size_count"),
-        get("herald_watcher_allocate_batch_size_sum"),
-    ))
+    Ok(body
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            Some((series.to_string(), value.parse().ok()?))
+        })
+        .collect())
 }
 
 /// The value of an unlabelled series in a text exposition.
@@ -505,7 +534,7 @@ fn ms(v: Option<f64>) -> String {
 
 fn print_arm(arm: &Arm) {
     println!(
-        "  {} (allocate_batch_max = {}):",
+        "  {} (allocate_batch_max = endpoints_batch_max = {}):",
         arm.name, arm.allocate_batch_max
     );
     println!(
@@ -527,6 +556,22 @@ fn print_arm(arm: &Arm) {
                 .kept
                 .map(|(kept, of)| format!("; {kept} of {of} addresses kept"))
                 .unwrap_or_default()
+        );
+        let steps: Vec<String> = phase
+            .steps
+            .iter()
+            .map(|(step, n, mean)| format!("{step} {n} x {mean:.1} ms"))
+            .collect();
+        println!(
+            "  {:<22} endpoints calls/requests {}/{}; waits per reconcile: {}",
+            "",
+            phase.endpoints_calls,
+            phase.endpoints_requests,
+            if steps.is_empty() {
+                "-".to_string()
+            } else {
+                steps.join(", ")
+            }
         );
     }
 }

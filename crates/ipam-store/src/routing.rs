@@ -72,6 +72,58 @@ impl Store {
         .await
     }
 
+    /// Many owners' endpoint documents in one transaction of two statements (one commit
+    /// and two round trips for a burst, instead of a transaction each), in order: a later
+    /// item for the same owner wins, and every item logs its event, as separate calls
+    /// would.
+    pub async fn set_endpoints_batch(&self, items: &[(&str, &str)]) -> Result<(), StoreError> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        // One row per owner (its last item): a statement may not upsert a row twice.
+        let mut last: Vec<(&str, &str)> = Vec::with_capacity(items.len());
+        let mut at: std::collections::HashMap<&str, usize> =
+            std::collections::HashMap::with_capacity(items.len());
+        for (owner_uid, spec) in items {
+            match at.get(owner_uid) {
+                Some(&i) => last[i].1 = spec,
+                None => {
+                    at.insert(owner_uid, last.len());
+                    last.push((owner_uid, spec));
+                }
+            }
+        }
+        let now = now_micros();
+        // $1 is the time; each row's own values follow.
+        let documents = (0..last.len())
+            .map(|i| format!("(${}, ${}, $1)", 2 * i + 2, 2 * i + 3))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let events = (0..items.len())
+            .map(|i| format!("($1, 'endpoints_changed', ${}, '')", i + 2))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut tx = self.pool.begin().await?;
+        let sql = format!(
+            "INSERT INTO service_endpoints (owner_uid, spec, updated_at) VALUES {documents}
+             ON CONFLICT (owner_uid) DO UPDATE SET spec = excluded.spec, updated_at = excluded.updated_at"
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now);
+        for (owner_uid, spec) in &last {
+            query = query.bind(*owner_uid).bind(*spec);
+        }
+        query.execute(&mut *tx).await?;
+        // Revisions follow the rows' order, so the items' events are logged in order.
+        let sql = format!("INSERT INTO events (at, kind, owner_uid, name) VALUES {events}");
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now);
+        for (owner_uid, _) in items {
+            query = query.bind(*owner_uid);
+        }
+        query.execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     pub async fn load_endpoints(&self) -> Result<Vec<Document>, StoreError> {
         self.documents(
             "SELECT owner_uid AS key, spec, updated_at FROM service_endpoints ORDER BY owner_uid",

@@ -42,6 +42,7 @@ on_both_backends!(
     a_write_refused_for_an_owner_that_holds_takes_no_revision,
     an_update_rewrites_ports_and_policy_at_once_or_changes_nothing,
     compaction_deletes_only_superseded_routing_rows_older_than_the_retention,
+    an_endpoints_batch_is_written_in_order_with_an_event_each,
 );
 
 fn spec(name: &str, addresses: &[&str]) -> PoolSpec {
@@ -888,4 +889,47 @@ async fn compaction_deletes_only_superseded_routing_rows_older_than_the_retentio
     // Every replica and a restart know the point: it is in the store.
     let reopened = Store::open(Some(&db.url)).await.unwrap();
     assert_eq!(reopened.compaction_point().await.unwrap(), deleted_max);
+}
+
+async fn an_endpoints_batch_is_written_in_order_with_an_event_each(db: &TestDb) {
+    let store = Store::open(Some(&db.url)).await.unwrap();
+    store.set_endpoints("b", "{\"old\":true}").await.unwrap();
+    let after = store
+        .events_after(0, 1000)
+        .await
+        .unwrap()
+        .last()
+        .unwrap()
+        .revision();
+    store
+        .set_endpoints_batch(&[("a", "{\"a\":1}"), ("b", "{\"b\":1}"), ("a", "{\"a\":2}")])
+        .await
+        .unwrap();
+    // A later item for the same owner wins, as a later call would.
+    let docs: Vec<(String, String)> = store
+        .load_endpoints()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| (d.key, d.spec))
+        .collect();
+    assert_eq!(
+        docs,
+        [
+            ("a".to_string(), "{\"a\":2}".to_string()),
+            ("b".to_string(), "{\"b\":1}".to_string())
+        ]
+    );
+    let events: Vec<Event> = store.events_after(after, 1000).await.unwrap();
+    let owners: Vec<&str> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::EndpointsChanged { owner_uid, .. } => Some(owner_uid.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(owners, ["a", "b", "a"]);
+    // An empty batch writes nothing.
+    store.set_endpoints_batch(&[]).await.unwrap();
+    assert_eq!(store.events_after(after, 1000).await.unwrap(), events);
 }

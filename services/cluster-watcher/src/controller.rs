@@ -39,7 +39,7 @@ use tonic::Code;
 use tonic::transport::Channel;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::batch::AllocateBatcher;
+use crate::batch::{AllocateCall, Batcher, EndpointsCall};
 use crate::mapping::{
     self, AllocateErrorKind, ClassPolicy, FailureReason, Outcome, our_condition, status_ips,
 };
@@ -68,6 +68,8 @@ pub struct Settings {
     pub workers: usize,
     /// Most Allocate requests per AllocateBatch call; 1: one Allocate per Service.
     pub allocate_batch_max: usize,
+    /// Most Services per SetServiceEndpointsBatch call; 1: one SetServiceEndpoints each.
+    pub endpoints_batch_max: usize,
     pub identity: String,
     pub resync: Duration,
     pub imports: crate::policy::Imports,
@@ -183,7 +185,9 @@ struct Ctx {
     client: kube::Client,
     ipam: IpamClient<Inject<Channel>>,
     /// Allocate calls of concurrent reconciles, coalesced into AllocateBatch calls.
-    batcher: AllocateBatcher,
+    batcher: Batcher<AllocateCall>,
+    /// Their SetServiceEndpoints calls, coalesced into SetServiceEndpointsBatch calls.
+    endpoints: Batcher<EndpointsCall>,
     routing: RoutingClient<Inject<Channel>>,
     settings: Settings,
     services: Store<Service>,
@@ -303,9 +307,13 @@ pub async fn run(
         client: client.clone(),
         // Every call carries the reconcile's span as its W3C trace context.
         ipam: IpamClient::new(Inject::new(channel.clone())),
-        batcher: AllocateBatcher::new(
-            IpamClient::new(Inject::new(channel.clone())),
+        batcher: Batcher::new(
+            AllocateCall(IpamClient::new(Inject::new(channel.clone()))),
             settings.allocate_batch_max,
+        ),
+        endpoints: Batcher::new(
+            EndpointsCall(RoutingClient::new(Inject::new(channel.clone()))),
+            settings.endpoints_batch_max,
         ),
         allocated: Mutex::new(AllocatedCache::default()),
         routing: RoutingClient::new(Inject::new(channel)),
@@ -669,6 +677,14 @@ async fn start_up_once(ctx: &Arc<Ctx>) -> Result<()> {
     Ok(())
 }
 
+/// `work`, its time counted as a reconcile step (where the reconciles' time goes).
+async fn timed<T>(step: &'static str, work: impl std::future::Future<Output = T>) -> T {
+    let started = std::time::Instant::now();
+    let out = work.await;
+    crate::metrics::observe_step(step, started.elapsed().as_secs_f64());
+    out
+}
+
 async fn gc_loop(ctx: Arc<Ctx>) {
     loop {
         ctx.gc_wanted.notified().await;
@@ -961,7 +977,7 @@ impl Ctx {
             None
         };
         let epoch = lock(&self.allocated).epoch;
-        let first = self.batcher.allocate(req.clone()).await;
+        let first = timed("allocate", self.batcher.submit(req.clone())).await;
         let status = match first {
             Ok(allocation) => {
                 let outcome = self.allocated(key, uid, Some(allocation));
@@ -1020,7 +1036,7 @@ impl Ctx {
             Err(outcome) => return Ok(outcome),
         };
         let epoch = lock(&self.allocated).epoch;
-        match self.batcher.allocate(req.clone()).await {
+        match timed("allocate", self.batcher.submit(req.clone())).await {
             Ok(allocation) => {
                 let outcome = self.allocated(key, uid, Some(allocation));
                 lock(&self.allocated).keep(epoch, uid, req, &outcome);
@@ -1107,7 +1123,7 @@ impl Ctx {
             "metadata": {"resourceVersion": svc.metadata.resource_version},
             "status": {"loadBalancer": {"ingress": ingress}, "conditions": conditions},
         });
-        if !self.patch_status(svc, &patch).await? {
+        if !timed("status", self.patch_status(svc, &patch)).await? {
             return Ok(None);
         }
         self.remember_written_over(svc);
@@ -1224,7 +1240,7 @@ impl Ctx {
             action: "Allocate".into(),
             secondary: None,
         };
-        if let Err(e) = self.recorder.publish(&event, &svc.object_ref(&())).await {
+        if let Err(e) = timed("event", self.recorder.publish(&event, &svc.object_ref(&()))).await {
             warn!(error = %e, reason, "could not record an Event");
         }
     }
@@ -1260,9 +1276,7 @@ impl Ctx {
             // The routes these endpoints make join this reconcile's trace.
             traceparent: herald_telemetry::trace::traceparent(&tracing::Span::current()),
         };
-        self.routing
-            .clone()
-            .set_service_endpoints(req)
+        timed("endpoints", self.endpoints.submit(req))
             .await
             .map_err(ipam_err("SetServiceEndpoints"))?;
         debug!(nodes = ?facts.1, "endpoints sent");

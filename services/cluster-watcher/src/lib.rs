@@ -45,6 +45,9 @@ pub const DEFAULT_WORKERS: usize = 32;
 /// bound a batch first.
 pub const MAX_ALLOCATE_BATCH: usize = 1000;
 pub const DEFAULT_ALLOCATE_BATCH_MAX: usize = MAX_ALLOCATE_BATCH;
+/// herald-ipam's largest SetServiceEndpointsBatch.
+pub const MAX_ENDPOINTS_BATCH: usize = 1000;
+pub const DEFAULT_ENDPOINTS_BATCH_MAX: usize = MAX_ENDPOINTS_BATCH;
 /// Every Service is handled again this often, repairing anything a lost write left behind.
 pub const DEFAULT_RESYNC_SECONDS: u64 = 300;
 /// How long a stopping leader may take to hand its lease back.
@@ -92,6 +95,9 @@ pub struct Config {
     /// Most Allocate requests of concurrent reconciles sent in one AllocateBatch call;
     /// 1 sends one Allocate per Service.
     pub allocate_batch_max: usize,
+    /// Most Services' endpoints of concurrent reconciles sent in one
+    /// SetServiceEndpointsBatch call; 1 sends one SetServiceEndpoints per Service.
+    pub endpoints_batch_max: usize,
     pub resync_seconds: u64,
     /// Also read MetalLB's and/or Cilium's resources as Herald's: `metallb`, `cilium`,
     /// or both comma-separated; empty for none.
@@ -121,6 +127,7 @@ impl Default for Config {
             identity: None,
             workers: DEFAULT_WORKERS,
             allocate_batch_max: DEFAULT_ALLOCATE_BATCH_MAX,
+            endpoints_batch_max: DEFAULT_ENDPOINTS_BATCH_MAX,
             resync_seconds: DEFAULT_RESYNC_SECONDS,
             import: String::new(),
             log_format: LogFormat::default(),
@@ -183,6 +190,15 @@ impl herald_settings::Settings for Config {
                 &format!(
                     "must be from 1 (one Allocate per Service) to {MAX_ALLOCATE_BATCH} \
                      (herald-ipam's largest AllocateBatch)"
+                ),
+            );
+        }
+        if !(1..=MAX_ENDPOINTS_BATCH).contains(&self.endpoints_batch_max) {
+            return invalid(
+                "endpoints_batch_max",
+                &format!(
+                    "must be from 1 (one SetServiceEndpoints per Service) to \
+                     {MAX_ENDPOINTS_BATCH} (herald-ipam's largest SetServiceEndpointsBatch)"
                 ),
             );
         }
@@ -256,6 +272,11 @@ pub struct Args {
     /// sends one Allocate per Service [default: 1000]
     #[arg(long, env = "HERALD_ALLOCATE_BATCH_MAX", value_name = "N")]
     pub allocate_batch_max: Option<String>,
+    /// Most Services' endpoints of concurrent reconciles sent in one
+    /// SetServiceEndpointsBatch call; 1 sends one SetServiceEndpoints per Service
+    /// [default: 1000]
+    #[arg(long, env = "HERALD_ENDPOINTS_BATCH_MAX", value_name = "N")]
+    pub endpoints_batch_max: Option<String>,
     /// Every Service is handled again this often, repairing anything a lost write left
     /// behind [default: 300]
     #[arg(long, env = "HERALD_RESYNC_SECONDS", value_name = "SECONDS")]
@@ -331,6 +352,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         },
         workers: config.workers,
         allocate_batch_max: config.allocate_batch_max,
+        endpoints_batch_max: config.endpoints_batch_max,
         identity: identity.clone(),
         resync: Duration::from_secs(config.resync_seconds.max(1)),
         // Checked when the settings were read.

@@ -16,6 +16,12 @@ use prometheus_client::registry::{Registry, Unit};
 
 use crate::mapping::FailureReason;
 
+/// A step of a Service's reconcile that waits on another system.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StepLabel {
+    pub step: &'static str,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
     pub result: &'static str,
@@ -30,23 +36,42 @@ pub struct CallCode {
 pub struct Metrics {
     pub reconciles: Family<ResultLabel, Counter>,
     pub reconcile_duration: Family<ResultLabel, Histogram>,
+    pub step_duration: Family<StepLabel, Histogram>,
     pub leader: Gauge,
     pub ipam_errors: Family<CallCode, Counter>,
     pub allocate_batch_size: Histogram,
+    pub endpoints_batch_size: Histogram,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     reconciles: Family::default(),
     reconcile_duration: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
+    step_duration: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
     leader: Gauge::default(),
     ipam_errors: Family::default(),
     // 1 to 1,000 (herald-ipam's largest batch) in powers of 4.
     allocate_batch_size: Histogram::new([1.0, 4.0, 16.0, 64.0, 256.0, 1000.0]),
+    endpoints_batch_size: Histogram::new([1.0, 4.0, 16.0, 64.0, 256.0, 1000.0]),
 });
 
 /// Requests in one call to herald-ipam from the Allocate batcher (1: a plain Allocate).
 pub fn observe_allocate_batch(size: usize) {
     METRICS.allocate_batch_size.observe(size as f64);
+}
+
+/// Services in one call to herald-ipam from the endpoints batcher (1: a plain
+/// SetServiceEndpoints, more: one SetServiceEndpointsBatch).
+pub fn observe_endpoints_batch(size: usize) {
+    METRICS.endpoints_batch_size.observe(size as f64);
+}
+
+/// How long a reconcile waited on one step: `allocate` (herald-ipam, batched), `status`
+/// (the API server's status write), `event`, `endpoints` (herald-ipam, batched).
+pub fn observe_step(step: &'static str, seconds: f64) {
+    METRICS
+        .step_duration
+        .get_or_create(&StepLabel { step })
+        .observe(seconds);
 }
 
 pub fn observe_reconcile(ok: bool, seconds: f64) {
@@ -103,6 +128,12 @@ pub fn registry() -> Registry {
         Unit::Seconds,
         m.reconcile_duration.clone(),
     );
+    r.register_with_unit(
+        "herald_watcher_reconcile_step_duration",
+        "Time a Service's handling waited on one step (allocate, status, event, endpoints)",
+        Unit::Seconds,
+        m.step_duration.clone(),
+    );
     r.register(
         "herald_watcher_leader",
         "1 while this replica holds the Lease and works, 0 while it stands by",
@@ -117,6 +148,11 @@ pub fn registry() -> Registry {
         "herald_watcher_allocate_batch_size",
         "Allocate requests per call to herald-ipam (1: a plain Allocate, more: one AllocateBatch)",
         m.allocate_batch_size.clone(),
+    );
+    r.register(
+        "herald_watcher_endpoints_batch_size",
+        "Services' endpoints per call to herald-ipam (1: a plain SetServiceEndpoints, more: one SetServiceEndpointsBatch)",
+        m.endpoints_batch_size.clone(),
     );
     r.register_collector(Box::new(LeaderCollector));
     r

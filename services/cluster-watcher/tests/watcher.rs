@@ -184,6 +184,18 @@ async fn two_hundred_services_at_once_get_distinct_addresses_and_free_them() {
         requests < 200.0 + 20.0,
         "{requests} Allocate requests for 200 Services"
     );
+    // Their endpoints too: each Service's sent once, together in SetServiceEndpointsBatch.
+    let calls = figure("herald_watcher_endpoints_batch_size_count");
+    let items = figure("herald_watcher_endpoints_batch_size_sum");
+    eprintln!("{items} Services' endpoints in {calls} calls");
+    assert!(
+        calls < items / 2.0,
+        "{items} Services' endpoints went in {calls} calls"
+    );
+    assert!(
+        (200.0..220.0).contains(&items),
+        "{items} Services' endpoints sent for 200 Services"
+    );
 
     for i in 0..200 {
         lab.fake

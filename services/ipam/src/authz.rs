@@ -48,7 +48,9 @@ pub fn allowed(role: &Role, path: &str) -> bool {
             _ => false,
         },
         "herald.routing.v1.Routing" => match method {
-            "UpsertNode" | "DeleteNode" | "SetServiceEndpoints" => matches!(role, Watcher),
+            "UpsertNode" | "DeleteNode" | "SetServiceEndpoints" | "SetServiceEndpointsBatch" => {
+                matches!(role, Watcher)
+            }
             // The watcher mirrors the BGPPeer custom resources into the policy.
             "SetBgpPolicy" => matches!(role, Operator | Watcher),
             "GetBgpPolicy" | "ListNodes" | "GetAdvertisementStatus" => reads,
@@ -255,6 +257,7 @@ mod tests {
             ("herald.routing.v1.Routing/UpsertNode", W),
             ("herald.routing.v1.Routing/DeleteNode", W),
             ("herald.routing.v1.Routing/SetServiceEndpoints", W),
+            ("herald.routing.v1.Routing/SetServiceEndpointsBatch", W),
             ("herald.routing.v1.Routing/ListNodes", W | O | R),
             ("herald.routing.v1.Routing/SetBgpPolicy", W | O),
             ("herald.routing.v1.Routing/GetBgpPolicy", W | O | R),

@@ -950,3 +950,71 @@ async fn a_burst_of_changes_reaches_a_stream_in_a_few_messages() {
     let carried: usize = m.peers.iter().map(|p| p.routes.len()).sum();
     assert_eq!(carried, 1, "the lone change alone: {m:?}");
 }
+
+/// SetServiceEndpointsBatch: every valid item reaches the routes, in order (a later item
+/// for the same owner wins), an invalid item fails alone with its index, and a batch
+/// larger than the limit is refused whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoints_batch_is_applied_in_order_and_an_invalid_item_fails_alone() {
+    let db = TestDb::postgres().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), Some(&db.url)).await;
+    let mut ipam = server.client().await;
+    let mut routing = RoutingClient::new(server.channel().await.unwrap());
+    create_pool(&mut ipam, pool("lab", &["172.16.0.240/28"])).await;
+    routing.set_bgp_policy(tor_policy()).await.unwrap();
+    for (i, name) in ["n0", "n1"].into_iter().enumerate() {
+        routing
+            .upsert_node(node(
+                name,
+                &format!("127.0.0.{}", 10 + i),
+                &[("bgp-peer", "true")],
+            ))
+            .await
+            .unwrap();
+    }
+    allocate_ok(&mut ipam, allocate("a")).await;
+    allocate_ok(&mut ipam, allocate("b")).await;
+    let mut n0 = watch(&mut routing, "n0").await;
+    until(&mut n0, |s| routes(s).len() == 2).await;
+
+    let local = |uid: &str, nodes: &[&str]| pb::ServiceEndpoints {
+        owner_uid: uid.into(),
+        traffic_policy: ipam_pb::TrafficPolicy::Local as i32,
+        endpoint_nodes: nodes.iter().map(|s| s.to_string()).collect(),
+        traceparent: String::new(),
+    };
+    let results = routing
+        .set_service_endpoints_batch(pb::SetServiceEndpointsBatchRequest {
+            items: vec![
+                local("a", &["n1"]),
+                local("", &["n0"]),
+                local("b", &["n1"]),
+                local("a", &["n0"]),
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    let codes: Vec<i32> = results.iter().map(|r| r.code).collect();
+    assert_eq!(codes, [0, Code::InvalidArgument as i32, 0, 0]);
+    assert!(
+        results[1].message.contains("items[1].owner_uid"),
+        "{}",
+        results[1].message
+    );
+    // b is Local on n1 only: n0 withdraws it; a's last item puts it on n0.
+    let after = until(&mut n0, |s| routes(s).len() == 1).await;
+    assert_eq!(
+        routes(&after),
+        BTreeMap::from([("172.16.0.241/32".to_string(), "127.0.0.10".to_string())])
+    );
+
+    let too_many = routing
+        .set_service_endpoints_batch(pb::SetServiceEndpointsBatchRequest {
+            items: vec![local("a", &["n0"]); 1001],
+        })
+        .await;
+    expect(too_many, Code::InvalidArgument, "items");
+}

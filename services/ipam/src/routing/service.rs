@@ -147,6 +147,30 @@ fn json<T: serde::Serialize>(value: &T) -> Result<String, Status> {
     serde_json::to_string(value).map_err(|e| Status::internal(format!("encoding: {e}")))
 }
 
+/// A SetServiceEndpoints item checked, as stored: its owner and its facts.
+fn endpoints_from_pb(item: pb::ServiceEndpoints) -> Result<(String, Endpoints), FieldError> {
+    let pb::ServiceEndpoints {
+        owner_uid,
+        traffic_policy,
+        endpoint_nodes,
+        traceparent,
+    } = item;
+    validate_uid("owner_uid", &owner_uid)?;
+    if traceparent.len() > 128 || traceparent.chars().any(|c| !c.is_ascii_graphic()) {
+        return Err(FieldError::new(
+            "traceparent",
+            &traceparent,
+            "is not a W3C traceparent",
+        ));
+    }
+    let endpoints = Endpoints {
+        traffic_policy: convert::traffic_policy_from_pb(traffic_policy)?,
+        nodes: convert::endpoint_nodes(endpoint_nodes)?,
+        traceparent,
+    };
+    Ok((owner_uid, endpoints))
+}
+
 /// The policy in force, if one has been set.
 async fn stored_policy(ready: &Ready) -> Result<Option<herald_routes::BgpPolicy>, Status> {
     let doc = ready.ipam.store().load_policy().await.map_err(store_err)?;
@@ -415,25 +439,7 @@ impl RoutingRpc for RoutingService {
         request: Request<pb::ServiceEndpoints>,
     ) -> Result<Response<pb::SetServiceEndpointsResponse>, Status> {
         let ready = self.ready()?;
-        let pb::ServiceEndpoints {
-            owner_uid,
-            traffic_policy,
-            endpoint_nodes,
-            traceparent,
-        } = request.into_inner();
-        validate_uid("owner_uid", &owner_uid).map_err(invalid)?;
-        if traceparent.len() > 128 || traceparent.chars().any(|c| !c.is_ascii_graphic()) {
-            return Err(invalid(FieldError::new(
-                "traceparent",
-                &traceparent,
-                "is not a W3C traceparent",
-            )));
-        }
-        let endpoints = Endpoints {
-            traffic_policy: convert::traffic_policy_from_pb(traffic_policy).map_err(invalid)?,
-            nodes: convert::endpoint_nodes(endpoint_nodes).map_err(invalid)?,
-            traceparent,
-        };
+        let (owner_uid, endpoints) = endpoints_from_pb(request.into_inner()).map_err(invalid)?;
         ready
             .ipam
             .changes()
@@ -446,6 +452,63 @@ impl RoutingRpc for RoutingService {
             .map_err(store_err)?;
         ready.ipam.feed().wake();
         Ok(Response::new(pb::SetServiceEndpointsResponse {}))
+    }
+
+    async fn set_service_endpoints_batch(
+        &self,
+        request: Request<pb::SetServiceEndpointsBatchRequest>,
+    ) -> Result<Response<pb::SetServiceEndpointsBatchResponse>, Status> {
+        let ready = self.ready()?;
+        let pb::SetServiceEndpointsBatchRequest { items } = request.into_inner();
+        if items.len() > crate::MAX_BATCH {
+            return Err(invalid(FieldError::new(
+                "items",
+                format!("{} items", items.len()),
+                format!("a batch takes at most {}", crate::MAX_BATCH),
+            )));
+        }
+        // Each item stands alone: an invalid one fails by itself, named by its index, and
+        // the rest are written together.
+        let mut results = Vec::with_capacity(items.len());
+        let mut valid = Vec::with_capacity(items.len());
+        for (i, item) in items.into_iter().enumerate() {
+            match endpoints_from_pb(item) {
+                Ok((owner_uid, endpoints)) => {
+                    valid.push((owner_uid, json(&endpoints)?));
+                    results.push(pb::SetServiceEndpointsResult::default());
+                }
+                Err(e) => {
+                    let status = invalid(e.within(&format!("items[{i}]")));
+                    results.push(pb::SetServiceEndpointsResult {
+                        code: status.code() as i32,
+                        message: status.message().to_string(),
+                    });
+                }
+            }
+        }
+        for (owner_uid, _) in &valid {
+            ready
+                .ipam
+                .changes()
+                .record(Subject::Endpoints(owner_uid.clone()));
+        }
+        let rows: Vec<(&str, &str)> = valid
+            .iter()
+            .map(|(owner_uid, spec)| (owner_uid.as_str(), spec.as_str()))
+            .collect();
+        // One transaction: a store failure fails the call, and nothing of it is written.
+        ready
+            .ipam
+            .store()
+            .set_endpoints_batch(&rows)
+            .await
+            .map_err(store_err)?;
+        if !rows.is_empty() {
+            ready.ipam.feed().wake();
+        }
+        Ok(Response::new(pb::SetServiceEndpointsBatchResponse {
+            results,
+        }))
     }
 
     async fn set_bgp_policy(

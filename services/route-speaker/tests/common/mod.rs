@@ -171,6 +171,12 @@ impl Routing for FakeService {
     ) -> Result<Response<pb::SetServiceEndpointsResponse>, Status> {
         Err(Status::unimplemented("fake"))
     }
+    async fn set_service_endpoints_batch(
+        &self,
+        _: Request<pb::SetServiceEndpointsBatchRequest>,
+    ) -> Result<Response<pb::SetServiceEndpointsBatchResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
     async fn set_bgp_policy(
         &self,
         _: Request<pb::BgpPolicy>,
