@@ -188,6 +188,12 @@ impl IpamServer {
         Ok(endpoint.with(|e| e.tcp_nodelay(true)))
     }
 
+    /// Whether the server requires client certificates (the bench then has its watcher
+    /// identity, not a speaker's).
+    pub fn mutual_tls(&self) -> bool {
+        self.client_tls.is_some()
+    }
+
     /// The `http://` or `https://` URL a started client (a speaker, the watcher) is given.
     pub fn url(&self) -> String {
         let scheme = if self.client_tls.is_some() {
