@@ -385,18 +385,7 @@ async fn tor_baseline(p: &Pipeline) -> anyhow::Result<u64> {
 
 /// Until the ToR holds `at_least` prefixes from each node.
 async fn wait_tor(p: &Pipeline, at_least: u64, since: Instant) -> anyhow::Result<Duration> {
-    loop {
-        let counts = pipeline::received_per_node(&p.tor).await?;
-        if counts.iter().all(|c| *c >= at_least) {
-            return Ok(since.elapsed());
-        }
-        if since.elapsed() >= PHASE_LIMIT {
-            bail!(
-                "the ToR holds {counts:?} prefixes per node, not {at_least}, after {PHASE_LIMIT:?}"
-            );
-        }
-        tokio::time::sleep(POLL).await;
-    }
+    pipeline::wait_all_nodes(&p.tor, at_least, since, PHASE_LIMIT).await
 }
 
 /// Until the watcher leads and is ready: its start-up pass is done. (A standby is ready

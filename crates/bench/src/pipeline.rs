@@ -277,17 +277,21 @@ pub(crate) async fn received_per_node(tor: &Tor) -> anyhow::Result<Vec<u64>> {
         .collect())
 }
 
-/// Waits until every node has `at_least` prefixes at the ToR; the time since `since`.
-async fn wait_all_nodes(tor: &Tor, at_least: u64, since: Instant) -> anyhow::Result<Duration> {
+/// Waits until every node has `at_least` prefixes at the ToR, for at most `limit` after
+/// `since`; the time since `since`.
+pub(crate) async fn wait_all_nodes(
+    tor: &Tor,
+    at_least: u64,
+    since: Instant,
+    limit: Duration,
+) -> anyhow::Result<Duration> {
     loop {
         let counts = received_per_node(tor).await?;
         if counts.iter().all(|c| *c >= at_least) {
             return Ok(since.elapsed());
         }
-        if since.elapsed() >= BURST_TIMEOUT {
-            bail!(
-                "ToR holds {counts:?} prefixes per node, not {at_least}, after {BURST_TIMEOUT:?}"
-            );
+        if since.elapsed() >= limit {
+            bail!("the ToR holds {counts:?} prefixes per node, not {at_least}, after {limit:?}");
         }
         tokio::time::sleep(BURST_POLL).await;
     }
@@ -562,7 +566,8 @@ pub async fn e2e(
                 format!("burst {}: {allocated} of {burst} allocated", round + 1)
             });
         }
-        let burst_done = wait_all_nodes(&p.tor, baseline + allocated, started).await?;
+        let burst_done =
+            wait_all_nodes(&p.tor, baseline + allocated, started, BURST_TIMEOUT).await?;
         burst_call_samples_ms.push(burst_call.as_secs_f64() * 1000.0);
         burst_samples_ms.push(burst_done.as_secs_f64() * 1000.0);
     }
@@ -1277,7 +1282,7 @@ pub async fn e2e_kube(common: &Common, count: u64, burst: u64) -> anyhow::Result
     };
     let ((with_status, status_at), burst_done) = tokio::join!(
         statuses,
-        wait_all_nodes(&p.tor, baseline + created, started)
+        wait_all_nodes(&p.tor, baseline + created, started, BURST_TIMEOUT)
     );
     let burst_done = burst_done?;
     println!(
