@@ -28,6 +28,9 @@ use crate::stats::{self, Summary};
 const WARMUP_MAX_OPS: u64 = 2000;
 /// Allocate's target share of the raw-INSERT ceiling's tps.
 const ALLOC_TPS_TARGET: f64 = 0.8;
+/// Allocate's target share of its gRPC bound: the ceiling's INSERT behind a minimal gRPC
+/// server that group-commits as herald-ipam does (`insert_server`, `grpc+group insert`).
+const ALLOC_GRPC_BOUND_TARGET: f64 = 0.8;
 /// How much Allocate's p99 may exceed the ceiling's at c = 8.
 const ALLOC_P99_SLACK_MS: f64 = 2.0;
 /// The client count at which the p99 target applies.
@@ -269,10 +272,15 @@ pub async fn alloc_phase(
 pub struct AllocRow {
     pub clients: usize,
     pub ceiling: CeilingResult,
+    /// The same INSERT behind a minimal group-committing gRPC server: the bound for any
+    /// allocation service with a gRPC hop on this machine.
+    pub grpc_bound: PhaseResult,
     pub alloc: PhaseResult,
     /// What Postgres did during the Allocate phase (the ceiling's is in `ceiling.pg`).
     pub alloc_pg: pg::PgActivity,
     pub tps_ratio: f64,
+    /// Allocate's tps over `grpc_bound`'s.
+    pub grpc_bound_ratio: f64,
     pub p99_diff_ms: f64,
     pub audit: Audit,
 }
@@ -292,6 +300,7 @@ pub async fn alloc(common: &Common, clients: &[usize], cidr: &str) -> anyhow::Re
     for &c in clients {
         let (warmup, measure) = common.ceiling_limits();
         let ceiling = pg::ceiling(&common.admin_url, c, warmup, measure).await?;
+        let grpc_bound = grpc_insert(common, c, InsertMode::Group).await?;
         let db = BenchDb::create(&common.admin_url).await?;
         let (server, _) = common.start_ipam(&db).await?;
         let mut admin = server.client().await?;
@@ -328,8 +337,10 @@ pub async fn alloc(common: &Common, clients: &[usize], cidr: &str) -> anyhow::Re
         rows.push(AllocRow {
             clients: c,
             tps_ratio: ratio(phase.ops_per_sec, ceiling.tps),
+            grpc_bound_ratio: ratio(phase.ops_per_sec, grpc_bound.ops_per_sec),
             p99_diff_ms: phase.latency.p99_ms - ceiling.latency.p99_ms,
             ceiling,
+            grpc_bound,
             alloc: phase,
             alloc_pg,
             audit,
@@ -351,6 +362,15 @@ pub async fn alloc(common: &Common, clients: &[usize], cidr: &str) -> anyhow::Re
         if common.pg_detail {
             ceiling.pg.print(ceiling.ok);
         }
+        let bound = &row.grpc_bound;
+        report::throughput_row(
+            &c,
+            InsertMode::Group.label(),
+            bound.ops_per_sec,
+            &bound.latency,
+            bound.errors,
+            &bound.cpu,
+        );
         let alloc = &row.alloc;
         report::throughput_row(
             &c,
@@ -372,6 +392,17 @@ pub async fn alloc(common: &Common, clients: &[usize], cidr: &str) -> anyhow::Re
             alloc.latency.p999_ms - ceiling.latency.p999_ms,
             row.audit.brief()
         );
+        println!(
+            "  {c:<5} {:<14} {:>9.2}x {:>8} {:>+8.2} {:>+8.2}",
+            "alloc/grpc-bnd",
+            row.grpc_bound_ratio,
+            "",
+            alloc.latency.p99_ms - bound.latency.p99_ms,
+            alloc.latency.p999_ms - bound.latency.p999_ms,
+        );
+        if let Some(e) = bound.first_error.as_ref().filter(|_| bound.errors > 0) {
+            println!("        first {} error: {e}", InsertMode::Group.label());
+        }
         if let Some(e) = &alloc.first_error {
             println!("        first Allocate error: {e}");
         }
@@ -385,6 +416,12 @@ pub async fn alloc(common: &Common, clients: &[usize], cidr: &str) -> anyhow::Re
             format!("{:.2}x ceiling", row.tps_ratio),
             format!(">= {ALLOC_TPS_TARGET}x"),
             row.tps_ratio >= ALLOC_TPS_TARGET,
+        ));
+        targets.push(Target::new(
+            format!("alloc tps c={c} vs gRPC bound"),
+            format!("{:.2}x {}", row.grpc_bound_ratio, InsertMode::Group.label()),
+            format!(">= {ALLOC_GRPC_BOUND_TARGET}x"),
+            row.grpc_bound_ratio >= ALLOC_GRPC_BOUND_TARGET,
         ));
         if c == ALLOC_P99_CLIENTS {
             let limit = row.ceiling.latency.p99_ms + ALLOC_P99_SLACK_MS;

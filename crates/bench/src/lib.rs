@@ -7,6 +7,7 @@
 pub mod benches;
 pub mod bgp;
 pub mod cpu;
+pub mod fanout_floor;
 pub mod insert_server;
 pub mod ipam;
 pub mod kube;

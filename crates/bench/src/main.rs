@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use herald_bench::benches::{self, Common, StoreKind};
+use herald_bench::fanout_floor::{self, FanoutServerArgs};
 use herald_bench::insert_server::{self, InsertServerArgs};
 use herald_bench::rounds::Workload;
 use herald_bench::speakers::EngineChildArgs;
@@ -134,6 +135,9 @@ enum Bench {
     /// Internal: the minimal gRPC-fronted INSERT server `floor` measures.
     #[command(hide = true)]
     InsertServer(InsertServerArgs),
+    /// Internal: the minimal gRPC fan-out server `fanout` measures beside herald-ipam.
+    #[command(hide = true)]
+    FanoutServer(FanoutServerArgs),
     /// Diagnostic: raw INSERT vs the same INSERT behind a minimal gRPC server vs gRPC
     /// health check vs dry-run Allocate vs Allocate, with the CPU each costs per operation.
     Floor(AllocArgs),
@@ -348,6 +352,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.bench {
         Bench::EngineChild(args) => return bgp_child(args).await,
         Bench::InsertServer(args) => return insert_server::serve(args).await,
+        Bench::FanoutServer(args) => return fanout_floor::serve(args).await,
         _ => {}
     }
     // pg-ceiling and the BGP benchmarks run without herald-ipam.
@@ -488,7 +493,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             "tls",
             json(herald_bench::mtls::tls_overhead(&common, a.workload(), a.rounds).await),
         )?,
-        Bench::EngineChild(_) | Bench::InsertServer(_) => {}
+        Bench::EngineChild(_) | Bench::InsertServer(_) | Bench::FanoutServer(_) => {}
         Bench::Floor(a) => put(
             "floor",
             json(benches::floor(&common, &a.clients, &a.pool).await),

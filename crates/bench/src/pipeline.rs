@@ -723,6 +723,10 @@ pub struct FanoutReport {
     pub subscribe_ms: f64,
     pub change_call: Summary,
     pub cpu: CpuUse,
+    /// The same load against a server that only broadcasts (`fanout_floor`).
+    pub floor: crate::fanout_floor::FloorFanout,
+    /// herald-ipam's delivery p99 over the floor's, from the change answered.
+    pub p99_over_floor: f64,
     pub targets: Vec<Target>,
 }
 
@@ -951,6 +955,20 @@ pub async fn fanout(
     drop(server);
     drop(db);
 
+    // The comparator: the same subscribers, connections and change rate against a server
+    // that only broadcasts, for the bound gRPC fan-out sets on this machine.
+    let exe = std::env::current_exe().context("locate the herald-bench executable")?;
+    let floor = crate::fanout_floor::run(
+        &exe,
+        &common.log_dir,
+        common.poll,
+        subscribers,
+        channels,
+        rate,
+        duration,
+    )
+    .await?;
+
     // Where a change's delivery time goes: until its first subscriber has it (the
     // coalescing window and the recompute of every node) and from the first to the last
     // subscriber (publishing to 1,000 watchers, encoding and writing 1,000 messages).
@@ -986,6 +1004,12 @@ pub async fn fanout(
         subscribe_ms,
         change_call: change_call.summary(),
         cpu: cpu::between(&before, &after),
+        p99_over_floor: if floor.from_answer.p99_ms > 0.0 {
+            from_answer.summary().p99_ms / floor.from_answer.p99_ms
+        } else {
+            0.0
+        },
+        floor,
         targets: Vec::new(),
     };
     let targets = vec![
@@ -1012,6 +1036,8 @@ pub async fn fanout(
         ("change RPC itself", &report.change_call),
         ("first subscriber, per chg", &first_latency),
         ("first->last spread, per chg", &fan_spread),
+        ("gRPC floor, from answered", &report.floor.from_answer),
+        ("gRPC floor, spread per chg", &report.floor.spread),
     ] {
         println!(
             "  {label:<26} {:>9} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
@@ -1029,6 +1055,10 @@ pub async fn fanout(
         rss_before as f64 / 1024.0,
         rss_streams as f64 / 1024.0,
         rss_after as f64 / 1024.0
+    );
+    println!(
+        "  gRPC floor (a server that only broadcasts a 2-byte message, same subscribers, connections and rate): {} changes, {} messages missed; herald-ipam p99 / floor p99 {:.2}x",
+        report.floor.changes, report.floor.missed, report.p99_over_floor
     );
     println!("  cpu during changes: {}", report.cpu.brief());
     report::print_targets(&targets);
