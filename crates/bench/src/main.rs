@@ -172,6 +172,10 @@ struct ScaleCliArgs {
     /// Weight of a node turning not Ready or Ready again.
     #[arg(long, default_value_t = 25)]
     node_changes: u32,
+    /// herald-ipam's `events_retention`, in seconds: short, so that the churn shows the
+    /// change log compacted back to its bound within the run.
+    #[arg(long, default_value_t = 5)]
+    events_retention_secs: u64,
 }
 
 /// The `trace` and `tls` comparisons: the workloads and how many alternating rounds.
@@ -477,6 +481,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         subscribers: a.subscribers,
                         changes: a.changes,
                         full_changes: a.full_changes,
+                        events_retention: Duration::from_secs(a.events_retention_secs),
                         endpoint_moves: a.endpoint_moves,
                         cluster_changes: a.cluster_changes,
                         node_changes: a.node_changes,

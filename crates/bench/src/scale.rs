@@ -21,6 +21,7 @@ use herald_api::routing::v1 as pb;
 use herald_api::routing::v1::routing_client::RoutingClient;
 use prost::Message;
 use serde::Serialize;
+use sqlx::Connection;
 use tokio::sync::mpsc;
 
 use crate::benches::Common;
@@ -62,6 +63,8 @@ pub struct ScaleArgs {
     pub endpoint_moves: u32,
     pub cluster_changes: u32,
     pub node_changes: u32,
+    /// herald-ipam's `events_retention`.
+    pub events_retention: Duration,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -84,6 +87,13 @@ pub struct EngineRow {
     pub resyncs: u64,
     /// Deltas that did not follow the revision before them (must be 0).
     pub gaps: u64,
+    /// Rows in the change log (`events`) before the churn, and one retention (plus a
+    /// compaction period) after it: what compaction leaves is the allocation history,
+    /// which is kept, and the newest row of each routing input.
+    pub events_before: i64,
+    pub events_after: i64,
+    /// Allocations and releases among the changes: each adds a history row that stays.
+    pub history_changes: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -267,6 +277,16 @@ fn print_row(row: &EngineRow) {
         row.rss_after_kib as f64 / 1024.0,
         row.setup_s,
     );
+    println!(
+        "  {:<12} {:<9} change log: {} rows before the churn, {} one retention after it ({:+} for {} changes, {} of them allocations or releases, whose history stays)",
+        "",
+        "",
+        row.events_before,
+        row.events_after,
+        row.events_after - row.events_before,
+        row.changes,
+        row.history_changes,
+    );
 }
 
 /// One set-up with `engine`, then a churn of `changes` per entry of `phases` (streams
@@ -287,6 +307,8 @@ async fn run_engine(
         .env_remove("HERALD_ROUTE_ENGINE")
         .arg("--route-engine")
         .arg(engine)
+        .arg("--events-retention")
+        .arg(format!("{}ms", args.events_retention.as_millis()))
         .current_dir(&common.log_dir);
     let (server, _) = IpamServer::launch(
         &format!("herald-ipam-{engine}"),
@@ -377,6 +399,7 @@ async fn run_engine(
             &mut churn,
             pid,
             setup_started,
+            &db.url,
         )
         .await?;
         row.setup_s = setup_s;
@@ -412,6 +435,7 @@ async fn run_phase(
     churn: &mut Churn,
     pid: u32,
     started: Instant,
+    database_url: &str,
 ) -> anyhow::Result<EngineRow> {
     let streams = if deltas { "deltas" } else { "snapshots" };
     let tag = format!("{engine}/{streams}");
@@ -518,6 +542,11 @@ async fn run_phase(
         started.elapsed().as_secs_f64()
     );
     let rss_setup_kib = speakers::rss(pid).rss_kib;
+    let mut log = sqlx::PgConnection::connect(database_url)
+        .await
+        .context("connect to the benchmark database")?;
+    let events_before = events_rows(&mut log).await?;
+    let mut history_changes = 0usize;
 
     let mut delivery = Latencies::new();
     let mut undelivered = 0u64;
@@ -546,6 +575,7 @@ async fn run_phase(
                     .collect()
             }
             Kind::Cluster => {
+                history_changes += 1;
                 match churn.cluster_held.take() {
                     Some(k) => {
                         ipam_client
@@ -630,6 +660,11 @@ async fn run_phase(
     while let Ok((_, _, bytes)) = rx.try_recv() {
         wire_bytes += bytes;
     }
+    // Every row the churn superseded is past the retention one retention later, and gone
+    // at the compaction run after that (a quarter of the retention, at most 30 s apart).
+    let compaction_period = (args.events_retention / 4).min(Duration::from_secs(30));
+    tokio::time::sleep(args.events_retention + compaction_period + Duration::from_secs(1)).await;
+    let events_after = events_rows(&mut log).await?;
     Ok(EngineRow {
         engine: engine.to_string(),
         streams: streams.to_string(),
@@ -643,5 +678,15 @@ async fn run_phase(
         wire_bytes_per_change: wire_bytes as f64 / changes.max(1) as f64,
         resyncs,
         gaps,
+        events_before,
+        events_after,
+        history_changes,
     })
+}
+
+async fn events_rows(log: &mut sqlx::PgConnection) -> anyhow::Result<i64> {
+    sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(log)
+        .await
+        .context("count the change log's rows")
 }
