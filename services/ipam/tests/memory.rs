@@ -115,7 +115,8 @@ fn a_hundred_thousand_allocations_fit_the_memory_budget() {
     report("allocation index", index_cost);
     assert_eq!(index.usage("bench")[0].used, u64::from(SERVICES));
 
-    let (inputs, inputs_cost) = measure(|| memory_probe::inputs(SERVICES, nth_uid, nth_ip));
+    let (inputs, inputs_cost) =
+        measure(|| memory_probe::inputs(SERVICES, nth_uid, nth_ip, |uid| index.owner_key(uid)));
     report("route engine inputs", inputs_cost);
     let (state, state_cost) = measure(|| memory_probe::state(&inputs, vec![bench_pool()]));
     report("route engine state", state_cost);
