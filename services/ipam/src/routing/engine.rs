@@ -299,7 +299,7 @@ impl Inputs {
 
     /// What routes need to know about the Service `uid`, if it holds addresses, with the
     /// uid `allocations` keeps, for the route state to share.
-    fn keyed_facts(&self, uid: &str) -> Option<(Arc<str>, ServiceFacts)> {
+    fn keyed_facts(&self, uid: &str) -> Option<KeyedFacts> {
         self.allocations
             .get_key_value(uid)
             .map(|(key, held)| (Arc::clone(key), self.facts_of(uid, held)))
@@ -965,19 +965,20 @@ impl Touched {
 
 /// What the engine thread applies: the facts of what a burst touched, read from the
 /// inputs on the async side.
+/// A Service's facts with the owner uid the inputs keep, which the route state shares.
+type KeyedFacts = (Arc<str>, ServiceFacts);
+
 enum Batch {
     /// Everything, at start and after a reload.
     All {
         nodes: Vec<Node>,
-        /// By the uid the inputs keep, which the route state shares.
-        services: Vec<(Arc<str>, ServiceFacts)>,
+        services: Vec<KeyedFacts>,
         policy: Option<BgpPolicy>,
         pools: Vec<herald_model::PoolSpec>,
     },
     Changes {
-        /// By owner uid; `None`: it holds no address any more. With the uid the inputs
-        /// keep, which the route state shares.
-        services: Vec<(String, Option<(Arc<str>, ServiceFacts)>)>,
+        /// By owner uid; `None`: it holds no address any more.
+        services: Vec<(String, Option<KeyedFacts>)>,
         /// By name; `None`: deleted.
         nodes: Vec<(String, Option<Node>)>,
         policy: Option<Option<BgpPolicy>>,
@@ -1477,7 +1478,7 @@ mod tests {
         crate::routing::convert::policy_from_pb(policy, &[], None).unwrap()
     }
 
-    fn service(i: u8) -> (String, Option<(Arc<str>, ServiceFacts)>) {
+    fn service(i: u8) -> (String, Option<KeyedFacts>) {
         let uid = format!("u{i}");
         let facts = ServiceFacts {
             owner: Arc::new(Owner {
