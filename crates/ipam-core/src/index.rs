@@ -348,6 +348,15 @@ impl PoolIndex {
         self.claims.len()
     }
 
+    /// The uid the index keeps for `owner_uid`, while it holds an address: for whoever
+    /// keeps the owner too (the route engine, loading beside the index) to share rather
+    /// than copy.
+    pub fn owner_key(&self, owner_uid: &str) -> Option<Arc<str>> {
+        self.owners
+            .get_key_value(owner_uid)
+            .map(|(uid, _)| Arc::clone(uid))
+    }
+
     /// Room for `claims` more claims, when their number is known before they are fed in.
     pub fn reserve(&mut self, claims: usize) {
         self.claims.reserve(claims);

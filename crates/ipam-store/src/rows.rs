@@ -13,7 +13,7 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 use sqlx::postgres::PgRow;
 
-use crate::{Event, StoreError, StoredPool};
+use crate::{Event, HeldAddress, StoreError, StoredPool};
 
 fn corrupt(what: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(what.to_string())
@@ -104,6 +104,14 @@ pub(crate) fn allocation_from_rows(rows: &[AnyRow]) -> Result<Allocation, StoreE
         ports: ports_from_row(first)?,
         traffic_policy: TrafficPolicy::from_code(first.try_get("traffic_policy")?),
         created_at: first.try_get("created_at")?,
+    })
+}
+
+/// One row of an owner's allocation: the allocation with this row's address alone.
+pub(crate) fn held_address_from_row(row: &AnyRow) -> Result<HeldAddress, StoreError> {
+    Ok(HeldAddress {
+        allocation: allocation_from_rows(std::slice::from_ref(row))?,
+        tag: row.try_get("tag")?,
     })
 }
 

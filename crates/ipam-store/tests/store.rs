@@ -37,6 +37,7 @@ on_both_backends!(
     shrinking_or_deleting_a_pool_in_use_is_refused_unless_forced,
     a_plan_made_against_an_old_pool_spec_is_refused,
     listing_pages_and_filters,
+    each_held_address_gives_every_address_of_every_owner_with_its_claim,
     state_survives_reopening,
     batches_are_written_together_and_fall_back_one_by_one,
     a_write_refused_for_an_owner_that_holds_takes_no_revision,
@@ -639,6 +640,90 @@ async fn listing_pages_and_filters(db: &TestDb) {
         .unwrap()
         .0;
     assert_eq!(in_web.len(), 1);
+}
+
+/// The one pass a restart loads from: every address of every owner once (a dual-stack
+/// owner's two, two owners sharing one), with its owner's allocation as the pages of
+/// `list_allocations` give it, and with the claim `load_claims` gives.
+async fn each_held_address_gives_every_address_of_every_owner_with_its_claim(db: &TestDb) {
+    let store = store_with_pool(db, "a", &["10.0.0.0/24"]).await;
+    store
+        .create_pool(&spec("b", &["10.0.1.0/24", "fd00::/120"]))
+        .await
+        .unwrap();
+    let mut index = index_of(&store).await;
+    for i in 0..9 {
+        let mut req = request(&format!("u{i}"));
+        req.requested_pool =
+            Some(herald_model::PoolName::parse("p", if i % 2 == 0 { "a" } else { "b" }).unwrap());
+        match i {
+            1 | 3 => req.family_policy = FamilyPolicy::RequireDualStack,
+            4 => req.traffic_policy = TrafficPolicy::Local,
+            // Two owners on one address under a sharing key.
+            5 | 7 => {
+                req.sharing_key = "web".into();
+                req.ports = vec![ServicePort {
+                    protocol: "TCP".into(),
+                    port: 8000 + i,
+                }];
+            }
+            _ => {}
+        }
+        allocate(&store, &mut index, &req).await.unwrap();
+    }
+    store.release("u2", "test").await.unwrap();
+
+    let mut streamed = Vec::new();
+    let count = store
+        .each_held_address(|held| streamed.push(held))
+        .await
+        .unwrap();
+    assert_eq!(count, 10, "8 owners, 2 of them dual-stack");
+    assert!(streamed.iter().all(|h| h.allocation.ips.len() == 1));
+
+    // Each owner's rows together, in family order, are its allocation.
+    let mut owners: BTreeMap<String, herald_model::Allocation> = BTreeMap::new();
+    for held in &streamed {
+        let a = &held.allocation;
+        match owners.get_mut(&a.owner.uid) {
+            Some(whole) => {
+                assert_eq!(
+                    herald_model::Allocation {
+                        ips: whole.ips.clone(),
+                        ..a.clone()
+                    },
+                    *whole,
+                    "rows of one owner differ beyond the address"
+                );
+                whole.ips.extend(a.ips.iter().cloned());
+                whole.ips.sort_by_key(|ip| ip.ip.is_ipv6());
+            }
+            None => {
+                owners.insert(a.owner.uid.clone(), a.clone());
+            }
+        }
+    }
+    let (paged, next) = store
+        .list_allocations(&AllocationFilter::default(), 100, "")
+        .await
+        .unwrap();
+    assert!(next.is_none());
+    assert_eq!(owners.into_values().collect::<Vec<_>>(), paged);
+
+    let key = |c: &ClaimRecord| (c.ip, c.owner_uid.clone());
+    let mut claims: Vec<ClaimRecord> = streamed.iter().flat_map(|h| h.claims()).collect();
+    claims.sort_by_key(key);
+    let mut loaded = store.load_claims(None).await.unwrap();
+    loaded.sort_by_key(key);
+    assert_eq!(claims, loaded);
+    assert_eq!(
+        claims
+            .iter()
+            .filter(|c| c.tag.starts_with("s:web|"))
+            .count(),
+        2,
+        "{claims:?}"
+    );
 }
 
 async fn state_survives_reopening(db: &TestDb) {

@@ -66,14 +66,30 @@ impl RouteState {
         policy: Option<BgpPolicy>,
         pools: Vec<PoolSpec>,
     ) -> Self {
+        let services = services
+            .into_iter()
+            .map(|facts| (Arc::from(facts.owner.uid.as_str()), facts))
+            .collect();
+        Self::from_keyed_inputs(nodes, services, policy, pools)
+    }
+
+    /// As [`Self::from_inputs`], each Service with its owner uid, which the state keeps
+    /// as its key: a caller that holds the uid already shares it rather than the state
+    /// keeping a copy per Service.
+    pub fn from_keyed_inputs(
+        nodes: Vec<Node>,
+        services: Vec<(Arc<str>, ServiceFacts)>,
+        policy: Option<BgpPolicy>,
+        pools: Vec<PoolSpec>,
+    ) -> Self {
         let mut state = Self {
             pools: Arc::new(pools),
             ..Self::default()
         };
         // Without a policy each of these is cheap; setting the policy last computes
         // every node once.
-        for facts in services {
-            state.upsert_service(facts);
+        for (uid, facts) in services {
+            state.upsert_service_as(uid, facts);
         }
         for node in nodes {
             state.upsert_node(node);
@@ -135,9 +151,27 @@ impl RouteState {
 
     /// Adds or replaces the Service with this owner uid.
     pub fn upsert_service(&mut self, facts: ServiceFacts) -> BTreeSet<NodeName> {
+        self.upsert_keyed_service(None, facts)
+    }
+
+    /// As [`Self::upsert_service`]; `uid`, the owner's uid, becomes the Service's key if
+    /// the state holds none yet (see [`Self::from_keyed_inputs`]).
+    pub fn upsert_service_as(&mut self, uid: Arc<str>, facts: ServiceFacts) -> BTreeSet<NodeName> {
+        self.upsert_keyed_service(Some(uid), facts)
+    }
+
+    fn upsert_keyed_service(
+        &mut self,
+        uid: Option<Arc<str>>,
+        facts: ServiceFacts,
+    ) -> BTreeSet<NodeName> {
         let (uid, old) = match self.services.get_key_value(facts.owner.uid.as_str()) {
             Some((uid, old)) => (Arc::clone(uid), Some(Arc::clone(old))),
-            None => (Arc::from(facts.owner.uid.as_str()), None),
+            // A key that is not this owner's uid would file the Service under another.
+            None => match uid.filter(|uid| **uid == *facts.owner.uid) {
+                Some(uid) => (uid, None),
+                None => (Arc::from(facts.owner.uid.as_str()), None),
+            },
         };
         if old.as_deref() == Some(&facts) {
             return BTreeSet::new();

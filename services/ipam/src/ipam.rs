@@ -68,13 +68,18 @@ impl Ipam {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "allocation index loaded"
         );
-        Ok(Arc::new(Self {
+        Ok(Self::with_index(store, index, last_revision))
+    }
+
+    /// The service over an index loaded at `last_revision` (see [`IndexLoading`]).
+    pub(crate) fn with_index(store: Store, index: PoolIndex, last_revision: i64) -> Arc<Self> {
+        Arc::new(Self {
             writer: Writer::start(store.clone()),
             store,
             index: Mutex::new(index),
             feed: Feed::new(last_revision),
             changes: Changes::default(),
-        }))
+        })
     }
 
     /// The trace contexts of the changes asked of this replica, for the route engine.
@@ -579,28 +584,55 @@ fn about_pool_config(err: &AllocError) -> bool {
 }
 
 async fn load_index(store: &Store) -> Result<PoolIndex, IpamError> {
-    let pools = store
-        .load_pools()
-        .await?
-        .into_iter()
-        .map(|p| (p.spec, p.generation))
-        .collect();
-    let mut index = PoolIndex::with_pools(pools);
-    // Sized once up front: growing the maps while loading would hold the old and the new
-    // tables at once, and the allocator keeps that peak after the load.
-    index.reserve(usize::try_from(store.claim_count().await?).unwrap_or(0));
-    store
-        .each_claim(|claim| index.observe_assigned(claim))
-        .await?;
-    // Quarantines outlive restarts: the change log knows what was released recently.
-    let longest = index.longest_quarantine();
-    if longest > 0 {
-        let since = herald_ipam_store::now_micros() - i64::from(longest) * 1_000_000;
-        for (ip, released_at) in store.released_since(since).await? {
-            index.restore_quarantine(ip, released_at);
-        }
+    let mut loading = IndexLoading::start(store, store.claim_count().await?).await?;
+    store.each_claim(|claim| loading.claim(claim)).await?;
+    loading.finish(store).await
+}
+
+/// The allocation index while it loads: the pools, then every claim, as
+/// [`Store::each_claim`] (or, at start-up, [`Store::each_held_address`]) hands them over.
+pub(crate) struct IndexLoading {
+    index: PoolIndex,
+}
+
+impl IndexLoading {
+    /// Reads the pools and makes room for `claims` claims.
+    pub(crate) async fn start(store: &Store, claims: u64) -> Result<Self, IpamError> {
+        let pools = store
+            .load_pools()
+            .await?
+            .into_iter()
+            .map(|p| (p.spec, p.generation))
+            .collect();
+        let mut index = PoolIndex::with_pools(pools);
+        // Sized once up front: growing the maps while loading would hold the old and the
+        // new tables at once, and the allocator keeps that peak after the load.
+        index.reserve(usize::try_from(claims).unwrap_or(0));
+        Ok(Self { index })
     }
-    Ok(index)
+
+    pub(crate) fn claim(&mut self, claim: ClaimRecord) {
+        self.index.observe_assigned(claim);
+    }
+
+    /// The uid the index keeps for an owner it holds addresses of.
+    pub(crate) fn owner_key(&self, owner_uid: &str) -> Option<Arc<str>> {
+        self.index.owner_key(owner_uid)
+    }
+
+    /// The index, with the quarantines the change log says are still running.
+    pub(crate) async fn finish(self, store: &Store) -> Result<PoolIndex, IpamError> {
+        let mut index = self.index;
+        // Quarantines outlive restarts: the change log knows what was released recently.
+        let longest = index.longest_quarantine();
+        if longest > 0 {
+            let since = herald_ipam_store::now_micros() - i64::from(longest) * 1_000_000;
+            for (ip, released_at) in store.released_since(since).await? {
+                index.restore_quarantine(ip, released_at);
+            }
+        }
+        Ok(index)
+    }
 }
 
 /// What is left to allocate for `req` given what the owner already holds.

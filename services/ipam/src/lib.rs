@@ -373,30 +373,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 return Ok(());
             };
             let started = std::time::Instant::now();
-            // Both load from one settled revision, which the feed then follows from: the
-            // allocation index and the route engine's inputs are read at the same time, on
-            // two connections, rather than one after the other.
+            // Both the index and the route engine load from one settled revision, which
+            // the feed then follows from.
             let revision = feed::settled_revision(&store)
                 .await
                 .context("reading the change log's revision")?;
-            let (ipam, engine) = tokio::try_join!(
-                async {
-                    Ipam::open_at(store.clone(), revision)
-                        .await
-                        .context("loading pools and allocations")
-                },
-                async {
-                    let loading = std::time::Instant::now();
-                    let engine = routing::RouteEngine::load(&store, revision)
-                        .await
-                        .context("loading routing inputs")?;
-                    info!(
-                        elapsed_ms = loading.elapsed().as_millis() as u64,
-                        "routing inputs loaded"
-                    );
-                    Ok::<_, anyhow::Error>(engine)
-                },
-            )?;
+            let (ipam, engine) = load_state(&store, revision).await?;
             info!(
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "state loaded; serving once the store answers a probe"
@@ -548,6 +530,54 @@ async fn open_store(
             }
         },
     }
+}
+
+/// Loads the allocation index and the route engine's inputs as of `revision`, reading the
+/// allocations once for both: on SQLite's single connection two reads would take turns,
+/// and on Postgres they would share the same two cores. The engine keeps each owner's uid
+/// as the index does, one copy for both.
+async fn load_state(
+    store: &Store,
+    revision: i64,
+) -> anyhow::Result<(Arc<Ipam>, Arc<routing::RouteEngine>)> {
+    let started = std::time::Instant::now();
+    let claims = store
+        .claim_count()
+        .await
+        .context("counting the allocations")?;
+    let (mut index, mut routes) = tokio::try_join!(
+        async {
+            ipam::IndexLoading::start(store, claims)
+                .await
+                .context("loading pools")
+        },
+        async {
+            routing::Loading::start(store, revision, claims)
+                .await
+                .context("loading routing inputs")
+        },
+    )?;
+    let addresses = store
+        .each_held_address(|held| {
+            for claim in held.claims() {
+                index.claim(claim);
+            }
+            let uid = index.owner_key(&held.allocation.owner.uid);
+            routes.allocation(held.allocation, uid);
+        })
+        .await
+        .context("loading allocations")?;
+    let index = index.finish(store).await.context("restoring quarantines")?;
+    info!(
+        addresses,
+        claims = index.claim_count(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "allocations loaded"
+    );
+    Ok((
+        Ipam::with_index(store.clone(), index, revision),
+        routes.finish(),
+    ))
 }
 
 /// SERVING while the store answers, NOT_SERVING while it does not: a probe every

@@ -17,8 +17,8 @@ use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
-use herald_ipam_store::{AllocationFilter, Document, Event, Store, StoreError};
-use herald_model::{AssignedIp, HistoryAction, Owner, PoolName, TrafficPolicy};
+use herald_ipam_store::{Document, Event, Store, StoreError};
+use herald_model::{Allocation, AssignedIp, HistoryAction, Owner, PoolName, TrafficPolicy};
 use herald_routes::{BgpPolicy, Node, NodeRoutes, Plan, RouteState, RoutesDelta, ServiceFacts};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -223,16 +223,21 @@ pub struct Inputs {
 
 impl Inputs {
     /// The entry an allocation gets in `allocations`, its addresses already entered in
-    /// `owner_of`: a load collects them and builds `allocations` from them at once.
+    /// `owner_of`: a load collects them and builds `allocations` from them at once. Keyed
+    /// by `key` when it is given (the uid the allocation index keeps for the owner).
     fn held(
         &mut self,
+        key: Option<Arc<str>>,
         owner: Owner,
         ips: Vec<AssignedIp>,
         traffic_policy: TrafficPolicy,
         at: i64,
         trace: String,
     ) -> (Arc<str>, Held) {
-        let uid = self.uid_key(&owner.uid);
+        let uid = match key.filter(|key| **key == *owner.uid) {
+            Some(key) => key,
+            None => self.uid_key(&owner.uid),
+        };
         let ips: Vec<AssignedIp> = ips.into_iter().map(|a| self.shared_pool(a)).collect();
         for a in &ips {
             self.owner_of.insert(IpNet::from(a.ip), Arc::clone(&uid));
@@ -247,11 +252,26 @@ impl Inputs {
         (uid, held)
     }
 
-    /// Sets `allocations`, empty until now, to `held`. Built at once from the entries
-    /// sorted, the B-tree's nodes come out full; inserted one by one in order, as the pages
-    /// arrive, each would be left half empty (about 70 bytes more per Service).
-    fn hold_all(&mut self, held: Vec<(Arc<str>, Held)>) {
+    /// Sets `allocations`, empty until now, to `held`, an entry per address held, in any
+    /// order: an owner with an address in each family has two, which are made one here
+    /// (its addresses in family order, as the store lists them). Built at once from the
+    /// entries sorted, the B-tree's nodes come out full; inserted one by one, each would
+    /// be left half empty (about 70 bytes more per Service).
+    fn hold_all(&mut self, mut held: Vec<(Arc<str>, Held)>) {
         debug_assert!(self.allocations.is_empty());
+        let v6_first = |h: &Held| h.ips.first().is_some_and(|a| a.ip.is_ipv6());
+        held.sort_unstable_by(|(a, x), (b, y)| a.cmp(b).then(v6_first(x).cmp(&v6_first(y))));
+        let owner_of = &mut self.owner_of;
+        held.dedup_by(|(uid, later), (kept_uid, kept)| {
+            if uid != kept_uid {
+                return false;
+            }
+            for a in later.ips.iter() {
+                owner_of.insert(IpNet::from(a.ip), Arc::clone(kept_uid));
+            }
+            kept.ips = kept.ips.iter().chain(later.ips.iter()).cloned().collect();
+            true
+        });
         self.allocations = held.into_iter().collect();
     }
 
@@ -277,11 +297,12 @@ impl Inputs {
         }
     }
 
-    /// What routes need to know about the Service `uid`, if it holds addresses.
-    fn facts(&self, uid: &str) -> Option<ServiceFacts> {
+    /// What routes need to know about the Service `uid`, if it holds addresses, with the
+    /// uid `allocations` keeps, for the route state to share.
+    fn keyed_facts(&self, uid: &str) -> Option<KeyedFacts> {
         self.allocations
-            .get(uid)
-            .map(|held| self.facts_of(uid, held))
+            .get_key_value(uid)
+            .map(|(key, held)| (Arc::clone(key), self.facts_of(uid, held)))
     }
 
     fn facts_of(&self, uid: &str, held: &Held) -> ServiceFacts {
@@ -355,9 +376,19 @@ fn decode<T: for<'de> Deserialize<'de>>(doc: &Document) -> Result<T, StoreError>
     serde_json::from_str(&doc.spec).map_err(|e| StoreError::Corrupt(format!("{}: {e}", doc.key)))
 }
 
-impl RouteEngine {
-    /// Loads every routing input from the store.
-    pub async fn load(store: &Store, revision: i64) -> Result<Arc<Self>, StoreError> {
+/// The route engine's inputs while they load: what the store holds besides the
+/// allocations, then the allocations an address at a time, as [`Store::each_held_address`]
+/// hands them over (at start-up, in the same pass that loads the allocation index).
+pub struct Loading {
+    inputs: Inputs,
+    held: Vec<(Arc<str>, Held)>,
+    reports: BTreeMap<String, (SpeakerReport, i64)>,
+}
+
+impl Loading {
+    /// Reads the nodes, endpoints, policy and speaker reports, and makes room for
+    /// `addresses` held addresses.
+    pub async fn start(store: &Store, revision: i64, addresses: u64) -> Result<Self, StoreError> {
         let mut inputs = Inputs {
             revision,
             last_change_at: herald_ipam_store::now_micros(),
@@ -374,38 +405,45 @@ impl RouteEngine {
         if let Some(doc) = store.load_policy().await? {
             inputs.policy = Some(decode(&doc)?);
         }
-        let mut token = String::new();
-        // One entry per owner, so the address count is room enough.
-        let mut held = Vec::with_capacity(usize::try_from(store.claim_count().await?).unwrap_or(0));
-        // Bounded by the number of allocations: every page advances the token.
-        loop {
-            let (page, next) = store
-                .list_allocations(
-                    &AllocationFilter::default(),
-                    herald_ipam_store::MAX_PAGE_SIZE,
-                    &token,
-                )
-                .await?;
-            for a in page {
-                held.push(inputs.held(
-                    a.owner,
-                    a.ips,
-                    a.traffic_policy,
-                    a.created_at,
-                    String::new(),
-                ));
-            }
-            match next {
-                Some(next) => token = next,
-                None => break,
-            }
-        }
-        inputs.hold_all(held);
         let mut reports = BTreeMap::new();
         for doc in store.load_speaker_states().await? {
             reports.insert(doc.key.clone(), (decode(&doc)?, doc.updated_at));
         }
-        Ok(Self::new(inputs, reports))
+        Ok(Self {
+            inputs,
+            held: Vec::with_capacity(usize::try_from(addresses).unwrap_or(0)),
+            reports,
+        })
+    }
+
+    /// Takes in an owner's allocation, or part of it (one of its addresses). `uid`, the
+    /// owner's uid if the caller keeps it already, is shared rather than copied.
+    pub fn allocation(&mut self, a: Allocation, uid: Option<Arc<str>>) {
+        let entry = self.inputs.held(
+            uid,
+            a.owner,
+            a.ips,
+            a.traffic_policy,
+            a.created_at,
+            String::new(),
+        );
+        self.held.push(entry);
+    }
+
+    pub fn finish(mut self) -> Arc<RouteEngine> {
+        self.inputs.hold_all(self.held);
+        RouteEngine::new(self.inputs, self.reports)
+    }
+}
+
+impl RouteEngine {
+    /// Loads every routing input from the store.
+    pub async fn load(store: &Store, revision: i64) -> Result<Arc<Self>, StoreError> {
+        let mut loading = Loading::start(store, revision, store.claim_count().await?).await?;
+        store
+            .each_held_address(|held| loading.allocation(held.allocation, None))
+            .await?;
+        Ok(loading.finish())
     }
 
     fn new(inputs: Inputs, reports: BTreeMap<String, (SpeakerReport, i64)>) -> Arc<Self> {
@@ -927,17 +965,20 @@ impl Touched {
 
 /// What the engine thread applies: the facts of what a burst touched, read from the
 /// inputs on the async side.
+/// A Service's facts with the owner uid the inputs keep, which the route state shares.
+type KeyedFacts = (Arc<str>, ServiceFacts);
+
 enum Batch {
     /// Everything, at start and after a reload.
     All {
         nodes: Vec<Node>,
-        services: Vec<ServiceFacts>,
+        services: Vec<KeyedFacts>,
         policy: Option<BgpPolicy>,
         pools: Vec<herald_model::PoolSpec>,
     },
     Changes {
         /// By owner uid; `None`: it holds no address any more.
-        services: Vec<(String, Option<ServiceFacts>)>,
+        services: Vec<(String, Option<KeyedFacts>)>,
         /// By name; `None`: deleted.
         nodes: Vec<(String, Option<Node>)>,
         policy: Option<Option<BgpPolicy>>,
@@ -966,7 +1007,7 @@ impl RouteEngine {
             services: inputs
                 .allocations
                 .iter()
-                .map(|(uid, held)| inputs.facts_of(uid, held))
+                .map(|(uid, held)| (Arc::clone(uid), inputs.facts_of(uid, held)))
                 .collect(),
             policy: inputs.policy.clone(),
             pools: pools_of(ipam),
@@ -981,7 +1022,7 @@ impl RouteEngine {
                 .services
                 .into_iter()
                 .map(|uid| {
-                    let facts = inputs.facts(&uid);
+                    let facts = inputs.keyed_facts(&uid);
                     (uid, facts)
                 })
                 .collect(),
@@ -1033,7 +1074,7 @@ impl RouteEngine {
                 policy,
                 pools,
             } => {
-                *state = RouteState::from_inputs(nodes, services, policy, pools);
+                *state = RouteState::from_keyed_inputs(nodes, services, policy, pools);
                 // Every node known before or now: publish skips the unchanged ones.
                 let mut all: BTreeSet<String> = state.results().keys().cloned().collect();
                 all.extend(lock(&self.published).keys().cloned());
@@ -1067,7 +1108,7 @@ impl RouteEngine {
                 }
                 for (uid, facts) in services {
                     changed.extend(match facts {
-                        Some(facts) => state.upsert_service(facts),
+                        Some((key, facts)) => state.upsert_service_as(key, facts),
                         None => state.remove_service(&uid),
                     });
                 }
@@ -1437,7 +1478,7 @@ mod tests {
         crate::routing::convert::policy_from_pb(policy, &[], None).unwrap()
     }
 
-    fn service(i: u8) -> (String, Option<ServiceFacts>) {
+    fn service(i: u8) -> (String, Option<KeyedFacts>) {
         let uid = format!("u{i}");
         let facts = ServiceFacts {
             owner: Arc::new(Owner {
@@ -1453,7 +1494,8 @@ mod tests {
                 pool: PoolName::parse("pool", "lab").unwrap(),
             }]),
         };
-        (uid, Some(facts))
+        let key = Arc::from(uid.as_str());
+        (uid, Some((key, facts)))
     }
 
     fn job(batch: Batch, revision: i64) -> Job {
@@ -1622,15 +1664,22 @@ mod provenance_tests {
 #[doc(hidden)]
 pub mod memory_probe {
     use std::net::IpAddr;
+    use std::sync::Arc;
 
     use herald_model::{AssignedIp, Owner, PoolName, PoolSpec, TrafficPolicy};
     use herald_routes::RouteState;
 
     use super::Inputs;
 
-    /// The inputs of `n` Services holding one address each, made as `RouteEngine::load`
-    /// makes them from the store's allocations.
-    pub fn inputs(n: u32, uid: impl Fn(u32) -> String, ip: impl Fn(u32) -> IpAddr) -> Inputs {
+    /// The inputs of `n` Services holding one address each, made as a start-up makes
+    /// them from the store's allocations, each keyed by what `key` gives for its uid (the
+    /// uid the allocation index keeps, at start-up).
+    pub fn inputs(
+        n: u32,
+        uid: impl Fn(u32) -> String,
+        ip: impl Fn(u32) -> IpAddr,
+        key: impl Fn(&str) -> Option<Arc<str>>,
+    ) -> Inputs {
         let mut inputs = Inputs::default();
         let pool = PoolName::parse("pool", "bench").expect("a pool name");
         let mut held = Vec::with_capacity(n as usize);
@@ -1645,7 +1694,8 @@ pub mod memory_probe {
                 ip: ip(i),
                 pool: pool.clone(),
             }];
-            held.push(inputs.held(owner, ips, TrafficPolicy::Cluster, 1, String::new()));
+            let key = key(&owner.uid);
+            held.push(inputs.held(key, owner, ips, TrafficPolicy::Cluster, 1, String::new()));
         }
         inputs.hold_all(held);
         inputs
@@ -1656,9 +1706,9 @@ pub mod memory_probe {
         let services = inputs
             .allocations
             .iter()
-            .map(|(uid, held)| inputs.facts_of(uid, held))
+            .map(|(uid, held)| (Arc::clone(uid), inputs.facts_of(uid, held)))
             .collect();
-        RouteState::from_inputs(Vec::new(), services, None, pools)
+        RouteState::from_keyed_inputs(Vec::new(), services, None, pools)
     }
 
     pub fn services(state: &RouteState) -> usize {

@@ -9,5 +9,5 @@ mod status;
 
 #[doc(hidden)]
 pub use engine::memory_probe;
-pub use engine::{EngineKind, RouteEngine, run as run_engine};
+pub use engine::{EngineKind, Loading, RouteEngine, run as run_engine};
 pub use service::{Ready, RoutingService};
