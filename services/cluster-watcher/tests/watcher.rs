@@ -207,10 +207,11 @@ async fn two_hundred_services_at_once_get_distinct_addresses_and_free_them() {
         .await;
 }
 
-/// A cold start with 200 pending Services on an API server that takes 50 ms per write:
-/// their Allocates leave in large batches (more reconciles in flight than the 32 the
-/// watcher once ran), while its status patches and Events stay within its own bound of
-/// writes in flight (which 200 reconciles writing at once would pass).
+/// A cold start with 200 pending Services, 1,000 reconciles in flight, on an API server
+/// that takes 50 ms per write: their Allocates leave in large batches (more than the 32
+/// reconciles of the default could gather), while the status patches and Events stay
+/// within the watcher's own bound of writes in flight (which 200 reconciles writing at
+/// once would pass).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cold_start_batches_widely_and_bounds_its_writes_to_the_api_server() {
     const SERVICES_PENDING: usize = 200;
@@ -228,7 +229,7 @@ async fn a_cold_start_batches_widely_and_bounds_its_writes_to_the_api_server() {
         &lab.fake,
         &lab.ipam.endpoint(),
         "w1",
-        &["--admin-listen", &admin.to_string()],
+        &["--admin-listen", &admin.to_string(), "--workers", "1000"],
     );
     let all = lab
         .fake
