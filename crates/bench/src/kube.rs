@@ -16,8 +16,11 @@
 //! herald-ipam's allocations. The arms are the watcher with its Allocate and endpoints
 //! batching (`allocate_batch_max`, `endpoints_batch_max` at their defaults) and without
 //! them (both 1), in the same run. Each phase also shows how long a reconcile waited on
-//! each step on average (the watcher's step histogram), to show where the time goes. The fake API server runs in this process, so this process's CPU is
-//! mostly the API server's: it is printed per phase to show whether it was the limit.
+//! each step on average (the watcher's step histogram), to show where the time goes. The
+//! fake API server runs in this process, so this process's CPU is mostly the API
+//! server's: it is printed per phase, and the phases that write every Service's status
+//! get their floor measured in the same run ([`fake_floor`]: the fake API server alone
+//! taking the same writes), to show whether it was the limit.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -74,6 +77,9 @@ pub struct Phase {
     /// Services whose address was the same after the phase as before it, of those that
     /// had one (phases 3 and 4).
     pub kept: Option<(usize, usize)>,
+    /// The fake API server alone taking the phase's writes (see [`fake_floor`]): the
+    /// phase's floor on this machine, measured in the same run.
+    pub fake_floor_ms: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -104,6 +110,24 @@ pub async fn kube(common: &Common, burst: u64, cold: u64) -> anyhow::Result<Kube
         arms.push(arm);
     }
     print_ratios(&arms);
+    let targets = targets(&arms);
+    report::print_targets(&targets);
+    Ok(KubeReport { arms, targets })
+}
+
+/// What `e2e --kube` reports of this benchmark: the batched arm alone (the watcher as it
+/// ships), its burst and both cold starts judged against issue 18's targets.
+pub async fn batched(common: &Common, burst: u64, cold: u64) -> anyhow::Result<KubeReport> {
+    common.print_header(&format!(
+        "e2e (c): herald-fake-kube -> herald-cluster-watcher -> herald-ipam -> 2 route speakers -> GoBGP ToR; \
+         a burst of {burst} Services, a cold start with {cold} pending, a restart and a migration with all holding addresses \
+         (the `kube` benchmark's batched arm; `herald-bench kube` adds batching off as its comparator)"
+    ));
+    let arm = run_arm(common, "batched", BATCH_ON, burst, cold)
+        .await
+        .context("arm batched")?;
+    print_arm(&arm);
+    let arms = vec![arm];
     let targets = targets(&arms);
     report::print_targets(&targets);
     Ok(KubeReport { arms, targets })
@@ -244,6 +268,13 @@ async fn run_arm(
     drop(db);
     drop(p);
     drop(fake);
+    // The floors of the phases that write every Service's status, with Herald stopped.
+    for phase in phases.iter_mut().filter(|p| p.status_ms.is_some()) {
+        let floor = fake_floor(phase.services)
+            .await
+            .with_context(|| format!("the fake API server's floor for {}", phase.name))?;
+        phase.fake_floor_ms = Some(floor.as_secs_f64() * 1000.0);
+    }
     Ok(Arm {
         name,
         allocate_batch_max: max,
@@ -309,6 +340,7 @@ async fn measure(
         watcher_cpu_s: watcher_after - watcher_before,
         cpu: cpu::between(&before, &after),
         kept,
+        fake_floor_ms: None,
     })
 }
 
@@ -517,6 +549,174 @@ async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)>
     Ok((code, body))
 }
 
+/// The watcher's bound on its writes in flight (`KUBE_WRITES_IN_FLIGHT`).
+const FAKE_WRITES_IN_FLIGHT: usize = 100;
+
+/// What the fake API server alone spends on what the watcher asks of it for `n` new
+/// Services: `n` status merge PATCHes (as the watcher writes them: guarded by the
+/// resourceVersion, an address and a condition) and `n` events.k8s.io/v1 Events, from
+/// [`FAKE_WRITES_IN_FLIGHT`] keep-alive connections, until every PATCH is answered and
+/// a watch of the Services has delivered its `n` MODIFIED events. On a fresh server in
+/// this process, with nothing else running: the client is a few lines of plain HTTP, so
+/// the time is the server's (and the machine's).
+pub async fn fake_floor(n: u64) -> anyhow::Result<Duration> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let fake = FakeKube::start()
+        .await
+        .context("start the fake API server")?;
+    let mut versions = Vec::new();
+    for seq in 0..n {
+        let name = format!("floor-{seq}");
+        let created = fake
+            .create(SERVICES, pipeline::kube_service(&name))
+            .map_err(|e| anyhow!("create Service {name}: {e:?}"))?;
+        let rv = created["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        versions.push((name, rv));
+    }
+    let addr = fake.addr();
+    // The watch, over HTTP/1.0: the body is the stream until the server closes it.
+    let mut watch = BufReader::new(tokio::net::TcpStream::connect(addr).await?);
+    watch
+        .get_mut()
+        .write_all(
+            format!(
+                "GET /api/v1/namespaces/{KUBE_NAMESPACE}/services?watch=true&resourceVersion={} HTTP/1.0\r\nHost: {addr}\r\n\r\n",
+                fake.resource_version()
+            )
+            .as_bytes(),
+        )
+        .await?;
+    let watched = tokio::spawn(async move {
+        let mut modified = 0u64;
+        let mut line = String::new();
+        while modified < n {
+            line.clear();
+            if watch.read_line(&mut line).await? == 0 {
+                bail!("the watch ended after {modified} of {n} MODIFIED events");
+            }
+            if line.contains(r#""type":"MODIFIED""#) {
+                modified += 1;
+            }
+        }
+        anyhow::Ok(())
+    });
+    let queue = std::sync::Arc::new(std::sync::Mutex::new(versions));
+    let started = Instant::now();
+    let writers: Vec<_> = (0..FAKE_WRITES_IN_FLIGHT)
+        .map(|_| {
+            let queue = std::sync::Arc::clone(&queue);
+            tokio::spawn(async move {
+                let mut conn = BufReader::new(tokio::net::TcpStream::connect(addr).await?);
+                // Bounded: each turn takes one Service off the queue.
+                loop {
+                    let next = queue
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .pop();
+                    let Some((name, rv)) = next else {
+                        return anyhow::Ok(());
+                    };
+                    let ip = "192.0.2.1";
+                    let patch = json!({
+                        "metadata": {"resourceVersion": rv},
+                        "status": {
+                            "loadBalancer": {"ingress": [{"ip": ip, "ipMode": "VIP"}]},
+                            "conditions": [{
+                                "type": "herald.io/IPAllocated", "status": "True",
+                                "reason": "IPAllocated", "message": format!("allocated {ip} from pool e2e"),
+                                "lastTransitionTime": "2026-01-01T00:00:00Z", "observedGeneration": 1,
+                            }],
+                        },
+                    });
+                    let path = format!(
+                        "/api/v1/namespaces/{KUBE_NAMESPACE}/services/{name}/status?fieldManager=herald-cluster-watcher"
+                    );
+                    let code = http11(&mut conn, "PATCH", &path, "application/merge-patch+json", &patch).await?;
+                    if code != 200 {
+                        bail!("PATCH {path} answered {code}");
+                    }
+                    let event = json!({
+                        "metadata": {"namespace": KUBE_NAMESPACE, "name": format!("{name}.ev")},
+                        "eventTime": "2026-01-01T00:00:00.000000Z",
+                        "type": "Normal", "reason": "IPAllocated", "action": "Allocate",
+                        "note": format!("allocated {ip} from pool e2e"),
+                        "reportingController": "herald-cluster-watcher",
+                        "reportingInstance": "herald-bench",
+                        "regarding": {"apiVersion": "v1", "kind": "Service", "namespace": KUBE_NAMESPACE, "name": name},
+                    });
+                    let path = format!("/apis/events.k8s.io/v1/namespaces/{KUBE_NAMESPACE}/events");
+                    let code = http11(&mut conn, "POST", &path, "application/json", &event).await?;
+                    if code != 200 && code != 201 {
+                        bail!("POST {path} answered {code}");
+                    }
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.await??;
+    }
+    tokio::time::timeout(PHASE_LIMIT, watched)
+        .await
+        .map_err(|_| {
+            anyhow!("the watch did not deliver {n} MODIFIED events within {PHASE_LIMIT:?}")
+        })???;
+    Ok(started.elapsed())
+}
+
+/// One HTTP/1.1 request on a keep-alive connection with a JSON body: the status code
+/// (the body, sized by Content-Length, is read and dropped).
+async fn http11(
+    conn: &mut tokio::io::BufReader<tokio::net::TcpStream>,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: &Value,
+) -> anyhow::Result<u16> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let body = serde_json::to_vec(body)?;
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: fake\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let exchange = async {
+        conn.get_mut().write_all(head.as_bytes()).await?;
+        conn.get_mut().write_all(&body).await?;
+        let mut line = String::new();
+        conn.read_line(&mut line).await?;
+        let code: u16 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| anyhow!("no status line: {line:?}"))?;
+        let mut length = 0usize;
+        loop {
+            line.clear();
+            if conn.read_line(&mut line).await? == 0 {
+                bail!("the connection closed in the headers");
+            }
+            let header = line.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = header.split_once(':')
+                && name.eq_ignore_ascii_case("content-length")
+            {
+                length = value.trim().parse()?;
+            }
+        }
+        let mut rest = vec![0; length];
+        conn.read_exact(&mut rest).await?;
+        anyhow::Ok(code)
+    };
+    tokio::time::timeout(Duration::from_secs(30), exchange)
+        .await
+        .map_err(|_| anyhow!("{method} {path} timed out"))?
+}
+
 fn ms(v: Option<f64>) -> String {
     v.map_or_else(|| "-".to_string(), |v| format!("{v:.0}"))
 }
@@ -562,6 +762,17 @@ fn print_arm(arm: &Arm) {
                 steps.join(", ")
             }
         );
+        if let (Some(floor), Some(status)) = (phase.fake_floor_ms, phase.status_ms) {
+            println!(
+                "  {:<22} the fake API server alone: {} status PATCHes + {} Events, {} in flight, \
+                 with their watch events: {floor:.0} ms; status {status:.0} ms is {:.2}x that",
+                "",
+                phase.services,
+                phase.services,
+                FAKE_WRITES_IN_FLIGHT,
+                status / floor.max(0.001)
+            );
+        }
     }
 }
 

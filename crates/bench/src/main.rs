@@ -340,6 +340,10 @@ struct E2eArgs {
     /// Run only the Kubernetes-driven half.
     #[arg(long)]
     kube_only: bool,
+    /// With --kube: Services pending at the watcher's cold start (and then holding their
+    /// addresses at its restart and at a migration).
+    #[arg(long, default_value_t = 10_000)]
+    cold: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -463,6 +467,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 put(
                     "e2e-kube",
                     json(pipeline::e2e_kube(&common, a.count, a.burst).await),
+                )?;
+                put(
+                    "e2e-kube-scale",
+                    json(herald_bench::kube::batched(&common, a.burst, a.cold).await),
                 )?;
             }
         }

@@ -45,6 +45,12 @@ pub(crate) struct Shared {
     open_watches: AtomicUsize,
     /// (verb, resource plural) pairs answered 403 Forbidden, as RBAC would.
     denied: Mutex<std::collections::HashSet<(Verb, &'static str)>>,
+    /// Writes being answered now, and the most there ever were at once.
+    writes_in_flight: AtomicUsize,
+    max_writes_in_flight: AtomicUsize,
+    /// How long each write waits before it is answered, in microseconds (a loaded API
+    /// server); 0: none.
+    write_delay_us: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -76,9 +82,21 @@ impl Shared {
         self.open_watches.fetch_add(1, Ordering::SeqCst);
         WatchGuard(&self.open_watches)
     }
+
+    /// Counts a write in flight until dropped.
+    pub(crate) fn start_write(&self) -> WatchGuard<'_> {
+        let now = self.writes_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_writes_in_flight.fetch_max(now, Ordering::SeqCst);
+        WatchGuard(&self.writes_in_flight)
+    }
+
+    pub(crate) fn write_delay(&self) -> Duration {
+        Duration::from_micros(self.write_delay_us.load(Ordering::SeqCst))
+    }
 }
 
-struct WatchGuard<'a>(&'a AtomicUsize);
+/// Decrements its counter when dropped (an open watch, a write in flight).
+pub(crate) struct WatchGuard<'a>(&'a AtomicUsize);
 
 impl Drop for WatchGuard<'_> {
     fn drop(&mut self) {
@@ -105,6 +123,9 @@ impl FakeKube {
             expire,
             open_watches: AtomicUsize::new(0),
             denied: Mutex::new(std::collections::HashSet::new()),
+            writes_in_flight: AtomicUsize::new(0),
+            max_writes_in_flight: AtomicUsize::new(0),
+            write_delay_us: std::sync::atomic::AtomicU64::new(0),
         });
         let app = axum::Router::new()
             .fallback(server::handle)
@@ -307,6 +328,20 @@ impl FakeKube {
 
     pub fn open_watches(&self) -> usize {
         self.shared.open_watches.load(Ordering::SeqCst)
+    }
+
+    // ---- load --------------------------------------------------------------------------
+
+    /// Makes every write (create, update, patch, delete) wait `delay` before it is
+    /// answered, as a loaded API server does, so a client's writes overlap.
+    pub fn delay_writes(&self, delay: Duration) {
+        let us = u64::try_from(delay.as_micros()).unwrap_or(u64::MAX);
+        self.shared.write_delay_us.store(us, Ordering::SeqCst);
+    }
+
+    /// The most writes that were being answered at once so far.
+    pub fn max_writes_in_flight(&self) -> usize {
+        self.shared.max_writes_in_flight.load(Ordering::SeqCst)
     }
 
     // ---- requests ----------------------------------------------------------------------

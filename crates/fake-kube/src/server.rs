@@ -107,6 +107,17 @@ pub(crate) async fn handle(State(shared): State<Arc<Shared>>, request: Request) 
             )));
         }
     };
+    let write = matches!(
+        verb,
+        Verb::Create | Verb::Update | Verb::Patch | Verb::Delete
+    )
+    .then(|| shared.start_write());
+    if write.is_some() {
+        let delay = shared.write_delay();
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+    }
     let response = if shared.denied(verb, target.resource) {
         error_response(&ApiError::forbidden(verb, target.resource))
     } else if verb == Verb::Watch {

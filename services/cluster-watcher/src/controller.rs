@@ -60,6 +60,11 @@ const COMPONENT: &str = "herald-cluster-watcher";
 const WATCHED: [&str; 4] = ["services", "endpointslices", "namespaces", "nodes"];
 /// Field manager for status writes.
 const FIELD_MANAGER: &str = "herald-cluster-watcher";
+/// Status patches and Events sent to the API server at once, whatever the reconciles in
+/// flight (`workers`): kube-apiserver answers 429 beyond its
+/// `--max-mutating-requests-inflight` (200 by default, shared with every other client),
+/// and a few dozen writes in flight already keep a burst moving.
+pub const KUBE_WRITES_IN_FLIGHT: usize = 100;
 
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -229,6 +234,8 @@ struct Ctx {
     /// herald-ipam gained addresses (a pool created or changed, an address released by
     /// someone else): Services still waiting should try again.
     pending_wanted: Notify,
+    /// Bounds the status patches and Events in flight ([`KUBE_WRITES_IN_FLIGHT`]).
+    kube_writes: tokio::sync::Semaphore,
     /// The custom resources' reconcilers.
     resources: Arc<crate::resources::Resources>,
     recorder: kube::runtime::events::Recorder,
@@ -338,6 +345,7 @@ pub async fn run(
         gc_wanted: Notify::new(),
         node_sync_wanted: Notify::new(),
         pending_wanted: Notify::new(),
+        kube_writes: tokio::sync::Semaphore::new(KUBE_WRITES_IN_FLIGHT),
     });
 
     let services_stream = watched(
@@ -1213,6 +1221,8 @@ impl Ctx {
             field_manager: Some(FIELD_MANAGER.to_string()),
             ..Default::default()
         };
+        // The semaphore is never closed.
+        let _write = self.kube_writes.acquire().await;
         match api.patch_status(name, &params, &Patch::Merge(patch)).await {
             Ok(_) => Ok(true),
             Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),
@@ -1240,7 +1250,12 @@ impl Ctx {
             action: "Allocate".into(),
             secondary: None,
         };
-        if let Err(e) = timed("event", self.recorder.publish(&event, &svc.object_ref(&()))).await {
+        let publish = async {
+            // The semaphore is never closed.
+            let _write = self.kube_writes.acquire().await;
+            self.recorder.publish(&event, &svc.object_ref(&())).await
+        };
+        if let Err(e) = timed("event", publish).await {
             warn!(error = %e, reason, "could not record an Event");
         }
     }

@@ -40,6 +40,11 @@ pub const DEFAULT_LEASE_DURATION_SECONDS: u64 = 15;
 /// The leader renews this long before its lease runs out (also the clock skew tolerated).
 pub const DEFAULT_LEASE_GRACE_SECONDS: u64 = 5;
 /// Services handled at once; IPAM calls are short, so a few dozen keep a burst moving.
+/// More in flight let a burst's Allocates leave in fewer, larger batches (at 1,000, a burst
+/// of 1,000 reached status in 0.7 s instead of 1.4 s), but a restart with every Service
+/// holding its address then took 3-5x longer: herald-ipam answers a batch's known owners
+/// one after another, so large batches of them serialize. The writes to the API server
+/// are bounded on their own (`controller::KUBE_WRITES_IN_FLIGHT`) whatever this is.
 pub const DEFAULT_WORKERS: usize = 32;
 /// herald-ipam's largest AllocateBatch; in practice the reconciles in flight (`workers`)
 /// bound a batch first.

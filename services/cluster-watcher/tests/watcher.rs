@@ -207,6 +207,65 @@ async fn two_hundred_services_at_once_get_distinct_addresses_and_free_them() {
         .await;
 }
 
+/// A cold start with 200 pending Services, 1,000 reconciles in flight, on an API server
+/// that takes 50 ms per write: their Allocates leave in large batches (more than the 32
+/// reconciles of the default could gather), while the status patches and Events stay
+/// within the watcher's own bound of writes in flight (which 200 reconciles writing at
+/// once would pass).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_start_batches_widely_and_bounds_its_writes_to_the_api_server() {
+    const SERVICES_PENDING: usize = 200;
+    /// `controller::KUBE_WRITES_IN_FLIGHT`.
+    const WRITES_BOUND: usize = 100;
+    let lab = Lab::start(&[("big", BIG_POOL)]).await;
+    lab.fake.delay_writes(Duration::from_millis(50));
+    for i in 0..SERVICES_PENDING {
+        lab.fake
+            .create(SERVICES, ours("default", &format!("cold-{i:03}")))
+            .unwrap();
+    }
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let _w = Watcher::start(
+        &lab.fake,
+        &lab.ipam.endpoint(),
+        "w1",
+        &["--admin-listen", &admin.to_string(), "--workers", "1000"],
+    );
+    let all = lab
+        .fake
+        .wait_for(Duration::from_secs(120), |f| {
+            let all = all_ingress(f);
+            (all.len() == SERVICES_PENDING && all.values().all(|ips| ips.len() == 1)).then_some(all)
+        })
+        .await
+        .expect("every pending Service got an address");
+    assert_distinct(all.values().flatten().cloned());
+
+    let (_, metrics) = http_get(admin, "/metrics").await.unwrap();
+    let sample = |prefix: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {prefix} in\n{metrics}"))
+    };
+    let calls = sample("herald_watcher_allocate_batch_size_count");
+    let up_to_64 = sample("herald_watcher_allocate_batch_size_bucket{le=\"64.0\"}");
+    eprintln!("{calls} Allocate calls, {up_to_64} of them of at most 64 requests");
+    assert!(
+        up_to_64 < calls,
+        "no AllocateBatch carried more than 64 of {SERVICES_PENDING} pending Services' \
+         requests ({calls} calls)"
+    );
+    let most = lab.fake.max_writes_in_flight();
+    eprintln!("at most {most} writes in flight at the API server");
+    assert!(
+        most <= WRITES_BOUND + 1,
+        "{most} writes were in flight at the API server at once (the bound, and one Lease renewal)"
+    );
+    // The bound is reached, not the mark of writes one at a time.
+    assert!(most > 32, "only {most} writes were ever in flight at once");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarts_under_load_keep_every_address_and_release_what_was_deleted_meanwhile() {
     let lab = Lab::start(&[("big", BIG_POOL)]).await;
