@@ -92,8 +92,10 @@ pub type Owners = imbl::OrdMap<IpNet, AddressOwner>;
 /// that put each prefix where it is, for the speaker's spans and latency metrics.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Provenance {
-    /// The prefixes the snapshot's delta sets: what [`change_of`] says, which tells a
-    /// prefix its node or the policy moved from one its owner's change moved.
+    /// The prefixes the snapshot's delta sets that their owner's change did not move
+    /// (a node's or the policy's did): what [`change_of`] says. The others are what
+    /// `owners` says, and need no entry of their own (a burst of 1,000 allocations would
+    /// otherwise keep 500 entries on each of 1,000 nodes until their next change).
     changed: BTreeMap<IpNet, (String, i64)>,
     /// Every other Service host prefix: its owner's last change, as of publication.
     owners: Owners,
@@ -986,9 +988,10 @@ fn publish(
     });
 }
 
-/// The provenance of the routes `delta` (from the `previous` snapshot) sets: the prefixes
-/// that differ from it, so finding them costs the change, not the set. Every other prefix
-/// of the new snapshot takes its owner's last change ([`Provenance::get`]).
+/// The provenance of the routes `delta` (from the `previous` snapshot) sets, where it is not
+/// their owner's last change: the prefixes that differ from it, so finding them costs the
+/// change, not the set. Every other prefix of the new snapshot takes its owner's last
+/// change ([`Provenance::get`]).
 fn changed_provenance(
     previous: &NodeSnapshot,
     delta: &RoutesDelta,
@@ -998,7 +1001,10 @@ fn changed_provenance(
         .peers
         .values()
         .flat_map(|d| d.set.keys())
-        .map(|prefix| (*prefix, change_of(previous, inputs, *prefix)))
+        .filter_map(|prefix| {
+            let change = change_of(previous, inputs, *prefix);
+            (change != inputs.provenance(prefix)).then_some((*prefix, change))
+        })
         .collect()
 }
 
@@ -1974,6 +1980,13 @@ pub mod cluster_probe {
     /// address each, every odd one `Local` with endpoints on 3 nodes; each node's set
     /// computed and published.
     pub fn cluster(nodes: usize, services: usize) -> Cluster {
+        cluster_grown(nodes, services, services)
+    }
+
+    /// [`cluster`] as the benchmark makes it: the first `at_start` Services there when
+    /// the engine starts, the others allocated after, `batch` at a time (each batch one
+    /// change of the feed).
+    pub fn cluster_grown(nodes: usize, services: usize, at_start: usize) -> Cluster {
         let pool = PoolName::parse("pool", "bench").expect("a pool name");
         let mut inputs = Inputs {
             policy: Some(policy()),
@@ -1983,7 +1996,7 @@ pub mod cluster_probe {
             inputs.nodes.insert(node_name(i), node(i, true));
         }
         let mut held = Vec::with_capacity(services);
-        for k in 0..services {
+        for k in 0..at_start.min(services) {
             let traffic_policy = if is_local(k) {
                 inputs
                     .endpoints
@@ -2012,6 +2025,42 @@ pub mod cluster_probe {
         let engine = RouteEngine::new(inputs, BTreeMap::new());
         let mut state = RouteState::new();
         engine.apply_jobs(&mut state, vec![job(batch, 1)]);
+        let mut revision = 1;
+        for first in (at_start..services).step_by(GROWN_BATCH) {
+            let mut facts = Vec::new();
+            {
+                let mut inputs = super::lock(&engine.inputs);
+                for k in first..(first + GROWN_BATCH).min(services) {
+                    let traffic_policy = if is_local(k) {
+                        inputs
+                            .endpoints
+                            .insert(uid(k), (endpoints_doc(k, 0, nodes), 1));
+                        TrafficPolicy::Local
+                    } else {
+                        TrafficPolicy::Cluster
+                    };
+                    let ips = vec![AssignedIp {
+                        ip: ip(k),
+                        pool: pool.clone(),
+                    }];
+                    // Made now, as the feed's allocations are: after the snapshots
+                    // before them.
+                    let at = herald_ipam_store::now_micros();
+                    let (key, held) = inputs.held(owner(k), ips, traffic_policy, at, String::new());
+                    inputs.allocations.insert(Arc::clone(&key), held);
+                    inputs.set_owner(IpNet::from(ip(k)), key);
+                    facts.push((uid(k), inputs.facts(&uid(k))));
+                }
+            }
+            revision += 1;
+            let batch = Batch::Changes {
+                services: facts,
+                nodes: Vec::new(),
+                policy: None,
+                pools: None,
+            };
+            engine.apply_jobs(&mut state, vec![job(batch, revision)]);
+        }
         Cluster {
             engine,
             state,
@@ -2021,6 +2070,9 @@ pub mod cluster_probe {
             moves: BTreeMap::new(),
         }
     }
+
+    /// Services per batch when a cluster is grown: AllocateBatch's limit.
+    const GROWN_BATCH: usize = 1000;
 
     fn job(batch: Batch, revision: i64) -> Job {
         Job {
