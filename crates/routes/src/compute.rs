@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 
 use herald_model::{AssignedIp, IpFamily, PoolName, PoolSpec, TrafficPolicy};
 use ipnet::IpNet;
@@ -92,7 +93,42 @@ pub struct NodeRoutes {
 /// One session's routes. A persistent map: a copy shares its structure with the original,
 /// so keeping the last published set and patching it costs the change, not the set, and
 /// comparing two versions ([`imbl::OrdMap::diff`]) skips what they share.
-pub type PeerRoutes = imbl::OrdMap<IpNet, RouteAttrs>;
+///
+/// The attributes are shared: the routes of a session that the same rules put there carry
+/// equal attributes (the next hop is the session's), so they hold one `Arc` of them rather
+/// than a copy each, which takes an entry from about 110 bytes to 32 (at 1,000 nodes ×
+/// 5,000 `Cluster` Services, 5 million entries). `Arc`'s equality compares the values, so
+/// sharing changes no comparison.
+pub type PeerRoutes = imbl::OrdMap<IpNet, Arc<RouteAttrs>>;
+
+/// The attributes already made for one session, by the rules that put a route there and
+/// the route's family (which decides its next hop): every route they make shares them.
+pub(crate) type SharedAttrs = BTreeMap<(RuleSet, IpFamily), Arc<RouteAttrs>>;
+
+/// The persistent map of `sorted` (ascending, without repeated keys), its B-tree's leaves
+/// full.
+///
+/// `imbl` splits a full leaf into two halves, so a map built by inserting its keys in
+/// order keeps every leaf half empty: twice the bytes of its entries. Inserted every
+/// other key first, the leaves hold half each, as before; the keys in between then land
+/// in the gaps and fill them without a split. The first patch of a leaf splits it again,
+/// so a map patched change by change stays between half full and full.
+pub fn packed<K: Ord + Clone, V: Clone>(sorted: Vec<(K, V)>) -> imbl::OrdMap<K, V> {
+    debug_assert!(sorted.windows(2).all(|w| w[0].0 < w[1].0), "not sorted");
+    let mut map = imbl::OrdMap::new();
+    let mut between = Vec::with_capacity(sorted.len() / 2);
+    for (i, (key, value)) in sorted.into_iter().enumerate() {
+        if i % 2 == 0 {
+            map.insert(key, value);
+        } else {
+            between.push((key, value));
+        }
+    }
+    for (key, value) in between {
+        map.insert(key, value);
+    }
+    map
+}
 
 impl NodeRoutes {
     pub fn is_empty(&self) -> bool {
@@ -407,18 +443,16 @@ impl<'a> Ctx<'a> {
                 }
             }
         }
-        let mut routes = PeerRoutes::new();
+        let mut routes = Vec::with_capacity(wanted.len());
         // Most prefixes share a rule set; derive each set's attributes once.
-        let mut shared: BTreeMap<RuleSet, RouteAttrs> = BTreeMap::new();
+        let mut shared = SharedAttrs::new();
         for (prefix, rule_ids) in wanted {
             match self.route(node, session, prefix, rule_ids, &mut shared) {
-                Ok(attrs) => {
-                    routes.insert(prefix, attrs);
-                }
+                Ok(attrs) => routes.push((prefix, attrs)),
                 Err(problem) => problems.push(problem),
             }
         }
-        routes
+        packed(routes)
     }
 
     /// The advertisement rules (with their policy index) that apply to `session` on `node`.
@@ -483,15 +517,16 @@ impl<'a> Ctx<'a> {
     }
 
     /// The attributes of `prefix`, put on `session` by the rules `rule_ids`, or why it
-    /// cannot be announced there. `shared` caches attributes per rule set.
+    /// cannot be announced there. `shared` holds the attributes made for the session so
+    /// far, which every route with the same rules and family shares.
     pub(crate) fn route(
         &self,
         node: &Node,
         session: &PeerSession,
         prefix: IpNet,
         rule_ids: RuleSet,
-        shared: &mut BTreeMap<RuleSet, RouteAttrs>,
-    ) -> Result<RouteAttrs, Problem> {
+        shared: &mut SharedAttrs,
+    ) -> Result<Arc<RouteAttrs>, Problem> {
         let family = IpFamily::of(prefix.addr());
         let next_hop = if family == IpFamily::of(session.source_address) {
             Some(session.source_address)
@@ -505,12 +540,13 @@ impl<'a> Ctx<'a> {
                 prefix,
             });
         };
-        let mut attrs = shared
-            .entry(rule_ids)
-            .or_insert_with(|| self.attrs(rule_ids, session.is_ebgp()))
-            .clone();
-        attrs.next_hop = next_hop;
-        Ok(attrs)
+        let attrs = shared.entry((rule_ids, family)).or_insert_with(|| {
+            Arc::new(RouteAttrs {
+                next_hop,
+                ..self.attrs(rule_ids, session.is_ebgp())
+            })
+        });
+        Ok(Arc::clone(attrs))
     }
 
     /// Communities are the union over the contributing rules; LOCAL_PREF and MED come from

@@ -12,6 +12,7 @@
 //! missing from the new set is gone with its routes.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use imbl::ordmap::DiffItem;
 use ipnet::IpNet;
@@ -23,7 +24,7 @@ use crate::policy::PeerName;
 /// prefixes withdrawn. A prefix is never in both.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PeerDelta {
-    pub set: BTreeMap<IpNet, RouteAttrs>,
+    pub set: BTreeMap<IpNet, Arc<RouteAttrs>>,
     pub withdrawn: Vec<IpNet>,
 }
 

@@ -15,7 +15,7 @@
 //! a `RouteState` is cheap (the maps are `imbl`'s and share structure), so a reader can
 //! keep a snapshot while the engine moves on.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::ops::Bound;
 use std::sync::Arc;
@@ -25,7 +25,8 @@ use imbl::{OrdMap, OrdSet};
 use ipnet::IpNet;
 
 use crate::compute::{
-    Ctx, NodeRoutes, PeerSession, Plan, Problem, RouteAttrs, RuleSet, not_announced,
+    Ctx, NodeRoutes, PeerRoutes, PeerSession, Plan, Problem, RouteAttrs, RuleSet, SharedAttrs,
+    not_announced,
 };
 use crate::facts::{Eligibility, Node, NodeName, ServiceFacts};
 use crate::policy::BgpPolicy;
@@ -383,7 +384,7 @@ fn patch(
     };
     for session in &result.routes.peers {
         // Per session: attributes depend on whether the session is eBGP.
-        let mut shared: BTreeMap<RuleSet, RouteAttrs> = BTreeMap::new();
+        let mut shared = SharedAttrs::new();
         let rules = ctx.session_rules(node, session);
         let current_set = result.routes.routes.get(&session.name);
         for (prefix, addresses) in under {
@@ -397,7 +398,16 @@ fn patch(
                     });
                 }
             }
-            let wanted = rule_ids.map(|ids| ctx.route(node, session, *prefix, ids, &mut shared));
+            let wanted = rule_ids.map(|ids| -> Result<Arc<RouteAttrs>, Problem> {
+                let attrs = ctx.route(node, session, *prefix, ids, &mut shared)?;
+                Ok(share_with_neighbours(
+                    current_set,
+                    prefix,
+                    attrs,
+                    (ids, IpFamily::of(prefix.addr())),
+                    &mut shared,
+                ))
+            });
             let current = current_set.and_then(|set| set.get(prefix));
             let (want_route, want_problem) = match &wanted {
                 None => (None, false),
@@ -436,6 +446,40 @@ fn patch(
         routes: routes.map_or_else(|| Arc::clone(&result.routes), Arc::new),
         problems: problems.map_or_else(|| Arc::clone(&result.problems), Arc::new),
     })
+}
+
+/// `attrs`, just made for `prefix`, or the equal attributes a route next to `prefix` in
+/// the session's `set` already holds. Attributes made for one patch would otherwise be a
+/// copy of their own that every route patched in keeps, and a set would hold as many
+/// copies as changes that reached it; equal routes lie side by side (most of a set has
+/// the same rules), so a neighbour's are almost always the ones to share. What is found
+/// replaces the new value in `shared`, under `key`, for the rest of the patch.
+fn share_with_neighbours(
+    set: Option<&PeerRoutes>,
+    prefix: &IpNet,
+    attrs: Arc<RouteAttrs>,
+    key: (RuleSet, IpFamily),
+    shared: &mut SharedAttrs,
+) -> Arc<RouteAttrs> {
+    // Held by `shared` and `attrs` only: made by this patch and not yet shared.
+    if Arc::strong_count(&attrs) > 2 {
+        return attrs;
+    }
+    let Some(set) = set else {
+        return attrs;
+    };
+    let found = [set.get_prev(prefix), set.get_next(prefix)]
+        .into_iter()
+        .flatten()
+        .map(|(_, a)| a)
+        .find(|a| **a == attrs);
+    match found {
+        Some(existing) => {
+            shared.insert(key, Arc::clone(existing));
+            Arc::clone(existing)
+        }
+        None => attrs,
+    }
 }
 
 /// Every prefix the Services' addresses could make under `policy`: each address's host

@@ -49,7 +49,7 @@ pub mod policy;
 pub use community::{Community, LargeCommunity};
 pub use compute::{
     NodeRoutes, Origin, PeerRoutes, PeerRoutesDiff, PeerSession, Plan, Problem, RouteAttrs,
-    RoutesDiff, compute, compute_node, diff, node_digest, plan,
+    RoutesDiff, compute, compute_node, diff, node_digest, packed, plan,
 };
 pub use delta::{PeerDelta, RoutesDelta, delta};
 pub use facts::{EXCLUDE_FROM_LB_LABEL, Eligibility, Node, NodeName, ServiceFacts};

@@ -1304,6 +1304,61 @@ fn random_cluster(rng: &mut Rng) -> (Vec<Node>, Vec<ServiceFacts>, BgpPolicy) {
     (nodes, services, policy)
 }
 
+/// Every route of a session that the same rules put there holds the same attributes, one
+/// `Arc` for all: built whole, and patched in change by change (which finds a neighbour's to
+/// share), so churn adds no copies.
+#[test]
+fn routes_share_their_attributes_built_whole_and_patched() {
+    let services: Vec<ServiceFacts> = (1..=8)
+        .map(|i| service(&format!("uid-{i}")).ip(&format!("172.16.0.{}", 240 + i), "lab"))
+        .collect();
+    let mut state = RouteState::from_inputs(lab_nodes(), services, Some(lab_policy()), lab_pools());
+    let distinct = |state: &RouteState, node: &str| {
+        let set = &state.node_routes(node).unwrap().routes["tor"];
+        let mut seen: Vec<&Arc<RouteAttrs>> = Vec::new();
+        for attrs in set.values() {
+            if !seen.iter().any(|s| Arc::ptr_eq(s, attrs)) {
+                seen.push(attrs);
+            }
+        }
+        (set.len(), seen.len())
+    };
+    assert_eq!(distinct(&state, "n1"), (8, 1));
+    for i in 9..=14 {
+        let svc = service(&format!("uid-{i}")).ip(&format!("172.16.0.{}", 240 + i), "lab");
+        assert!(!state.upsert_service(svc).is_empty());
+    }
+    for node in ["n1", "n2", "n3"] {
+        assert_eq!(distinct(&state, node), (14, 1), "{node}");
+    }
+    assert_eq!(
+        state.plan(),
+        plan(
+            &lab_nodes(),
+            &state.services().cloned().collect::<Vec<_>>(),
+            &lab_policy(),
+            &lab_pools(),
+        )
+    );
+}
+
+/// A packed map is the map of its entries, whatever their number.
+#[test]
+fn a_packed_map_holds_its_entries() {
+    for n in [0_u32, 1, 2, 15, 16, 17, 33, 1_000, 4_099] {
+        let entries: Vec<(u32, u32)> = (0..n).map(|k| (k * 3, k)).collect();
+        let map = packed(entries.clone());
+        assert_eq!(map.len(), entries.len());
+        assert!(
+            map.iter()
+                .map(|(k, v)| (*k, *v))
+                .eq(entries.iter().copied()),
+            "{n}"
+        );
+        assert_eq!(map, entries.into_iter().collect::<imbl::OrdMap<_, _>>());
+    }
+}
+
 #[test]
 fn computation_is_deterministic_and_local_to_each_node() {
     let pools = lab_pools();

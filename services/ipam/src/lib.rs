@@ -16,7 +16,7 @@ mod metrics;
 mod page_token;
 mod routing;
 #[doc(hidden)]
-pub use routing::memory_probe;
+pub use routing::{cluster_probe, memory_probe};
 mod service;
 mod supervise;
 mod writer;

@@ -69,8 +69,53 @@ impl TryFrom<String> for EngineKind {
     }
 }
 
-/// Per prefix, (traceparent, changed_at) of the change that last touched it.
-pub type Provenance = imbl::OrdMap<IpNet, (String, i64)>;
+/// One Service address's owner, and when and by which trace it last changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddressOwner {
+    /// The uid `allocations` shares.
+    uid: Arc<str>,
+    /// W3C traceparent of the owner's last change (its allocation or its endpoints,
+    /// whichever is newer), when known.
+    trace: Option<Arc<str>>,
+    /// When that change was made (unix µs).
+    at: i64,
+}
+
+/// Per Service host prefix, its owner and the owner's last change. Engine-wide and
+/// persistent: every snapshot holds the version of its publication for its provenance,
+/// which shares all but what changed since with the others, instead of a map of its own
+/// over every prefix of its node (5 million entries at 1,000 nodes × 5,000 `Cluster`
+/// Services).
+pub type Owners = imbl::OrdMap<IpNet, AddressOwner>;
+
+/// Where the routes of one snapshot came from: (traceparent, changed_at) of the change
+/// that put each prefix where it is, for the speaker's spans and latency metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Provenance {
+    /// The prefixes the snapshot's delta sets that their owner's change did not move
+    /// (a node's or the policy's did): what [`change_of`] says. The others are what
+    /// `owners` says, and need no entry of their own (a burst of 1,000 allocations would
+    /// otherwise keep 500 entries on each of 1,000 nodes until their next change).
+    changed: BTreeMap<IpNet, (String, i64)>,
+    /// Every other Service host prefix: its owner's last change, as of publication.
+    owners: Owners,
+    /// Every other prefix (aggregates, which no one Service owns): the newest change
+    /// applied at publication.
+    newest_at: i64,
+}
+
+impl Provenance {
+    /// (traceparent, changed_at) of `prefix`, a prefix of the snapshot.
+    pub fn get(&self, prefix: &IpNet) -> (&str, i64) {
+        if let Some((trace, at)) = self.changed.get(prefix) {
+            return (trace, *at);
+        }
+        match self.owners.get(prefix) {
+            Some(owner) => (owner.trace.as_deref().unwrap_or(""), owner.at),
+            None => ("", self.newest_at),
+        }
+    }
+}
 
 /// What the watcher tells us about one Service's endpoints.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -138,7 +183,7 @@ pub struct NodeSnapshot {
     pub published_at: i64,
     /// Shared with the engine's state: publishing copies no route set.
     pub routes: Arc<NodeRoutes>,
-    /// prefix → (traceparent, changed_at) of the change that last touched it.
+    /// Per prefix, (traceparent, changed_at) of the change that put it where it is.
     pub provenance: Provenance,
     /// W3C traceparent of the publish span that made this snapshot (empty while tracing
     /// is off): the speaker's apply span is its child.
@@ -209,10 +254,12 @@ pub struct Inputs {
     nodes: BTreeMap<String, Node>,
     endpoints: BTreeMap<String, (Endpoints, i64)>,
     policy: Option<BgpPolicy>,
-    /// By owner uid; the key is the uid `owner_of` shares.
+    /// By owner uid; the key is the uid `owners` shares.
     allocations: BTreeMap<Arc<str>, Held>,
-    /// Host prefix → owner uid, to find where a route came from without a scan.
-    owner_of: HashMap<IpNet, Arc<str>>,
+    /// Host prefix → its owner (held in `allocations`) and the owner's last change, to
+    /// find where a route came from without a scan; kept as allocations and endpoints
+    /// change ([`Self::refresh_owners`]), and shared with the snapshots.
+    owners: Owners,
     /// Every pool name an address was seen in, held once: each address's [`AssignedIp`]
     /// shares its pool's rather than carrying a copy.
     pool_names: BTreeSet<PoolName>,
@@ -222,9 +269,9 @@ pub struct Inputs {
 }
 
 impl Inputs {
-    /// The entry an allocation gets in `allocations`, its addresses already entered in
-    /// `owner_of`: a load collects them and builds `allocations` from them at once. Keyed
-    /// by `key` when it is given (the uid the allocation index keeps for the owner).
+    /// The entry an allocation gets in `allocations`: a load collects them and builds
+    /// `allocations` (and `owners`) from them at once. Keyed by `key` when it is given
+    /// (the uid the allocation index keeps for the owner).
     fn held(
         &mut self,
         key: Option<Arc<str>>,
@@ -239,9 +286,6 @@ impl Inputs {
             None => self.uid_key(&owner.uid),
         };
         let ips: Vec<AssignedIp> = ips.into_iter().map(|a| self.shared_pool(a)).collect();
-        for a in &ips {
-            self.owner_of.insert(IpNet::from(a.ip), Arc::clone(&uid));
-        }
         let held = Held {
             owner: Arc::new(owner),
             ips: ips.into(),
@@ -261,18 +305,98 @@ impl Inputs {
         debug_assert!(self.allocations.is_empty());
         let v6_first = |h: &Held| h.ips.first().is_some_and(|a| a.ip.is_ipv6());
         held.sort_unstable_by(|(a, x), (b, y)| a.cmp(b).then(v6_first(x).cmp(&v6_first(y))));
-        let owner_of = &mut self.owner_of;
         held.dedup_by(|(uid, later), (kept_uid, kept)| {
             if uid != kept_uid {
                 return false;
-            }
-            for a in later.ips.iter() {
-                owner_of.insert(IpNet::from(a.ip), Arc::clone(kept_uid));
             }
             kept.ips = kept.ips.iter().chain(later.ips.iter()).cloned().collect();
             true
         });
         self.allocations = held.into_iter().collect();
+        // An address two owners claim (never, but the last one listed wins) is one entry.
+        let owners: BTreeMap<IpNet, AddressOwner> = self
+            .allocations
+            .iter()
+            .flat_map(|(uid, held)| {
+                let (trace, at) = self.last_change(uid, held);
+                held.ips.iter().map(move |a| {
+                    let owner = AddressOwner {
+                        uid: Arc::clone(uid),
+                        trace: (!trace.is_empty()).then(|| Arc::from(trace)),
+                        at,
+                    };
+                    (IpNet::from(a.ip), owner)
+                })
+            })
+            .collect();
+        self.owners = herald_routes::packed(owners.into_iter().collect());
+    }
+
+    /// Makes `uid`, which holds an allocation, the owner of `prefix`.
+    fn set_owner(&mut self, prefix: IpNet, uid: Arc<str>) {
+        match self.owners.get_mut(&prefix) {
+            Some(owner) if owner.uid == uid => {}
+            Some(owner) => owner.uid = uid,
+            None => {
+                self.owners.insert(
+                    prefix,
+                    AddressOwner {
+                        uid,
+                        trace: None,
+                        at: 0,
+                    },
+                );
+            }
+        }
+        self.refresh_owners([prefix]);
+    }
+
+    /// Sets the owner's last change of each of `prefixes` to what the allocations and
+    /// endpoints say now, and drops the ones whose owner holds no allocation: after every
+    /// change of an allocation or of endpoints, for the prefixes of its owner (and a
+    /// released one).
+    fn refresh_owners(&mut self, prefixes: impl IntoIterator<Item = IpNet>) {
+        for prefix in prefixes {
+            let Some(owner) = self.owners.get(&prefix) else {
+                continue;
+            };
+            let change = self
+                .allocations
+                .get(&owner.uid)
+                .map(|held| self.last_change(&owner.uid, held));
+            match change {
+                Some((trace, at))
+                    if owner.at == at && owner.trace.as_deref().unwrap_or("") == trace => {}
+                Some((trace, at)) => {
+                    let owner = AddressOwner {
+                        uid: Arc::clone(&owner.uid),
+                        trace: (!trace.is_empty()).then(|| Arc::from(trace)),
+                        at,
+                    };
+                    self.owners.insert(prefix, owner);
+                }
+                None => {
+                    self.owners.remove(&prefix);
+                }
+            }
+        }
+    }
+
+    /// (traceparent, changed_at) of the Service `uid`'s last change: its allocation or its
+    /// endpoints, whichever is newer.
+    fn last_change<'a>(&'a self, uid: &str, held: &'a Held) -> (&'a str, i64) {
+        match self.endpoints.get(uid) {
+            Some((e, at)) if *at >= held.at => (e.traceparent.as_str(), *at),
+            _ => (held.trace.as_str(), held.at),
+        }
+    }
+
+    /// The host prefixes of the Service `uid`'s addresses.
+    fn prefixes_of(&self, uid: &str) -> Vec<IpNet> {
+        self.allocations
+            .get(uid)
+            .map(|held| held.ips.iter().map(|a| IpNet::from(a.ip)).collect())
+            .unwrap_or_default()
     }
 
     /// The key `uid` already has in `allocations`, or a new one.
@@ -320,17 +444,17 @@ impl Inputs {
     /// (traceparent, changed_at) of the change that last touched `prefix`: its owner's
     /// allocation or endpoints for a host route, the newest change for an aggregate.
     fn provenance(&self, prefix: &IpNet) -> (String, i64) {
-        let held = self
-            .owner_of
-            .get(prefix)
-            .and_then(|uid| self.allocations.get(&**uid).map(|h| (uid, h)));
-        match held {
-            Some((uid, held)) => match self.endpoints.get(&**uid) {
-                Some((e, at)) if *at >= held.at => (e.traceparent.clone(), *at),
-                _ => (held.trace.clone(), held.at),
-            },
+        match self.owner_change(prefix) {
+            Some((trace, at)) => (trace.to_string(), at),
             None => (String::new(), self.last_change_at),
         }
+    }
+
+    /// For a Service's host prefix, (traceparent, changed_at) of its owner's last change.
+    fn owner_change(&self, prefix: &IpNet) -> Option<(&str, i64)> {
+        let owner = self.owners.get(prefix)?;
+        let held = self.allocations.get(&owner.uid)?;
+        Some(self.last_change(&owner.uid, held))
     }
 }
 
@@ -673,7 +797,7 @@ impl RouteEngine {
                             held.ips = ips.into();
                         }
                         held.at = held.at.max(entry.at);
-                        inputs.owner_of.insert(IpNet::from(entry.ip), uid);
+                        inputs.set_owner(IpNet::from(entry.ip), uid);
                     }
                 }
             }
@@ -695,11 +819,11 @@ impl RouteEngine {
                 }
                 let prefix = IpNet::from(entry.ip);
                 if inputs
-                    .owner_of
+                    .owners
                     .get(&prefix)
-                    .is_some_and(|uid| **uid == *entry.owner.uid)
+                    .is_some_and(|owner| *owner.uid == *entry.owner.uid)
                 {
-                    inputs.owner_of.remove(&prefix);
+                    inputs.owners.remove(&prefix);
                 }
             }
             // Its addresses stay; its traffic policy may have changed.
@@ -752,6 +876,17 @@ impl RouteEngine {
             Event::PoolChanged { .. } | Event::PoolDeleted { .. } => {}
         }
         let mut inputs = lock(&self.inputs);
+        // The owner's addresses, and the one released (its owner may hold no other).
+        let owner_prefixes = match event {
+            Event::Assigned(entry, _) | Event::Released(entry, _) | Event::Updated(entry, _) => {
+                let mut prefixes = inputs.prefixes_of(&entry.owner.uid);
+                prefixes.push(IpNet::from(entry.ip));
+                prefixes
+            }
+            Event::EndpointsChanged { owner_uid, .. } => inputs.prefixes_of(owner_uid),
+            _ => Vec::new(),
+        };
+        inputs.refresh_owners(owner_prefixes);
         inputs.revision = inputs.revision.max(revision);
         inputs.last_change_at = inputs.last_change_at.max(herald_ipam_store::now_micros());
         touched.made_at(made_at);
@@ -836,25 +971,31 @@ fn publish(
         from: p.revision,
         routes: herald_routes::delta(&p.routes, routes),
     });
-    let provenance = provenance(
-        previous.as_deref(),
-        routes,
-        delta.as_ref().map(|d| &d.routes),
-        inputs,
-    );
+    let provenance = Provenance {
+        changed: previous
+            .as_deref()
+            .zip(delta.as_ref())
+            .map(|(previous, delta)| changed_provenance(previous, &delta.routes, inputs))
+            .unwrap_or_default(),
+        owners: inputs.owners.clone(),
+        newest_at: inputs.last_change_at,
+    };
+    // Routes over every session (a prefix on two sessions counts twice): counted without
+    // collecting the node's prefixes.
+    let prefixes: usize = routes.routes.values().map(|r| r.len()).sum();
     // A child of the recompute (the current span); the snapshot carries it to the speaker.
     let trace = if herald_telemetry::trace::enabled() {
         let span = tracing::info_span!(
             "routes.publish",
             herald.node = node,
             herald.revision = revision,
-            herald.prefixes = provenance.len(),
+            herald.prefixes = prefixes,
         );
         herald_telemetry::trace::traceparent(&span)
     } else {
         String::new()
     };
-    debug!(node, revision, prefixes = provenance.len(), "new route set");
+    debug!(node, revision, prefixes, "new route set");
     crate::metrics::METRICS.snapshots_published.inc();
     let snapshot = Arc::new(NodeSnapshot {
         revision,
@@ -881,38 +1022,24 @@ fn publish(
     });
 }
 
-/// The provenance of every prefix in `routes`: the previous snapshot's, patched for the
-/// prefixes that differ from it on some session. Those are the prefixes `delta` (from the
-/// previous snapshot to `routes`) sets or withdraws, plus the routes of sessions that are
-/// gone (rare: the policy changed), so finding them costs the change, not the set.
-fn provenance(
-    previous: Option<&NodeSnapshot>,
-    routes: &NodeRoutes,
-    delta: Option<&RoutesDelta>,
+/// The provenance of the routes `delta` (from the `previous` snapshot) sets, where it is not
+/// their owner's last change: the prefixes that differ from it, so finding them costs the
+/// change, not the set. Every other prefix of the new snapshot takes its owner's last
+/// change ([`Provenance::get`]).
+fn changed_provenance(
+    previous: &NodeSnapshot,
+    delta: &RoutesDelta,
     inputs: &Inputs,
-) -> Provenance {
-    let (Some(previous), Some(delta)) = (previous, delta) else {
-        return routes
-            .prefixes()
-            .into_iter()
-            .map(|p| (p, inputs.provenance(&p)))
-            .collect();
-    };
-    let mut differing: BTreeSet<IpNet> = delta.prefixes().collect();
-    for (peer, set) in &previous.routes.routes {
-        if !routes.routes.contains_key(peer) {
-            differing.extend(set.keys().copied());
-        }
-    }
-    let mut out = previous.provenance.clone();
-    for prefix in differing {
-        if routes.routes.values().any(|set| set.contains_key(&prefix)) {
-            out.insert(prefix, change_of(previous, inputs, prefix));
-        } else {
-            out.remove(&prefix);
-        }
-    }
-    out
+) -> BTreeMap<IpNet, (String, i64)> {
+    delta
+        .peers
+        .values()
+        .flat_map(|d| d.set.keys())
+        .filter_map(|prefix| {
+            let change = change_of(previous, inputs, *prefix);
+            (change != inputs.provenance(prefix)).then_some((*prefix, change))
+        })
+        .collect()
 }
 
 /// (traceparent, changed_at) of the change that put `prefix`, which differs from the
@@ -1562,9 +1689,11 @@ mod tests {
     }
 }
 
-/// The provenance patched from a delta.
+/// Where a snapshot's routes came from.
 #[cfg(test)]
 mod provenance_tests {
+    #![allow(clippy::unwrap_used)]
+
     use std::net::{IpAddr, Ipv4Addr};
 
     use herald_model::IpFamily;
@@ -1609,8 +1738,10 @@ mod provenance_tests {
             routes: sessions
                 .iter()
                 .map(|(name, prefixes)| {
-                    let set: PeerRoutes =
-                        prefixes.iter().map(|p| (net(p), attrs.clone())).collect();
+                    let set: PeerRoutes = prefixes
+                        .iter()
+                        .map(|p| (net(p), Arc::new(attrs.clone())))
+                        .collect();
                     (name.to_string(), set)
                 })
                 .collect(),
@@ -1621,41 +1752,112 @@ mod provenance_tests {
         p.parse().expect("a prefix")
     }
 
-    /// The provenance is patched from the delta: a prefix set anew takes the newest
-    /// change, a withdrawn one and one whose session is gone (a session is never in a
-    /// delta) lose theirs, and an untouched one keeps its own.
+    /// The inputs holding one Service per `(uid, address, changed_at)`, each allocation
+    /// made with the trace `trace <uid>`.
+    fn inputs_holding(services: &[(&str, &str, i64)]) -> Inputs {
+        let mut inputs = Inputs::default();
+        let pool = PoolName::parse("pool", "lab").unwrap();
+        let mut held = Vec::new();
+        for (uid, ip, at) in services {
+            let owner = Owner {
+                cluster_id: "c".into(),
+                namespace: "ns".into(),
+                name: (*uid).to_string(),
+                uid: (*uid).to_string(),
+            };
+            let ips = vec![AssignedIp {
+                ip: ip.parse().unwrap(),
+                pool: pool.clone(),
+            }];
+            let trace = format!("trace {uid}");
+            held.push(inputs.held(None, owner, ips, TrafficPolicy::Cluster, *at, trace));
+        }
+        inputs.hold_all(held);
+        inputs
+    }
+
+    /// A snapshot tells each route where it came from: a prefix its delta sets, its
+    /// owner's change when that is newer than the snapshot before and else the newest
+    /// change (a node or policy change moved it); any other prefix, its owner's last change
+    /// as of publication (an aggregate, which no Service owns: the newest change). Later
+    /// changes leave a published snapshot's provenance as it was.
     #[test]
-    fn provenance_is_patched_from_the_delta_and_the_sessions_gone() {
-        let inputs = Inputs {
-            last_change_at: 500,
-            ..Inputs::default()
-        };
+    fn provenance_is_the_deltas_own_and_else_the_owners_as_published() {
+        let start = herald_ipam_store::now_micros();
+        // Made before the first snapshot, except u5's.
+        let mut inputs = inputs_holding(&[
+            ("u1", "10.0.0.1", 10),
+            ("u4", "10.0.0.4", 40),
+            ("u5", "10.0.0.5", start + 1_000_000),
+        ]);
+        inputs.last_change_at = start + 2_000_000;
+        let mut channel = NodeChannel::default();
         let old = routes(&[
-            ("a", &["10.0.0.1/32", "10.0.0.2/32"]),
+            ("a", &["10.0.0.1/32", "10.0.0.0/24"]),
             ("b", &["10.0.0.3/32"]),
         ]);
-        let new = routes(&[("a", &["10.0.0.1/32", "10.0.0.4/32"])]);
-        let previous = NodeSnapshot {
-            revision: 1,
-            published_at: 100,
-            routes: Arc::new(old.clone()),
-            provenance: ["10.0.0.1/32", "10.0.0.2/32", "10.0.0.3/32"]
-                .into_iter()
-                .map(|p| (net(p), (format!("trace {p}"), 10)))
-                .collect(),
-            trace: String::new(),
-            changed_at: 10,
-            delta: None,
+        publish(&mut channel, "n", &inputs, 1, 0, &Arc::new(old));
+        let new = routes(&[(
+            "a",
+            &["10.0.0.0/24", "10.0.0.1/32", "10.0.0.4/32", "10.0.0.5/32"],
+        )]);
+        publish(&mut channel, "n", &inputs, 2, 0, &Arc::new(new));
+        let snapshot = channel.current().borrow().clone().unwrap();
+        let delta = &snapshot.delta.as_ref().unwrap().routes;
+        assert_eq!(
+            delta.prefixes().collect::<BTreeSet<_>>(),
+            [net("10.0.0.4/32"), net("10.0.0.5/32")].into(),
+        );
+        let got = |prefix: &str| {
+            let (trace, at) = snapshot.provenance.get(&net(prefix));
+            (trace.to_string(), at)
         };
-        let delta = herald_routes::delta(&old, &new);
-        let got = provenance(Some(&previous), &new, Some(&delta), &inputs);
-        let want: Provenance = [
-            (net("10.0.0.1/32"), ("trace 10.0.0.1/32".to_string(), 10)),
-            (net("10.0.0.4/32"), (String::new(), 500)),
-        ]
-        .into_iter()
-        .collect();
-        assert_eq!(got, want);
+        assert_eq!(
+            got("10.0.0.1/32"),
+            ("trace u1".into(), 10),
+            "untouched: its owner's"
+        );
+        assert_eq!(
+            got("10.0.0.4/32"),
+            (String::new(), start + 2_000_000),
+            "moved by a node"
+        );
+        assert_eq!(
+            got("10.0.0.5/32"),
+            ("trace u5".into(), start + 1_000_000),
+            "its owner's change, newer than the snapshot before",
+        );
+        assert_eq!(
+            got("10.0.0.0/24"),
+            (String::new(), start + 2_000_000),
+            "aggregate"
+        );
+
+        // u1's endpoints change: the next snapshot says so, the published one does not.
+        let endpoints = Endpoints {
+            traffic_policy: None,
+            nodes: BTreeSet::new(),
+            traceparent: "trace e1".into(),
+        };
+        inputs
+            .endpoints
+            .insert("u1".into(), (endpoints, start + 3_000_000));
+        inputs.refresh_owners(inputs.prefixes_of("u1"));
+        let later = Provenance {
+            owners: inputs.owners.clone(),
+            ..Provenance::default()
+        };
+        assert_eq!(
+            later.get(&net("10.0.0.1/32")),
+            ("trace e1", start + 3_000_000)
+        );
+        assert_eq!(got("10.0.0.1/32"), ("trace u1".into(), 10));
+
+        // Released: no owner, so the newest change.
+        inputs.allocations.remove("u1");
+        inputs.refresh_owners([net("10.0.0.1/32")]);
+        assert!(!inputs.owners.contains_key(&net("10.0.0.1/32")));
+        assert_eq!(inputs.owners.len(), 2, "one entry per Service address held");
     }
 }
 
@@ -1713,5 +1915,309 @@ pub mod memory_probe {
 
     pub fn services(state: &RouteState) -> usize {
         state.services().count()
+    }
+}
+
+/// A cluster as `herald-bench scale` makes it, held by the route engine the way a replica
+/// holds it (inputs, incremental state, every node's published snapshot), with the
+/// benchmark's churn, so a test can weigh the per-node route sets (`tests/route_memory.rs`);
+/// nothing in the service calls it.
+#[doc(hidden)]
+pub mod cluster_probe {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::net::{IpAddr, Ipv4Addr};
+    use std::sync::Arc;
+
+    use herald_api::routing::v1 as pb;
+    use herald_model::{AssignedIp, Owner, PoolName, TrafficPolicy};
+    use herald_routes::{Node, RouteState};
+    use ipnet::IpNet;
+
+    use super::{Batch, Endpoints, Inputs, Job, RouteEngine};
+
+    /// Endpoint nodes of each `Local` Service, as in the benchmark.
+    const ENDPOINTS_PER_LOCAL: usize = 3;
+
+    pub struct Cluster {
+        engine: Arc<RouteEngine>,
+        state: RouteState,
+        nodes: usize,
+        services: usize,
+        /// Changes applied so far (each one a revision and a change time).
+        changes: usize,
+        /// Endpoint moves so far, per `Local` Service.
+        moves: BTreeMap<usize, usize>,
+    }
+
+    fn node_name(i: usize) -> String {
+        format!("s{i:05}")
+    }
+
+    fn node(i: usize, ready: bool) -> Node {
+        Node {
+            name: node_name(i),
+            labels: BTreeMap::new(),
+            addresses: vec![IpAddr::V4(Ipv4Addr::new(
+                127,
+                2,
+                u8::try_from(i / 250).unwrap_or(u8::MAX),
+                u8::try_from(i % 250 + 1).unwrap_or(u8::MAX),
+            ))],
+            ready,
+        }
+    }
+
+    fn uid(k: usize) -> String {
+        format!("scale-{k:08}")
+    }
+
+    fn ip(k: usize) -> IpAddr {
+        let k = u32::try_from(k).unwrap_or(u32::MAX);
+        IpAddr::V4(Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 64, 0, 1)) + k))
+    }
+
+    /// Service `k` is `Local` when odd.
+    fn is_local(k: usize) -> bool {
+        k % 2 == 1
+    }
+
+    fn endpoints(k: usize, moves: usize, nodes: usize) -> BTreeSet<String> {
+        (0..ENDPOINTS_PER_LOCAL)
+            .map(|j| {
+                node_name((k * 7 + moves * 13 + j * (nodes / ENDPOINTS_PER_LOCAL).max(1)) % nodes)
+            })
+            .collect()
+    }
+
+    fn policy() -> herald_routes::BgpPolicy {
+        let policy = pb::BgpPolicy {
+            local_asn: 65010,
+            peers: vec![pb::Peer {
+                name: "tor".into(),
+                address: "127.0.0.1".into(),
+                asn: 65001,
+                port: 1790,
+                ..Default::default()
+            }],
+            advertisements: vec![pb::Advertisement::default()],
+            ..Default::default()
+        };
+        crate::routing::convert::policy_from_pb(policy, &[], None).expect("a valid policy")
+    }
+
+    fn owner(k: usize) -> Owner {
+        Owner {
+            cluster_id: "bench".into(),
+            namespace: "bench".into(),
+            name: format!("svc-{k}"),
+            uid: uid(k),
+        }
+    }
+
+    fn endpoints_doc(k: usize, moves: usize, nodes: usize) -> Endpoints {
+        Endpoints {
+            traffic_policy: Some(TrafficPolicy::Local),
+            nodes: endpoints(k, moves, nodes),
+            traceparent: String::new(),
+        }
+    }
+
+    /// `nodes` nodes, all Ready and peering with one ToR; `services` Services holding one
+    /// address each, every odd one `Local` with endpoints on 3 nodes; each node's set
+    /// computed and published.
+    pub fn cluster(nodes: usize, services: usize) -> Cluster {
+        cluster_grown(nodes, services, services)
+    }
+
+    /// [`cluster`] as the benchmark makes it: the first `at_start` Services there when
+    /// the engine starts, the others allocated after, `batch` at a time (each batch one
+    /// change of the feed).
+    pub fn cluster_grown(nodes: usize, services: usize, at_start: usize) -> Cluster {
+        let pool = PoolName::parse("pool", "bench").expect("a pool name");
+        let mut inputs = Inputs {
+            policy: Some(policy()),
+            ..Inputs::default()
+        };
+        for i in 0..nodes {
+            inputs.nodes.insert(node_name(i), node(i, true));
+        }
+        let mut held = Vec::with_capacity(services);
+        for k in 0..at_start.min(services) {
+            let traffic_policy = if is_local(k) {
+                inputs
+                    .endpoints
+                    .insert(uid(k), (endpoints_doc(k, 0, nodes), 1));
+                TrafficPolicy::Local
+            } else {
+                TrafficPolicy::Cluster
+            };
+            let ips = vec![AssignedIp {
+                ip: ip(k),
+                pool: pool.clone(),
+            }];
+            held.push(inputs.held(None, owner(k), ips, traffic_policy, 1, String::new()));
+        }
+        inputs.hold_all(held);
+        let batch = Batch::All {
+            nodes: inputs.nodes.values().cloned().collect(),
+            services: inputs
+                .allocations
+                .iter()
+                .map(|(uid, held)| (Arc::clone(uid), inputs.facts_of(uid, held)))
+                .collect(),
+            policy: inputs.policy.clone(),
+            pools: Vec::new(),
+        };
+        let engine = RouteEngine::new(inputs, BTreeMap::new());
+        let mut state = RouteState::new();
+        engine.apply_jobs(&mut state, vec![job(batch, 1)]);
+        let mut revision = 1;
+        for first in (at_start..services).step_by(GROWN_BATCH) {
+            let mut facts = Vec::new();
+            {
+                let mut inputs = super::lock(&engine.inputs);
+                for k in first..(first + GROWN_BATCH).min(services) {
+                    let traffic_policy = if is_local(k) {
+                        inputs
+                            .endpoints
+                            .insert(uid(k), (endpoints_doc(k, 0, nodes), 1));
+                        TrafficPolicy::Local
+                    } else {
+                        TrafficPolicy::Cluster
+                    };
+                    let ips = vec![AssignedIp {
+                        ip: ip(k),
+                        pool: pool.clone(),
+                    }];
+                    // Made now, as the feed's allocations are: after the snapshots
+                    // before them.
+                    let at = herald_ipam_store::now_micros();
+                    let (key, held) =
+                        inputs.held(None, owner(k), ips, traffic_policy, at, String::new());
+                    inputs.allocations.insert(Arc::clone(&key), held);
+                    inputs.set_owner(IpNet::from(ip(k)), key);
+                    facts.push((uid(k), inputs.keyed_facts(&uid(k))));
+                }
+            }
+            revision += 1;
+            let batch = Batch::Changes {
+                services: facts,
+                nodes: Vec::new(),
+                policy: None,
+                pools: None,
+            };
+            engine.apply_jobs(&mut state, vec![job(batch, revision)]);
+        }
+        Cluster {
+            engine,
+            state,
+            nodes,
+            services,
+            changes: 0,
+            moves: BTreeMap::new(),
+        }
+    }
+
+    /// Services per batch when a cluster is grown: AllocateBatch's limit.
+    const GROWN_BATCH: usize = 1000;
+
+    fn job(batch: Batch, revision: i64) -> Job {
+        Job {
+            batch,
+            revision,
+            changed_at: herald_ipam_store::now_micros(),
+            span: tracing::Span::none(),
+        }
+    }
+
+    impl Cluster {
+        /// Routes over every node's sessions.
+        pub fn routes(&self) -> usize {
+            self.state
+                .results()
+                .values()
+                .flat_map(|r| r.routes.routes.values())
+                .map(|set| set.len())
+                .sum()
+        }
+
+        /// Nodes with a published snapshot.
+        pub fn published(&self) -> usize {
+            super::lock(&self.engine.published)
+                .values()
+                .filter(|c| c.current.as_ref().is_some_and(|s| s.borrow().is_some()))
+                .count()
+        }
+
+        /// The benchmark's next change, one at a time, in its mix (endpoints : Cluster :
+        /// node = 2 : 1 : 1): a `Local` Service's endpoints move; a `Cluster` Service is
+        /// released, or allocated again; a node turns not Ready, or Ready again.
+        pub fn change(&mut self) {
+            let i = self.changes;
+            self.changes += 1;
+            let revision = i64::try_from(i).unwrap_or(i64::MAX) + 2;
+            let now = herald_ipam_store::now_micros();
+            let mut services = Vec::new();
+            let mut nodes = Vec::new();
+            {
+                let mut inputs = super::lock(&self.engine.inputs);
+                match i % 4 {
+                    0 | 1 => {
+                        let k = (i * 7919 % self.services) | 1;
+                        let k = if k < self.services { k } else { 1 };
+                        let moves = self.moves.entry(k).or_default();
+                        *moves += 1;
+                        inputs
+                            .endpoints
+                            .insert(uid(k), (endpoints_doc(k, *moves, self.nodes), now));
+                        let prefixes = inputs.prefixes_of(&uid(k));
+                        inputs.refresh_owners(prefixes);
+                        services.push((uid(k), inputs.keyed_facts(&uid(k))));
+                    }
+                    2 => {
+                        let k = (i * 104_729 % self.services) & !1;
+                        let prefix = IpNet::from(ip(k));
+                        if inputs.allocations.remove(uid(k).as_str()).is_some() {
+                            inputs.owners.remove(&prefix);
+                        } else {
+                            let ips = vec![AssignedIp {
+                                ip: ip(k),
+                                pool: PoolName::parse("pool", "bench").expect("a pool name"),
+                            }];
+                            let (key, held) = inputs.held(
+                                None,
+                                owner(k),
+                                ips,
+                                TrafficPolicy::Cluster,
+                                now,
+                                String::new(),
+                            );
+                            inputs.allocations.insert(Arc::clone(&key), held);
+                            inputs.set_owner(prefix, key);
+                        }
+                        inputs.refresh_owners([prefix]);
+                        services.push((uid(k), inputs.keyed_facts(&uid(k))));
+                    }
+                    _ => {
+                        // The same node twice running: not Ready, then Ready again.
+                        let n = i / 8 % self.nodes;
+                        let name = node_name(n);
+                        let ready = inputs.nodes.get(&name).is_some_and(|n| !n.ready);
+                        inputs.nodes.insert(name.clone(), node(n, ready));
+                        nodes.push((name.clone(), inputs.nodes.get(&name).cloned()));
+                    }
+                }
+                inputs.revision = revision;
+                inputs.last_change_at = now;
+            }
+            let batch = Batch::Changes {
+                services,
+                nodes,
+                policy: None,
+                pools: None,
+            };
+            self.engine
+                .apply_jobs(&mut self.state, vec![job(batch, revision)]);
+        }
     }
 }

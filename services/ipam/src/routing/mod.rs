@@ -7,7 +7,7 @@ pub mod rollout;
 mod service;
 mod status;
 
-#[doc(hidden)]
-pub use engine::memory_probe;
 pub use engine::{EngineKind, Loading, RouteEngine, run as run_engine};
+#[doc(hidden)]
+pub use engine::{cluster_probe, memory_probe};
 pub use service::{Ready, RoutingService};

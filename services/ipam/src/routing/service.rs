@@ -212,11 +212,7 @@ impl RoutingService {
 
 /// Where a route of `snapshot` came from, for its message.
 fn meta_of<'a>(snapshot: &'a NodeSnapshot, prefix: &ipnet::IpNet) -> RouteMeta<'a> {
-    let (trace, at) = snapshot
-        .provenance
-        .get(prefix)
-        .map(|(t, a)| (t.as_str(), *a))
-        .unwrap_or(("", 0));
+    let (trace, at) = snapshot.provenance.get(prefix);
     RouteMeta {
         traceparent: trace,
         changed_at: at,
