@@ -1337,6 +1337,8 @@ const LATE_NODE: (&str, &str) = ("n2", "127.0.0.12");
 const BIRD_SPEAKER: &str = "127.0.0.13";
 /// Bound on the ToR receiving every route from one speaker.
 const MEMORY_ROUTE_TIMEOUT: Duration = Duration::from_secs(600);
+/// From the ToR holding a speaker's routes to reading its RSS (each speaker the same).
+const SETTLE: Duration = Duration::from_secs(2);
 
 /// One speaker's memory holding the routes.
 #[derive(Debug, Clone, Serialize)]
@@ -1421,12 +1423,16 @@ pub async fn speaker_memory(common: &Common, routes: u64) -> anyhow::Result<Spea
     }
     let mut rows = Vec::new();
     wait_received(&p.tor, E2E_NODES[0].1, routes).await?;
+    let seconds = started.elapsed().as_secs_f64();
+    // Settled, as the other two below: the report that follows the load, then a quiet
+    // moment.
+    tokio::time::sleep(SETTLE).await;
     let rss = speakers::rss(during_pid);
     rows.push(SpeakerMemoryRow {
         speaker: "herald (during)".into(),
         rss_kib: rss.rss_kib,
         hwm_kib: rss.hwm_kib,
-        seconds: started.elapsed().as_secs_f64(),
+        seconds,
     });
 
     let mut routing = routing_client(&p.server).await?;
@@ -1437,8 +1443,7 @@ pub async fn speaker_memory(common: &Common, routes: u64) -> anyhow::Result<Spea
     let speaker_bin = find_binary("herald-route-speaker")?;
     let late = start_speaker(&speaker_bin, LATE_NODE.0, &p.server, common)?;
     let seconds = wait_received(&p.tor, LATE_NODE.1, routes).await?;
-    // Settled: the report that follows the load, then a quiet moment.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(SETTLE).await;
     let rss = speakers::rss(late.pid());
     rows.push(SpeakerMemoryRow {
         speaker: "herald (after)".into(),
@@ -1466,7 +1471,7 @@ pub async fn speaker_memory(common: &Common, routes: u64) -> anyhow::Result<Spea
         true,
     )?;
     let seconds = wait_received(&p.tor, BIRD_SPEAKER, routes).await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(SETTLE).await;
     let rss = speakers::rss(bird.pid());
     rows.push(SpeakerMemoryRow {
         speaker: "BIRD".into(),
