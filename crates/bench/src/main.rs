@@ -117,7 +117,7 @@ enum Bench {
     Fanout(FanoutArgs),
     /// Allocate (or a Kubernetes Service) until a GoBGP ToR holds the route from both nodes.
     E2e(E2eArgs),
-    /// herald-route-speaker's memory holding N /32s at a GoBGP ToR, against BIRD's.
+    /// herald-route-speaker's memory holding N /32s at a BIRD ToR, against BIRD's.
     SpeakerMemory(SpeakerMemoryArgs),
     /// alloc and e2e with span export off and on (to an in-process OTLP receiver), in
     /// alternating rounds.

@@ -246,6 +246,11 @@ pub async fn report_state(
         };
         let revision = state.applied_revision;
         let sessions = state.sessions.len();
+        let prefixes: usize = state
+            .sessions
+            .iter()
+            .map(|s| s.announced_prefixes.len())
+            .sum();
         // Bounded by the endpoint's REQUEST_TIMEOUT (CANCELLED "Timeout expired").
         match client.report_speaker_state(state).await {
             Ok(_) => debug!(revision, sessions, "state reported"),
@@ -254,6 +259,11 @@ pub async fn report_state(
                 error = %status.message(),
                 "reporting state to IPAM failed; retrying on the next change or tick"
             ),
+        }
+        // A report names every announced prefix: at 100k, some 7 MB of strings and
+        // encoding freed by now, between pages that stay in use.
+        if prefixes >= crate::memory::TRIM_AFTER_ROUTES {
+            crate::memory::release_freed_memory();
         }
         // The next periodic report is a full interval after this one.
         tick.reset();

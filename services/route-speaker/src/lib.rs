@@ -11,6 +11,7 @@
 //! - [`speaker`]: [`Speaker`], the sessions and their report; no gRPC inside.
 //! - [`control`]: the stream from IPAM as a bounded channel of messages in order, with
 //!   reconnects (and a fresh subscription after a gap), and the reporter.
+//! - [`memory`]: the heap pages a large route message freed, given back to the OS.
 //!
 //! Fail-static: only a message from IPAM changes what is announced. When IPAM is unreachable the
 //! speaker keeps every session and route as last applied, and a reconnect replays a
@@ -20,6 +21,7 @@ pub mod backoff;
 pub mod control;
 pub mod convert;
 pub mod desired;
+pub mod memory;
 pub mod metrics;
 pub mod plan;
 pub mod speaker;
@@ -304,6 +306,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let changes = speaker.changes();
     let mut report_at: Option<tokio::time::Instant> = None;
     let mut stream_open = true;
+    let mut routes_since_trim = 0;
     loop {
         tokio::select! {
             biased;
@@ -322,6 +325,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     }
                 }
                 let summary = speaker.apply_all(&batch).await;
+                routes_since_trim += memory::routes_in(&batch);
+                drop(batch);
                 if let Some(gap) = summary.gap {
                     warn!(error = %gap, "route delta out of order; asking IPAM for a snapshot");
                     resync.notify_one();
@@ -330,6 +335,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     readiness.set_ready();
                     state_tx.send_replace(report(&speaker));
                     report_at = None;
+                }
+                // The messages and the report replaced are freed by now.
+                if routes_since_trim >= memory::TRIM_AFTER_ROUTES {
+                    memory::release_freed_memory();
+                    routes_since_trim = 0;
                 }
             }
             () = changes.notified() => {
