@@ -87,6 +87,17 @@ async fn store_with_pool(db: &TestDb, pool: &str, addresses: &[&str]) -> Store {
     store
 }
 
+/// Pool `a` (10.0.0.0/24) and dual-stack pool `b` (10.0.1.0/24, fd00::/120), and their index.
+async fn pools_a_and_b(db: &TestDb) -> (Store, PoolIndex) {
+    let store = store_with_pool(db, "a", &["10.0.0.0/24"]).await;
+    store
+        .create_pool(&spec("b", &["10.0.1.0/24", "fd00::/120"]))
+        .await
+        .unwrap();
+    let index = index_of(&store).await;
+    (store, index)
+}
+
 async fn index_of(store: &Store) -> PoolIndex {
     let pools = store
         .load_pools()
@@ -572,12 +583,7 @@ async fn a_plan_made_against_an_old_pool_spec_is_refused(db: &TestDb) {
 }
 
 async fn listing_pages_and_filters(db: &TestDb) {
-    let store = store_with_pool(db, "a", &["10.0.0.0/24"]).await;
-    store
-        .create_pool(&spec("b", &["10.0.1.0/24", "fd00::/120"]))
-        .await
-        .unwrap();
-    let mut index = index_of(&store).await;
+    let (store, mut index) = pools_a_and_b(db).await;
     for i in 0..7 {
         let mut req = request(&format!("u{i}"));
         req.requested_pool =
@@ -646,12 +652,7 @@ async fn listing_pages_and_filters(db: &TestDb) {
 /// owner's two, two owners sharing one), with its owner's allocation as the pages of
 /// `list_allocations` give it, and with the claim `load_claims` gives.
 async fn each_held_address_gives_every_address_of_every_owner_with_its_claim(db: &TestDb) {
-    let store = store_with_pool(db, "a", &["10.0.0.0/24"]).await;
-    store
-        .create_pool(&spec("b", &["10.0.1.0/24", "fd00::/120"]))
-        .await
-        .unwrap();
-    let mut index = index_of(&store).await;
+    let (store, mut index) = pools_a_and_b(db).await;
     for i in 0..9 {
         let mut req = request(&format!("u{i}"));
         req.requested_pool =

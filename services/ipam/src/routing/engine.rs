@@ -1590,19 +1590,7 @@ mod tests {
     }
 
     fn policy() -> BgpPolicy {
-        let policy = pb::BgpPolicy {
-            local_asn: 65010,
-            peers: vec![pb::Peer {
-                name: "tor".into(),
-                address: "127.0.0.1".into(),
-                asn: 65001,
-                port: 1790,
-                ..Default::default()
-            }],
-            advertisements: vec![pb::Advertisement::default()],
-            ..Default::default()
-        };
-        crate::routing::convert::policy_from_pb(policy, &[], None).unwrap()
+        super::cluster_probe::policy()
     }
 
     fn service(i: u8) -> (String, Option<KeyedFacts>) {
@@ -1989,7 +1977,8 @@ pub mod cluster_probe {
             .collect()
     }
 
-    fn policy() -> herald_routes::BgpPolicy {
+    /// One eBGP peer at 127.0.0.1:1790, every pool advertised.
+    pub(crate) fn policy() -> herald_routes::BgpPolicy {
         let policy = pb::BgpPolicy {
             local_asn: 65010,
             peers: vec![pb::Peer {
