@@ -2032,19 +2032,7 @@ pub mod cluster_probe {
         }
         let mut held = Vec::with_capacity(services);
         for k in 0..at_start.min(services) {
-            let traffic_policy = if is_local(k) {
-                inputs
-                    .endpoints
-                    .insert(uid(k), (endpoints_doc(k, 0, nodes), 1));
-                TrafficPolicy::Local
-            } else {
-                TrafficPolicy::Cluster
-            };
-            let ips = vec![AssignedIp {
-                ip: ip(k),
-                pool: pool.clone(),
-            }];
-            held.push(inputs.held(None, owner(k), ips, traffic_policy, 1, String::new()));
+            held.push(enter_service(&mut inputs, k, nodes, &pool, 1));
         }
         inputs.hold_all(held);
         let batch = Batch::All {
@@ -2066,23 +2054,10 @@ pub mod cluster_probe {
             {
                 let mut inputs = super::lock(&engine.inputs);
                 for k in first..(first + GROWN_BATCH).min(services) {
-                    let traffic_policy = if is_local(k) {
-                        inputs
-                            .endpoints
-                            .insert(uid(k), (endpoints_doc(k, 0, nodes), 1));
-                        TrafficPolicy::Local
-                    } else {
-                        TrafficPolicy::Cluster
-                    };
-                    let ips = vec![AssignedIp {
-                        ip: ip(k),
-                        pool: pool.clone(),
-                    }];
                     // Made now, as the feed's allocations are: after the snapshots
                     // before them.
                     let at = herald_ipam_store::now_micros();
-                    let (key, held) =
-                        inputs.held(None, owner(k), ips, traffic_policy, at, String::new());
+                    let (key, held) = enter_service(&mut inputs, k, nodes, &pool, at);
                     inputs.allocations.insert(Arc::clone(&key), held);
                     inputs.set_owner(IpNet::from(ip(k)), key);
                     facts.push((uid(k), inputs.keyed_facts(&uid(k))));
@@ -2105,6 +2080,30 @@ pub mod cluster_probe {
             changes: 0,
             moves: BTreeMap::new(),
         }
+    }
+
+    /// The benchmark's Service `k` as an allocation made at `at`: `Local` ones (every
+    /// other) get their endpoints on 3 of the `nodes` first.
+    fn enter_service(
+        inputs: &mut Inputs,
+        k: usize,
+        nodes: usize,
+        pool: &PoolName,
+        at: i64,
+    ) -> (Arc<str>, super::Held) {
+        let traffic_policy = if is_local(k) {
+            inputs
+                .endpoints
+                .insert(uid(k), (endpoints_doc(k, 0, nodes), 1));
+            TrafficPolicy::Local
+        } else {
+            TrafficPolicy::Cluster
+        };
+        let ips = vec![AssignedIp {
+            ip: ip(k),
+            pool: pool.clone(),
+        }];
+        inputs.held(None, owner(k), ips, traffic_policy, at, String::new())
     }
 
     /// Services per batch when a cluster is grown: AllocateBatch's limit.
