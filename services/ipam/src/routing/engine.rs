@@ -429,6 +429,20 @@ impl Inputs {
             .map(|(key, held)| (Arc::clone(key), self.facts_of(uid, held)))
     }
 
+    /// Everything the route state needs, as one batch (at start and after a reload).
+    fn batch_all(&self, pools: Vec<herald_model::PoolSpec>) -> Batch {
+        Batch::All {
+            nodes: self.nodes.values().cloned().collect(),
+            services: self
+                .allocations
+                .iter()
+                .map(|(uid, held)| (Arc::clone(uid), self.facts_of(uid, held)))
+                .collect(),
+            policy: self.policy.clone(),
+            pools,
+        }
+    }
+
     fn facts_of(&self, uid: &str, held: &Held) -> ServiceFacts {
         let endpoints = self.endpoints.get(uid).map(|(e, _)| e);
         ServiceFacts {
@@ -1129,17 +1143,7 @@ fn pools_of(ipam: &Ipam) -> Vec<herald_model::PoolSpec> {
 impl RouteEngine {
     fn batch_all(&self, ipam: &Ipam) -> (Batch, i64) {
         let inputs = lock(&self.inputs);
-        let batch = Batch::All {
-            nodes: inputs.nodes.values().cloned().collect(),
-            services: inputs
-                .allocations
-                .iter()
-                .map(|(uid, held)| (Arc::clone(uid), inputs.facts_of(uid, held)))
-                .collect(),
-            policy: inputs.policy.clone(),
-            pools: pools_of(ipam),
-        };
-        (batch, inputs.revision)
+        (inputs.batch_all(pools_of(ipam)), inputs.revision)
     }
 
     fn batch_of(&self, ipam: &Ipam, touched: Touched) -> (Batch, i64) {
@@ -2035,16 +2039,7 @@ pub mod cluster_probe {
             held.push(enter_service(&mut inputs, k, nodes, &pool, 1));
         }
         inputs.hold_all(held);
-        let batch = Batch::All {
-            nodes: inputs.nodes.values().cloned().collect(),
-            services: inputs
-                .allocations
-                .iter()
-                .map(|(uid, held)| (Arc::clone(uid), inputs.facts_of(uid, held)))
-                .collect(),
-            policy: inputs.policy.clone(),
-            pools: Vec::new(),
-        };
+        let batch = inputs.batch_all(Vec::new());
         let engine = RouteEngine::new(inputs, BTreeMap::new());
         let mut state = RouteState::new();
         engine.apply_jobs(&mut state, vec![job(batch, 1)]);
