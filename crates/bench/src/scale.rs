@@ -80,6 +80,11 @@ pub struct EngineRow {
     pub undelivered: u64,
     pub rss_setup_kib: u64,
     pub rss_after_kib: u64,
+    /// The most herald-ipam held, read after each change of the churn: what it settles
+    /// at, whenever the allocator gives freed pages back.
+    pub rss_churn_max_kib: u64,
+    /// Its peak over its life (`VmHWM`), set-up included.
+    pub rss_peak_kib: u64,
     pub setup_s: f64,
     /// Bytes of route messages the streams received per change (protobuf encoding).
     pub wire_bytes_per_change: f64,
@@ -94,6 +99,19 @@ pub struct EngineRow {
     pub events_after: i64,
     /// Allocations and releases among the changes: each adds a history row that stays.
     pub history_changes: usize,
+    /// The same figures per kind of change: which kind a shortfall comes from.
+    pub by_kind: Vec<KindRow>,
+}
+
+/// One kind of change within a churn. Its CPU is what herald-ipam used from sending each
+/// change until the last stream it changes had it, so work left over after that (nodes
+/// without a stream) counts towards the next change, whatever its kind.
+#[derive(Debug, Clone, Serialize)]
+pub struct KindRow {
+    pub kind: String,
+    pub changes: usize,
+    pub ipam_cpu_ms_per_change: f64,
+    pub delivery: Summary,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -117,6 +135,26 @@ enum Kind {
     EndpointMove,
     Cluster,
     Node,
+}
+
+impl Kind {
+    const ALL: [Kind; 3] = [Kind::EndpointMove, Kind::Cluster, Kind::Node];
+
+    fn label(self) -> &'static str {
+        match self {
+            Kind::EndpointMove => "endpoints",
+            Kind::Cluster => "cluster",
+            Kind::Node => "node",
+        }
+    }
+}
+
+/// What one churn gathered about one kind of change.
+#[derive(Default)]
+struct KindTally {
+    changes: usize,
+    cpu_seconds: f64,
+    delivery: Latencies,
 }
 
 /// The kind of the `i`-th change: the weights spread evenly over the sequence.
@@ -261,7 +299,7 @@ pub async fn scale(common: &Common, args: &ScaleArgs) -> anyhow::Result<ScaleRep
 
 fn print_row(row: &EngineRow) {
     println!(
-        "  {:<12} {:<9} changes {:>4}  ipam CPU {:>9.2} ms/change  delivery p50 {:>8.1} ms  p99 {:>8.1} ms  ({} samples, {} late)  {:>9.1} KiB/change on the streams ({} resyncs, {} gaps)  RSS {:.0} -> {:.0} MiB  (set-up {:.1} s)",
+        "  {:<12} {:<9} changes {:>4}  ipam CPU {:>9.2} ms/change  delivery p50 {:>8.1} ms  p99 {:>8.1} ms  ({} samples, {} late)  {:>9.1} KiB/change on the streams ({} resyncs, {} gaps)  RSS {:.0} -> {:.0} MiB (churn max {:.0}, peak {:.0})  (set-up {:.1} s)",
         row.engine,
         row.streams,
         row.changes,
@@ -275,6 +313,8 @@ fn print_row(row: &EngineRow) {
         row.gaps,
         row.rss_setup_kib as f64 / 1024.0,
         row.rss_after_kib as f64 / 1024.0,
+        row.rss_churn_max_kib as f64 / 1024.0,
+        row.rss_peak_kib as f64 / 1024.0,
         row.setup_s,
     );
     println!(
@@ -287,6 +327,19 @@ fn print_row(row: &EngineRow) {
         row.changes,
         row.history_changes,
     );
+    for kind in &row.by_kind {
+        println!(
+            "  {:<12} {:<9} {:<9} {:>4} changes  ipam CPU {:>9.2} ms/change  delivery p50 {:>8.1} ms  p99 {:>8.1} ms  ({} samples)",
+            "",
+            "",
+            kind.kind,
+            kind.changes,
+            kind.ipam_cpu_ms_per_change,
+            kind.delivery.p50_ms,
+            kind.delivery.p99_ms,
+            kind.delivery.count,
+        );
+    }
 }
 
 /// One set-up with `engine`, then a churn of `changes` per entry of `phases` (streams
@@ -541,7 +594,7 @@ async fn run_phase(
         "  [{tag}] settled ({:.1} s)",
         started.elapsed().as_secs_f64()
     );
-    let rss_setup_kib = speakers::rss(pid).rss_kib;
+    let rss_setup_kib = steady_rss(pid).await;
     let mut log = sqlx::PgConnection::connect(database_url)
         .await
         .context("connect to the benchmark database")?;
@@ -551,13 +604,17 @@ async fn run_phase(
     let mut delivery = Latencies::new();
     let mut undelivered = 0u64;
     let mut wire_bytes = 0usize;
+    let mut tallies: [KindTally; 3] = Default::default();
+    let mut rss_churn_max_kib = 0;
     let cpu_before = cpu::process_seconds(pid).unwrap_or(0.0);
     for _ in 0..changes {
         let i = churn.done;
         churn.done += 1;
+        let kind = kind_of(i, args);
+        let change_cpu_before = cpu::process_seconds(pid).unwrap_or(0.0);
         let sent = Instant::now();
         // Which streams this change must reach.
-        let expected: BTreeSet<usize> = match kind_of(i, args) {
+        let expected: BTreeSet<usize> = match kind {
             Kind::EndpointMove => {
                 let k = (i * 7919 % args.services) | 1;
                 let k = if k < args.services { k } else { 1 };
@@ -628,22 +685,27 @@ async fn run_phase(
                 Ok(Some((n, at, bytes))) => {
                     wire_bytes += bytes;
                     if waiting.remove(&n) {
-                        delivery.record(at.saturating_duration_since(sent));
+                        let latency = at.saturating_duration_since(sent);
+                        delivery.record(latency);
+                        tallies[kind as usize].delivery.record(latency);
                     }
                 }
                 _ => {
                     eprintln!(
-                        "  [{tag}] change {i} ({:?}) not seen by streams {waiting:?} within {CHANGE_TIMEOUT:?}",
-                        kind_of(i, args)
+                        "  [{tag}] change {i} ({kind:?}) not seen by streams {waiting:?} within {CHANGE_TIMEOUT:?}"
                     );
                     undelivered += 1;
                     break;
                 }
             }
         }
+        rss_churn_max_kib = rss_churn_max_kib.max(speakers::rss(pid).rss_kib);
+        let tally = &mut tallies[kind as usize];
+        tally.changes += 1;
+        tally.cpu_seconds += cpu::process_seconds(pid).unwrap_or(0.0) - change_cpu_before;
     }
     let cpu_after = cpu::process_seconds(pid).unwrap_or(0.0);
-    let rss_after_kib = speakers::rss(pid).rss_kib;
+    let rss_after = speakers::rss(pid);
     let _ = stop.send(true);
     let (mut resyncs, mut gaps) = (0, 0);
     for task in tasks {
@@ -673,7 +735,9 @@ async fn run_phase(
         delivery: delivery.summary(),
         undelivered,
         rss_setup_kib,
-        rss_after_kib,
+        rss_after_kib: rss_after.rss_kib,
+        rss_churn_max_kib,
+        rss_peak_kib: rss_after.hwm_kib,
         setup_s: 0.0,
         wire_bytes_per_change: wire_bytes as f64 / changes.max(1) as f64,
         resyncs,
@@ -681,7 +745,33 @@ async fn run_phase(
         events_before,
         events_after,
         history_changes,
+        by_kind: Kind::ALL
+            .iter()
+            .zip(&tallies)
+            .map(|(kind, tally)| KindRow {
+                kind: kind.label().to_string(),
+                changes: tally.changes,
+                ipam_cpu_ms_per_change: tally.cpu_seconds * 1000.0 / tally.changes.max(1) as f64,
+                delivery: tally.delivery.summary(),
+            })
+            .collect(),
     })
+}
+
+/// herald-ipam's RSS once it stops moving: the engine gives freed pages back a moment
+/// after it goes quiet, and a read during that would be neither figure.
+async fn steady_rss(pid: u32) -> u64 {
+    let mut last = speakers::rss(pid).rss_kib;
+    // Bounded: ten seconds at most.
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = speakers::rss(pid).rss_kib;
+        if now.abs_diff(last) <= last / 100 {
+            return now;
+        }
+        last = now;
+    }
+    last
 }
 
 async fn events_rows(log: &mut sqlx::PgConnection) -> anyhow::Result<i64> {
