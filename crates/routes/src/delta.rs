@@ -11,7 +11,7 @@
 //! [`crate::policy::MAX_PEERS`]), so every message carries all of them, and a session
 //! missing from the new set is gone with its routes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use imbl::ordmap::DiffItem;
@@ -82,6 +82,39 @@ impl RoutesDelta {
             }
         }
     }
+}
+
+/// As [`delta`], for two sets known to differ at most at `prefixes`: it looks those up
+/// rather than comparing the maps, so it costs the prefixes, not the sets (comparing two
+/// versions of a map walks the paths down to each difference and every subtree they do
+/// not share). The sets' sessions must be the same; where they are not it is [`delta`].
+///
+/// [`crate::RouteState::service_prefixes`] gives the prefixes a Service change can touch.
+pub fn delta_at(old: &NodeRoutes, new: &NodeRoutes, prefixes: &BTreeSet<IpNet>) -> RoutesDelta {
+    if old.peers != new.peers {
+        return delta(old, new);
+    }
+    let mut out = RoutesDelta::default();
+    for session in &new.peers {
+        let before = old.routes.get(&session.name);
+        let after = new.routes.get(&session.name);
+        let mut d = PeerDelta::default();
+        for prefix in prefixes {
+            let was = before.and_then(|set| set.get(prefix));
+            match after.and_then(|set| set.get(prefix)) {
+                Some(attrs) if was != Some(attrs) => {
+                    d.set.insert(*prefix, Arc::clone(attrs));
+                }
+                Some(_) => {}
+                None if was.is_some() => d.withdrawn.push(*prefix),
+                None => {}
+            }
+        }
+        if !d.is_empty() {
+            out.peers.insert(session.name.clone(), d);
+        }
+    }
+    out
 }
 
 /// What takes a subscriber from `old` to `new` (two sets of the same node): for each

@@ -51,7 +51,7 @@ pub use compute::{
     NodeRoutes, Origin, PeerRoutes, PeerRoutesDiff, PeerSession, Plan, Problem, RouteAttrs,
     RoutesDiff, compute, compute_node, diff, node_digest, packed, plan,
 };
-pub use delta::{PeerDelta, RoutesDelta, delta};
+pub use delta::{PeerDelta, RoutesDelta, delta, delta_at};
 pub use facts::{EXCLUDE_FROM_LB_LABEL, Eligibility, Node, NodeName, ServiceFacts};
 pub use incremental::{NodeResult, RouteState};
 pub use policy::{

@@ -1577,7 +1577,9 @@ mod incremental {
         }
     }
 
-    fn apply(state: &mut RouteState, model: &mut Model, change: &Change) -> BTreeSet<String> {
+    /// For a change of one Service: its owner uid and its facts after the change (`None`:
+    /// removed).
+    fn service_change(change: &Change) -> Option<(String, Option<ServiceFacts>)> {
         match change {
             Change::Service {
                 uid,
@@ -1597,15 +1599,28 @@ mod incremental {
                         facts = facts.ip(&ip, if *other_pool { "other" } else { "lab" });
                     }
                 }
-                model
-                    .services
-                    .insert(facts.owner.uid.clone(), facts.clone());
-                state.upsert_service(facts)
+                Some((facts.owner.uid.clone(), Some(facts)))
             }
-            Change::RemoveService(uid) => {
-                let uid = format!("u{uid}");
-                model.services.remove(&uid);
-                state.remove_service(&uid)
+            Change::RemoveService(uid) => Some((format!("u{uid}"), None)),
+            _ => None,
+        }
+    }
+
+    fn apply(state: &mut RouteState, model: &mut Model, change: &Change) -> BTreeSet<String> {
+        match change {
+            Change::Service { .. } | Change::RemoveService(_) => {
+                match service_change(change).expect("a Service change") {
+                    (_, Some(facts)) => {
+                        model
+                            .services
+                            .insert(facts.owner.uid.clone(), facts.clone());
+                        state.upsert_service(facts)
+                    }
+                    (uid, None) => {
+                        model.services.remove(&uid);
+                        state.remove_service(&uid)
+                    }
+                }
             }
             Change::Node {
                 name,
@@ -1756,6 +1771,69 @@ mod incremental {
                 }
             }
         }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// For a Service change, the delta looked up at the prefixes the state says the
+        /// change can touch equals the delta of the whole sets, on every node it changed.
+        #[test]
+        fn a_delta_at_a_services_prefixes_equals_the_whole_delta(
+            changes in prop::collection::vec(change(), 1..40)
+        ) {
+            let mut state = RouteState::new();
+            let mut model = Model {
+                nodes: BTreeMap::new(),
+                services: BTreeMap::new(),
+                policy: None,
+                pools: vec![],
+            };
+            for change in &changes {
+                let before = state.clone();
+                let prefixes = service_change(change)
+                    .map(|(uid, facts)| state.service_prefixes(&uid, facts.as_ref()));
+                let reported = apply(&mut state, &mut model, change);
+                let Some(prefixes) = prefixes else { continue };
+                for name in reported {
+                    let (Some(old), Some(new)) = (before.node_routes(&name), state.node_routes(&name)) else {
+                        continue;
+                    };
+                    prop_assert_eq!(
+                        delta_at(old, new, &prefixes),
+                        delta(old, new),
+                        "node {} after {:?}", name, change
+                    );
+                }
+            }
+        }
+    }
+
+    /// Routes patched in one by one, in address order as addresses are allocated, get
+    /// the node's maps rebuilt packed from time to time (to keep their leaves full);
+    /// what they hold stays exactly the full plan's.
+    #[test]
+    fn a_node_patched_route_by_route_is_repacked_and_holds_the_same_routes() {
+        let mut state = RouteState::new();
+        state.set_policy(policy_variant(1));
+        state.upsert_node(node("n0").label("bgp-peer", "true").ipv4("10.0.0.1"));
+        let mut services = Vec::new();
+        for i in 0..2000u32 {
+            let facts =
+                service(&format!("u{i}")).ip(&format!("172.16.{}.{}", i / 250, i % 250), "lab");
+            services.push(facts.clone());
+            state.upsert_service(facts);
+        }
+        let patched = &state.results()["n0"];
+        assert!(
+            patched.inserted_since_packed < 2000,
+            "never repacked: {} routes patched in",
+            patched.inserted_since_packed
+        );
+        let nodes: Vec<Node> = state.nodes().cloned().collect();
+        let full = plan(&nodes, &services, state.policy().unwrap(), &[]);
+        assert_eq!(*patched.routes, full.nodes["n0"]);
+        assert_eq!(patched.routes.routes["tor"].len(), 2000);
     }
 
     #[test]
