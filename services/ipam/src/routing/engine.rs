@@ -12,7 +12,7 @@
 //!   on the async task, as Herald did before; kept as the benchmark's comparator.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::time::Duration;
 
@@ -474,6 +474,10 @@ impl Inputs {
 
 pub struct RouteEngine {
     inputs: Mutex<Inputs>,
+    /// The policy's local ASN (0 without a policy), kept apart from the inputs: every
+    /// message a stream sends reads it, and would otherwise wait for the inputs' lock
+    /// while the engine publishes.
+    local_asn: AtomicU32,
     published: Mutex<HashMap<String, NodeChannel>>,
     last_plan: Mutex<Arc<Plan>>,
     /// The incremental engine's state as of its last publication (a cheap copy: the maps
@@ -504,6 +508,10 @@ impl Drop for StreamGuard {
             }
         }
     }
+}
+
+fn asn_of(inputs: &Inputs) -> u32 {
+    inputs.policy.as_ref().map_or(0, |p| p.local_asn)
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -586,6 +594,7 @@ impl RouteEngine {
 
     fn new(inputs: Inputs, reports: BTreeMap<String, (SpeakerReport, i64)>) -> Arc<Self> {
         Arc::new(Self {
+            local_asn: AtomicU32::new(asn_of(&inputs)),
             inputs: Mutex::new(inputs),
             published: Mutex::new(HashMap::new()),
             last_plan: Mutex::new(Arc::new(Plan::default())),
@@ -605,10 +614,7 @@ impl RouteEngine {
     /// The policy's local ASN (0 without a policy), for every message of a route stream:
     /// without copying the policy.
     pub fn local_asn(&self) -> u32 {
-        lock(&self.inputs)
-            .policy
-            .as_ref()
-            .map_or(0, |p| p.local_asn)
+        self.local_asn.load(Ordering::Relaxed)
     }
 
     /// The plan of the last computation. The incremental engine keeps no plan; it is
@@ -884,7 +890,9 @@ impl RouteEngine {
             Event::PolicyChanged { .. } => {
                 cause = changes.get(&Subject::Policy);
                 let doc = store.load_policy().await?;
-                lock(&self.inputs).policy = doc.as_ref().map(decode).transpose()?;
+                let mut inputs = lock(&self.inputs);
+                inputs.policy = doc.as_ref().map(decode).transpose()?;
+                self.local_asn.store(asn_of(&inputs), Ordering::Relaxed);
             }
             // Pool changes matter for aggregation lengths; the pools come from the index.
             Event::PoolChanged { .. } | Event::PoolDeleted { .. } => {}
@@ -938,13 +946,29 @@ impl RouteEngine {
         for (name, routes) in &plan.nodes {
             let channel = published.entry(name.clone()).or_default();
             let routes = Arc::new(routes.clone());
-            publish(channel, name, &inputs, inputs.revision, changed_at, &routes);
+            publish(
+                channel,
+                name,
+                &inputs,
+                inputs.revision,
+                changed_at,
+                &routes,
+                None,
+            );
         }
         // Nodes that are gone get an empty set: everything they announced is withdrawn.
         let gone = Arc::new(NodeRoutes::default());
         for (name, channel) in published.iter_mut() {
             if !plan.nodes.contains_key(name) {
-                publish(channel, name, &inputs, inputs.revision, changed_at, &gone);
+                publish(
+                    channel,
+                    name,
+                    &inputs,
+                    inputs.revision,
+                    changed_at,
+                    &gone,
+                    None,
+                );
             }
         }
         drop(published);
@@ -966,6 +990,7 @@ fn publish(
     revision: i64,
     changed_at: i64,
     routes: &Arc<NodeRoutes>,
+    changed_at_prefixes: Option<&BTreeSet<IpNet>>,
 ) {
     let sender = channel.current();
     let previous = sender.borrow().clone();
@@ -983,7 +1008,10 @@ fn publish(
         .map_or(revision.max(1), |p| revision.max(p.revision + 1));
     let delta = previous.as_ref().map(|p| Delta {
         from: p.revision,
-        routes: herald_routes::delta(&p.routes, routes),
+        routes: match changed_at_prefixes {
+            Some(prefixes) => herald_routes::delta_at(&p.routes, routes, prefixes),
+            None => herald_routes::delta(&p.routes, routes),
+        },
     });
     let provenance = Provenance {
         changed: previous
@@ -1066,6 +1094,62 @@ fn change_of(previous: &NodeSnapshot, inputs: &Inputs, prefix: IpNet) -> (String
         (trace, at)
     } else {
         (String::new(), inputs.last_change_at)
+    }
+}
+
+/// Most prefixes [`Patched`] looks up in a node's set to make its delta. A node's delta
+/// is otherwise made by comparing its set with the last one, which walks the paths to
+/// every difference and costs a few of these lookups for one, but far fewer than a
+/// thousand Services' prefixes looked up on each of a thousand nodes.
+const MAX_LOOKED_UP: usize = 64;
+
+/// The nodes whose set the jobs applied together may have changed, and where.
+#[derive(Debug)]
+struct Patched {
+    /// By node: whether its set may have changed anywhere (a node, policy or pool change,
+    /// or everything at start) rather than only at `prefixes`.
+    nodes: BTreeMap<String, bool>,
+    /// Every prefix the jobs' Service changes touched (a Service touches its own prefixes
+    /// and no others), while there are at most [`MAX_LOOKED_UP`]; `None` past that.
+    prefixes: Option<BTreeSet<IpNet>>,
+}
+
+impl Patched {
+    fn new() -> Self {
+        Self {
+            nodes: BTreeMap::new(),
+            prefixes: Some(BTreeSet::new()),
+        }
+    }
+
+    /// `nodes` may have changed anywhere.
+    fn anywhere(&mut self, nodes: impl IntoIterator<Item = String>) {
+        for node in nodes {
+            self.nodes.insert(node, true);
+        }
+    }
+
+    /// `nodes` changed where a Service change touched `prefixes`.
+    fn at(&mut self, nodes: impl IntoIterator<Item = String>, prefixes: BTreeSet<IpNet>) {
+        for node in nodes {
+            self.nodes.entry(node).or_insert(false);
+        }
+        if let Some(all) = &mut self.prefixes {
+            all.extend(prefixes);
+            if all.len() > MAX_LOOKED_UP {
+                self.prefixes = None;
+            }
+        }
+    }
+
+    /// Where the set of a node that may have changed `anywhere` can differ from its last:
+    /// at these prefixes only, or (`None`) anywhere.
+    fn at_prefixes(&self, anywhere: bool) -> Option<&BTreeSet<IpNet>> {
+        if anywhere {
+            None
+        } else {
+            self.prefixes.as_ref()
+        }
     }
 }
 
@@ -1175,7 +1259,7 @@ impl RouteEngine {
     /// whose set changed once for all of them. Runs on the engine thread.
     fn apply_jobs(&self, state: &mut RouteState, jobs: Vec<Job>) {
         let started = std::time::Instant::now();
-        let mut changed = BTreeSet::new();
+        let mut changed = Patched::new();
         let mut revision = 0;
         // The oldest change of them: coalescing never shortens a measured latency.
         let mut changed_at = i64::MAX;
@@ -1184,7 +1268,7 @@ impl RouteEngine {
             revision = revision.max(job.revision);
             changed_at = changed_at.min(job.changed_at);
             job.span
-                .in_scope(|| changed.extend(self.patch(state, job.batch)));
+                .in_scope(|| self.patch(state, job.batch, &mut changed));
             first_span.get_or_insert(job.span);
         }
         // The publish spans are children of the first job's recompute span, whose change
@@ -1196,8 +1280,9 @@ impl RouteEngine {
             .observe(started.elapsed().as_secs_f64());
     }
 
-    /// Applies one batch to `state`; the nodes whose set may have changed.
-    fn patch(&self, state: &mut RouteState, batch: Batch) -> BTreeSet<String> {
+    /// Applies one batch to `state`, noting in `changed` the nodes whose set may have
+    /// changed and where.
+    fn patch(&self, state: &mut RouteState, batch: Batch, changed: &mut Patched) {
         match batch {
             Batch::All {
                 nodes,
@@ -1207,9 +1292,9 @@ impl RouteEngine {
             } => {
                 *state = RouteState::from_keyed_inputs(nodes, services, policy, pools);
                 // Every node known before or now: publish skips the unchanged ones.
-                let mut all: BTreeSet<String> = state.results().keys().cloned().collect();
-                all.extend(lock(&self.published).keys().cloned());
-                all
+                let known = lock(&self.published).keys().cloned().collect::<Vec<_>>();
+                let all = state.results().keys().cloned().chain(known);
+                changed.anywhere(all);
             }
             Batch::Changes {
                 services,
@@ -1224,26 +1309,27 @@ impl RouteEngine {
                     pools = pools.is_some(),
                     "applying changes"
                 );
-                let mut changed = BTreeSet::new();
                 if let Some(pools) = pools {
-                    changed.extend(state.set_pools(pools));
+                    changed.anywhere(state.set_pools(pools));
                 }
                 if let Some(policy) = policy {
-                    changed.extend(state.set_policy(policy));
+                    changed.anywhere(state.set_policy(policy));
                 }
                 for (name, node) in nodes {
-                    changed.extend(match node {
+                    let nodes = match node {
                         Some(node) => state.upsert_node(node),
                         None => state.remove_node(&name),
-                    });
+                    };
+                    changed.anywhere(nodes);
                 }
                 for (uid, facts) in services {
-                    changed.extend(match facts {
+                    let prefixes = state.service_prefixes(&uid, facts.as_ref().map(|(_, f)| f));
+                    let nodes = match facts {
                         Some((key, facts)) => state.upsert_service_as(key, facts),
                         None => state.remove_service(&uid),
-                    });
+                    };
+                    changed.at(nodes, prefixes);
                 }
-                changed
             }
         }
     }
@@ -1252,21 +1338,34 @@ impl RouteEngine {
     fn publish_changed(
         &self,
         state: &RouteState,
-        changed: &BTreeSet<String>,
+        changed: &Patched,
         revision: i64,
         changed_at: i64,
     ) {
-        debug!(revision, changed = changed.len(), "route state patched");
+        debug!(
+            revision,
+            changed = changed.nodes.len(),
+            "route state patched"
+        );
         // Nodes that are gone get an empty set: everything they announced is withdrawn.
         let gone = Arc::new(NodeRoutes::default());
-        for name in changed {
+        for (name, anywhere) in &changed.nodes {
             let routes = state.node_routes(name).unwrap_or(&gone);
             // Held per node only, so the stream tasks reading the policy never wait long
             // (always the inputs before the published channels).
             let inputs = lock(&self.inputs);
             let mut published = lock(&self.published);
             let channel = published.entry(name.clone()).or_default();
-            publish(channel, name, &inputs, revision, changed_at, routes);
+            let at_prefixes = changed.at_prefixes(*anywhere);
+            publish(
+                channel,
+                name,
+                &inputs,
+                revision,
+                changed_at,
+                routes,
+                at_prefixes,
+            );
         }
         *lock(&self.state) = Some(state.clone());
     }
@@ -1484,6 +1583,9 @@ async fn reload(engine: &RouteEngine, ipam: &Ipam) -> bool {
     match RouteEngine::load(ipam.store(), ipam.feed().delivered()).await {
         Ok(fresh) => {
             let fresh_inputs = std::mem::take(&mut *lock(&fresh.inputs));
+            engine
+                .local_asn
+                .store(asn_of(&fresh_inputs), Ordering::Relaxed);
             *lock(&engine.inputs) = fresh_inputs;
             true
         }
@@ -1788,12 +1890,12 @@ mod provenance_tests {
             ("a", &["10.0.0.1/32", "10.0.0.0/24"]),
             ("b", &["10.0.0.3/32"]),
         ]);
-        publish(&mut channel, "n", &inputs, 1, 0, &Arc::new(old));
+        publish(&mut channel, "n", &inputs, 1, 0, &Arc::new(old), None);
         let new = routes(&[(
             "a",
             &["10.0.0.0/24", "10.0.0.1/32", "10.0.0.4/32", "10.0.0.5/32"],
         )]);
-        publish(&mut channel, "n", &inputs, 2, 0, &Arc::new(new));
+        publish(&mut channel, "n", &inputs, 2, 0, &Arc::new(new), None);
         let snapshot = channel.current().borrow().clone().unwrap();
         let delta = &snapshot.delta.as_ref().unwrap().routes;
         assert_eq!(
