@@ -84,8 +84,9 @@ fn per_node_route_sets_fit_the_memory_budget_and_stay_flat_under_churn() {
         at_bench(grown),
     );
     // More than built whole: `imbl` splits a full leaf in halves, so routes patched in
-    // in address order (as addresses are handed out) leave the leaves half empty, and each
-    // snapshot keeps the delta of its last batch (here half the routes).
+    // in address order (as addresses are handed out) leave the leaves half empty until
+    // the node's sets are built packed again, and each snapshot keeps the delta of its
+    // last batch (here half the routes). Without the repacking, 121 B/route.
     assert!(
         per_route(grown) <= BUDGET_PER_ROUTE_GROWN,
         "grown: {:.1} B/route",
@@ -96,5 +97,5 @@ fn per_node_route_sets_fit_the_memory_budget_and_stay_flat_under_churn() {
 
 /// Bytes per route, in glibc's chunks, of everything the engine holds.
 const BUDGET_PER_ROUTE: f64 = 60.0;
-/// The same, grown change by change.
-const BUDGET_PER_ROUTE_GROWN: f64 = 130.0;
+/// The same, grown change by change (88.5 measured).
+const BUDGET_PER_ROUTE_GROWN: f64 = 100.0;
