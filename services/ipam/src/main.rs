@@ -1,10 +1,3 @@
-/// mimalloc rather than glibc's malloc: the route engine's work is small allocations
-/// freed soon after (the B-tree nodes a patch copies, the sets a delta builds), which
-/// mimalloc's per-thread free lists serve faster. Measured with `herald-bench scale` at
-/// 1,000 nodes × 10,000 Services: herald-ipam's CPU per change 7.0 ms against 10.1 ms.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
