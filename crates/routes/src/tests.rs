@@ -1561,6 +1561,16 @@ mod incremental {
     }
 
     impl Model {
+        /// No nodes, Services, policy or pools, as a new `RouteState` holds.
+        fn empty() -> Self {
+            Self {
+                nodes: BTreeMap::new(),
+                services: BTreeMap::new(),
+                policy: None,
+                pools: vec![],
+            }
+        }
+
         fn full(&self) -> Plan {
             let nodes: Vec<Node> = self.nodes.values().cloned().collect();
             let services: Vec<ServiceFacts> = self.services.values().cloned().collect();
@@ -1672,12 +1682,7 @@ mod incremental {
         #[test]
         fn equals_a_full_plan_after_every_change(changes in prop::collection::vec(change(), 1..40)) {
             let mut state = RouteState::new();
-            let mut model = Model {
-                nodes: BTreeMap::new(),
-                services: BTreeMap::new(),
-                policy: None,
-                pools: vec![],
-            };
+            let mut model = Model::empty();
             let mut before = model.full();
             for change in &changes {
                 let reported = apply(&mut state, &mut model, change);
@@ -1721,12 +1726,7 @@ mod incremental {
             changes in prop::collection::vec((change(), any::<bool>()), 1..40)
         ) {
             let mut state = RouteState::new();
-            let mut model = Model {
-                nodes: BTreeMap::new(),
-                services: BTreeMap::new(),
-                policy: None,
-                pools: vec![],
-            };
+            let mut model = Model::empty();
             let mut published: BTreeMap<String, NodeRoutes> = BTreeMap::new();
             let mut subscribers: BTreeMap<String, Subscriber> = BTreeMap::new();
             for (change, stalled) in &changes {
@@ -1783,12 +1783,7 @@ mod incremental {
             changes in prop::collection::vec(change(), 1..40)
         ) {
             let mut state = RouteState::new();
-            let mut model = Model {
-                nodes: BTreeMap::new(),
-                services: BTreeMap::new(),
-                policy: None,
-                pools: vec![],
-            };
+            let mut model = Model::empty();
             for change in &changes {
                 let before = state.clone();
                 let prefixes = service_change(change)
