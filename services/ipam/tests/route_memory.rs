@@ -49,6 +49,13 @@ fn per_node_route_sets_fit_the_memory_budget_and_stay_flat_under_churn() {
 
     let per_route = |bytes: i64| bytes as f64 / routes as f64;
     let at_bench = |bytes: i64| per_route(bytes) * BENCH_ROUTES / (1024.0 * 1024.0);
+    let within = |what: &str, bytes: i64, budget: f64| {
+        assert!(
+            per_route(bytes) <= budget,
+            "{what}: {:.1} B/route",
+            per_route(bytes)
+        );
+    };
     println!(
         "{NODES} nodes x {SERVICES} Services, {routes} routes: set up {:.1} B/route, after {CHANGES} changes {:.1} B/route; at 1,000 x 10,000: {:.0} MiB, then {:.0} MiB",
         per_route(set_up),
@@ -60,11 +67,7 @@ fn per_node_route_sets_fit_the_memory_budget_and_stay_flat_under_churn() {
     // built with full leaves and the snapshots shared one provenance map, this was
     // about 390 B/route (a copy of the attributes per route in half-full leaves, and a
     // provenance entry with its own string per route and node): 1.9 GB at 1,000 × 10,000.
-    assert!(
-        per_route(set_up) <= BUDGET_PER_ROUTE,
-        "set up: {:.1} B/route",
-        per_route(set_up)
-    );
+    within("set up", set_up, BUDGET_PER_ROUTE);
     assert!(
         churned as f64 <= set_up as f64 * 1.10,
         "the churn grew the engine from {set_up} to {churned} bytes"
@@ -87,11 +90,7 @@ fn per_node_route_sets_fit_the_memory_budget_and_stay_flat_under_churn() {
     // in address order (as addresses are handed out) leave the leaves half empty until
     // the node's sets are built packed again, and each snapshot keeps the delta of its
     // last batch (here half the routes). Without the repacking, 121 B/route.
-    assert!(
-        per_route(grown) <= BUDGET_PER_ROUTE_GROWN,
-        "grown: {:.1} B/route",
-        per_route(grown)
-    );
+    within("grown", grown, BUDGET_PER_ROUTE_GROWN);
     drop(cluster);
 }
 

@@ -942,33 +942,28 @@ impl RouteEngine {
                 ..Plan::default()
             },
         };
-        let mut published = lock(&self.published);
-        for (name, routes) in &plan.nodes {
-            let channel = published.entry(name.clone()).or_default();
-            let routes = Arc::new(routes.clone());
+        // A whole plan: each node's delta compares its whole set with the last.
+        let whole = |channel: &mut NodeChannel, name: &str, routes: &Arc<NodeRoutes>| {
             publish(
                 channel,
                 name,
                 &inputs,
                 inputs.revision,
                 changed_at,
-                &routes,
+                routes,
                 None,
             );
+        };
+        let mut published = lock(&self.published);
+        for (name, routes) in &plan.nodes {
+            let channel = published.entry(name.clone()).or_default();
+            whole(channel, name, &Arc::new(routes.clone()));
         }
         // Nodes that are gone get an empty set: everything they announced is withdrawn.
         let gone = Arc::new(NodeRoutes::default());
         for (name, channel) in published.iter_mut() {
             if !plan.nodes.contains_key(name) {
-                publish(
-                    channel,
-                    name,
-                    &inputs,
-                    inputs.revision,
-                    changed_at,
-                    &gone,
-                    None,
-                );
+                whole(channel, name, &gone);
             }
         }
         drop(published);
